@@ -1,0 +1,22 @@
+//! botclaw's pure core: the decisions of a cluster node, as state machines that do no IO.
+//!
+//! Nothing in this crate opens a socket, reads a clock, spawns a task or draws from an
+//! unseeded random source. Time arrives as timer events the driver delivers; randomness
+//! is a seed the driver passes in; outputs are values the driver executes. The real node
+//! (`node/`) and the simulator (`simulations/`) drive the same code. CI checks that this
+//! crate's dependency tree contains neither tokio nor ractor.
+//!
+//! Layout:
+//! - [`identity`]: who a node is on the wire (addresses, process incarnation, rejoin bump);
+//! - [`auth`]: HMAC-SHA256 sealing of every gossip datagram with the cluster secret;
+//! - [`membership`]: SWIM membership (foca) behind authenticated packets, re-announcing to
+//!   seeds until joined, with a closed [`membership::Effect`] output;
+//! - [`links`]: which inter-node sessions to dial or drop given membership.
+
+pub mod auth;
+pub mod identity;
+pub mod links;
+pub mod membership;
+
+pub use identity::NodeId;
+pub use membership::{Effect, MemberState, MemberView, Membership, MembershipTimer};

@@ -1,0 +1,379 @@
+//! SWIM membership: foca behind authenticated datagrams.
+//!
+//! [`Membership`] is a state machine. Its inputs are method calls ([`Membership::start`],
+//! [`Membership::handle_packet`], [`Membership::handle_timer`], [`Membership::leave`]); its
+//! outputs are [`Effect`]s the driver drains with [`Membership::poll_effect`] and executes
+//! in order: send a datagram, schedule a timer, react to a member going up or down.
+//! The driver must deliver timers in deadline order (foca relies on it).
+//!
+//! What it adds to foca:
+//! - every outgoing datagram is sealed and every incoming one opened with the cluster
+//!   secret ([`crate::auth`]); nothing unauthenticated reaches foca's decoder;
+//! - foca does not retry a first announce, so a node with seeds re-announces every
+//!   `reannounce_interval_ms` while it has no members;
+//! - a view of all members with an up/suspect/down state, ordered by name.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::time::Duration;
+
+use botclaw_config::GossipConfig;
+use foca::{Foca, Identity, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, State};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::auth::{AuthError, PacketAuth};
+use crate::NodeId;
+
+/// A timer the driver must deliver back through [`Membership::handle_timer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipTimer {
+    /// A foca protocol timer.
+    Foca(foca::Timer<NodeId>),
+    /// Re-announce to the seeds if still alone.
+    Reannounce,
+}
+
+/// Output of the membership state machine, executed by the driver in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send this sealed datagram to a gossip address.
+    Send { to: SocketAddr, packet: Vec<u8> },
+    /// Deliver `timer` after `after` has elapsed.
+    Schedule {
+        after: Duration,
+        timer: MembershipTimer,
+    },
+    /// A member became active (joined, or came back as a new identity).
+    MemberUp(NodeId),
+    /// A member was declared down (crashed, frozen, partitioned away or left).
+    MemberDown(NodeId),
+    /// This node is known to at least one active member: it has joined.
+    Joined,
+    /// Every other member is gone; this node is alone.
+    Isolated,
+    /// The cluster declared this node down and it rejoined as `NodeId` (bump raised).
+    Rejoined(NodeId),
+}
+
+/// Why an incoming datagram was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    #[error("rejected datagram: {0}")]
+    Auth(#[from] AuthError),
+    #[error("authenticated datagram that foca rejected: {0}")]
+    Protocol(foca::Error),
+}
+
+impl PacketError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PacketError::Auth(e) => e.label(),
+            PacketError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// Liveness of a member as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Up,
+    Suspect,
+    Down,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Up => "up",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+        }
+    }
+}
+
+/// One row of the membership table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub id: NodeId,
+    pub state: MemberState,
+    pub is_self: bool,
+}
+
+/// Converts the operator's gossip settings into foca's, leaving room for the auth tag.
+pub fn foca_config(cfg: &GossipConfig, payload_bytes_max: usize) -> foca::Config {
+    let ms = Duration::from_millis;
+    let nz = |n: usize| NonZeroUsize::new(n.max(1)).expect("max(1) is non-zero");
+    foca::Config {
+        probe_period: ms(cfg.probe_period_ms),
+        probe_rtt: ms(cfg.probe_rtt_ms),
+        num_indirect_probes: nz(cfg.indirect_probes),
+        max_transmissions: NonZeroU8::new(cfg.transmissions_max.max(1)).expect("non-zero"),
+        suspect_to_down_after: ms(cfg.suspect_to_down_ms),
+        remove_down_after: Some(ms(cfg.remove_down_after_ms)),
+        max_packet_size: nz(payload_bytes_max),
+        notify_down_members: true,
+        // Ask one random member for more members now and then: a node that joined
+        // through one seed learns the full roster even if the first feed was partial.
+        periodic_announce: Some(PeriodicParams {
+            frequency: ms(5_000),
+            num_members: nz(1),
+        }),
+        // Talk to members we believe down, so both sides of a healed partition (and a
+        // node wrongly declared down) find each other again without an operator.
+        periodic_announce_to_down_members: Some(PeriodicParams {
+            frequency: ms(3_000),
+            num_members: nz(2),
+        }),
+        periodic_gossip: Some(PeriodicParams {
+            frequency: ms(cfg.gossip_interval_ms),
+            num_members: nz(cfg.gossip_fanout),
+        }),
+    }
+}
+
+type Swim = Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>;
+
+/// The membership state machine of one node.
+pub struct Membership {
+    foca: Swim,
+    auth: PacketAuth,
+    seeds: Vec<SocketAddr>,
+    reannounce_after: Duration,
+    effects: VecDeque<Effect>,
+    joined: bool,
+    left: bool,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("identity", self.foca.identity())
+            .field("members", &self.foca.num_members())
+            .field("joined", &self.joined)
+            .field("left", &self.left)
+            .finish()
+    }
+}
+
+/// Collects foca's outputs as [`Effect`]s, sealing datagrams on the way out.
+struct Outbox<'a> {
+    effects: &'a mut VecDeque<Effect>,
+    auth: &'a PacketAuth,
+}
+
+impl foca::Runtime<NodeId> for Outbox<'_> {
+    fn notify(&mut self, notification: Notification<'_, NodeId>) {
+        let effect = match notification {
+            Notification::MemberUp(id) => Effect::MemberUp(id.clone()),
+            Notification::MemberDown(id) => Effect::MemberDown(id.clone()),
+            Notification::Active => Effect::Joined,
+            Notification::Idle => Effect::Isolated,
+            Notification::Rejoin(id) => Effect::Rejoined(id.clone()),
+            // Rename is followed by MemberUp/MemberDown when liveness changes, which is
+            // all the driver acts on. Defunct cannot happen: our identity always renews.
+            Notification::Rename(..) | Notification::Defunct => return,
+        };
+        self.effects.push_back(effect);
+    }
+
+    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+        self.effects.push_back(Effect::Send {
+            to: to.addr(),
+            packet: self.auth.seal(data),
+        });
+    }
+
+    fn submit_after(&mut self, timer: foca::Timer<NodeId>, after: Duration) {
+        self.effects.push_back(Effect::Schedule {
+            after,
+            timer: MembershipTimer::Foca(timer),
+        });
+    }
+}
+
+impl Membership {
+    /// Creates the state machine. `seed` drives every random choice (probe order, gossip
+    /// targets); the same seed and the same inputs give the same outputs.
+    pub fn new(
+        identity: NodeId,
+        seeds: &[SocketAddr],
+        secret: &[u8],
+        cfg: &GossipConfig,
+        seed: u64,
+    ) -> Self {
+        let auth = PacketAuth::new(secret, cfg.packet_bytes_max);
+        let config = foca_config(cfg, auth.payload_bytes_max());
+        let own = identity.gossip;
+        let foca = Foca::new(identity, config, StdRng::seed_from_u64(seed), PostcardCodec);
+        let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
+        seeds.sort();
+        seeds.dedup();
+        Membership {
+            foca,
+            auth,
+            seeds,
+            reannounce_after: Duration::from_millis(cfg.reannounce_interval_ms),
+            effects: VecDeque::new(),
+            joined: false,
+            left: false,
+        }
+    }
+
+    fn outbox(&mut self) -> (&mut Swim, Outbox<'_>) {
+        (
+            &mut self.foca,
+            Outbox {
+                effects: &mut self.effects,
+                auth: &self.auth,
+            },
+        )
+    }
+
+    /// Starts the protocol: a node without seeds founds a cluster and is joined at once;
+    /// a node with seeds announces to all of them and keeps re-announcing until it has
+    /// members.
+    pub fn start(&mut self) {
+        if self.seeds.is_empty() {
+            self.joined = true;
+            self.effects.push_back(Effect::Joined);
+        }
+        self.announce_to_seeds();
+        self.effects.push_back(Effect::Schedule {
+            after: self.reannounce_after,
+            timer: MembershipTimer::Reannounce,
+        });
+    }
+
+    fn announce_to_seeds(&mut self) {
+        for i in 0..self.seeds.len() {
+            let seed = NodeId::seed(self.seeds[i]);
+            let (foca, outbox) = self.outbox();
+            // An announce only fails to encode if our own identity is larger than a
+            // packet, which validated config rules out.
+            foca.announce(seed, outbox)
+                .expect("announce to a seed always encodes");
+        }
+    }
+
+    /// Feeds a datagram received on the gossip socket. Errors say why it was dropped;
+    /// state is unchanged by a rejected datagram.
+    pub fn handle_packet(&mut self, datagram: &[u8]) -> Result<(), PacketError> {
+        let payload = self.auth.open(datagram)?;
+        let (foca, outbox) = (
+            &mut self.foca,
+            Outbox {
+                effects: &mut self.effects,
+                auth: &self.auth,
+            },
+        );
+        foca.handle_data(payload, outbox)
+            .map_err(PacketError::Protocol)?;
+        self.track_join();
+        Ok(())
+    }
+
+    /// Delivers a timer previously requested through [`Effect::Schedule`].
+    pub fn handle_timer(&mut self, timer: MembershipTimer) -> Result<(), foca::Error> {
+        match timer {
+            MembershipTimer::Foca(t) => {
+                let (foca, outbox) = self.outbox();
+                foca.handle_timer(t, outbox)?;
+            }
+            MembershipTimer::Reannounce => {
+                if !self.left {
+                    if self.foca.num_members() == 0 {
+                        self.announce_to_seeds();
+                    }
+                    self.effects.push_back(Effect::Schedule {
+                        after: self.reannounce_after,
+                        timer: MembershipTimer::Reannounce,
+                    });
+                }
+            }
+        }
+        self.track_join();
+        Ok(())
+    }
+
+    fn track_join(&mut self) {
+        if !self.joined && self.foca.num_members() > 0 {
+            self.joined = true;
+            self.effects.push_back(Effect::Joined);
+        }
+    }
+
+    /// Leaves the cluster: declares this node down to a few members, who spread it.
+    pub fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        let (foca, outbox) = self.outbox();
+        // Leaving only fails if our own identity does not encode, ruled out above.
+        foca.leave_cluster(outbox).expect("leave always encodes");
+    }
+
+    /// The next output to execute, in the order it was produced.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    pub fn identity(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Joined a cluster (or founded one), and has not left.
+    pub fn is_joined(&self) -> bool {
+        self.joined && !self.left
+    }
+
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// Number of other members currently considered active (up or suspect).
+    pub fn active_members(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Every member this node knows, itself included, ordered by name then incarnation.
+    pub fn members(&self) -> Vec<MemberView> {
+        let mut out: Vec<MemberView> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| MemberView {
+                id: m.id().clone(),
+                state: match m.state() {
+                    State::Alive => MemberState::Up,
+                    State::Suspect => MemberState::Suspect,
+                    State::Down => MemberState::Down,
+                },
+                is_self: false,
+            })
+            .collect();
+        out.push(MemberView {
+            id: self.foca.identity().clone(),
+            state: if self.left {
+                MemberState::Down
+            } else {
+                MemberState::Up
+            },
+            is_self: true,
+        });
+        out.sort_by(|a, b| (&a.id.name, a.id.incarnation).cmp(&(&b.id.name, b.id.incarnation)));
+        out
+    }
+
+    /// Updates waiting to be piggybacked; a large backlog means dissemination lags.
+    pub fn updates_backlog(&self) -> usize {
+        self.foca.updates_backlog()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! Node configuration for botclaw: the TOML file format, command-line overrides and
+//! validation.
+//!
+//! Layout:
+//! - [`RawNodeConfig`] is what a TOML file (or a set of flags) says, every field optional;
+//! - [`RawNodeConfig::merge`] lays command-line overrides over the file;
+//! - [`RawNodeConfig::validate`] turns it into a [`NodeConfig`], or a [`ConfigError`] that
+//!   names the offending field.
+//!
+//! This crate does no IO beyond [`RawNodeConfig::from_file`], and depends on neither tokio
+//! nor ractor, so the simulator can use the same types.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest node name accepted. Names travel in every gossip packet header.
+pub const NAME_BYTES_MAX: usize = 64;
+/// Smallest cluster secret accepted, in bytes.
+pub const SECRET_BYTES_MIN: usize = 8;
+
+/// A configuration problem, always naming the field it is about.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("missing required field `{field}`{hint}")]
+    Missing {
+        field: &'static str,
+        hint: &'static str,
+    },
+    #[error("invalid value for field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Failure detection and dissemination settings (SWIM, run by foca).
+///
+/// The defaults declare a crashed node down in about 1.5-2.5 s on a local cluster:
+/// a probe period of 500 ms, a direct-probe timeout of 200 ms and 1 s of suspicion.
+/// Shorter values detect faster but raise the chance that a node starved of CPU for a
+/// moment is declared down by mistake (it then rejoins by itself, see README).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// How often each node probes one random member.
+    pub probe_period_ms: u64,
+    /// How long to wait for a direct probe reply before asking others to probe indirectly.
+    pub probe_rtt_ms: u64,
+    /// How many members are asked to probe indirectly.
+    pub indirect_probes: usize,
+    /// How long a suspected member has to refute the suspicion before it is declared down.
+    pub suspect_to_down_ms: u64,
+    /// How often a node pushes pending updates to `gossip_fanout` random members.
+    pub gossip_interval_ms: u64,
+    /// How many members each periodic gossip round reaches.
+    pub gossip_fanout: usize,
+    /// How many times one update is piggybacked before it is dropped.
+    pub transmissions_max: u8,
+    /// How often a node that has no members re-announces itself to its seeds.
+    pub reannounce_interval_ms: u64,
+    /// How long a down member is remembered (prevents a stale identity from coming back).
+    pub remove_down_after_ms: u64,
+    /// Largest datagram sent or accepted, authentication tag included.
+    pub packet_bytes_max: usize,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
+            indirect_probes: 3,
+            suspect_to_down_ms: 1000,
+            gossip_interval_ms: 200,
+            gossip_fanout: 3,
+            transmissions_max: 8,
+            reannounce_interval_ms: 500,
+            remove_down_after_ms: 24 * 3600 * 1000,
+            packet_bytes_max: 1400,
+        }
+    }
+}
+
+impl GossipConfig {
+    /// Checks the relations between the fields; messages name the violated relation.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("gossip.probe_period_ms", self.probe_period_ms),
+            ("gossip.probe_rtt_ms", self.probe_rtt_ms),
+            ("gossip.suspect_to_down_ms", self.suspect_to_down_ms),
+            ("gossip.gossip_interval_ms", self.gossip_interval_ms),
+            ("gossip.reannounce_interval_ms", self.reannounce_interval_ms),
+            ("gossip.remove_down_after_ms", self.remove_down_after_ms),
+            ("gossip.indirect_probes", self.indirect_probes as u64),
+            ("gossip.gossip_fanout", self.gossip_fanout as u64),
+            (
+                "gossip.transmissions_max",
+                u64::from(self.transmissions_max),
+            ),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.probe_rtt_ms >= self.probe_period_ms {
+            return Err(ConfigError::invalid(
+                "gossip.probe_rtt_ms",
+                format!(
+                    "must be less than gossip.probe_period_ms ({} >= {})",
+                    self.probe_rtt_ms, self.probe_period_ms
+                ),
+            ));
+        }
+        if !(512..=65_000).contains(&self.packet_bytes_max) {
+            return Err(ConfigError::invalid(
+                "gossip.packet_bytes_max",
+                format!("must be within 512..=65000, got {}", self.packet_bytes_max),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Limits of the inter-node link layer (ractor_cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// How often links are reconciled against membership (dial missing, drop stale).
+    pub reconcile_interval_ms: u64,
+    /// How long a dial may take to become a session before it is retried.
+    pub dial_timeout_ms: u64,
+    /// Largest inbound inter-node frame accepted.
+    pub frame_bytes_max: u64,
+    /// Timeout of a cross-node call such as the link ping.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            reconcile_interval_ms: 250,
+            dial_timeout_ms: 2000,
+            frame_bytes_max: 4 * 1024 * 1024,
+            call_timeout_ms: 1000,
+        }
+    }
+}
+
+impl LinkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("link.reconcile_interval_ms", self.reconcile_interval_ms),
+            ("link.dial_timeout_ms", self.dial_timeout_ms),
+            ("link.frame_bytes_max", self.frame_bytes_max),
+            ("link.call_timeout_ms", self.call_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node configuration as written in a file or given by flags: everything optional, so
+/// that flags can override the file and validation can name what is missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeConfig {
+    pub name: Option<String>,
+    pub client_addr: Option<String>,
+    pub cluster_addr: Option<String>,
+    pub gossip_addr: Option<String>,
+    pub admin_addr: Option<String>,
+    pub seeds: Option<Vec<String>>,
+    pub secret: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub roles: Option<Vec<String>>,
+    pub capacity: Option<u32>,
+    pub gossip: Option<GossipConfig>,
+    pub link: Option<LinkConfig>,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeConfig {
+    pub name: String,
+    pub client_addr: SocketAddr,
+    pub cluster_addr: SocketAddr,
+    pub gossip_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    #[serde(skip)]
+    pub secret: String,
+    pub data_dir: PathBuf,
+    pub roles: Vec<String>,
+    /// Relative weight of this node in placement (virtual nodes on the ring).
+    pub capacity: u32,
+    pub gossip: GossipConfig,
+    pub link: LinkConfig,
+}
+
+/// Default addresses of a node started with no flags: node 0 of `botclaw up`.
+pub const DEFAULT_BASE_PORT: u16 = 7000;
+
+/// The four ports of node `index` in a local cluster whose first port is `base`:
+/// client `base+10i`, cluster `+1`, gossip `+2`, admin `+3`.
+pub fn local_ports(base: u16, index: u16) -> [u16; 4] {
+    let p = base + 10 * index;
+    [p, p + 1, p + 2, p + 3]
+}
+
+impl RawNodeConfig {
+    /// Reads and parses a TOML file; unknown fields are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|reason| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Parses TOML text; the error text names the offending key.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Renders this configuration as TOML (used by `botclaw up` to write node files).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config types always serialize")
+    }
+
+    /// Lays `over` on top of `self`: every field set in `over` wins.
+    pub fn merge(self, over: RawNodeConfig) -> RawNodeConfig {
+        RawNodeConfig {
+            name: over.name.or(self.name),
+            client_addr: over.client_addr.or(self.client_addr),
+            cluster_addr: over.cluster_addr.or(self.cluster_addr),
+            gossip_addr: over.gossip_addr.or(self.gossip_addr),
+            admin_addr: over.admin_addr.or(self.admin_addr),
+            seeds: over.seeds.or(self.seeds),
+            secret: over.secret.or(self.secret),
+            data_dir: over.data_dir.or(self.data_dir),
+            roles: over.roles.or(self.roles),
+            capacity: over.capacity.or(self.capacity),
+            gossip: over.gossip.or(self.gossip),
+            link: over.link.or(self.link),
+        }
+    }
+
+    /// Checks every field and fills defaults. Addresses default to node 0 of a local
+    /// cluster on port 7000; the secret has no default.
+    pub fn validate(self) -> Result<NodeConfig, ConfigError> {
+        let [client, cluster, gossip_port, admin] = local_ports(DEFAULT_BASE_PORT, 0);
+        let client_addr = parse_addr("client_addr", self.client_addr, client)?;
+        let cluster_addr = parse_addr("cluster_addr", self.cluster_addr, cluster)?;
+        let gossip_addr = parse_addr("gossip_addr", self.gossip_addr, gossip_port)?;
+        let admin_addr = parse_addr("admin_addr", self.admin_addr, admin)?;
+        let name = self
+            .name
+            .unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
+        validate_name(&name)?;
+        let mut seeds = Vec::new();
+        for seed in self.seeds.unwrap_or_default() {
+            let addr: SocketAddr = seed.parse().map_err(|_| {
+                ConfigError::invalid("seeds", format!("{seed:?} is not an ip:port address"))
+            })?;
+            seeds.push(addr);
+        }
+        let secret = self.secret.ok_or(ConfigError::Missing {
+            field: "secret",
+            hint: " (set it in the file, with --secret or with BOTCLAW_SECRET)",
+        })?;
+        if secret.len() < SECRET_BYTES_MIN {
+            return Err(ConfigError::invalid(
+                "secret",
+                format!("must be at least {SECRET_BYTES_MIN} bytes long"),
+            ));
+        }
+        let gossip = self.gossip.unwrap_or_default();
+        gossip.validate()?;
+        let link = self.link.unwrap_or_default();
+        link.validate()?;
+        let roles = self
+            .roles
+            .unwrap_or_else(|| vec!["conversations".to_string()]);
+        for role in &roles {
+            if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(ConfigError::invalid(
+                    "roles",
+                    format!("{role:?} is not a role name (letters, digits, '-')"),
+                ));
+            }
+        }
+        let capacity = self.capacity.unwrap_or(100);
+        if !(1..=10_000).contains(&capacity) {
+            return Err(ConfigError::invalid("capacity", "must be within 1..=10000"));
+        }
+        let mut distinct = vec![client_addr, cluster_addr, gossip_addr, admin_addr];
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() != 4 {
+            return Err(ConfigError::invalid(
+                "client_addr",
+                "client_addr, cluster_addr, gossip_addr and admin_addr must all differ",
+            ));
+        }
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("botclaw-data").join(&name));
+        Ok(NodeConfig {
+            name,
+            client_addr,
+            cluster_addr,
+            gossip_addr,
+            admin_addr,
+            seeds,
+            secret,
+            data_dir,
+            roles,
+            capacity,
+            gossip,
+            link,
+        })
+    }
+}
+
+fn parse_addr(
+    field: &'static str,
+    value: Option<String>,
+    default_port: u16,
+) -> Result<SocketAddr, ConfigError> {
+    match value {
+        None => Ok(SocketAddr::from(([127, 0, 0, 1], default_port))),
+        Some(text) => text.parse().map_err(|_| {
+            ConfigError::invalid(field, format!("{text:?} is not an ip:port address"))
+        }),
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "name",
+            format!("{name:?} must be 1..={NAME_BYTES_MAX} characters of letters, digits, '-', '_', '.'"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

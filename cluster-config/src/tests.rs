@@ -1,0 +1,99 @@
+use super::*;
+
+fn with_secret(text: &str) -> RawNodeConfig {
+    let raw = RawNodeConfig::from_toml(text).unwrap();
+    raw.merge(RawNodeConfig {
+        secret: Some("0123456789abcdef".into()),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn shipped_examples_parse_and_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let raw = RawNodeConfig::from_file(&path).unwrap();
+            let secret = RawNodeConfig {
+                secret: Some("0123456789abcdef".into()),
+                ..Default::default()
+            };
+            raw.merge(secret)
+                .validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 4,
+        "expected the single-node file and a 3-node set, found {seen}"
+    );
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let err = RawNodeConfig::from_toml("nmae = \"x\"").unwrap_err();
+    assert!(err.contains("nmae"), "{err}");
+    let err = RawNodeConfig::from_toml("[gossip]\nprobe_period = 3").unwrap_err();
+    assert!(err.contains("probe_period"), "{err}");
+}
+
+#[test]
+fn bad_address_is_named() {
+    let err = with_secret("client_addr = \"localhost\"")
+        .validate()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::Invalid {
+            field: "client_addr",
+            reason: "\"localhost\" is not an ip:port address".into()
+        }
+    );
+    let err = with_secret("seeds = [\"1.2.3.4\"]").validate().unwrap_err();
+    assert!(err.to_string().contains("`seeds`"), "{err}");
+}
+
+#[test]
+fn missing_secret_is_named() {
+    let err = RawNodeConfig::default().validate().unwrap_err();
+    assert!(err.to_string().contains("`secret`"), "{err}");
+}
+
+#[test]
+fn flags_override_file() {
+    let file = with_secret("name = \"a\"\ngossip_addr = \"127.0.0.1:9000\"");
+    let flags = RawNodeConfig {
+        name: Some("b".into()),
+        ..Default::default()
+    };
+    let cfg = file.merge(flags).validate().unwrap();
+    assert_eq!(cfg.name, "b");
+    assert_eq!(cfg.gossip_addr, "127.0.0.1:9000".parse().unwrap());
+}
+
+#[test]
+fn gossip_relations_are_checked() {
+    let err = with_secret("[gossip]\nprobe_period_ms = 100\nprobe_rtt_ms = 100")
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("gossip.probe_rtt_ms"), "{err}");
+}
+
+#[test]
+fn colliding_ports_rejected() {
+    let err = with_secret("client_addr = \"127.0.0.1:7003\"")
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("must all differ"), "{err}");
+}
+
+#[test]
+fn round_trips_through_toml() {
+    let raw =
+        with_secret("name = \"n1\"\nseeds = [\"127.0.0.1:7002\"]\n[gossip]\nprobe_period_ms = 700");
+    let back = RawNodeConfig::from_toml(&raw.to_toml()).unwrap();
+    assert_eq!(back, raw);
+}
