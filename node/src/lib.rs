@@ -1,1 +1,21 @@
+//! The botclaw node: drivers that connect the pure core to sockets, timers and actors,
+//! plus the operator CLI.
+//!
+//! Layout:
+//! - [`cli`]: the `botclaw` command (node, up, status);
+//! - [`node`]: `run(config, shutdown)`, one node's lifetime;
+//! - [`gossip`]: the UDP driver of the membership state machine;
+//! - [`links`]: keeps ractor_cluster sessions in step with membership;
+//! - [`admin`]: the admin HTTP port (health, status, metrics, link ping);
+//! - [`metrics`]: Prometheus metrics;
+//! - [`up`]: the local N-node launcher; [`status`]: the status table.
 
+pub mod admin;
+pub mod cli;
+pub mod gossip;
+pub mod http;
+pub mod links;
+pub mod metrics;
+pub mod node;
+pub mod status;
+pub mod up;

@@ -2,8 +2,10 @@
 //!
 //! Every pair of up members needs one ractor_cluster session, and only one side may dial
 //! (both sides dialing caused session churn): the member with the smaller cluster address
-//! dials. A session to anything that is not an up member (down, left, or an older
-//! incarnation of a restarted peer) is dropped. [`LinkPlanner::plan`] is called
+//! dials. A session to a member declared down is dropped at once (a frozen peer's session
+//! would otherwise stay open and swallow calls); a session to a name that is not an up
+//! member (an older incarnation, or a peer that dialed before our gossip saw it) is
+//! dropped only if it stays unknown for `dial_timeout_ticks`. [`LinkPlanner::plan`] is called
 //! periodically and after membership changes; it is idempotent and remembers pending dials
 //! so a slow handshake is not dialed twice before `dial_timeout_ticks` elapse.
 
@@ -32,6 +34,8 @@ pub struct LinkPlanner {
     dial_timeout_ticks: u32,
     /// Dials in progress: link name -> ticks since dialed.
     pending: BTreeMap<String, u32>,
+    /// Sessions to names that are neither up nor down: link name -> ticks seen so.
+    unknown: BTreeMap<String, u32>,
 }
 
 impl LinkPlanner {
@@ -40,6 +44,7 @@ impl LinkPlanner {
             me,
             dial_timeout_ticks: dial_timeout_ticks.max(1),
             pending: BTreeMap::new(),
+            unknown: BTreeMap::new(),
         }
     }
 
@@ -48,15 +53,28 @@ impl LinkPlanner {
         self.me < peer
     }
 
-    /// One planning round. `up` are the up members other than this node; `sessions` the
-    /// link names of the sessions that exist now (in any handshake state). Each call is one
-    /// tick for the dial timeout.
-    pub fn plan(&mut self, up: &[LinkPeer], sessions: &BTreeSet<String>) -> Vec<LinkAction> {
+    /// One planning round. `up` are the up members other than this node, `down` the link
+    /// names of members declared down, `sessions` the link names of the sessions that exist
+    /// now. Each call is one tick for the timeouts.
+    pub fn plan(
+        &mut self,
+        up: &[LinkPeer],
+        down: &BTreeSet<String>,
+        sessions: &BTreeSet<String>,
+    ) -> Vec<LinkAction> {
         let wanted: BTreeMap<&str, &LinkPeer> =
             up.iter().map(|p| (p.link_name.as_str(), p)).collect();
         let mut actions = Vec::new();
+        self.unknown
+            .retain(|name, _| sessions.contains(name) && !wanted.contains_key(name.as_str()));
         for name in sessions {
-            if !wanted.contains_key(name.as_str()) {
+            if wanted.contains_key(name.as_str()) {
+                continue;
+            }
+            let ticks = self.unknown.entry(name.clone()).or_insert(0);
+            *ticks += 1;
+            if down.contains(name) || *ticks > self.dial_timeout_ticks {
+                self.unknown.remove(name);
                 actions.push(LinkAction::Drop(name.clone()));
             }
         }
@@ -106,11 +124,12 @@ mod tests {
     fn pending_dial_not_repeated_until_timeout() {
         let mut p = LinkPlanner::new("127.0.0.1:5000".parse().unwrap(), 3);
         let up = [peer("b@1", 6000)];
-        assert_eq!(p.plan(&up, &set(&[])).len(), 1);
-        assert!(p.plan(&up, &set(&[])).is_empty());
-        assert!(p.plan(&up, &set(&[])).is_empty());
-        assert_eq!(p.plan(&up, &set(&[])).len(), 1, "redial after timeout");
-        assert!(p.plan(&up, &set(&["b@1"])).is_empty());
+        let none = set(&[]);
+        assert_eq!(p.plan(&up, &none, &none).len(), 1);
+        assert!(p.plan(&up, &none, &none).is_empty());
+        assert!(p.plan(&up, &none, &none).is_empty());
+        assert_eq!(p.plan(&up, &none, &none).len(), 1, "redial after timeout");
+        assert!(p.plan(&up, &none, &set(&["b@1"])).is_empty());
     }
 
     #[test]

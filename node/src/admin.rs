@@ -1,0 +1,184 @@
+//! The admin HTTP port: health, status, metrics and a cross-node link check.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use botclaw_core::MemberState;
+use ractor::ActorRef;
+use ractor_cluster::node::NodeServerMessage;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gossip::ClusterView;
+use crate::metrics::Metrics;
+
+pub struct AdminState {
+    pub view: watch::Receiver<ClusterView>,
+    pub metrics: Metrics,
+    pub server: ActorRef<NodeServerMessage>,
+    pub link_name: String,
+    pub call_timeout: Duration,
+}
+
+/// One member in `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub state: String,
+    pub roles: Vec<String>,
+    pub client_addr: String,
+    pub cluster_addr: String,
+    pub gossip_addr: String,
+    pub admin_addr: String,
+    pub incarnation: u64,
+    pub bump: u16,
+    pub uptime_s: f64,
+    pub is_self: bool,
+    /// An inter-node session to this member is open (always false for this node).
+    pub linked: bool,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub link_name: String,
+    pub pid: u32,
+    pub incarnation: u64,
+    pub joined: bool,
+    pub uptime_s: f64,
+    pub members: Vec<MemberStatus>,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let app = Router::new()
+        .route("/health/live", get(|| async { "live\n" }))
+        .route("/health/ready", get(ready))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/ping", get(ping))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin server stopped");
+    }
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> Response {
+    if s.view.borrow().joined {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()
+    }
+}
+
+fn uptime_s(incarnation_ms: u64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(incarnation_ms) as f64 / 1000.0
+}
+
+async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
+    let linked = crate::links::sessions(&s.server).await.unwrap_or_default();
+    let view = s.view.borrow().clone();
+    let members = view
+        .members
+        .iter()
+        .map(|m| MemberStatus {
+            name: m.id.name.clone(),
+            state: m.state.as_str().to_string(),
+            roles: m.id.roles.clone(),
+            client_addr: m.id.client.to_string(),
+            cluster_addr: m.id.cluster.to_string(),
+            gossip_addr: m.id.gossip.to_string(),
+            admin_addr: m.id.admin.to_string(),
+            incarnation: m.id.incarnation,
+            bump: m.id.bump,
+            uptime_s: if m.state == MemberState::Down {
+                0.0
+            } else {
+                uptime_s(m.id.incarnation)
+            },
+            is_self: m.is_self,
+            linked: linked.contains_key(&m.id.link_name()),
+        })
+        .collect();
+    Json(Status {
+        node: view.me.name.clone(),
+        link_name: s.link_name.clone(),
+        pid: std::process::id(),
+        incarnation: view.me.incarnation,
+        joined: view.joined,
+        uptime_s: uptime_s(view.me.incarnation),
+        members,
+    })
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct PingQuery {
+    node: Option<String>,
+}
+
+/// Result of one cross-node ping in `GET /ping`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PingResult {
+    /// The peer's link name as it reported it over the link.
+    pub reply: Option<String>,
+    pub rtt_us: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Calls the router of every up peer (or only `?node=NAME`) over its inter-node link.
+async fn ping(
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<PingQuery>,
+) -> Json<BTreeMap<String, PingResult>> {
+    let peers: Vec<String> = {
+        let view = s.view.borrow();
+        view.up_peers()
+            .map(|id| id.name.clone())
+            .filter(|name| q.node.as_ref().is_none_or(|n| n == name))
+            .collect()
+    };
+    let mut out = BTreeMap::new();
+    for peer in peers {
+        let start = Instant::now();
+        let result = match botclaw_actors::router::ping(&peer, &s.link_name, s.call_timeout).await {
+            Ok(reply) => PingResult {
+                reply: Some(reply),
+                rtt_us: Some(start.elapsed().as_micros() as u64),
+                error: None,
+            },
+            Err(e) => PingResult {
+                reply: None,
+                rtt_us: None,
+                error: Some(e.to_string()),
+            },
+        };
+        out.insert(peer, result);
+    }
+    Json(out)
+}

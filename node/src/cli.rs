@@ -1,0 +1,185 @@
+//! The `botclaw` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use botclaw_config::RawNodeConfig;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "botclaw",
+    version,
+    about = "A horizontally scalable chat-bot cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one cluster node.
+    Node(NodeArgs),
+    /// Launch a local N-node cluster (the demo), wait until it converges, stop it on Ctrl-C.
+    Up(crate::up::UpArgs),
+    /// Show the cluster's members as one node sees them.
+    Status(StatusArgs),
+}
+
+/// Flags override the config file field of the same name.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config file (see cluster-config/examples/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unique node name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Chat protocol listener (ip:port).
+    #[arg(long)]
+    client_addr: Option<String>,
+    /// Inter-node link listener (ip:port).
+    #[arg(long)]
+    cluster_addr: Option<String>,
+    /// Gossip UDP address (ip:port); the node's identity in the cluster.
+    #[arg(long)]
+    gossip_addr: Option<String>,
+    /// Admin HTTP listener (ip:port).
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// Gossip address of a member to join through (repeatable).
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// Cluster secret shared by all nodes.
+    #[arg(long, env = "BOTCLAW_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Role this node serves (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+}
+
+impl NodeArgs {
+    fn overrides(&self) -> RawNodeConfig {
+        let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        RawNodeConfig {
+            name: self.name.clone(),
+            client_addr: self.client_addr.clone(),
+            cluster_addr: self.cluster_addr.clone(),
+            gossip_addr: self.gossip_addr.clone(),
+            admin_addr: self.admin_addr.clone(),
+            seeds: non_empty(&self.seeds),
+            secret: self.secret.clone(),
+            data_dir: self.data_dir.clone(),
+            roles: non_empty(&self.roles),
+            ..RawNodeConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Admin address of any node.
+    #[arg(long, default_value = "127.0.0.1:7003")]
+    admin: SocketAddr,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node(args) => run_node(args),
+        Command::Up(args) => match crate::up::run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("botclaw up: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status(args) => match crate::status::fetch(args.admin) {
+            Ok(status) if args.json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serializes")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(status) => {
+                print!("{}", crate::status::render(&status));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("botclaw status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Exit code for configuration errors, as for command-line usage errors.
+const EXIT_CONFIG: u8 = 2;
+
+fn run_node(args: NodeArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match RawNodeConfig::from_file(path) {
+            Ok(raw) => raw,
+            Err(e) => {
+                eprintln!("botclaw node: config error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => RawNodeConfig::default(),
+    };
+    let cfg = match file.merge(args.overrides()).validate() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("botclaw node: config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("botclaw node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::node::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("botclaw node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,120 @@
+//! Prometheus metrics of a node, served on `GET /metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: String,
+}
+
+/// Every metric a node exports. Cheap to clone (metrics are shared handles).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    pub members: Family<StateLabel, Gauge>,
+    pub gossip_sent: Counter,
+    pub gossip_received: Counter,
+    pub gossip_rejected: Family<ReasonLabel, Counter>,
+    pub gossip_send_errors: Counter,
+    pub gossip_updates_backlog: Gauge,
+    pub member_events: Family<EventLabel, Counter>,
+    pub cluster_sessions: Gauge,
+    pub link_dials: Counter,
+    pub link_drops: Counter,
+}
+
+impl Metrics {
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("botclaw");
+        r.register(
+            "members",
+            "Cluster members by state, as this node sees them",
+            self.members.clone(),
+        );
+        r.register(
+            "gossip_packets_sent",
+            "Gossip datagrams sent",
+            self.gossip_sent.clone(),
+        );
+        r.register(
+            "gossip_packets_received",
+            "Gossip datagrams received",
+            self.gossip_received.clone(),
+        );
+        r.register(
+            "gossip_packets_rejected",
+            "Gossip datagrams dropped (bad tag, size, version or protocol)",
+            self.gossip_rejected.clone(),
+        );
+        r.register(
+            "gossip_send_errors",
+            "Gossip datagrams the socket failed to send",
+            self.gossip_send_errors.clone(),
+        );
+        r.register(
+            "gossip_updates_backlog",
+            "Membership updates waiting to be disseminated",
+            self.gossip_updates_backlog.clone(),
+        );
+        r.register(
+            "member_events",
+            "Members seen going up or down",
+            self.member_events.clone(),
+        );
+        r.register(
+            "cluster_sessions",
+            "Open inter-node (ractor_cluster) sessions",
+            self.cluster_sessions.clone(),
+        );
+        r.register(
+            "link_dials",
+            "Inter-node sessions dialed",
+            self.link_dials.clone(),
+        );
+        r.register(
+            "link_drops",
+            "Inter-node sessions dropped because the peer is not an up member",
+            self.link_drops.clone(),
+        );
+        r
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.gossip_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn member_event(&self, event: &str) {
+        self.member_events
+            .get_or_create(&EventLabel {
+                event: event.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_members(&self, up: usize, suspect: usize, down: usize) {
+        for (state, n) in [("up", up), ("suspect", suspect), ("down", down)] {
+            self.members
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n as i64);
+        }
+    }
+}

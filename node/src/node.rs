@@ -1,0 +1,138 @@
+//! `run`: one botclaw node, from a validated config until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use botclaw_actors::{RouterActor, RouterArgs};
+use botclaw_config::NodeConfig;
+use botclaw_core::auth::derive_key;
+use botclaw_core::{Membership, NodeId};
+use ractor::Actor;
+use ractor_cluster::NodeServer;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::admin::{self, AdminState};
+use crate::gossip::{GossipCommand, GossipDriver};
+use crate::metrics::Metrics;
+
+/// The inter-node cookie: derived from the cluster secret, never equal to the gossip key.
+pub fn cluster_cookie(secret: &str) -> String {
+    hex::encode(derive_key(secret.as_bytes(), "cluster-cookie"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+    // Bind every socket first, so a port in use fails fast and names the field.
+    let gossip_socket = UdpSocket::bind(cfg.gossip_addr)
+        .await
+        .with_context(|| format!("cannot bind gossip_addr {}", cfg.gossip_addr))?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind admin_addr {}", cfg.admin_addr))?;
+    // ractor_cluster binds its own listener; probe the port so a conflict is reported here.
+    drop(
+        std::net::TcpListener::bind(cfg.cluster_addr)
+            .with_context(|| format!("cannot bind cluster_addr {}", cfg.cluster_addr))?,
+    );
+
+    let identity = NodeId {
+        name: cfg.name.clone(),
+        gossip: cfg.gossip_addr,
+        cluster: cfg.cluster_addr,
+        client: cfg.client_addr,
+        admin: cfg.admin_addr,
+        incarnation: now_ms(),
+        bump: 0,
+        roles: cfg.roles.clone(),
+        capacity: cfg.capacity,
+    };
+    let link_name = identity.link_name();
+    tracing::info!(node = %cfg.name, link = %link_name, gossip = %cfg.gossip_addr, "starting");
+
+    let metrics = Metrics::default();
+    let server = NodeServer::new(
+        cfg.cluster_addr.port(),
+        cluster_cookie(&cfg.secret),
+        link_name.clone(),
+        cfg.cluster_addr.ip().to_string(),
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(cfg.cluster_addr.ip())
+    .with_max_inbound_frame_size(cfg.link.frame_bytes_max);
+    let (server_ref, server_task) = Actor::spawn(None, server, ())
+        .await
+        .context("cannot start the inter-node server")?;
+    let (router, router_task) = Actor::spawn(
+        None,
+        RouterActor,
+        RouterArgs {
+            node_name: cfg.name.clone(),
+            link_name: link_name.clone(),
+        },
+    )
+    .await
+    .context("cannot start the router actor")?;
+
+    let membership = Membership::new(
+        identity,
+        &cfg.seeds,
+        cfg.secret.as_bytes(),
+        &cfg.gossip,
+        rand::random(),
+    );
+    let (driver, view) = GossipDriver::new(
+        membership,
+        gossip_socket,
+        metrics.clone(),
+        cfg.gossip.packet_bytes_max,
+    );
+    let (gossip_tx, gossip_rx) = mpsc::channel(4);
+    let gossip_task = tokio::spawn(driver.run(gossip_rx));
+    let links_task = tokio::spawn(crate::links::run(
+        server_ref.clone(),
+        view.clone(),
+        metrics.clone(),
+        Duration::from_millis(cfg.link.reconcile_interval_ms),
+        Duration::from_millis(cfg.link.dial_timeout_ms),
+    ));
+    let admin_state = Arc::new(AdminState {
+        view,
+        metrics,
+        server: server_ref.clone(),
+        link_name,
+        call_timeout: Duration::from_millis(cfg.link.call_timeout_ms),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
+
+    shutdown.await;
+    tracing::info!("shutting down: leaving the cluster");
+    let (done_tx, done_rx) = oneshot::channel();
+    if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+    }
+    links_task.abort();
+    admin_task.abort();
+    gossip_task.abort();
+    router.stop(None);
+    server_ref.stop(None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = router_task.await;
+        let _ = server_task.await;
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `botclaw status`: the member table as one node sees it.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::admin::Status;
+
+pub fn fetch(admin: SocketAddr) -> Result<Status> {
+    crate::http::get_json(admin, "/status", Duration::from_secs(3))
+}
+
+fn uptime(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Renders the status as an aligned table.
+pub fn render(status: &Status) -> String {
+    let mut rows = vec![[
+        "NAME",
+        "STATE",
+        "ROLES",
+        "CLIENT",
+        "CLUSTER",
+        "GOSSIP",
+        "ADMIN",
+        "INCARNATION",
+        "UPTIME",
+        "LINK",
+    ]
+    .map(String::from)];
+    for m in &status.members {
+        let name = if m.is_self {
+            format!("{} *", m.name)
+        } else {
+            m.name.clone()
+        };
+        let link = if m.is_self {
+            "-"
+        } else if m.linked {
+            "yes"
+        } else {
+            "no"
+        };
+        let incarnation = if m.bump > 0 {
+            format!("{}.{}", m.incarnation, m.bump)
+        } else {
+            m.incarnation.to_string()
+        };
+        rows.push([
+            name,
+            m.state.clone(),
+            m.roles.join(","),
+            m.client_addr.clone(),
+            m.cluster_addr.clone(),
+            m.gossip_addr.clone(),
+            m.admin_addr.clone(),
+            incarnation,
+            if m.state == "down" {
+                "-".into()
+            } else {
+                uptime(m.uptime_s)
+            },
+            link.into(),
+        ]);
+    }
+    let mut widths = [0usize; 10];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let up = status.members.iter().filter(|m| m.state == "up").count();
+    let _ = writeln!(
+        out,
+        "node {} (pid {}, {}), {} of {} members up\n",
+        status.node,
+        status.pid,
+        if status.joined {
+            "joined"
+        } else {
+            "not joined"
+        },
+        up,
+        status.members.len()
+    );
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}

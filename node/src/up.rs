@@ -1,0 +1,280 @@
+//! `botclaw up`: a local N-node cluster, for demos and development.
+//!
+//! Node i listens on client `P+10i`, cluster `P+10i+1`, gossip `P+10i+2`, admin `P+10i+3`.
+//! Each node gets a directory under the data dir holding its config file and its log; the
+//! cluster secret is kept in `DATA/secret`, so running `up` again on the same data dir
+//! restarts the same cluster.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use botclaw_config::{local_ports, RawNodeConfig, DEFAULT_BASE_PORT};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// How many nodes to launch.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    nodes: u16,
+    /// First port: node i uses P+10i .. P+10i+3.
+    #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+    base_port: u16,
+    /// Where node configs, logs and data live.
+    #[arg(long, default_value = "botclaw-data")]
+    data_dir: PathBuf,
+    /// Cluster secret (default: DATA/secret, or a newly generated one saved there).
+    #[arg(long, env = "BOTCLAW_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Give up if the cluster has not converged after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    converge_timeout_s: u64,
+}
+
+struct Launched {
+    name: String,
+    admin: SocketAddr,
+    log: PathBuf,
+    child: Child,
+    exited: bool,
+}
+
+fn load_or_create_secret(args: &UpArgs) -> Result<String> {
+    let path = args.data_dir.join("secret");
+    if let Some(secret) = &args.secret {
+        return Ok(secret.clone());
+    }
+    if path.exists() {
+        let secret =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        println!("using the cluster secret saved in {}", path.display());
+        return Ok(secret.trim().to_string());
+    }
+    let secret = hex::encode(rand::random::<[u8; 16]>());
+    fs::write(&path, format!("{secret}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    }
+    println!(
+        "generated a cluster secret, saved in {}: {secret}",
+        path.display()
+    );
+    Ok(secret)
+}
+
+/// The config of node `i` of an `n`-node local cluster.
+pub fn node_config(base: u16, i: u16, n: u16, data_dir: &Path) -> RawNodeConfig {
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+    let [client, cluster, gossip, admin] = local_ports(base, i);
+    let seeds = (0..n)
+        .filter(|j| *j != i)
+        .map(|j| addr(local_ports(base, j)[2]))
+        .collect();
+    RawNodeConfig {
+        name: Some(format!("node-{i}")),
+        client_addr: Some(addr(client)),
+        cluster_addr: Some(addr(cluster)),
+        gossip_addr: Some(addr(gossip)),
+        admin_addr: Some(addr(admin)),
+        seeds: Some(seeds),
+        data_dir: Some(data_dir.to_path_buf()),
+        ..RawNodeConfig::default()
+    }
+}
+
+/// Makes the child receive SIGTERM if `up` dies, so no node outlives its launcher.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+fn spawn_node(exe: &Path, config: &Path, log: &Path, secret: &str) -> Result<Child> {
+    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(config)
+        .env("BOTCLAW_SECRET", secret)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    die_with_parent(&mut cmd);
+    cmd.spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
+fn log_tail(path: &Path, bytes: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+/// Polls every node's status until each one sees all `n` nodes up.
+fn converged(nodes: &[Launched]) -> bool {
+    nodes.iter().all(|node| {
+        crate::status::fetch(node.admin).is_ok_and(|s| {
+            s.joined && s.members.iter().filter(|m| m.state == "up").count() == nodes.len()
+        })
+    })
+}
+
+fn check_exits(nodes: &mut [Launched]) -> Option<String> {
+    for node in nodes.iter_mut().filter(|n| !n.exited) {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            node.exited = true;
+            return Some(format!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                node.name,
+                node.log.display(),
+                log_tail(&node.log, 1500)
+            ));
+        }
+    }
+    None
+}
+
+fn stop_all(nodes: &mut [Launched]) {
+    for node in nodes.iter().filter(|n| !n.exited) {
+        // SIGTERM makes the node leave the cluster and exit 0.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(node.child.id().to_string())
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in nodes.iter_mut().filter(|n| !n.exited) {
+        loop {
+            match node.child.try_wait() {
+                Ok(Some(status)) => {
+                    println!("{} stopped ({status})", node.name);
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = node.child.kill();
+                    let _ = node.child.wait();
+                    println!("{} killed after 10 s", node.name);
+                    break;
+                }
+            }
+        }
+        node.exited = true;
+    }
+}
+
+pub fn run(args: UpArgs) -> Result<ExitCode> {
+    let last = u32::from(args.base_port) + 10 * u32::from(args.nodes - 1) + 3;
+    if last > u32::from(u16::MAX) {
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
+    }
+    fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let secret = load_or_create_secret(&args)?;
+    let exe = std::env::current_exe().context("locating the botclaw binary")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+
+    let mut nodes = Vec::new();
+    println!(
+        "{:<8} {:<16} {:<16} {:<16} {:<16} LOG",
+        "NODE", "CLIENT", "CLUSTER", "GOSSIP", "ADMIN"
+    );
+    for i in 0..args.nodes {
+        let dir = data_dir.join(format!("node-{i}"));
+        fs::create_dir_all(&dir)?;
+        let raw = node_config(args.base_port, i, args.nodes, &dir);
+        let config = dir.join("botclaw.toml");
+        fs::write(&config, raw.to_toml())?;
+        let log = dir.join("node.log");
+        let child = spawn_node(&exe, &config, &log, &secret)?;
+        let [c, l, g, a] = local_ports(args.base_port, i).map(|p| format!("127.0.0.1:{p}"));
+        println!(
+            "{:<8} {c:<16} {l:<16} {g:<16} {a:<16} {}",
+            format!("node-{i}"),
+            log.display()
+        );
+        nodes.push(Launched {
+            name: format!("node-{i}"),
+            admin: a.parse()?,
+            log,
+            child,
+            exited: false,
+        });
+    }
+
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.converge_timeout_s);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            stop_all(&mut nodes);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(problem) = check_exits(&mut nodes) {
+            eprintln!("botclaw up: {problem}");
+            stop_all(&mut nodes);
+            return Ok(ExitCode::FAILURE);
+        }
+        if converged(&nodes) {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "botclaw up: the cluster did not converge in {} s",
+                args.converge_timeout_s
+            );
+            stop_all(&mut nodes);
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seeds = nodes
+        .first()
+        .map(|_| format!("127.0.0.1:{}", local_ports(args.base_port, 0)[2]));
+    println!(
+        "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  add one:  BOTCLAW_SECRET=... botclaw node --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}\n  stop:     Ctrl-C\n",
+        nodes.len(),
+        start.elapsed().as_millis(),
+        nodes[0].admin,
+        seeds.unwrap_or_default(),
+    );
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(problem) = check_exits(&mut nodes) {
+            eprintln!("botclaw up: warning: {problem}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("stopping");
+    stop_all(&mut nodes);
+    Ok(ExitCode::SUCCESS)
+}
