@@ -28,20 +28,14 @@ pub enum ConfigError {
     #[error("config file {path}: {reason}")]
     Parse { path: String, reason: String },
     #[error("missing required field `{field}`{hint}")]
-    Missing {
-        field: &'static str,
-        hint: &'static str,
-    },
+    Missing { field: &'static str, hint: &'static str },
     #[error("invalid value for field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
 
 impl ConfigError {
     fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            field,
-            reason: reason.into(),
-        }
+        ConfigError::Invalid { field, reason: reason.into() }
     }
 }
 
@@ -105,10 +99,7 @@ impl GossipConfig {
             ("gossip.remove_down_after_ms", self.remove_down_after_ms),
             ("gossip.indirect_probes", self.indirect_probes as u64),
             ("gossip.gossip_fanout", self.gossip_fanout as u64),
-            (
-                "gossip.transmissions_max",
-                u64::from(self.transmissions_max),
-            ),
+            ("gossip.transmissions_max", u64::from(self.transmissions_max)),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -230,10 +221,8 @@ impl RawNodeConfig {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_toml(&text).map_err(|reason| ConfigError::Parse {
-            path: path.display().to_string(),
-            reason,
-        })
+        Self::from_toml(&text)
+            .map_err(|reason| ConfigError::Parse { path: path.display().to_string(), reason })
     }
 
     /// Parses TOML text; the error text names the offending key.
@@ -272,9 +261,7 @@ impl RawNodeConfig {
         let cluster_addr = parse_addr("cluster_addr", self.cluster_addr, cluster)?;
         let gossip_addr = parse_addr("gossip_addr", self.gossip_addr, gossip_port)?;
         let admin_addr = parse_addr("admin_addr", self.admin_addr, admin)?;
-        let name = self
-            .name
-            .unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
+        let name = self.name.unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
         validate_name(&name)?;
         let mut seeds = Vec::new();
         for seed in self.seeds.unwrap_or_default() {
@@ -297,9 +284,7 @@ impl RawNodeConfig {
         gossip.validate()?;
         let link = self.link.unwrap_or_default();
         link.validate()?;
-        let roles = self
-            .roles
-            .unwrap_or_else(|| vec!["conversations".to_string()]);
+        let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         for role in &roles {
             if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
                 return Err(ConfigError::invalid(
@@ -321,9 +306,7 @@ impl RawNodeConfig {
                 "client_addr, cluster_addr, gossip_addr and admin_addr must all differ",
             ));
         }
-        let data_dir = self
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from("botclaw-data").join(&name));
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("botclaw-data").join(&name));
         Ok(NodeConfig {
             name,
             client_addr,
@@ -357,9 +340,7 @@ fn parse_addr(
 fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= NAME_BYTES_MAX
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if ok {
         Ok(())
     } else {

@@ -2,10 +2,7 @@ use super::*;
 
 fn with_secret(text: &str) -> RawNodeConfig {
     let raw = RawNodeConfig::from_toml(text).unwrap();
-    raw.merge(RawNodeConfig {
-        secret: Some("0123456789abcdef".into()),
-        ..Default::default()
-    })
+    raw.merge(RawNodeConfig { secret: Some("0123456789abcdef".into()), ..Default::default() })
 }
 
 #[test]
@@ -16,20 +13,13 @@ fn shipped_examples_parse_and_validate() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let raw = RawNodeConfig::from_file(&path).unwrap();
-            let secret = RawNodeConfig {
-                secret: Some("0123456789abcdef".into()),
-                ..Default::default()
-            };
-            raw.merge(secret)
-                .validate()
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let secret =
+                RawNodeConfig { secret: Some("0123456789abcdef".into()), ..Default::default() };
+            raw.merge(secret).validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;
         }
     }
-    assert!(
-        seen >= 4,
-        "expected the single-node file and a 3-node set, found {seen}"
-    );
+    assert!(seen >= 4, "expected the single-node file and a 3-node set, found {seen}");
 }
 
 #[test]
@@ -42,9 +32,7 @@ fn unknown_field_is_named() {
 
 #[test]
 fn bad_address_is_named() {
-    let err = with_secret("client_addr = \"localhost\"")
-        .validate()
-        .unwrap_err();
+    let err = with_secret("client_addr = \"localhost\"").validate().unwrap_err();
     assert_eq!(
         err,
         ConfigError::Invalid {
@@ -65,10 +53,7 @@ fn missing_secret_is_named() {
 #[test]
 fn flags_override_file() {
     let file = with_secret("name = \"a\"\ngossip_addr = \"127.0.0.1:9000\"");
-    let flags = RawNodeConfig {
-        name: Some("b".into()),
-        ..Default::default()
-    };
+    let flags = RawNodeConfig { name: Some("b".into()), ..Default::default() };
     let cfg = file.merge(flags).validate().unwrap();
     assert_eq!(cfg.name, "b");
     assert_eq!(cfg.gossip_addr, "127.0.0.1:9000".parse().unwrap());
@@ -76,17 +61,14 @@ fn flags_override_file() {
 
 #[test]
 fn gossip_relations_are_checked() {
-    let err = with_secret("[gossip]\nprobe_period_ms = 100\nprobe_rtt_ms = 100")
-        .validate()
-        .unwrap_err();
+    let err =
+        with_secret("[gossip]\nprobe_period_ms = 100\nprobe_rtt_ms = 100").validate().unwrap_err();
     assert!(err.to_string().contains("gossip.probe_rtt_ms"), "{err}");
 }
 
 #[test]
 fn colliding_ports_rejected() {
-    let err = with_secret("client_addr = \"127.0.0.1:7003\"")
-        .validate()
-        .unwrap_err();
+    let err = with_secret("client_addr = \"127.0.0.1:7003\"").validate().unwrap_err();
     assert!(err.to_string().contains("must all differ"), "{err}");
 }
 

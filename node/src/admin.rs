@@ -79,10 +79,8 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 fn uptime_s(incarnation_ms: u64) -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     now.saturating_sub(incarnation_ms) as f64 / 1000.0
 }
 
@@ -102,11 +100,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
             admin_addr: m.id.admin.to_string(),
             incarnation: m.id.incarnation,
             bump: m.id.bump,
-            uptime_s: if m.state == MemberState::Down {
-                0.0
-            } else {
-                uptime_s(m.id.incarnation)
-            },
+            uptime_s: if m.state == MemberState::Down { 0.0 } else { uptime_s(m.id.incarnation) },
             is_self: m.is_self,
             linked: linked.contains_key(&m.id.link_name()),
         })
@@ -123,17 +117,14 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    if let Some(sessions) = crate::links::sessions(&s.server).await {
+        s.metrics.cluster_sessions.set(sessions.len() as i64);
+    }
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)
         .into_response()
 }
 
@@ -172,11 +163,7 @@ async fn ping(
                 rtt_us: Some(start.elapsed().as_micros() as u64),
                 error: None,
             },
-            Err(e) => PingResult {
-                reply: None,
-                rtt_us: None,
-                error: Some(e.to_string()),
-            },
+            Err(e) => PingResult { reply: None, rtt_us: None, error: Some(e.to_string()) },
         };
         out.insert(peer, result);
     }

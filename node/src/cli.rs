@@ -8,11 +8,7 @@ use botclaw_config::RawNodeConfig;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "botclaw",
-    version,
-    about = "A horizontally scalable chat-bot cluster"
-)]
+#[command(name = "botclaw", version, about = "A horizontally scalable chat-bot cluster")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,10 +91,7 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 
 pub fn main() -> ExitCode {
@@ -114,10 +107,7 @@ pub fn main() -> ExitCode {
         },
         Command::Status(args) => match crate::status::fetch(args.admin) {
             Ok(status) if args.json => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).expect("status serializes")
-                );
+                println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
                 ExitCode::SUCCESS
             }
             Ok(status) => {
@@ -154,10 +144,7 @@ fn run_node(args: NodeArgs) -> ExitCode {
         }
     };
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("botclaw node: cannot start the runtime: {e}");

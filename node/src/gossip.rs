@@ -28,10 +28,7 @@ pub struct ClusterView {
 impl ClusterView {
     /// Up members other than this node.
     pub fn up_peers(&self) -> impl Iterator<Item = &NodeId> {
-        self.members
-            .iter()
-            .filter(|m| !m.is_self && m.state == MemberState::Up)
-            .map(|m| &m.id)
+        self.members.iter().filter(|m| !m.is_self && m.state == MemberState::Up).map(|m| &m.id)
     }
 }
 
@@ -187,9 +184,7 @@ impl GossipDriver {
             count(MemberState::Suspect),
             count(MemberState::Down),
         );
-        self.metrics
-            .gossip_updates_backlog
-            .set(self.membership.updates_backlog() as i64);
+        self.metrics.gossip_updates_backlog.set(self.membership.updates_backlog() as i64);
         let next = ClusterView {
             me: self.membership.identity().clone(),
             joined: self.membership.is_joined(),

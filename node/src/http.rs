@@ -6,22 +6,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .build()
-        .into()
+    ureq::Agent::config_builder().timeout_global(Some(timeout)).build().into()
 }
 
 /// `GET http://{addr}{path}`, returning the body of a 2xx answer.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     let url = format!("http://{addr}{path}");
-    let mut resp = agent(timeout)
-        .get(&url)
-        .call()
-        .with_context(|| format!("GET {url}"))?;
-    resp.body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading {url}"))
+    let mut resp = agent(timeout).get(&url).call().with_context(|| format!("GET {url}"))?;
+    resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
 }
 
 /// `GET` and parse JSON.

@@ -55,10 +55,7 @@ pub async fn run(
             let v = view.borrow();
             let up: Vec<LinkPeer> = v
                 .up_peers()
-                .map(|id| LinkPeer {
-                    link_name: id.link_name(),
-                    cluster: id.cluster,
-                })
+                .map(|id| LinkPeer { link_name: id.link_name(), cluster: id.cluster })
                 .collect();
             let down: BTreeSet<String> = v
                 .members

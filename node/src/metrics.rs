@@ -44,11 +44,7 @@ impl Metrics {
             "Cluster members by state, as this node sees them",
             self.members.clone(),
         );
-        r.register(
-            "gossip_packets_sent",
-            "Gossip datagrams sent",
-            self.gossip_sent.clone(),
-        );
+        r.register("gossip_packets_sent", "Gossip datagrams sent", self.gossip_sent.clone());
         r.register(
             "gossip_packets_received",
             "Gossip datagrams received",
@@ -69,21 +65,13 @@ impl Metrics {
             "Membership updates waiting to be disseminated",
             self.gossip_updates_backlog.clone(),
         );
-        r.register(
-            "member_events",
-            "Members seen going up or down",
-            self.member_events.clone(),
-        );
+        r.register("member_events", "Members seen going up or down", self.member_events.clone());
         r.register(
             "cluster_sessions",
             "Open inter-node (ractor_cluster) sessions",
             self.cluster_sessions.clone(),
         );
-        r.register(
-            "link_dials",
-            "Inter-node sessions dialed",
-            self.link_dials.clone(),
-        );
+        r.register("link_dials", "Inter-node sessions dialed", self.link_dials.clone());
         r.register(
             "link_drops",
             "Inter-node sessions dropped because the peer is not an up member",
@@ -93,28 +81,16 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: &str) {
-        self.gossip_rejected
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
+        self.gossip_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn member_event(&self, event: &str) {
-        self.member_events
-            .get_or_create(&EventLabel {
-                event: event.to_string(),
-            })
-            .inc();
+        self.member_events.get_or_create(&EventLabel { event: event.to_string() }).inc();
     }
 
     pub fn set_members(&self, up: usize, suspect: usize, down: usize) {
         for (state, n) in [("up", up), ("suspect", suspect), ("down", down)] {
-            self.members
-                .get_or_create(&StateLabel {
-                    state: state.to_string(),
-                })
-                .set(n as i64);
+            self.members.get_or_create(&StateLabel { state: state.to_string() }).set(n as i64);
         }
     }
 }

@@ -24,10 +24,7 @@ pub fn cluster_cookie(secret: &str) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
@@ -72,33 +69,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     )
     .with_listen_addr(cfg.cluster_addr.ip())
     .with_max_inbound_frame_size(cfg.link.frame_bytes_max);
-    let (server_ref, server_task) = Actor::spawn(None, server, ())
-        .await
-        .context("cannot start the inter-node server")?;
+    let (server_ref, server_task) =
+        Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
     let (router, router_task) = Actor::spawn(
         None,
         RouterActor,
-        RouterArgs {
-            node_name: cfg.name.clone(),
-            link_name: link_name.clone(),
-        },
+        RouterArgs { node_name: cfg.name.clone(), link_name: link_name.clone() },
     )
     .await
     .context("cannot start the router actor")?;
 
-    let membership = Membership::new(
-        identity,
-        &cfg.seeds,
-        cfg.secret.as_bytes(),
-        &cfg.gossip,
-        rand::random(),
-    );
-    let (driver, view) = GossipDriver::new(
-        membership,
-        gossip_socket,
-        metrics.clone(),
-        cfg.gossip.packet_bytes_max,
-    );
+    let membership =
+        Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
+    let (driver, view) =
+        GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));
     let links_task = tokio::spawn(crate::links::run(

@@ -37,11 +37,7 @@ pub fn render(status: &Status) -> String {
     ]
     .map(String::from)];
     for m in &status.members {
-        let name = if m.is_self {
-            format!("{} *", m.name)
-        } else {
-            m.name.clone()
-        };
+        let name = if m.is_self { format!("{} *", m.name) } else { m.name.clone() };
         let link = if m.is_self {
             "-"
         } else if m.linked {
@@ -63,11 +59,7 @@ pub fn render(status: &Status) -> String {
             m.gossip_addr.clone(),
             m.admin_addr.clone(),
             incarnation,
-            if m.state == "down" {
-                "-".into()
-            } else {
-                uptime(m.uptime_s)
-            },
+            if m.state == "down" { "-".into() } else { uptime(m.uptime_s) },
             link.into(),
         ]);
     }
@@ -84,20 +76,13 @@ pub fn render(status: &Status) -> String {
         "node {} (pid {}, {}), {} of {} members up\n",
         status.node,
         status.pid,
-        if status.joined {
-            "joined"
-        } else {
-            "not joined"
-        },
+        if status.joined { "joined" } else { "not joined" },
         up,
         status.members.len()
     );
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> =
+            row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out

@@ -64,10 +64,7 @@ fn load_or_create_secret(args: &UpArgs) -> Result<String> {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
     }
-    println!(
-        "generated a cluster secret, saved in {}: {secret}",
-        path.display()
-    );
+    println!("generated a cluster secret, saved in {}: {secret}", path.display());
     Ok(secret)
 }
 
@@ -75,10 +72,7 @@ fn load_or_create_secret(args: &UpArgs) -> Result<String> {
 pub fn node_config(base: u16, i: u16, n: u16, data_dir: &Path) -> RawNodeConfig {
     let addr = |port: u16| format!("127.0.0.1:{port}");
     let [client, cluster, gossip, admin] = local_ports(base, i);
-    let seeds = (0..n)
-        .filter(|j| *j != i)
-        .map(|j| addr(local_ports(base, j)[2]))
-        .collect();
+    let seeds = (0..n).filter(|j| *j != i).map(|j| addr(local_ports(base, j)[2])).collect();
     RawNodeConfig {
         name: Some(format!("node-{i}")),
         client_addr: Some(addr(client)),
@@ -117,8 +111,7 @@ fn spawn_node(exe: &Path, config: &Path, log: &Path, secret: &str) -> Result<Chi
         .stdout(out)
         .stderr(err);
     die_with_parent(&mut cmd);
-    cmd.spawn()
-        .with_context(|| format!("starting {}", exe.display()))
+    cmd.spawn().with_context(|| format!("starting {}", exe.display()))
 }
 
 fn log_tail(path: &Path, bytes: u64) -> String {
@@ -159,10 +152,7 @@ fn check_exits(nodes: &mut [Launched]) -> Option<String> {
 fn stop_all(nodes: &mut [Launched]) {
     for node in nodes.iter().filter(|n| !n.exited) {
         // SIGTERM makes the node leave the cluster and exit 0.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(node.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(node.child.id().to_string()).status();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for node in nodes.iter_mut().filter(|n| !n.exited) {
@@ -190,11 +180,7 @@ fn stop_all(nodes: &mut [Launched]) {
 pub fn run(args: UpArgs) -> Result<ExitCode> {
     let last = u32::from(args.base_port) + 10 * u32::from(args.nodes - 1) + 3;
     if last > u32::from(u16::MAX) {
-        bail!(
-            "--base-port {} leaves no room for {} nodes",
-            args.base_port,
-            args.nodes
-        );
+        bail!("--base-port {} leaves no room for {} nodes", args.base_port, args.nodes);
     }
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -219,11 +205,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         let log = dir.join("node.log");
         let child = spawn_node(&exe, &config, &log, &secret)?;
         let [c, l, g, a] = local_ports(args.base_port, i).map(|p| format!("127.0.0.1:{p}"));
-        println!(
-            "{:<8} {c:<16} {l:<16} {g:<16} {a:<16} {}",
-            format!("node-{i}"),
-            log.display()
-        );
+        println!("{:<8} {c:<16} {l:<16} {g:<16} {a:<16} {}", format!("node-{i}"), log.display());
         nodes.push(Launched {
             name: format!("node-{i}"),
             admin: a.parse()?,
@@ -249,18 +231,13 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             break;
         }
         if Instant::now() > deadline {
-            eprintln!(
-                "botclaw up: the cluster did not converge in {} s",
-                args.converge_timeout_s
-            );
+            eprintln!("botclaw up: the cluster did not converge in {} s", args.converge_timeout_s);
             stop_all(&mut nodes);
             return Ok(ExitCode::FAILURE);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let seeds = nodes
-        .first()
-        .map(|_| format!("127.0.0.1:{}", local_ports(args.base_port, 0)[2]));
+    let seeds = nodes.first().map(|_| format!("127.0.0.1:{}", local_ports(args.base_port, 0)[2]));
     println!(
         "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  add one:  BOTCLAW_SECRET=... botclaw node --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}\n  stop:     Ctrl-C\n",
         nodes.len(),

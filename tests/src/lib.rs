@@ -1,1 +1,330 @@
+//! Harness for multi-process tests: starts real `botclaw` processes on free loopback ports,
+//! polls their admin endpoints, and kills every process it started (by pid) when dropped,
+//! also when the test fails.
+//!
+//! The binary is built once per test process with `cargo build -p botclaw` (a no-op when
+//! fresh), or taken from `BOTCLAW_BIN`.
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SECRET: &str = "test-cluster-secret";
+
+/// Path of a fresh `botclaw` binary.
+pub fn botclaw_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("BOTCLAW_BIN") {
+            return PathBuf::from(bin);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "botclaw", "--bin", "botclaw"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p botclaw failed");
+        // target/<profile>/deps/<test exe> -> target/<profile>/botclaw
+        let exe = std::env::current_exe().expect("test executable path");
+        let bin = exe.parent().and_then(Path::parent).expect("target dir").join("botclaw");
+        assert!(bin.exists(), "{} not found", bin.display());
+        bin
+    })
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `count` consecutive ports, free for both TCP and UDP, starting at a multiple of 10.
+pub fn free_port_block(count: u16) -> u16 {
+    let mut seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    for _ in 0..200 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let base = 20_000 + ((seed >> 33) % 2_000) as u16 * 10;
+        let all_free = (base..base + count).all(|p| {
+            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        });
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free port block of {count}");
+}
+
+/// Polls `f` every 25 ms until it returns `Some`, or `timeout` passes.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// `GET` on an admin port: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut resp = agent().get(&format!("http://{addr}{path}")).call().ok()?;
+    let code = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().ok()?;
+    Some((code, body))
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
+    let (code, body) = http_get(addr, path)?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// Value of a Prometheus sample `name{labels}` (or `name`) in a /metrics body; 0 if absent.
+pub fn metric(body: &str, sample: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == sample).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+#[allow(unsafe_code)]
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) touches no memory of ours; the pid is a child we have not reaped,
+    // so it cannot have been reused by another process.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+pub fn tail(path: &Path, bytes: u64) -> String {
+    let Ok(mut f) = File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+/// The addresses of one test node.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    pub client: SocketAddr,
+    pub cluster: SocketAddr,
+    pub gossip: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Ports {
+    pub fn free() -> Ports {
+        let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        Ports {
+            client: at(free_tcp_port()),
+            cluster: at(free_tcp_port()),
+            gossip: at(free_udp_port()),
+            admin: at(free_tcp_port()),
+        }
+    }
+}
+
+/// One `botclaw node` process under test.
+#[derive(Debug)]
+pub struct TestNode {
+    pub name: String,
+    pub ports: Ports,
+    pub seeds: Vec<SocketAddr>,
+    pub secret: String,
+    pub log: PathBuf,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(botclaw_bin());
+        cmd.arg("node")
+            .args(["--name", &self.name])
+            .args(["--client-addr", &self.ports.client.to_string()])
+            .args(["--cluster-addr", &self.ports.cluster.to_string()])
+            .args(["--gossip-addr", &self.ports.gossip.to_string()])
+            .args(["--admin-addr", &self.ports.admin.to_string()])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("BOTCLAW_SECRET", &self.secret)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for seed in &self.seeds {
+            cmd.args(["--seed", &seed.to_string()]);
+        }
+        self.child = Some(cmd.spawn().expect("spawning botclaw"));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node not running").id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = poll(timeout, || child.try_wait().ok().flatten())?;
+        self.child = None;
+        Some(status)
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        get_json(self.ports.admin, "/status")
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.ports.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// This node's view of member `name`: (state, incarnation).
+    pub fn member(&self, name: &str) -> Option<(String, u64)> {
+        let status = self.status()?;
+        status["members"].as_array()?.iter().find(|m| m["name"] == name).map(|m| {
+            (m["state"].as_str().unwrap_or("").to_string(), m["incarnation"].as_u64().unwrap_or(0))
+        })
+    }
+
+    /// Names of members this node sees up.
+    pub fn up_members(&self) -> Vec<String> {
+        let Some(status) = self.status() else { return Vec::new() };
+        let mut names: Vec<String> = status["members"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .filter(|m| m["state"] == "up")
+                    .filter_map(|m| m["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+/// A set of test nodes sharing a temporary directory. Dropping it kills every process.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+impl Cluster {
+    /// `n` nodes with the shared test secret; node 0 founds the cluster, the others seed
+    /// from node 0. Nothing is started yet.
+    pub fn new(n: usize) -> Cluster {
+        let mut c = Cluster { dir: tempfile::tempdir().unwrap(), nodes: Vec::new() };
+        for _ in 0..n {
+            c.add_node(SECRET);
+        }
+        c
+    }
+
+    pub fn add_node(&mut self, secret: &str) -> usize {
+        let i = self.nodes.len();
+        let name = format!("n{i}");
+        let seeds = self.nodes.iter().map(|n| n.ports.gossip).take(1).collect();
+        self.nodes.push(TestNode {
+            log: self.dir.path().join(format!("{name}.log")),
+            data_dir: self.dir.path().join(&name),
+            name,
+            ports: Ports::free(),
+            seeds,
+            secret: secret.into(),
+            child: None,
+        });
+        i
+    }
+
+    pub fn start_all(&mut self) {
+        for node in &mut self.nodes {
+            node.start();
+        }
+    }
+
+    /// Waits until each of `which` sees exactly `which` up, linked to each other.
+    pub fn wait_converged(&self, which: &[usize], timeout: Duration) {
+        let mut want: Vec<String> = which.iter().map(|&i| self.nodes[i].name.clone()).collect();
+        want.sort();
+        let ok = poll(timeout, || {
+            which
+                .iter()
+                .all(|&i| {
+                    let Some(status) = self.nodes[i].status() else { return false };
+                    let members = status["members"].as_array().cloned().unwrap_or_default();
+                    let up: Vec<&Value> = members.iter().filter(|m| m["state"] == "up").collect();
+                    let mut names: Vec<String> =
+                        up.iter().filter_map(|m| m["name"].as_str().map(String::from)).collect();
+                    names.sort();
+                    names == want && up.iter().all(|m| m["is_self"] == true || m["linked"] == true)
+                })
+                .then_some(())
+        });
+        assert!(ok.is_some(), "nodes {which:?} did not converge in {timeout:?}\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            out.push_str(&format!(
+                "----- {} ({}) -----\n{}\n",
+                node.name,
+                node.log.display(),
+                tail(&node.log, 3000)
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        // SIGKILL also ends a stopped (SIGSTOP) process.
+        for node in &mut self.nodes {
+            node.kill9();
+        }
+    }
+}

@@ -55,9 +55,7 @@ pub struct PacketAuth {
 
 impl std::fmt::Debug for PacketAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PacketAuth")
-            .field("packet_bytes_max", &self.packet_bytes_max)
-            .finish()
+        f.debug_struct("PacketAuth").field("packet_bytes_max", &self.packet_bytes_max).finish()
     }
 }
 
@@ -75,10 +73,7 @@ impl PacketAuth {
     pub fn new(secret: &[u8], packet_bytes_max: usize) -> Self {
         let key = derive_key(secret, "gossip-hmac");
         let mac = HmacSha256::new_from_slice(&key).expect("hmac takes keys of any length");
-        PacketAuth {
-            mac,
-            packet_bytes_max,
-        }
+        PacketAuth { mac, packet_bytes_max }
     }
 
     /// Largest payload that still fits in `packet_bytes_max` once sealed.
@@ -149,20 +144,14 @@ mod tests {
     fn truncated_and_oversized_rejected() {
         let auth = PacketAuth::new(b"secret-one", 100);
         let sealed = auth.seal(b"0123456789");
-        assert_eq!(
-            auth.open(&sealed[..sealed.len() - 1]),
-            Err(AuthError::BadTag)
-        );
+        assert_eq!(auth.open(&sealed[..sealed.len() - 1]), Err(AuthError::BadTag));
         assert_eq!(auth.open(&sealed[..10]), Err(AuthError::TooShort));
         assert_eq!(auth.open(&[1u8; 101]), Err(AuthError::TooLarge));
     }
 
     #[test]
     fn keys_differ_by_purpose() {
-        assert_ne!(
-            derive_key(b"s", "gossip-hmac"),
-            derive_key(b"s", "cluster-cookie")
-        );
+        assert_ne!(derive_key(b"s", "gossip-hmac"), derive_key(b"s", "cluster-cookie"));
     }
 
     proptest! {

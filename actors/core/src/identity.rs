@@ -61,10 +61,7 @@ impl foca::Identity for NodeId {
     type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
-        Some(NodeId {
-            bump: self.bump.wrapping_add(1),
-            ..self.clone()
-        })
+        Some(NodeId { bump: self.bump.wrapping_add(1), ..self.clone() })
     }
 
     fn addr(&self) -> SocketAddr {

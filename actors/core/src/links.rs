@@ -100,10 +100,7 @@ mod tests {
     use super::*;
 
     fn peer(name: &str, port: u16) -> LinkPeer {
-        LinkPeer {
-            link_name: name.into(),
-            cluster: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        LinkPeer { link_name: name.into(), cluster: SocketAddr::from(([127, 0, 0, 1], port)) }
     }
 
     fn set(names: &[&str]) -> BTreeSet<String> {
@@ -114,10 +111,8 @@ mod tests {
     fn only_lower_address_dials() {
         let mut p = LinkPlanner::new("127.0.0.1:5000".parse().unwrap(), 4);
         let up = [peer("a@1", 4000), peer("b@1", 6000)];
-        assert_eq!(
-            p.plan(&up, &set(&[])),
-            vec![LinkAction::Dial(peer("b@1", 6000))]
-        );
+        let none = set(&[]);
+        assert_eq!(p.plan(&up, &none, &none), vec![LinkAction::Dial(peer("b@1", 6000))]);
     }
 
     #[test]
@@ -133,16 +128,27 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_down_sessions_dropped() {
+    fn down_sessions_dropped_at_once() {
         let mut p = LinkPlanner::new("127.0.0.1:5000".parse().unwrap(), 3);
         let up = [peer("b@2", 6000)];
-        let actions = p.plan(&up, &set(&["b@1", "c@1", "b@2"]));
-        assert_eq!(
-            actions,
-            vec![
-                LinkAction::Drop("b@1".into()),
-                LinkAction::Drop("c@1".into())
-            ]
-        );
+        let actions = p.plan(&up, &set(&["c@1"]), &set(&["c@1", "b@2"]));
+        assert_eq!(actions, vec![LinkAction::Drop("c@1".into())]);
+    }
+
+    #[test]
+    fn unknown_sessions_dropped_after_grace() {
+        let mut p = LinkPlanner::new("127.0.0.1:5000".parse().unwrap(), 2);
+        let none = set(&[]);
+        let sessions = set(&["x@1"]);
+        assert!(p.plan(&[], &none, &sessions).is_empty());
+        assert!(p.plan(&[], &none, &sessions).is_empty());
+        assert_eq!(p.plan(&[], &none, &sessions), vec![LinkAction::Drop("x@1".into())]);
+        // A peer that becomes known in time keeps its session.
+        let mut p = LinkPlanner::new("127.0.0.1:5000".parse().unwrap(), 2);
+        let known = [peer("x@1", 4000)];
+        assert!(p.plan(&[], &none, &sessions).is_empty());
+        assert!(p.plan(&known, &none, &sessions).is_empty());
+        assert!(p.plan(&known, &none, &sessions).is_empty());
+        assert!(p.plan(&known, &none, &sessions).is_empty());
     }
 }

@@ -42,10 +42,7 @@ pub enum Effect {
     /// Send this sealed datagram to a gossip address.
     Send { to: SocketAddr, packet: Vec<u8> },
     /// Deliver `timer` after `after` has elapsed.
-    Schedule {
-        after: Duration,
-        timer: MembershipTimer,
-    },
+    Schedule { after: Duration, timer: MembershipTimer },
     /// A member became active (joined, or came back as a new identity).
     MemberUp(NodeId),
     /// A member was declared down (crashed, frozen, partitioned away or left).
@@ -119,10 +116,7 @@ pub fn foca_config(cfg: &GossipConfig, payload_bytes_max: usize) -> foca::Config
         notify_down_members: true,
         // Ask one random member for more members now and then: a node that joined
         // through one seed learns the full roster even if the first feed was partial.
-        periodic_announce: Some(PeriodicParams {
-            frequency: ms(5_000),
-            num_members: nz(1),
-        }),
+        periodic_announce: Some(PeriodicParams { frequency: ms(5_000), num_members: nz(1) }),
         // Talk to members we believe down, so both sides of a healed partition (and a
         // node wrongly declared down) find each other again without an operator.
         periodic_announce_to_down_members: Some(PeriodicParams {
@@ -182,17 +176,11 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
     }
 
     fn send_to(&mut self, to: NodeId, data: &[u8]) {
-        self.effects.push_back(Effect::Send {
-            to: to.addr(),
-            packet: self.auth.seal(data),
-        });
+        self.effects.push_back(Effect::Send { to: to.addr(), packet: self.auth.seal(data) });
     }
 
     fn submit_after(&mut self, timer: foca::Timer<NodeId>, after: Duration) {
-        self.effects.push_back(Effect::Schedule {
-            after,
-            timer: MembershipTimer::Foca(timer),
-        });
+        self.effects.push_back(Effect::Schedule { after, timer: MembershipTimer::Foca(timer) });
     }
 }
 
@@ -225,13 +213,7 @@ impl Membership {
     }
 
     fn outbox(&mut self) -> (&mut Swim, Outbox<'_>) {
-        (
-            &mut self.foca,
-            Outbox {
-                effects: &mut self.effects,
-                auth: &self.auth,
-            },
-        )
+        (&mut self.foca, Outbox { effects: &mut self.effects, auth: &self.auth })
     }
 
     /// Starts the protocol: a node without seeds founds a cluster and is joined at once;
@@ -255,8 +237,7 @@ impl Membership {
             let (foca, outbox) = self.outbox();
             // An announce only fails to encode if our own identity is larger than a
             // packet, which validated config rules out.
-            foca.announce(seed, outbox)
-                .expect("announce to a seed always encodes");
+            foca.announce(seed, outbox).expect("announce to a seed always encodes");
         }
     }
 
@@ -264,15 +245,9 @@ impl Membership {
     /// state is unchanged by a rejected datagram.
     pub fn handle_packet(&mut self, datagram: &[u8]) -> Result<(), PacketError> {
         let payload = self.auth.open(datagram)?;
-        let (foca, outbox) = (
-            &mut self.foca,
-            Outbox {
-                effects: &mut self.effects,
-                auth: &self.auth,
-            },
-        );
-        foca.handle_data(payload, outbox)
-            .map_err(PacketError::Protocol)?;
+        let (foca, outbox) =
+            (&mut self.foca, Outbox { effects: &mut self.effects, auth: &self.auth });
+        foca.handle_data(payload, outbox).map_err(PacketError::Protocol)?;
         self.track_join();
         Ok(())
     }
@@ -358,11 +333,7 @@ impl Membership {
             .collect();
         out.push(MemberView {
             id: self.foca.identity().clone(),
-            state: if self.left {
-                MemberState::Down
-            } else {
-                MemberState::Up
-            },
+            state: if self.left { MemberState::Down } else { MemberState::Up },
             is_self: true,
         });
         out.sort_by(|a, b| (&a.id.name, a.id.incarnation).cmp(&(&b.id.name, b.id.incarnation)));

@@ -56,10 +56,7 @@ impl Actor for RouterActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(ALL_ROUTERS_GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::join(router_group(&args.node_name), vec![me.get_cell()]);
-        Ok(RouterState {
-            link_name: args.link_name,
-            pings: 0,
-        })
+        Ok(RouterState { link_name: args.link_name, pings: 0 })
     }
 
     async fn handle(
@@ -109,10 +106,7 @@ pub fn remote_router(node_name: &str) -> Option<ActorRef<RouterMessage>> {
 pub async fn ping(node_name: &str, me: &str, timeout: Duration) -> Result<String, CallError> {
     let router = remote_router(node_name).ok_or_else(|| CallError::NoRoute(node_name.into()))?;
     let me = me.to_string();
-    match router
-        .call(|reply| RouterMessage::Ping(me, reply), Some(timeout))
-        .await
-    {
+    match router.call(|reply| RouterMessage::Ping(me, reply), Some(timeout)).await {
         Ok(ractor::rpc::CallResult::Success(name)) => Ok(name),
         Ok(ractor::rpc::CallResult::Timeout) => Err(CallError::Failed("timeout".into())),
         Ok(ractor::rpc::CallResult::SenderError) => Err(CallError::Failed("link dropped".into())),

@@ -29,15 +29,8 @@ fn node_id(i: usize, incarnation: u64) -> NodeId {
 }
 
 enum Event {
-    Packet {
-        to: SocketAddr,
-        data: Vec<u8>,
-    },
-    Timer {
-        node: SocketAddr,
-        generation: u64,
-        timer: MembershipTimer,
-    },
+    Packet { to: SocketAddr, data: Vec<u8> },
+    Timer { node: SocketAddr, generation: u64, timer: MembershipTimer },
 }
 
 struct SimNode {
@@ -85,14 +78,7 @@ impl Net {
         let mut m = Membership::new(node_id(i, incarnation), &seeds, secret, &self.cfg, i as u64);
         m.start();
         self.generations += 1;
-        self.nodes.insert(
-            addr(i),
-            SimNode {
-                m,
-                generation: self.generations,
-                frozen: false,
-            },
-        );
+        self.nodes.insert(addr(i), SimNode { m, generation: self.generations, frozen: false });
         self.drain(addr(i));
     }
 
@@ -112,14 +98,7 @@ impl Net {
                 }
                 Effect::Schedule { after, timer } => {
                     let t = self.now_ms + after.as_millis() as u64;
-                    self.push(
-                        t,
-                        Event::Timer {
-                            node: at,
-                            generation,
-                            timer,
-                        },
-                    );
+                    self.push(t, Event::Timer { node: at, generation, timer });
                 }
                 other => self.trace.push(format!("{} {at} {other:?}", self.now_ms)),
             }
@@ -144,11 +123,7 @@ impl Net {
                     let _ = node.m.handle_packet(&data);
                     self.drain(to);
                 }
-                Event::Timer {
-                    node,
-                    generation,
-                    timer,
-                } => {
+                Event::Timer { node, generation, timer } => {
                     let Some(n) = self.nodes.get_mut(&node) else {
                         continue;
                     };
@@ -158,14 +133,7 @@ impl Net {
                     if n.frozen {
                         // A frozen process handles its timers late, when it resumes.
                         let t = self.now_ms + 10;
-                        self.push(
-                            t,
-                            Event::Timer {
-                                node,
-                                generation,
-                                timer,
-                            },
-                        );
+                        self.push(t, Event::Timer { node, generation, timer });
                         continue;
                     }
                     n.m.handle_timer(timer).unwrap();
@@ -199,8 +167,7 @@ impl Net {
     }
 
     fn all_see(&self, of: &[usize], j: usize, state: MemberState) -> bool {
-        of.iter()
-            .all(|&i| self.view(i, j).map(|v| v.0) == Some(state))
+        of.iter().all(|&i| self.view(i, j).map(|v| v.0) == Some(state))
     }
 
     fn up_set(&self, i: usize) -> BTreeSet<String> {
@@ -241,9 +208,7 @@ fn reannounces_until_seed_appears() {
     net.run_until(3_000);
     assert!(!net.nodes[&addr(1)].m.is_joined());
     net.start(0, 1, &[], SECRET);
-    let t = net.run_until_pred(5_000, |net| {
-        net.up_set(1).len() == 2 && net.up_set(0).len() == 2
-    });
+    let t = net.run_until_pred(5_000, |net| net.up_set(1).len() == 2 && net.up_set(0).len() == 2);
     assert!(t.is_some(), "late seed never found");
 }
 
@@ -254,9 +219,7 @@ fn crashed_node_declared_down_within_bound() {
     net.nodes.remove(&addr(3));
     let others = [0, 1, 2, 4];
     let t = net
-        .run_until_pred(crash_at + 10_000, |net| {
-            net.all_see(&others, 3, MemberState::Down)
-        })
+        .run_until_pred(crash_at + 10_000, |net| net.all_see(&others, 3, MemberState::Down))
         .expect("crash never detected");
     assert!(t - crash_at <= 3_000, "took {} ms", t - crash_at);
 }
@@ -283,9 +246,7 @@ fn restart_rejoins_as_new_incarnation() {
     let at = net.now_ms;
     net.start(1, 2, &[0], SECRET);
     let t = net.run_until_pred(at + 5_000, |net| {
-        [0, 2, 3]
-            .iter()
-            .all(|&i| net.view(i, 1) == Some((MemberState::Up, 2)))
+        [0, 2, 3].iter().all(|&i| net.view(i, 1) == Some((MemberState::Up, 2)))
     });
     assert!(t.is_some(), "restarted node not seen as incarnation 2");
     assert_eq!(net.up_set(1).len(), 4);
@@ -296,15 +257,11 @@ fn wrongly_declared_down_rejoins_by_itself() {
     let mut net = cluster(4);
     net.nodes.get_mut(&addr(2)).unwrap().frozen = true;
     let at = net.now_ms;
-    net.run_until_pred(at + 10_000, |net| {
-        net.all_see(&[0, 1, 3], 2, MemberState::Down)
-    })
-    .expect("frozen node never declared down");
+    net.run_until_pred(at + 10_000, |net| net.all_see(&[0, 1, 3], 2, MemberState::Down))
+        .expect("frozen node never declared down");
     net.nodes.get_mut(&addr(2)).unwrap().frozen = false;
     let at = net.now_ms;
-    let t = net.run_until_pred(at + 15_000, |net| {
-        net.all_see(&[0, 1, 3], 2, MemberState::Up)
-    });
+    let t = net.run_until_pred(at + 15_000, |net| net.all_see(&[0, 1, 3], 2, MemberState::Up));
     assert!(t.is_some(), "node declared down did not rejoin");
     assert!(net.nodes[&addr(2)].m.identity().bump >= 1);
     assert!(net.trace.iter().any(|l| l.contains("Rejoined")));
@@ -326,24 +283,12 @@ fn garbage_is_rejected_without_state_change() {
     let mut net = cluster(3);
     let before = net.nodes[&addr(0)].m.members();
     let m = &mut net.nodes.get_mut(&addr(0)).unwrap().m;
-    assert!(matches!(
-        m.handle_packet(&[]),
-        Err(PacketError::Auth(AuthError::TooShort))
-    ));
-    assert!(matches!(
-        m.handle_packet(&[0u8; 5000]),
-        Err(PacketError::Auth(AuthError::TooLarge))
-    ));
-    assert!(matches!(
-        m.handle_packet(&[1u8; 100]),
-        Err(PacketError::Auth(AuthError::BadTag))
-    ));
+    assert!(matches!(m.handle_packet(&[]), Err(PacketError::Auth(AuthError::TooShort))));
+    assert!(matches!(m.handle_packet(&[0u8; 5000]), Err(PacketError::Auth(AuthError::TooLarge))));
+    assert!(matches!(m.handle_packet(&[1u8; 100]), Err(PacketError::Auth(AuthError::BadTag))));
     // Authentic but not a foca message: rejected by foca's decoder.
     let sealed = PacketAuth::new(SECRET, 1400).seal(b"\xff\xff\xff\xff");
-    assert!(matches!(
-        m.handle_packet(&sealed),
-        Err(PacketError::Protocol(_))
-    ));
+    assert!(matches!(m.handle_packet(&sealed), Err(PacketError::Protocol(_))));
     assert_eq!(net.nodes[&addr(0)].m.members(), before);
 }
 

@@ -1,0 +1,154 @@
+//! The operator surface: config errors, `botclaw up`, `botclaw status`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use botclaw_tests::*;
+
+fn node_with(args: &[&str], secret: Option<&str>) -> (i32, String) {
+    let mut cmd = Command::new(botclaw_bin());
+    cmd.arg("node").args(args).env_remove("BOTCLAW_SECRET");
+    if let Some(s) = secret {
+        cmd.env("BOTCLAW_SECRET", s);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "name = \"x\"\nclient_adr = \"127.0.0.1:1\"\n").unwrap();
+    let (code, err) = node_with(&["--config", file.to_str().unwrap()], Some("0123456789"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("client_adr"), "{err}");
+
+    let (code, err) = node_with(&["--gossip-addr", "not-an-address"], Some("0123456789"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("gossip_addr"), "{err}");
+
+    let (code, err) = node_with(&["--name", "x"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("secret"), "{err}");
+
+    let (code, err) = node_with(&["--config", "/nonexistent/botclaw.toml"], Some("0123456789"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/botclaw.toml"), "{err}");
+}
+
+/// Kills `pids` on drop, so a failing test leaves nothing running.
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            send_signal(*pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn run_up(base: u16, dir: &std::path::Path) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(botclaw_bin())
+        .args(["up", "--nodes", "3", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(dir)
+        .env_remove("BOTCLAW_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, lines: &mut Vec<String>) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(needle);
+                lines.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[test]
+fn up_launches_converges_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_block(30);
+    let admin = |i: u16| format!("127.0.0.1:{}", base + 10 * i + 3).parse().unwrap();
+
+    for round in 0..2 {
+        let (mut up, rx) = run_up(base, dir.path());
+        let mut reaper = Reaper(vec![up.id()]);
+        let mut lines = Vec::new();
+        assert!(wait_for_line(&rx, "converged", &mut lines), "no convergence: {lines:#?}");
+        if round == 0 {
+            assert!(lines.iter().any(|l| l.contains("generated a cluster secret")), "{lines:#?}");
+        } else {
+            assert!(
+                lines.iter().any(|l| l.contains("using the cluster secret saved")),
+                "{lines:#?}"
+            );
+        }
+        let mut pids = Vec::new();
+        for i in 0..3 {
+            let status = get_json(admin(i), "/status").expect("node status");
+            assert_eq!(status["node"], format!("node-{i}"));
+            let up_count =
+                status["members"].as_array().unwrap().iter().filter(|m| m["state"] == "up").count();
+            assert_eq!(up_count, 3);
+            pids.push(status["pid"].as_u64().unwrap() as u32);
+        }
+        reaper.0.extend(&pids);
+
+        let out = Command::new(botclaw_bin())
+            .args(["status", "--admin", &admin(1).to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let table = String::from_utf8_lossy(&out.stdout);
+        for i in 0..3 {
+            assert!(
+                table.lines().any(|l| l.starts_with(&format!("node-{i}")) && l.contains(" up ")),
+                "{table}"
+            );
+        }
+        let out = Command::new(botclaw_bin())
+            .args(["status", "--json", "--admin", &admin(2).to_string()])
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["members"].as_array().unwrap().len(), 3);
+
+        send_signal(up.id(), libc::SIGTERM);
+        let code = poll(Duration::from_secs(20), || up.try_wait().ok().flatten())
+            .expect("up did not exit");
+        assert!(code.success(), "up exited with {code}");
+        for pid in &pids {
+            // After `up` returns every node has been reaped: the pid no longer exists.
+            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+            assert!(!alive, "node pid {pid} still running after up stopped");
+        }
+        for i in 0..3 {
+            let log = dir.path().join(format!("node-{i}/node.log"));
+            assert!(tail(&log, 4000).contains("stopped"), "node-{i} did not stop cleanly");
+        }
+    }
+}
