@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 
 /// Longest node name accepted. Names travel in every gossip packet header.
 pub const NAME_BYTES_MAX: usize = 64;
+/// Most roles one node may declare, and the longest role name. Roles travel in every
+/// gossip packet header, as the name does.
+pub const ROLES_MAX: usize = 8;
+pub const ROLE_BYTES_MAX: usize = 32;
+/// Smallest gossip packet allowed: two maximal identities (header source and destination)
+/// plus the authentication tag must fit.
+pub const PACKET_BYTES_MIN: usize = 1200;
 /// Smallest cluster secret accepted, in bytes.
 pub const SECRET_BYTES_MIN: usize = 8;
 
@@ -115,10 +122,10 @@ impl GossipConfig {
                 ),
             ));
         }
-        if !(512..=65_000).contains(&self.packet_bytes_max) {
+        if !(PACKET_BYTES_MIN..=65_000).contains(&self.packet_bytes_max) {
             return Err(ConfigError::invalid(
                 "gossip.packet_bytes_max",
-                format!("must be within 512..=65000, got {}", self.packet_bytes_max),
+                format!("must be within {PACKET_BYTES_MIN}..=65000, got {}", self.packet_bytes_max),
             ));
         }
         Ok(())
@@ -285,11 +292,19 @@ impl RawNodeConfig {
         let link = self.link.unwrap_or_default();
         link.validate()?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
+        if roles.len() > ROLES_MAX {
+            return Err(ConfigError::invalid("roles", format!("at most {ROLES_MAX} roles")));
+        }
         for role in &roles {
-            if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            let valid = !role.is_empty()
+                && role.len() <= ROLE_BYTES_MAX
+                && role.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !valid {
                 return Err(ConfigError::invalid(
                     "roles",
-                    format!("{role:?} is not a role name (letters, digits, '-')"),
+                    format!(
+                        "{role:?} is not a role name (1..={ROLE_BYTES_MAX} letters, digits, '-')"
+                    ),
                 ));
             }
         }

@@ -79,3 +79,12 @@ fn round_trips_through_toml() {
     let back = RawNodeConfig::from_toml(&raw.to_toml()).unwrap();
     assert_eq!(back, raw);
 }
+
+#[test]
+fn roles_are_bounded() {
+    let many: Vec<String> = (0..=ROLES_MAX).map(|i| format!("\"r{i}\"")).collect();
+    let err = with_secret(&format!("roles = [{}]", many.join(","))).validate().unwrap_err();
+    assert!(err.to_string().contains("`roles`"), "{err}");
+    let err = with_secret("roles = [\"has space\"]").validate().unwrap_err();
+    assert!(err.to_string().contains("`roles`"), "{err}");
+}

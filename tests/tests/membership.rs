@@ -35,7 +35,39 @@ fn three_nodes_converge_and_link() {
         assert_eq!(metric(&metrics, "botclaw_members{state=\"up\"}"), 3.0);
         assert!(metric(&metrics, "botclaw_gossip_packets_received_total") > 0.0);
         assert_eq!(metric(&metrics, "botclaw_cluster_sessions"), 2.0);
+        // No false positives while nothing failed.
+        assert_eq!(metric(&metrics, "botclaw_member_events_total{event=\"down\"}"), 0.0);
     }
+}
+
+#[test]
+fn frozen_node_is_declared_down_and_rejoins_by_itself() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.nodes[2].signal(libc::SIGSTOP);
+    let down = poll(Duration::from_secs(10), || {
+        [0, 1]
+            .iter()
+            .all(|&i| c.nodes[i].member("n2").is_some_and(|(s, _)| s == "down"))
+            .then_some(())
+    });
+    assert!(down.is_some(), "frozen node never declared down\n{}", c.logs());
+    // Links to the frozen node are dropped: a frozen peer's session would swallow calls.
+    let unlinked = poll(Duration::from_secs(5), || {
+        let status = c.nodes[0].status()?;
+        let n2 = status["members"].as_array()?.iter().find(|m| m["name"] == "n2")?.clone();
+        (n2["linked"] == false).then_some(())
+    });
+    assert!(unlinked.is_some(), "session to the frozen node kept open");
+    c.nodes[2].signal(libc::SIGCONT);
+    // Same process, same incarnation: it learns it was declared down and rejoins with a
+    // higher bump, without an operator.
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let status = c.nodes[0].status().unwrap();
+    let n2 =
+        status["members"].as_array().unwrap().iter().find(|m| m["name"] == "n2").unwrap().clone();
+    assert!(n2["bump"].as_u64().unwrap() >= 1, "{n2}");
 }
 
 #[test]
@@ -114,6 +146,10 @@ fn wrong_secret_never_appears() {
     assert!(rejected > 0.0, "no bad_tag rejections counted");
     let status = c.nodes[intruder].status().unwrap();
     assert_eq!(status["joined"], false);
+    for i in [0, 1] {
+        let down = metric(&c.nodes[i].metrics(), "botclaw_member_events_total{event=\"down\"}");
+        assert_eq!(down, 0.0, "n{i} declared a healthy member down");
+    }
     assert_eq!(c.nodes[intruder].up_members(), vec!["n2"]);
 }
 

@@ -1,0 +1,167 @@
+//! The core's membership (foca behind authenticated packets) on a deterministic fake
+//! network: convergence, late seeds, crash, leave, restart, false suspicion, wrong secret,
+//! determinism.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use botclaw_config::GossipConfig;
+use botclaw_core::{MemberState, NodeId};
+use botclaw_sim::net::SimNet;
+
+const SECRET: &[u8] = b"test-cluster-secret";
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))
+}
+
+fn node_id(i: usize, incarnation: u64) -> NodeId {
+    let at = |base: u16| SocketAddr::from(([127, 0, 0, 1], base + i as u16));
+    NodeId {
+        name: format!("n{i}"),
+        gossip: addr(i),
+        cluster: at(20_000),
+        client: at(30_000),
+        admin: at(40_000),
+        incarnation,
+        bump: 0,
+        roles: vec!["conversations".into()],
+        capacity: 100,
+    }
+}
+
+fn start(net: &mut SimNet, i: usize, incarnation: u64, seeds: &[usize], secret: &[u8]) {
+    let seeds: Vec<SocketAddr> = seeds.iter().map(|&s| addr(s)).collect();
+    net.start(node_id(i, incarnation), &seeds, secret, i as u64 * 7919 + incarnation);
+}
+
+fn state(net: &SimNet, i: usize, j: usize) -> Option<(MemberState, u64)> {
+    net.view(addr(i), addr(j)).map(|v| (v.state, v.id.incarnation))
+}
+
+fn all_see(net: &SimNet, of: &[usize], j: usize, want: MemberState) -> bool {
+    of.iter().all(|&i| state(net, i, j).map(|s| s.0) == Some(want))
+}
+
+fn up_set(net: &SimNet, i: usize) -> BTreeSet<String> {
+    net.membership(addr(i))
+        .map(|m| m.members())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.state == MemberState::Up)
+        .map(|v| v.id.name)
+        .collect()
+}
+
+fn cluster(n: usize) -> SimNet {
+    let mut net = SimNet::new(GossipConfig::default(), 1);
+    start(&mut net, 0, 1, &[], SECRET);
+    for i in 1..n {
+        start(&mut net, i, 1, &[0], SECRET);
+    }
+    let t = net.run_until_pred(10_000, |net| (0..n).all(|i| up_set(net, i).len() == n));
+    assert!(t.is_some(), "cluster of {n} did not converge in 10 s");
+    net
+}
+
+#[test]
+fn converges() {
+    let net = cluster(8);
+    for i in 0..8 {
+        assert!(net.membership(addr(i)).unwrap().is_joined());
+    }
+}
+
+#[test]
+fn reannounces_until_seed_appears() {
+    let mut net = SimNet::new(GossipConfig::default(), 1);
+    start(&mut net, 1, 1, &[0], SECRET);
+    net.run_until(3_000);
+    assert!(!net.membership(addr(1)).unwrap().is_joined());
+    start(&mut net, 0, 1, &[], SECRET);
+    let t = net.run_until_pred(5_000, |net| up_set(net, 1).len() == 2 && up_set(net, 0).len() == 2);
+    assert!(t.is_some(), "late seed never found");
+}
+
+#[test]
+fn crashed_node_declared_down_within_bound() {
+    let mut net = cluster(5);
+    let crash_at = net.now_ms();
+    net.crash(addr(3));
+    let others = [0, 1, 2, 4];
+    let t = net
+        .run_until_pred(crash_at + 10_000, |net| all_see(net, &others, 3, MemberState::Down))
+        .expect("crash never detected");
+    assert!(t - crash_at <= 3_000, "took {} ms", t - crash_at);
+}
+
+#[test]
+fn leave_is_seen_quickly() {
+    let mut net = cluster(5);
+    let at = net.now_ms();
+    net.leave(addr(2));
+    let others = [0, 1, 3, 4];
+    let t = net
+        .run_until_pred(at + 5_000, |net| all_see(net, &others, 2, MemberState::Down))
+        .expect("leave never seen");
+    assert!(t - at <= 1_000, "took {} ms", t - at);
+}
+
+#[test]
+fn restart_rejoins_as_new_incarnation() {
+    let mut net = cluster(4);
+    net.crash(addr(1));
+    let at = net.now_ms();
+    start(&mut net, 1, 2, &[0], SECRET);
+    let t = net.run_until_pred(at + 5_000, |net| {
+        [0, 2, 3].iter().all(|&i| state(net, i, 1) == Some((MemberState::Up, 2)))
+    });
+    assert!(t.is_some(), "restarted node not seen as incarnation 2");
+    assert_eq!(up_set(&net, 1).len(), 4);
+}
+
+#[test]
+fn wrongly_declared_down_rejoins_by_itself() {
+    let mut net = cluster(4);
+    net.set_frozen(addr(2), true);
+    let at = net.now_ms();
+    net.run_until_pred(at + 10_000, |net| all_see(net, &[0, 1, 3], 2, MemberState::Down))
+        .expect("frozen node never declared down");
+    net.set_frozen(addr(2), false);
+    let at = net.now_ms();
+    let t = net.run_until_pred(at + 15_000, |net| all_see(net, &[0, 1, 3], 2, MemberState::Up));
+    assert!(t.is_some(), "node declared down did not rejoin");
+    assert!(net.membership(addr(2)).unwrap().identity().bump >= 1);
+    assert!(net.trace().iter().any(|l| l.contains("Rejoined")));
+}
+
+#[test]
+fn wrong_secret_never_appears() {
+    let mut net = cluster(3);
+    start(&mut net, 7, 1, &[0, 1, 2], b"another-secret!!");
+    net.run_until(net.now_ms() + 5_000);
+    for i in 0..3 {
+        assert!(state(&net, i, 7).is_none(), "node {i} knows the intruder");
+    }
+    assert!(!net.membership(addr(7)).unwrap().is_joined());
+}
+
+#[test]
+fn no_false_positives_in_a_healthy_cluster() {
+    let mut net = cluster(10);
+    net.run_until(net.now_ms() + 60_000);
+    assert!(!net.trace().iter().any(|l| l.contains("MemberDown")), "healthy member declared down");
+}
+
+#[test]
+fn deterministic_for_a_fixed_seed() {
+    let run = || {
+        let mut net = cluster(6);
+        net.crash(addr(4));
+        net.run_until(net.now_ms() + 4_000);
+        net.trace().to_vec()
+    };
+    let a = run();
+    assert!(a.len() > 20);
+    assert_eq!(a, run());
+}
