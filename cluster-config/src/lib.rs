@@ -173,6 +173,45 @@ impl LinkConfig {
     }
 }
 
+/// Sharding of conversations. Every node of a cluster must use the same values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// Number of shards conversations hash into. Fixed for the life of a cluster.
+    pub shard_count: u32,
+    /// Ring points (virtual nodes) of a node of capacity 100; scaled by capacity.
+    pub vnodes: u32,
+}
+
+/// Most shards a cluster may have.
+pub const SHARD_COUNT_MAX: u32 = 1 << 20;
+/// Most virtual nodes per 100 capacity.
+pub const VNODES_MAX: u32 = 10_000;
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig { shard_count: 262_144, vnodes: 4_000 }
+    }
+}
+
+impl PlacementConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=SHARD_COUNT_MAX).contains(&self.shard_count) {
+            return Err(ConfigError::invalid(
+                "placement.shard_count",
+                format!("must be within 1..={SHARD_COUNT_MAX}"),
+            ));
+        }
+        if !(1..=VNODES_MAX).contains(&self.vnodes) {
+            return Err(ConfigError::invalid(
+                "placement.vnodes",
+                format!("must be within 1..={VNODES_MAX}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A node configuration as written in a file or given by flags: everything optional, so
 /// that flags can override the file and validation can name what is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +229,7 @@ pub struct RawNodeConfig {
     pub capacity: Option<u32>,
     pub gossip: Option<GossipConfig>,
     pub link: Option<LinkConfig>,
+    pub placement: Option<PlacementConfig>,
 }
 
 /// A validated node configuration.
@@ -209,6 +249,7 @@ pub struct NodeConfig {
     pub capacity: u32,
     pub gossip: GossipConfig,
     pub link: LinkConfig,
+    pub placement: PlacementConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -257,6 +298,7 @@ impl RawNodeConfig {
             capacity: over.capacity.or(self.capacity),
             gossip: over.gossip.or(self.gossip),
             link: over.link.or(self.link),
+            placement: over.placement.or(self.placement),
         }
     }
 
@@ -291,6 +333,8 @@ impl RawNodeConfig {
         gossip.validate()?;
         let link = self.link.unwrap_or_default();
         link.validate()?;
+        let placement = self.placement.unwrap_or_default();
+        placement.validate()?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         if roles.len() > ROLES_MAX {
             return Err(ConfigError::invalid("roles", format!("at most {ROLES_MAX} roles")));
@@ -335,6 +379,7 @@ impl RawNodeConfig {
             capacity,
             gossip,
             link,
+            placement,
         })
     }
 }

@@ -179,22 +179,32 @@ fn junk_datagrams_are_rejected_and_counted() {
         (genuine.clone(), "protocol"),
     ];
     let mut random = 0x9E37_79B9_7F4A_7C15u64;
-    let mut randoms = 0;
-    for _ in 0..200 {
-        let len = (random % 1300) as usize + 40; // under packet_bytes_max
-        let bytes: Vec<u8> = (0..len)
-            .map(|_| {
-                random ^= random << 13;
-                random ^= random >> 7;
-                random ^= random << 17;
-                (random & 0xFE) as u8 // never 1: the version byte is wrong or the tag is
-            })
-            .collect();
-        fake_seed.send_to(&bytes, target).unwrap();
-        randoms += 1;
-    }
-    for (bytes, _) in &junk {
-        fake_seed.send_to(bytes, target).unwrap();
+    let mut datagrams: Vec<Vec<u8>> = (0..200)
+        .map(|_| {
+            let len = (random % 1300) as usize + 40; // under packet_bytes_max
+            (0..len)
+                .map(|_| {
+                    random ^= random << 13;
+                    random ^= random >> 7;
+                    random ^= random << 17;
+                    (random & 0xFE) as u8 // never 1: the version byte is always wrong
+                })
+                .collect()
+        })
+        .collect();
+    let randoms = datagrams.len();
+    datagrams.extend(junk.iter().map(|(bytes, _)| bytes.clone()));
+    // Send in small batches and wait for each to be received: a burst could overflow the
+    // socket buffer, and datagrams lost there are not the node's to count.
+    let received = || metric(&c.nodes[0].metrics(), "botclaw_gossip_packets_received_total");
+    let base = received();
+    for (i, batch) in datagrams.chunks(10).enumerate() {
+        for bytes in batch {
+            fake_seed.send_to(bytes, target).unwrap();
+        }
+        let want = base + (i * 10 + batch.len()) as f64;
+        let got = poll(Duration::from_secs(10), || (received() >= want).then_some(()));
+        assert!(got.is_some(), "node stopped receiving after batch {i}");
     }
     let expect = |reason: &str| junk.iter().filter(|(_, r)| *r == reason).count() as f64;
     let counted = poll(Duration::from_secs(10), || {
@@ -206,7 +216,7 @@ fn junk_datagrams_are_rejected_and_counted() {
             && get("too_large") == expect("too_large")
             && get("bad_tag") >= expect("bad_tag")
             && get("protocol") >= expect("protocol")
-            && get("bad_version") >= expect("bad_version") + f64::from(randoms);
+            && get("bad_version") >= expect("bad_version") + randoms as f64;
         ok.then_some(())
     });
     assert!(counted.is_some(), "rejections not counted:\n{}", c.nodes[0].metrics());

@@ -11,12 +11,14 @@
 //! - [`auth`]: HMAC-SHA256 sealing of every gossip datagram with the cluster secret;
 //! - [`membership`]: SWIM membership (foca) behind authenticated packets, re-announcing to
 //!   seeds until joined, with a closed [`membership::Effect`] output;
-//! - [`links`]: which inter-node sessions to dial or drop given membership.
+//! - [`links`]: which inter-node sessions to dial or drop given membership;
+//! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring.
 
 pub mod auth;
 pub mod identity;
 pub mod links;
 pub mod membership;
+pub mod placement;
 
 pub use identity::NodeId;
 pub use membership::{Effect, MemberState, MemberView, Membership, MembershipTimer};

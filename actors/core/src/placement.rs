@@ -1,0 +1,185 @@
+//! Placement: conversation -> shard -> node.
+//!
+//! A conversation id hashes to one of `shard_count` shards with xxh3-64 (stable across
+//! processes, platforms and releases; pinned by test vectors). Shards map to nodes through a
+//! consistent-hash ring: each node places `vnodes * capacity / 100` points at
+//! `xxh3(name "#" k)`; shard `s` sits at the fixed position `(s + 1/2) * 2^64 / shard_count`
+//! and belongs to the node of the first point at or after it (wrapping).
+//!
+//! Why fixed, evenly spaced shard positions: a node's share of shards is then its share of
+//! the ring up to one shard per arc, so the count imbalance is the arc imbalance
+//! (about 1/sqrt(vnodes)) instead of that plus the binomial noise of hashing shards.
+//! Why points depend on the node name only: a restarted node gets its shards back.
+//!
+//! A [`Placement`] is an immutable snapshot computed from a member list; every node that
+//! computes it from the same members gets the same table (members are sorted by name; ties
+//! between equal points break by name).
+
+use std::collections::BTreeMap;
+
+use botclaw_config::PlacementConfig;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// A shard number in `0..shard_count`.
+pub type ShardId = u32;
+
+/// Stable 64-bit hash of a conversation id.
+pub fn conv_hash(conv: &str) -> u64 {
+    xxh3_64(conv.as_bytes())
+}
+
+/// The shard of a conversation.
+pub fn shard_of(conv: &str, shard_count: u32) -> ShardId {
+    assert!(shard_count > 0, "shard_count must be positive");
+    (conv_hash(conv) % u64::from(shard_count)) as ShardId
+}
+
+/// Ring position of the `k`-th virtual node of `name`.
+pub fn vnode_position(name: &str, k: u32) -> u64 {
+    let mut key = Vec::with_capacity(name.len() + 11);
+    key.extend_from_slice(name.as_bytes());
+    key.push(b'#');
+    key.extend_from_slice(k.to_string().as_bytes());
+    xxh3_64(&key)
+}
+
+/// Fixed ring position of a shard.
+pub fn shard_position(shard: ShardId, shard_count: u32) -> u64 {
+    let step = (1u128 << 64) / u128::from(shard_count);
+    (u128::from(shard) * step + step / 2) as u64
+}
+
+/// A node taking part in placement.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RingMember {
+    pub name: String,
+    /// Relative weight; a node of capacity 200 gets twice the points of one of 100.
+    pub capacity: u32,
+}
+
+/// Number of ring points of a member.
+pub fn vnodes_of(capacity: u32, vnodes_per_100: u32) -> u32 {
+    ((u64::from(capacity) * u64::from(vnodes_per_100) + 50) / 100).max(1) as u32
+}
+
+/// An immutable shard -> owner table for one membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    shard_count: u32,
+    /// Members sorted by name.
+    members: Vec<RingMember>,
+    /// Ring points sorted by (position, member index).
+    points: Vec<(u64, u16)>,
+    /// Per shard: index into `points` of its successor point.
+    successor: Vec<u32>,
+}
+
+impl Placement {
+    /// Builds the table. Duplicate names are merged (first capacity wins); at most
+    /// `u16::MAX` members.
+    pub fn build(members: &[RingMember], cfg: &PlacementConfig) -> Placement {
+        let mut members: Vec<RingMember> = members.to_vec();
+        members.sort();
+        members.dedup_by(|a, b| a.name == b.name);
+        assert!(members.len() <= usize::from(u16::MAX), "too many members for placement");
+        let mut points = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            for k in 0..vnodes_of(m.capacity, cfg.vnodes) {
+                points.push((vnode_position(&m.name, k), i as u16));
+            }
+        }
+        points.sort_unstable();
+        let mut successor = Vec::new();
+        if !points.is_empty() {
+            successor.reserve(cfg.shard_count as usize);
+            let mut j = 0usize;
+            for s in 0..cfg.shard_count {
+                let pos = shard_position(s, cfg.shard_count);
+                while j < points.len() && points[j].0 < pos {
+                    j += 1;
+                }
+                successor.push((j % points.len()) as u32);
+            }
+        }
+        Placement { shard_count: cfg.shard_count, members, points, successor }
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shard_count
+    }
+
+    pub fn members(&self) -> &[RingMember] {
+        &self.members
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The node that owns `shard`, if there are any members.
+    pub fn owner(&self, shard: ShardId) -> Option<&str> {
+        let point = *self.successor.get(shard as usize)?;
+        let member = self.points[point as usize].1;
+        Some(&self.members[usize::from(member)].name)
+    }
+
+    /// Shard and owner of a conversation.
+    pub fn locate(&self, conv: &str) -> (ShardId, Option<&str>) {
+        let shard = shard_of(conv, self.shard_count);
+        (shard, self.owner(shard))
+    }
+
+    /// The owner followed by the next distinct nodes clockwise, `n` in all (fewer if the
+    /// cluster is smaller): the shard's preference list.
+    pub fn preference_list(&self, shard: ShardId, n: usize) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::with_capacity(n);
+        let Some(&start) = self.successor.get(shard as usize) else { return out };
+        let n = n.min(self.members.len());
+        let mut i = start as usize;
+        while out.len() < n {
+            let name = self.members[usize::from(self.points[i].1)].name.as_str();
+            if !out.contains(&name) {
+                out.push(name);
+            }
+            i = (i + 1) % self.points.len();
+        }
+        out
+    }
+
+    /// Shards owned per member, for every member (zero included).
+    pub fn shard_counts(&self) -> BTreeMap<&str, u32> {
+        let mut counts: BTreeMap<&str, u32> =
+            self.members.iter().map(|m| (m.name.as_str(), 0)).collect();
+        for shard in 0..self.shard_count {
+            if let Some(owner) = self.owner(shard) {
+                *counts.entry(owner).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Most shards owned by one member over the capacity-weighted average (1.0 = perfect).
+    pub fn imbalance(&self) -> f64 {
+        let total_capacity: u64 = self.members.iter().map(|m| u64::from(m.capacity)).sum();
+        if total_capacity == 0 {
+            return 1.0;
+        }
+        let counts = self.shard_counts();
+        self.members
+            .iter()
+            .map(|m| {
+                let fair = f64::from(self.shard_count) * m.capacity as f64 / total_capacity as f64;
+                f64::from(counts[m.name.as_str()]) / fair
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Shards whose owner differs between `self` and `other` (same shard count).
+    pub fn moved_shards(&self, other: &Placement) -> Vec<ShardId> {
+        assert_eq!(self.shard_count, other.shard_count);
+        (0..self.shard_count).filter(|&s| self.owner(s) != other.owner(s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

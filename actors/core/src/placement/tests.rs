@@ -1,0 +1,133 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn cfg() -> PlacementConfig {
+    PlacementConfig::default()
+}
+
+fn members(names: &[String]) -> Vec<RingMember> {
+    names.iter().map(|n| RingMember { name: n.clone(), capacity: 100 }).collect()
+}
+
+#[test]
+fn hash_vectors_are_pinned() {
+    // These values must never change: every node and every release must agree on them.
+    let vectors = [
+        // The empty input is XXH3-64's published test vector.
+        ("", 0x2d06800538d394c2u64),
+        ("c-42", 0x736c09c6d08cde8c),
+        ("conversation/🦀", 0x2dee315775644c12),
+    ];
+    for (input, want) in vectors {
+        assert_eq!(conv_hash(input), want, "conv_hash({input:?}) = {:#x}", conv_hash(input));
+    }
+}
+
+#[test]
+fn shard_vectors_are_pinned() {
+    let vectors = [("c-42", 262_144, 56_972u32), ("c-43", 262_144, 197_439), ("c-42", 7, 3)];
+    for (conv, count, want) in vectors {
+        assert_eq!(shard_of(conv, count), want, "shard_of({conv:?}, {count})");
+    }
+}
+
+#[test]
+fn single_node_owns_everything() {
+    let p = Placement::build(&members(&["a".into()]), &cfg());
+    assert_eq!(p.shard_counts()["a"], cfg().shard_count);
+    assert_eq!(p.locate("anything").1, Some("a"));
+}
+
+#[test]
+fn empty_membership_owns_nothing() {
+    let p = Placement::build(&[], &cfg());
+    assert_eq!(p.owner(0), None);
+    assert!(p.preference_list(0, 2).is_empty());
+}
+
+#[test]
+fn capacity_weights_shares() {
+    let ms = vec![
+        RingMember { name: "big".into(), capacity: 200 },
+        RingMember { name: "small".into(), capacity: 100 },
+    ];
+    let p = Placement::build(&ms, &cfg());
+    let c = p.shard_counts();
+    let ratio = f64::from(c["big"]) / f64::from(c["small"]);
+    assert!((1.8..2.2).contains(&ratio), "ratio {ratio}");
+}
+
+#[test]
+fn preference_list_is_distinct_and_starts_with_owner() {
+    let names: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+    let p = Placement::build(&members(&names), &cfg());
+    for shard in [0, 1, 777, cfg().shard_count - 1] {
+        let list = p.preference_list(shard, 3);
+        assert_eq!(list.len(), 3);
+        assert_eq!(Some(list[0]), p.owner(shard));
+        let mut dedup = list.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), 3);
+    }
+    assert_eq!(p.preference_list(0, 9).len(), 5);
+}
+
+fn names_strategy() -> impl Strategy<Value = Vec<String>> {
+    proptest::collection::btree_set("[a-z][a-z0-9-]{0,15}", 1..=64)
+        .prop_map(|s| s.into_iter().collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn same_members_same_owners_in_any_order(mut names in names_strategy(), seed in any::<u64>()) {
+        let a = Placement::build(&members(&names), &cfg());
+        // A deterministic shuffle: the input order must not matter.
+        let len = names.len();
+        for i in (1..len).rev() {
+            names.swap(i, (seed.rotate_left(i as u32) % (i as u64 + 1)) as usize);
+        }
+        let b = Placement::build(&members(&names), &cfg());
+        prop_assert!(a.moved_shards(&b).is_empty());
+    }
+
+    #[test]
+    fn join_moves_only_to_the_new_node_and_about_one_nth(names in names_strategy()) {
+        prop_assume!(names.len() >= 2);
+        let (joiner, before) = names.split_last().unwrap();
+        let old = Placement::build(&members(before), &cfg());
+        let new = Placement::build(&members(&names), &cfg());
+        let moved = old.moved_shards(&new);
+        for &s in &moved {
+            prop_assert_eq!(new.owner(s), Some(joiner.as_str()));
+        }
+        let n = names.len() as f64;
+        let bound = 1.2 * f64::from(cfg().shard_count) / n;
+        prop_assert!(moved.len() as f64 <= bound, "{} moved, bound {bound}", moved.len());
+    }
+
+    #[test]
+    fn leave_moves_only_the_leavers_shards(names in names_strategy()) {
+        prop_assume!(names.len() >= 2);
+        let old = Placement::build(&members(&names), &cfg());
+        let leaver = &names[names.len() / 2];
+        let rest: Vec<String> = names.iter().filter(|n| *n != leaver).cloned().collect();
+        let new = Placement::build(&members(&rest), &cfg());
+        let moved = old.moved_shards(&new);
+        for &s in &moved {
+            prop_assert_eq!(old.owner(s), Some(leaver.as_str()));
+        }
+        let bound = 1.2 * f64::from(cfg().shard_count) / names.len() as f64;
+        prop_assert!(moved.len() as f64 <= bound, "{} moved, bound {bound}", moved.len());
+    }
+
+    #[test]
+    fn most_loaded_node_within_ten_percent(names in names_strategy()) {
+        let p = Placement::build(&members(&names), &cfg());
+        let imbalance = p.imbalance();
+        prop_assert!(imbalance <= 1.10, "{} nodes: max/avg {imbalance:.3}", names.len());
+    }
+}
