@@ -212,6 +212,88 @@ impl PlacementConfig {
     }
 }
 
+/// Conversation actors and their state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversationConfig {
+    /// An active conversation with no turn for this long is passivated (actor stopped,
+    /// state kept in the store).
+    pub idle_passivate_ms: u64,
+    /// Turns kept per conversation (history and the window of processed message ids).
+    pub turns_kept_max: usize,
+    /// Bot used when the first message of a conversation names none.
+    pub default_bot: String,
+    /// Active conversations per node; past it new conversations are answered `busy`.
+    pub active_max: usize,
+    /// Entries of each conversation's own lookup cache.
+    pub cache_entries_max: u64,
+    /// Lifetime of an entry in a conversation's lookup cache.
+    pub cache_ttl_ms: u64,
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        ConversationConfig {
+            idle_passivate_ms: 60_000,
+            turns_kept_max: 64,
+            default_bot: "echo".into(),
+            active_max: 200_000,
+            cache_entries_max: 64,
+            cache_ttl_ms: 15 * 60 * 1000,
+        }
+    }
+}
+
+/// The chat protocol listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FrontendConfig {
+    /// Longest request line accepted; longer lines are answered `too_large` and skipped.
+    pub frame_bytes_max: usize,
+    /// Requests in flight on one connection; past it, `busy`.
+    pub conn_inflight_max: usize,
+    /// Requests in flight on the whole node; past it, `busy`.
+    pub node_inflight_max: usize,
+    /// Open client connections; past it, new connections are closed at once.
+    pub connections_max: usize,
+    /// How long a request may wait for its turn before the client gets `timeout`.
+    pub turn_timeout_ms: u64,
+    /// Back-off suggested to clients with `busy` and `unavailable`.
+    pub retry_after_ms: u64,
+    /// If non-empty, a connection must say `hello` with one of these tokens first.
+    pub client_tokens: Vec<String>,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        FrontendConfig {
+            frame_bytes_max: 64 * 1024,
+            conn_inflight_max: 1024,
+            node_inflight_max: 16_384,
+            connections_max: 4096,
+            turn_timeout_ms: 10_000,
+            retry_after_ms: 50,
+            client_tokens: Vec::new(),
+        }
+    }
+}
+
+/// The in-process backend services the built-in bots call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Simulated latency of one catalog lookup.
+    pub catalog_latency_ms: u64,
+    /// Simulated latency of one weather lookup.
+    pub weather_latency_ms: u64,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig { catalog_latency_ms: 20, weather_latency_ms: 50 }
+    }
+}
+
 /// A node configuration as written in a file or given by flags: everything optional, so
 /// that flags can override the file and validation can name what is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +312,9 @@ pub struct RawNodeConfig {
     pub gossip: Option<GossipConfig>,
     pub link: Option<LinkConfig>,
     pub placement: Option<PlacementConfig>,
+    pub conversations: Option<ConversationConfig>,
+    pub frontend: Option<FrontendConfig>,
+    pub backends: Option<BackendConfig>,
 }
 
 /// A validated node configuration.
@@ -250,6 +335,9 @@ pub struct NodeConfig {
     pub gossip: GossipConfig,
     pub link: LinkConfig,
     pub placement: PlacementConfig,
+    pub conversations: ConversationConfig,
+    pub frontend: FrontendConfig,
+    pub backends: BackendConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -299,6 +387,9 @@ impl RawNodeConfig {
             gossip: over.gossip.or(self.gossip),
             link: over.link.or(self.link),
             placement: over.placement.or(self.placement),
+            conversations: over.conversations.or(self.conversations),
+            frontend: over.frontend.or(self.frontend),
+            backends: over.backends.or(self.backends),
         }
     }
 
@@ -335,6 +426,10 @@ impl RawNodeConfig {
         link.validate()?;
         let placement = self.placement.unwrap_or_default();
         placement.validate()?;
+        let conversations = self.conversations.unwrap_or_default();
+        let frontend = self.frontend.unwrap_or_default();
+        let backends = self.backends.unwrap_or_default();
+        validate_runtime(&conversations, &frontend)?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         if roles.len() > ROLES_MAX {
             return Err(ConfigError::invalid("roles", format!("at most {ROLES_MAX} roles")));
@@ -380,8 +475,40 @@ impl RawNodeConfig {
             gossip,
             link,
             placement,
+            conversations,
+            frontend,
+            backends,
         })
     }
+}
+
+fn validate_runtime(c: &ConversationConfig, f: &FrontendConfig) -> Result<(), ConfigError> {
+    let positive = [
+        ("conversations.idle_passivate_ms", c.idle_passivate_ms),
+        ("conversations.turns_kept_max", c.turns_kept_max as u64),
+        ("conversations.active_max", c.active_max as u64),
+        ("conversations.cache_entries_max", c.cache_entries_max),
+        ("conversations.cache_ttl_ms", c.cache_ttl_ms),
+        ("frontend.conn_inflight_max", f.conn_inflight_max as u64),
+        ("frontend.node_inflight_max", f.node_inflight_max as u64),
+        ("frontend.connections_max", f.connections_max as u64),
+        ("frontend.turn_timeout_ms", f.turn_timeout_ms),
+    ];
+    for (field, value) in positive {
+        if value == 0 {
+            return Err(ConfigError::invalid(field, "must be greater than 0"));
+        }
+    }
+    if !(256..=16 * 1024 * 1024).contains(&f.frame_bytes_max) {
+        return Err(ConfigError::invalid(
+            "frontend.frame_bytes_max",
+            "must be within 256..=16777216",
+        ));
+    }
+    if c.default_bot.is_empty() {
+        return Err(ConfigError::invalid("conversations.default_bot", "must not be empty"));
+    }
+    Ok(())
 }
 
 fn parse_addr(

@@ -1,0 +1,289 @@
+//! An async client: one TCP connection to any node, many requests in flight.
+//!
+//! `say` requests are matched to replies by (conv, id); other requests are answered in the
+//! order they were sent. `say` retries with the same id on `busy`, `unavailable` and
+//! `timeout`, waiting what the node suggests (or an exponential back-off), so a retried
+//! turn is applied once.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::codec::{Frame, LineFramer};
+use crate::protocol::{ErrorCode, HistoryTurn, Request, Response, TopologyNode};
+
+/// Longest response line the client accepts.
+pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("io error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection lost")]
+    ConnectionLost,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{code:?}: {message}")]
+    Server { code: ErrorCode, message: String, retry_after_ms: Option<u64> },
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name sent in `hello`.
+    pub client_name: String,
+    pub token: Option<String>,
+    /// How long one attempt waits for its answer.
+    pub request_timeout: Duration,
+    /// Attempts of a `say` on retryable errors, the first included.
+    pub attempts_max: u32,
+    /// First back-off when the node suggests none; doubles per attempt.
+    pub backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            client_name: "botclaw-client".into(),
+            token: None,
+            request_timeout: Duration::from_secs(15),
+            attempts_max: 8,
+            backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The answer to a `say`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SayReply {
+    pub messages: Vec<String>,
+    pub turn: u64,
+    pub node: String,
+}
+
+type Waiter = oneshot::Sender<Response>;
+
+#[derive(Default)]
+struct Pending {
+    says: HashMap<(String, String), Waiter>,
+    others: VecDeque<Waiter>,
+    closed: bool,
+}
+
+pub struct Client {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Mutex<Pending>>,
+    node: String,
+    opts: ClientOptions,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("node", &self.node).finish()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn dispatch(pending: &Mutex<Pending>, response: Response) {
+    let mut p = pending.lock().expect("pending lock");
+    let waiter = match &response {
+        Response::Reply { conv, id, .. } => p.says.remove(&(conv.clone(), id.clone())),
+        Response::Error { id: Some(id), conv: Some(conv), .. } => {
+            p.says.remove(&(conv.clone(), id.clone()))
+        }
+        Response::Error { id: Some(id), conv: None, .. } => {
+            let key = p.says.keys().find(|(_, i)| i == id).cloned();
+            key.and_then(|k| p.says.remove(&k))
+        }
+        _ => p.others.pop_front(),
+    };
+    if let Some(w) = waiter {
+        let _ = w.send(response);
+    }
+}
+
+async fn read_loop(mut stream: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mutex<Pending>>) {
+    let mut framer = LineFramer::new(RESPONSE_BYTES_MAX);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Some(frame) = framer.next_frame(&mut buf) {
+            if let Frame::Line(line) = frame {
+                if let Ok(response) = serde_json::from_slice::<Response>(&line) {
+                    dispatch(&pending, response);
+                }
+            }
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let mut p = pending.lock().expect("pending lock");
+    p.closed = true;
+    p.says.clear();
+    p.others.clear();
+}
+
+impl Client {
+    /// Connects and says hello; fails with `Server { code: Unauthorized, .. }` on a bad
+    /// token.
+    pub async fn connect(addr: SocketAddr, opts: ClientOptions) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let reader = tokio::spawn(read_loop(read, pending.clone()));
+        let mut client = Client {
+            writer: tokio::sync::Mutex::new(write),
+            pending,
+            node: String::new(),
+            opts,
+            reader,
+        };
+        let hello = Request::Hello {
+            token: client.opts.token.clone(),
+            client: Some(client.opts.client_name.clone()),
+        };
+        match client.request(hello).await? {
+            Response::Welcome { node, .. } => client.node = node,
+            other => return Err(unexpected(other)),
+        }
+        Ok(client)
+    }
+
+    /// Name of the node this client is connected to.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn send(&self, request: &Request, waiter: Waiter) -> Result<(), ClientError> {
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            if p.closed {
+                return Err(ClientError::ConnectionLost);
+            }
+            match request {
+                Request::Say { conv, id, .. } => {
+                    p.says.insert((conv.clone(), id.clone()), waiter);
+                }
+                _ => p.others.push_back(waiter),
+            }
+        }
+        let mut w = self.writer.lock().await;
+        w.write_all(&request.to_line()).await?;
+        Ok(())
+    }
+
+    /// Sends one request and waits for its answer (no retry).
+    pub async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(&request, tx).await?;
+        match tokio::time::timeout(self.opts.request_timeout, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(ClientError::ConnectionLost),
+            Err(_) => {
+                if let Request::Say { conv, id, .. } = &request {
+                    self.pending
+                        .lock()
+                        .expect("pending lock")
+                        .says
+                        .remove(&(conv.clone(), id.clone()));
+                }
+                Err(ClientError::Timeout(self.opts.request_timeout))
+            }
+        }
+    }
+
+    /// Sends a turn and waits for its reply, retrying with the same id on retryable
+    /// errors; the node applies it once however many times it is sent.
+    pub async fn say(
+        &self,
+        conv: &str,
+        id: &str,
+        text: &str,
+        bot: Option<&str>,
+    ) -> Result<SayReply, ClientError> {
+        let request = Request::Say {
+            conv: conv.into(),
+            id: id.into(),
+            text: text.into(),
+            bot: bot.map(String::from),
+            user: None,
+        };
+        let mut backoff = self.opts.backoff;
+        let mut attempt = 1;
+        loop {
+            let error = match self.request(request.clone()).await {
+                Ok(Response::Reply { messages, turn, node, .. }) => {
+                    return Ok(SayReply { messages, turn, node })
+                }
+                Ok(Response::Error { code, message, retry_after_ms, .. }) => {
+                    ClientError::Server { code, message, retry_after_ms }
+                }
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => e,
+            };
+            let wait = match &error {
+                ClientError::Server { code, retry_after_ms, .. } if code.is_retryable() => {
+                    retry_after_ms.map(Duration::from_millis).unwrap_or(backoff)
+                }
+                ClientError::Timeout(_) => backoff,
+                _ => return Err(error),
+            };
+            if attempt >= self.opts.attempts_max {
+                return Err(error);
+            }
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub async fn history(
+        &self,
+        conv: &str,
+        limit: Option<u32>,
+    ) -> Result<Vec<HistoryTurn>, ClientError> {
+        match self.request(Request::History { conv: conv.into(), limit }).await? {
+            Response::History { turns, .. } => Ok(turns),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn topology(&self) -> Result<Vec<TopologyNode>, ClientError> {
+        match self.request(Request::Topology).await? {
+            Response::Topology { nodes } => Ok(nodes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<String, ClientError> {
+        match self.request(Request::Ping).await? {
+            Response::Pong { node } => Ok(node),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    match response {
+        Response::Error { code, message, retry_after_ms, .. } => {
+            ClientError::Server { code, message, retry_after_ms }
+        }
+        other => ClientError::Protocol(format!("{other:?}")),
+    }
+}

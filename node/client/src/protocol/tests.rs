@@ -1,0 +1,113 @@
+use proptest::prelude::*;
+
+use super::*;
+
+#[test]
+fn parses_every_op() {
+    let cases = [
+        (
+            r#"{"op":"hello","token":"t","client":"c"}"#,
+            Request::Hello { token: Some("t".into()), client: Some("c".into()) },
+        ),
+        (
+            r#"{"op":"say","conv":"c-42","id":"m-1","text":"hi","bot":"shop","user":"u-7"}"#,
+            Request::Say {
+                conv: "c-42".into(),
+                id: "m-1".into(),
+                text: "hi".into(),
+                bot: Some("shop".into()),
+                user: Some("u-7".into()),
+            },
+        ),
+        (
+            r#"{"op":"say","conv":"c","id":"1","text":""}"#,
+            Request::Say {
+                conv: "c".into(),
+                id: "1".into(),
+                text: "".into(),
+                bot: None,
+                user: None,
+            },
+        ),
+        (
+            r#"{"op":"history","conv":"c-42","limit":20}"#,
+            Request::History { conv: "c-42".into(), limit: Some(20) },
+        ),
+        (r#"{"op":"topology"}"#, Request::Topology),
+        (r#"{"op":"ping"}"#, Request::Ping),
+    ];
+    for (line, want) in cases {
+        assert_eq!(parse_request(line.as_bytes()).unwrap(), want, "{line}");
+        let again = want.to_line();
+        assert_eq!(parse_request(&again[..again.len() - 1]).unwrap(), want);
+    }
+}
+
+#[test]
+fn errors_are_clear_and_keep_the_id() {
+    let err = parse_request(b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"m-9\"}").unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    assert!(err.message.contains("missing field `text`"), "{}", err.message);
+    assert_eq!(err.id.as_deref(), Some("m-9"));
+    assert_eq!(err.conv.as_deref(), Some("c"));
+
+    let err = parse_request(b"{\"op\":\"dance\"}").unwrap_err();
+    assert!(err.message.contains("unknown variant `dance`"), "{}", err.message);
+
+    let err = parse_request(b"not json").unwrap_err();
+    assert!(err.message.starts_with("invalid request"), "{}", err.message);
+
+    let err = parse_request(b"{\"op\":\"ping\"}\xff").unwrap_err();
+    assert!(err.message.contains("UTF-8"), "{}", err.message);
+
+    let err = parse_request(br#"{"op":"say","conv":"","id":"1","text":"x"}"#).unwrap_err();
+    assert!(err.message.contains("`conv` must not be empty"), "{}", err.message);
+}
+
+#[test]
+fn responses_have_the_documented_shape() {
+    let reply = Response::Reply {
+        conv: "c-42".into(),
+        id: "m-1".into(),
+        messages: vec!["hello".into()],
+        turn: 3,
+        node: "node-1".into(),
+    };
+    assert_eq!(
+        String::from_utf8(reply.to_line()).unwrap(),
+        "{\"op\":\"reply\",\"conv\":\"c-42\",\"id\":\"m-1\",\"messages\":[\"hello\"],\"turn\":3,\"node\":\"node-1\"}\n"
+    );
+    let err = Response::Error {
+        id: Some("m-1".into()),
+        conv: None,
+        code: ErrorCode::Busy,
+        message: "too many requests in flight".into(),
+        retry_after_ms: Some(50),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&err.to_line()).unwrap();
+    assert_eq!(v["op"], "error");
+    assert_eq!(v["code"], "busy");
+    assert_eq!(v["retry_after_ms"], 50);
+    assert_eq!(v["id"], "m-1");
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_request(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_json_objects_never_panic(
+        op in "(say|history|hello|ping|topology|x)",
+        fields in proptest::collection::btree_map("[a-z]{1,6}", "[a-z0-9]{0,8}", 0..6),
+    ) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("op".into(), op.into());
+        for (k, v) in fields {
+            obj.insert(k, v.into());
+        }
+        let line = serde_json::to_vec(&obj).unwrap();
+        let _ = parse_request(&line);
+    }
+}
