@@ -18,9 +18,13 @@ use tokio::sync::watch;
 
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
+use crate::routing::Dispatcher;
+use botclaw_actors::host::ConversationHost;
 
 pub struct AdminState {
     pub view: watch::Receiver<ClusterView>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub host: ConversationHost,
     pub metrics: Metrics,
     pub server: ActorRef<NodeServerMessage>,
     pub link_name: String,
@@ -64,6 +68,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/ping", get(ping))
+        .route("/placement", get(placement))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin server stopped");
@@ -120,6 +125,7 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     if let Some(sessions) = crate::links::sessions(&s.server).await {
         s.metrics.cluster_sessions.set(sessions.len() as i64);
     }
+    s.metrics.conversations.active.set(s.host.active() as i64);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -168,4 +174,18 @@ async fn ping(
         out.insert(peer, result);
     }
     Json(out)
+}
+
+#[derive(Deserialize)]
+struct PlacementQuery {
+    conv: Option<String>,
+}
+
+/// `GET /placement?conv=ID`: the shard and owner of a conversation as this node sees it.
+async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQuery>) -> Response {
+    let Some(conv) = q.conv.filter(|c| !c.is_empty()) else {
+        return (StatusCode::BAD_REQUEST, "query parameter conv is required\n").into_response();
+    };
+    let (shard, owner) = s.dispatcher.locate(&conv);
+    Json(serde_json::json!({ "conv": conv, "shard": shard, "owner": owner })).into_response()
 }

@@ -6,16 +6,19 @@
 //! - [`node`]: `run(config, shutdown)`, one node's lifetime;
 //! - [`gossip`]: the UDP driver of the membership state machine;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
-//! - [`admin`]: the admin HTTP port (health, status, metrics, link ping);
+//! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
+//! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
 //! - [`metrics`]: Prometheus metrics;
 //! - [`up`]: the local N-node launcher; [`status`]: the status table.
 
 pub mod admin;
 pub mod cli;
+pub mod frontend;
 pub mod gossip;
 pub mod http;
 pub mod links;
 pub mod metrics;
 pub mod node;
+pub mod routing;
 pub mod status;
 pub mod up;

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,9 +22,23 @@ pub struct EventLabel {
     pub event: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
 /// Every metric a node exports. Cheap to clone (metrics are shared handles).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Metrics {
+    pub conversations: botclaw_actors::metrics::ConversationMetrics,
+    /// Seconds from reading a `say` to its answer, at the gateway.
+    pub turn_latency: Histogram,
+    pub errors: Family<CodeLabel, Counter>,
+    pub forwards: Counter,
+    pub forward_refusals: Counter,
+    pub frames_too_large: Counter,
+    pub connections: Gauge,
+    pub connections_rejected: Counter,
     pub members: Family<StateLabel, Gauge>,
     pub gossip_sent: Counter,
     pub gossip_received: Counter,
@@ -36,7 +51,37 @@ pub struct Metrics {
     pub link_drops: Counter,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            conversations: Default::default(),
+            // 50 us .. ~1.6 s
+            turn_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            errors: Default::default(),
+            forwards: Default::default(),
+            forward_refusals: Default::default(),
+            frames_too_large: Default::default(),
+            connections: Default::default(),
+            connections_rejected: Default::default(),
+            members: Default::default(),
+            gossip_sent: Default::default(),
+            gossip_received: Default::default(),
+            gossip_rejected: Default::default(),
+            gossip_send_errors: Default::default(),
+            gossip_updates_backlog: Default::default(),
+            member_events: Default::default(),
+            cluster_sessions: Default::default(),
+            link_dials: Default::default(),
+            link_drops: Default::default(),
+        }
+    }
+}
+
 impl Metrics {
+    pub fn error(&self, code: &str) {
+        self.errors.get_or_create(&CodeLabel { code: code.to_string() }).inc();
+    }
+
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("botclaw");
         r.register(

@@ -5,9 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use botclaw_actors::backends::Backends;
+use botclaw_actors::host::ConversationHost;
+use botclaw_actors::store::{MemoryStore, StateStore};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::NodeConfig;
 use botclaw_core::auth::derive_key;
+use botclaw_core::placement::Placement;
 use botclaw_core::{Membership, NodeId};
 use ractor::Actor;
 use ractor_cluster::NodeServer;
@@ -15,8 +20,10 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::{self, AdminState};
+use crate::frontend::{self, Frontend};
 use crate::gossip::{GossipCommand, GossipDriver};
 use crate::metrics::Metrics;
+use crate::routing::{self, Dispatcher, PlacementView};
 
 /// The inter-node cookie: derived from the cluster secret, never equal to the gossip key.
 pub fn cluster_cookie(secret: &str) -> String {
@@ -38,6 +45,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("cannot bind admin_addr {}", cfg.admin_addr))?;
+    let client_listener = TcpListener::bind(cfg.client_addr)
+        .await
+        .with_context(|| format!("cannot bind client_addr {}", cfg.client_addr))?;
     // ractor_cluster binds its own listener; probe the port so a conflict is reported here.
     drop(
         std::net::TcpListener::bind(cfg.cluster_addr)
@@ -71,10 +81,40 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     .with_max_inbound_frame_size(cfg.link.frame_bytes_max);
     let (server_ref, server_task) =
         Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
+
+    let node: Arc<str> = Arc::from(cfg.name.as_str());
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max));
+    let conv_metrics = metrics.conversations.clone();
+    let host = ConversationHost::start(
+        node.clone(),
+        &cfg.conversations,
+        store,
+        botclaw_actors::bots::builtin(),
+        Backends::new(&cfg.backends, conv_metrics.clone()),
+        conv_metrics,
+    )
+    .await
+    .context("cannot start the conversation supervisor")?;
+    let placement = Arc::new(ArcSwap::from_pointee(PlacementView {
+        placement: Placement::build(&[], &cfg.placement),
+        joined: false,
+    }));
+    let dispatcher = Arc::new(Dispatcher {
+        host: host.clone(),
+        view: placement.clone(),
+        me: node.clone(),
+        forward_timeout: Duration::from_millis(cfg.frontend.turn_timeout_ms),
+        retry_after_ms: cfg.frontend.retry_after_ms,
+        metrics: metrics.clone(),
+    });
     let (router, router_task) = Actor::spawn(
         None,
         RouterActor,
-        RouterArgs { node_name: cfg.name.clone(), link_name: link_name.clone() },
+        RouterArgs {
+            node_name: cfg.name.clone(),
+            link_name: link_name.clone(),
+            inbound: dispatcher.clone(),
+        },
     )
     .await
     .context("cannot start the router actor")?;
@@ -92,8 +132,21 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Duration::from_millis(cfg.link.reconcile_interval_ms),
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
+    let placement_task =
+        tokio::spawn(routing::maintain(view.clone(), cfg.placement.clone(), placement));
+    let frontend = Arc::new(Frontend {
+        dispatcher: dispatcher.clone(),
+        cfg: cfg.frontend.clone(),
+        node,
+        view: view.clone(),
+        metrics: metrics.clone(),
+        node_inflight: Default::default(),
+    });
+    let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
     let admin_state = Arc::new(AdminState {
         view,
+        dispatcher,
+        host,
         metrics,
         server: server_ref.clone(),
         link_name,
@@ -107,6 +160,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
     }
+    frontend_task.abort();
+    placement_task.abort();
     links_task.abort();
     admin_task.abort();
     gossip_task.abort();

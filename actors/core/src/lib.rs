@@ -12,9 +12,11 @@
 //! - [`membership`]: SWIM membership (foca) behind authenticated packets, re-announcing to
 //!   seeds until joined, with a closed [`membership::Effect`] output;
 //! - [`links`]: which inter-node sessions to dial or drop given membership;
-//! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring.
+//! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
+//! - [`conversation`]: a conversation's state and the rules of a turn (retries, window).
 
 pub mod auth;
+pub mod conversation;
 pub mod identity;
 pub mod links;
 pub mod membership;

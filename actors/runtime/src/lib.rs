@@ -1,12 +1,26 @@
 //! botclaw's thin actor layer on ractor.
 //!
 //! Layout:
-//! - [`router`]: the one remotable actor per node. Peers find it through `ractor::pg`
-//!   groups and send it cross-node traffic; today it answers link pings, later issues route
-//!   conversation turns through it.
+//! - [`router`]: the one remotable actor per node; peers send it cross-node traffic;
+//! - [`host`]: the registry of active conversations, activation, passivation, and the
+//!   supervisor that restarts failed conversation actors;
+//! - [`conversation`]: one actor per active conversation, turns one at a time;
+//! - [`envelope`]: requests to and outcomes from a conversation, local or over the wire,
+//!   and [`envelope::Reply`], which always answers;
+//! - [`bot`]: the `Bot` trait users implement, and [`bots`]: the built-in bots;
+//! - [`backends`]: the in-process services bots call; [`store`]: `StateStore`;
+//! - [`metrics`]: counters the node exports.
 //!
-//! Actors here hold no decision logic: they call into `botclaw-core` and execute effects.
+//! Actors hold no decision logic of the cluster: they call `botclaw-core` and execute.
 
+pub mod backends;
+pub mod bot;
+pub mod bots;
+pub mod conversation;
+pub mod envelope;
+pub mod host;
+pub mod metrics;
 pub mod router;
+pub mod store;
 
 pub use router::{RouterActor, RouterArgs, RouterMessage};

@@ -1,0 +1,33 @@
+//! Product inquiries: answers from the catalog backend, cached per conversation.
+
+use crate::bot::TurnContext;
+
+/// Answers a product question, or `None` if the message names no known product.
+pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Option<String> {
+    let key = format!("catalog:{lower}");
+    if let Some(hit) = cx.cached(&key) {
+        return (!hit.is_empty()).then_some(hit);
+    }
+    let products = cx.backends().catalog_search(lower).await;
+    let answer = products
+        .iter()
+        .map(|p| {
+            let stock = if p.stock == 0 {
+                "out of stock".to_string()
+            } else {
+                format!("{} in stock", p.stock)
+            };
+            format!(
+                "{} ({}): ${}.{:02}, {stock}",
+                p.name,
+                p.sku,
+                p.price_cents / 100,
+                p.price_cents % 100
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    // Misses are cached too (as ""), so repeated chatter does not hit the backend.
+    cx.cache(&key, answer.clone());
+    (!answer.is_empty()).then_some(answer)
+}

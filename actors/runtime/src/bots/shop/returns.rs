@@ -1,0 +1,31 @@
+//! Returns: ask for the order number, then confirm.
+
+use super::{ShopState, Step};
+
+pub fn start(state: &mut ShopState) -> String {
+    state.step = Step::AwaitingOrderNumber;
+    "Sure. What is your order number?".into()
+}
+
+pub fn on_order_number(state: &mut ShopState, text: &str) -> String {
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 3 {
+        return "An order number has at least 3 digits. What is your order number?".into();
+    }
+    let reply = format!("Return order #{digits}? Please answer yes or no.");
+    state.step = Step::ConfirmingReturn { order: digits };
+    reply
+}
+
+pub fn on_confirmation(state: &mut ShopState, order: &str, lower: &str) -> String {
+    if lower.starts_with('y') {
+        state.returns.push(order.to_string());
+        state.step = Step::Idle;
+        format!("Return of order #{order} confirmed. A shipping label is on its way.")
+    } else if lower.starts_with('n') {
+        state.step = Step::Idle;
+        format!("Return of order #{order} cancelled.")
+    } else {
+        format!("Please answer yes or no: return order #{order}?")
+    }
+}

@@ -1,0 +1,47 @@
+use serde::{Deserialize, Serialize};
+
+use crate::bot::{BotError, TurnContext, TurnInput, TypedBot};
+
+#[derive(Debug)]
+pub struct Weather;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WeatherState {
+    /// The last city asked about, so "and tomorrow?"-style follow-ups could use it.
+    pub last_city: Option<String>,
+}
+
+/// The city in "weather in <city>", cleaned of trailing punctuation.
+pub fn city_of(text: &str) -> Option<String> {
+    let lower = text.to_lowercase();
+    let at = lower.find("weather in ")? + "weather in ".len();
+    let city = text[at..].trim().trim_end_matches(['?', '!', '.']).trim();
+    (!city.is_empty()).then(|| city.to_string())
+}
+
+impl TypedBot for Weather {
+    type State = WeatherState;
+
+    async fn turn<'a>(
+        &'a self,
+        cx: &'a mut TurnContext,
+        state: &'a mut WeatherState,
+        input: TurnInput<'a>,
+    ) -> Result<Vec<String>, BotError> {
+        let Some(city) = city_of(input.text) else {
+            return Ok(vec!["Ask me: weather in <city>".into()]);
+        };
+        let key = format!("weather:{}", city.to_lowercase());
+        let answer = match cx.cached(&key) {
+            Some(hit) => hit,
+            None => {
+                let f = cx.backends().weather(&city).await;
+                let answer = format!("{}: {} and {}°C", f.city, f.condition, f.celsius);
+                cx.cache(&key, answer.clone());
+                answer
+            }
+        };
+        state.last_city = Some(city);
+        Ok(vec![answer])
+    }
+}

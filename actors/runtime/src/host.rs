@@ -1,0 +1,257 @@
+//! The conversations hosted on this node: registry, activation, passivation, supervision.
+//!
+//! The registry maps a conversation id to its live actor. [`ConversationHost::dispatch`]
+//! sends a request to it under the registry's lock, counting it in the handle's `sent`;
+//! an idle actor leaves the registry only if it has handled everything sent (see
+//! `ConvActorState::try_unregister`), so passivation never loses a request. A missing
+//! actor is spawned at once (`spawn_linked_instant`: requests queue while it loads its
+//! state), so requests keep their order.
+//!
+//! The supervisor overrides ractor's default of stopping when a child fails: it drops the
+//! failed actor from the registry and stays up; the next request restarts the conversation
+//! from its last committed state. Requests queued at the failed actor are answered
+//! `internal` by their [`Reply`] guards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use botclaw_config::ConversationConfig;
+use dashmap::DashMap;
+use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
+
+use crate::backends::Backends;
+use crate::bot::{BotRegistry, TurnContext};
+use crate::conversation::{ConvArgs, ConvMsg, ConversationActor};
+use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
+use crate::metrics::ConversationMetrics;
+use crate::store::StateStore;
+
+/// A live conversation actor, as the registry holds it.
+pub struct Handle {
+    pub actor: ActorRef<ConvMsg>,
+    pub activity: Arc<Activity>,
+}
+
+/// Counters shared by a conversation actor and its registry entry.
+#[derive(Debug)]
+pub struct Activity {
+    /// Requests sent to the actor through the registry.
+    pub sent: AtomicU64,
+    /// Milliseconds since the host started, at the last request.
+    last_active_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn touch(&self, shared: &HostShared) {
+        self.last_active_ms.store(shared.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self, shared: &HostShared) -> Duration {
+        Duration::from_millis(
+            shared.now_ms().saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// What every conversation actor of this node shares.
+pub struct HostShared {
+    pub node: Arc<str>,
+    pub store: Arc<dyn StateStore>,
+    pub bots: BotRegistry,
+    pub backends: Arc<Backends>,
+    pub metrics: ConversationMetrics,
+    pub registry: DashMap<Arc<str>, Handle>,
+    pub default_bot: String,
+    pub turns_kept_max: usize,
+    pub idle_passivate: Duration,
+    active_max: usize,
+    cache_entries_max: u64,
+    cache_ttl: Duration,
+    started: Instant,
+}
+
+impl HostShared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn turn_context(&self) -> TurnContext {
+        TurnContext::new(
+            self.backends.clone(),
+            self.metrics.clone(),
+            self.cache_entries_max,
+            self.cache_ttl,
+        )
+    }
+}
+
+/// The supervisor of every conversation actor on this node.
+pub struct ConversationSupervisor;
+
+pub struct SupervisorState {
+    shared: Arc<HostShared>,
+}
+
+impl Actor for ConversationSupervisor {
+    type Msg = ();
+    type State = SupervisorState;
+    type Arguments = Arc<HostShared>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<()>,
+        shared: Arc<HostShared>,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState { shared })
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<()>,
+        event: SupervisionEvent,
+        s: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Never stop because a child stopped: that is ractor's default, and it would take
+        // every conversation of the node down with one bad one.
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            let id = cell.get_id();
+            s.shared.registry.retain(|_, h| h.actor.get_id() != id);
+            s.shared.metrics.restarts.inc();
+            tracing::warn!(actor = %id, %error, "conversation actor failed; it restarts on its next request");
+        }
+        Ok(())
+    }
+}
+
+/// Handle to this node's conversations. Cheap to clone.
+#[derive(Clone)]
+pub struct ConversationHost {
+    shared: Arc<HostShared>,
+    supervisor: ActorRef<()>,
+}
+
+impl std::fmt::Debug for ConversationHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConversationHost").field("active", &self.active()).finish()
+    }
+}
+
+impl ConversationHost {
+    /// Starts the supervisor and the idle sweeper.
+    pub async fn start(
+        node: Arc<str>,
+        cfg: &ConversationConfig,
+        store: Arc<dyn StateStore>,
+        bots: BotRegistry,
+        backends: Arc<Backends>,
+        metrics: ConversationMetrics,
+    ) -> Result<ConversationHost, ractor::SpawnErr> {
+        let shared = Arc::new(HostShared {
+            node,
+            store,
+            bots,
+            backends,
+            metrics,
+            registry: DashMap::new(),
+            default_bot: cfg.default_bot.clone(),
+            turns_kept_max: cfg.turns_kept_max,
+            idle_passivate: Duration::from_millis(cfg.idle_passivate_ms),
+            active_max: cfg.active_max,
+            cache_entries_max: cfg.cache_entries_max,
+            cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),
+            started: Instant::now(),
+        });
+        let (supervisor, _) = Actor::spawn(None, ConversationSupervisor, shared.clone()).await?;
+        let host = ConversationHost { shared, supervisor };
+        tokio::spawn(sweep_idle(host.clone()));
+        Ok(host)
+    }
+
+    pub fn active(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    pub fn shared(&self) -> &Arc<HostShared> {
+        &self.shared
+    }
+
+    /// Sends a request to the conversation's actor, starting it if needed.
+    pub fn dispatch(&self, conv: &str, request: ConvRequest, reply: Reply) {
+        let mut msg = ConvMsg::Request(request, reply);
+        // At most two rounds: a stale entry is replaced once, then the send succeeds or
+        // the new actor is already gone too (the node is stopping).
+        for _ in 0..3 {
+            if let Some(handle) = self.shared.registry.get(conv) {
+                handle.activity.sent.fetch_add(1, Ordering::AcqRel);
+                match handle.actor.cast(msg) {
+                    Ok(()) => return,
+                    Err(MessagingErr::SendErr(back)) => {
+                        // The actor stopped (its state failed to load, or it crashed) and
+                        // the supervisor has not cleaned up yet: drop it, start afresh.
+                        msg = back;
+                        let stale = handle.activity.clone();
+                        drop(handle);
+                        self.shared
+                            .registry
+                            .remove_if(conv, |_, h| Arc::ptr_eq(&h.activity, &stale));
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            }
+            if self.shared.registry.len() >= self.shared.active_max {
+                if let ConvMsg::Request(_, reply) = msg {
+                    reply.send(ConvOutcome::Failed {
+                        kind: FailKind::Busy,
+                        message: "too many active conversations on this node".into(),
+                        retry_after_ms: Some(1000),
+                    });
+                }
+                return;
+            }
+            if let dashmap::Entry::Vacant(slot) = self.shared.registry.entry(Arc::from(conv)) {
+                let activity = Arc::new(Activity {
+                    sent: AtomicU64::new(0),
+                    last_active_ms: AtomicU64::new(self.shared.now_ms()),
+                });
+                let args = ConvArgs {
+                    conv: Arc::from(conv),
+                    shared: self.shared.clone(),
+                    activity: activity.clone(),
+                };
+                match ractor::ActorRuntime::<ConversationActor>::spawn_linked_instant(
+                    None,
+                    ConversationActor,
+                    args,
+                    self.supervisor.get_cell(),
+                ) {
+                    Ok((actor, _)) => {
+                        self.shared.metrics.activations.inc();
+                        slot.insert(Handle { actor, activity });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a conversation actor");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_idle(host: ConversationHost) {
+    let every = (host.shared.idle_passivate / 4).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if host.supervisor.get_status() != ractor::ActorStatus::Running {
+            return;
+        }
+        for entry in host.shared.registry.iter() {
+            if entry.activity.idle_for(&host.shared) >= host.shared.idle_passivate {
+                let _ = entry.actor.cast(ConvMsg::IdleCheck);
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Counters of the conversation layer; the node registers them on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ConversationMetrics {
+    /// Turns run by a bot on this node (retries answered from the window excluded).
+    pub turns: Counter,
+    /// Retried message ids answered with the original reply.
+    pub duplicates: Counter,
+    pub active: Gauge,
+    pub activations: Counter,
+    pub passivations: Counter,
+    /// Conversation actors restarted after a failure (bot panics and actor crashes).
+    pub restarts: Counter,
+    pub bot_errors: Counter,
+    pub backend_calls: Family<BackendLabel, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+}
+
+impl ConversationMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("turns", "Turns run by a bot on this node", self.turns.clone());
+        r.register(
+            "turn_duplicates",
+            "Retried message ids answered from the window",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "active_conversations",
+            "Conversation actors alive on this node",
+            self.active.clone(),
+        );
+        r.register("activations", "Conversation actors started", self.activations.clone());
+        r.register(
+            "passivations",
+            "Idle conversation actors stopped (state kept)",
+            self.passivations.clone(),
+        );
+        r.register(
+            "conversation_restarts",
+            "Conversations restarted from committed state after a failure",
+            self.restarts.clone(),
+        );
+        r.register(
+            "bot_errors",
+            "Turns whose bot returned an error or panicked",
+            self.bot_errors.clone(),
+        );
+        r.register("backend_calls", "Calls to backend services", self.backend_calls.clone());
+        r.register(
+            "conversation_cache_hits",
+            "Lookups answered by a conversation's own cache",
+            self.cache_hits.clone(),
+        );
+        r.register(
+            "conversation_cache_misses",
+            "Lookups that went to a backend",
+            self.cache_misses.clone(),
+        );
+    }
+
+    pub fn backend_call(&self, backend: &str) {
+        self.backend_calls.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
+    }
+}

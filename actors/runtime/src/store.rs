@@ -1,0 +1,79 @@
+//! Where conversation state lives between turns and across passivation.
+//!
+//! A turn is acknowledged only after its commit returned. This issue ships the in-memory
+//! store; the durability issue adds a crash-safe, replicated one behind the same trait.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use botclaw_core::conversation::{ConversationState, TurnCommit};
+use dashmap::DashMap;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+pub trait StateStore: Send + Sync + 'static {
+    /// The committed state of a conversation, if it ever had a turn.
+    fn load<'a>(
+        &'a self,
+        conv: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>>;
+
+    /// Makes one turn durable (as durable as the store is). Commits of one conversation
+    /// come in turn order from its single actor.
+    fn commit<'a>(
+        &'a self,
+        conv: &'a str,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// Keeps every conversation in memory: for tests and `--ephemeral` nodes.
+#[derive(Debug)]
+pub struct MemoryStore {
+    conversations: DashMap<String, ConversationState>,
+    turns_kept_max: usize,
+}
+
+impl MemoryStore {
+    pub fn new(turns_kept_max: usize) -> Self {
+        MemoryStore { conversations: DashMap::new(), turns_kept_max }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conversations.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conversations.is_empty()
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn load<'a>(
+        &'a self,
+        conv: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>> {
+        Box::pin(async move { Ok(self.conversations.get(conv).map(|s| s.clone())) })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        conv: &'a str,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut state = self.conversations.entry(conv.to_string()).or_default();
+            let expected = state.turn + 1;
+            let turn = commit.record.turn;
+            if state.apply(commit, self.turns_kept_max) {
+                Ok(())
+            } else {
+                Err(StoreError(format!("commit of turn {turn} out of order (expected {expected})")))
+            }
+        })
+    }
+}

@@ -1,0 +1,383 @@
+//! The chat protocol listener: newline-delimited JSON over TCP.
+//!
+//! One task per connection reads requests, dispatches them without waiting, and writes
+//! answers as they complete, batching writes. Answers for one conversation are released in
+//! request order (a per-conversation reorder queue keyed by a connection-wide sequence
+//! number); answers for different conversations do not wait for each other.
+//!
+//! Limits: `frame_bytes_max` per line (longer lines are answered `too_large` and skipped),
+//! `conn_inflight_max` and `node_inflight_max` requests in flight (past them, `busy` with
+//! `retry_after_ms`), `connections_max` connections, `turn_timeout_ms` per request (then
+//! `timeout`; a late answer is dropped). Nothing a client sends can panic the task.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use botclaw_actors::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
+use botclaw_client::codec::{Frame, LineFramer};
+use botclaw_client::protocol::{
+    parse_request, ErrorCode, HistoryTurn, Request, Response, TopologyNode, PROTOCOL_VERSION,
+};
+use botclaw_config::FrontendConfig;
+use botclaw_core::MemberState;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::gossip::ClusterView;
+use crate::metrics::Metrics;
+use crate::routing::Dispatcher;
+
+/// How often a connection looks for requests past their timeout.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Most completed answers handled before writing them out.
+const DONE_BATCH_MAX: usize = 1024;
+/// Default and largest `history` limit.
+const HISTORY_LIMIT_DEFAULT: u32 = 20;
+
+pub struct Frontend {
+    pub dispatcher: Arc<Dispatcher>,
+    pub cfg: FrontendConfig,
+    pub node: Arc<str>,
+    pub view: watch::Receiver<ClusterView>,
+    pub metrics: Metrics,
+    pub node_inflight: AtomicUsize,
+}
+
+pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
+    let permits = Arc::new(Semaphore::new(fe.cfg.connections_max));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            fe.metrics.connections_rejected.inc();
+            tracing::debug!(%peer, "connection refused: connections_max reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let fe = fe.clone();
+        tokio::spawn(async move {
+            fe.metrics.connections.inc();
+            Connection::new(fe.clone()).run(stream).await;
+            fe.metrics.connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// A completed request, sent by whoever answered it.
+struct Done {
+    conv: Arc<str>,
+    seq: u64,
+    outcome: ConvOutcome,
+}
+
+enum Slot {
+    Waiting { started: Instant, id: Option<String> },
+    Ready(Response),
+}
+
+/// Requests of one conversation on one connection, by connection-wide sequence number.
+#[derive(Default)]
+struct ConvQueue {
+    slots: BTreeMap<u64, Slot>,
+}
+
+struct Connection {
+    fe: Arc<Frontend>,
+    tx: mpsc::UnboundedSender<Done>,
+    rx: mpsc::UnboundedReceiver<Done>,
+    authed: bool,
+    close: bool,
+    queues: HashMap<Arc<str>, ConvQueue>,
+    seq: u64,
+    inflight: usize,
+    out: Vec<u8>,
+}
+
+impl Connection {
+    fn new(fe: Arc<Frontend>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let authed = fe.cfg.client_tokens.is_empty();
+        Connection {
+            fe,
+            tx,
+            rx,
+            authed,
+            close: false,
+            queues: HashMap::new(),
+            seq: 0,
+            inflight: 0,
+            out: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    async fn run(mut self, mut stream: TcpStream) {
+        let mut framer = LineFramer::new(self.fe.cfg.frame_bytes_max);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut eof = false;
+        loop {
+            if eof && self.queues.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some(done) = self.rx.recv() => {
+                    self.on_done(done);
+                    for _ in 0..DONE_BATCH_MAX {
+                        match self.rx.try_recv() {
+                            Ok(done) => self.on_done(done),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                read = stream.read_buf(&mut buf), if !eof => match read {
+                    Ok(0) | Err(_) => eof = true,
+                    Ok(_) => {
+                        while let Some(frame) = framer.next_frame(&mut buf) {
+                            self.on_frame(frame);
+                            if self.close {
+                                break;
+                            }
+                        }
+                        if buf.capacity() - buf.len() < 4096 {
+                            buf.reserve(16 * 1024);
+                        }
+                    }
+                },
+                _ = sweep.tick() => self.sweep(),
+            }
+            if !self.out.is_empty() {
+                if stream.write_all(&self.out).await.is_err() {
+                    break;
+                }
+                self.out.clear();
+            }
+            if self.close {
+                break;
+            }
+        }
+        // Requests still in flight stop counting against the node.
+        self.fe.node_inflight.fetch_sub(self.inflight, Ordering::AcqRel);
+    }
+
+    fn write(&mut self, response: &Response) {
+        if let Response::Error { code, .. } = response {
+            self.fe.metrics.error(code.as_str());
+        }
+        serde_json::to_writer(&mut self.out, response).expect("responses serialize");
+        self.out.push(b'\n');
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let line = match frame {
+            Frame::Line(line) => line,
+            Frame::TooLarge => {
+                self.fe.metrics.frames_too_large.inc();
+                let message = format!("line longer than {} bytes", self.fe.cfg.frame_bytes_max);
+                return self.write(&Response::error(ErrorCode::TooLarge, message));
+            }
+        };
+        let request = match parse_request(&line) {
+            Ok(request) => request,
+            Err(e) => return self.write(&e.into_response()),
+        };
+        if !self.authed && !matches!(request, Request::Hello { .. }) {
+            self.close = true;
+            return self
+                .write(&Response::error(ErrorCode::Unauthorized, "say hello with a token first"));
+        }
+        match request {
+            Request::Hello { token, .. } => {
+                let tokens = &self.fe.cfg.client_tokens;
+                if tokens.is_empty() || token.is_some_and(|t| tokens.contains(&t)) {
+                    self.authed = true;
+                    let welcome = Response::Welcome {
+                        node: self.fe.node.to_string(),
+                        protocol: PROTOCOL_VERSION,
+                    };
+                    self.write(&welcome);
+                } else {
+                    self.close = true;
+                    self.write(&Response::error(ErrorCode::Unauthorized, "unknown token"));
+                }
+            }
+            Request::Ping => self.write(&Response::Pong { node: self.fe.node.to_string() }),
+            Request::Topology => {
+                let nodes = topology(&self.fe.view.borrow());
+                self.write(&Response::Topology { nodes });
+            }
+            Request::Say { conv, id, text, bot, user } => {
+                let request = ConvRequest::Say { id: id.clone(), text, bot, user };
+                self.submit(conv, Some(id), request);
+            }
+            Request::History { conv, limit } => {
+                let limit = limit.unwrap_or(HISTORY_LIMIT_DEFAULT);
+                self.submit(conv, None, ConvRequest::History { limit });
+            }
+        }
+    }
+
+    fn submit(&mut self, conv: String, id: Option<String>, request: ConvRequest) {
+        let conv: Arc<str> = Arc::from(conv);
+        self.seq += 1;
+        let seq = self.seq;
+        let cfg = &self.fe.cfg;
+        let over_node = self.fe.node_inflight.load(Ordering::Acquire) >= cfg.node_inflight_max;
+        if self.inflight >= cfg.conn_inflight_max || over_node {
+            let busy = Response::Error {
+                id,
+                conv: Some(conv.to_string()),
+                code: ErrorCode::Busy,
+                message: if over_node {
+                    "node is at its in-flight limit"
+                } else {
+                    "connection is at its in-flight limit"
+                }
+                .into(),
+                retry_after_ms: Some(cfg.retry_after_ms),
+            };
+            self.queues.entry(conv.clone()).or_default().slots.insert(seq, Slot::Ready(busy));
+            return self.release(&conv);
+        }
+        self.inflight += 1;
+        self.fe.node_inflight.fetch_add(1, Ordering::AcqRel);
+        self.queues
+            .entry(conv.clone())
+            .or_default()
+            .slots
+            .insert(seq, Slot::Waiting { started: Instant::now(), id });
+        let tx = self.tx.clone();
+        let reply_conv = conv.clone();
+        let reply = Reply::new(move |outcome| {
+            // The connection may be gone; its requests then need no answer.
+            let _ = tx.send(Done { conv: reply_conv, seq, outcome });
+        });
+        self.fe.dispatcher.submit(&conv, request, 0, reply);
+    }
+
+    fn finish_one(&mut self) {
+        self.inflight -= 1;
+        self.fe.node_inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let Some(queue) = self.queues.get_mut(&done.conv) else { return };
+        let Some(Slot::Waiting { started, id }) = queue.slots.get_mut(&done.seq) else {
+            // Timed out earlier: the client already has its answer.
+            return;
+        };
+        let is_turn = id.is_some();
+        let response = to_response(&done.conv, id.take(), done.outcome, self.fe.cfg.retry_after_ms);
+        if is_turn {
+            self.fe.metrics.turn_latency.observe(started.elapsed().as_secs_f64());
+        }
+        queue.slots.insert(done.seq, Slot::Ready(response));
+        self.finish_one();
+        self.release(&done.conv);
+    }
+
+    /// Writes the answers at the head of a conversation's queue that are ready.
+    fn release(&mut self, conv: &Arc<str>) {
+        let Some(mut queue) = self.queues.remove(conv) else { return };
+        while let Some(entry) = queue.slots.first_entry() {
+            if !matches!(entry.get(), Slot::Ready(_)) {
+                break;
+            }
+            if let Slot::Ready(response) = entry.remove() {
+                self.write(&response);
+            }
+        }
+        if !queue.slots.is_empty() {
+            self.queues.insert(conv.clone(), queue);
+        }
+    }
+
+    fn sweep(&mut self) {
+        let timeout = Duration::from_millis(self.fe.cfg.turn_timeout_ms);
+        let mut expired = Vec::new();
+        for (conv, queue) in &mut self.queues {
+            for slot in queue.slots.values_mut() {
+                if let Slot::Waiting { started, id } = slot {
+                    if started.elapsed() >= timeout {
+                        *slot = Slot::Ready(Response::Error {
+                            id: id.take(),
+                            conv: Some(conv.to_string()),
+                            code: ErrorCode::Timeout,
+                            message: format!("no answer within {} ms; the outcome is unknown, retry with the same id", timeout.as_millis()),
+                            retry_after_ms: Some(self.fe.cfg.retry_after_ms),
+                        });
+                        expired.push(conv.clone());
+                    }
+                }
+            }
+        }
+        for conv in expired {
+            self.finish_one();
+            self.release(&conv);
+        }
+    }
+}
+
+fn to_response(
+    conv: &str,
+    id: Option<String>,
+    outcome: ConvOutcome,
+    retry_after_ms: u64,
+) -> Response {
+    match outcome {
+        ConvOutcome::Reply { messages, turn, node } => Response::Reply {
+            conv: conv.to_string(),
+            id: id.unwrap_or_default(),
+            messages,
+            turn,
+            node: node.to_string(),
+        },
+        ConvOutcome::History { turns, node } => Response::History {
+            conv: conv.to_string(),
+            turns: turns
+                .into_iter()
+                .map(|t| HistoryTurn {
+                    turn: t.turn,
+                    id: t.id,
+                    text: t.text,
+                    messages: t.messages,
+                    user: t.user,
+                })
+                .collect(),
+            node: node.to_string(),
+        },
+        ConvOutcome::Failed { kind, message, retry_after_ms: hint } => {
+            let code = match kind {
+                FailKind::BadRequest => ErrorCode::BadRequest,
+                FailKind::Busy => ErrorCode::Busy,
+                FailKind::Unavailable => ErrorCode::Unavailable,
+                FailKind::Timeout => ErrorCode::Timeout,
+                FailKind::Internal => ErrorCode::Internal,
+            };
+            let retry_after_ms = code.is_retryable().then(|| hint.unwrap_or(retry_after_ms));
+            Response::Error { id, conv: Some(conv.to_string()), code, message, retry_after_ms }
+        }
+    }
+}
+
+/// Client addresses of the live nodes, by name.
+pub fn topology(view: &ClusterView) -> Vec<TopologyNode> {
+    view.members
+        .iter()
+        .filter(|m| m.state == MemberState::Up)
+        .map(|m| TopologyNode { name: m.id.name.clone(), client_addr: m.id.client.to_string() })
+        .collect()
+}
