@@ -122,6 +122,30 @@ impl Metrics {
             "Inter-node sessions dropped because the peer is not an up member",
             self.link_drops.clone(),
         );
+        r.register(
+            "turn_latency_seconds",
+            "Time from reading a say to writing its answer, at the gateway",
+            self.turn_latency.clone(),
+        );
+        r.register("errors", "Error answers sent to clients, by code", self.errors.clone());
+        r.register("forwards", "Requests forwarded to the owning node", self.forwards.clone());
+        r.register(
+            "forward_refusals",
+            "Forwarded requests refused because ownership was in flux",
+            self.forward_refusals.clone(),
+        );
+        r.register(
+            "frames_too_large",
+            "Request lines over frame_bytes_max",
+            self.frames_too_large.clone(),
+        );
+        r.register("client_connections", "Open client connections", self.connections.clone());
+        r.register(
+            "client_connections_rejected",
+            "Connections closed at once: connections_max reached",
+            self.connections_rejected.clone(),
+        );
+        self.conversations.register(&mut r);
         r
     }
 

@@ -158,6 +158,8 @@ pub struct TestNode {
     pub secret: String,
     pub log: PathBuf,
     pub data_dir: PathBuf,
+    /// Extra TOML (sections such as `[conversations]`) passed with `--config`.
+    pub config: Option<String>,
     pub child: Option<Child>,
 }
 
@@ -181,6 +183,11 @@ impl TestNode {
             .stderr(log);
         for seed in &self.seeds {
             cmd.args(["--seed", &seed.to_string()]);
+        }
+        if let Some(toml) = &self.config {
+            let path = self.log.with_extension("toml");
+            std::fs::write(&path, toml).unwrap();
+            cmd.arg("--config").arg(path);
         }
         self.child = Some(cmd.spawn().expect("spawning botclaw"));
     }
@@ -271,9 +278,18 @@ impl Cluster {
             ports: Ports::free(),
             seeds,
             secret: secret.into(),
+            config: None,
             child: None,
         });
         i
+    }
+
+    /// Gives every node the same extra config (TOML sections).
+    pub fn with_config(mut self, toml: &str) -> Cluster {
+        for node in &mut self.nodes {
+            node.config = Some(toml.to_string());
+        }
+        self
     }
 
     pub fn start_all(&mut self) {

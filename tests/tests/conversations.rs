@@ -1,0 +1,324 @@
+//! Multi-process conversations: sharding, forwarding, exactly-once replies for retried
+//! ids, bot failures contained, passivation, protocol robustness and backpressure.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use botclaw_client::protocol::{ErrorCode, Request, Response};
+use botclaw_client::{Client, ClientError, ClientOptions};
+use botclaw_tests::*;
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+async fn clients(c: &Cluster) -> Vec<Arc<Client>> {
+    let mut out = Vec::new();
+    for node in &c.nodes {
+        let client = Client::connect(node.ports.client, ClientOptions::default()).await.unwrap();
+        assert_eq!(client.node(), node.name);
+        out.push(Arc::new(client));
+    }
+    out
+}
+
+/// Waits until every node's placement agrees on the owner of `conv` and returns it.
+fn agreed_owner(c: &Cluster, conv: &str) -> String {
+    let owner = poll(Duration::from_secs(10), || {
+        let owners: Vec<Value> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                get_json(n.ports.admin, &format!("/placement?conv={conv}"))
+                    .map(|v| v["owner"].clone())
+            })
+            .collect::<Option<_>>()?;
+        (owners.iter().all(|o| *o == owners[0]) && owners[0].is_string()).then(|| owners[0].clone())
+    });
+    owner.expect("nodes never agreed on an owner").as_str().unwrap().to_string()
+}
+
+#[test]
+fn thousands_of_conversations_through_every_gateway() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    const CONVS: usize = 2000;
+    const TURNS: u64 = 4;
+    // Every node computes the same owner; remember it per conversation.
+    let owners: Vec<String> = (0..CONVS).map(|k| agreed_owner(&c, &format!("conv-{k}"))).collect();
+    let mut per_owner: HashMap<&str, usize> = HashMap::new();
+    for o in &owners {
+        *per_owner.entry(o.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_owner.len(), 3, "every node owns some conversations: {per_owner:?}");
+
+    let rt = runtime();
+    let results = rt.block_on(async {
+        let clients = clients(&c).await;
+        let limit = Arc::new(tokio::sync::Semaphore::new(256));
+        let mut tasks = Vec::new();
+        for k in 0..CONVS {
+            let clients = clients.clone();
+            let limit = limit.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = limit.acquire().await.unwrap();
+                let conv = format!("conv-{k}");
+                let mut seen = Vec::new();
+                for t in 0..TURNS {
+                    // Each turn through a different gateway.
+                    let client = &clients[(k + t as usize) % clients.len()];
+                    let text = format!("{conv} says {t}");
+                    let reply =
+                        client.say(&conv, &format!("m-{t}"), &text, Some("echo")).await.unwrap();
+                    assert_eq!(reply.messages, vec![text]);
+                    seen.push((reply.turn, reply.node));
+                }
+                seen
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (k, seen) in results.iter().enumerate() {
+        let turns: Vec<u64> = seen.iter().map(|(t, _)| *t).collect();
+        assert_eq!(turns, (1..=TURNS).collect::<Vec<_>>(), "conv-{k} turn numbers");
+        for (_, node) in seen {
+            assert_eq!(node, &owners[k], "conv-{k} ran on {node}, owner is {}", owners[k]);
+        }
+    }
+    // Two of three turns of a conversation arrive at a node that does not own it.
+    let forwards: f64 =
+        c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_forwards_total")).sum();
+    assert!(forwards >= (CONVS as f64) * 2.0, "forwards: {forwards}");
+    let turns: f64 = c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_turns_total")).sum();
+    assert_eq!(turns, (CONVS as u64 * TURNS) as f64);
+}
+
+#[test]
+fn retried_id_is_applied_once_and_history_shows_it() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let rt = runtime();
+    rt.block_on(async {
+        let clients = clients(&c).await;
+        let first = clients[0].say("retry-1", "m-1", "hello", None).await.unwrap();
+        assert_eq!(first.turn, 1);
+        // The same id again, through every gateway: the original reply, no new turn.
+        for client in &clients {
+            let again = client.say("retry-1", "m-1", "hello (resent)", None).await.unwrap();
+            assert_eq!(again, first);
+        }
+        let second = clients[2].say("retry-1", "m-2", "next", None).await.unwrap();
+        assert_eq!(second.turn, 2);
+        let history = clients[1].history("retry-1", Some(10)).await.unwrap();
+        let ids: Vec<&str> = history.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, vec!["m-1", "m-2"]);
+        assert_eq!(history[0].text, "hello");
+    });
+    let dups: f64 =
+        c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_turn_duplicates_total")).sum();
+    assert_eq!(dups, 3.0);
+}
+
+#[test]
+fn bot_panic_is_contained() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let owner = agreed_owner(&c, "chaos-1");
+    let rt = runtime();
+    rt.block_on(async {
+        let clients = clients(&c).await;
+        let bot = Some("chaos");
+        assert_eq!(
+            clients[0].say("chaos-1", "1", "a", bot).await.unwrap().messages,
+            vec!["ok #1: a"]
+        );
+        // A bystander conversation on the same node, mid-way through its own dialogue.
+        let mut k = 0;
+        let bystander = loop {
+            let conv = format!("bystander-{k}");
+            if agreed_owner(&c, &conv) == owner {
+                break conv;
+            }
+            k += 1;
+        };
+        assert_eq!(clients[1].say(&bystander, "1", "x", bot).await.unwrap().turn, 1);
+        for (id, text) in [("2", "panic"), ("3", "error")] {
+            match clients[0].say("chaos-1", id, text, bot).await {
+                Err(ClientError::Server { code: ErrorCode::Internal, message, .. }) => {
+                    assert!(message.contains("chaos"), "{message}")
+                }
+                other => panic!("expected internal, got {other:?}"),
+            }
+        }
+        // The conversation restarted from its committed state: the failed turns left no
+        // trace (the chaos bot adds 1000 to its counter before failing).
+        let after = clients[2].say("chaos-1", "4", "b", bot).await.unwrap();
+        assert_eq!((after.turn, after.messages), (2, vec!["ok #2: b".to_string()]));
+        assert_eq!(
+            clients[0].say(&bystander, "2", "y", bot).await.unwrap().messages,
+            vec!["ok #2: y"]
+        );
+    });
+    let node = c.nodes.iter().find(|n| n.name == owner).unwrap();
+    let m = node.metrics();
+    assert_eq!(metric(&m, "botclaw_bot_errors_total"), 2.0);
+    assert_eq!(metric(&m, "botclaw_conversation_restarts_total"), 2.0);
+}
+
+#[test]
+fn idle_conversation_passivates_and_resumes() {
+    let mut c = Cluster::new(1).with_config("[conversations]\nidle_passivate_ms = 300\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = runtime();
+    let client =
+        rt.block_on(Client::connect(c.nodes[0].ports.client, ClientOptions::default())).unwrap();
+    let shop = Some("shop");
+    let r = rt.block_on(client.say("idle-1", "1", "I want to return an order", shop)).unwrap();
+    assert!(r.messages[0].contains("order number"));
+    let passivated = poll(Duration::from_secs(10), || {
+        let m = c.nodes[0].metrics();
+        (metric(&m, "botclaw_passivations_total") >= 1.0
+            && metric(&m, "botclaw_active_conversations") == 0.0)
+            .then_some(())
+    });
+    assert!(passivated.is_some(), "conversation never passivated:\n{}", c.nodes[0].metrics());
+    // Resumes mid-dialogue: the shop bot still waits for the order number.
+    let r = rt.block_on(client.say("idle-1", "2", "it is 98765", None)).unwrap();
+    assert_eq!(r.turn, 2);
+    assert!(r.messages[0].contains("#98765"), "{:?}", r.messages);
+    assert_eq!(metric(&c.nodes[0].metrics(), "botclaw_activations_total"), 2.0);
+}
+
+fn raw(c: &Cluster) -> (BufReader<TcpStream>, TcpStream) {
+    let s = TcpStream::connect(c.nodes[0].ports.client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (BufReader::new(s.try_clone().unwrap()), s)
+}
+
+fn read_json(r: &mut BufReader<TcpStream>) -> Value {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn junk_from_clients_gets_clear_errors_and_the_connection_stays_usable() {
+    let mut c = Cluster::new(1);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let (mut r, mut w) = raw(&c);
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (b"this is not json\n".to_vec(), "bad_request", "invalid request"),
+        (b"{\"op\":\"fly\"}\n".to_vec(), "bad_request", "unknown variant"),
+        (
+            b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"7\"}\n".to_vec(),
+            "bad_request",
+            "missing field `text`",
+        ),
+        (
+            b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"8\",\"text\":\"\xff\xfe\"}\n".to_vec(),
+            "bad_request",
+            "UTF-8",
+        ),
+        ([vec![b'x'; 70_000], b"\n".to_vec()].concat(), "too_large", "longer than"),
+        (
+            b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"9\",\"text\":\"t\",\"bot\":\"nope\"}\n"
+                .to_vec(),
+            "bad_request",
+            "unknown bot",
+        ),
+    ];
+    for (bytes, code, text) in &cases {
+        w.write_all(bytes).unwrap();
+        let v = read_json(&mut r);
+        assert_eq!(v["op"], "error", "{v}");
+        assert_eq!(v["code"], *code, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(text), "{v}");
+    }
+    // The id of a malformed say is echoed so a pipelining client can match it.
+    w.write_all(b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"m-77\"}\n").unwrap();
+    assert_eq!(read_json(&mut r)["id"], "m-77");
+    // Still usable.
+    w.write_all(&Request::Ping.to_line()).unwrap();
+    assert_eq!(read_json(&mut r)["op"], "pong");
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "botclaw_frames_too_large_total"), 1.0);
+    assert!(metric(&m, "botclaw_errors_total{code=\"bad_request\"}") >= 5.0);
+}
+
+#[test]
+fn client_tokens_are_enforced() {
+    let mut c = Cluster::new(1).with_config("[frontend]\nclient_tokens = [\"sesame\"]\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let (mut r, mut w) = raw(&c);
+    w.write_all(&Request::Ping.to_line()).unwrap();
+    assert_eq!(read_json(&mut r)["code"], "unauthorized");
+    let mut rest = String::new();
+    assert_eq!(r.read_line(&mut rest).unwrap(), 0, "connection closed after unauthorized");
+
+    let (mut r, mut w) = raw(&c);
+    w.write_all(&Request::Hello { token: Some("wrong".into()), client: None }.to_line()).unwrap();
+    assert_eq!(read_json(&mut r)["code"], "unauthorized");
+
+    let rt = runtime();
+    let opts = ClientOptions { token: Some("sesame".into()), ..ClientOptions::default() };
+    let client = rt.block_on(Client::connect(c.nodes[0].ports.client, opts)).unwrap();
+    assert_eq!(rt.block_on(client.ping()).unwrap(), "n0");
+}
+
+#[test]
+fn overload_gets_busy_with_a_retry_hint() {
+    let mut c = Cluster::new(1).with_config("[frontend]\nconn_inflight_max = 4\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let (mut r, mut w) = raw(&c);
+    // 20 slow turns pipelined on distinct conversations: 4 run, 16 are refused at once.
+    let mut batch = Vec::new();
+    for i in 0..20 {
+        let say = Request::Say {
+            conv: format!("slow-{i}"),
+            id: "1".into(),
+            text: "sleep 300".into(),
+            bot: Some("chaos".into()),
+            user: None,
+        };
+        batch.extend(say.to_line());
+    }
+    w.write_all(&batch).unwrap();
+    let answers: Vec<Value> = (0..20).map(|_| read_json(&mut r)).collect();
+    let busy: Vec<&Value> = answers.iter().filter(|v| v["code"] == "busy").collect();
+    let ok = answers.iter().filter(|v| v["op"] == "reply").count();
+    assert_eq!((busy.len(), ok), (16, 4), "{answers:#?}");
+    assert!(busy.iter().all(|v| v["retry_after_ms"].as_u64().is_some()));
+    // Replies for one conversation keep request order even when pipelined.
+    let mut batch = Vec::new();
+    for i in 0..3 {
+        let say = Request::Say {
+            conv: "ordered".into(),
+            id: format!("{i}"),
+            text: format!("sleep {}", 100 - 40 * i),
+            bot: Some("chaos".into()),
+            user: None,
+        };
+        batch.extend(say.to_line());
+    }
+    w.write_all(&batch).unwrap();
+    let ids: Vec<Value> = (0..3).map(|_| read_json(&mut r)["id"].clone()).collect();
+    assert_eq!(ids, vec!["0", "1", "2"]);
+    let _ = Response::Pong { node: String::new() };
+}
