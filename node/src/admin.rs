@@ -58,6 +58,9 @@ pub struct Status {
     pub incarnation: u64,
     pub joined: bool,
     pub uptime_s: f64,
+    /// Resident memory of the process.
+    pub rss_bytes: u64,
+    pub active_conversations: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -117,6 +120,8 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         incarnation: view.me.incarnation,
         joined: view.joined,
         uptime_s: uptime_s(view.me.incarnation),
+        rss_bytes: rss_bytes(),
+        active_conversations: s.host.active() as u64,
         members,
     })
 }
@@ -188,4 +193,13 @@ async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQu
     };
     let (shard, owner) = s.dispatcher.locate(&conv);
     Json(serde_json::json!({ "conv": conv, "shard": shard, "owner": owner })).into_response()
+}
+
+/// Resident set size from /proc (0 where unavailable).
+fn rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .unwrap_or(0);
+    pages * 4096
 }

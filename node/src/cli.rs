@@ -22,6 +22,10 @@ enum Command {
     Up(crate::up::UpArgs),
     /// Show the cluster's members as one node sees them.
     Status(StatusArgs),
+    /// Talk to a bot (an interactive REPL over the chat protocol).
+    Chat(crate::chat::ChatArgs),
+    /// Generate chat load and report throughput and latency percentiles.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags override the config file field of the same name.
@@ -94,9 +98,40 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Chat(args) => match client_runtime().block_on(crate::chat::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("botclaw chat: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(args) => {
+            let json = args.json;
+            match client_runtime().block_on(crate::bench::run(args)) {
+                Ok(report) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).expect("report serializes")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    crate::bench::print(&report);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("botclaw bench: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Node(args) => run_node(args),
         Command::Up(args) => match crate::up::run(args) {
             Ok(code) => code,

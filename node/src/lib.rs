@@ -2,7 +2,8 @@
 //! plus the operator CLI.
 //!
 //! Layout:
-//! - [`cli`]: the `botclaw` command (node, up, status);
+//! - [`cli`]: the `botclaw` command (node, up, status, chat, bench);
+//! - [`chat`]: the REPL; [`bench`]: the load generator with its baseline echo server;
 //! - [`node`]: `run(config, shutdown)`, one node's lifetime;
 //! - [`gossip`]: the UDP driver of the membership state machine;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
@@ -12,6 +13,8 @@
 //! - [`up`]: the local N-node launcher; [`status`]: the status table.
 
 pub mod admin;
+pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod frontend;
 pub mod gossip;
