@@ -66,7 +66,10 @@ impl StateStore for MemoryStore {
         commit: TurnCommit,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let mut state = self.conversations.entry(conv.to_string()).or_default();
+            let mut state = match self.conversations.get_mut(conv) {
+                Some(state) => state,
+                None => self.conversations.entry(conv.to_string()).or_default(),
+            };
             let expected = state.turn + 1;
             let turn = commit.record.turn;
             if state.apply(commit, self.turns_kept_max) {

@@ -1,0 +1,65 @@
+//! The client tools against a real node: `botclaw chat` driven through stdin, and
+//! `botclaw bench --json` (a functional check of the report, not a performance test).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use botclaw_tests::*;
+
+#[test]
+fn chat_repl_talks_to_a_bot() {
+    let mut c = Cluster::new(1);
+    c.start_all();
+    c.wait_converged(&[0], Duration::from_secs(20));
+    let mut chat = Command::new(botclaw_bin())
+        .args(["chat", "--connect", &c.nodes[0].ports.client.to_string(), "--conv", "repl-1", "--bot", "shop"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = "I want to return an order\n4711\nyes\n/history\n/topology\n/quit\n";
+    chat.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let pid = chat.id();
+    let out = poll(Duration::from_secs(20), || chat.try_wait().ok().flatten());
+    if out.is_none() {
+        send_signal(pid, libc::SIGKILL);
+    }
+    let out = chat.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("bot> Sure. What is your order number?"), "{stdout}");
+    assert!(stdout.contains("Return order #4711?"), "{stdout}");
+    assert!(stdout.contains("#4711 confirmed"), "{stdout}");
+    assert!(stdout.contains("(turn 3 on n0)"), "{stdout}");
+    assert!(stdout.contains("#1 you: I want to return an order"), "{stdout}");
+    assert!(stdout.contains(&format!("n0 {}", c.nodes[0].ports.client)), "{stdout}");
+}
+
+#[test]
+fn bench_reports_json() {
+    let mut c = Cluster::new(1);
+    c.start_all();
+    c.wait_converged(&[0], Duration::from_secs(20));
+    let out = Command::new(botclaw_bin())
+        .args(["bench", "--json", "--baseline-echo", "--connections", "4", "--conversations", "50"])
+        .args(["--turns", "2000", "--pipeline", "4", "--skew", "1.1"])
+        .args(["--connect", &c.nodes[0].ports.client.to_string()])
+        .args(["--admin", &c.nodes[0].ports.admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cluster"]["turns"], 2000, "{report:#}");
+    assert!(report["cluster"]["errors"].as_object().unwrap().is_empty(), "{report:#}");
+    assert_eq!(report["baseline"]["turns"], 2000);
+    let lat = &report["cluster"]["latency_us"];
+    assert!(lat["p50"].as_u64().unwrap() <= lat["p99"].as_u64().unwrap());
+    assert_eq!(report["cluster"]["local_us"]["count"], 2000, "one node runs every turn itself");
+    assert!(report["ratios"]["throughput"].as_f64().unwrap() > 0.0);
+    let active = report["memory"]["active_after"].as_u64().unwrap();
+    assert!((1..=50).contains(&active), "{report:#}");
+    // The node counted what the bench sent.
+    assert_eq!(metric(&c.nodes[0].metrics(), "botclaw_turns_total"), 2000.0);
+}
