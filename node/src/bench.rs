@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use botclaw_client::codec::{Frame, LineFramer};
-use botclaw_client::protocol::{parse_request, Request, Response};
+use botclaw_client::protocol::{parse_request, parse_response, Request, Response};
 use bytes::BytesMut;
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -166,7 +166,7 @@ async fn drive(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let gateway = loop {
         if let Some(Frame::Line(line)) = framer.next_frame(&mut buf) {
-            match serde_json::from_slice::<Response>(&line)? {
+            match parse_response(&line).map_err(anyhow::Error::msg)? {
                 Response::Welcome { node, .. } => break node,
                 other => bail!("unexpected greeting from {addr}: {other:?}"),
             }
@@ -225,7 +225,7 @@ async fn drive(
         }
         while let Some(frame) = framer.next_frame(&mut buf) {
             let Frame::Line(line) = frame else { continue };
-            let response: Response = serde_json::from_slice(&line)?;
+            let response = parse_response(&line).map_err(anyhow::Error::msg)?;
             let (id, node, code) = match response {
                 Response::Reply { id, node, .. } => (id, Some(node), None),
                 Response::Error { id: Some(id), code, .. } => (id, None, Some(code)),

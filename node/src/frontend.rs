@@ -35,6 +35,8 @@ use crate::routing::Dispatcher;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Most completed answers handled before writing them out.
 const DONE_BATCH_MAX: usize = 1024;
+/// Answers buffered past this size are written without waiting for more.
+const WRITE_BATCH_BYTES: usize = 32 * 1024;
 /// Default and largest `history` limit.
 const HISTORY_LIMIT_DEFAULT: u32 = 20;
 
@@ -136,12 +138,7 @@ impl Connection {
                 biased;
                 Some(done) = self.rx.recv() => {
                     self.on_done(done);
-                    for _ in 0..DONE_BATCH_MAX {
-                        match self.rx.try_recv() {
-                            Ok(done) => self.on_done(done),
-                            Err(_) => break,
-                        }
-                    }
+                    self.drain_done();
                 }
                 read = stream.read_buf(&mut buf), if !eof => match read {
                     Ok(0) | Err(_) => eof = true,
@@ -160,6 +157,14 @@ impl Connection {
                 _ = sweep.tick() => self.sweep(),
             }
             if !self.out.is_empty() {
+                // A write is a syscall that also runs the peer's receive path on loopback;
+                // one answer per write cost a quarter of a node's CPU under load. Let the
+                // conversation actors already queued on this worker finish first, and send
+                // their answers in the same write.
+                if self.out.len() < WRITE_BATCH_BYTES {
+                    tokio::task::yield_now().await;
+                    self.drain_done();
+                }
                 if stream.write_all(&self.out).await.is_err() {
                     break;
                 }
@@ -171,6 +176,15 @@ impl Connection {
         }
         // Requests still in flight stop counting against the node.
         self.fe.node_inflight.fetch_sub(self.inflight, Ordering::AcqRel);
+    }
+
+    fn drain_done(&mut self) {
+        for _ in 0..DONE_BATCH_MAX {
+            match self.rx.try_recv() {
+                Ok(done) => self.on_done(done),
+                Err(_) => break,
+            }
+        }
     }
 
     fn write(&mut self, response: &Response) {

@@ -13,7 +13,15 @@ fn chat_repl_talks_to_a_bot() {
     c.start_all();
     c.wait_converged(&[0], Duration::from_secs(20));
     let mut chat = Command::new(botclaw_bin())
-        .args(["chat", "--connect", &c.nodes[0].ports.client.to_string(), "--conv", "repl-1", "--bot", "shop"])
+        .args([
+            "chat",
+            "--connect",
+            &c.nodes[0].ports.client.to_string(),
+            "--conv",
+            "repl-1",
+            "--bot",
+            "shop",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -7,8 +7,10 @@
 //! the bot again.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// One processed turn.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,28 +26,56 @@ pub struct TurnRecord {
 }
 
 /// What a turn commits: everything needed to move a stored conversation one turn forward.
+/// The record is shared (not copied) between the actor's state and the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnCommit {
     pub bot: String,
     pub bot_state: Vec<u8>,
-    pub record: TurnRecord,
+    pub record: Arc<TurnRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConversationState {
     /// The bot this conversation is bound to; empty until the first turn.
     pub bot: String,
     pub bot_state: Vec<u8>,
     /// Oldest first; at most `turns_kept_max`.
-    pub turns: VecDeque<TurnRecord>,
+    pub turns: VecDeque<Arc<TurnRecord>>,
     /// Number of the last turn (0 before the first).
     pub turn: u64,
+    /// Hashes of the ids in `turns`, in the same order: a compact index so that checking a
+    /// new id against the window does not walk every record. Derived, never stored; when
+    /// it is out of step (just decoded), lookups fall back to comparing ids.
+    #[serde(skip)]
+    id_hashes: VecDeque<u64>,
 }
 
+impl PartialEq for ConversationState {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.bot, &self.bot_state, &self.turns, self.turn)
+            == (&other.bot, &other.bot_state, &other.turns, other.turn)
+    }
+}
+
+impl Eq for ConversationState {}
+
 impl ConversationState {
+    /// Rebuilds the id index (after decoding a stored state).
+    pub fn reindex(&mut self) {
+        self.id_hashes = self.turns.iter().map(|t| xxh3_64(t.id.as_bytes())).collect();
+    }
+
     /// The earlier turn with this message id, if it is still in the window.
-    pub fn find(&self, id: &str) -> Option<&TurnRecord> {
-        self.turns.iter().rev().find(|t| t.id == id)
+    pub fn find(&self, id: &str) -> Option<&Arc<TurnRecord>> {
+        if self.id_hashes.len() != self.turns.len() {
+            return self.turns.iter().rev().find(|t| same_id(&t.id, id));
+        }
+        let h = xxh3_64(id.as_bytes());
+        (0..self.turns.len())
+            .rev()
+            .filter(|&i| self.id_hashes[i] == h)
+            .map(|i| &self.turns[i])
+            .find(|t| same_id(&t.id, id))
     }
 
     /// The bot a new turn runs: the bound one, else the requested one, else the default.
@@ -61,22 +91,16 @@ impl ConversationState {
     pub fn next_commit(
         &self,
         bot: &str,
-        id: &str,
-        text: &str,
-        user: Option<&str>,
+        id: String,
+        text: String,
+        user: Option<String>,
         messages: Vec<String>,
         bot_state: Vec<u8>,
     ) -> TurnCommit {
         TurnCommit {
             bot: bot.to_string(),
             bot_state,
-            record: TurnRecord {
-                turn: self.turn + 1,
-                id: id.to_string(),
-                text: text.to_string(),
-                user: user.map(String::from),
-                messages,
-            },
+            record: Arc::new(TurnRecord { turn: self.turn + 1, id, text, user, messages }),
         }
     }
 
@@ -91,17 +115,33 @@ impl ConversationState {
         }
         self.bot_state = commit.bot_state;
         self.turn = commit.record.turn;
+        let indexed = self.id_hashes.len() == self.turns.len();
+        if indexed {
+            self.id_hashes.push_back(xxh3_64(commit.record.id.as_bytes()));
+        }
         self.turns.push_back(commit.record);
         while self.turns.len() > turns_kept_max.max(1) {
             self.turns.pop_front();
+            if indexed {
+                self.id_hashes.pop_front();
+            }
         }
         true
     }
 
     /// The last `limit` turns, oldest first.
-    pub fn history(&self, limit: usize) -> impl Iterator<Item = &TurnRecord> {
+    pub fn history(&self, limit: usize) -> impl Iterator<Item = &Arc<TurnRecord>> {
         self.turns.iter().skip(self.turns.len().saturating_sub(limit))
     }
+}
+
+/// String equality that looks at the last byte first: client ids are usually counters or
+/// carry their distinguishing part at the end, and every new turn is compared with the
+/// whole window.
+fn same_id(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    // Length and last byte inline; only then the (out-of-line) full comparison.
+    a.len() == b.len() && a.last() == b.last() && a == b
 }
 
 #[cfg(test)]
@@ -109,7 +149,7 @@ mod tests {
     use super::*;
 
     fn commit(state: &ConversationState, id: &str) -> TurnCommit {
-        state.next_commit("echo", id, "hi", None, vec![format!("re {id}")], vec![])
+        state.next_commit("echo", id.into(), "hi".into(), None, vec![format!("re {id}")], vec![])
     }
 
     #[test]
@@ -140,13 +180,48 @@ mod tests {
     }
 
     #[test]
+    fn index_survives_encoding_and_window_eviction() {
+        let mut s = ConversationState::default();
+        for i in 0..10 {
+            let c = commit(&s, &format!("m{i}"));
+            s.apply(c, 4);
+        }
+        let mut decoded: ConversationState =
+            postcard::from_bytes(&postcard::to_allocvec(&s).unwrap()).unwrap();
+        assert_eq!(decoded, s);
+        // Out of step after decoding: still correct, by comparing ids.
+        assert_eq!(decoded.find("m8").unwrap().turn, 9);
+        decoded.reindex();
+        assert_eq!(decoded.find("m8").unwrap().turn, 9);
+        assert!(decoded.find("m1").is_none());
+        let c = commit(&decoded, "m10");
+        decoded.apply(c, 4);
+        assert!(decoded.find("m6").is_none());
+        assert_eq!(decoded.find("m10").unwrap().turn, 11);
+    }
+
+    #[test]
+    fn same_id_is_string_equality() {
+        for (a, b) in [
+            ("", ""),
+            ("a", "a"),
+            ("m-1", "m-2"),
+            ("0123456789abc", "0123456789abc"),
+            ("x0123456789", "y0123456789"),
+            ("ab", "abc"),
+        ] {
+            assert_eq!(same_id(a, b), a == b, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
     fn stale_or_repeated_commits_are_ignored() {
         let mut s = ConversationState::default();
         let c1 = commit(&s, "a");
         assert!(s.apply(c1.clone(), 8));
         assert!(!s.apply(c1, 8));
         let mut skip = commit(&s, "b");
-        skip.record.turn = 5;
+        Arc::make_mut(&mut skip.record).turn = 5;
         assert!(!s.apply(skip, 8));
         assert_eq!(s.turn, 1);
     }

@@ -56,7 +56,8 @@ impl Actor for ConversationActor {
         _me: ActorRef<ConvMsg>,
         args: ConvArgs,
     ) -> Result<ConvActorState, ActorProcessingErr> {
-        let state = args.shared.store.load(&args.conv).await?.unwrap_or_default();
+        let mut state = args.shared.store.load(&args.conv).await?.unwrap_or_default();
+        state.reindex();
         Ok(ConvActorState {
             cx: args.shared.turn_context(),
             conv: args.conv,
@@ -79,10 +80,11 @@ impl Actor for ConversationActor {
                 s.activity.touch(&s.shared);
                 match request {
                     ConvRequest::Say { id, text, bot, user } => {
-                        s.say(&id, &text, bot.as_deref(), user.as_deref(), reply).await?;
+                        s.say(id, text, bot.as_deref(), user, reply).await?;
                     }
                     ConvRequest::History { limit } => {
-                        let turns = s.state.history(limit as usize).cloned().collect();
+                        let turns =
+                            s.state.history(limit as usize).map(|t| (**t).clone()).collect();
                         reply.send(ConvOutcome::History { turns, node: s.shared.node.clone() });
                     }
                 }
@@ -115,14 +117,14 @@ impl ConvActorState {
 
     async fn say(
         &mut self,
-        id: &str,
-        text: &str,
+        id: String,
+        text: String,
         bot: Option<&str>,
-        user: Option<&str>,
+        user: Option<String>,
         reply: Reply,
     ) -> Result<(), ActorProcessingErr> {
         let node = self.shared.node.clone();
-        if let Some(done) = self.state.find(id) {
+        if let Some(done) = self.state.find(&id) {
             self.shared.metrics.duplicates.inc();
             reply.send(ConvOutcome::Reply {
                 messages: done.messages.clone(),
@@ -141,7 +143,13 @@ impl ConvActorState {
             return Ok(());
         };
         let mut bot_state = self.state.bot_state.clone();
-        let input = TurnInput { conv: &self.conv, id, text, user, turn: self.state.turn + 1 };
+        let input = TurnInput {
+            conv: &self.conv,
+            id: &id,
+            text: &text,
+            user: user.as_deref(),
+            turn: self.state.turn + 1,
+        };
         let outcome =
             AssertUnwindSafe(runner.turn(&mut self.cx, &mut bot_state, input)).catch_unwind().await;
         let failure = match outcome {
@@ -173,7 +181,8 @@ impl ConvActorState {
                 format!("bot {bot_name} panicked: {what}")
             }
         };
-        tracing::warn!(conv = %self.conv, %id, error = %failure, "turn failed; restarting from committed state");
+        let turn = self.state.turn + 1;
+        tracing::warn!(conv = %self.conv, turn, error = %failure, "turn failed; restarting from committed state");
         reply.send(ConvOutcome::failed(FailKind::Internal, failure));
         self.restart().await
     }
@@ -181,6 +190,7 @@ impl ConvActorState {
     /// Back to the last committed state, with a fresh cache, as a restarted actor would be.
     async fn restart(&mut self) -> Result<(), ActorProcessingErr> {
         self.state = self.shared.store.load(&self.conv).await?.unwrap_or_default();
+        self.state.reindex();
         self.cx = self.shared.turn_context();
         self.shared.metrics.restarts.inc();
         Ok(())

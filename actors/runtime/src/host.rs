@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use botclaw_config::ConversationConfig;
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
+use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::backends::Backends;
 use crate::bot::{BotRegistry, TurnContext};
@@ -61,7 +62,9 @@ pub struct HostShared {
     pub bots: BotRegistry,
     pub backends: Arc<Backends>,
     pub metrics: ConversationMetrics,
-    pub registry: DashMap<Arc<str>, Handle>,
+    /// Live actors by conversation id, hashed with a per-process random seed (ids come
+    /// from clients).
+    pub registry: DashMap<Arc<str>, Handle, Xxh3Builder>,
     pub default_bot: String,
     pub turns_kept_max: usize,
     pub idle_passivate: Duration,
@@ -153,7 +156,7 @@ impl ConversationHost {
             bots,
             backends,
             metrics,
-            registry: DashMap::new(),
+            registry: DashMap::with_hasher(Xxh3Builder::new().with_seed(random_seed())),
             default_bot: cfg.default_bot.clone(),
             turns_kept_max: cfg.turns_kept_max,
             idle_passivate: Duration::from_millis(cfg.idle_passivate_ms),
@@ -238,6 +241,12 @@ impl ConversationHost {
             }
         }
     }
+}
+
+/// A seed from the standard library's per-process random hasher keys.
+pub(crate) fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
 }
 
 async fn sweep_idle(host: ConversationHost) {

@@ -8,6 +8,7 @@ use std::pin::Pin;
 
 use botclaw_core::conversation::{ConversationState, TurnCommit};
 use dashmap::DashMap;
+use xxhash_rust::xxh3::Xxh3Builder;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -34,13 +35,14 @@ pub trait StateStore: Send + Sync + 'static {
 /// Keeps every conversation in memory: for tests and `--ephemeral` nodes.
 #[derive(Debug)]
 pub struct MemoryStore {
-    conversations: DashMap<String, ConversationState>,
+    conversations: DashMap<String, ConversationState, Xxh3Builder>,
     turns_kept_max: usize,
 }
 
 impl MemoryStore {
     pub fn new(turns_kept_max: usize) -> Self {
-        MemoryStore { conversations: DashMap::new(), turns_kept_max }
+        let hasher = Xxh3Builder::new().with_seed(crate::host::random_seed());
+        MemoryStore { conversations: DashMap::with_hasher(hasher), turns_kept_max }
     }
 
     pub fn len(&self) -> usize {

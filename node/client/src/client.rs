@@ -122,7 +122,7 @@ async fn read_loop(mut stream: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mute
     loop {
         while let Some(frame) = framer.next_frame(&mut buf) {
             if let Frame::Line(line) = frame {
-                if let Ok(response) = serde_json::from_slice::<Response>(&line) {
+                if let Ok(response) = crate::protocol::parse_response(&line) {
                     dispatch(&pending, response);
                 }
             }

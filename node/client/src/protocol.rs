@@ -10,6 +10,8 @@
 //! errors: {"op":"error","id":...,"conv":...,"code":"...","message":"...","retry_after_ms":...}
 //! ```
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -202,11 +204,38 @@ fn check_id(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Every field any request may carry. Parsing into this flat struct (strings borrowed
+/// where they have no escapes) and then checking the `op` avoids serde's buffering of
+/// internally tagged enums, which costs an allocation per field per request.
+#[derive(Deserialize)]
+struct FlatRequest<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    conv: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    bot: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    client: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+const OPS: &str = "hello, say, history, topology, ping";
+
 /// Parses and validates one request line (without its newline).
 pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     let text = std::str::from_utf8(line)
         .map_err(|e| bad(format!("request is not valid UTF-8: {e}"), None, None))?;
-    let request: Request = serde_json::from_str(text).map_err(|e| {
+    let raw: FlatRequest<'_> = serde_json::from_str(text).map_err(|e| {
         // Best effort to echo the id and conv of a malformed request, so a pipelining
         // client can tell which request failed.
         let loose: Option<serde_json::Value> = serde_json::from_str(text).ok();
@@ -215,18 +244,102 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         };
         bad(format!("invalid request: {e}"), field("id"), field("conv"))
     })?;
-    let checked = match &request {
-        Request::Say { conv, id, bot, user, .. } => check_id("conv", conv)
-            .and_then(|_| check_id("id", id))
-            .and_then(|_| bot.as_deref().map_or(Ok(()), |b| check_id("bot", b)))
-            .and_then(|_| user.as_deref().map_or(Ok(()), |u| check_id("user", u)))
-            .map_err(|m| bad(m, Some(id.clone()), Some(conv.clone()))),
-        Request::History { conv, .. } => {
-            check_id("conv", conv).map_err(|m| bad(m, None, Some(conv.clone())))
-        }
-        _ => Ok(()),
+    let own = |v: Option<Cow<'_, str>>| v.map(Cow::into_owned);
+    let (id, conv) = (own(raw.id), own(raw.conv));
+    let missing = |field: &str, id: Option<String>, conv: Option<String>| {
+        Err(bad(format!("invalid request: missing field `{field}`"), id, conv))
     };
-    checked.map(|_| request)
+    let Some(op) = raw.op else { return missing("op", id, conv) };
+    match &*op {
+        "say" => {
+            let Some(c) = conv else { return missing("conv", id, None) };
+            let Some(i) = id else { return missing("id", None, Some(c)) };
+            let Some(text) = raw.text else { return missing("text", Some(i), Some(c)) };
+            let (bot, user) = (own(raw.bot), own(raw.user));
+            let checked = check_id("conv", &c)
+                .and_then(|_| check_id("id", &i))
+                .and_then(|_| bot.as_deref().map_or(Ok(()), |b| check_id("bot", b)))
+                .and_then(|_| user.as_deref().map_or(Ok(()), |u| check_id("user", u)));
+            match checked {
+                Ok(()) => Ok(Request::Say { conv: c, id: i, text: text.into_owned(), bot, user }),
+                Err(m) => Err(bad(m, Some(i), Some(c))),
+            }
+        }
+        "history" => {
+            let Some(c) = conv else { return missing("conv", id, None) };
+            match check_id("conv", &c) {
+                Ok(()) => Ok(Request::History { conv: c, limit: raw.limit }),
+                Err(m) => Err(bad(m, None, Some(c))),
+            }
+        }
+        "hello" => Ok(Request::Hello { token: own(raw.token), client: own(raw.client) }),
+        "topology" => Ok(Request::Topology),
+        "ping" => Ok(Request::Ping),
+        other => Err(bad(format!("unknown op `{other}`, expected one of {OPS}"), id, conv)),
+    }
+}
+
+/// Every field any response may carry (see [`FlatRequest`] for why).
+#[derive(Deserialize)]
+struct FlatResponse {
+    op: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    protocol: Option<u32>,
+    #[serde(default)]
+    conv: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<String>>,
+    #[serde(default)]
+    turn: Option<u64>,
+    #[serde(default)]
+    turns: Option<Vec<HistoryTurn>>,
+    #[serde(default)]
+    nodes: Option<Vec<TopologyNode>>,
+    #[serde(default)]
+    code: Option<ErrorCode>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+}
+
+/// Parses one response line (for clients).
+pub fn parse_response(line: &[u8]) -> Result<Response, String> {
+    let r: FlatResponse =
+        serde_json::from_slice(line).map_err(|e| format!("invalid response: {e}"))?;
+    let need = |what: &str| format!("response `{}` lacks `{what}`", r.op);
+    Ok(match r.op.as_str() {
+        "welcome" => Response::Welcome {
+            node: r.node.ok_or_else(|| need("node"))?,
+            protocol: r.protocol.ok_or_else(|| need("protocol"))?,
+        },
+        "reply" => Response::Reply {
+            conv: r.conv.ok_or_else(|| need("conv"))?,
+            id: r.id.ok_or_else(|| need("id"))?,
+            messages: r.messages.ok_or_else(|| need("messages"))?,
+            turn: r.turn.ok_or_else(|| need("turn"))?,
+            node: r.node.ok_or_else(|| need("node"))?,
+        },
+        "history" => Response::History {
+            conv: r.conv.ok_or_else(|| need("conv"))?,
+            turns: r.turns.ok_or_else(|| need("turns"))?,
+            node: r.node.ok_or_else(|| need("node"))?,
+        },
+        "topology" => Response::Topology { nodes: r.nodes.ok_or_else(|| need("nodes"))? },
+        "pong" => Response::Pong { node: r.node.ok_or_else(|| need("node"))? },
+        "error" => Response::Error {
+            id: r.id,
+            conv: r.conv,
+            code: r.code.ok_or_else(|| need("code"))?,
+            message: r.message.unwrap_or_default(),
+            retry_after_ms: r.retry_after_ms,
+        },
+        other => return Err(format!("unknown response op `{other}`")),
+    })
 }
 
 #[cfg(test)]

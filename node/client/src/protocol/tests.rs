@@ -52,7 +52,7 @@ fn errors_are_clear_and_keep_the_id() {
     assert_eq!(err.conv.as_deref(), Some("c"));
 
     let err = parse_request(b"{\"op\":\"dance\"}").unwrap_err();
-    assert!(err.message.contains("unknown variant `dance`"), "{}", err.message);
+    assert!(err.message.contains("unknown op `dance`"), "{}", err.message);
 
     let err = parse_request(b"not json").unwrap_err();
     assert!(err.message.starts_with("invalid request"), "{}", err.message);
@@ -89,6 +89,63 @@ fn responses_have_the_documented_shape() {
     assert_eq!(v["code"], "busy");
     assert_eq!(v["retry_after_ms"], 50);
     assert_eq!(v["id"], "m-1");
+}
+
+#[test]
+fn responses_parse_back() {
+    let all = vec![
+        Response::Welcome { node: "n".into(), protocol: 1 },
+        Response::Reply {
+            conv: "c".into(),
+            id: "i".into(),
+            messages: vec!["m".into()],
+            turn: 2,
+            node: "n".into(),
+        },
+        Response::History {
+            conv: "c".into(),
+            turns: vec![HistoryTurn {
+                turn: 1,
+                id: "i".into(),
+                text: "t".into(),
+                messages: vec![],
+                user: None,
+            }],
+            node: "n".into(),
+        },
+        Response::Topology {
+            nodes: vec![TopologyNode { name: "n".into(), client_addr: "1.2.3.4:5".into() }],
+        },
+        Response::Pong { node: "n".into() },
+        Response::Error {
+            id: None,
+            conv: Some("c".into()),
+            code: ErrorCode::Busy,
+            message: "m".into(),
+            retry_after_ms: Some(5),
+        },
+    ];
+    for r in all {
+        let line = r.to_line();
+        assert_eq!(parse_response(&line[..line.len() - 1]).unwrap(), r);
+    }
+    assert!(parse_response(b"{\"op\":\"reply\"}").unwrap_err().contains("lacks"));
+}
+
+#[test]
+fn escaped_strings_are_decoded() {
+    let r = parse_request(br#"{"op":"say","conv":"c\u0041","id":"1","text":"line\nbreak \"q\""}"#)
+        .unwrap();
+    assert_eq!(
+        r,
+        Request::Say {
+            conv: "cA".into(),
+            id: "1".into(),
+            text: "line\nbreak \"q\"".into(),
+            bot: None,
+            user: None
+        }
+    );
 }
 
 proptest! {
