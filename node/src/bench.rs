@@ -319,7 +319,7 @@ async fn run_load(
 
 /// The baseline: reads lines, parses each as a request and answers a `say` with a reply of
 /// the same shape, on plain tokio with no actors, no routing and no state.
-async fn echo_server(listener: TcpListener) {
+pub async fn echo_server(listener: TcpListener) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
@@ -356,6 +356,36 @@ async fn echo_server(listener: TcpListener) {
     }
 }
 
+/// Starts `botclaw echo-server` on a free port and returns it with its address.
+fn spawn_echo_server() -> Result<(std::process::Child, SocketAddr)> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().context("locating the botclaw binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting the baseline echo server")?;
+    let stdout = child.stdout.take().context("echo server stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()) {
+        Some(addr) => Ok((child, addr)),
+        None => {
+            let _ = child.kill();
+            bail!("the echo server did not start: {line:?}")
+        }
+    }
+}
+
+/// `botclaw echo-server`: the baseline server as its own process.
+pub async fn run_echo_server(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    echo_server(listener).await;
+    Ok(())
+}
+
 fn node_memory(admin: SocketAddr) -> Result<(u64, u64)> {
     let status: serde_json::Value =
         crate::http::get_json(admin, "/status", Duration::from_secs(5))?;
@@ -376,12 +406,11 @@ pub async fn run(args: BenchArgs) -> Result<Report> {
     let args = Arc::new(args);
     let progress = !args.json;
     let baseline = if args.baseline_echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = tokio::spawn(echo_server(listener));
-        let report = run_load("baseline echo", &[addr], &args, progress).await?;
-        server.abort();
-        Some(report)
+        let (mut server, addr) = spawn_echo_server()?;
+        let report = run_load("baseline echo", &[addr], &args, progress).await;
+        let _ = server.kill();
+        let _ = server.wait();
+        Some(report?)
     } else {
         None
     };

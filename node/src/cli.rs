@@ -26,6 +26,12 @@ enum Command {
     Chat(crate::chat::ChatArgs),
     /// Generate chat load and report throughput and latency percentiles.
     Bench(crate::bench::BenchArgs),
+    /// The bench's baseline: a minimal tokio server speaking the same framing.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 /// Flags override the config file field of the same name.
@@ -105,6 +111,15 @@ fn client_runtime() -> tokio::runtime::Runtime {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::EchoServer { listen } => {
+            match client_runtime().block_on(crate::bench::run_echo_server(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("botclaw echo-server: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Chat(args) => match client_runtime().block_on(crate::chat::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

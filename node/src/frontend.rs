@@ -158,10 +158,11 @@ impl Connection {
             }
             if !self.out.is_empty() {
                 // A write is a syscall that also runs the peer's receive path on loopback;
-                // one answer per write cost a quarter of a node's CPU under load. Let the
-                // conversation actors already queued on this worker finish first, and send
-                // their answers in the same write.
-                if self.out.len() < WRITE_BATCH_BYTES {
+                // one answer per write cost a quarter of a node's CPU under load. With more
+                // requests in flight, let the conversation actors already queued on this
+                // worker finish first and send their answers in the same write; with none,
+                // write at once (no added latency for a lone request).
+                if self.inflight > 0 && self.out.len() < WRITE_BATCH_BYTES {
                     tokio::task::yield_now().await;
                     self.drain_done();
                 }
