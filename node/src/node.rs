@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use botclaw_actors::backends::Backends;
+use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
 use botclaw_actors::store::{MemoryStore, StateStore};
 use botclaw_actors::{RouterActor, RouterArgs};
@@ -99,11 +100,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         placement: Placement::build(&[], &cfg.placement),
         joined: false,
     }));
+    let forwarder =
+        Forwarder::start(&cfg.name, Duration::from_millis(cfg.frontend.turn_timeout_ms));
     let dispatcher = Arc::new(Dispatcher {
         host: host.clone(),
+        forwarder: forwarder.clone(),
         view: placement.clone(),
         me: node.clone(),
-        forward_timeout: Duration::from_millis(cfg.frontend.turn_timeout_ms),
         retry_after_ms: cfg.frontend.retry_after_ms,
         metrics: metrics.clone(),
     });
@@ -114,6 +117,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             node_name: cfg.name.clone(),
             link_name: link_name.clone(),
             inbound: dispatcher.clone(),
+            forwarder: forwarder.clone(),
         },
     )
     .await
@@ -133,7 +137,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
     let placement_task =
-        tokio::spawn(routing::maintain(view.clone(), cfg.placement.clone(), placement));
+        tokio::spawn(routing::maintain(view.clone(), cfg.placement.clone(), placement, forwarder));
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),
         cfg: cfg.frontend.clone(),

@@ -9,12 +9,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use botclaw_actors::envelope::{ConvOutcome, ConvRequest, Envelope, FailKind, Reply};
+use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
-use botclaw_actors::router::{self, Inbound};
+use botclaw_actors::router::Inbound;
 use botclaw_config::PlacementConfig;
 use botclaw_core::placement::{Placement, RingMember, ShardId};
 use botclaw_core::MemberState;
@@ -45,18 +45,31 @@ pub fn ring_members(view: &ClusterView) -> BTreeSet<RingMember> {
         .collect()
 }
 
-/// Keeps `out` in step with membership.
+/// Keeps `out` in step with membership, and fails requests forwarded to members that went
+/// down instead of letting them time out.
 pub async fn maintain(
     mut view: watch::Receiver<ClusterView>,
     cfg: PlacementConfig,
     out: Arc<ArcSwap<PlacementView>>,
+    forwarder: Arc<Forwarder>,
 ) {
     let mut current: Option<(BTreeSet<RingMember>, bool)> = None;
+    let mut down = BTreeSet::new();
     loop {
-        let (members, joined) = {
+        let (members, joined, now_down) = {
             let v = view.borrow_and_update();
-            (ring_members(&v), v.joined)
+            let now_down: BTreeSet<String> = v
+                .members
+                .iter()
+                .filter(|m| m.state == MemberState::Down)
+                .map(|m| m.id.name.clone())
+                .collect();
+            (ring_members(&v), v.joined, now_down)
         };
+        for peer in now_down.difference(&down) {
+            forwarder.fail_peer(peer);
+        }
+        down = now_down;
         if current.as_ref() != Some(&(members.clone(), joined)) {
             let list: Vec<RingMember> = members.iter().cloned().collect();
             let cfg = cfg.clone();
@@ -75,9 +88,9 @@ pub async fn maintain(
 
 pub struct Dispatcher {
     pub host: ConversationHost,
+    pub forwarder: Arc<Forwarder>,
     pub view: Arc<ArcSwap<PlacementView>>,
     pub me: Arc<str>,
-    pub forward_timeout: Duration,
     pub retry_after_ms: u64,
     pub metrics: Metrics,
 }
@@ -112,7 +125,7 @@ impl Dispatcher {
             Some(owner) if hops == 0 => {
                 self.metrics.forwards.inc();
                 let envelope = Envelope { conv: conv.to_string(), request, hops: 1 };
-                router::forward(owner, &envelope, reply, self.forward_timeout);
+                self.forwarder.forward(owner, envelope, reply);
             }
             Some(owner) => {
                 self.metrics.forward_refusals.inc();

@@ -223,7 +223,7 @@ fn junk_from_clients_gets_clear_errors_and_the_connection_stays_usable() {
     let (mut r, mut w) = raw(&c);
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (b"this is not json\n".to_vec(), "bad_request", "invalid request"),
-        (b"{\"op\":\"fly\"}\n".to_vec(), "bad_request", "unknown variant"),
+        (b"{\"op\":\"fly\"}\n".to_vec(), "bad_request", "unknown op"),
         (
             b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"7\"}\n".to_vec(),
             "bad_request",

@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! - [`router`]: the one remotable actor per node; peers send it cross-node traffic;
+//! - [`forwarder`]: batches of forwarded requests and their answers, per peer;
 //! - [`host`]: the registry of active conversations, activation, passivation, and the
 //!   supervisor that restarts failed conversation actors;
 //! - [`conversation`]: one actor per active conversation, turns one at a time;
@@ -18,6 +19,7 @@ pub mod bot;
 pub mod bots;
 pub mod conversation;
 pub mod envelope;
+pub mod forwarder;
 pub mod host;
 pub mod metrics;
 pub mod router;

@@ -1,9 +1,10 @@
 //! The per-node router actor, the only remotable actor a node exposes.
 //!
-//! Cross-node conversation traffic is an [`Envelope`] (postcard bytes) sent to the owner's
-//! router, which hands it to the node's [`Inbound`] handler; the answer travels back as
-//! [`ConvOutcome`] bytes. A gateway sends envelopes with a non-blocking cast, in request
-//! order, over the one session to the owner, so turns of a conversation keep their order.
+//! Cross-node conversation traffic travels in batches (see [`crate::forwarder`]): a gateway
+//! casts `Requests` (envelopes) to the owner's router, which hands each to the node's
+//! [`Inbound`] handler; answers come back to the gateway's router as `Outcomes`. Casts from
+//! one queue per peer go over the one session to that peer, so a conversation's turns
+//! keep their order.
 //!
 //! Remote-capable actors are mirrored on every connected peer, so a node exposes exactly
 //! one: conversation actors stay local. Each router joins two `ractor::pg` groups, one for
@@ -16,7 +17,8 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
-use crate::envelope::{ConvOutcome, Envelope, FailKind, Reply};
+use crate::envelope::{ConvOutcome, Envelope, Reply};
+use crate::forwarder::{Batch, Forwarder};
 
 /// What a node does with envelopes that peers send it.
 pub trait Inbound: Send + Sync + 'static {
@@ -38,9 +40,10 @@ pub enum RouterMessage {
     /// Link check: the caller names itself; the reply is this node's link name.
     #[rpc]
     Ping(String, RpcReplyPort<String>),
-    /// A conversation request: postcard [`Envelope`] in, postcard [`ConvOutcome`] out.
-    #[rpc]
-    Turn(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Requests for conversations this node owns: a postcard `Batch<Envelope>`.
+    Requests(Vec<u8>),
+    /// Answers to requests this node forwarded: a postcard `Batch<ConvOutcome>`.
+    Outcomes(Vec<u8>),
 }
 
 #[derive(Clone)]
@@ -50,6 +53,7 @@ pub struct RouterArgs {
     /// `name@incarnation`, the process's name on links.
     pub link_name: String,
     pub inbound: Arc<dyn Inbound>,
+    pub forwarder: Arc<Forwarder>,
 }
 
 #[derive(Debug)]
@@ -59,6 +63,7 @@ pub struct RouterState {
     link_name: String,
     pings: u64,
     inbound: Arc<dyn Inbound>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl Actor for RouterActor {
@@ -73,7 +78,12 @@ impl Actor for RouterActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(ALL_ROUTERS_GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::join(router_group(&args.node_name), vec![me.get_cell()]);
-        Ok(RouterState { link_name: args.link_name, pings: 0, inbound: args.inbound })
+        Ok(RouterState {
+            link_name: args.link_name,
+            pings: 0,
+            inbound: args.inbound,
+            forwarder: args.forwarder,
+        })
     }
 
     async fn handle(
@@ -89,22 +99,23 @@ impl Actor for RouterActor {
                 // The caller may have given up (timeout); nothing to do then.
                 let _ = reply.send(state.link_name.clone());
             }
-            RouterMessage::Turn(bytes, port) => {
-                let reply = Reply::new(move |outcome: ConvOutcome| {
-                    // The gateway may have timed out and gone; nothing to do then.
-                    let _ = port.send(outcome.to_bytes());
-                });
-                match Envelope::from_bytes(&bytes) {
-                    Ok(envelope) => state.inbound.handle(envelope, reply),
-                    Err(e) => {
-                        tracing::warn!(error = %e, len = bytes.len(), "undecodable envelope from a peer");
-                        reply.send(ConvOutcome::failed(
-                            FailKind::BadRequest,
-                            format!("undecodable envelope: {e}"),
-                        ));
+            RouterMessage::Requests(bytes) => match Batch::<Envelope>::from_bytes(&bytes) {
+                Ok(batch) => {
+                    for (id, envelope) in batch.items {
+                        let reply = state.forwarder.answer_to(&batch.from, id);
+                        state.inbound.handle(envelope, reply);
                     }
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, len = bytes.len(), "undecodable request batch from a peer")
+                }
+            },
+            RouterMessage::Outcomes(bytes) => match Batch::<ConvOutcome>::from_bytes(&bytes) {
+                Ok(batch) => state.forwarder.deliver(batch),
+                Err(e) => {
+                    tracing::warn!(error = %e, len = bytes.len(), "undecodable answer batch from a peer")
+                }
+            },
         }
         Ok(())
     }
@@ -148,41 +159,3 @@ pub async fn ping(node_name: &str, me: &str, timeout: Duration) -> Result<String
 }
 
 impl std::error::Error for CallError {}
-
-/// Sends `envelope` to the router of `node_name` and routes its answer to `reply`.
-///
-/// The send happens before this returns, so envelopes sent one after another reach the peer
-/// in that order. The answer is awaited on a task; no answer within `timeout` (or a dropped
-/// link) answers `timeout` / `unavailable`: the outcome of the request is then unknown and
-/// a client retry with the same id is safe.
-pub fn forward(node_name: &str, envelope: &Envelope, reply: Reply, timeout: Duration) {
-    let Some(router) = remote_router(node_name) else {
-        reply.send(ConvOutcome::Failed {
-            kind: FailKind::Unavailable,
-            message: format!("no link to {node_name} yet"),
-            retry_after_ms: Some(100),
-        });
-        return;
-    };
-    let (tx, rx) = ractor::concurrency::oneshot();
-    if router.cast(RouterMessage::Turn(envelope.to_bytes(), RpcReplyPort::from(tx))).is_err() {
-        reply.send(ConvOutcome::Failed {
-            kind: FailKind::Unavailable,
-            message: format!("link to {node_name} is down"),
-            retry_after_ms: Some(100),
-        });
-        return;
-    }
-    tokio::spawn(async move {
-        let outcome = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(bytes)) => ConvOutcome::from_bytes(&bytes),
-            Ok(Err(_)) => ConvOutcome::Failed {
-                kind: FailKind::Unavailable,
-                message: "the owner's link dropped before it answered".into(),
-                retry_after_ms: Some(100),
-            },
-            Err(_) => ConvOutcome::failed(FailKind::Timeout, "the owner did not answer in time"),
-        };
-        reply.send(outcome);
-    });
-}
