@@ -85,14 +85,15 @@ impl Weight for ConvOutcome {
 }
 
 type Item<T> = (u64, T);
+/// What to do with items of a batch that could not be sent.
+type Undeliverable<T> = Arc<dyn Fn(&str, Vec<Item<T>>) + Send + Sync>;
 
 /// One outbound queue per peer, each drained by its own task into batches.
 struct Pipes<T> {
     me: Arc<str>,
     queues: Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<Item<T>>>>,
     wrap: fn(Vec<u8>) -> RouterMessage,
-    /// Called with the items of a batch that could not be sent.
-    on_undeliverable: Arc<dyn Fn(&str, Vec<Item<T>>) + Send + Sync>,
+    on_undeliverable: Undeliverable<T>,
 }
 
 impl<T: Serialize + DeserializeOwned + Weight + Send + 'static> Pipes<T> {
@@ -122,7 +123,7 @@ async fn drain<T: Serialize + DeserializeOwned + Weight>(
     me: Arc<str>,
     mut rx: mpsc::UnboundedReceiver<Item<T>>,
     wrap: fn(Vec<u8>) -> RouterMessage,
-    on_undeliverable: Arc<dyn Fn(&str, Vec<Item<T>>) + Send + Sync>,
+    on_undeliverable: Undeliverable<T>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut bytes = first.1.weight();
