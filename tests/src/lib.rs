@@ -319,6 +319,27 @@ impl Cluster {
         assert!(ok.is_some(), "nodes {which:?} did not converge in {timeout:?}\n{}", self.logs());
     }
 
+    /// Waits until each of `observers` sees member `name` in `state`; returns how long
+    /// after `since` that was, or panics with the logs after `timeout`.
+    pub fn wait_seen_as(
+        &self,
+        observers: &[usize],
+        name: &str,
+        state: &str,
+        since: Instant,
+        timeout: Duration,
+    ) -> Duration {
+        let seen = poll(timeout, || {
+            observers
+                .iter()
+                .all(|&i| self.nodes[i].member(name).is_some_and(|(s, _)| s == state))
+                .then(|| since.elapsed())
+        });
+        seen.unwrap_or_else(|| {
+            panic!("{name} never seen {state} by {observers:?}\n{}", self.logs())
+        })
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {

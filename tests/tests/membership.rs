@@ -46,13 +46,7 @@ fn frozen_node_is_declared_down_and_rejoins_by_itself() {
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     c.nodes[2].signal(libc::SIGSTOP);
-    let down = poll(Duration::from_secs(10), || {
-        [0, 1]
-            .iter()
-            .all(|&i| c.nodes[i].member("n2").is_some_and(|(s, _)| s == "down"))
-            .then_some(())
-    });
-    assert!(down.is_some(), "frozen node never declared down\n{}", c.logs());
+    c.wait_seen_as(&[0, 1], "n2", "down", Instant::now(), Duration::from_secs(10));
     // Links to the frozen node are dropped: a frozen peer's session would swallow calls.
     let unlinked = poll(Duration::from_secs(5), || {
         let status = c.nodes[0].status()?;
@@ -79,12 +73,7 @@ fn killed_node_is_declared_down_then_restart_rejoins() {
 
     let killed_at = Instant::now();
     c.nodes[2].kill9();
-    let detected = poll(Duration::from_secs(10), || {
-        let down =
-            [0, 1].iter().all(|&i| c.nodes[i].member("n2").is_some_and(|(s, _)| s == "down"));
-        down.then(|| killed_at.elapsed())
-    });
-    let detected = detected.unwrap_or_else(|| panic!("n2 never declared down\n{}", c.logs()));
+    let detected = c.wait_seen_as(&[0, 1], "n2", "down", killed_at, Duration::from_secs(10));
     eprintln!("kill -9 detected by both peers after {} ms", detected.as_millis());
     assert!(detected <= Duration::from_secs(3), "detection took {detected:?}");
 
@@ -105,12 +94,7 @@ fn sigterm_leaves_quickly_and_exits_zero() {
     c.wait_converged(&[0, 1, 2], CONVERGE);
     let sent_at = Instant::now();
     c.nodes[1].signal(libc::SIGTERM);
-    let seen = poll(Duration::from_secs(5), || {
-        let gone =
-            [0, 2].iter().all(|&i| c.nodes[i].member("n1").is_some_and(|(s, _)| s == "down"));
-        gone.then(|| sent_at.elapsed())
-    });
-    let seen = seen.unwrap_or_else(|| panic!("leave never seen\n{}", c.logs()));
+    let seen = c.wait_seen_as(&[0, 2], "n1", "down", sent_at, Duration::from_secs(5));
     eprintln!("graceful leave seen by both peers after {} ms", seen.as_millis());
     assert!(seen <= Duration::from_secs(1), "leave took {seen:?}");
     let status = c.nodes[1].wait_exit(Duration::from_secs(10)).expect("node did not exit");
