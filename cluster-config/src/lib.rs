@@ -294,6 +294,24 @@ impl Default for BackendConfig {
     }
 }
 
+/// Where conversation state is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Keep state in memory only (lost when the process exits).
+    pub ephemeral: bool,
+    /// Most turns committed in one write transaction (one fsync).
+    pub group_commit_max: usize,
+    /// Commits waiting for the writer; senders wait when it is full.
+    pub queue_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { ephemeral: false, group_commit_max: 256, queue_max: 4096 }
+    }
+}
+
 /// A node configuration as written in a file or given by flags: everything optional, so
 /// that flags can override the file and validation can name what is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +333,7 @@ pub struct RawNodeConfig {
     pub conversations: Option<ConversationConfig>,
     pub frontend: Option<FrontendConfig>,
     pub backends: Option<BackendConfig>,
+    pub store: Option<StoreConfig>,
 }
 
 /// A validated node configuration.
@@ -338,6 +357,7 @@ pub struct NodeConfig {
     pub conversations: ConversationConfig,
     pub frontend: FrontendConfig,
     pub backends: BackendConfig,
+    pub store: StoreConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -390,6 +410,7 @@ impl RawNodeConfig {
             conversations: over.conversations.or(self.conversations),
             frontend: over.frontend.or(self.frontend),
             backends: over.backends.or(self.backends),
+            store: over.store.or(self.store),
         }
     }
 
@@ -429,6 +450,13 @@ impl RawNodeConfig {
         let conversations = self.conversations.unwrap_or_default();
         let frontend = self.frontend.unwrap_or_default();
         let backends = self.backends.unwrap_or_default();
+        let store = self.store.unwrap_or_default();
+        if store.group_commit_max == 0 || store.queue_max == 0 {
+            return Err(ConfigError::invalid(
+                "store.group_commit_max",
+                "store.group_commit_max and store.queue_max must be greater than 0",
+            ));
+        }
         validate_runtime(&conversations, &frontend)?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         if roles.len() > ROLES_MAX {
@@ -478,6 +506,7 @@ impl RawNodeConfig {
             conversations,
             frontend,
             backends,
+            store,
         })
     }
 }

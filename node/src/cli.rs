@@ -67,6 +67,9 @@ pub struct NodeArgs {
     /// Role this node serves (repeatable).
     #[arg(long = "role")]
     roles: Vec<String>,
+    /// Keep conversation state in memory only (lost when the process exits).
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 impl NodeArgs {
@@ -84,6 +87,17 @@ impl NodeArgs {
             roles: non_empty(&self.roles),
             ..RawNodeConfig::default()
         }
+    }
+
+    /// `--ephemeral` overrides `[store] ephemeral` from the file.
+    fn apply_flags(&self, mut raw: RawNodeConfig) -> RawNodeConfig {
+        if self.ephemeral {
+            raw.store = Some(botclaw_config::StoreConfig {
+                ephemeral: true,
+                ..raw.store.unwrap_or_default()
+            });
+        }
+        raw
     }
 }
 
@@ -186,7 +200,7 @@ fn run_node(args: NodeArgs) -> ExitCode {
         },
         None => RawNodeConfig::default(),
     };
-    let cfg = match file.merge(args.overrides()).validate() {
+    let cfg = match args.apply_flags(file.merge(args.overrides())).validate() {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("botclaw node: config error: {e}");

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use botclaw_actors::backends::Backends;
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
+use botclaw_actors::store::redb::RedbStore;
 use botclaw_actors::store::{MemoryStore, StateStore};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::NodeConfig;
@@ -84,8 +85,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
 
     let node: Arc<str> = Arc::from(cfg.name.as_str());
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max));
     let conv_metrics = metrics.conversations.clone();
+    let store: Arc<dyn StateStore> = if cfg.store.ephemeral {
+        Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max))
+    } else {
+        Arc::new(RedbStore::open(
+            &cfg.data_dir,
+            cfg.conversations.turns_kept_max,
+            cfg.store.group_commit_max,
+            cfg.store.queue_max,
+            conv_metrics.clone(),
+        )?)
+    };
     let host = ConversationHost::start(
         node.clone(),
         &cfg.conversations,

@@ -26,6 +26,9 @@ pub struct ConversationMetrics {
     pub backend_calls: Family<BackendLabel, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    /// Turns committed by the durable store, and the write transactions (fsyncs) they took.
+    pub store_commits: Counter,
+    pub store_groups: Counter,
 }
 
 impl ConversationMetrics {
@@ -67,6 +70,16 @@ impl ConversationMetrics {
             "conversation_cache_misses",
             "Lookups that went to a backend",
             self.cache_misses.clone(),
+        );
+        r.register(
+            "store_commits",
+            "Turns committed by the durable store",
+            self.store_commits.clone(),
+        );
+        r.register(
+            "store_groups",
+            "Write transactions (one fsync each) of the durable store",
+            self.store_groups.clone(),
         );
     }
 

@@ -1,7 +1,8 @@
 //! Where conversation state lives between turns and across passivation.
 //!
-//! A turn is acknowledged only after its commit returned. This issue ships the in-memory
-//! store; the durability issue adds a crash-safe, replicated one behind the same trait.
+//! A turn is acknowledged only after its commit returned. [`MemoryStore`] keeps state in
+//! memory (tests, `--ephemeral` nodes); [`redb::RedbStore`] keeps it in a crash-safe file
+//! under the data directory with group commit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +10,8 @@ use std::pin::Pin;
 use botclaw_core::conversation::{ConversationState, TurnCommit};
 use dashmap::DashMap;
 use xxhash_rust::xxh3::Xxh3Builder;
+
+pub mod redb;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -1,0 +1,263 @@
+//! The durable store: one redb file per node, `DATA/state.redb`.
+//!
+//! Layout: `conversation_meta` maps a conversation id to its bot, bot state and last turn
+//! number; `conversation_turns` maps (id, turn) to a turn record, keeping the last
+//! `turns_kept_max` turns. A commit adds one turn row and rewrites the small meta row, so
+//! its cost does not grow with history.
+//!
+//! Group commit: commits go through a bounded queue to one writer thread, which takes
+//! everything queued (up to `group_commit_max`) into one write transaction and one fsync,
+//! then answers each commit. Concurrent turns share the cost of durability; a lone turn
+//! waits for its own fsync only. A commit whose turn does not follow the stored one is
+//! refused alone; the rest of its group still commits.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use botclaw_core::conversation::{ConversationState, TurnCommit, TurnRecord};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BoxFuture, StateStore, StoreError};
+use crate::metrics::ConversationMetrics;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("conversation_meta");
+const TURNS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conversation_turns");
+
+/// The file a node's state lives in.
+pub const STATE_FILE: &str = "state.redb";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    bot: String,
+    bot_state: Vec<u8>,
+    turn: u64,
+}
+
+/// Key of one turn row: conversation id length (u16, big-endian), id, turn (u64, big-endian),
+/// so a conversation's turns are one contiguous, ordered range.
+fn turn_key(conv: &str, turn: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(conv.len() + 10);
+    key.extend_from_slice(&(conv.len() as u16).to_be_bytes());
+    key.extend_from_slice(conv.as_bytes());
+    key.extend_from_slice(&turn.to_be_bytes());
+    key
+}
+
+struct Job {
+    conv: String,
+    commit: TurnCommit,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    /// `None` only while dropping.
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RedbStore {
+    /// Closes the queue and waits for the writer to commit what was queued, so the file is
+    /// closed (and can be reopened) when the store is gone.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").field("path", &self.path).finish()
+    }
+}
+
+fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{what} {}: {e}", path.display()))
+}
+
+impl RedbStore {
+    /// Opens (or creates) `dir/state.redb`. A corrupt or truncated file is an error that
+    /// names the file; nothing is silently reset.
+    pub fn open(
+        dir: &Path,
+        turns_kept_max: usize,
+        group_commit_max: usize,
+        queue_max: usize,
+        metrics: ConversationMetrics,
+    ) -> Result<RedbStore, StoreError> {
+        let path = dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|e| err(&path, "cannot open state file", e))?;
+        // Create the tables up front, so reads of a fresh store find them.
+        let txn = db.begin_write().map_err(|e| err(&path, "cannot write state file", e))?;
+        txn.open_table(META).map_err(|e| err(&path, "bad state file", e))?;
+        txn.open_table(TURNS).map_err(|e| err(&path, "bad state file", e))?;
+        txn.commit().map_err(|e| err(&path, "cannot write state file", e))?;
+        let db = Arc::new(db);
+        let (jobs, rx) = mpsc::channel(queue_max.max(1));
+        let writer_db = db.clone();
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("botclaw-store".into())
+            .spawn(move || {
+                write_loop(
+                    writer_db,
+                    writer_path,
+                    rx,
+                    turns_kept_max.max(1),
+                    group_commit_max.max(1),
+                    metrics,
+                )
+            })
+            .map_err(|e| err(&path, "cannot start the writer of", e))?;
+        Ok(RedbStore { db, path, jobs: Some(jobs), writer: Some(writer) })
+    }
+
+    fn load_blocking(
+        db: &Database,
+        path: &Path,
+        conv: &str,
+    ) -> Result<Option<ConversationState>, StoreError> {
+        let txn = db.begin_read().map_err(|e| err(path, "cannot read", e))?;
+        let meta_table = txn.open_table(META).map_err(|e| err(path, "cannot read", e))?;
+        let Some(meta) = meta_table.get(conv).map_err(|e| err(path, "cannot read", e))? else {
+            return Ok(None);
+        };
+        let meta: Meta = postcard::from_bytes(meta.value())
+            .map_err(|e| err(path, &format!("corrupt conversation {conv:?} in"), e))?;
+        let turns_table = txn.open_table(TURNS).map_err(|e| err(path, "cannot read", e))?;
+        let (start, end) = (turn_key(conv, 0), turn_key(conv, u64::MAX));
+        let mut state = ConversationState::default();
+        (state.bot, state.bot_state, state.turn) = (meta.bot, meta.bot_state, meta.turn);
+        for row in turns_table
+            .range(start.as_slice()..=end.as_slice())
+            .map_err(|e| err(path, "cannot read", e))?
+        {
+            let (_, value) = row.map_err(|e| err(path, "cannot read", e))?;
+            let record: TurnRecord = postcard::from_bytes(value.value())
+                .map_err(|e| err(path, &format!("corrupt turn of {conv:?} in"), e))?;
+            state.turns.push_back(Arc::new(record));
+        }
+        Ok(Some(state))
+    }
+}
+
+fn apply(
+    meta: &mut redb::Table<&str, &[u8]>,
+    turns: &mut redb::Table<&[u8], &[u8]>,
+    conv: &str,
+    commit: &TurnCommit,
+    turns_kept_max: usize,
+) -> Result<Result<(), String>, redb::StorageError> {
+    let stored = match meta.get(conv)? {
+        Some(bytes) => match postcard::from_bytes::<Meta>(bytes.value()) {
+            Ok(m) => Some(m),
+            Err(e) => return Ok(Err(format!("stored meta of {conv:?} does not decode: {e}"))),
+        },
+        None => None,
+    };
+    let last = stored.as_ref().map_or(0, |m| m.turn);
+    let turn = commit.record.turn;
+    if turn != last + 1 {
+        return Ok(Err(format!("commit of turn {turn} out of order (stored turn {last})")));
+    }
+    let bot = match stored {
+        Some(m) if !m.bot.is_empty() => m.bot,
+        _ => commit.bot.clone(),
+    };
+    let row = Meta { bot, bot_state: commit.bot_state.clone(), turn };
+    let row = postcard::to_allocvec(&row).expect("meta encodes");
+    let record = postcard::to_allocvec(&*commit.record).expect("records encode");
+    turns.insert(turn_key(conv, turn).as_slice(), record.as_slice())?;
+    if turn > turns_kept_max as u64 {
+        turns.remove(turn_key(conv, turn - turns_kept_max as u64).as_slice())?;
+    }
+    meta.insert(conv, row.as_slice())?;
+    Ok(Ok(()))
+}
+
+fn write_loop(
+    db: Arc<Database>,
+    path: PathBuf,
+    mut rx: mpsc::Receiver<Job>,
+    turns_kept_max: usize,
+    group_commit_max: usize,
+    metrics: ConversationMetrics,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < group_commit_max {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(group.len());
+        let outcome = (|| -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                let mut turns = txn.open_table(TURNS)?;
+                for job in &group {
+                    let r = apply(&mut meta, &mut turns, &job.conv, &job.commit, turns_kept_max)?;
+                    results.push(r.map_err(StoreError));
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        metrics.store_groups.inc();
+        match outcome {
+            Ok(()) => {
+                for (job, result) in group.into_iter().zip(results) {
+                    if result.is_ok() {
+                        metrics.store_commits.inc();
+                    }
+                    let _ = job.done.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "group commit failed");
+                for job in group {
+                    let _ = job.done.send(Err(err(&path, "cannot commit to", &e)));
+                }
+            }
+        }
+    }
+}
+
+impl StateStore for RedbStore {
+    fn load<'a>(
+        &'a self,
+        conv: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>> {
+        Box::pin(async move {
+            let (db, path, conv) = (self.db.clone(), self.path.clone(), conv.to_string());
+            tokio::task::spawn_blocking(move || RedbStore::load_blocking(&db, &path, &conv))
+                .await
+                .map_err(|e| StoreError(format!("state load task failed: {e}")))?
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        conv: &'a str,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (done, result) = oneshot::channel();
+            let job = Job { conv: conv.to_string(), commit, done };
+            let jobs =
+                self.jobs.as_ref().ok_or_else(|| StoreError("the store is closing".into()))?;
+            jobs.send(job).await.map_err(|_| StoreError("the store writer stopped".into()))?;
+            result.await.map_err(|_| StoreError("the store writer stopped".into()))?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
