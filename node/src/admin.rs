@@ -78,8 +78,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
+/// Ready once joined and once the placement reflects it, so a client sent here is served.
 async fn ready(State(s): State<Arc<AdminState>>) -> Response {
-    if s.view.borrow().joined {
+    let placement = s.dispatcher.view.load();
+    if s.view.borrow().joined && placement.joined && !placement.placement.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()

@@ -36,6 +36,18 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+fn probe_tcp(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    drop(socket.listen(1)?);
+    Ok(())
+}
+
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -50,11 +62,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let client_listener = TcpListener::bind(cfg.client_addr)
         .await
         .with_context(|| format!("cannot bind client_addr {}", cfg.client_addr))?;
-    // ractor_cluster binds its own listener; probe the port so a conflict is reported here.
-    drop(
-        std::net::TcpListener::bind(cfg.cluster_addr)
-            .with_context(|| format!("cannot bind cluster_addr {}", cfg.cluster_addr))?,
-    );
+    // ractor_cluster binds its own listener; probe the port (as a listener would bind it,
+    // with SO_REUSEADDR) so a conflict is reported here, naming the field.
+    probe_tcp(cfg.cluster_addr)
+        .with_context(|| format!("cannot bind cluster_addr {}", cfg.cluster_addr))?;
 
     let identity = NodeId {
         name: cfg.name.clone(),

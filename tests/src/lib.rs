@@ -38,30 +38,42 @@ pub fn botclaw_bin() -> &'static Path {
     })
 }
 
-/// A TCP port that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+/// Test ports come from below the kernel's ephemeral range (32768 and up), where outgoing
+/// connections take their local ports: a port picked by binding port 0 can be taken by a
+/// connection a moment later. Each test process starts at its own offset.
+const PORT_LOW: u32 = 20_000;
+const PORT_HIGH: u32 = 32_000;
 
-/// A UDP port that was free a moment ago.
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn port_free(p: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
 }
 
 /// `count` consecutive ports, free for both TCP and UDP, starting at a multiple of 10.
 pub fn free_port_block(count: u16) -> u16 {
-    let mut seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
-    for _ in 0..200 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let base = 20_000 + ((seed >> 33) % 2_000) as u16 * 10;
-        let all_free = (base..base + count).all(|p| {
-            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
-        });
-        if all_free {
+    use std::sync::atomic::Ordering;
+    let span = PORT_HIGH - PORT_LOW;
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        (std::process::id() * 7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2_000 {
+        let step = u32::from(count).div_ceil(10) * 10;
+        let offset = NEXT_PORT.fetch_add(step, Ordering::SeqCst) % span;
+        let base = (PORT_LOW + offset / 10 * 10) as u16;
+        if u32::from(base) + u32::from(count) < PORT_HIGH && (base..base + count).all(port_free) {
             return base;
         }
     }
-    panic!("no free port block of {count}");
+    panic!("no free block of {count} ports");
+}
+
+/// One port free for both TCP and UDP.
+pub fn free_port() -> u16 {
+    free_port_block(1)
 }
 
 /// Polls `f` every 25 ms until it returns `Some`, or `timeout` passes.
@@ -140,12 +152,8 @@ pub struct Ports {
 impl Ports {
     pub fn free() -> Ports {
         let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        Ports {
-            client: at(free_tcp_port()),
-            cluster: at(free_tcp_port()),
-            gossip: at(free_udp_port()),
-            admin: at(free_tcp_port()),
-        }
+        let base = free_port_block(4);
+        Ports { client: at(base), cluster: at(base + 1), gossip: at(base + 2), admin: at(base + 3) }
     }
 }
 
@@ -298,7 +306,8 @@ impl Cluster {
         }
     }
 
-    /// Waits until each of `which` sees exactly `which` up, linked to each other.
+    /// Waits until each of `which` sees exactly `which` up, linked to each other, and is
+    /// ready (its placement reflects that membership).
     pub fn wait_converged(&self, which: &[usize], timeout: Duration) {
         let mut want: Vec<String> = which.iter().map(|&i| self.nodes[i].name.clone()).collect();
         want.sort();
@@ -312,7 +321,13 @@ impl Cluster {
                     let mut names: Vec<String> =
                         up.iter().filter_map(|m| m["name"].as_str().map(String::from)).collect();
                     names.sort();
-                    names == want && up.iter().all(|m| m["is_self"] == true || m["linked"] == true)
+                    let ready = || {
+                        http_get(self.nodes[i].ports.admin, "/health/ready")
+                            .is_some_and(|(code, _)| code == 200)
+                    };
+                    names == want
+                        && up.iter().all(|m| m["is_self"] == true || m["linked"] == true)
+                        && ready()
                 })
                 .then_some(())
         });
