@@ -1,11 +1,18 @@
 //! One actor per active conversation.
 //!
 //! Turns are handled one at a time in arrival order. A turn runs the conversation's bot on
-//! a copy of its state; only when the store has committed the turn does the state move and
-//! the client get its reply. A bot that errors or panics fails that turn only: the client
-//! gets `internal` and the conversation restarts from its last committed state (reloaded
-//! from the store, with a fresh cache), without losing the turns queued behind it.
+//! a copy of its state; if the bot succeeds, the turn is applied and submitted to the store,
+//! and its reply waits until the store reports the turn durable. The actor does not wait
+//! for that: it goes on with the next turn, whose commit then joins the same or the next
+//! group commit (the store applies a conversation's commits in submission order). A retry
+//! of a turn that is not durable yet also waits for it.
+//!
+//! A bot that errors or panics fails that turn only: the client gets `internal`, the turn
+//! leaves no trace, and the conversation goes on from its last committed state with a
+//! fresh cache, without losing the turns queued behind it. A commit the store refuses
+//! restarts the conversation from what the store holds: every reply still waiting fails.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +24,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::bot::{TurnContext, TurnInput};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::host::{Activity, HostShared};
+use crate::store::StoreError;
 
 /// Messages of a conversation actor. Local-only: conversation actors are never mirrored
 /// on peers (only the router is remotable).
@@ -24,6 +32,12 @@ pub enum ConvMsg {
     Request(ConvRequest, Reply),
     /// Sent by the host's idle sweeper: passivate if idle and nothing is queued.
     IdleCheck,
+    /// The store finished committing `turn` (sent by the actor's own commit waiters).
+    Committed {
+        generation: u64,
+        turn: u64,
+        result: Result<(), StoreError>,
+    },
 }
 
 impl ractor::Message for ConvMsg {}
@@ -42,6 +56,12 @@ pub struct ConvActorState {
     cx: TurnContext,
     /// Requests handled; equals `activity.sent` when nothing is queued.
     processed: u64,
+    /// Highest turn the store reported durable.
+    durable_turn: u64,
+    /// Replies waiting for their turn to be durable, in turn order.
+    waiting: VecDeque<(u64, Reply, ConvOutcome)>,
+    /// Bumped on every restart from the store, so commit results of before are ignored.
+    generation: u64,
     shared: Arc<HostShared>,
     activity: Arc<Activity>,
 }
@@ -61,8 +81,11 @@ impl Actor for ConversationActor {
         Ok(ConvActorState {
             cx: args.shared.turn_context(),
             conv: args.conv,
+            durable_turn: state.turn,
             state,
             processed: 0,
+            waiting: VecDeque::new(),
+            generation: 0,
             shared: args.shared,
             activity: args.activity,
         })
@@ -80,17 +103,34 @@ impl Actor for ConversationActor {
                 s.activity.touch(&s.shared);
                 match request {
                     ConvRequest::Say { id, text, bot, user } => {
-                        s.say(id, text, bot.as_deref(), user, reply).await?;
+                        s.say(&me, id, text, bot.as_deref(), user, reply).await;
                     }
                     ConvRequest::History { limit } => {
-                        let turns =
-                            s.state.history(limit as usize).map(|t| (**t).clone()).collect();
+                        // Only what is durable: a turn whose commit may still fail is not
+                        // history yet.
+                        let turns = s
+                            .state
+                            .history(s.state.turns.len())
+                            .filter(|t| t.turn <= s.durable_turn)
+                            .map(|t| (**t).clone())
+                            .collect::<Vec<_>>();
+                        let skip = turns.len().saturating_sub(limit as usize);
+                        let turns = turns.into_iter().skip(skip).collect();
                         reply.send(ConvOutcome::History { turns, node: s.shared.node.clone() });
                     }
                 }
             }
+            ConvMsg::Committed { generation, turn, result } => {
+                if generation == s.generation {
+                    match result {
+                        Ok(()) => s.durable(turn),
+                        Err(e) => s.commit_failed(e).await?,
+                    }
+                }
+            }
             ConvMsg::IdleCheck => {
-                if s.activity.idle_for(&s.shared) >= s.shared.idle_passivate && s.try_unregister() {
+                let idle = s.activity.idle_for(&s.shared) >= s.shared.idle_passivate;
+                if idle && s.waiting.is_empty() && s.try_unregister() {
                     s.shared.metrics.passivations.inc();
                     me.stop(Some("passivated".into()));
                 }
@@ -115,32 +155,62 @@ impl ConvActorState {
             .is_some()
     }
 
+    /// Replies now if `turn` is durable, else when it becomes so.
+    fn reply_when_durable(&mut self, turn: u64, reply: Reply, outcome: ConvOutcome) {
+        if turn <= self.durable_turn {
+            reply.send(outcome);
+        } else {
+            self.waiting.push_back((turn, reply, outcome));
+        }
+    }
+
+    fn durable(&mut self, turn: u64) {
+        self.durable_turn = self.durable_turn.max(turn);
+        while self.waiting.front().is_some_and(|(t, _, _)| *t <= self.durable_turn) {
+            if let Some((_, reply, outcome)) = self.waiting.pop_front() {
+                reply.send(outcome);
+            }
+        }
+    }
+
+    async fn commit_failed(&mut self, e: StoreError) -> Result<(), ActorProcessingErr> {
+        tracing::error!(conv = %self.conv, error = %e, "commit failed; restarting from the store");
+        for (_, reply, _) in self.waiting.drain(..) {
+            reply.send(ConvOutcome::failed(FailKind::Internal, format!("turn not committed: {e}")));
+        }
+        self.state = self.shared.store.load(&self.conv).await?.unwrap_or_default();
+        self.state.reindex();
+        self.durable_turn = self.state.turn;
+        self.generation += 1;
+        self.cx = self.shared.turn_context();
+        self.shared.metrics.restarts.inc();
+        Ok(())
+    }
+
     async fn say(
         &mut self,
+        me: &ActorRef<ConvMsg>,
         id: String,
         text: String,
         bot: Option<&str>,
         user: Option<String>,
         reply: Reply,
-    ) -> Result<(), ActorProcessingErr> {
+    ) {
         let node = self.shared.node.clone();
         if let Some(done) = self.state.find(&id) {
             self.shared.metrics.duplicates.inc();
-            reply.send(ConvOutcome::Reply {
-                messages: done.messages.clone(),
-                turn: done.turn,
-                node,
-            });
-            return Ok(());
+            let (turn, messages) = (done.turn, done.messages.clone());
+            return self.reply_when_durable(
+                turn,
+                reply,
+                ConvOutcome::Reply { messages, turn, node },
+            );
         }
         let bot_name = self.state.bot_for(bot, &self.shared.default_bot).to_string();
         let Some(runner) = self.shared.bots.get(&bot_name) else {
             let known: Vec<&str> = self.shared.bots.names().collect();
-            reply.send(ConvOutcome::failed(
-                FailKind::BadRequest,
-                format!("unknown bot {bot_name:?} (known: {})", known.join(", ")),
-            ));
-            return Ok(());
+            let message = format!("unknown bot {bot_name:?} (known: {})", known.join(", "));
+            return reply.send(ConvOutcome::failed(FailKind::BadRequest, message));
         };
         let mut bot_state = self.state.bot_state.clone();
         let input = TurnInput {
@@ -155,14 +225,24 @@ impl ConvActorState {
         let failure = match outcome {
             Ok(Ok(messages)) => {
                 let commit = self.state.next_commit(&bot_name, id, text, user, messages, bot_state);
-                match self.shared.store.commit(&self.conv, commit.clone()).await {
-                    Ok(()) => {
+                match self.shared.store.submit(&self.conv, commit.clone()).await {
+                    Ok(ticket) => {
                         let turn = commit.record.turn;
                         let messages = commit.record.messages.clone();
                         self.state.apply(commit, self.shared.turns_kept_max);
                         self.shared.metrics.turns.inc();
-                        reply.send(ConvOutcome::Reply { messages, turn, node });
-                        return Ok(());
+                        self.reply_when_durable(
+                            turn,
+                            reply,
+                            ConvOutcome::Reply { messages, turn, node },
+                        );
+                        let (me, generation) = (me.clone(), self.generation);
+                        tokio::spawn(async move {
+                            let result = ticket.await;
+                            // The actor may have stopped; its waiting replies answered then.
+                            let _ = me.cast(ConvMsg::Committed { generation, turn, result });
+                        });
+                        return;
                     }
                     Err(e) => format!("turn not committed: {e}"),
                 }
@@ -184,15 +264,9 @@ impl ConvActorState {
         let turn = self.state.turn + 1;
         tracing::warn!(conv = %self.conv, turn, error = %failure, "turn failed; restarting from committed state");
         reply.send(ConvOutcome::failed(FailKind::Internal, failure));
-        self.restart().await
-    }
-
-    /// Back to the last committed state, with a fresh cache, as a restarted actor would be.
-    async fn restart(&mut self) -> Result<(), ActorProcessingErr> {
-        self.state = self.shared.store.load(&self.conv).await?.unwrap_or_default();
-        self.state.reindex();
+        // The failed turn never touched the state (the bot ran on a copy); what the bot may
+        // have left behind in its cache is dropped with it.
         self.cx = self.shared.turn_context();
         self.shared.metrics.restarts.inc();
-        Ok(())
     }
 }

@@ -19,6 +19,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[error("state store: {0}")]
 pub struct StoreError(pub String);
 
+/// Resolves when a submitted commit is durable (or failed).
+pub type CommitTicket = BoxFuture<'static, Result<(), StoreError>>;
+
 pub trait StateStore: Send + Sync + 'static {
     /// The committed state of a conversation, if it ever had a turn.
     fn load<'a>(
@@ -26,13 +29,25 @@ pub trait StateStore: Send + Sync + 'static {
         conv: &'a str,
     ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>>;
 
-    /// Makes one turn durable (as durable as the store is). Commits of one conversation
-    /// come in turn order from its single actor.
+    /// Queues one turn for commit and returns once it is queued (commits of one
+    /// conversation are applied in the order they were submitted); the ticket resolves when
+    /// the turn is as durable as the store makes it. Submitting the next turn of a
+    /// conversation before the previous ticket resolved is allowed: that is how a
+    /// conversation keeps working while its last turn is being made durable.
+    fn submit<'a>(
+        &'a self,
+        conv: &'a str,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>>;
+
+    /// Submits and waits for durability.
     fn commit<'a>(
         &'a self,
         conv: &'a str,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.submit(conv, commit).await?.await })
+    }
 }
 
 /// Keeps every conversation in memory: for tests and `--ephemeral` nodes.
@@ -57,6 +72,22 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    fn apply(&self, conv: &str, commit: TurnCommit) -> Result<(), StoreError> {
+        let mut state = match self.conversations.get_mut(conv) {
+            Some(state) => state,
+            None => self.conversations.entry(conv.to_string()).or_default(),
+        };
+        let expected = state.turn + 1;
+        let turn = commit.record.turn;
+        if state.apply(commit, self.turns_kept_max) {
+            Ok(())
+        } else {
+            Err(StoreError(format!("commit of turn {turn} out of order (expected {expected})")))
+        }
+    }
+}
+
 impl StateStore for MemoryStore {
     fn load<'a>(
         &'a self,
@@ -65,23 +96,14 @@ impl StateStore for MemoryStore {
         Box::pin(async move { Ok(self.conversations.get(conv).map(|s| s.clone())) })
     }
 
-    fn commit<'a>(
+    fn submit<'a>(
         &'a self,
         conv: &'a str,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>> {
         Box::pin(async move {
-            let mut state = match self.conversations.get_mut(conv) {
-                Some(state) => state,
-                None => self.conversations.entry(conv.to_string()).or_default(),
-            };
-            let expected = state.turn + 1;
-            let turn = commit.record.turn;
-            if state.apply(commit, self.turns_kept_max) {
-                Ok(())
-            } else {
-                Err(StoreError(format!("commit of turn {turn} out of order (expected {expected})")))
-            }
+            let ticket: CommitTicket = Box::pin(std::future::ready(self.apply(conv, commit)));
+            Ok(ticket)
         })
     }
 }

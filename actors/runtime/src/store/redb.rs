@@ -19,7 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BoxFuture, StateStore, StoreError};
+use super::{BoxFuture, CommitTicket, StateStore, StoreError};
 use crate::metrics::ConversationMetrics;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("conversation_meta");
@@ -243,18 +243,21 @@ impl StateStore for RedbStore {
         })
     }
 
-    fn commit<'a>(
+    fn submit<'a>(
         &'a self,
         conv: &'a str,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>> {
         Box::pin(async move {
             let (done, result) = oneshot::channel();
             let job = Job { conv: conv.to_string(), commit, done };
             let jobs =
                 self.jobs.as_ref().ok_or_else(|| StoreError("the store is closing".into()))?;
             jobs.send(job).await.map_err(|_| StoreError("the store writer stopped".into()))?;
-            result.await.map_err(|_| StoreError("the store writer stopped".into()))?
+            let ticket: CommitTicket = Box::pin(async move {
+                result.await.map_err(|_| StoreError("the store writer stopped".into()))?
+            });
+            Ok(ticket)
         })
     }
 }
