@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use botclaw_client::protocol::{ErrorCode, Request, Response};
+use botclaw_client::protocol::{ErrorCode, Request};
 use botclaw_client::{Client, ClientError, ClientOptions};
 use botclaw_tests::*;
 use serde_json::Value;
@@ -320,5 +320,4 @@ fn overload_gets_busy_with_a_retry_hint() {
     w.write_all(&batch).unwrap();
     let ids: Vec<Value> = (0..3).map(|_| read_json(&mut r)["id"].clone()).collect();
     assert_eq!(ids, vec!["0", "1", "2"]);
-    let _ = Response::Pong { node: String::new() };
 }
