@@ -29,6 +29,9 @@ pub struct ConversationMetrics {
     /// Turns committed by the durable store, and the write transactions (fsyncs) they took.
     pub store_commits: Counter,
     pub store_groups: Counter,
+    /// Seconds the store writer spent applying groups, and committing them (fsync).
+    pub store_apply_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub store_sync_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl ConversationMetrics {
@@ -80,6 +83,16 @@ impl ConversationMetrics {
             "store_groups",
             "Write transactions (one fsync each) of the durable store",
             self.store_groups.clone(),
+        );
+        r.register(
+            "store_apply_seconds",
+            "Time the store writer spent applying turns to its tables",
+            self.store_apply_seconds.clone(),
+        );
+        r.register(
+            "store_sync_seconds",
+            "Time the store writer spent committing write transactions (fsync)",
+            self.store_sync_seconds.clone(),
         );
     }
 

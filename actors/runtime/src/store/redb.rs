@@ -198,6 +198,7 @@ fn write_loop(
         }
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(group.len());
         let outcome = (|| -> Result<(), redb::Error> {
+            let started = std::time::Instant::now();
             let txn = db.begin_write()?;
             {
                 let mut meta = txn.open_table(META)?;
@@ -207,7 +208,10 @@ fn write_loop(
                     results.push(r.map_err(StoreError));
                 }
             }
+            let applied = std::time::Instant::now();
+            metrics.store_apply_seconds.inc_by((applied - started).as_secs_f64());
             txn.commit()?;
+            metrics.store_sync_seconds.inc_by(applied.elapsed().as_secs_f64());
             Ok(())
         })();
         metrics.store_groups.inc();
