@@ -58,7 +58,8 @@ pub struct ConvActorState {
     processed: u64,
     /// Highest turn the store reported durable.
     durable_turn: u64,
-    /// Replies waiting for their turn to be durable, in turn order.
+    /// Replies waiting for their turn to be durable, in arrival order (a retry of an older
+    /// turn may stand behind newer turns).
     waiting: VecDeque<(u64, Reply, ConvOutcome)>,
     /// Bumped on every restart from the store, so commit results of before are ignored.
     generation: u64,
@@ -166,9 +167,15 @@ impl ConvActorState {
 
     fn durable(&mut self, turn: u64) {
         self.durable_turn = self.durable_turn.max(turn);
-        while self.waiting.front().is_some_and(|(t, _, _)| *t <= self.durable_turn) {
-            if let Some((_, reply, outcome)) = self.waiting.pop_front() {
-                reply.send(outcome);
+        // Not only the front: a retry of an older turn queues behind newer turns.
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].0 <= self.durable_turn {
+                if let Some((_, reply, outcome)) = self.waiting.remove(i) {
+                    reply.send(outcome);
+                }
+            } else {
+                i += 1;
             }
         }
     }

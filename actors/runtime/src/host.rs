@@ -264,3 +264,6 @@ async fn sweep_idle(host: ConversationHost) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
