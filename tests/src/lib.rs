@@ -71,11 +71,6 @@ pub fn free_port_block(count: u16) -> u16 {
     panic!("no free block of {count} ports");
 }
 
-/// One port free for both TCP and UDP.
-pub fn free_port() -> u16 {
-    free_port_block(1)
-}
-
 /// Polls `f` every 25 ms until it returns `Some`, or `timeout` passes.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

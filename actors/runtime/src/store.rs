@@ -62,14 +62,6 @@ impl MemoryStore {
         let hasher = Xxh3Builder::new().with_seed(crate::host::random_seed());
         MemoryStore { conversations: DashMap::with_hasher(hasher), turns_kept_max }
     }
-
-    pub fn len(&self) -> usize {
-        self.conversations.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.conversations.is_empty()
-    }
 }
 
 impl MemoryStore {
