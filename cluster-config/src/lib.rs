@@ -312,6 +312,38 @@ impl Default for StoreConfig {
     }
 }
 
+/// How conversation state is replicated (see README, "Durability and failover").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Copies of each conversation: its owner plus the next `factor - 1` distinct live nodes
+    /// on the ring (fewer while fewer nodes are up).
+    pub factor: usize,
+    /// Copies that must hold a turn before it is acknowledged (at most the live copies).
+    pub write_quorum: usize,
+    /// How long membership must stay unchanged before it becomes the baseline whose
+    /// majority a node needs to serve (keep-majority).
+    pub stable_after_ms: u64,
+    /// Peers' ops waiting to be queued on the local store; more are refused (the owner
+    /// sees a failed write and the client retries).
+    pub incoming_max: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig { factor: 2, write_quorum: 2, stable_after_ms: 5000, incoming_max: 8192 }
+    }
+}
+
+/// Test hooks. Off unless a config file turns them on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultConfig {
+    /// Serve `POST /fault/isolate?on=true|false` on the admin port: drop every gossip
+    /// datagram to and from peers (a network partition of this node, for tests).
+    pub injection: bool,
+}
+
 /// A node configuration as written in a file or given by flags: everything optional, so
 /// that flags can override the file and validation can name what is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,6 +366,8 @@ pub struct RawNodeConfig {
     pub frontend: Option<FrontendConfig>,
     pub backends: Option<BackendConfig>,
     pub store: Option<StoreConfig>,
+    pub replication: Option<ReplicationConfig>,
+    pub fault: Option<FaultConfig>,
 }
 
 /// A validated node configuration.
@@ -358,6 +392,8 @@ pub struct NodeConfig {
     pub frontend: FrontendConfig,
     pub backends: BackendConfig,
     pub store: StoreConfig,
+    pub replication: ReplicationConfig,
+    pub fault: FaultConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -411,6 +447,8 @@ impl RawNodeConfig {
             frontend: over.frontend.or(self.frontend),
             backends: over.backends.or(self.backends),
             store: over.store.or(self.store),
+            replication: over.replication.or(self.replication),
+            fault: over.fault.or(self.fault),
         }
     }
 
@@ -455,6 +493,20 @@ impl RawNodeConfig {
             return Err(ConfigError::invalid(
                 "store.group_commit_max",
                 "store.group_commit_max and store.queue_max must be greater than 0",
+            ));
+        }
+        let replication = self.replication.unwrap_or_default();
+        if replication.factor == 0 || replication.write_quorum == 0 || replication.incoming_max == 0
+        {
+            return Err(ConfigError::invalid(
+                "replication.factor",
+                "replication.factor, write_quorum and incoming_max must be greater than 0",
+            ));
+        }
+        if replication.write_quorum > replication.factor {
+            return Err(ConfigError::invalid(
+                "replication.write_quorum",
+                "must not exceed replication.factor",
             ));
         }
         validate_runtime(&conversations, &frontend)?;
@@ -507,6 +559,8 @@ impl RawNodeConfig {
             frontend,
             backends,
             store,
+            replication,
+            fault: self.fault.unwrap_or_default(),
         })
     }
 }

@@ -1,13 +1,14 @@
 //! The admin HTTP port: health, status, metrics and a cross-node link check.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use botclaw_core::MemberState;
 use ractor::ActorRef;
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub server: ActorRef<NodeServerMessage>,
     pub link_name: String,
     pub call_timeout: Duration,
+    /// The gossip isolation switch, when fault injection is on.
+    pub isolation: Option<Arc<AtomicBool>>,
 }
 
 /// One member in `GET /status`.
@@ -57,6 +60,8 @@ pub struct Status {
     pub pid: u32,
     pub incarnation: u64,
     pub joined: bool,
+    /// Sees a majority of the cluster and runs turns (keep-majority).
+    pub serving: bool,
     pub uptime_s: f64,
     /// Resident memory of the process.
     pub rss_bytes: u64,
@@ -72,19 +77,46 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/metrics", get(metrics))
         .route("/ping", get(ping))
         .route("/placement", get(placement))
+        .route("/fault/isolate", post(isolate))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin server stopped");
     }
 }
 
-/// Ready once joined and once the placement reflects it, so a client sent here is served.
+/// Ready once joined, once the placement reflects it and while a majority is in sight, so
+/// a client sent here is served.
 async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     let placement = s.dispatcher.view.load();
-    if s.view.borrow().joined && placement.joined && !placement.placement.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if !(s.view.borrow().joined && placement.joined && !placement.placement.is_empty()) {
         (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()
+    } else if !s.dispatcher.serving.load(Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "minority: less than a majority of the cluster in sight\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct IsolateQuery {
+    on: bool,
+}
+
+/// Fault injection (only with `[fault] injection = true`): cut this node off from gossip,
+/// or reconnect it.
+async fn isolate(State(s): State<Arc<AdminState>>, Query(q): Query<IsolateQuery>) -> Response {
+    match &s.isolation {
+        Some(switch) => {
+            switch.store(q.on, Ordering::Relaxed);
+            tracing::warn!(isolated = q.on, "fault injection: gossip isolation switched");
+            (StatusCode::OK, format!("isolated={}\n", q.on)).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "fault injection is off ([fault] injection = false)\n")
+            .into_response(),
     }
 }
 
@@ -121,6 +153,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         pid: std::process::id(),
         incarnation: view.me.incarnation,
         joined: view.joined,
+        serving: s.dispatcher.serving.load(Ordering::Acquire),
         uptime_s: uptime_s(view.me.incarnation),
         rss_bytes: rss_bytes(),
         active_conversations: s.host.active() as u64,

@@ -7,6 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use botclaw_core::membership::MembershipTimer;
@@ -73,9 +74,16 @@ pub struct GossipDriver {
     view: watch::Sender<ClusterView>,
     metrics: Metrics,
     packet_bytes_max: usize,
+    /// Fault injection: while set, every datagram to or from peers is dropped.
+    isolated: Arc<AtomicBool>,
 }
 
 impl GossipDriver {
+    /// The switch that cuts this node off from gossip (fault injection for tests).
+    pub fn isolation(&self) -> Arc<AtomicBool> {
+        self.isolated.clone()
+    }
+
     pub fn new(
         membership: Membership,
         socket: UdpSocket,
@@ -95,6 +103,7 @@ impl GossipDriver {
             view: tx,
             metrics,
             packet_bytes_max,
+            isolated: Arc::default(),
         };
         (driver, rx)
     }
@@ -109,6 +118,7 @@ impl GossipDriver {
             let deadline = self.timers.next_deadline();
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => match received {
+                    Ok(_) if self.isolated.load(Ordering::Relaxed) => {}
                     Ok((n, from)) => self.on_datagram(&buf[..n], from),
                     // Linux reports ICMP errors from earlier sends on the socket; they say
                     // nothing about this read.
@@ -148,6 +158,7 @@ impl GossipDriver {
         let now = Instant::now();
         while let Some(effect) = self.membership.poll_effect() {
             match effect {
+                Effect::Send { .. } if self.isolated.load(Ordering::Relaxed) => {}
                 Effect::Send { to, packet } => match self.socket.send_to(&packet, to).await {
                     Ok(_) => {
                         self.metrics.gossip_sent.inc();

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub errors: Family<CodeLabel, Counter>,
     pub forwards: Counter,
     pub forward_refusals: Counter,
+    /// Requests refused because this node sees less than a majority.
+    pub minority_refusals: Counter,
+    /// 1 while this node sees a majority of the cluster and runs turns.
+    pub serving: Gauge,
     pub frames_too_large: Counter,
     pub connections: Gauge,
     pub connections_rejected: Counter,
@@ -60,6 +64,8 @@ impl Default for Metrics {
             errors: Default::default(),
             forwards: Default::default(),
             forward_refusals: Default::default(),
+            minority_refusals: Default::default(),
+            serving: Default::default(),
             frames_too_large: Default::default(),
             connections: Default::default(),
             connections_rejected: Default::default(),
@@ -133,6 +139,16 @@ impl Metrics {
             "forward_refusals",
             "Forwarded requests refused because ownership was in flux",
             self.forward_refusals.clone(),
+        );
+        r.register(
+            "minority_refusals",
+            "Requests refused because this node saw less than a majority of the cluster",
+            self.minority_refusals.clone(),
+        );
+        r.register(
+            "serving",
+            "1 while this node sees a majority of the cluster and runs turns",
+            self.serving.clone(),
         );
         r.register(
             "frames_too_large",

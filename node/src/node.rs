@@ -1,6 +1,7 @@
 //! `run`: one botclaw node, from a validated config until shutdown.
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,6 +10,7 @@ use arc_swap::ArcSwap;
 use botclaw_actors::backends::Backends;
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
+use botclaw_actors::replicator::Replicator;
 use botclaw_actors::store::redb::RedbStore;
 use botclaw_actors::store::{MemoryStore, StateStore};
 use botclaw_actors::{RouterActor, RouterArgs};
@@ -25,7 +27,7 @@ use crate::admin::{self, AdminState};
 use crate::frontend::{self, Frontend};
 use crate::gossip::{GossipCommand, GossipDriver};
 use crate::metrics::Metrics;
-use crate::routing::{self, Dispatcher, PlacementView};
+use crate::routing::{self, Dispatcher, Maintained, NodePeers, PlacementView};
 
 /// The inter-node cookie: derived from the cluster secret, never equal to the gossip key.
 pub fn cluster_cookie(secret: &str) -> String {
@@ -108,24 +110,42 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             conv_metrics.clone(),
         )?)
     };
+    let placement = Arc::new(ArcSwap::from_pointee(PlacementView {
+        placement: Placement::build(&[], &cfg.placement),
+        joined: false,
+    }));
+    let serving = Arc::new(AtomicBool::new(true));
+    let forwarder =
+        Forwarder::start(&cfg.name, Duration::from_millis(cfg.frontend.turn_timeout_ms));
+    let peers = NodePeers {
+        me: node.clone(),
+        view: placement.clone(),
+        serving: serving.clone(),
+        forwarder: forwarder.clone(),
+        factor: cfg.replication.factor,
+    };
+    let replicator = Replicator::start(
+        store,
+        Arc::new(peers),
+        cfg.replication.write_quorum,
+        cfg.replication.incoming_max,
+        conv_metrics.clone(),
+    );
     let host = ConversationHost::start(
         node.clone(),
         &cfg.conversations,
-        store,
+        replicator.clone(),
+        cfg.frontend.retry_after_ms,
         botclaw_actors::bots::builtin(),
         Backends::new(&cfg.backends, conv_metrics.clone()),
         conv_metrics,
     )
     .await
     .context("cannot start the conversation supervisor")?;
-    let placement = Arc::new(ArcSwap::from_pointee(PlacementView {
-        placement: Placement::build(&[], &cfg.placement),
-        joined: false,
-    }));
-    let forwarder =
-        Forwarder::start(&cfg.name, Duration::from_millis(cfg.frontend.turn_timeout_ms));
     let dispatcher = Arc::new(Dispatcher {
         host: host.clone(),
+        replicator,
+        serving: serving.clone(),
         forwarder: forwarder.clone(),
         view: placement.clone(),
         me: node.clone(),
@@ -149,6 +169,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
     let (driver, view) =
         GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
+    let isolation = cfg.fault.injection.then(|| driver.isolation());
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));
     let links_task = tokio::spawn(crate::links::run(
@@ -158,8 +179,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Duration::from_millis(cfg.link.reconcile_interval_ms),
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
-    let placement_task =
-        tokio::spawn(routing::maintain(view.clone(), cfg.placement.clone(), placement, forwarder));
+    let placement_task = tokio::spawn(routing::maintain(
+        view.clone(),
+        cfg.placement.clone(),
+        cfg.replication.clone(),
+        Maintained { placement, serving, forwarder, host: host.clone(), metrics: metrics.clone() },
+    ));
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),
         cfg: cfg.frontend.clone(),
@@ -177,6 +202,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         server: server_ref.clone(),
         link_name,
         call_timeout: Duration::from_millis(cfg.link.call_timeout_ms),
+        isolation,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
 

@@ -6,19 +6,29 @@
 //! conversation, forwards it once to the owner otherwise, and answers `unavailable` when a
 //! forwarded request arrives at a node that disagrees about the owner (membership in flux):
 //! a request is processed by one node at most.
+//!
+//! Keep-majority: `maintain` also feeds membership to a [`MajorityGuard`]; while this node
+//! sees less than a majority of the last stable membership, `serving` is false and the
+//! node runs no turns (it answers `unavailable`), so a minority partition cannot diverge.
+//! Replica ops from peers are served regardless: only majority nodes send them.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use botclaw_actors::envelope::{ConvOutcome, ConvRequest, Envelope, FailKind, Reply};
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
+use botclaw_actors::replicator::{Peers, ReplicaAnswer, Replicator, Route};
 use botclaw_actors::router::Inbound;
-use botclaw_config::PlacementConfig;
+use botclaw_actors::store::{BoxFuture, StoreOp};
+use botclaw_config::{PlacementConfig, ReplicationConfig};
 use botclaw_core::placement::{Placement, RingMember, ShardId};
+use botclaw_core::replication::MajorityGuard;
 use botclaw_core::MemberState;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
@@ -45,31 +55,58 @@ pub fn ring_members(view: &ClusterView) -> BTreeSet<RingMember> {
         .collect()
 }
 
-/// Keeps `out` in step with membership, and fails requests forwarded to members that went
-/// down instead of letting them time out.
+/// How often the majority guard is re-evaluated without membership changes (the baseline
+/// moves only after membership was stable for a while).
+const GUARD_TICK: Duration = Duration::from_millis(200);
+
+/// What `maintain` keeps up to date.
+pub struct Maintained {
+    pub placement: Arc<ArcSwap<PlacementView>>,
+    pub serving: Arc<AtomicBool>,
+    pub forwarder: Arc<Forwarder>,
+    pub host: ConversationHost,
+    pub metrics: Metrics,
+}
+
+/// Keeps the placement and the keep-majority verdict in step with membership, fails
+/// requests forwarded to members that went down instead of letting them time out, and
+/// tells actors of conversations that moved away to close.
 pub async fn maintain(
     mut view: watch::Receiver<ClusterView>,
     cfg: PlacementConfig,
-    out: Arc<ArcSwap<PlacementView>>,
-    forwarder: Arc<Forwarder>,
+    replication: ReplicationConfig,
+    out: Maintained,
 ) {
+    let started = Instant::now();
+    let me = view.borrow().me.name.clone();
+    let mut guard = MajorityGuard::new(&me, 0, replication.stable_after_ms);
     let mut current: Option<(BTreeSet<RingMember>, bool)> = None;
     let mut down = BTreeSet::new();
+    let mut tick = tokio::time::interval(GUARD_TICK);
     loop {
-        let (members, joined, now_down) = {
+        let (members, joined, now_down, live) = {
             let v = view.borrow_and_update();
-            let now_down: BTreeSet<String> = v
-                .members
-                .iter()
-                .filter(|m| m.state == MemberState::Down)
-                .map(|m| m.id.name.clone())
-                .collect();
-            (ring_members(&v), v.joined, now_down)
+            let names = |pred: &dyn Fn(MemberState) -> bool| -> BTreeSet<String> {
+                v.members.iter().filter(|m| pred(m.state)).map(|m| m.id.name.clone()).collect()
+            };
+            let now_down = names(&|s| s == MemberState::Down);
+            let mut live = names(&|s| s != MemberState::Down);
+            live.insert(me.clone());
+            (ring_members(&v), v.joined, now_down, live)
         };
         for peer in now_down.difference(&down) {
-            forwarder.fail_peer(peer);
+            out.forwarder.fail_peer(peer);
         }
         down = now_down;
+        let serving = guard.observe(&live, started.elapsed().as_millis() as u64);
+        if out.serving.swap(serving, Ordering::AcqRel) != serving {
+            if serving {
+                tracing::info!(live = live.len(), "a majority is reachable: serving turns");
+            } else {
+                tracing::warn!(live = live.len(), baseline = ?guard.baseline(), "less than a majority is reachable: serving no turns");
+            }
+        }
+        out.metrics.serving.set(i64::from(serving));
         if current.as_ref() != Some(&(members.clone(), joined)) {
             let list: Vec<RingMember> = members.iter().cloned().collect();
             let cfg = cfg.clone();
@@ -77,17 +114,73 @@ pub async fn maintain(
                 .await
                 .expect("placement build does not panic");
             tracing::info!(members = members.len(), joined, "placement updated");
-            out.store(Arc::new(PlacementView { placement, joined }));
+            let moved = out.host.relinquish(|conv| placement.locate(conv).1 == Some(me.as_str()));
+            if moved > 0 {
+                tracing::info!(moved, "conversations moved to other nodes");
+            }
+            out.placement.store(Arc::new(PlacementView { placement, joined }));
             current = Some((members, joined));
         }
-        if view.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
+    }
+}
+
+/// The cluster as the replicator sees it: preference lists from the placement snapshot,
+/// the keep-majority verdict, and peers' stores through the forwarder.
+pub struct NodePeers {
+    pub me: Arc<str>,
+    pub view: Arc<ArcSwap<PlacementView>>,
+    pub serving: Arc<AtomicBool>,
+    pub forwarder: Arc<Forwarder>,
+    pub factor: usize,
+}
+
+impl Peers for NodePeers {
+    fn me(&self) -> &str {
+        &self.me
+    }
+
+    fn route(&self, conv: &str) -> Route {
+        let view = self.view.load();
+        let (shard, _) = view.placement.locate(conv);
+        let list = view
+            .placement
+            .preference_list(shard, self.factor)
+            .into_iter()
+            .map(|n| if n == &*self.me { self.me.clone() } else { Arc::from(n) })
+            .collect();
+        Route { list, serving: view.joined && self.serving.load(Ordering::Acquire) }
+    }
+
+    fn send(
+        &self,
+        peer: &str,
+        conv: &str,
+        op: StoreOp,
+    ) -> BoxFuture<'static, Result<ReplicaAnswer, String>> {
+        let (tx, rx) = oneshot::channel();
+        let envelope =
+            Envelope { conv: conv.to_string(), request: ConvRequest::Replica(op), hops: 1 };
+        self.forwarder.forward(peer, envelope, Reply::new(move |o| drop(tx.send(o))));
+        Box::pin(async move {
+            match rx.await {
+                Ok(ConvOutcome::Replica(answer)) => Ok(answer),
+                Ok(ConvOutcome::Failed { message, .. }) => Err(message),
+                Ok(other) => Err(format!("unexpected answer to a replica op: {other:?}")),
+                Err(_) => Err("the forwarder dropped the request".into()),
+            }
+        })
     }
 }
 
 pub struct Dispatcher {
     pub host: ConversationHost,
+    pub replicator: Arc<Replicator>,
+    /// Keep-majority verdict (see `maintain`).
+    pub serving: Arc<AtomicBool>,
     pub forwarder: Arc<Forwarder>,
     pub view: Arc<ArcSwap<PlacementView>>,
     pub me: Arc<str>,
@@ -118,6 +211,13 @@ impl Dispatcher {
         if !view.joined {
             return self.unavailable(reply, "this node has not joined the cluster yet".into());
         }
+        if !self.serving.load(Ordering::Acquire) {
+            self.metrics.minority_refusals.inc();
+            return self.unavailable(
+                reply,
+                "this node sees less than a majority of the cluster; try another node".into(),
+            );
+        }
         let (_, owner) = view.placement.locate(conv);
         match owner {
             None => self.unavailable(reply, "no node serves conversations".into()),
@@ -140,6 +240,14 @@ impl Dispatcher {
 
 impl Inbound for Dispatcher {
     fn handle(&self, envelope: Envelope, reply: Reply) {
-        self.submit(&envelope.conv, envelope.request, envelope.hops, reply);
+        match envelope.request {
+            ConvRequest::Replica(op) => self.replicator.serve(envelope.conv, op, move |r| {
+                reply.send(match r {
+                    Ok(answer) => ConvOutcome::Replica(answer),
+                    Err(e) => ConvOutcome::failed(FailKind::Internal, e.to_string()),
+                })
+            }),
+            request => self.submit(&envelope.conv, request, envelope.hops, reply),
+        }
     }
 }

@@ -13,7 +13,8 @@
 //!   seeds until joined, with a closed [`membership::Effect`] output;
 //! - [`links`]: which inter-node sessions to dial or drop given membership;
 //! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
-//! - [`conversation`]: a conversation's state and the rules of a turn (retries, window).
+//! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
+//! - [`replication`]: epochs, versions, what a replica accepts, keep-majority.
 
 pub mod auth;
 pub mod conversation;
@@ -21,6 +22,7 @@ pub mod identity;
 pub mod links;
 pub mod membership;
 pub mod placement;
+pub mod replication;
 
 pub use identity::NodeId;
 pub use membership::{Effect, MemberState, MemberView, Membership, MembershipTimer};

@@ -1,16 +1,21 @@
 //! One actor per active conversation.
 //!
-//! Turns are handled one at a time in arrival order. A turn runs the conversation's bot on
-//! a copy of its state; if the bot succeeds, the turn is applied and submitted to the store,
-//! and its reply waits until the store reports the turn durable. The actor does not wait
-//! for that: it goes on with the next turn, whose commit then joins the same or the next
-//! group commit (the store applies a conversation's commits in submission order). A retry
-//! of a turn that is not durable yet also waits for it.
+//! An actor starts by taking ownership of its conversation ([`crate::replicator::Replicator::acquire`]): it
+//! fences the preference list with a new epoch and continues from the newest replicated
+//! copy. Turns are handled one at a time in arrival order. A turn runs the conversation's
+//! bot on a copy of its state; if the bot succeeds, the turn is applied and submitted to
+//! the replicator, and its reply waits until the write quorum holds the turn. The actor
+//! does not wait for that: it goes on with the next turn, whose writes then join the same
+//! or the next group commits (stores apply a conversation's writes in submission order).
+//! A retry of a turn that is not durable yet also waits for it.
 //!
 //! A bot that errors or panics fails that turn only: the client gets `internal`, the turn
 //! leaves no trace, and the conversation goes on from its last committed state with a
-//! fresh cache, without losing the turns queued behind it. A commit the store refuses
-//! restarts the conversation from what the store holds: every reply still waiting fails.
+//! fresh cache, without losing the turns queued behind it. If ownership cannot be taken or
+//! kept (a newer epoch fenced the conversation, a replica did not answer, the node lost
+//! its majority, a store failed), the actor closes: it leaves the registry, every reply
+//! still waiting and every request still queued fails (`unavailable`: retry), and the
+//! next request starts a fresh actor that acquires again.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -18,13 +23,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use botclaw_core::conversation::ConversationState;
+use botclaw_core::replication::{Epoch, Version};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::bot::{TurnContext, TurnInput};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::host::{Activity, HostShared};
-use crate::store::StoreError;
+use crate::replicator::Refusal;
 
 /// Messages of a conversation actor. Local-only: conversation actors are never mirrored
 /// on peers (only the router is remotable).
@@ -32,12 +38,13 @@ pub enum ConvMsg {
     Request(ConvRequest, Reply),
     /// Sent by the host's idle sweeper: passivate if idle and nothing is queued.
     IdleCheck,
-    /// The store finished committing `turn` (sent by the actor's own commit waiters).
+    /// The write quorum holds `turn`, or cannot (sent by the actor's own commit waiters).
     Committed {
-        generation: u64,
         turn: u64,
-        result: Result<(), StoreError>,
+        result: Result<(), Refusal>,
     },
+    /// This node no longer owns the conversation: close once nothing waits.
+    Relinquish,
 }
 
 impl ractor::Message for ConvMsg {}
@@ -53,16 +60,21 @@ pub struct ConvArgs {
 pub struct ConvActorState {
     conv: Arc<str>,
     state: ConversationState,
+    /// Version of `state` (what the next write builds on) and this owner's epoch.
+    version: Version,
+    epoch: Epoch,
     cx: TurnContext,
     /// Requests handled; equals `activity.sent` when nothing is queued.
     processed: u64,
-    /// Highest turn the store reported durable.
+    /// Highest turn the write quorum holds.
     durable_turn: u64,
     /// Replies waiting for their turn to be durable, in arrival order (a retry of an older
     /// turn may stand behind newer turns).
     waiting: VecDeque<(u64, Reply, ConvOutcome)>,
-    /// Bumped on every restart from the store, so commit results of before are ignored.
-    generation: u64,
+    /// Set when ownership ended: every request is answered with it until the actor stops.
+    closed: Option<Refusal>,
+    /// Close as soon as nothing waits.
+    relinquished: bool,
     shared: Arc<HostShared>,
     activity: Arc<Activity>,
 }
@@ -77,19 +89,44 @@ impl Actor for ConversationActor {
         _me: ActorRef<ConvMsg>,
         args: ConvArgs,
     ) -> Result<ConvActorState, ActorProcessingErr> {
-        let mut state = args.shared.store.load(&args.conv).await?.unwrap_or_default();
-        state.reindex();
+        let (owned, closed) = match args.shared.replicator.acquire(&args.conv).await {
+            Ok(owned) => (owned, None),
+            Err(refusal) => {
+                args.shared.metrics.acquire_failures.inc();
+                let nothing = crate::replicator::Owned {
+                    state: ConversationState::default(),
+                    version: Version::default(),
+                    epoch: Epoch::ZERO,
+                };
+                (nothing, Some(refusal))
+            }
+        };
+        // A refusal is kept aside until `post_start`, which closes the actor.
         Ok(ConvActorState {
             cx: args.shared.turn_context(),
             conv: args.conv,
-            durable_turn: state.turn,
-            state,
+            durable_turn: owned.state.turn,
+            state: owned.state,
+            version: owned.version,
+            epoch: owned.epoch,
             processed: 0,
             waiting: VecDeque::new(),
-            generation: 0,
+            closed,
+            relinquished: false,
             shared: args.shared,
             activity: args.activity,
         })
+    }
+
+    async fn post_start(
+        &self,
+        me: ActorRef<ConvMsg>,
+        s: &mut ConvActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(refusal) = s.closed.take() {
+            s.close(&me, refusal);
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -99,6 +136,12 @@ impl Actor for ConversationActor {
         s: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            ConvMsg::Request(_, reply) if s.closed.is_some() => {
+                s.processed += 1;
+                let refusal = s.closed.clone().expect("closed");
+                reply.send(refused(&refusal, s.shared.retry_after_ms));
+                s.stop_if_drained(&me);
+            }
             ConvMsg::Request(request, reply) => {
                 s.processed += 1;
                 s.activity.touch(&s.shared);
@@ -119,19 +162,33 @@ impl Actor for ConversationActor {
                         let turns = turns.into_iter().skip(skip).collect();
                         reply.send(ConvOutcome::History { turns, node: s.shared.node.clone() });
                     }
+                    ConvRequest::Replica(_) => reply.send(ConvOutcome::failed(
+                        FailKind::BadRequest,
+                        "replica ops go to the store, not to a conversation",
+                    )),
                 }
             }
-            ConvMsg::Committed { generation, turn, result } => {
-                if generation == s.generation {
+            ConvMsg::Committed { turn, result } => {
+                if s.closed.is_none() {
                     match result {
-                        Ok(()) => s.durable(turn),
-                        Err(e) => s.commit_failed(e).await?,
+                        Ok(()) => s.durable(&me, turn),
+                        Err(refusal) => {
+                            tracing::warn!(conv = %s.conv, turn, reason = %refusal, "turn not replicated; closing");
+                            s.shared.metrics.replication_failures.inc();
+                            s.close(&me, refusal);
+                        }
                     }
+                }
+            }
+            ConvMsg::Relinquish => {
+                s.relinquished = true;
+                if s.waiting.is_empty() && s.closed.is_none() {
+                    s.close(&me, Refusal::unavailable("ownership moved to another node"));
                 }
             }
             ConvMsg::IdleCheck => {
                 let idle = s.activity.idle_for(&s.shared) >= s.shared.idle_passivate;
-                if idle && s.waiting.is_empty() && s.try_unregister() {
+                if idle && s.waiting.is_empty() && s.closed.is_none() && s.try_unregister() {
                     s.shared.metrics.passivations.inc();
                     me.stop(Some("passivated".into()));
                 }
@@ -139,6 +196,11 @@ impl Actor for ConversationActor {
         }
         Ok(())
     }
+}
+
+fn refused(refusal: &Refusal, retry_after_ms: u64) -> ConvOutcome {
+    let retry_after_ms = (refusal.kind == FailKind::Unavailable).then_some(retry_after_ms);
+    ConvOutcome::Failed { kind: refusal.kind, message: refusal.message.clone(), retry_after_ms }
 }
 
 impl ConvActorState {
@@ -165,7 +227,7 @@ impl ConvActorState {
         }
     }
 
-    fn durable(&mut self, turn: u64) {
+    fn durable(&mut self, me: &ActorRef<ConvMsg>, turn: u64) {
         self.durable_turn = self.durable_turn.max(turn);
         // Not only the front: a retry of an older turn queues behind newer turns.
         let mut i = 0;
@@ -178,20 +240,31 @@ impl ConvActorState {
                 i += 1;
             }
         }
+        if self.relinquished && self.waiting.is_empty() {
+            self.close(me, Refusal::unavailable("ownership moved to another node"));
+        }
     }
 
-    async fn commit_failed(&mut self, e: StoreError) -> Result<(), ActorProcessingErr> {
-        tracing::error!(conv = %self.conv, error = %e, "commit failed; restarting from the store");
+    /// Ends this actor's ownership: out of the registry (the next request starts a new
+    /// actor, which acquires again), everything waiting fails, and the actor stops once it
+    /// has answered every request already sent to it.
+    fn close(&mut self, me: &ActorRef<ConvMsg>, refusal: Refusal) {
+        let retry_after_ms = self.shared.retry_after_ms;
         for (_, reply, _) in self.waiting.drain(..) {
-            reply.send(ConvOutcome::failed(FailKind::Internal, format!("turn not committed: {e}")));
+            reply.send(refused(&refusal, retry_after_ms));
         }
-        self.state = self.shared.store.load(&self.conv).await?.unwrap_or_default();
-        self.state.reindex();
-        self.durable_turn = self.state.turn;
-        self.generation += 1;
-        self.cx = self.shared.turn_context();
-        self.shared.metrics.restarts.inc();
-        Ok(())
+        let mine = &self.activity;
+        self.shared.registry.remove_if(&*self.conv, |_, h| Arc::ptr_eq(&h.activity, mine));
+        self.closed = Some(refusal);
+        self.stop_if_drained(me);
+    }
+
+    /// After `close`: nothing more can be sent (the actor left the registry), so once
+    /// `processed` reaches `sent` the mailbox is empty.
+    fn stop_if_drained(&self, me: &ActorRef<ConvMsg>) {
+        if self.processed == self.activity.sent.load(Ordering::Acquire) {
+            me.stop(Some("closed".into()));
+        }
     }
 
     async fn say(
@@ -232,26 +305,36 @@ impl ConvActorState {
         let failure = match outcome {
             Ok(Ok(messages)) => {
                 let commit = self.state.next_commit(&bot_name, id, text, user, messages, bot_state);
-                match self.shared.store.submit(&self.conv, commit.clone()).await {
+                let submitted = self
+                    .shared
+                    .replicator
+                    .submit(&self.conv, self.epoch, self.version, commit.clone())
+                    .await;
+                match submitted {
                     Ok(ticket) => {
                         let turn = commit.record.turn;
                         let messages = commit.record.messages.clone();
                         self.state.apply(commit, self.shared.turns_kept_max);
+                        self.version = Version { epoch: self.epoch, turn };
                         self.shared.metrics.turns.inc();
                         self.reply_when_durable(
                             turn,
                             reply,
                             ConvOutcome::Reply { messages, turn, node },
                         );
-                        let (me, generation) = (me.clone(), self.generation);
+                        let me = me.clone();
                         tokio::spawn(async move {
                             let result = ticket.await;
                             // The actor may have stopped; its waiting replies answered then.
-                            let _ = me.cast(ConvMsg::Committed { generation, turn, result });
+                            let _ = me.cast(ConvMsg::Committed { turn, result });
                         });
                         return;
                     }
-                    Err(e) => format!("turn not committed: {e}"),
+                    Err(refusal) => {
+                        reply.send(refused(&refusal, self.shared.retry_after_ms));
+                        self.close(me, refusal);
+                        return;
+                    }
                 }
             }
             Ok(Err(e)) => {

@@ -3,14 +3,25 @@
 
 use std::sync::Arc;
 
+use crate::replicator::ReplicaAnswer;
+use crate::store::StoreOp;
 use botclaw_core::conversation::TurnRecord;
 use serde::{Deserialize, Serialize};
 
 /// What a client asks of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConvRequest {
-    Say { id: String, text: String, bot: Option<String>, user: Option<String> },
-    History { limit: u32 },
+    Say {
+        id: String,
+        text: String,
+        bot: Option<String>,
+        user: Option<String>,
+    },
+    History {
+        limit: u32,
+    },
+    /// An owner's op for this node's copy of the conversation (replication).
+    Replica(StoreOp),
 }
 
 /// A request addressed to a conversation, as it crosses nodes.
@@ -34,9 +45,22 @@ pub enum FailKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConvOutcome {
-    Reply { messages: Vec<String>, turn: u64, node: Arc<str> },
-    History { turns: Vec<TurnRecord>, node: Arc<str> },
-    Failed { kind: FailKind, message: String, retry_after_ms: Option<u64> },
+    Reply {
+        messages: Vec<String>,
+        turn: u64,
+        node: Arc<str>,
+    },
+    History {
+        turns: Vec<TurnRecord>,
+        node: Arc<str>,
+    },
+    Failed {
+        kind: FailKind,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
+    /// A replica's answer to a [`ConvRequest::Replica`] op.
+    Replica(ReplicaAnswer),
 }
 
 impl ConvOutcome {
@@ -94,7 +118,12 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(f) = self.0.take() {
-            f(ConvOutcome::failed(FailKind::Internal, "the conversation stopped before answering"));
+            // Outcome unknown (the request may or may not have run): retryable.
+            f(ConvOutcome::Failed {
+                kind: FailKind::Unavailable,
+                message: "the conversation stopped before answering".into(),
+                retry_after_ms: Some(100),
+            });
         }
     }
 }
@@ -105,13 +134,13 @@ mod tests {
     use std::sync::Mutex;
 
     #[test]
-    fn dropped_reply_answers_internal() {
+    fn dropped_reply_answers_unavailable() {
         let got = Arc::new(Mutex::new(None));
         let sink = got.clone();
         drop(Reply::new(move |o| *sink.lock().unwrap() = Some(o)));
         assert!(matches!(
             got.lock().unwrap().take(),
-            Some(ConvOutcome::Failed { kind: FailKind::Internal, .. })
+            Some(ConvOutcome::Failed { kind: FailKind::Unavailable, .. })
         ));
     }
 

@@ -63,6 +63,7 @@ impl Weight for Envelope {
                         + user.as_ref().map_or(0, String::len)
                 }
                 crate::envelope::ConvRequest::History { .. } => 8,
+                crate::envelope::ConvRequest::Replica(op) => op_weight(op),
             }
     }
 }
@@ -71,16 +72,30 @@ impl Weight for ConvOutcome {
     fn weight(&self) -> usize {
         64 + match self {
             ConvOutcome::Reply { messages, .. } => messages.iter().map(String::len).sum(),
-            ConvOutcome::History { turns, .. } => turns
-                .iter()
-                .map(|t| {
-                    32 + t.id.len()
-                        + t.text.len()
-                        + t.messages.iter().map(String::len).sum::<usize>()
-                })
-                .sum(),
+            ConvOutcome::History { turns, .. } => turns.iter().map(record_weight).sum(),
             ConvOutcome::Failed { message, .. } => message.len(),
+            ConvOutcome::Replica(answer) => {
+                answer.stored.as_ref().map_or(0, |s| state_weight(&s.state))
+            }
         }
+    }
+}
+
+fn state_weight(state: &botclaw_core::conversation::ConversationState) -> usize {
+    64 + state.bot_state.len() + state.turns.iter().map(|t| record_weight(t)).sum::<usize>()
+}
+
+fn record_weight(t: &botclaw_core::conversation::TurnRecord) -> usize {
+    32 + t.id.len() + t.text.len() + t.messages.iter().map(String::len).sum::<usize>()
+}
+
+fn op_weight(op: &crate::store::StoreOp) -> usize {
+    match op {
+        crate::store::StoreOp::Fence { .. } => 32,
+        crate::store::StoreOp::Write { commit, .. } => {
+            64 + commit.bot_state.len() + record_weight(&commit.record)
+        }
+        crate::store::StoreOp::Install { state, .. } => state_weight(state),
     }
 }
 

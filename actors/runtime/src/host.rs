@@ -26,7 +26,7 @@ use crate::bot::{BotRegistry, TurnContext};
 use crate::conversation::{ConvArgs, ConvMsg, ConversationActor};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::metrics::ConversationMetrics;
-use crate::store::StateStore;
+use crate::replicator::Replicator;
 
 /// A live conversation actor, as the registry holds it.
 pub struct Handle {
@@ -58,7 +58,7 @@ impl Activity {
 /// What every conversation actor of this node shares.
 pub struct HostShared {
     pub node: Arc<str>,
-    pub store: Arc<dyn StateStore>,
+    pub replicator: Arc<Replicator>,
     pub bots: BotRegistry,
     pub backends: Arc<Backends>,
     pub metrics: ConversationMetrics,
@@ -66,6 +66,8 @@ pub struct HostShared {
     /// from clients).
     pub registry: DashMap<Arc<str>, Handle, Xxh3Builder>,
     pub default_bot: String,
+    /// Advised to clients on `unavailable`.
+    pub retry_after_ms: u64,
     pub turns_kept_max: usize,
     pub idle_passivate: Duration,
     active_max: usize,
@@ -145,14 +147,16 @@ impl ConversationHost {
     pub async fn start(
         node: Arc<str>,
         cfg: &ConversationConfig,
-        store: Arc<dyn StateStore>,
+        replicator: Arc<Replicator>,
+        retry_after_ms: u64,
         bots: BotRegistry,
         backends: Arc<Backends>,
         metrics: ConversationMetrics,
     ) -> Result<ConversationHost, ractor::SpawnErr> {
         let shared = Arc::new(HostShared {
             node,
-            store,
+            replicator,
+            retry_after_ms,
             bots,
             backends,
             metrics,
@@ -177,6 +181,19 @@ impl ConversationHost {
 
     pub fn shared(&self) -> &Arc<HostShared> {
         &self.shared
+    }
+
+    /// Tells the actors of conversations this node no longer owns to close once their
+    /// waiting turns are durable (ownership moved with a membership change).
+    pub fn relinquish(&self, owned_here: impl Fn(&str) -> bool) -> usize {
+        let mut n = 0;
+        for entry in self.shared.registry.iter() {
+            if !owned_here(entry.key()) {
+                let _ = entry.actor.cast(ConvMsg::Relinquish);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Sends a request to the conversation's actor, starting it if needed.

@@ -9,7 +9,9 @@
 //! - [`envelope`]: requests to and outcomes from a conversation, local or over the wire,
 //!   and [`envelope::Reply`], which always answers;
 //! - [`bot`]: the `Bot` trait users implement, and [`bots`]: the built-in bots;
-//! - [`backends`]: the in-process services bots call; [`store`]: `StateStore`;
+//! - [`replicator`]: taking ownership of a conversation, writing turns to its replicas,
+//!   serving peers' ops; [`store`]: `StateStore` (memory, redb);
+//! - [`backends`]: the in-process services bots call;
 //! - [`metrics`]: counters the node exports.
 //!
 //! Actors hold no decision logic of the cluster: they call `botclaw-core` and execute.
@@ -22,6 +24,7 @@ pub mod envelope;
 pub mod forwarder;
 pub mod host;
 pub mod metrics;
+pub mod replicator;
 pub mod router;
 pub mod store;
 

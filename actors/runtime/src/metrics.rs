@@ -32,6 +32,14 @@ pub struct ConversationMetrics {
     /// Seconds the store writer spent applying groups, and committing them (fsync).
     pub store_apply_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub store_sync_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Conversations this node could not take ownership of (no quorum, fenced out).
+    pub acquire_failures: Counter,
+    /// Turns that did not reach the write quorum (the conversation closed).
+    pub replication_failures: Counter,
+    /// Ops of peers applied to this node's copies (fences, writes, installs).
+    pub replica_ops: Counter,
+    /// Ops of peers refused because a newer epoch was promised.
+    pub replica_stale: Counter,
 }
 
 impl ConversationMetrics {
@@ -93,6 +101,26 @@ impl ConversationMetrics {
             "store_sync_seconds",
             "Time the store writer spent committing write transactions (fsync)",
             self.store_sync_seconds.clone(),
+        );
+        r.register(
+            "acquire_failures",
+            "Conversations this node could not take ownership of",
+            self.acquire_failures.clone(),
+        );
+        r.register(
+            "replication_failures",
+            "Turns that did not reach the write quorum",
+            self.replication_failures.clone(),
+        );
+        r.register(
+            "replica_ops",
+            "Peers' ops applied to this node's copies",
+            self.replica_ops.clone(),
+        );
+        r.register(
+            "replica_stale",
+            "Peers' ops refused because a newer epoch was promised",
+            self.replica_stale.clone(),
         );
     }
 

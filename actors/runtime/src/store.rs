@@ -1,59 +1,139 @@
-//! Where conversation state lives between turns and across passivation.
+//! Where conversation state lives between turns, across passivation, and on replicas.
 //!
-//! A turn is acknowledged only after its commit returned. [`MemoryStore`] keeps state in
-//! memory (tests, `--ephemeral` nodes); [`redb::RedbStore`] keeps it in a crash-safe file
-//! under the data directory with group commit.
+//! A store holds, per conversation, its data ([`ConversationState`]) and the replication
+//! bookkeeping ([`Replica`]: the version of the data and the highest epoch promised). It
+//! executes [`StoreOp`]s under the rules of [`botclaw_core::replication`]: the owner's own
+//! turns and a peer's replicated turns go through the same door, so a store refuses a
+//! stale owner's write whether it is local or remote.
+//!
+//! [`MemoryStore`] keeps state in memory (tests, `--ephemeral` nodes); [`redb::RedbStore`]
+//! keeps it in a crash-safe file under the data directory, with group commit.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use botclaw_core::conversation::{ConversationState, TurnCommit};
+use botclaw_core::replication::{Decision, Epoch, Op, Replica, Version};
 use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3Builder;
 
 pub mod redb;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("state store: {0}")]
 pub struct StoreError(pub String);
 
-/// Resolves when a submitted commit is durable (or failed).
-pub type CommitTicket = BoxFuture<'static, Result<(), StoreError>>;
+/// A conversation as a store holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub state: ConversationState,
+    pub replica: Replica,
+}
+
+/// What a store is asked to do with one conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreOp {
+    /// Promise to refuse writes older than `epoch` (a new owner starts with this).
+    Fence { epoch: Epoch },
+    /// Append one turn, written by the owner of `epoch`, to the data at version `base`.
+    Write { epoch: Epoch, base: Version, commit: TurnCommit },
+    /// Replace the data with the owner's copy (a replica that lagged or diverged).
+    Install { epoch: Epoch, state: ConversationState, version: Version },
+}
+
+impl StoreOp {
+    pub fn rule(&self) -> Op {
+        match self {
+            StoreOp::Fence { epoch } => Op::Fence { epoch: *epoch },
+            StoreOp::Write { epoch, base, .. } => Op::Write { epoch: *epoch, base: *base },
+            StoreOp::Install { epoch, version, .. } => {
+                Op::Install { epoch: *epoch, version: *version }
+            }
+        }
+    }
+}
+
+/// How a store answered an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreAnswer {
+    /// Done (or already held); the conversation is now at `replica`.
+    Done { replica: Replica },
+    /// Refused: a newer epoch was promised.
+    Stale { promised: Epoch },
+    /// Refused: the write does not follow the stored version.
+    Behind { version: Version },
+}
+
+/// Resolves when a submitted op is durable (or failed).
+pub type StoreTicket = BoxFuture<'static, Result<StoreAnswer, StoreError>>;
 
 pub trait StateStore: Send + Sync + 'static {
-    /// The committed state of a conversation, if it ever had a turn.
-    fn load<'a>(
-        &'a self,
-        conv: &'a str,
-    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>>;
+    /// A conversation as stored, if the store ever heard of it.
+    fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 
-    /// Queues one turn for commit and returns once it is queued (commits of one
-    /// conversation are applied in the order they were submitted); the ticket resolves when
-    /// the turn is as durable as the store makes it. Submitting the next turn of a
-    /// conversation before the previous ticket resolved is allowed: that is how a
-    /// conversation keeps working while its last turn is being made durable.
+    /// Queues one op and returns once it is queued (ops on one conversation run in the
+    /// order submitted); the ticket resolves when its effect is as durable as the store
+    /// makes it. A conversation may submit its next turn before the last one's ticket
+    /// resolved: that is how it keeps working while its last turn is made durable.
     fn submit<'a>(
         &'a self,
         conv: &'a str,
-        commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>>;
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreTicket, StoreError>>;
 
     /// Submits and waits for durability.
-    fn commit<'a>(
+    fn execute<'a>(
         &'a self,
         conv: &'a str,
-        commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.submit(conv, commit).await?.await })
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreAnswer, StoreError>> {
+        Box::pin(async move { self.submit(conv, op).await?.await })
+    }
+}
+
+/// Applies `op` to `stored` under the replication rules. Shared by every store.
+pub fn apply_op(
+    stored: &mut Stored,
+    op: StoreOp,
+    turns_kept_max: usize,
+) -> Result<StoreAnswer, StoreError> {
+    match stored.replica.decide(op.rule()) {
+        Decision::Have => Ok(StoreAnswer::Done { replica: stored.replica }),
+        Decision::Stale { promised } => Ok(StoreAnswer::Stale { promised }),
+        Decision::Behind { version } => Ok(StoreAnswer::Behind { version }),
+        Decision::Apply { to } => {
+            match op {
+                StoreOp::Fence { .. } => {}
+                StoreOp::Write { commit, .. } => {
+                    let turn = commit.record.turn;
+                    if !stored.state.apply(commit, turns_kept_max) {
+                        return Err(StoreError(format!(
+                            "write of turn {turn} does not follow stored turn {}",
+                            stored.state.turn
+                        )));
+                    }
+                }
+                StoreOp::Install { mut state, .. } => {
+                    while state.turns.len() > turns_kept_max.max(1) {
+                        state.turns.pop_front();
+                    }
+                    state.reindex();
+                    stored.state = state;
+                }
+            }
+            stored.replica = to;
+            Ok(StoreAnswer::Done { replica: to })
+        }
     }
 }
 
 /// Keeps every conversation in memory: for tests and `--ephemeral` nodes.
 #[derive(Debug)]
 pub struct MemoryStore {
-    conversations: DashMap<String, ConversationState, Xxh3Builder>,
+    conversations: DashMap<String, Stored, Xxh3Builder>,
     turns_kept_max: usize,
 }
 
@@ -62,39 +142,28 @@ impl MemoryStore {
         let hasher = Xxh3Builder::new().with_seed(crate::host::random_seed());
         MemoryStore { conversations: DashMap::with_hasher(hasher), turns_kept_max }
     }
-}
 
-impl MemoryStore {
-    fn apply(&self, conv: &str, commit: TurnCommit) -> Result<(), StoreError> {
-        let mut state = match self.conversations.get_mut(conv) {
-            Some(state) => state,
+    fn apply(&self, conv: &str, op: StoreOp) -> Result<StoreAnswer, StoreError> {
+        let mut stored = match self.conversations.get_mut(conv) {
+            Some(stored) => stored,
             None => self.conversations.entry(conv.to_string()).or_default(),
         };
-        let expected = state.turn + 1;
-        let turn = commit.record.turn;
-        if state.apply(commit, self.turns_kept_max) {
-            Ok(())
-        } else {
-            Err(StoreError(format!("commit of turn {turn} out of order (expected {expected})")))
-        }
+        apply_op(&mut stored, op, self.turns_kept_max)
     }
 }
 
 impl StateStore for MemoryStore {
-    fn load<'a>(
-        &'a self,
-        conv: &'a str,
-    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>> {
+    fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move { Ok(self.conversations.get(conv).map(|s| s.clone())) })
     }
 
     fn submit<'a>(
         &'a self,
         conv: &'a str,
-        commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>> {
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
         Box::pin(async move {
-            let ticket: CommitTicket = Box::pin(std::future::ready(self.apply(conv, commit)));
+            let ticket: StoreTicket = Box::pin(std::future::ready(self.apply(conv, op)));
             Ok(ticket)
         })
     }

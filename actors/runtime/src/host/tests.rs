@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use botclaw_config::{BackendConfig, ConversationConfig};
-use botclaw_core::conversation::{ConversationState, TurnCommit};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
-use crate::store::{BoxFuture, CommitTicket, MemoryStore, StoreError};
+use crate::replicator::{Alone, Replicator};
+use crate::store::{BoxFuture, MemoryStore, StateStore, StoreError, StoreOp, StoreTicket, Stored};
 
-/// Applies commits to a memory store at once, but resolves their tickets only when the
-/// test says so (in order), with the outcome the test chooses.
+/// Applies ops to a memory store at once, but resolves the tickets of turn writes only when
+/// the test says so (in order), with the outcome the test chooses.
 struct GatedStore {
     inner: MemoryStore,
     gates: Mutex<Vec<oneshot::Sender<Result<(), StoreError>>>>,
@@ -31,25 +31,26 @@ impl GatedStore {
 }
 
 impl StateStore for GatedStore {
-    fn load<'a>(
-        &'a self,
-        conv: &'a str,
-    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>> {
+    fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         self.inner.load(conv)
     }
 
     fn submit<'a>(
         &'a self,
         conv: &'a str,
-        commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>> {
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
         Box::pin(async move {
+            if !matches!(op, StoreOp::Write { .. }) {
+                return self.inner.submit(conv, op).await;
+            }
             let (tx, rx) = oneshot::channel();
             self.gates.lock().unwrap().push(tx);
-            let applied = self.inner.commit(conv, commit).await;
-            let ticket: CommitTicket = Box::pin(async move {
-                applied?;
-                rx.await.map_err(|_| StoreError("gate dropped".into()))?
+            let applied = self.inner.execute(conv, op).await;
+            let ticket: StoreTicket = Box::pin(async move {
+                let answer = applied?;
+                rx.await.map_err(|_| StoreError("gate dropped".into()))??;
+                Ok(answer)
             });
             Ok(ticket)
         })
@@ -60,7 +61,9 @@ async fn host(store: Arc<GatedStore>) -> ConversationHost {
     let metrics = ConversationMetrics::default();
     let backends = Backends::new(&BackendConfig::default(), metrics.clone());
     let cfg = ConversationConfig::default();
-    ConversationHost::start("n".into(), &cfg, store, crate::bots::builtin(), backends, metrics)
+    let replicator = Replicator::start(store, Arc::new(Alone("n".into())), 1, 64, metrics.clone());
+    let bots = crate::bots::builtin();
+    ConversationHost::start("n".into(), &cfg, replicator, 100, bots, backends, metrics)
         .await
         .unwrap()
 }

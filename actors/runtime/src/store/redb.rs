@@ -14,12 +14,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use botclaw_core::conversation::{ConversationState, TurnCommit, TurnRecord};
+use botclaw_core::conversation::{ConversationState, TurnRecord};
+use botclaw_core::replication::{Decision, Replica};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BoxFuture, CommitTicket, StateStore, StoreError};
+use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("conversation_meta");
@@ -28,11 +29,12 @@ const TURNS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conversation_
 /// The file a node's state lives in.
 pub const STATE_FILE: &str = "state.redb";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Meta {
     bot: String,
     bot_state: Vec<u8>,
-    turn: u64,
+    /// Version of the data (its turn is the last turn) and the epoch promised.
+    replica: Replica,
 }
 
 /// Key of one turn row: conversation id length (u16, big-endian), id, turn (u64, big-endian),
@@ -47,8 +49,9 @@ fn turn_key(conv: &str, turn: u64) -> Vec<u8> {
 
 struct Job {
     conv: String,
-    commit: TurnCommit,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    /// Taken when applied.
+    op: Option<StoreOp>,
+    done: oneshot::Sender<Result<StoreAnswer, StoreError>>,
 }
 
 pub struct RedbStore {
@@ -117,11 +120,7 @@ impl RedbStore {
         Ok(RedbStore { db, path, jobs: Some(jobs), writer: Some(writer) })
     }
 
-    fn load_blocking(
-        db: &Database,
-        path: &Path,
-        conv: &str,
-    ) -> Result<Option<ConversationState>, StoreError> {
+    fn load_blocking(db: &Database, path: &Path, conv: &str) -> Result<Option<Stored>, StoreError> {
         let txn = db.begin_read().map_err(|e| err(path, "cannot read", e))?;
         let meta_table = txn.open_table(META).map_err(|e| err(path, "cannot read", e))?;
         let Some(meta) = meta_table.get(conv).map_err(|e| err(path, "cannot read", e))? else {
@@ -132,7 +131,8 @@ impl RedbStore {
         let turns_table = txn.open_table(TURNS).map_err(|e| err(path, "cannot read", e))?;
         let (start, end) = (turn_key(conv, 0), turn_key(conv, u64::MAX));
         let mut state = ConversationState::default();
-        (state.bot, state.bot_state, state.turn) = (meta.bot, meta.bot_state, meta.turn);
+        (state.bot, state.bot_state, state.turn) =
+            (meta.bot, meta.bot_state, meta.replica.version.turn);
         for row in turns_table
             .range(start.as_slice()..=end.as_slice())
             .map_err(|e| err(path, "cannot read", e))?
@@ -142,42 +142,68 @@ impl RedbStore {
                 .map_err(|e| err(path, &format!("corrupt turn of {conv:?} in"), e))?;
             state.turns.push_back(Arc::new(record));
         }
-        Ok(Some(state))
+        state.reindex();
+        Ok(Some(Stored { state, replica: meta.replica }))
     }
 }
 
+type Tables<'t> =
+    (redb::Table<'t, &'static str, &'static [u8]>, redb::Table<'t, &'static [u8], &'static [u8]>);
+
+/// Executes one op inside the group's write transaction. The outer error fails the whole
+/// group (the file could not be written); the inner one fails this op alone.
 fn apply(
-    meta: &mut redb::Table<&str, &[u8]>,
-    turns: &mut redb::Table<&[u8], &[u8]>,
+    tables: &mut Tables<'_>,
     conv: &str,
-    commit: &TurnCommit,
+    op: StoreOp,
     turns_kept_max: usize,
-) -> Result<Result<(), String>, redb::StorageError> {
+) -> Result<Result<StoreAnswer, String>, redb::StorageError> {
+    let (meta, turns) = tables;
     let stored = match meta.get(conv)? {
         Some(bytes) => match postcard::from_bytes::<Meta>(bytes.value()) {
-            Ok(m) => Some(m),
+            Ok(m) => m,
             Err(e) => return Ok(Err(format!("stored meta of {conv:?} does not decode: {e}"))),
         },
-        None => None,
+        None => Meta::default(),
     };
-    let last = stored.as_ref().map_or(0, |m| m.turn);
-    let turn = commit.record.turn;
-    if turn != last + 1 {
-        return Ok(Err(format!("commit of turn {turn} out of order (stored turn {last})")));
-    }
-    let bot = match stored {
-        Some(m) if !m.bot.is_empty() => m.bot,
-        _ => commit.bot.clone(),
+    let to = match stored.replica.decide(op.rule()) {
+        Decision::Have => return Ok(Ok(StoreAnswer::Done { replica: stored.replica })),
+        Decision::Stale { promised } => return Ok(Ok(StoreAnswer::Stale { promised })),
+        Decision::Behind { version } => return Ok(Ok(StoreAnswer::Behind { version })),
+        Decision::Apply { to } => to,
     };
-    let row = Meta { bot, bot_state: commit.bot_state.clone(), turn };
+    let kept = turns_kept_max as u64;
+    let row = match op {
+        StoreOp::Fence { .. } => Meta { replica: to, ..stored },
+        StoreOp::Write { commit, .. } => {
+            let turn = commit.record.turn;
+            if turn != stored.replica.version.turn + 1 {
+                return Ok(Err(format!(
+                    "write of turn {turn} does not follow stored turn {}",
+                    stored.replica.version.turn
+                )));
+            }
+            let record = postcard::to_allocvec(&*commit.record).expect("records encode");
+            turns.insert(turn_key(conv, turn).as_slice(), record.as_slice())?;
+            if turn > kept {
+                turns.remove(turn_key(conv, turn - kept).as_slice())?;
+            }
+            let bot = if stored.bot.is_empty() { commit.bot } else { stored.bot };
+            Meta { bot, bot_state: commit.bot_state, replica: to }
+        }
+        StoreOp::Install { state, .. } => {
+            let (start, end) = (turn_key(conv, 0), turn_key(conv, u64::MAX));
+            turns.retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
+            for record in state.history(turns_kept_max) {
+                let bytes = postcard::to_allocvec(&**record).expect("records encode");
+                turns.insert(turn_key(conv, record.turn).as_slice(), bytes.as_slice())?;
+            }
+            Meta { bot: state.bot, bot_state: state.bot_state, replica: to }
+        }
+    };
     let row = postcard::to_allocvec(&row).expect("meta encodes");
-    let record = postcard::to_allocvec(&*commit.record).expect("records encode");
-    turns.insert(turn_key(conv, turn).as_slice(), record.as_slice())?;
-    if turn > turns_kept_max as u64 {
-        turns.remove(turn_key(conv, turn - turns_kept_max as u64).as_slice())?;
-    }
     meta.insert(conv, row.as_slice())?;
-    Ok(Ok(()))
+    Ok(Ok(StoreAnswer::Done { replica: to }))
 }
 
 fn write_loop(
@@ -196,15 +222,15 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(group.len());
+        let mut results: Vec<Result<StoreAnswer, StoreError>> = Vec::with_capacity(group.len());
         let outcome = (|| -> Result<(), redb::Error> {
             let started = std::time::Instant::now();
             let txn = db.begin_write()?;
             {
-                let mut meta = txn.open_table(META)?;
-                let mut turns = txn.open_table(TURNS)?;
-                for job in &group {
-                    let r = apply(&mut meta, &mut turns, &job.conv, &job.commit, turns_kept_max)?;
+                let mut tables = (txn.open_table(META)?, txn.open_table(TURNS)?);
+                for job in &mut group {
+                    let op = job.op.take().expect("each op is applied once");
+                    let r = apply(&mut tables, &job.conv, op, turns_kept_max)?;
                     results.push(r.map_err(StoreError));
                 }
             }
@@ -235,10 +261,7 @@ fn write_loop(
 }
 
 impl StateStore for RedbStore {
-    fn load<'a>(
-        &'a self,
-        conv: &'a str,
-    ) -> BoxFuture<'a, Result<Option<ConversationState>, StoreError>> {
+    fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
             let (db, path, conv) = (self.db.clone(), self.path.clone(), conv.to_string());
             tokio::task::spawn_blocking(move || RedbStore::load_blocking(&db, &path, &conv))
@@ -250,15 +273,15 @@ impl StateStore for RedbStore {
     fn submit<'a>(
         &'a self,
         conv: &'a str,
-        commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<CommitTicket, StoreError>> {
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
         Box::pin(async move {
             let (done, result) = oneshot::channel();
-            let job = Job { conv: conv.to_string(), commit, done };
+            let job = Job { conv: conv.to_string(), op: Some(op), done };
             let jobs =
                 self.jobs.as_ref().ok_or_else(|| StoreError("the store is closing".into()))?;
             jobs.send(job).await.map_err(|_| StoreError("the store writer stopped".into()))?;
-            let ticket: CommitTicket = Box::pin(async move {
+            let ticket: StoreTicket = Box::pin(async move {
                 result.await.map_err(|_| StoreError("the store writer stopped".into()))?
             });
             Ok(ticket)
