@@ -32,6 +32,8 @@ pub struct AdminState {
     pub call_timeout: Duration,
     /// The gossip isolation switch, when fault injection is on.
     pub isolation: Option<Arc<AtomicBool>>,
+    /// The keep-majority baseline (the last stable membership).
+    pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// One member in `GET /status`.
@@ -62,6 +64,8 @@ pub struct Status {
     pub joined: bool,
     /// Sees a majority of the cluster and runs turns (keep-majority).
     pub serving: bool,
+    /// The last stable membership, whose majority this node needs to serve.
+    pub baseline: Vec<String>,
     pub uptime_s: f64,
     /// Resident memory of the process.
     pub rss_bytes: u64,
@@ -154,6 +158,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         incarnation: view.me.incarnation,
         joined: view.joined,
         serving: s.dispatcher.serving.load(Ordering::Acquire),
+        baseline: s.baseline.lock().expect("baseline lock").clone(),
         uptime_s: uptime_s(view.me.incarnation),
         rss_bytes: rss_bytes(),
         active_conversations: s.host.active() as u64,

@@ -115,6 +115,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         joined: false,
     }));
     let serving = Arc::new(AtomicBool::new(true));
+    let baseline = Arc::new(std::sync::Mutex::new(vec![cfg.name.clone()]));
     let forwarder =
         Forwarder::start(&cfg.name, Duration::from_millis(cfg.frontend.turn_timeout_ms));
     let peers = NodePeers {
@@ -183,7 +184,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view.clone(),
         cfg.placement.clone(),
         cfg.replication.clone(),
-        Maintained { placement, serving, forwarder, host: host.clone(), metrics: metrics.clone() },
+        Maintained {
+            placement,
+            serving,
+            baseline: baseline.clone(),
+            forwarder,
+            host: host.clone(),
+            metrics: metrics.clone(),
+        },
     ));
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),
@@ -203,6 +211,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         link_name,
         call_timeout: Duration::from_millis(cfg.link.call_timeout_ms),
         isolation,
+        baseline,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
 

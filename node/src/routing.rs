@@ -63,6 +63,8 @@ const GUARD_TICK: Duration = Duration::from_millis(200);
 pub struct Maintained {
     pub placement: Arc<ArcSwap<PlacementView>>,
     pub serving: Arc<AtomicBool>,
+    /// The keep-majority baseline, for `/status`.
+    pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
     pub forwarder: Arc<Forwarder>,
     pub host: ConversationHost,
     pub metrics: Metrics,
@@ -83,17 +85,29 @@ pub async fn maintain(
     let mut current: Option<(BTreeSet<RingMember>, bool)> = None;
     let mut down = BTreeSet::new();
     let mut tick = tokio::time::interval(GUARD_TICK);
+    let mut me_as_seen = None;
     loop {
-        let (members, joined, now_down, live) = {
+        let (members, joined, now_down, live, identity) = {
             let v = view.borrow_and_update();
+            let identity = (v.me.incarnation, v.me.bump);
             let names = |pred: &dyn Fn(MemberState) -> bool| -> BTreeSet<String> {
                 v.members.iter().filter(|m| pred(m.state)).map(|m| m.id.name.clone()).collect()
             };
             let now_down = names(&|s| s == MemberState::Down);
             let mut live = names(&|s| s != MemberState::Down);
             live.insert(me.clone());
-            (ring_members(&v), v.joined, now_down, live)
+            (ring_members(&v), v.joined, now_down, live, identity)
         };
+        // Declared down by the others and rejoined (a freeze, a partition): whatever this
+        // node's actors hold may have been taken over meanwhile. They close; the next
+        // request acquires afresh from the replicas.
+        if me_as_seen.replace(identity).is_some_and(|before| before != identity) {
+            let n = out.host.relinquish(|_| false);
+            tracing::warn!(
+                closing = n,
+                "this node rejoined the cluster: its conversations re-acquire"
+            );
+        }
         for peer in now_down.difference(&down) {
             out.forwarder.fail_peer(peer);
         }
@@ -103,7 +117,16 @@ pub async fn maintain(
             if serving {
                 tracing::info!(live = live.len(), "a majority is reachable: serving turns");
             } else {
-                tracing::warn!(live = live.len(), baseline = ?guard.baseline(), "less than a majority is reachable: serving no turns");
+                let n = out.host.relinquish(|_| false);
+                tracing::warn!(live = live.len(), baseline = ?guard.baseline(), closing = n, "less than a majority is reachable: serving no turns");
+            }
+        }
+        {
+            let mut baseline = out.baseline.lock().expect("baseline lock");
+            if baseline.len() != guard.baseline().len()
+                || baseline.iter().zip(guard.baseline()).any(|(a, b)| a != b)
+            {
+                *baseline = guard.baseline().iter().cloned().collect();
             }
         }
         out.metrics.serving.set(i64::from(serving));

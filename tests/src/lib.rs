@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod checker;
+
 pub const SECRET: &str = "test-cluster-secret";
 
 /// Path of a fresh `botclaw` binary.
@@ -96,6 +98,14 @@ fn agent() -> ureq::Agent {
 /// `GET` on an admin port: (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut resp = agent().get(&format!("http://{addr}{path}")).call().ok()?;
+    let code = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().ok()?;
+    Some((code, body))
+}
+
+/// `POST` on an admin port: (status code, body).
+pub fn http_post(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut resp = agent().post(&format!("http://{addr}{path}")).send_empty().ok()?;
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().ok()?;
     Some((code, body))

@@ -208,9 +208,9 @@ impl Client {
         }
     }
 
-    /// Sends a turn and waits for its reply, retrying with the same id on retryable
-    /// errors; the node applies it once however many times it is sent.
-    pub async fn say(
+    /// Sends a turn once and waits for its reply; error answers become
+    /// `ClientError::Server`.
+    pub async fn say_once(
         &self,
         conv: &str,
         id: &str,
@@ -224,32 +224,35 @@ impl Client {
             bot: bot.map(String::from),
             user: None,
         };
+        match self.request(request).await? {
+            Response::Reply { messages, turn, node, .. } => Ok(SayReply { messages, turn, node }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a turn and waits for its reply, retrying with the same id on retryable
+    /// errors; the node applies it once however many times it is sent.
+    pub async fn say(
+        &self,
+        conv: &str,
+        id: &str,
+        text: &str,
+        bot: Option<&str>,
+    ) -> Result<SayReply, ClientError> {
         let mut backoff = self.opts.backoff;
         let mut attempt = 1;
         loop {
-            let error = match self.request(request.clone()).await {
-                Ok(Response::Reply { messages, turn, node, .. }) => {
-                    return Ok(SayReply { messages, turn, node })
-                }
-                Ok(Response::Error { code, message, retry_after_ms, .. }) => {
-                    ClientError::Server { code, message, retry_after_ms }
-                }
-                Ok(other) => return Err(unexpected(other)),
+            let error = match self.say_once(conv, id, text, bot).await {
+                Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
-            let wait = match &error {
-                ClientError::Server { code, retry_after_ms, .. } if code.is_retryable() => {
-                    retry_after_ms.map(Duration::from_millis).unwrap_or(backoff)
-                }
-                ClientError::Timeout(_) => backoff,
-                _ => return Err(error),
-            };
+            let Some(wait) = retry_wait(&error, backoff) else { return Err(error) };
             if attempt >= self.opts.attempts_max {
                 return Err(error);
             }
             attempt += 1;
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = next_backoff(backoff);
         }
     }
 
@@ -277,6 +280,23 @@ impl Client {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// How long to wait before retrying after `error`, or `None` if retrying cannot help: what
+/// the node suggested, else `backoff`.
+pub(crate) fn retry_wait(error: &ClientError, backoff: Duration) -> Option<Duration> {
+    match error {
+        ClientError::Server { code, retry_after_ms, .. } if code.is_retryable() => {
+            Some(retry_after_ms.map(Duration::from_millis).unwrap_or(backoff))
+        }
+        ClientError::Timeout(_) => Some(backoff),
+        _ => None,
+    }
+}
+
+/// Exponential back-off, capped at 2 s.
+pub(crate) fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).min(Duration::from_secs(2))
 }
 
 fn unexpected(response: Response) -> ClientError {

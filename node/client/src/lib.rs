@@ -8,11 +8,15 @@
 //! - [`codec`]: a pure line framer that never touches a socket and tells "need more bytes"
 //!   apart from "line too long";
 //! - [`client`]: an async client with pipelining and retries (same id) on `busy`,
-//!   `unavailable` and `timeout`.
+//!   `unavailable` and `timeout`;
+//! - [`cluster`]: a client that fails over to other nodes from `topology` and resends
+//!   unacknowledged turns with their ids.
 
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod protocol;
 
-pub use client::{Client, ClientError, ClientOptions};
+pub use client::{Client, ClientError, ClientOptions, SayReply};
+pub use cluster::{FailoverClient, FailoverOptions};
 pub use protocol::{ErrorCode, Request, Response};
