@@ -84,6 +84,19 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tracing::info!(node = %cfg.name, link = %link_name, gossip = %cfg.gossip_addr, "starting");
 
     let metrics = Metrics::default();
+    // The store first: a bad state file stops the node before anything else starts.
+    let conv_metrics = metrics.conversations.clone();
+    let store: Arc<dyn StateStore> = if cfg.store.ephemeral {
+        Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max))
+    } else {
+        Arc::new(RedbStore::open(
+            &cfg.data_dir,
+            cfg.conversations.turns_kept_max,
+            cfg.store.group_commit_max,
+            cfg.store.queue_max,
+            conv_metrics.clone(),
+        )?)
+    };
     let server = NodeServer::new(
         cfg.cluster_addr.port(),
         cluster_cookie(&cfg.secret),
@@ -98,18 +111,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
 
     let node: Arc<str> = Arc::from(cfg.name.as_str());
-    let conv_metrics = metrics.conversations.clone();
-    let store: Arc<dyn StateStore> = if cfg.store.ephemeral {
-        Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max))
-    } else {
-        Arc::new(RedbStore::open(
-            &cfg.data_dir,
-            cfg.conversations.turns_kept_max,
-            cfg.store.group_commit_max,
-            cfg.store.queue_max,
-            conv_metrics.clone(),
-        )?)
-    };
     let placement = Arc::new(ArcSwap::from_pointee(PlacementView {
         placement: Placement::build(&[], &cfg.placement),
         joined: false,

@@ -480,3 +480,6 @@ async fn apply_incoming(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
