@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use botclaw_config::{local_ports, RawNodeConfig, DEFAULT_BASE_PORT};
+use botclaw_config::{local_ports, RawNodeConfig, StoreConfig, DEFAULT_BASE_PORT};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -35,6 +35,9 @@ pub struct UpArgs {
     /// Give up if the cluster has not converged after this many seconds.
     #[arg(long, default_value_t = 60)]
     converge_timeout_s: u64,
+    /// Keep conversation state in memory only (no state files; nothing survives a stop).
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 struct Launched {
@@ -199,7 +202,10 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
     for i in 0..args.nodes {
         let dir = data_dir.join(format!("node-{i}"));
         fs::create_dir_all(&dir)?;
-        let raw = node_config(args.base_port, i, args.nodes, &dir);
+        let mut raw = node_config(args.base_port, i, args.nodes, &dir);
+        if args.ephemeral {
+            raw.store = Some(StoreConfig { ephemeral: true, ..StoreConfig::default() });
+        }
         let config = dir.join("botclaw.toml");
         fs::write(&config, raw.to_toml())?;
         let log = dir.join("node.log");

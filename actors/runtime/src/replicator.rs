@@ -25,11 +25,11 @@ use botclaw_core::conversation::{ConversationState, TurnCommit};
 use botclaw_core::replication::{newest, write_quorum, Epoch, Version};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::envelope::FailKind;
 use crate::metrics::ConversationMetrics;
-use crate::store::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, Stored};
+use crate::store::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 
 /// How many times an owner raises its epoch when fences are refused.
 const ACQUIRE_ATTEMPTS: usize = 3;
@@ -123,10 +123,12 @@ pub struct Owned {
 /// Resolves when a turn is held by the write quorum (or can no longer be).
 pub type ReplicaTicket = BoxFuture<'static, Result<(), Refusal>>;
 
+type Done = Box<dyn FnOnce(Result<ReplicaAnswer, StoreError>) + Send>;
+
 struct Incoming {
     conv: String,
     op: StoreOp,
-    done: oneshot::Sender<Result<ReplicaAnswer, StoreError>>,
+    done: Done,
 }
 
 pub struct Replicator {
@@ -167,18 +169,11 @@ impl Replicator {
         op: StoreOp,
         done: impl FnOnce(Result<ReplicaAnswer, StoreError>) + Send + 'static,
     ) {
-        let (tx, rx) = oneshot::channel();
-        match self.incoming.try_send(Incoming { conv, op, done: tx }) {
-            Ok(()) => {
-                tokio::spawn(async move {
-                    let result = rx
-                        .await
-                        .unwrap_or_else(|_| Err(StoreError("the replica queue stopped".into())));
-                    done(result);
-                });
-            }
-            // The owner sees a failed write and retries the conversation elsewhere or later.
-            Err(_) => done(Err(StoreError("replica queue full".into()))),
+        if let Err(mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i)) =
+            self.incoming.try_send(Incoming { conv, op, done: Box::new(done) })
+        {
+            // The owner sees a failed write; the client retries.
+            (i.done)(Err(StoreError("replica queue full".into())));
         }
     }
 
@@ -446,37 +441,42 @@ async fn install_copy(
     peers.send(peer, conv, op).await.map(|a| a.answer)
 }
 
-/// Queues peers' ops on the local store one by one (keeping their arrival order), then
-/// answers each when it is durable.
+/// Queues peers' ops on the local store one by one (keeping their arrival order); a second
+/// task answers each when it is durable (tickets resolve in submission order).
 async fn apply_incoming(
     store: Arc<dyn StateStore>,
     mut rx: mpsc::Receiver<Incoming>,
     metrics: ConversationMetrics,
 ) {
+    let (queued, mut tickets) = mpsc::unbounded_channel::<(String, bool, StoreTicket, Done)>();
+    let (answer_store, answer_metrics) = (store.clone(), metrics.clone());
+    tokio::spawn(async move {
+        let metrics = answer_metrics;
+        while let Some((conv, fence, ticket, done)) = tickets.recv().await {
+            let result = match ticket.await {
+                Ok(answer @ StoreAnswer::Stale { .. }) => {
+                    metrics.replica_stale.inc();
+                    Ok(ReplicaAnswer { answer, stored: None })
+                }
+                Ok(answer @ StoreAnswer::Done { .. }) if fence => {
+                    answer_store.load(&conv).await.map(|stored| ReplicaAnswer { answer, stored })
+                }
+                Ok(answer) => Ok(ReplicaAnswer { answer, stored: None }),
+                Err(e) => Err(e),
+            };
+            done(result);
+        }
+    });
     while let Some(Incoming { conv, op, done }) = rx.recv().await {
         metrics.replica_ops.inc();
         let fence = matches!(op, StoreOp::Fence { .. });
         match store.submit(&conv, op).await {
             Ok(ticket) => {
-                let (store, metrics) = (store.clone(), metrics.clone());
-                tokio::spawn(async move {
-                    let result = match ticket.await {
-                        Ok(answer @ StoreAnswer::Stale { .. }) => {
-                            metrics.replica_stale.inc();
-                            Ok(ReplicaAnswer { answer, stored: None })
-                        }
-                        Ok(answer @ StoreAnswer::Done { .. }) if fence => {
-                            store.load(&conv).await.map(|stored| ReplicaAnswer { answer, stored })
-                        }
-                        Ok(answer) => Ok(ReplicaAnswer { answer, stored: None }),
-                        Err(e) => Err(e),
-                    };
-                    let _ = done.send(result);
-                });
+                if queued.send((conv, fence, ticket, done)).is_err() {
+                    return;
+                }
             }
-            Err(e) => {
-                let _ = done.send(Err(e));
-            }
+            Err(e) => done(Err(e)),
         }
     }
 }

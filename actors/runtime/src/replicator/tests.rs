@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use botclaw_core::conversation::ConversationState;
 
+use tokio::sync::oneshot;
+
 use super::*;
 use crate::store::MemoryStore;
 
