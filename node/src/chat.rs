@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use botclaw_client::{Client, ClientOptions};
+use botclaw_client::{ClientOptions, FailoverClient, FailoverOptions};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -31,15 +31,19 @@ fn millis() -> u128 {
 }
 
 pub async fn run(args: ChatArgs) -> Result<()> {
-    let opts = ClientOptions {
-        client_name: "botclaw-chat".into(),
-        token: args.token.clone(),
+    let opts = FailoverOptions {
+        client: ClientOptions {
+            client_name: "botclaw-chat".into(),
+            token: args.token.clone(),
+            ..FailoverOptions::default().client
+        },
         ..Default::default()
     };
-    let client = Client::connect(args.connect, opts).await?;
+    // Fails over to other nodes (from `topology`) if this one goes away.
+    let client = FailoverClient::connect(&[args.connect], opts).await?;
     let mut conv = args.conv.unwrap_or_else(|| format!("chat-{:x}", millis() % 0xff_ffff));
     let mut bot = args.bot;
-    println!("connected to {}; conversation {conv} with bot {bot}. {HELP}", client.node());
+    println!("connected to {}; conversation {conv} with bot {bot}. {HELP}", client.node().await);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
     std::thread::spawn(move || {
         let stdin = std::io::stdin();

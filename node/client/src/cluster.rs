@@ -133,6 +133,14 @@ impl FailoverClient {
         self.with_failover(|client| async move { client.history(conv, limit).await }).await
     }
 
+    pub async fn topology(&self) -> Result<Vec<crate::protocol::TopologyNode>, ClientError> {
+        self.with_failover(|client| async move { client.topology().await }).await
+    }
+
+    pub async fn ping(&self) -> Result<String, ClientError> {
+        self.with_failover(|client| async move { client.ping().await }).await
+    }
+
     async fn with_failover<T, F, Fut>(&self, attempt: F) -> Result<T, ClientError>
     where
         F: Fn(Arc<Client>) -> Fut,
