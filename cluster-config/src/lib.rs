@@ -294,12 +294,26 @@ impl Default for BackendConfig {
     }
 }
 
+/// The embedded storage engine of durable state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    /// fjall, a log-structured merge tree: `data_dir/state.fjall/`.
+    #[default]
+    Fjall,
+    /// redb, copy-on-write B-trees: `data_dir/state.redb`.
+    Redb,
+}
+
 /// Where conversation state is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Keep state in memory only (lost when the process exits).
     pub ephemeral: bool,
+    /// Storage engine of durable state (a node keeps using the engine its data is in:
+    /// switching starts from an empty store).
+    pub engine: StoreEngine,
     /// Most turns committed in one write transaction (one fsync).
     pub group_commit_max: usize,
     /// Commits waiting for the writer; senders wait when it is full.
@@ -308,7 +322,12 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { ephemeral: false, group_commit_max: 256, queue_max: 4096 }
+        StoreConfig {
+            ephemeral: false,
+            engine: StoreEngine::default(),
+            group_commit_max: 256,
+            queue_max: 4096,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use botclaw_config::{local_ports, RawNodeConfig, StoreConfig, DEFAULT_BASE_PORT};
+use botclaw_config::{local_ports, RawNodeConfig, StoreConfig, StoreEngine, DEFAULT_BASE_PORT};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Keep conversation state in memory only (no state files; nothing survives a stop).
     #[arg(long)]
     ephemeral: bool,
+    /// Storage engine of durable state: fjall or redb.
+    #[arg(long, default_value = "fjall", value_parser = ["fjall", "redb"])]
+    store_engine: String,
 }
 
 struct Launched {
@@ -203,9 +206,10 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         let dir = data_dir.join(format!("node-{i}"));
         fs::create_dir_all(&dir)?;
         let mut raw = node_config(args.base_port, i, args.nodes, &dir);
-        if args.ephemeral {
-            raw.store = Some(StoreConfig { ephemeral: true, ..StoreConfig::default() });
-        }
+        let engine =
+            if args.store_engine == "redb" { StoreEngine::Redb } else { StoreEngine::Fjall };
+        raw.store =
+            Some(StoreConfig { ephemeral: args.ephemeral, engine, ..StoreConfig::default() });
         let config = dir.join("botclaw.toml");
         fs::write(&config, raw.to_toml())?;
         let log = dir.join("node.log");

@@ -91,8 +91,8 @@ fn whole_cluster_restart_loses_nothing() {
 }
 
 #[test]
-fn corrupt_state_file_stops_the_node_with_its_name() {
-    let mut c = Cluster::new(1);
+fn corrupt_redb_state_file_stops_the_node_with_its_name() {
+    let mut c = Cluster::new(1).with_config("[store]\nengine = \"redb\"\n");
     std::fs::create_dir_all(&c.nodes[0].data_dir).unwrap();
     let file = c.nodes[0].data_dir.join("state.redb");
     std::fs::write(&file, vec![0x5Au8; 32 * 1024]).unwrap();
@@ -103,4 +103,33 @@ fn corrupt_state_file_stops_the_node_with_its_name() {
     assert!(log.contains(&file.display().to_string()), "{log}");
     // The file is left as it was for the operator to inspect: nothing silently reset.
     assert_eq!(std::fs::read(&file).unwrap(), vec![0x5Au8; 32 * 1024]);
+}
+
+#[test]
+fn overwritten_fjall_journal_stops_the_node_with_its_name() {
+    let mut c = Cluster::new(1);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    round(&c, 20, 1);
+    stop_all(&mut c);
+    let dir = c.nodes[0].data_dir.join("state.fjall");
+    let journals: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .collect();
+    assert!(!journals.is_empty(), "no journal in {}", dir.display());
+    for journal in &journals {
+        let len = std::fs::metadata(journal).unwrap().len();
+        std::fs::write(journal, vec![0x5Au8; len as usize]).unwrap();
+    }
+    // Refused on every start, not only the first.
+    for _ in 0..2 {
+        c.nodes[0].start();
+        let status = c.nodes[0].wait_exit(Duration::from_secs(15)).expect("node kept running");
+        assert!(!status.success());
+        let log = tail(&c.nodes[0].log, 4000);
+        assert!(log.contains(&dir.display().to_string()), "{log}");
+        assert!(log.contains("lost committed writes"), "{log}");
+    }
 }

@@ -18,6 +18,8 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3Builder;
 
+mod durable;
+pub mod fjall;
 pub mod redb;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

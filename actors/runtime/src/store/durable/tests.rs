@@ -1,0 +1,267 @@
+//! The durable stores, both engines: reopen keeps state and window, ordering rules,
+//! group commit, durable promises and installs, and files that cannot be read.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use botclaw_core::conversation::{ConversationState, TurnCommit};
+use botclaw_core::replication::{Epoch, Version};
+
+use super::*;
+use crate::store::fjall::{FjallStore, STATE_DIR};
+use crate::store::redb::{RedbStore, STATE_FILE};
+use crate::store::{StateStore, StoreAnswer, StoreOp};
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Redb,
+    Fjall,
+}
+
+const KINDS: [Kind; 2] = [Kind::Redb, Kind::Fjall];
+
+fn try_open(
+    kind: Kind,
+    dir: &Path,
+    kept: usize,
+    metrics: ConversationMetrics,
+) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(match kind {
+        Kind::Redb => Arc::new(RedbStore::open(dir, kept, 256, 1024, metrics)?),
+        Kind::Fjall => Arc::new(FjallStore::open(dir, kept, 256, 1024, metrics)?),
+    })
+}
+
+fn open(kind: Kind, dir: &Path, kept: usize) -> Arc<dyn StateStore> {
+    try_open(kind, dir, kept, ConversationMetrics::default()).unwrap()
+}
+
+/// A turn written by the epoch-zero owner (no replication in play).
+fn write(commit: TurnCommit) -> StoreOp {
+    let base = Version { epoch: Epoch::ZERO, turn: commit.record.turn - 1 };
+    StoreOp::Write { epoch: Epoch::ZERO, base, commit }
+}
+
+async fn load(store: &Arc<dyn StateStore>, conv: &str) -> Option<ConversationState> {
+    store.load(conv).await.unwrap().map(|s| s.state)
+}
+
+fn commit(state: &ConversationState, id: &str) -> TurnCommit {
+    state.next_commit(
+        "echo",
+        id.into(),
+        format!("text {id}"),
+        None,
+        vec![format!("re {id}")],
+        vec![7],
+    )
+}
+
+#[tokio::test]
+async fn commits_survive_reopen_and_keep_the_window() {
+    for kind in KINDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected = ConversationState::default();
+        {
+            let store = open(kind, dir.path(), 4);
+            assert!(load(&store, "c").await.is_none());
+            for i in 0..10 {
+                let c = commit(&expected, &format!("m{i}"));
+                store.execute("c", write(c.clone())).await.unwrap();
+                expected.apply(c, 4);
+            }
+        }
+        let store = open(kind, dir.path(), 4);
+        let loaded = load(&store, "c").await.unwrap();
+        assert_eq!(loaded, expected);
+        assert_eq!(loaded.turns.len(), 4, "{kind:?}");
+        assert_eq!(loaded.turn, 10);
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_skips_a_turn_is_refused_alone() {
+    for kind in KINDS {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(kind, dir.path(), 8);
+        let s = ConversationState::default();
+        store.execute("a", write(commit(&s, "1"))).await.unwrap();
+        let mut gap = commit(&s, "3");
+        Arc::make_mut(&mut gap.record).turn = 3;
+        let answer = store.execute("a", write(gap)).await.unwrap();
+        assert!(
+            matches!(answer, StoreAnswer::Behind { version } if version.turn == 1),
+            "{answer:?}"
+        );
+        store.execute("b", write(commit(&s, "1"))).await.unwrap();
+        assert_eq!(load(&store, "a").await.unwrap().turn, 1);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_commits_share_groups() {
+    for kind in KINDS {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = ConversationMetrics::default();
+        let store = try_open(kind, dir.path(), 8, metrics.clone()).unwrap();
+        let mut tasks = Vec::new();
+        for k in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = ConversationState::default();
+                for i in 0..5 {
+                    let c = commit(&s, &format!("{i}"));
+                    store.execute(&format!("conv-{k}"), write(c.clone())).await.unwrap();
+                    s.apply(c, 8);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(metrics.store_commits.get(), 1000);
+        assert!(
+            metrics.store_groups.get() < 1000,
+            "{kind:?}: no grouping: {} groups",
+            metrics.store_groups.get()
+        );
+        assert_eq!(load(&store, "conv-199").await.unwrap().turn, 5);
+    }
+}
+
+#[test]
+fn corrupt_or_truncated_redb_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    std::fs::write(&path, vec![0xA5u8; 64 * 1024]).unwrap();
+    let err = RedbStore::open(dir.path(), 8, 8, 8, ConversationMetrics::default()).unwrap_err();
+    assert!(err.0.contains(&path.display().to_string()), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STATE_FILE);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = open(Kind::Redb, dir.path(), 8);
+        let mut s = ConversationState::default();
+        for i in 0..50 {
+            let c = commit(&s, &format!("{i}"));
+            store.execute("c", write(c.clone())).await.unwrap();
+            s.apply(c, 8);
+        }
+    });
+    drop(rt);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len / 3).unwrap();
+    let err = RedbStore::open(dir.path(), 8, 8, 8, ConversationMetrics::default()).unwrap_err();
+    assert!(err.0.contains(&path.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn fences_installs_and_stale_writes_survive_reopen() {
+    for kind in KINDS {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Epoch { term: 1, node: 1 };
+        let new = Epoch { term: 2, node: 2 };
+        let mut s = ConversationState::default();
+        {
+            let store = open(kind, dir.path(), 4);
+            for i in 0..6 {
+                let c = commit(&s, &format!("m{i}"));
+                let base = Version { epoch: if i == 0 { Epoch::ZERO } else { old }, turn: s.turn };
+                let answer = store
+                    .execute("c", StoreOp::Write { epoch: old, base, commit: c.clone() })
+                    .await;
+                assert!(matches!(answer, Ok(StoreAnswer::Done { .. })), "{answer:?}");
+                s.apply(c, 4);
+            }
+            let fenced = store.execute("c", StoreOp::Fence { epoch: new }).await.unwrap();
+            assert!(matches!(fenced, StoreAnswer::Done { replica } if replica.promised == new));
+        }
+        let store = open(kind, dir.path(), 4);
+        // The promise is durable: the old owner's next turn is refused after a restart.
+        let c = commit(&s, "late");
+        let base = Version { epoch: old, turn: 6 };
+        let answer =
+            store.execute("c", StoreOp::Write { epoch: old, base, commit: c }).await.unwrap();
+        assert_eq!(answer, StoreAnswer::Stale { promised: new });
+        // The new owner installs a shorter, different copy: it replaces the old one whole.
+        let mut other = ConversationState::default();
+        for i in 0..3 {
+            let c = commit(&other, &format!("x{i}"));
+            other.apply(c, 4);
+        }
+        let version = Version { epoch: new, turn: 3 };
+        let installed = StoreOp::Install { epoch: new, state: other.clone(), version };
+        store.execute("c", installed).await.unwrap();
+        let loaded = store.load("c").await.unwrap().unwrap();
+        assert_eq!(loaded.state, other);
+        assert_eq!(loaded.replica.version, version);
+        assert!(loaded.state.find("m5").is_none(), "{kind:?}: old turns are gone");
+    }
+}
+
+/// Writes 50 turns of one conversation to a fresh fjall store in `dir` and closes it.
+fn fjall_with_turns(dir: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = open(Kind::Fjall, dir, 8);
+        let mut s = ConversationState::default();
+        for i in 0..50 {
+            let c = commit(&s, &format!("{i}"));
+            store.execute("c", write(c.clone())).await.unwrap();
+            s.apply(c, 8);
+        }
+    });
+}
+
+#[test]
+fn unreadable_or_truncated_fjall_files_are_an_error_naming_the_directory() {
+    let metrics = ConversationMetrics::default;
+    let refused = |dir: &Path, what: &str| match try_open(Kind::Fjall, dir, 8, metrics()) {
+        Err(err) => {
+            let named = dir.join(STATE_DIR).display().to_string();
+            assert!(err.0.contains(&named), "{what}: {err}");
+            err.0
+        }
+        Ok(_) => panic!("{what} was accepted"),
+    };
+    // A junk file where fjall's format version belongs.
+    let dir = tempfile::tempdir().unwrap();
+    fjall_with_turns(dir.path());
+    std::fs::write(dir.path().join(STATE_DIR).join("version"), [0xA5u8; 4]).unwrap();
+    refused(dir.path(), "a junk version file");
+    // A journal overwritten with junk: fjall alone would recover an empty store.
+    let dir = tempfile::tempdir().unwrap();
+    fjall_with_turns(dir.path());
+    let journal = path_of_journal(&dir.path().join(STATE_DIR));
+    let len = std::fs::metadata(&journal).unwrap().len();
+    std::fs::write(&journal, vec![0x5Au8; len as usize]).unwrap();
+    let message = refused(dir.path(), "a junk journal");
+    assert!(message.contains("lost committed writes"), "{message}");
+    // A journal cut short.
+    let dir = tempfile::tempdir().unwrap();
+    fjall_with_turns(dir.path());
+    let journal = path_of_journal(&dir.path().join(STATE_DIR));
+    let used = std::fs::read(&journal).unwrap().iter().rposition(|b| *b != 0).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&journal).unwrap();
+    f.set_len(used as u64 / 2).unwrap();
+    drop(f);
+    refused(dir.path(), "a truncated journal");
+    // The files themselves are left for the operator to inspect.
+    assert!(journal.exists());
+    // And an intact store reopens with everything.
+    let dir = tempfile::tempdir().unwrap();
+    fjall_with_turns(dir.path());
+    let store = open(Kind::Fjall, dir.path(), 8);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(load(&store, "c")).unwrap().turn, 50);
+}
+
+fn path_of_journal(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .expect("a journal file")
+}

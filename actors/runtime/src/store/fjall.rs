@@ -1,0 +1,246 @@
+//! The durable store on fjall (a log-structured merge tree): one directory per node,
+//! `DATA/state.fjall`. A group commit appends the group's rows to fjall's journal and
+//! fsyncs it once, so its cost follows the bytes written, not the pages touched (the redb
+//! engine rewrites a B-tree page per scattered row). Layout and group commit are shared
+//! with the redb engine: see [`super::durable`].
+//!
+//! Each op of a group is its own fjall batch (atomic), written to the journal without a
+//! flush; the group's single `persist(SyncAll)` makes them durable before any is answered.
+//!
+//! Lost writes are detected, not silently accepted: fjall recovers a journal up to its last
+//! intact batch (right for a write torn by a crash, silent loss for a journal truncated
+//! or overwritten later). So every group also stores its number, and after its fsync the
+//! number is written to `DATA/state.fjall.durable` (replaced atomically, not fsynced: it
+//! can only lag). On open, a store that recovers an older group number than that file
+//! names refuses to start, naming the directory; so does a checksum failure or a junk
+//! version file inside fjall.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use botclaw_core::conversation::{ConversationState, TurnRecord};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::durable::{
+    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Stopwatch, Writer,
+    WriterLimits,
+};
+use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
+use crate::metrics::ConversationMetrics;
+
+/// The directory a node's state lives in.
+pub const STATE_DIR: &str = "state.fjall";
+
+/// The file holding the number of the last group known durable.
+pub const DURABLE_FILE: &str = "state.fjall.durable";
+
+/// Key (in the `store` keyspace) of the number of the last group committed.
+const GROUPS_KEY: &str = "groups";
+
+/// Block cache of the store.
+const CACHE_BYTES: u64 = 16 << 20;
+
+#[derive(Clone)]
+struct Tables {
+    db: Database,
+    meta: Keyspace,
+    turns: Keyspace,
+    /// Bookkeeping of the store itself (the group number).
+    store: Keyspace,
+}
+
+fn read_groups(store: &Keyspace) -> Result<u64, String> {
+    match store.get(GROUPS_KEY).map_err(|e| e.to_string())? {
+        None => Ok(0),
+        Some(bytes) => <[u8; 8]>::try_from(&*bytes)
+            .map(u64::from_be_bytes)
+            .map_err(|_| format!("group number of {} bytes", bytes.len())),
+    }
+}
+
+/// The group number the durable file names; `None` if there is none yet (or it is empty:
+/// written but never synced before a crash).
+fn read_durable_file(path: &Path) -> Result<Option<u64>, StoreError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => Ok(None),
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| err(path, "junk in", format!("{e}: {:?}", text.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(path, "cannot read", e)),
+    }
+}
+
+pub struct FjallStore {
+    tables: Tables,
+    writer: Writer,
+}
+
+impl std::fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FjallStore").field("path", &self.writer.path()).finish()
+    }
+}
+
+impl FjallStore {
+    /// Opens (or creates) `dir/state.fjall`. Files fjall cannot read are an error that
+    /// names the directory; nothing is silently reset.
+    pub fn open(
+        dir: &Path,
+        turns_kept_max: usize,
+        group_commit_max: usize,
+        queue_max: usize,
+        metrics: ConversationMetrics,
+    ) -> Result<FjallStore, StoreError> {
+        let path = dir.join(STATE_DIR);
+        let db = Database::builder(&path)
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .cache_size(CACHE_BYTES)
+            .open()
+            .map_err(|e| err(&path, "cannot open state directory", e))?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| err(&path, "bad state directory", e))
+        };
+        let tables = Tables {
+            meta: keyspace("meta")?,
+            turns: keyspace("turns")?,
+            store: keyspace("store")?,
+            db: db.clone(),
+        };
+        let groups = read_groups(&tables.store).map_err(|e| err(&path, "corrupt", e))?;
+        let durable_file = dir.join(DURABLE_FILE);
+        if let Some(durable) = read_durable_file(&durable_file)? {
+            if durable > groups {
+                return Err(err(
+                    &path,
+                    "lost committed writes in",
+                    format!(
+                        "it recovers group {groups}, but group {durable} was durable \
+                         ({}); the journal was truncated or overwritten",
+                        durable_file.display()
+                    ),
+                ));
+            }
+        }
+        let engine = FjallEngine { tables: tables.clone(), groups, durable_file };
+        let limits = WriterLimits { turns_kept_max, group_commit_max, queue_max };
+        let writer = Writer::start(engine, path, limits, metrics)?;
+        Ok(FjallStore { tables, writer })
+    }
+
+    fn load_blocking(t: &Tables, path: &Path, conv: &str) -> Result<Option<Stored>, StoreError> {
+        let Some(meta) = t.meta.get(conv).map_err(|e| err(path, "cannot read", e))? else {
+            return Ok(None);
+        };
+        let meta = decode_meta(conv, &meta).map_err(|e| err(path, "corrupt", e))?;
+        let mut state = ConversationState::default();
+        (state.bot, state.bot_state, state.turn) =
+            (meta.bot, meta.bot_state, meta.replica.version.turn);
+        for row in t.turns.prefix(turns_prefix(conv)) {
+            let value = row.value().map_err(|e| err(path, "cannot read", e))?;
+            let record: TurnRecord = postcard::from_bytes(&value)
+                .map_err(|e| err(path, &format!("corrupt turn of {conv:?} in"), e))?;
+            state.turns.push_back(Arc::new(record));
+        }
+        state.reindex();
+        Ok(Some(Stored { state, replica: meta.replica }))
+    }
+}
+
+struct FjallEngine {
+    tables: Tables,
+    /// Number of the last group committed.
+    groups: u64,
+    durable_file: std::path::PathBuf,
+}
+
+impl FjallEngine {
+    /// Applies one op as one fjall batch (not yet durable).
+    fn apply(
+        &self,
+        conv: &str,
+        op: StoreOp,
+        turns_kept_max: usize,
+    ) -> Result<Result<StoreAnswer, String>, fjall::Error> {
+        let t = &self.tables;
+        let stored = match t.meta.get(conv)? {
+            Some(bytes) => match decode_meta(conv, &bytes) {
+                Ok(m) => Some(m),
+                Err(e) => return Ok(Err(e)),
+            },
+            None => None,
+        };
+        let p = match plan(stored, op, turns_kept_max) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        if !p.meta.is_empty() {
+            let mut batch = t.db.batch();
+            if p.clear_turns {
+                for row in t.turns.prefix(turns_prefix(conv)) {
+                    batch.remove(&t.turns, row.key()?);
+                }
+            }
+            for (turn, record) in p.put_turns {
+                batch.insert(&t.turns, turn_key(conv, turn), record);
+            }
+            if let Some(turn) = p.remove_turn {
+                batch.remove(&t.turns, turn_key(conv, turn));
+            }
+            batch.insert(&t.meta, conv, p.meta);
+            batch.commit()?;
+        }
+        Ok(Ok(p.answer.expect("a plan always answers")))
+    }
+}
+
+impl Engine for FjallEngine {
+    fn commit_group(
+        &mut self,
+        ops: Vec<(String, StoreOp)>,
+        turns_kept_max: usize,
+    ) -> Result<(Vec<Result<StoreAnswer, String>>, GroupTimes), String> {
+        let mut clock = Stopwatch::start();
+        let mut results = Vec::with_capacity(ops.len());
+        for (conv, op) in ops {
+            results.push(self.apply(&conv, op, turns_kept_max).map_err(|e| e.to_string())?);
+        }
+        let group = self.groups + 1;
+        let mut batch = self.tables.db.batch();
+        batch.insert(&self.tables.store, GROUPS_KEY, group.to_be_bytes());
+        batch.commit().map_err(|e| e.to_string())?;
+        clock.applied();
+        self.tables.db.persist(PersistMode::SyncAll).map_err(|e| e.to_string())?;
+        self.groups = group;
+        // After the fsync, so the file never names a group that is not durable.
+        let tmp = self.durable_file.with_extension("durable.tmp");
+        std::fs::write(&tmp, format!("{group}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &self.durable_file))
+            .map_err(|e| format!("cannot write {}: {e}", self.durable_file.display()))?;
+        Ok((results, clock.times()))
+    }
+}
+
+impl StateStore for FjallStore {
+    fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let (t, path) = (self.tables.clone(), self.writer.path().to_path_buf());
+            let conv = conv.to_string();
+            tokio::task::spawn_blocking(move || FjallStore::load_blocking(&t, &path, &conv))
+                .await
+                .map_err(|e| StoreError(format!("state load task failed: {e}")))?
+        })
+    }
+
+    fn submit<'a>(
+        &'a self,
+        conv: &'a str,
+        op: StoreOp,
+    ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
+        self.writer.submit(conv, op)
+    }
+}
