@@ -13,7 +13,7 @@ use botclaw_actors::host::ConversationHost;
 use botclaw_actors::replicator::Replicator;
 use botclaw_actors::store::fjall::FjallStore;
 use botclaw_actors::store::redb::RedbStore;
-use botclaw_actors::store::{MemoryStore, StateStore};
+use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
 use botclaw_core::auth::derive_key;
@@ -87,22 +87,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics = Metrics::default();
     // The store first: a bad state file stops the node before anything else starts.
     let conv_metrics = metrics.conversations.clone();
+    let limits = StoreLimits {
+        turns_kept_max: cfg.conversations.turns_kept_max,
+        group_commit_max: cfg.store.group_commit_max,
+        queue_max: cfg.store.queue_max,
+    };
+    let (dir, m) = (&cfg.data_dir, conv_metrics.clone());
     let store: Arc<dyn StateStore> = match (cfg.store.ephemeral, cfg.store.engine) {
         (true, _) => Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max)),
-        (false, StoreEngine::Fjall) => Arc::new(FjallStore::open(
-            &cfg.data_dir,
-            cfg.conversations.turns_kept_max,
-            cfg.store.group_commit_max,
-            cfg.store.queue_max,
-            conv_metrics.clone(),
-        )?),
-        (false, StoreEngine::Redb) => Arc::new(RedbStore::open(
-            &cfg.data_dir,
-            cfg.conversations.turns_kept_max,
-            cfg.store.group_commit_max,
-            cfg.store.queue_max,
-            conv_metrics.clone(),
-        )?),
+        (false, StoreEngine::Fjall) => Arc::new(FjallStore::open(dir, limits, m)?),
+        (false, StoreEngine::Redb) => Arc::new(RedbStore::open(dir, limits, m)?),
     };
     let server = NodeServer::new(
         cfg.cluster_addr.port(),

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3Builder;
 
 mod durable;
+pub use durable::StoreLimits;
 pub mod fjall;
 pub mod redb;
 

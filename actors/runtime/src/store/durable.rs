@@ -169,9 +169,14 @@ impl Drop for Writer {
     }
 }
 
-pub(crate) struct WriterLimits {
+/// Bounds of a durable store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Turns kept per conversation (history and retry window).
     pub turns_kept_max: usize,
+    /// Most ops in one group commit (one fsync).
     pub group_commit_max: usize,
+    /// Ops waiting for the writer; submitters wait when it is full.
     pub queue_max: usize,
 }
 
@@ -179,7 +184,7 @@ impl Writer {
     pub fn start(
         mut engine: impl Engine,
         path: PathBuf,
-        limits: WriterLimits,
+        limits: StoreLimits,
         metrics: ConversationMetrics,
     ) -> Result<Writer, StoreError> {
         let (jobs, mut rx) = mpsc::channel::<Job>(limits.queue_max.max(1));

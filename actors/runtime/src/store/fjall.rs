@@ -22,8 +22,8 @@ use botclaw_core::conversation::{ConversationState, TurnRecord};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::durable::{
-    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Stopwatch, Writer,
-    WriterLimits,
+    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Stopwatch, StoreLimits,
+    Writer,
 };
 use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
@@ -89,9 +89,7 @@ impl FjallStore {
     /// names the directory; nothing is silently reset.
     pub fn open(
         dir: &Path,
-        turns_kept_max: usize,
-        group_commit_max: usize,
-        queue_max: usize,
+        limits: StoreLimits,
         metrics: ConversationMetrics,
     ) -> Result<FjallStore, StoreError> {
         let path = dir.join(STATE_DIR);
@@ -127,7 +125,6 @@ impl FjallStore {
             }
         }
         let engine = FjallEngine { tables: tables.clone(), groups, durable_file };
-        let limits = WriterLimits { turns_kept_max, group_commit_max, queue_max };
         let writer = Writer::start(engine, path, limits, metrics)?;
         Ok(FjallStore { tables, writer })
     }

@@ -9,7 +9,7 @@ use botclaw_core::conversation::{ConversationState, TurnRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::durable::{
-    decode_meta, err, plan, turn_key, Engine, GroupTimes, Stopwatch, Writer, WriterLimits,
+    decode_meta, err, plan, turn_key, Engine, GroupTimes, Stopwatch, StoreLimits, Writer,
 };
 use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
@@ -36,9 +36,7 @@ impl RedbStore {
     /// names the file; nothing is silently reset.
     pub fn open(
         dir: &Path,
-        turns_kept_max: usize,
-        group_commit_max: usize,
-        queue_max: usize,
+        limits: StoreLimits,
         metrics: ConversationMetrics,
     ) -> Result<RedbStore, StoreError> {
         let path = dir.join(STATE_FILE);
@@ -49,7 +47,6 @@ impl RedbStore {
         txn.open_table(TURNS).map_err(|e| err(&path, "bad state file", e))?;
         txn.commit().map_err(|e| err(&path, "cannot write state file", e))?;
         let db = Arc::new(db);
-        let limits = WriterLimits { turns_kept_max, group_commit_max, queue_max };
         let writer = Writer::start(RedbEngine { db: db.clone() }, path, limits, metrics)?;
         Ok(RedbStore { db, writer })
     }

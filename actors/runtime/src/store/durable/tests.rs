@@ -27,9 +27,13 @@ fn try_open(
     metrics: ConversationMetrics,
 ) -> Result<Arc<dyn StateStore>, StoreError> {
     Ok(match kind {
-        Kind::Redb => Arc::new(RedbStore::open(dir, kept, 256, 1024, metrics)?),
-        Kind::Fjall => Arc::new(FjallStore::open(dir, kept, 256, 1024, metrics)?),
+        Kind::Redb => Arc::new(RedbStore::open(dir, limits(kept), metrics)?),
+        Kind::Fjall => Arc::new(FjallStore::open(dir, limits(kept), metrics)?),
     })
+}
+
+fn limits(turns_kept_max: usize) -> StoreLimits {
+    StoreLimits { turns_kept_max, group_commit_max: 256, queue_max: 1024 }
 }
 
 fn open(kind: Kind, dir: &Path, kept: usize) -> Arc<dyn StateStore> {
@@ -134,7 +138,7 @@ fn corrupt_or_truncated_redb_file_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(STATE_FILE);
     std::fs::write(&path, vec![0xA5u8; 64 * 1024]).unwrap();
-    let err = RedbStore::open(dir.path(), 8, 8, 8, ConversationMetrics::default()).unwrap_err();
+    let err = RedbStore::open(dir.path(), limits(8), ConversationMetrics::default()).unwrap_err();
     assert!(err.0.contains(&path.display().to_string()), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -153,7 +157,7 @@ fn corrupt_or_truncated_redb_file_is_an_error_naming_it() {
     let len = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len / 3).unwrap();
-    let err = RedbStore::open(dir.path(), 8, 8, 8, ConversationMetrics::default()).unwrap_err();
+    let err = RedbStore::open(dir.path(), limits(8), ConversationMetrics::default()).unwrap_err();
     assert!(err.0.contains(&path.display().to_string()), "{err}");
 }
 
