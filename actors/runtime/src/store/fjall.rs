@@ -4,8 +4,9 @@
 //! engine rewrites a B-tree page per scattered row). Layout and group commit are shared
 //! with the redb engine: see [`super::durable`].
 //!
-//! Each op of a group is its own fjall batch (atomic), written to the journal without a
-//! flush; the group's single `persist(SyncAll)` makes them durable before any is answered.
+//! A group is one fjall batch (one journal write; an install first commits what precedes
+//! it, so that its scan of old turn rows sees them), and the group's single
+//! `persist(SyncAll)` makes it durable before any op is answered.
 //!
 //! Lost writes are detected, not silently accepted: fjall recovers a journal up to its last
 //! intact batch (right for a write torn by a crash, silent loss for a journal truncated
@@ -15,6 +16,7 @@
 //! names refuses to start, naming the directory; so does a checksum failure or a junk
 //! version file inside fjall.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,8 +24,8 @@ use botclaw_core::conversation::{ConversationState, TurnRecord};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::durable::{
-    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Stopwatch, StoreLimits,
-    Writer,
+    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Meta, Stopwatch,
+    StoreLimits, Writer,
 };
 use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
@@ -155,20 +157,43 @@ struct FjallEngine {
     durable_file: std::path::PathBuf,
 }
 
-impl FjallEngine {
-    /// Applies one op as one fjall batch (not yet durable).
+/// The rows of one group, in one fjall batch: a single journal write.
+struct GroupBatch<'t> {
+    tables: &'t Tables,
+    batch: fjall::OwnedWriteBatch,
+    /// Meta rows written in this batch (not readable from fjall before it commits).
+    metas: HashMap<String, Vec<u8>>,
+}
+
+impl<'t> GroupBatch<'t> {
+    fn new(tables: &'t Tables) -> Self {
+        GroupBatch { tables, batch: tables.db.batch(), metas: HashMap::new() }
+    }
+
+    /// Commits what is batched so far (not yet durable), so fjall's reads see it.
+    fn flush(&mut self) -> Result<(), fjall::Error> {
+        let batch = std::mem::replace(&mut self.batch, self.tables.db.batch());
+        self.metas.clear();
+        batch.commit()
+    }
+
+    fn meta(&self, conv: &str) -> Result<Option<Result<Meta, String>>, fjall::Error> {
+        if let Some(bytes) = self.metas.get(conv) {
+            return Ok(Some(decode_meta(conv, bytes)));
+        }
+        Ok(self.tables.meta.get(conv)?.map(|bytes| decode_meta(conv, &bytes)))
+    }
+
+    /// Adds one op's rows to the batch.
     fn apply(
-        &self,
+        &mut self,
         conv: &str,
         op: StoreOp,
         turns_kept_max: usize,
     ) -> Result<Result<StoreAnswer, String>, fjall::Error> {
-        let t = &self.tables;
-        let stored = match t.meta.get(conv)? {
-            Some(bytes) => match decode_meta(conv, &bytes) {
-                Ok(m) => Some(m),
-                Err(e) => return Ok(Err(e)),
-            },
+        let stored = match self.meta(conv)? {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => return Ok(Err(e)),
             None => None,
         };
         let p = match plan(stored, op, turns_kept_max) {
@@ -176,20 +201,22 @@ impl FjallEngine {
             Err(e) => return Ok(Err(e)),
         };
         if !p.meta.is_empty() {
-            let mut batch = t.db.batch();
+            let t = self.tables;
             if p.clear_turns {
+                // The scan must see this group's earlier rows of the conversation.
+                self.flush()?;
                 for row in t.turns.prefix(turns_prefix(conv)) {
-                    batch.remove(&t.turns, row.key()?);
+                    self.batch.remove(&t.turns, row.key()?);
                 }
             }
             for (turn, record) in p.put_turns {
-                batch.insert(&t.turns, turn_key(conv, turn), record);
+                self.batch.insert(&t.turns, turn_key(conv, turn), record);
             }
             if let Some(turn) = p.remove_turn {
-                batch.remove(&t.turns, turn_key(conv, turn));
+                self.batch.remove(&t.turns, turn_key(conv, turn));
             }
-            batch.insert(&t.meta, conv, p.meta);
-            batch.commit()?;
+            self.batch.insert(&t.meta, conv, p.meta.as_slice());
+            self.metas.insert(conv.to_string(), p.meta);
         }
         Ok(Ok(p.answer.expect("a plan always answers")))
     }
@@ -203,13 +230,13 @@ impl Engine for FjallEngine {
     ) -> Result<(Vec<Result<StoreAnswer, String>>, GroupTimes), String> {
         let mut clock = Stopwatch::start();
         let mut results = Vec::with_capacity(ops.len());
-        for (conv, op) in ops {
-            results.push(self.apply(&conv, op, turns_kept_max).map_err(|e| e.to_string())?);
-        }
         let group = self.groups + 1;
-        let mut batch = self.tables.db.batch();
-        batch.insert(&self.tables.store, GROUPS_KEY, group.to_be_bytes());
-        batch.commit().map_err(|e| e.to_string())?;
+        let mut batch = GroupBatch::new(&self.tables);
+        for (conv, op) in ops {
+            results.push(batch.apply(&conv, op, turns_kept_max).map_err(|e| e.to_string())?);
+        }
+        batch.batch.insert(&self.tables.store, GROUPS_KEY, group.to_be_bytes());
+        batch.flush().map_err(|e| e.to_string())?;
         clock.applied();
         self.tables.db.persist(PersistMode::SyncAll).map_err(|e| e.to_string())?;
         self.groups = group;

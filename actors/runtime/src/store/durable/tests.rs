@@ -269,3 +269,45 @@ fn path_of_journal(dir: &Path) -> std::path::PathBuf {
         .find(|p| p.extension().is_some_and(|x| x == "jnl"))
         .expect("a journal file")
 }
+
+#[tokio::test]
+async fn pipelined_writes_and_an_install_of_one_conversation_share_a_group() {
+    for kind in KINDS {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(kind, dir.path(), 4);
+        let old = Epoch { term: 1, node: 1 };
+        let new = Epoch { term: 2, node: 2 };
+        let mut s = ConversationState::default();
+        let mut tickets = Vec::new();
+        // Six writes queued without waiting: each must see the one before it.
+        for i in 0..6 {
+            let c = commit(&s, &format!("m{i}"));
+            let base = Version { epoch: if i == 0 { Epoch::ZERO } else { old }, turn: s.turn };
+            let op = StoreOp::Write { epoch: old, base, commit: c.clone() };
+            tickets.push(store.submit("c", op).await.unwrap());
+            s.apply(c, 4);
+        }
+        // Then, in the same queue, a newer owner's copy and a write on top of it.
+        let mut other = ConversationState::default();
+        for i in 0..2 {
+            let c = commit(&other, &format!("x{i}"));
+            other.apply(c, 4);
+        }
+        let version = Version { epoch: new, turn: 2 };
+        let op = StoreOp::Install { epoch: new, state: other.clone(), version };
+        tickets.push(store.submit("c", op).await.unwrap());
+        let c = commit(&other, "x2");
+        let op = StoreOp::Write { epoch: new, base: version, commit: c.clone() };
+        tickets.push(store.submit("c", op).await.unwrap());
+        other.apply(c, 4);
+        for t in tickets {
+            assert!(matches!(t.await.unwrap(), StoreAnswer::Done { .. }), "{kind:?}");
+        }
+        let loaded = store.load("c").await.unwrap().unwrap();
+        assert_eq!(loaded.state, other, "{kind:?}");
+        assert_eq!(loaded.replica.version, Version { epoch: new, turn: 3 });
+        drop(store);
+        let reopened = open(kind, dir.path(), 4);
+        assert_eq!(reopened.load("c").await.unwrap().unwrap().state, other, "{kind:?}");
+    }
+}
