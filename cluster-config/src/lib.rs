@@ -311,8 +311,8 @@ pub enum StoreEngine {
 pub struct StoreConfig {
     /// Keep state in memory only (lost when the process exits).
     pub ephemeral: bool,
-    /// Storage engine of durable state (a node keeps using the engine its data is in:
-    /// switching starts from an empty store).
+    /// Storage engine of durable state. A node refuses to start if its data directory
+    /// holds the other engine's state.
     pub engine: StoreEngine,
     /// Most turns committed in one write transaction (one fsync).
     pub group_commit_max: usize,

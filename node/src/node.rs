@@ -11,8 +11,8 @@ use botclaw_actors::backends::Backends;
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
 use botclaw_actors::replicator::Replicator;
-use botclaw_actors::store::fjall::FjallStore;
-use botclaw_actors::store::redb::RedbStore;
+use botclaw_actors::store::fjall::{FjallStore, STATE_DIR as FJALL_DIR};
+use botclaw_actors::store::redb::{RedbStore, STATE_FILE as REDB_FILE};
 use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
@@ -49,6 +49,28 @@ fn probe_tcp(addr: std::net::SocketAddr) -> std::io::Result<()> {
     socket.bind(addr)?;
     drop(socket.listen(1)?);
     Ok(())
+}
+
+/// Refuses to start on an empty store of one engine while the data directory holds the
+/// other engine's state: that would silently start this node from nothing.
+fn check_other_engine(dir: &std::path::Path, engine: StoreEngine) -> Result<()> {
+    let (mine, other, other_name) = match engine {
+        StoreEngine::Fjall => (fjall_dir(dir), dir.join(REDB_FILE), "redb"),
+        StoreEngine::Redb => (dir.join(REDB_FILE), fjall_dir(dir), "fjall"),
+    };
+    if other.exists() && !mine.exists() {
+        anyhow::bail!(
+            "{} holds {other_name} state but [store] engine is {engine:?}: set engine = \"{other_name}\", \
+             or move {} away to start this node empty (its replicas refill it)",
+            dir.display(),
+            other.display()
+        );
+    }
+    Ok(())
+}
+
+fn fjall_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(FJALL_DIR)
 }
 
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
@@ -93,6 +115,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         queue_max: cfg.store.queue_max,
     };
     let (dir, m) = (&cfg.data_dir, conv_metrics.clone());
+    if !cfg.store.ephemeral {
+        check_other_engine(dir, cfg.store.engine)?;
+    }
     let store: Arc<dyn StateStore> = match (cfg.store.ephemeral, cfg.store.engine) {
         (true, _) => Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max)),
         (false, StoreEngine::Fjall) => Arc::new(FjallStore::open(dir, limits, m)?),

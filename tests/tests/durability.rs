@@ -133,3 +133,17 @@ fn overwritten_fjall_journal_stops_the_node_with_its_name() {
         assert!(log.contains("lost committed writes"), "{log}");
     }
 }
+
+#[test]
+fn state_of_the_other_engine_is_not_silently_ignored() {
+    let mut c = Cluster::new(1);
+    std::fs::create_dir_all(&c.nodes[0].data_dir).unwrap();
+    let file = c.nodes[0].data_dir.join("state.redb");
+    std::fs::write(&file, b"state of an earlier redb node").unwrap();
+    c.start_all();
+    let status = c.nodes[0].wait_exit(Duration::from_secs(15)).expect("node kept running");
+    assert!(!status.success());
+    let log = tail(&c.nodes[0].log, 4000);
+    assert!(log.contains("holds redb state") && log.contains("engine = \"redb\""), "{log}");
+    assert!(!c.nodes[0].data_dir.join("state.fjall").exists(), "an empty store was created");
+}
