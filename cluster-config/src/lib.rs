@@ -286,11 +286,21 @@ pub struct BackendConfig {
     pub catalog_latency_ms: u64,
     /// Simulated latency of one weather lookup.
     pub weather_latency_ms: u64,
+    /// Entries of the node-wide cache of backend answers (shared by all conversations,
+    /// concurrent misses coalesced into one call); 0 turns it off.
+    pub shared_cache_entries_max: u64,
+    /// How long a node-wide cache entry lives.
+    pub shared_cache_ttl_ms: u64,
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { catalog_latency_ms: 20, weather_latency_ms: 50 }
+        BackendConfig {
+            catalog_latency_ms: 20,
+            weather_latency_ms: 50,
+            shared_cache_entries_max: 100_000,
+            shared_cache_ttl_ms: 900_000,
+        }
     }
 }
 

@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Bytes of text per message.
     #[arg(long, default_value_t = 32)]
     pub text_bytes: usize,
+    /// Ask about one of this many cities ("weather in city-K", K drawn per message)
+    /// instead of sending filler text: with `--bot weather`, a load where many users ask
+    /// for the same cities.
+    #[arg(long)]
+    pub cities: Option<u32>,
     /// Prefix of conversation ids (runs with different prefixes do not share state).
     #[arg(long, default_value = "bench")]
     pub prefix: String,
@@ -203,10 +208,14 @@ async fn drive(
                 None => rng.random_range(0..args.conversations),
             };
             next_id += 1;
+            let text = match args.cities {
+                Some(n) => format!("weather in city-{}", rng.random_range(0..n.max(1))),
+                None => text.clone(),
+            };
             let say = Request::Say {
                 conv: format!("{}-{k}", args.prefix),
                 id: format!("{conn}-{next_id}"),
-                text: text.clone(),
+                text,
                 bot: Some(args.bot.clone()),
                 user: None,
             };

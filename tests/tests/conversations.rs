@@ -321,3 +321,45 @@ fn overload_gets_busy_with_a_retry_hint() {
     let ids: Vec<Value> = (0..3).map(|_| read_json(&mut r)["id"].clone()).collect();
     assert_eq!(ids, vec!["0", "1", "2"]);
 }
+
+/// 60 conversations ask about 3 cities at once: with the node-wide cache, one backend call
+/// per city; without it, one per conversation.
+#[test]
+fn shared_cache_coalesces_concurrent_lookups() {
+    for (config, calls) in [("", 3.0), ("[backends]\nshared_cache_entries_max = 0\n", 60.0)] {
+        let mut c = Cluster::new(1).with_config(config);
+        c.start_all();
+        c.wait_converged(&[0], CONVERGE);
+        let rt = runtime();
+        let addr = c.nodes[0].ports.client;
+        rt.block_on(async {
+            let client = Arc::new(Client::connect(addr, ClientOptions::default()).await.unwrap());
+            let mut asks = Vec::new();
+            for k in 0..60 {
+                let client = client.clone();
+                asks.push(tokio::spawn(async move {
+                    let city = ["Oslo", "Rome", "Lima"][k % 3];
+                    let text = format!("weather in {city}?");
+                    let r = client.say(&format!("w-{k}"), "1", &text, Some("weather")).await;
+                    let reply = r.unwrap();
+                    assert!(reply.messages[0].starts_with(city), "{:?}", reply.messages);
+                }));
+            }
+            for a in asks {
+                a.await.unwrap();
+            }
+        });
+        let m = c.nodes[0].metrics();
+        assert_eq!(
+            metric(&m, "botclaw_backend_calls_total{backend=\"weather\"}"),
+            calls,
+            "{config:?}"
+        );
+        if calls == 3.0 {
+            assert_eq!(metric(&m, "botclaw_shared_cache_misses_total"), 3.0);
+            let served = metric(&m, "botclaw_shared_cache_coalesced_total")
+                + metric(&m, "botclaw_shared_cache_hits_total");
+            assert_eq!(served, 57.0);
+        }
+    }
+}

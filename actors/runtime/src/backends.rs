@@ -1,6 +1,7 @@
 //! In-process backend services the built-in bots call: a product catalog and a weather
 //! service. Each call waits the configured latency, standing in for a network hop to a
-//! real service, and is counted.
+//! real service, and is counted. [`Backends::shared`] is the node-wide cache bots put in
+//! front of them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use botclaw_config::BackendConfig;
 
 use crate::metrics::ConversationMetrics;
+use crate::shared_cache::SharedCache;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
@@ -40,15 +42,28 @@ pub struct Backends {
     catalog_latency: Duration,
     weather_latency: Duration,
     metrics: ConversationMetrics,
+    /// The node-wide cache of answers, for bots to put in front of these calls.
+    shared: SharedCache,
 }
 
 impl Backends {
     pub fn new(cfg: &BackendConfig, metrics: ConversationMetrics) -> Arc<Self> {
+        let shared = SharedCache::new(
+            cfg.shared_cache_entries_max,
+            Duration::from_millis(cfg.shared_cache_ttl_ms),
+            metrics.clone(),
+        );
         Arc::new(Backends {
             catalog_latency: Duration::from_millis(cfg.catalog_latency_ms),
             weather_latency: Duration::from_millis(cfg.weather_latency_ms),
             metrics,
+            shared,
         })
+    }
+
+    /// The node-wide cache of backend answers.
+    pub fn shared(&self) -> &SharedCache {
+        &self.shared
     }
 
     async fn wait(latency: Duration) {

@@ -11,7 +11,8 @@
 //! - [`bot`]: the `Bot` trait users implement, and [`bots`]: the built-in bots;
 //! - [`replicator`]: taking ownership of a conversation, writing turns to its replicas,
 //!   serving peers' ops; [`store`]: `StateStore` (memory, redb);
-//! - [`backends`]: the in-process services bots call;
+//! - [`backends`]: the in-process services bots call; [`shared_cache`]: the node-wide
+//!   cache of backend answers with request coalescing;
 //! - [`metrics`]: counters the node exports.
 //!
 //! Actors hold no decision logic of the cluster: they call `botclaw-core` and execute.
@@ -26,6 +27,7 @@ pub mod host;
 pub mod metrics;
 pub mod replicator;
 pub mod router;
+pub mod shared_cache;
 pub mod store;
 
 pub use router::{RouterActor, RouterArgs, RouterMessage};

@@ -32,6 +32,11 @@ pub struct ConversationMetrics {
     /// Seconds the store writer spent applying groups, and committing them (fsync).
     pub store_apply_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub store_sync_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Node-wide cache of backend answers: hits, misses (a backend call), and misses that
+    /// waited for another caller's call instead of making their own.
+    pub shared_cache_hits: Counter,
+    pub shared_cache_misses: Counter,
+    pub shared_cache_coalesced: Counter,
     /// Conversations this node could not take ownership of (no quorum, fenced out).
     pub acquire_failures: Counter,
     /// Turns that did not reach the write quorum (the conversation closed).
@@ -101,6 +106,21 @@ impl ConversationMetrics {
             "store_sync_seconds",
             "Time the store writer spent committing write transactions (fsync)",
             self.store_sync_seconds.clone(),
+        );
+        r.register(
+            "shared_cache_hits",
+            "Backend lookups answered by the node-wide cache",
+            self.shared_cache_hits.clone(),
+        );
+        r.register(
+            "shared_cache_misses",
+            "Backend lookups the node-wide cache sent to the backend",
+            self.shared_cache_misses.clone(),
+        );
+        r.register(
+            "shared_cache_coalesced",
+            "Backend lookups that waited for a concurrent caller's backend call",
+            self.shared_cache_coalesced.clone(),
         );
         r.register(
             "acquire_failures",

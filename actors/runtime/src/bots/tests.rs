@@ -19,7 +19,8 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         let metrics = ConversationMetrics::default();
-        let cfg = BackendConfig { catalog_latency_ms: 0, weather_latency_ms: 0 };
+        let cfg =
+            BackendConfig { catalog_latency_ms: 0, weather_latency_ms: 0, ..Default::default() };
         let backends = Backends::new(&cfg, metrics.clone());
         let cx = TurnContext::new(backends, metrics.clone(), 16, Duration::from_secs(900));
         Harness { bots: builtin(), cx, state: Vec::new(), turn: 0, metrics }

@@ -32,11 +32,17 @@ impl TypedBot for Weather {
             return Ok(vec!["Ask me: weather in <city>".into()]);
         };
         let key = format!("weather:{}", city.to_lowercase());
+        // This conversation's cache, then the node's (one backend call per city however
+        // many conversations ask at once), then the backend.
         let answer = match cx.cached(&key) {
             Some(hit) => hit,
             None => {
-                let f = cx.backends().weather(&city).await;
-                let answer = format!("{}: {} and {}°C", f.city, f.condition, f.celsius);
+                let backends = cx.backends();
+                let fetch = async {
+                    let f = backends.weather(&city).await;
+                    format!("{}: {} and {}°C", f.city, f.condition, f.celsius)
+                };
+                let answer = backends.shared().get_or_fetch(&key, fetch).await.to_string();
                 cx.cache(&key, answer.clone());
                 answer
             }
