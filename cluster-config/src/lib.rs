@@ -356,11 +356,20 @@ pub struct ReplicationConfig {
     /// Peers' ops waiting to be queued on the local store; more are refused (the owner
     /// sees a failed write and the client retries).
     pub incoming_max: usize,
+    /// Longest a drain (`botclaw drain`, SIGTERM) waits for this node's conversations to
+    /// move away before it leaves anyway.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        ReplicationConfig { factor: 2, write_quorum: 2, stable_after_ms: 5000, incoming_max: 8192 }
+        ReplicationConfig {
+            factor: 2,
+            write_quorum: 2,
+            stable_after_ms: 5000,
+            incoming_max: 8192,
+            drain_timeout_ms: 10_000,
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct AdminState {
     pub isolation: Option<Arc<AtomicBool>>,
     /// The keep-majority baseline (the last stable membership).
     pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Notified by `POST /drain`: the node drains, leaves and exits.
+    pub drain_requested: Arc<tokio::sync::Notify>,
 }
 
 /// One member in `GET /status`.
@@ -82,6 +84,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/ping", get(ping))
         .route("/placement", get(placement))
         .route("/fault/isolate", post(isolate))
+        .route("/drain", post(drain))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin server stopped");
@@ -103,6 +106,13 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
+}
+
+/// Starts a drain: the node moves its conversations to others, leaves, and exits.
+async fn drain(State(s): State<Arc<AdminState>>) -> Response {
+    s.drain_requested.notify_one();
+    (StatusCode::ACCEPTED, "draining: conversations move to other nodes, then this node leaves\n")
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use botclaw_config::RawNodeConfig;
 use clap::{Args, Parser, Subcommand};
@@ -22,6 +23,8 @@ enum Command {
     Up(crate::up::UpArgs),
     /// Show the cluster's members as one node sees them.
     Status(StatusArgs),
+    /// Move a node's conversations to the others, then make it leave and exit.
+    Drain(DrainArgs),
     /// Talk to a bot (an interactive REPL over the chat protocol).
     Chat(crate::chat::ChatArgs),
     /// Generate chat load and report throughput and latency percentiles.
@@ -111,6 +114,16 @@ struct StatusArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct DrainArgs {
+    /// Admin address of the node to drain.
+    #[arg(long, default_value = "127.0.0.1:7003")]
+    admin: SocketAddr,
+    /// How long to wait for the node to finish and exit.
+    #[arg(long, default_value_t = 60)]
+    wait_s: u64,
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
@@ -169,6 +182,18 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Drain(args) => {
+            match crate::status::drain(args.admin, Duration::from_secs(args.wait_s)) {
+                Ok(took) => {
+                    println!("{} drained and left after {:.1} s", args.admin, took.as_secs_f64());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("botclaw drain: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status(args) => match crate::status::fetch(args.admin) {
             Ok(status) if args.json => {
                 println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));

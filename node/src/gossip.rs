@@ -36,6 +36,8 @@ impl ClusterView {
 pub enum GossipCommand {
     /// Leave the cluster; the reply comes once the leave datagrams are sent.
     Leave(oneshot::Sender<()>),
+    /// Announce this node without a role (draining); the reply says whether it had it.
+    DropRole(String, oneshot::Sender<bool>),
 }
 
 /// Timers in deadline order; equal deadlines keep submission order.
@@ -138,6 +140,10 @@ impl GossipDriver {
                         self.execute().await;
                         let _ = done.send(());
                         return;
+                    }
+                    Some(GossipCommand::DropRole(role, done)) => {
+                        let dropped = self.membership.drop_role(&role);
+                        let _ = done.send(dropped);
                     }
                     None => return,
                 },

@@ -1,4 +1,4 @@
-//! A small blocking HTTP client for the operator commands (`status`, `up`).
+//! A small blocking HTTP client for the operator commands (`status`, `drain`, `up`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,4 +24,11 @@ pub fn get_json<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     let body = get(addr, path, timeout)?;
     serde_json::from_str(&body).with_context(|| format!("bad JSON from http://{addr}{path}"))
+}
+
+/// `POST http://{addr}{path}` with no body, returning the body of a 2xx answer.
+pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
+    let url = format!("http://{addr}{path}");
+    let mut resp = agent(timeout).post(&url).send_empty().with_context(|| format!("POST {url}"))?;
+    resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
 }

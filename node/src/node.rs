@@ -73,6 +73,41 @@ fn fjall_dir(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join(FJALL_DIR)
 }
 
+/// Moves this node's conversations away before it leaves: it gives up the conversations
+/// role (every ring is rebuilt without it; it stays a member and forwards what clients
+/// still send it), then waits until its own placement excludes it and its conversation
+/// actors have closed (each once its waiting turns are durable), at most `timeout`.
+async fn drain(
+    gossip: &mpsc::Sender<GossipCommand>,
+    host: &ConversationHost,
+    placement: &ArcSwap<PlacementView>,
+    timeout: Duration,
+) {
+    let started = std::time::Instant::now();
+    let (tx, rx) = oneshot::channel();
+    if gossip.send(GossipCommand::DropRole(routing::CONVERSATIONS_ROLE.into(), tx)).await.is_err() {
+        return;
+    }
+    if !rx.await.unwrap_or(false) {
+        return;
+    }
+    let me = host.shared().node.clone();
+    let moved = async {
+        loop {
+            let view = placement.load();
+            let excluded = view.placement.members().iter().all(|m| m.name != *me);
+            if excluded && host.active() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match tokio::time::timeout(timeout, moved).await {
+        Ok(()) => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained"),
+        Err(_) => tracing::warn!(active = host.active(), "drain timed out; leaving anyway"),
+    }
+}
+
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -142,6 +177,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         joined: false,
     }));
     let serving = Arc::new(AtomicBool::new(true));
+    let placement_for_drain = placement.clone();
+    let drain_requested = Arc::new(tokio::sync::Notify::new());
     let baseline = Arc::new(std::sync::Mutex::new(vec![cfg.name.clone()]));
     let forwarder =
         Forwarder::start(&cfg.name, Duration::from_millis(cfg.frontend.turn_timeout_ms));
@@ -232,18 +269,29 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let admin_state = Arc::new(AdminState {
         view,
         dispatcher,
-        host,
+        host: host.clone(),
         metrics,
         server: server_ref.clone(),
         link_name,
         call_timeout: Duration::from_millis(cfg.link.call_timeout_ms),
         isolation,
         baseline,
+        drain_requested: drain_requested.clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
 
-    shutdown.await;
-    tracing::info!("shutting down: leaving the cluster");
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        () = drain_requested.notified() => tracing::info!("drain requested"),
+    }
+    drain(
+        &gossip_tx,
+        &host,
+        &placement_for_drain,
+        Duration::from_millis(cfg.replication.drain_timeout_ms),
+    )
+    .await;
+    tracing::info!("leaving the cluster");
     let (done_tx, done_rx) = oneshot::channel();
     if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;

@@ -87,3 +87,18 @@ pub fn render(status: &Status) -> String {
     }
     out
 }
+
+/// `botclaw drain`: asks the node at `admin` to drain, then waits until its admin port stops
+/// answering (the node left and exited). Returns how long that took.
+pub fn drain(admin: SocketAddr, wait: Duration) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    let timeout = Duration::from_secs(5);
+    crate::http::post(admin, "/drain", timeout)?;
+    while started.elapsed() < wait {
+        if crate::http::get(admin, "/health/live", timeout).is_err() {
+            return Ok(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{admin} still answers after {wait:?}")
+}

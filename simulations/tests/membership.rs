@@ -108,6 +108,26 @@ fn leave_is_seen_quickly() {
 }
 
 #[test]
+fn dropped_role_is_seen_by_all_and_the_node_stays_up() {
+    let mut net = cluster(4);
+    assert!(net.membership_mut(addr(2)).unwrap().drop_role("conversations"));
+    assert!(!net.membership_mut(addr(2)).unwrap().drop_role("conversations"), "only once");
+    let at = net.now_ms();
+    let t = net.run_until_pred(at + 5_000, |net| {
+        [0, 1, 3].iter().all(|&i| {
+            net.view(addr(i), addr(2)).is_some_and(|v| {
+                v.state == MemberState::Up && v.id.bump == 1 && v.id.roles.is_empty()
+            })
+        })
+    });
+    let t = t.expect("the new identity never reached everyone");
+    assert!(t - at <= 2_000, "took {} ms", t - at);
+    let at = net.now_ms();
+    net.run_until(at + 10_000);
+    assert!([0, 1, 3].iter().all(|&i| up_set(&net, i).len() == 4), "the node must stay a member");
+}
+
+#[test]
 fn restart_rejoins_as_new_incarnation() {
     let mut net = cluster(4);
     net.crash(addr(1));

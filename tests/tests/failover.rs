@@ -145,3 +145,38 @@ fn minority_answers_unavailable_and_majority_serves_through_a_partition() {
     // Every conversation has all 14 turns: nothing was lost or left behind in the minority.
     assert_eq!(report.acked(), 60 * 14);
 }
+
+#[test]
+fn drained_node_hands_its_conversations_over_under_load() {
+    let mut c = cluster();
+    let rt = runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running =
+        rt.spawn(run_load(clients(&c, &[0, 1, 2]), "drain", 60, 12, 1..=64, stop.clone()));
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
+    // The operator command: returns once the node has left and exited.
+    let admin = c.nodes[2].ports.admin.to_string();
+    let drained = Instant::now();
+    let out = std::process::Command::new(botclaw_bin())
+        .args(["drain", "--admin", &admin, "--wait-s", "30"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.logs());
+    let status = c.nodes[2].wait_exit(Duration::from_secs(10)).expect("drained node kept running");
+    assert!(status.success(), "drained node exited with {status}");
+    let took = drained.elapsed();
+    c.wait_seen_as(&[0, 1], "n2", "down", drained, Duration::from_secs(10));
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
+    stop.store(true, Ordering::Relaxed);
+    let report = rt.block_on(running).unwrap();
+    let (gap, conv) = report.longest_gap();
+    eprintln!(
+        "drain took {took:?}; acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
+        report.acked()
+    );
+    assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
+    assert!(gap < Duration::from_secs(10), "{conv} waited {gap:?}");
+    let log = tail(&c.nodes[2].log, 20_000);
+    assert!(log.contains("drained"), "the drain did not finish before leaving:\n{log}");
+    assert_consistent(&c, &rt, &clients(&c, &[0, 1]), &report);
+}

@@ -282,6 +282,23 @@ impl Membership {
         }
     }
 
+    /// Announces this node again without `role` (a draining node gives up the
+    /// `conversations` role, so every ring is rebuilt without it while it stays a member
+    /// and keeps forwarding). foca declares the old identity down and spreads the new one,
+    /// whose raised bump wins. Returns false if the node did not have the role.
+    pub fn drop_role(&mut self, role: &str) -> bool {
+        let mut id = self.foca.identity().clone();
+        if self.left || !id.roles.iter().any(|r| r == role) {
+            return false;
+        }
+        id.roles.retain(|r| r != role);
+        id.bump = id.bump.wrapping_add(1);
+        let (foca, outbox) = self.outbox();
+        // A smaller identity than the current one always encodes.
+        foca.change_identity(id, outbox).expect("a changed identity always encodes");
+        true
+    }
+
     /// Leaves the cluster: declares this node down to a few members, who spread it.
     pub fn leave(&mut self) {
         if self.left {
