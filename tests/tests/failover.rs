@@ -180,3 +180,32 @@ fn drained_node_hands_its_conversations_over_under_load() {
     assert!(log.contains("drained"), "the drain did not finish before leaving:\n{log}");
     assert_consistent(&c, &rt, &clients(&c, &[0, 1]), &report);
 }
+
+#[test]
+fn rolling_restart_under_load_loses_nothing() {
+    let mut c = cluster();
+    // Node 0 founded the cluster; when it restarts it needs seeds to find the others.
+    c.nodes[0].seeds = vec![c.nodes[1].ports.gossip, c.nodes[2].ports.gossip];
+    let rt = runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running =
+        rt.spawn(run_load(clients(&c, &[0, 1, 2]), "rolling", 90, 12, 1..=64, stop.clone()));
+    for i in [2, 1, 0] {
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
+        c.nodes[i].signal(libc::SIGTERM);
+        let status = c.nodes[i].wait_exit(Duration::from_secs(20)).expect("node did not stop");
+        assert!(status.success(), "{} exited with {status}", c.nodes[i].name);
+        c.nodes[i].start();
+        c.wait_converged(&[0, 1, 2], CONVERGE);
+    }
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
+    stop.store(true, Ordering::Relaxed);
+    let report = rt.block_on(running).unwrap();
+    let (gap, conv) = report.longest_gap();
+    eprintln!(
+        "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
+        report.acked()
+    );
+    assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
+    assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
+}
