@@ -14,7 +14,8 @@
 //! - [`links`]: which inter-node sessions to dial or drop given membership;
 //! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
 //! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
-//! - [`replication`]: epochs, versions, what a replica accepts, keep-majority.
+//! - [`replication`]: epochs, versions, what a replica accepts, keep-majority;
+//! - [`rebalance`]: which shards an overloaded node gives to which underloaded node.
 
 pub mod auth;
 pub mod conversation;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod links;
 pub mod membership;
 pub mod placement;
+pub mod rebalance;
 pub mod replication;
 
 pub use identity::NodeId;

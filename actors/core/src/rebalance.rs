@@ -1,0 +1,157 @@
+//! Load-aware rebalancing decisions, without IO: which of its shards an overloaded node
+//! gives to which underloaded node.
+//!
+//! Rules (each one a property the tests check):
+//! - only an overloaded node moves shards, and only its own (the owner decides, so two
+//!   nodes never decide about one shard);
+//! - overloaded means load per capacity unit above `overload_ratio` x the cluster's average;
+//!   a move is made only if it leaves the receiver at or under `target_ratio` x average,
+//!   with `target_ratio < overload_ratio`: a receiver is never pushed into overload, so
+//!   under constant load the decisions stop (hysteresis);
+//! - the giver sheds down to `target_ratio`, hottest shards first, never a shard hotter
+//!   than what is left to shed (no overshoot), at most `moves_per_round_max` per round;
+//! - a moved shard stays put for `cooldown_rounds` rounds.
+//!
+//! Iteration is ordered (rates, then names and shard ids), so a decision is a pure
+//! function of its inputs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::ShardId;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceConfig {
+    pub overload_ratio: f64,
+    pub target_ratio: f64,
+    pub moves_per_round_max: usize,
+    pub cooldown_rounds: u64,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            overload_ratio: 1.15,
+            target_ratio: 1.05,
+            moves_per_round_max: 16,
+            cooldown_rounds: 10,
+        }
+    }
+}
+
+/// A node's measured load (e.g. turns/s) and capacity weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    pub name: String,
+    pub load: f64,
+    pub capacity: u32,
+}
+
+/// One shard's measured load on its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ShardLoad {
+    pub shard: ShardId,
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub shard: ShardId,
+    pub to: String,
+}
+
+/// One node's rebalancer: its rounds and the cooldown of shards it moved.
+#[derive(Debug, Clone)]
+pub struct Rebalancer {
+    cfg: RebalanceConfig,
+    round: u64,
+    moved_at: BTreeMap<ShardId, u64>,
+}
+
+impl Rebalancer {
+    pub fn new(cfg: RebalanceConfig) -> Rebalancer {
+        Rebalancer { cfg, round: 0, moved_at: BTreeMap::new() }
+    }
+
+    /// One round: the moves node `me` makes, given every node's load and `me`'s shards.
+    pub fn decide(&mut self, me: &str, nodes: &[NodeLoad], mine: &[ShardLoad]) -> Vec<Move> {
+        self.round += 1;
+        let round = self.round;
+        let cooldown = self.cfg.cooldown_rounds;
+        self.moved_at.retain(|_, at| round - *at < cooldown);
+        let moves = decide(&self.cfg, me, nodes, mine, |shard| self.moved_at.contains_key(&shard));
+        for m in &moves {
+            self.moved_at.insert(m.shard, round);
+        }
+        moves
+    }
+}
+
+/// The cluster's average load per capacity unit.
+pub fn average(nodes: &[NodeLoad]) -> f64 {
+    let capacity: f64 = nodes.iter().map(|n| f64::from(n.capacity)).sum();
+    if capacity <= 0.0 {
+        return 0.0;
+    }
+    nodes.iter().map(|n| n.load).sum::<f64>() / capacity
+}
+
+/// max / avg of load per capacity unit (1.0 is perfect balance).
+pub fn imbalance(nodes: &[NodeLoad]) -> f64 {
+    let avg = average(nodes);
+    if avg <= 0.0 {
+        return 1.0;
+    }
+    nodes.iter().map(|n| n.load / f64::from(n.capacity.max(1)) / avg).fold(0.0, f64::max)
+}
+
+/// The rules, as a pure function; `cooling` says which shards must not move now.
+pub fn decide(
+    cfg: &RebalanceConfig,
+    me: &str,
+    nodes: &[NodeLoad],
+    mine: &[ShardLoad],
+    cooling: impl Fn(ShardId) -> bool,
+) -> Vec<Move> {
+    let avg = average(nodes);
+    let Some(my) = nodes.iter().find(|n| n.name == me) else { return Vec::new() };
+    if avg <= 0.0 {
+        return Vec::new();
+    }
+    let cap = |n: &NodeLoad| f64::from(n.capacity.max(1));
+    if my.load / cap(my) <= cfg.overload_ratio * avg {
+        return Vec::new();
+    }
+    let mut excess = my.load - cfg.target_ratio * avg * cap(my);
+    // Receivers: below average, least loaded first; their room up to the target.
+    let mut receivers: Vec<(String, f64)> = nodes
+        .iter()
+        .filter(|n| n.name != me && n.load / cap(n) < avg)
+        .map(|n| (n.name.clone(), cfg.target_ratio * avg * cap(n) - n.load))
+        .collect();
+    let mut shards: Vec<ShardLoad> =
+        mine.iter().copied().filter(|s| s.rate > 0.0 && !cooling(s.shard)).collect();
+    shards.sort_by(|a, b| b.rate.total_cmp(&a.rate).then(a.shard.cmp(&b.shard)));
+    let mut moves = Vec::new();
+    for s in shards {
+        if moves.len() >= cfg.moves_per_round_max || excess <= 0.0 {
+            break;
+        }
+        if s.rate > excess {
+            continue;
+        }
+        receivers.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let Some(receiver) = receivers.first_mut().filter(|r| r.1 >= s.rate) else {
+            continue;
+        };
+        receiver.1 -= s.rate;
+        excess -= s.rate;
+        moves.push(Move { shard: s.shard, to: receiver.0.clone() });
+    }
+    moves
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use proptest::prelude::*;
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    description: String,
+    me: String,
+    #[serde(default)]
+    config: RebalanceConfig,
+    nodes: Vec<NodeLoad>,
+    #[serde(default)]
+    shards: Vec<ShardLoad>,
+    #[serde(default)]
+    expect: Vec<Move>,
+}
+
+/// Every file in `cases/` is a table of loads and the moves expected from it.
+#[test]
+fn decisions_match_the_case_tables() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/rebalance/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 4, "cases missing in {}", dir.display());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let case: Case =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let got = decide(&case.config, &case.me, &case.nodes, &case.shards, |_| false);
+        assert_eq!(got, case.expect, "{}: {}", file.display(), case.description);
+    }
+}
+
+fn node(name: &str, load: f64) -> NodeLoad {
+    NodeLoad { name: name.into(), load, capacity: 100 }
+}
+
+#[test]
+fn a_moved_shard_cools_down() {
+    let mut r = Rebalancer::new(RebalanceConfig { cooldown_rounds: 3, ..Default::default() });
+    let nodes = [node("a", 500.0), node("b", 100.0)];
+    let mine = [ShardLoad { shard: 1, rate: 50.0 }];
+    assert_eq!(r.decide("a", &nodes, &mine).len(), 1);
+    // Still overloaded (the loads did not change): the shard may not move again yet.
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert_eq!(r.decide("a", &nodes, &mine).len(), 1, "cooldown over after 3 rounds");
+}
+
+/// Three nodes, 300 shards with skewed rates, every node deciding every round and moves
+/// applied at once: the imbalance falls under the trigger, the moves stop, nothing moves
+/// back and forth.
+#[test]
+fn constant_load_converges_without_oscillation() {
+    let names = ["a", "b", "c"];
+    let mut owner: BTreeMap<ShardId, usize> = BTreeMap::new();
+    let mut rate: BTreeMap<ShardId, f64> = BTreeMap::new();
+    for s in 0..300u32 {
+        // Node a starts with the hot half of the traffic.
+        owner.insert(s, if s < 60 { 0 } else { (s % 3) as usize });
+        rate.insert(s, if s < 60 { 20.0 + f64::from(s % 7) } else { 3.0 });
+    }
+    let mut rebalancers: Vec<Rebalancer> =
+        (0..3).map(|_| Rebalancer::new(RebalanceConfig::default())).collect();
+    let loads = |owner: &BTreeMap<ShardId, usize>| -> Vec<NodeLoad> {
+        (0..3)
+            .map(|i| {
+                node(names[i], owner.iter().filter(|(_, o)| **o == i).map(|(s, _)| rate[s]).sum())
+            })
+            .collect()
+    };
+    let before = imbalance(&loads(&owner));
+    assert!(before > 1.5, "the scenario starts skewed: {before}");
+    let mut history: BTreeMap<ShardId, Vec<usize>> = BTreeMap::new();
+    let mut quiet_rounds = 0;
+    for _round in 0..100 {
+        let nodes = loads(&owner);
+        let mut all = Vec::new();
+        for (i, r) in rebalancers.iter_mut().enumerate() {
+            let mine: Vec<ShardLoad> = owner
+                .iter()
+                .filter(|(_, o)| **o == i)
+                .map(|(s, _)| ShardLoad { shard: *s, rate: rate[s] })
+                .collect();
+            all.extend(r.decide(names[i], &nodes, &mine));
+        }
+        let shards: BTreeSet<ShardId> = all.iter().map(|m| m.shard).collect();
+        assert_eq!(shards.len(), all.len(), "one decision per shard");
+        if all.is_empty() {
+            quiet_rounds += 1;
+        }
+        for m in all {
+            let to = names.iter().position(|n| *n == m.to).unwrap();
+            owner.insert(m.shard, to);
+            history.entry(m.shard).or_default().push(to);
+        }
+    }
+    let after = imbalance(&loads(&owner));
+    assert!(after <= 1.15, "imbalance {before:.2} -> {after:.2}");
+    assert!(quiet_rounds >= 90, "moves did not stop: {quiet_rounds} quiet rounds of 100");
+    assert!(history.values().all(|h| h.len() == 1), "a shard moved twice: {history:?}");
+}
+
+proptest! {
+    #[test]
+    fn decisions_respect_the_bounds(
+        loads in proptest::collection::vec(0.0f64..1000.0, 2..8),
+        rates in proptest::collection::vec(0.0f64..200.0, 0..40),
+    ) {
+        let cfg = RebalanceConfig::default();
+        let nodes: Vec<NodeLoad> =
+            loads.iter().enumerate().map(|(i, l)| node(&format!("n{i}"), *l)).collect();
+        let mine: Vec<ShardLoad> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ShardLoad { shard: i as u32, rate: *r })
+            .collect();
+        let moves = decide(&cfg, "n0", &nodes, &mine, |_| false);
+        let avg = average(&nodes);
+        if nodes[0].load <= cfg.overload_ratio * avg * 100.0 {
+            prop_assert!(moves.is_empty(), "a node that is not overloaded moved shards");
+        }
+        prop_assert!(moves.len() <= cfg.moves_per_round_max);
+        let moved: f64 = moves.iter().map(|m| rates[m.shard as usize]).sum();
+        prop_assert!(moved <= (nodes[0].load - cfg.target_ratio * avg * 100.0).max(0.0) + 1e-9);
+        for n in &nodes[1..] {
+            let got: f64 = moves.iter().filter(|m| m.to == n.name).map(|m| rates[m.shard as usize]).sum();
+            if got > 0.0 {
+                prop_assert!(n.load + got <= cfg.target_ratio * avg * 100.0 + 1e-9, "receiver pushed over the target");
+            }
+        }
+    }
+}
