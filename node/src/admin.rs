@@ -54,6 +54,19 @@ pub struct MemberStatus {
     pub is_self: bool,
     /// An inter-node session to this member is open (always false for this node).
     pub linked: bool,
+    /// The member's last load summary (spread over gossip every second), if heard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<MemberLoad>,
+}
+
+/// A member's measured load, as its last summary said.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberLoad {
+    pub turns_per_s: f32,
+    pub active: u32,
+    pub inflight: u32,
+    /// (shard, turns/s), hottest first.
+    pub hot: Vec<(u32, f32)>,
 }
 
 /// `GET /status`.
@@ -159,6 +172,14 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
             uptime_s: if m.state == MemberState::Down { 0.0 } else { uptime_s(m.id.incarnation) },
             is_self: m.is_self,
             linked: linked.contains_key(&m.id.link_name()),
+            load: view.loads.get(&m.id.name).filter(|_| m.state != MemberState::Down).map(|l| {
+                MemberLoad {
+                    turns_per_s: l.turns_per_s,
+                    active: l.active,
+                    inflight: l.inflight,
+                    hot: l.hot.clone(),
+                }
+            }),
         })
         .collect();
     Json(Status {

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use botclaw_core::load::LoadSummary;
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberState, MemberView, Membership, NodeId};
 use tokio::net::UdpSocket;
@@ -19,11 +20,13 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 
 /// What the rest of the node knows about the cluster, refreshed after every gossip input.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterView {
     pub me: NodeId,
     pub joined: bool,
     pub members: Vec<MemberView>,
+    /// The newest load summary of every node heard from, by name.
+    pub loads: BTreeMap<String, LoadSummary>,
 }
 
 impl ClusterView {
@@ -38,6 +41,8 @@ pub enum GossipCommand {
     Leave(oneshot::Sender<()>),
     /// Announce this node without a role (draining); the reply says whether it had it.
     DropRole(String, oneshot::Sender<bool>),
+    /// Spread this node's load summary.
+    PublishLoad(LoadSummary),
 }
 
 /// Timers in deadline order; equal deadlines keep submission order.
@@ -96,6 +101,7 @@ impl GossipDriver {
             me: membership.identity().clone(),
             joined: membership.is_joined(),
             members: membership.members(),
+            loads: membership.loads(),
         };
         let (tx, rx) = watch::channel(view);
         let driver = GossipDriver {
@@ -140,6 +146,11 @@ impl GossipDriver {
                         self.execute().await;
                         let _ = done.send(());
                         return;
+                    }
+                    Some(GossipCommand::PublishLoad(summary)) => {
+                        if let Err(e) = self.membership.publish_load(&summary) {
+                            tracing::warn!(error = %e, "load summary not published");
+                        }
                     }
                     Some(GossipCommand::DropRole(role, done)) => {
                         let dropped = self.membership.drop_role(&role);
@@ -206,6 +217,7 @@ impl GossipDriver {
             me: self.membership.identity().clone(),
             joined: self.membership.is_joined(),
             members,
+            loads: self.membership.loads(),
         };
         self.view.send_if_modified(|v| {
             let changed = *v != next;

@@ -17,6 +17,7 @@ use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
 use botclaw_core::auth::derive_key;
+use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX};
 use botclaw_core::placement::Placement;
 use botclaw_core::{Membership, NodeId};
 use ractor::Actor;
@@ -108,6 +109,39 @@ async fn drain(
     }
 }
 
+/// How often a node measures and spreads its load.
+const LOAD_PERIOD: Duration = Duration::from_secs(1);
+
+/// Measures this node's load every [`LOAD_PERIOD`] and spreads it over gossip.
+async fn publish_load(
+    gossip: mpsc::Sender<GossipCommand>,
+    (node, incarnation): (String, u64),
+    dispatcher: Arc<Dispatcher>,
+    frontend: Arc<Frontend>,
+    metrics: Metrics,
+) {
+    let mut tick = tokio::time::interval(LOAD_PERIOD);
+    let mut last = (std::time::Instant::now(), metrics.conversations.turns.get());
+    for seq in 1.. {
+        tick.tick().await;
+        let (now, turns) = (std::time::Instant::now(), metrics.conversations.turns.get());
+        let period = now - last.0;
+        let summary = LoadSummary {
+            node: node.clone(),
+            incarnation,
+            seq,
+            turns_per_s: turns.saturating_sub(last.1) as f32 / period.as_secs_f32().max(0.001),
+            active: dispatcher.host.active() as u32,
+            inflight: frontend.node_inflight.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            hot: dispatcher.take_hot_shards(HOT_SHARDS_MAX, period),
+        };
+        last = (now, turns);
+        if gossip.send(GossipCommand::PublishLoad(summary)).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -139,6 +173,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         capacity: cfg.capacity,
     };
     let link_name = identity.link_name();
+    let incarnation = identity.incarnation;
     tracing::info!(node = %cfg.name, link = %link_name, gossip = %cfg.gossip_addr, "starting");
 
     let metrics = Metrics::default();
@@ -209,6 +244,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     .context("cannot start the conversation supervisor")?;
     let dispatcher = Arc::new(Dispatcher {
         host: host.clone(),
+        shard_turns: Default::default(),
         replicator,
         serving: serving.clone(),
         forwarder: forwarder.clone(),
@@ -265,6 +301,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics: metrics.clone(),
         node_inflight: Default::default(),
     });
+    let load_task = tokio::spawn(publish_load(
+        gossip_tx.clone(),
+        (cfg.name.clone(), incarnation),
+        dispatcher.clone(),
+        frontend.clone(),
+        metrics.clone(),
+    ));
     let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
     let admin_state = Arc::new(AdminState {
         view,
@@ -297,6 +340,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
     }
     frontend_task.abort();
+    load_task.abort();
     placement_task.abort();
     links_task.abort();
     admin_task.abort();

@@ -201,6 +201,8 @@ impl Peers for NodePeers {
 
 pub struct Dispatcher {
     pub host: ConversationHost,
+    /// Turns run here per shard since the last load summary (at most one entry per shard).
+    pub shard_turns: std::sync::Mutex<std::collections::HashMap<ShardId, u64>>,
     pub replicator: Arc<Replicator>,
     /// Keep-majority verdict (see `maintain`).
     pub serving: Arc<AtomicBool>,
@@ -212,6 +214,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// The `n` shards with the most turns since the last call, as turns/s over `period`,
+    /// hottest first; the counts start again.
+    pub fn take_hot_shards(&self, n: usize, period: Duration) -> Vec<(ShardId, f32)> {
+        let counts = std::mem::take(&mut *self.shard_turns.lock().expect("shard turns lock"));
+        let mut hot: Vec<(ShardId, u64)> = counts.into_iter().collect();
+        hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let secs = period.as_secs_f32().max(0.001);
+        hot.into_iter().take(n).map(|(shard, turns)| (shard, turns as f32 / secs)).collect()
+    }
+
     /// Shard and owner of a conversation as this node sees it now.
     pub fn locate(&self, conv: &str) -> (ShardId, Option<String>) {
         let view = self.view.load();
@@ -241,10 +253,20 @@ impl Dispatcher {
                 "this node sees less than a majority of the cluster; try another node".into(),
             );
         }
-        let (_, owner) = view.placement.locate(conv);
+        let (shard, owner) = view.placement.locate(conv);
         match owner {
             None => self.unavailable(reply, "no node serves conversations".into()),
-            Some(owner) if *owner == *self.me => self.host.dispatch(conv, request, reply),
+            Some(owner) if *owner == *self.me => {
+                if matches!(request, ConvRequest::Say { .. }) {
+                    *self
+                        .shard_turns
+                        .lock()
+                        .expect("shard turns lock")
+                        .entry(shard)
+                        .or_default() += 1;
+                }
+                self.host.dispatch(conv, request, reply)
+            }
             Some(owner) if hops == 0 => {
                 self.metrics.forwards.inc();
                 let envelope = Envelope { conv: conv.to_string(), request, hops: 1 };

@@ -34,6 +34,8 @@ pub fn render(status: &Status) -> String {
         "INCARNATION",
         "UPTIME",
         "LINK",
+        "TURNS/S",
+        "ACTIVE",
     ]
     .map(String::from)];
     for m in &status.members {
@@ -61,9 +63,11 @@ pub fn render(status: &Status) -> String {
             incarnation,
             if m.state == "down" { "-".into() } else { uptime(m.uptime_s) },
             link.into(),
+            m.load.as_ref().map_or("-".into(), |l| format!("{:.0}", l.turns_per_s)),
+            m.load.as_ref().map_or("-".into(), |l| l.active.to_string()),
         ]);
     }
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 12];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());

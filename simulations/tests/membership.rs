@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use botclaw_config::GossipConfig;
+use botclaw_core::load::LoadSummary;
 use botclaw_core::{MemberState, NodeId};
 use botclaw_sim::net::SimNet;
 
@@ -125,6 +126,44 @@ fn dropped_role_is_seen_by_all_and_the_node_stays_up() {
     let at = net.now_ms();
     net.run_until(at + 10_000);
     assert!([0, 1, 3].iter().all(|&i| up_set(&net, i).len() == 4), "the node must stay a member");
+}
+
+fn summary(i: usize, seq: u64, turns_per_s: f32) -> LoadSummary {
+    LoadSummary {
+        node: format!("n{i}"),
+        incarnation: 1,
+        seq,
+        turns_per_s,
+        active: 10 * i as u32,
+        inflight: 0,
+        hot: vec![(i as u32, turns_per_s / 2.0)],
+    }
+}
+
+#[test]
+fn load_summaries_reach_every_node_and_newer_ones_replace_older() {
+    let mut net = cluster(5);
+    for i in 0..5 {
+        net.membership_mut(addr(i))
+            .unwrap()
+            .publish_load(&summary(i, 1, 100.0 * i as f32))
+            .unwrap();
+    }
+    let at = net.now_ms();
+    let everywhere = |net: &SimNet, seq_of_2: u64| {
+        (0..5).all(|i| {
+            let loads = net.membership(addr(i)).unwrap().loads();
+            loads.len() == 5 && loads["n2"].seq == seq_of_2
+        })
+    };
+    let t = net.run_until_pred(at + 10_000, |net| everywhere(net, 1));
+    let t = t.expect("load summaries did not reach everyone");
+    assert!(t - at <= 3_000, "took {} ms", t - at);
+    assert_eq!(net.membership(addr(4)).unwrap().loads()["n3"], summary(3, 1, 300.0));
+    net.membership_mut(addr(2)).unwrap().publish_load(&summary(2, 2, 999.0)).unwrap();
+    let at = net.now_ms();
+    assert!(net.run_until_pred(at + 10_000, |net| everywhere(net, 2)).is_some());
+    assert_eq!(net.membership(addr(0)).unwrap().loads()["n2"].turns_per_s, 999.0);
 }
 
 #[test]

@@ -209,3 +209,36 @@ fn rolling_restart_under_load_loses_nothing() {
     assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }
+
+/// Every node spreads its load over gossip; any node's `/status` (and `botclaw status`)
+/// shows every member's turns/s, active conversations and hottest shards.
+#[test]
+fn load_summaries_show_in_status() {
+    let c = cluster();
+    let rt = runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = rt.spawn(run_load(clients(&c, &[0, 1, 2]), "load", 60, 6, 1..=64, stop.clone()));
+    let seen = poll(Duration::from_secs(20), || {
+        let status = c.nodes[0].status()?;
+        let members = status["members"].as_array()?.clone();
+        members
+            .iter()
+            .all(|m| {
+                m["load"]["turns_per_s"].as_f64().is_some_and(|t| t > 0.0)
+                    && m["load"]["active"].as_u64().is_some_and(|a| a > 0)
+                    && m["load"]["hot"].as_array().is_some_and(|h| !h.is_empty())
+            })
+            .then_some(members)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let report = rt.block_on(running).unwrap();
+    let members = seen.unwrap_or_else(|| panic!("loads never showed on n0\n{}", c.logs()));
+    assert_eq!(members.len(), 3);
+    let out = std::process::Command::new(botclaw_bin())
+        .args(["status", "--admin", &c.nodes[1].ports.admin.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("TURNS/S") && table.contains("ACTIVE"), "{table}");
+    assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
+}

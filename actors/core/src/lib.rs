@@ -12,6 +12,7 @@
 //! - [`membership`]: SWIM membership (foca) behind authenticated packets, re-announcing to
 //!   seeds until joined, with a closed [`membership::Effect`] output;
 //! - [`links`]: which inter-node sessions to dial or drop given membership;
+//! - [`load`]: load summaries spread as foca custom broadcasts;
 //! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
 //! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
 //! - [`replication`]: epochs, versions, what a replica accepts, keep-majority;
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod conversation;
 pub mod identity;
 pub mod links;
+pub mod load;
 pub mod membership;
 pub mod placement;
 pub mod rebalance;

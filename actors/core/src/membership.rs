@@ -19,12 +19,13 @@ use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use botclaw_config::GossipConfig;
-use foca::{Foca, Identity, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, State};
+use foca::{Foca, Identity, Notification, PeriodicParams, PostcardCodec, State};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::auth::{AuthError, PacketAuth};
+use crate::load::{LoadGossip, LoadSummary, LoadTable};
 use crate::NodeId;
 
 /// A timer the driver must deliver back through [`Membership::handle_timer`].
@@ -130,11 +131,12 @@ pub fn foca_config(cfg: &GossipConfig, payload_bytes_max: usize) -> foca::Config
     }
 }
 
-type Swim = Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>;
+type Swim = Foca<NodeId, PostcardCodec, StdRng, LoadGossip>;
 
 /// The membership state machine of one node.
 pub struct Membership {
     foca: Swim,
+    loads: LoadTable,
     auth: PacketAuth,
     seeds: Vec<SocketAddr>,
     reannounce_after: Duration,
@@ -197,12 +199,16 @@ impl Membership {
         let auth = PacketAuth::new(secret, cfg.packet_bytes_max);
         let config = foca_config(cfg, auth.payload_bytes_max());
         let own = identity.gossip;
-        let foca = Foca::new(identity, config, StdRng::seed_from_u64(seed), PostcardCodec);
+        let gossip = LoadGossip::default();
+        let loads = gossip.table();
+        let rng = StdRng::seed_from_u64(seed);
+        let foca = Foca::with_custom_broadcast(identity, config, rng, PostcardCodec, gossip);
         let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
         seeds.sort();
         seeds.dedup();
         Membership {
             foca,
+            loads,
             auth,
             seeds,
             reannounce_after: Duration::from_millis(cfg.reannounce_interval_ms),
@@ -297,6 +303,17 @@ impl Membership {
         // A smaller identity than the current one always encodes.
         foca.change_identity(id, outbox).expect("a changed identity always encodes");
         true
+    }
+
+    /// Publishes this node's load summary: it piggybacks on gossip until every member has
+    /// it (or a newer one replaces it).
+    pub fn publish_load(&mut self, summary: &LoadSummary) -> Result<(), foca::Error> {
+        self.foca.add_broadcast(&summary.to_bytes()).map(|_| ())
+    }
+
+    /// The newest load summary of every node heard from (this one included), by name.
+    pub fn loads(&self) -> std::collections::BTreeMap<String, LoadSummary> {
+        self.loads.lock().expect("load table lock").clone()
     }
 
     /// Leaves the cluster: declares this node down to a few members, who spread it.

@@ -1,0 +1,158 @@
+//! Load summaries spread over gossip (foca custom broadcasts): each node periodically
+//! publishes what it measured (turns/s, active conversations, turns in flight, its hottest
+//! shards); every node keeps the newest summary of every other. The rebalancer decides
+//! from this table.
+//!
+//! A summary is keyed by (node, incarnation, seq): a newer one replaces an older one of the
+//! same node and stops the older one's dissemination; older or repeated ones are dropped,
+//! so foca disseminates each summary a bounded number of times.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use botclaw_config::NAME_BYTES_MAX;
+use serde::{Deserialize, Serialize};
+
+use crate::placement::ShardId;
+use crate::NodeId;
+
+/// Hottest shards carried per summary.
+pub const HOT_SHARDS_MAX: usize = 8;
+
+/// What one node measured over its last period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadSummary {
+    pub node: String,
+    pub incarnation: u64,
+    /// Raised by the node on every summary it publishes.
+    pub seq: u64,
+    pub turns_per_s: f32,
+    pub active: u32,
+    pub inflight: u32,
+    /// (shard, turns/s), hottest first, at most [`HOT_SHARDS_MAX`].
+    pub hot: Vec<(ShardId, f32)>,
+}
+
+impl LoadSummary {
+    fn version(&self) -> (u64, u64) {
+        (self.incarnation, self.seq)
+    }
+
+    /// Encodes, truncating the hot list to its bound.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bounded = self.clone();
+        bounded.hot.truncate(HOT_SHARDS_MAX);
+        postcard::to_allocvec(&bounded).expect("summaries encode")
+    }
+}
+
+/// Why a broadcast was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("undecodable load summary: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("load summary out of bounds: {0}")]
+    Bounds(&'static str),
+}
+
+/// The key foca keeps for a broadcast in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadKey {
+    node: String,
+    version: (u64, u64),
+}
+
+impl foca::Invalidates for LoadKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node == other.node && self.version >= other.version
+    }
+}
+
+/// The newest summary of every node, shared between foca's handler and its readers.
+pub type LoadTable = Arc<Mutex<BTreeMap<String, LoadSummary>>>;
+
+/// foca's handler of load broadcasts.
+#[derive(Debug, Default)]
+pub struct LoadGossip {
+    table: LoadTable,
+}
+
+impl LoadGossip {
+    pub fn table(&self) -> LoadTable {
+        self.table.clone()
+    }
+}
+
+impl foca::BroadcastHandler<NodeId> for LoadGossip {
+    type Key = LoadKey;
+    type Error = LoadError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeId>,
+    ) -> Result<Option<LoadKey>, LoadError> {
+        let summary: LoadSummary = postcard::from_bytes(data)?;
+        if summary.node.is_empty() || summary.node.len() > NAME_BYTES_MAX {
+            return Err(LoadError::Bounds("node name"));
+        }
+        if summary.hot.len() > HOT_SHARDS_MAX {
+            return Err(LoadError::Bounds("hot shards"));
+        }
+        let mut table = self.table.lock().expect("load table lock");
+        let newer =
+            table.get(&summary.node).is_none_or(|known| summary.version() > known.version());
+        if !newer {
+            return Ok(None);
+        }
+        let key = LoadKey { node: summary.node.clone(), version: summary.version() };
+        table.insert(summary.node.clone(), summary);
+        Ok(Some(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use foca::{BroadcastHandler, Invalidates};
+
+    use super::*;
+
+    fn summary(seq: u64) -> LoadSummary {
+        LoadSummary {
+            node: "a".into(),
+            incarnation: 5,
+            seq,
+            turns_per_s: 1.0,
+            active: 1,
+            inflight: 0,
+            hot: vec![],
+        }
+    }
+
+    #[test]
+    fn newer_summaries_replace_older_and_stale_ones_are_dropped() {
+        let mut h = LoadGossip::default();
+        let k2 = h.receive_item(&summary(2).to_bytes(), None).unwrap().expect("new");
+        assert!(h.receive_item(&summary(2).to_bytes(), None).unwrap().is_none(), "repeat");
+        assert!(h.receive_item(&summary(1).to_bytes(), None).unwrap().is_none(), "stale");
+        let k3 = h.receive_item(&summary(3).to_bytes(), None).unwrap().expect("newer");
+        assert!(k3.invalidates(&k2) && !k2.invalidates(&k3));
+        assert_eq!(h.table().lock().unwrap()["a"].seq, 3);
+        // A restarted node (newer incarnation) starts its seq again.
+        let restarted = LoadSummary { incarnation: 6, seq: 1, ..summary(1) };
+        assert!(h.receive_item(&restarted.to_bytes(), None).unwrap().is_some());
+    }
+
+    #[test]
+    fn junk_and_oversized_summaries_are_refused() {
+        let mut h = LoadGossip::default();
+        assert!(h.receive_item(&[0xff; 7], None).is_err());
+        let mut big = summary(1);
+        big.hot = vec![(1, 1.0); HOT_SHARDS_MAX + 1];
+        let bytes = postcard::to_allocvec(&big).unwrap();
+        assert!(matches!(h.receive_item(&bytes, None), Err(LoadError::Bounds(_))));
+        // Encoding bounds the list itself.
+        assert!(h.receive_item(&big.to_bytes(), None).unwrap().is_some());
+        assert!(h.table().lock().unwrap()["a"].hot.len() == HOT_SHARDS_MAX);
+    }
+}
