@@ -89,7 +89,33 @@ pub fn render(status: &Status) -> String {
             row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    let roles = per_role(status);
+    if !roles.is_empty() {
+        let _ = writeln!(out);
+        for (role, (nodes, turns, active)) in roles {
+            let _ = writeln!(
+                out,
+                "role {role}: {nodes} up, {turns:.0} turns/s, {active} active conversations"
+            );
+        }
+    }
     out
+}
+
+/// Up members, turns/s and active conversations summed per role.
+pub fn per_role(status: &Status) -> std::collections::BTreeMap<String, (usize, f64, u64)> {
+    let mut roles: std::collections::BTreeMap<String, (usize, f64, u64)> = Default::default();
+    for m in status.members.iter().filter(|m| m.state == "up") {
+        for role in &m.roles {
+            let entry = roles.entry(role.clone()).or_default();
+            entry.0 += 1;
+            if let Some(load) = &m.load {
+                entry.1 += f64::from(load.turns_per_s);
+                entry.2 += u64::from(load.active);
+            }
+        }
+    }
+    roles
 }
 
 /// `botclaw drain`: asks the node at `admin` to drain, then waits until its admin port stops

@@ -240,5 +240,6 @@ fn load_summaries_show_in_status() {
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("TURNS/S") && table.contains("ACTIVE"), "{table}");
+    assert!(table.contains("role conversations: 3 up"), "{table}");
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }
