@@ -373,6 +373,39 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// Load-aware rebalancing (see README, "Rebalancing").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceConfig {
+    pub enabled: bool,
+    /// How often a node considers giving shards away.
+    pub interval_ms: u64,
+    /// A node is overloaded above this load per capacity unit, in thousandths of the
+    /// cluster's average (1150 = 1.15x), two rounds in a row.
+    pub overload_permille: u32,
+    /// It sheds down to, and receivers take up to, this (thousandths of the average).
+    pub target_permille: u32,
+    pub moves_per_round_max: usize,
+    /// Rounds a moved shard stays put.
+    pub cooldown_rounds: u64,
+    /// No rebalancing while the cluster averages fewer turns/s per node than this.
+    pub min_turns_per_s: u32,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            enabled: true,
+            interval_ms: 5000,
+            overload_permille: 1150,
+            target_permille: 1050,
+            moves_per_round_max: 8,
+            cooldown_rounds: 6,
+            min_turns_per_s: 20,
+        }
+    }
+}
+
 /// Test hooks. Off unless a config file turns them on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -405,6 +438,7 @@ pub struct RawNodeConfig {
     pub backends: Option<BackendConfig>,
     pub store: Option<StoreConfig>,
     pub replication: Option<ReplicationConfig>,
+    pub rebalance: Option<RebalanceConfig>,
     pub fault: Option<FaultConfig>,
 }
 
@@ -431,6 +465,7 @@ pub struct NodeConfig {
     pub backends: BackendConfig,
     pub store: StoreConfig,
     pub replication: ReplicationConfig,
+    pub rebalance: RebalanceConfig,
     pub fault: FaultConfig,
 }
 
@@ -486,6 +521,7 @@ impl RawNodeConfig {
             backends: over.backends.or(self.backends),
             store: over.store.or(self.store),
             replication: over.replication.or(self.replication),
+            rebalance: over.rebalance.or(self.rebalance),
             fault: over.fault.or(self.fault),
         }
     }
@@ -547,6 +583,18 @@ impl RawNodeConfig {
                 "must not exceed replication.factor",
             ));
         }
+        let rebalance = self.rebalance.unwrap_or_default();
+        if rebalance.target_permille < 1000
+            || rebalance.overload_permille <= rebalance.target_permille
+        {
+            return Err(ConfigError::invalid(
+                "rebalance.overload_permille",
+                "need 1000 <= target_permille < overload_permille (hysteresis)",
+            ));
+        }
+        if rebalance.interval_ms == 0 {
+            return Err(ConfigError::invalid("rebalance.interval_ms", "must be greater than 0"));
+        }
         validate_runtime(&conversations, &frontend)?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         if roles.len() > ROLES_MAX {
@@ -598,6 +646,7 @@ impl RawNodeConfig {
             backends,
             store,
             replication,
+            rebalance,
             fault: self.fault.unwrap_or_default(),
         })
     }

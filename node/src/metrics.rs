@@ -40,6 +40,8 @@ pub struct Metrics {
     pub minority_refusals: Counter,
     /// 1 while this node sees a majority of the cluster and runs turns.
     pub serving: Gauge,
+    /// Shards this node gave away by load (rebalancing decisions).
+    pub shards_moved: Counter,
     pub frames_too_large: Counter,
     pub connections: Gauge,
     pub connections_rejected: Counter,
@@ -66,6 +68,7 @@ impl Default for Metrics {
             forward_refusals: Default::default(),
             minority_refusals: Default::default(),
             serving: Default::default(),
+            shards_moved: Default::default(),
             frames_too_large: Default::default(),
             connections: Default::default(),
             connections_rejected: Default::default(),
@@ -144,6 +147,11 @@ impl Metrics {
             "minority_refusals",
             "Requests refused because this node saw less than a majority of the cluster",
             self.minority_refusals.clone(),
+        );
+        r.register(
+            "shards_moved",
+            "Shards this node gave to less loaded nodes (rebalancing)",
+            self.shards_moved.clone(),
         );
         r.register(
             "serving",

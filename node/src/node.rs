@@ -17,17 +17,18 @@ use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
 use botclaw_core::auth::derive_key;
-use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX};
+use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX, MOVES_MAX};
 use botclaw_core::placement::Placement;
+use botclaw_core::rebalance::{MoveRecord, NodeLoad, Rebalancer, ShardLoad};
 use botclaw_core::{Membership, NodeId};
 use ractor::Actor;
 use ractor_cluster::NodeServer;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{self, AdminState};
 use crate::frontend::{self, Frontend};
-use crate::gossip::{GossipCommand, GossipDriver};
+use crate::gossip::{ClusterView, GossipCommand, GossipDriver};
 use crate::metrics::Metrics;
 use crate::routing::{self, Dispatcher, Maintained, NodePeers, PlacementView};
 
@@ -112,31 +113,103 @@ async fn drain(
 /// How often a node measures and spreads its load.
 const LOAD_PERIOD: Duration = Duration::from_secs(1);
 
-/// Measures this node's load every [`LOAD_PERIOD`] and spreads it over gossip.
-async fn publish_load(
+/// How long a node keeps vouching for a move it decided (its target vouches after that).
+const DECIDED_MOVES_KEPT: Duration = Duration::from_secs(30);
+
+/// What the load loop reads and decides with.
+struct LoadLoop {
     gossip: mpsc::Sender<GossipCommand>,
-    (node, incarnation): (String, u64),
+    node: String,
+    incarnation: u64,
     dispatcher: Arc<Dispatcher>,
     frontend: Arc<Frontend>,
     metrics: Metrics,
-) {
+    view: watch::Receiver<ClusterView>,
+    rebalance: botclaw_config::RebalanceConfig,
+}
+
+/// The loads of the members that own shards, as their last summaries said.
+fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
+    let placement = l.dispatcher.view.load();
+    let view = l.view.borrow();
+    placement
+        .placement
+        .members()
+        .iter()
+        .filter_map(|m| {
+            let summary = view.loads.get(&m.name)?;
+            let load = f64::from(summary.turns_per_s);
+            Some(NodeLoad { name: m.name.clone(), load, capacity: m.capacity })
+        })
+        .collect()
+}
+
+/// Measures this node's load every [`LOAD_PERIOD`] and spreads it over gossip, with the
+/// moves it vouches for; every `rebalance.interval_ms` it runs the rebalancer on the
+/// cluster's loads and its own hottest shards.
+async fn load_loop(l: LoadLoop) {
+    let core_cfg = botclaw_core::rebalance::RebalanceConfig {
+        overload_ratio: f64::from(l.rebalance.overload_permille) / 1000.0,
+        target_ratio: f64::from(l.rebalance.target_permille) / 1000.0,
+        moves_per_round_max: l.rebalance.moves_per_round_max,
+        cooldown_rounds: l.rebalance.cooldown_rounds,
+    };
+    let mut rebalancer = Rebalancer::new(core_cfg.clone());
+    let rounds_every = (l.rebalance.interval_ms / LOAD_PERIOD.as_millis() as u64).max(1);
+    let mut was_overloaded = false;
+    let mut decided: Vec<(MoveRecord, std::time::Instant)> = Vec::new();
     let mut tick = tokio::time::interval(LOAD_PERIOD);
-    let mut last = (std::time::Instant::now(), metrics.conversations.turns.get());
-    for seq in 1.. {
+    let mut last = (std::time::Instant::now(), l.metrics.conversations.turns.get());
+    for seq in 1u64.. {
         tick.tick().await;
-        let (now, turns) = (std::time::Instant::now(), metrics.conversations.turns.get());
+        let (now, turns) = (std::time::Instant::now(), l.metrics.conversations.turns.get());
         let period = now - last.0;
-        let summary = LoadSummary {
-            node: node.clone(),
-            incarnation,
-            seq,
-            turns_per_s: turns.saturating_sub(last.1) as f32 / period.as_secs_f32().max(0.001),
-            active: dispatcher.host.active() as u32,
-            inflight: frontend.node_inflight.load(std::sync::atomic::Ordering::Relaxed) as u32,
-            hot: dispatcher.take_hot_shards(HOT_SHARDS_MAX, period),
-        };
+        let turns_per_s = turns.saturating_sub(last.1) as f32 / period.as_secs_f32().max(0.001);
         last = (now, turns);
-        if gossip.send(GossipCommand::PublishLoad(summary)).await.is_err() {
+        let hot = l.dispatcher.take_hot_shards(HOT_SHARDS_MAX, period);
+        if l.rebalance.enabled && seq % rounds_every == 0 {
+            let nodes = cluster_loads(&l);
+            let avg = nodes.iter().map(|n| n.load).sum::<f64>() / nodes.len().max(1) as f64;
+            let mine = nodes.iter().find(|n| n.name == l.node);
+            let overloaded = mine.is_some_and(|m| {
+                m.load / f64::from(m.capacity.max(1))
+                    > core_cfg.overload_ratio * botclaw_core::rebalance::average(&nodes)
+            });
+            if nodes.len() >= 2
+                && avg >= f64::from(l.rebalance.min_turns_per_s)
+                && overloaded
+                && was_overloaded
+            {
+                let shards: Vec<ShardLoad> = hot
+                    .iter()
+                    .map(|(shard, rate)| ShardLoad { shard: *shard, rate: f64::from(*rate) })
+                    .collect();
+                let table = l.dispatcher.view.load();
+                for m in rebalancer.decide(&l.node, &nodes, &shards) {
+                    let record = table.moves.next_record(m.shard, &m.to, &l.node);
+                    tracing::info!(shard = m.shard, to = %m.to, "rebalancing: moving a hot shard");
+                    l.metrics.shards_moved.inc();
+                    decided.push((record, now));
+                }
+            }
+            was_overloaded = overloaded;
+        }
+        decided.retain(|(_, at)| now.duration_since(*at) < DECIDED_MOVES_KEPT);
+        let mut moves: Vec<MoveRecord> = decided.iter().map(|(r, _)| r.clone()).collect();
+        let table = l.dispatcher.view.load();
+        moves.extend(table.moves.iter().filter(|r| r.to == l.node).cloned());
+        moves.truncate(MOVES_MAX);
+        let summary = LoadSummary {
+            node: l.node.clone(),
+            incarnation: l.incarnation,
+            seq,
+            turns_per_s,
+            active: l.dispatcher.host.active() as u32,
+            inflight: l.frontend.node_inflight.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            hot,
+            moves,
+        };
+        if l.gossip.send(GossipCommand::PublishLoad(summary)).await.is_err() {
             return;
         }
     }
@@ -207,10 +280,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
 
     let node: Arc<str> = Arc::from(cfg.name.as_str());
-    let placement = Arc::new(ArcSwap::from_pointee(PlacementView {
-        placement: Placement::build(&[], &cfg.placement),
-        joined: false,
-    }));
+    let placement = Arc::new(ArcSwap::from_pointee(PlacementView::new(
+        Placement::build(&[], &cfg.placement),
+        false,
+    )));
     let serving = Arc::new(AtomicBool::new(true));
     let placement_for_drain = placement.clone();
     let drain_requested = Arc::new(tokio::sync::Notify::new());
@@ -301,13 +374,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics: metrics.clone(),
         node_inflight: Default::default(),
     });
-    let load_task = tokio::spawn(publish_load(
-        gossip_tx.clone(),
-        (cfg.name.clone(), incarnation),
-        dispatcher.clone(),
-        frontend.clone(),
-        metrics.clone(),
-    ));
+    let load_task = tokio::spawn(load_loop(LoadLoop {
+        gossip: gossip_tx.clone(),
+        node: cfg.name.clone(),
+        incarnation,
+        dispatcher: dispatcher.clone(),
+        frontend: frontend.clone(),
+        metrics: metrics.clone(),
+        view: view.clone(),
+        rebalance: cfg.rebalance.clone(),
+    }));
     let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
     let admin_state = Arc::new(AdminState {
         view,

@@ -26,6 +26,7 @@ use botclaw_actors::router::Inbound;
 use botclaw_actors::store::{BoxFuture, StoreOp};
 use botclaw_config::{PlacementConfig, ReplicationConfig};
 use botclaw_core::placement::{Placement, RingMember, ShardId};
+use botclaw_core::rebalance::MoveTable;
 use botclaw_core::replication::MajorityGuard;
 use botclaw_core::MemberState;
 use tokio::sync::{oneshot, watch};
@@ -36,12 +37,39 @@ use crate::metrics::Metrics;
 /// The role a node needs to own conversations.
 pub const CONVERSATIONS_ROLE: &str = "conversations";
 
-/// One consistent view of who owns what.
+/// One consistent view of who owns what: the ring, then the load-driven moves.
 #[derive(Debug)]
 pub struct PlacementView {
-    pub placement: Placement,
+    pub placement: Arc<Placement>,
+    /// Shards moved off their ring owner by the rebalancer (targets are ring members).
+    pub moves: MoveTable,
     /// This node has joined the cluster (its view is worth acting on).
     pub joined: bool,
+}
+
+impl PlacementView {
+    pub fn new(placement: Placement, joined: bool) -> PlacementView {
+        PlacementView { placement: Arc::new(placement), moves: MoveTable::default(), joined }
+    }
+
+    /// Shard and owner of a conversation: the move target if the shard moved, else the
+    /// ring owner.
+    pub fn locate(&self, conv: &str) -> (ShardId, Option<&str>) {
+        let (shard, ring) = self.placement.locate(conv);
+        (shard, self.moves.target(shard).or(ring))
+    }
+
+    /// The owner, then the ring's next distinct nodes: `n` nodes at most.
+    pub fn preference_list(&self, shard: ShardId, n: usize) -> Vec<&str> {
+        let ring = self.placement.preference_list(shard, n);
+        match self.moves.target(shard) {
+            None => ring,
+            Some(target) => std::iter::once(target)
+                .chain(ring.into_iter().filter(|m| *m != target))
+                .take(n)
+                .collect(),
+        }
+    }
 }
 
 /// Members that own shards: up or suspect (SWIM treats a suspect as alive) and serving
@@ -83,12 +111,14 @@ pub async fn maintain(
     let me = view.borrow().me.name.clone();
     let mut guard = MajorityGuard::new(&me, 0, replication.stable_after_ms);
     let mut current: Option<(BTreeSet<RingMember>, bool)> = None;
+    let mut ring: Option<Arc<Placement>> = None;
     let mut down = BTreeSet::new();
     let mut tick = tokio::time::interval(GUARD_TICK);
     let mut me_as_seen = None;
     loop {
-        let (members, joined, now_down, live, identity) = {
+        let (members, joined, now_down, live, identity, summaries) = {
             let v = view.borrow_and_update();
+            let summaries: Vec<_> = v.loads.values().flat_map(|l| l.moves.clone()).collect();
             let identity = (v.me.incarnation, v.me.bump);
             let names = |pred: &dyn Fn(MemberState) -> bool| -> BTreeSet<String> {
                 v.members.iter().filter(|m| pred(m.state)).map(|m| m.id.name.clone()).collect()
@@ -96,7 +126,7 @@ pub async fn maintain(
             let now_down = names(&|s| s == MemberState::Down);
             let mut live = names(&|s| s != MemberState::Down);
             live.insert(me.clone());
-            (ring_members(&v), v.joined, now_down, live, identity)
+            (ring_members(&v), v.joined, now_down, live, identity, summaries)
         };
         // Declared down by the others and rejoined (a freeze, a partition): whatever this
         // node's actors hold may have been taken over meanwhile. They close; the next
@@ -130,19 +160,33 @@ pub async fn maintain(
             }
         }
         out.metrics.serving.set(i64::from(serving));
-        if current.as_ref() != Some(&(members.clone(), joined)) {
+        if current.as_ref() != Some(&(members.clone(), joined)) || ring.is_none() {
             let list: Vec<RingMember> = members.iter().cloned().collect();
             let cfg = cfg.clone();
             let placement = tokio::task::spawn_blocking(move || Placement::build(&list, &cfg))
                 .await
                 .expect("placement build does not panic");
             tracing::info!(members = members.len(), joined, "placement updated");
-            let moved = out.host.relinquish(|conv| placement.locate(conv).1 == Some(me.as_str()));
+            ring = Some(Arc::new(placement));
+            current = Some((members.clone(), joined));
+        }
+        let mut moves = MoveTable::merge(&summaries);
+        moves.retain_targets(|n| members.iter().any(|m| m.name == n));
+        let before = out.placement.load();
+        let ring_now = ring.clone().expect("built above");
+        if !Arc::ptr_eq(&before.placement, &ring_now)
+            || before.moves != moves
+            || before.joined != joined
+        {
+            if before.moves != moves {
+                tracing::info!(moved_shards = moves.len(), "load-driven moves updated");
+            }
+            let next = PlacementView { placement: ring_now, moves, joined };
+            let moved = out.host.relinquish(|conv| next.locate(conv).1 == Some(me.as_str()));
             if moved > 0 {
                 tracing::info!(moved, "conversations moved to other nodes");
             }
-            out.placement.store(Arc::new(PlacementView { placement, joined }));
-            current = Some((members, joined));
+            out.placement.store(Arc::new(next));
         }
         tokio::select! {
             changed = view.changed() => if changed.is_err() { return },
@@ -168,9 +212,8 @@ impl Peers for NodePeers {
 
     fn route(&self, conv: &str) -> Route {
         let view = self.view.load();
-        let (shard, _) = view.placement.locate(conv);
+        let (shard, _) = view.locate(conv);
         let list = view
-            .placement
             .preference_list(shard, self.factor)
             .into_iter()
             .map(|n| if n == &*self.me { self.me.clone() } else { Arc::from(n) })
@@ -227,7 +270,7 @@ impl Dispatcher {
     /// Shard and owner of a conversation as this node sees it now.
     pub fn locate(&self, conv: &str) -> (ShardId, Option<String>) {
         let view = self.view.load();
-        let (shard, owner) = view.placement.locate(conv);
+        let (shard, owner) = view.locate(conv);
         (shard, owner.map(String::from))
     }
 
@@ -253,7 +296,7 @@ impl Dispatcher {
                 "this node sees less than a majority of the cluster; try another node".into(),
             );
         }
-        let (shard, owner) = view.placement.locate(conv);
+        let (shard, owner) = view.locate(conv);
         match owner {
             None => self.unavailable(reply, "no node serves conversations".into()),
             Some(owner) if *owner == *self.me => {

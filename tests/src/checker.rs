@@ -75,19 +75,31 @@ pub async fn run_load(
     turns: std::ops::RangeInclusive<u64>,
     stop: Arc<AtomicBool>,
 ) -> LoadReport {
+    let names = (0..convs).map(|k| format!("{prefix}-{k}")).collect();
+    run_load_on(seeds, names, workers, turns, stop).await
+}
+
+/// [`run_load`] over the given conversations.
+pub async fn run_load_on(
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+    workers: usize,
+    turns: std::ops::RangeInclusive<u64>,
+    stop: Arc<AtomicBool>,
+) -> LoadReport {
     let (first, turns_max) = (*turns.start(), *turns.end());
+    let convs = Arc::new(convs);
     let report = Arc::new(Mutex::new(LoadReport::default()));
     let mut tasks = Vec::new();
     for w in 0..workers {
         let mut order = seeds.clone();
         order.rotate_left(w % seeds.len());
-        let (report, stop, prefix) = (report.clone(), stop.clone(), prefix.to_string());
+        let (report, stop, convs) = (report.clone(), stop.clone(), convs.clone());
         tasks.push(tokio::spawn(async move {
             let client = FailoverClient::connect(&order, FailoverOptions::default())
                 .await
                 .expect("no node reachable at the start of the load");
-            let mine: Vec<String> =
-                (w..convs).step_by(workers).map(|k| format!("{prefix}-{k}")).collect();
+            let mine: Vec<String> = convs.iter().skip(w).step_by(workers).cloned().collect();
             let mut next: Vec<u64> = vec![first; mine.len()];
             let mut dead: HashSet<usize> = HashSet::new();
             while !stop.load(Ordering::Relaxed) && dead.len() < mine.len() {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botclaw_client::{Client, ClientError, ClientOptions, ErrorCode};
-use botclaw_tests::checker::{check, run_load, LoadReport};
+use botclaw_tests::checker::{check, run_load, run_load_on, LoadReport};
 use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -241,5 +241,75 @@ fn load_summaries_show_in_status() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("TURNS/S") && table.contains("ACTIVE"), "{table}");
     assert!(table.contains("role conversations: 3 up"), "{table}");
+    assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
+}
+
+/// max/avg of the members' turns/s, as node 0's status shows them.
+fn load_imbalance(c: &Cluster) -> Option<f64> {
+    let status = c.nodes[0].status()?;
+    let loads: Vec<f64> = status["members"]
+        .as_array()?
+        .iter()
+        .filter(|m| m["state"] == "up")
+        .map(|m| m["load"]["turns_per_s"].as_f64().filter(|t| *t > 0.0))
+        .collect::<Option<_>>()?;
+    let avg = loads.iter().sum::<f64>() / loads.len() as f64;
+    (avg > 0.0).then(|| loads.iter().fold(0.0, |a: f64, b| a.max(*b)) / avg)
+}
+
+#[test]
+fn skewed_load_is_rebalanced_without_losing_turns() {
+    let rebalance = "[rebalance]\ninterval_ms = 1000\nmin_turns_per_s = 5\ncooldown_rounds = 3\n";
+    let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}"));
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    // 40 conversations that n0 owns, 10 each on the others: n0 carries 2/3 of the turns.
+    let owner = |conv: &str| -> String {
+        let (_, body) =
+            http_get(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["owner"].as_str().unwrap().to_string()
+    };
+    let mut picked: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for k in 0.. {
+        let conv = format!("skew-{k}");
+        let o = owner(&conv);
+        let want = if o == "n0" { 40 } else { 10 };
+        let list = picked.entry(o).or_default();
+        if list.len() < want {
+            list.push(conv);
+        }
+        if picked.values().map(Vec::len).sum::<usize>() == 60 {
+            break;
+        }
+    }
+    let convs: Vec<String> = picked.into_values().flatten().collect();
+    let rt = runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = rt.spawn(run_load_on(clients(&c, &[0, 1, 2]), convs, 12, 1..=64, stop.clone()));
+    let moved = || -> f64 {
+        c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_shards_moved_total")).sum()
+    };
+    // Skewed: every node reports load, and n0 carries well over its share.
+    let skewed = poll(Duration::from_secs(15), || load_imbalance(&c).filter(|i| *i > 1.5));
+    let start = Instant::now();
+    // Balanced: shards moved, and three readings in a row (a second apart) within 1.2.
+    let mut streak = 0;
+    let balanced = poll(Duration::from_secs(40), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let i = load_imbalance(&c)?;
+        streak = if i <= 1.2 && moved() >= 1.0 { streak + 1 } else { 0 };
+        (streak >= 3).then_some(i)
+    });
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let report = rt.block_on(running).unwrap();
+    eprintln!(
+        "imbalance {skewed:?} -> {balanced:?} after {took:?}; {} shards moved; {} turns acknowledged",
+        moved(),
+        report.acked()
+    );
+    assert!(skewed.is_some(), "the load never looked skewed\n{}", c.logs());
+    assert!(balanced.is_some(), "imbalance did not settle within 1.2\n{}", c.logs());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }

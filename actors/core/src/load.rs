@@ -14,10 +14,13 @@ use botclaw_config::NAME_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ShardId;
+use crate::rebalance::MoveRecord;
 use crate::NodeId;
 
 /// Hottest shards carried per summary.
 pub const HOT_SHARDS_MAX: usize = 8;
+/// Move records carried per summary.
+pub const MOVES_MAX: usize = 32;
 
 /// What one node measured over its last period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +34,10 @@ pub struct LoadSummary {
     pub inflight: u32,
     /// (shard, turns/s), hottest first, at most [`HOT_SHARDS_MAX`].
     pub hot: Vec<(ShardId, f32)>,
+    /// Load-driven moves this node vouches for (it decided them recently, or it is their
+    /// target), at most [`MOVES_MAX`]; every node merges them into its move table.
+    #[serde(default)]
+    pub moves: Vec<MoveRecord>,
 }
 
 impl LoadSummary {
@@ -42,6 +49,7 @@ impl LoadSummary {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bounded = self.clone();
         bounded.hot.truncate(HOT_SHARDS_MAX);
+        bounded.moves.truncate(MOVES_MAX);
         postcard::to_allocvec(&bounded).expect("summaries encode")
     }
 }
@@ -99,6 +107,11 @@ impl foca::BroadcastHandler<NodeId> for LoadGossip {
         if summary.hot.len() > HOT_SHARDS_MAX {
             return Err(LoadError::Bounds("hot shards"));
         }
+        if summary.moves.len() > MOVES_MAX
+            || summary.moves.iter().any(|m| m.to.is_empty() || m.to.len() > NAME_BYTES_MAX)
+        {
+            return Err(LoadError::Bounds("moves"));
+        }
         let mut table = self.table.lock().expect("load table lock");
         let newer =
             table.get(&summary.node).is_none_or(|known| summary.version() > known.version());
@@ -126,6 +139,7 @@ mod tests {
             active: 1,
             inflight: 0,
             hot: vec![],
+            moves: vec![],
         }
     }
 

@@ -155,3 +155,67 @@ pub fn decide(
 
 #[cfg(test)]
 mod tests;
+
+/// One load-driven move: `shard` is owned by `to` instead of its ring owner. Versions order
+/// competing records of one shard: a newer term wins, then the deciding node's name hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub shard: ShardId,
+    pub to: String,
+    pub version: (u64, u64),
+}
+
+/// The moves every node agrees on: records merged from every node's load summary, the
+/// newest per shard, kept only while their target serves conversations. Placement = the
+/// ring, then this table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveTable {
+    records: BTreeMap<ShardId, MoveRecord>,
+}
+
+impl MoveTable {
+    /// Merges records (any order): the newest version of each shard wins.
+    pub fn merge<'a>(records: impl IntoIterator<Item = &'a MoveRecord>) -> MoveTable {
+        let mut table = MoveTable::default();
+        for r in records {
+            let newer = table.records.get(&r.shard).is_none_or(|known| r.version > known.version);
+            if newer {
+                table.records.insert(r.shard, r.clone());
+            }
+        }
+        table
+    }
+
+    /// Drops records whose target cannot own conversations now.
+    pub fn retain_targets(&mut self, can_own: impl Fn(&str) -> bool) {
+        self.records.retain(|_, r| can_own(&r.to));
+    }
+
+    /// Where `shard` moved, if it did.
+    pub fn target(&self, shard: ShardId) -> Option<&str> {
+        self.records.get(&shard).map(|r| r.to.as_str())
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<&MoveRecord> {
+        self.records.get(&shard)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &MoveRecord> {
+        self.records.values()
+    }
+
+    /// The record that moves `shard` to `to`, newer than any this table holds for it.
+    pub fn next_record(&self, shard: ShardId, to: &str, decider: &str) -> MoveRecord {
+        let term = self.records.get(&shard).map_or(0, |r| r.version.0) + 1;
+        let node = xxhash_rust::xxh3::xxh3_64(decider.as_bytes());
+        MoveRecord { shard, to: to.to_string(), version: (term, node) }
+    }
+}

@@ -136,3 +136,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn move_tables_merge_to_the_newest_record_whatever_the_order() {
+    let a = MoveRecord { shard: 1, to: "b".into(), version: (1, 5) };
+    let b = MoveRecord { shard: 1, to: "c".into(), version: (2, 1) };
+    let c = MoveRecord { shard: 2, to: "a".into(), version: (1, 1) };
+    let one = MoveTable::merge([&a, &b, &c]);
+    let other = MoveTable::merge([&c, &b, &a]);
+    assert_eq!(one, other);
+    assert_eq!(one.target(1), Some("c"));
+    assert_eq!(one.target(2), Some("a"));
+    assert_eq!(one.target(3), None);
+    let next = one.next_record(1, "a", "c");
+    assert!(next.version > b.version);
+    let mut pruned = one.clone();
+    pruned.retain_targets(|n| n != "c");
+    assert_eq!((pruned.target(1), pruned.len()), (None, 1));
+}
