@@ -313,3 +313,36 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     assert!(balanced.is_some(), "imbalance did not settle within 1.2\n{}", c.logs());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }
+
+#[test]
+fn joining_node_takes_its_share_under_load() {
+    let mut c = cluster();
+    let rt = runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = rt.spawn(run_load(clients(&c, &[0, 1, 2]), "join", 90, 12, 1..=64, stop.clone()));
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+    let i = c.add_node(SECRET);
+    c.nodes[i].config = Some(CONFIG.to_string());
+    c.nodes[i].start();
+    c.wait_converged(&[0, 1, 2, 3], CONVERGE);
+    // The newcomer runs turns of the conversations it now owns (about a quarter).
+    let took_over = poll(Duration::from_secs(20), || {
+        let active = c.nodes[3].status()?["active_conversations"].as_u64()?;
+        (active >= 5).then_some(active)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let report = rt.block_on(running).unwrap();
+    let owned = (0..90)
+        .filter(|k| {
+            let path = format!("/placement?conv=join-{k}");
+            http_get(c.nodes[0].ports.admin, &path).is_some_and(|(_, b)| b.contains("\"n3\""))
+        })
+        .count();
+    eprintln!(
+        "n3 owns {owned} of 90 conversations; active there {took_over:?}; {} turns",
+        report.acked()
+    );
+    assert!(took_over.is_some(), "the new node never ran turns\n{}", c.logs());
+    assert!((8..=40).contains(&owned), "n3 owns {owned} of 90");
+    assert_consistent(&c, &rt, &clients(&c, &[3, 0, 1, 2]), &report);
+}
