@@ -317,7 +317,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     .context("cannot start the conversation supervisor")?;
     let dispatcher = Arc::new(Dispatcher {
         host: host.clone(),
-        shard_turns: Default::default(),
+        shard_turns: routing::ShardCounters::new(cfg.placement.shard_count),
         replicator,
         serving: serving.clone(),
         forwarder: forwarder.clone(),

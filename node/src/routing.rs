@@ -13,7 +13,7 @@
 //! Replica ops from peers are served regardless: only majority nodes send them.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -242,10 +242,42 @@ impl Peers for NodePeers {
     }
 }
 
+/// One turn counter per shard (a fixed array: bounded, and counting takes no lock).
+#[derive(Debug)]
+pub struct ShardCounters(Box<[AtomicU32]>);
+
+impl ShardCounters {
+    pub fn new(shard_count: u32) -> ShardCounters {
+        ShardCounters((0..shard_count).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    pub fn count(&self, shard: ShardId) {
+        if let Some(c) = self.0.get(shard as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The `n` highest counts, highest first (ties by shard), resetting every counter.
+    pub fn take_top(&self, n: usize) -> Vec<(ShardId, u32)> {
+        let mut top: Vec<(ShardId, u32)> = Vec::with_capacity(n + 1);
+        for (shard, c) in self.0.iter().enumerate() {
+            let turns = c.swap(0, Ordering::Relaxed);
+            if turns == 0 || (top.len() == n && top.last().is_some_and(|t| t.1 >= turns)) {
+                continue;
+            }
+            top.push((shard as ShardId, turns));
+            top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            top.truncate(n);
+        }
+        top
+    }
+}
+
 pub struct Dispatcher {
     pub host: ConversationHost,
-    /// Turns run here per shard since the last load summary (at most one entry per shard).
-    pub shard_turns: std::sync::Mutex<std::collections::HashMap<ShardId, u64>>,
+    /// Turns run here per shard since the last load summary: one counter per shard, so
+    /// counting a turn takes no lock.
+    pub shard_turns: ShardCounters,
     pub replicator: Arc<Replicator>,
     /// Keep-majority verdict (see `maintain`).
     pub serving: Arc<AtomicBool>,
@@ -260,11 +292,12 @@ impl Dispatcher {
     /// The `n` shards with the most turns since the last call, as turns/s over `period`,
     /// hottest first; the counts start again.
     pub fn take_hot_shards(&self, n: usize, period: Duration) -> Vec<(ShardId, f32)> {
-        let counts = std::mem::take(&mut *self.shard_turns.lock().expect("shard turns lock"));
-        let mut hot: Vec<(ShardId, u64)> = counts.into_iter().collect();
-        hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let secs = period.as_secs_f32().max(0.001);
-        hot.into_iter().take(n).map(|(shard, turns)| (shard, turns as f32 / secs)).collect()
+        self.shard_turns
+            .take_top(n)
+            .into_iter()
+            .map(|(s, turns)| (s, turns as f32 / secs))
+            .collect()
     }
 
     /// Shard and owner of a conversation as this node sees it now.
@@ -301,12 +334,7 @@ impl Dispatcher {
             None => self.unavailable(reply, "no node serves conversations".into()),
             Some(owner) if *owner == *self.me => {
                 if matches!(request, ConvRequest::Say { .. }) {
-                    *self
-                        .shard_turns
-                        .lock()
-                        .expect("shard turns lock")
-                        .entry(shard)
-                        .or_default() += 1;
+                    self.shard_turns.count(shard);
                 }
                 self.host.dispatch(conv, request, reply)
             }
@@ -337,5 +365,23 @@ impl Inbound for Dispatcher {
             }),
             request => self.submit(&envelope.conv, request, envelope.hops, reply),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_counters_give_the_hottest_and_start_again() {
+        let c = ShardCounters::new(100);
+        for (shard, turns) in [(7, 5), (3, 9), (50, 1), (99, 5)] {
+            for _ in 0..turns {
+                c.count(shard);
+            }
+        }
+        c.count(1000); // out of range: ignored
+        assert_eq!(c.take_top(3), vec![(3, 9), (7, 5), (99, 5)]);
+        assert!(c.take_top(3).is_empty());
     }
 }

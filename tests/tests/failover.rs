@@ -49,6 +49,55 @@ fn load(
     rt.block_on(run_load(seeds, prefix, 60, 6, turns, stop))
 }
 
+/// A load running in the background (up to 64 turns per conversation) while the test
+/// does something to the cluster.
+struct Background {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+fn start_load(
+    rt: &tokio::runtime::Runtime,
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+) -> Background {
+    start_load_with(rt, seeds, convs, 12)
+}
+
+/// [`start_load`] with `workers` clients (fewer clients: a slower load that lasts longer).
+fn start_load_with(
+    rt: &tokio::runtime::Runtime,
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+    workers: usize,
+) -> Background {
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=64, stop.clone()));
+    Background { stop, task }
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|k| format!("{prefix}-{k}")).collect()
+}
+
+fn pause(rt: &tokio::runtime::Runtime, d: Duration) {
+    rt.block_on(async { tokio::time::sleep(d).await });
+}
+
+impl Background {
+    /// Stops the load and returns what it saw, printing the longest wait of a conversation.
+    fn finish(self, rt: &tokio::runtime::Runtime) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let report = rt.block_on(self.task).unwrap();
+        let (gap, conv) = report.longest_gap();
+        eprintln!(
+            "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
+            report.acked()
+        );
+        report
+    }
+}
+
 fn assert_consistent(
     c: &Cluster,
     rt: &tokio::runtime::Runtime,
@@ -70,21 +119,14 @@ fn assert_consistent(
 fn crash_under_load_loses_no_acknowledged_turn() {
     let mut c = cluster();
     let rt = runtime();
-    let seeds = clients(&c, &[0, 1, 2]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = rt.spawn(run_load(seeds.clone(), "crash", 90, 12, 1..=64, stop.clone()));
-    rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
+    let load = start_load(&rt, clients(&c, &[0, 1, 2]), names("crash", 90));
+    pause(&rt, Duration::from_secs(2));
     let killed = Instant::now();
     c.nodes[2].kill9();
     c.wait_seen_as(&[0, 1], "n2", "down", killed, Duration::from_secs(15));
-    rt.block_on(async { tokio::time::sleep(Duration::from_secs(4)).await });
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
+    pause(&rt, Duration::from_secs(4));
+    let report = load.finish(&rt);
     let (gap, conv) = report.longest_gap();
-    eprintln!(
-        "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
-        report.acked()
-    );
     assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
     assert!(gap < Duration::from_secs(20), "{conv} waited {gap:?}");
     // The killed node comes back, catches up, and takes its conversations back.
@@ -150,10 +192,8 @@ fn minority_answers_unavailable_and_majority_serves_through_a_partition() {
 fn drained_node_hands_its_conversations_over_under_load() {
     let mut c = cluster();
     let rt = runtime();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running =
-        rt.spawn(run_load(clients(&c, &[0, 1, 2]), "drain", 60, 12, 1..=64, stop.clone()));
-    rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
+    let load = start_load(&rt, clients(&c, &[0, 1, 2]), names("drain", 60));
+    pause(&rt, Duration::from_secs(2));
     // The operator command: returns once the node has left and exited.
     let admin = c.nodes[2].ports.admin.to_string();
     let drained = Instant::now();
@@ -166,14 +206,10 @@ fn drained_node_hands_its_conversations_over_under_load() {
     assert!(status.success(), "drained node exited with {status}");
     let took = drained.elapsed();
     c.wait_seen_as(&[0, 1], "n2", "down", drained, Duration::from_secs(10));
-    rt.block_on(async { tokio::time::sleep(Duration::from_secs(2)).await });
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
+    pause(&rt, Duration::from_secs(2));
+    let report = load.finish(&rt);
     let (gap, conv) = report.longest_gap();
-    eprintln!(
-        "drain took {took:?}; acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
-        report.acked()
-    );
+    eprintln!("drain took {took:?}");
     assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
     assert!(gap < Duration::from_secs(10), "{conv} waited {gap:?}");
     let log = tail(&c.nodes[2].log, 20_000);
@@ -187,25 +223,17 @@ fn rolling_restart_under_load_loses_nothing() {
     // Node 0 founded the cluster; when it restarts it needs seeds to find the others.
     c.nodes[0].seeds = vec![c.nodes[1].ports.gossip, c.nodes[2].ports.gossip];
     let rt = runtime();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running =
-        rt.spawn(run_load(clients(&c, &[0, 1, 2]), "rolling", 90, 12, 1..=64, stop.clone()));
+    let load = start_load(&rt, clients(&c, &[0, 1, 2]), names("rolling", 90));
     for i in [2, 1, 0] {
-        rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
+        pause(&rt, Duration::from_millis(500));
         c.nodes[i].signal(libc::SIGTERM);
         let status = c.nodes[i].wait_exit(Duration::from_secs(20)).expect("node did not stop");
         assert!(status.success(), "{} exited with {status}", c.nodes[i].name);
         c.nodes[i].start();
         c.wait_converged(&[0, 1, 2], CONVERGE);
     }
-    rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
-    let (gap, conv) = report.longest_gap();
-    eprintln!(
-        "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
-        report.acked()
-    );
+    pause(&rt, Duration::from_millis(500));
+    let report = load.finish(&rt);
     assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }
@@ -216,8 +244,7 @@ fn rolling_restart_under_load_loses_nothing() {
 fn load_summaries_show_in_status() {
     let c = cluster();
     let rt = runtime();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = rt.spawn(run_load(clients(&c, &[0, 1, 2]), "load", 60, 6, 1..=64, stop.clone()));
+    let load = start_load(&rt, clients(&c, &[0, 1, 2]), names("load", 60));
     let seen = poll(Duration::from_secs(20), || {
         let status = c.nodes[0].status()?;
         let members = status["members"].as_array()?.clone();
@@ -230,8 +257,7 @@ fn load_summaries_show_in_status() {
             })
             .then_some(members)
     });
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
+    let report = load.finish(&rt);
     let members = seen.unwrap_or_else(|| panic!("loads never showed on n0\n{}", c.logs()));
     assert_eq!(members.len(), 3);
     let out = std::process::Command::new(botclaw_bin())
@@ -259,7 +285,7 @@ fn load_imbalance(c: &Cluster) -> Option<f64> {
 
 #[test]
 fn skewed_load_is_rebalanced_without_losing_turns() {
-    let rebalance = "[rebalance]\ninterval_ms = 1000\nmin_turns_per_s = 5\ncooldown_rounds = 3\n";
+    let rebalance = "[rebalance]\ninterval_ms = 1000\nmin_turns_per_s = 5\ncooldown_rounds = 2\n";
     let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}"));
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
@@ -285,15 +311,16 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     }
     let convs: Vec<String> = picked.into_values().flatten().collect();
     let rt = runtime();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = rt.spawn(run_load_on(clients(&c, &[0, 1, 2]), convs, 12, 1..=64, stop.clone()));
+    // Six clients: the 64 turns of each conversation last long enough to watch the moves.
+    let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6);
     let moved = || -> f64 {
         c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_shards_moved_total")).sum()
     };
     // Skewed: every node reports load, and n0 carries well over its share.
     let skewed = poll(Duration::from_secs(15), || load_imbalance(&c).filter(|i| *i > 1.5));
     let start = Instant::now();
-    // Balanced: shards moved, and three readings in a row (a second apart) within 1.2.
+    // Balanced: shards moved, and three readings in a row (about half a second apart)
+    // within 1.2.
     let mut streak = 0;
     let balanced = poll(Duration::from_secs(40), || {
         std::thread::sleep(Duration::from_millis(500));
@@ -302,13 +329,8 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
         (streak >= 3).then_some(i)
     });
     let took = start.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
-    eprintln!(
-        "imbalance {skewed:?} -> {balanced:?} after {took:?}; {} shards moved; {} turns acknowledged",
-        moved(),
-        report.acked()
-    );
+    let report = load.finish(&rt);
+    eprintln!("imbalance {skewed:?} -> {balanced:?} after {took:?}; {} shards moved", moved());
     assert!(skewed.is_some(), "the load never looked skewed\n{}", c.logs());
     assert!(balanced.is_some(), "imbalance did not settle within 1.2\n{}", c.logs());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
@@ -318,9 +340,8 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
 fn joining_node_takes_its_share_under_load() {
     let mut c = cluster();
     let rt = runtime();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = rt.spawn(run_load(clients(&c, &[0, 1, 2]), "join", 90, 12, 1..=64, stop.clone()));
-    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+    let load = start_load(&rt, clients(&c, &[0, 1, 2]), names("join", 90));
+    pause(&rt, Duration::from_secs(1));
     let i = c.add_node(SECRET);
     c.nodes[i].config = Some(CONFIG.to_string());
     c.nodes[i].start();
@@ -330,18 +351,14 @@ fn joining_node_takes_its_share_under_load() {
         let active = c.nodes[3].status()?["active_conversations"].as_u64()?;
         (active >= 5).then_some(active)
     });
-    stop.store(true, Ordering::Relaxed);
-    let report = rt.block_on(running).unwrap();
+    let report = load.finish(&rt);
     let owned = (0..90)
         .filter(|k| {
             let path = format!("/placement?conv=join-{k}");
             http_get(c.nodes[0].ports.admin, &path).is_some_and(|(_, b)| b.contains("\"n3\""))
         })
         .count();
-    eprintln!(
-        "n3 owns {owned} of 90 conversations; active there {took_over:?}; {} turns",
-        report.acked()
-    );
+    eprintln!("n3 owns {owned} of 90 conversations; active there {took_over:?}");
     assert!(took_over.is_some(), "the new node never ran turns\n{}", c.logs());
     assert!((8..=40).contains(&owned), "n3 owns {owned} of 90");
     assert_consistent(&c, &rt, &clients(&c, &[3, 0, 1, 2]), &report);

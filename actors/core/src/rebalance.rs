@@ -10,7 +10,10 @@
 //!   under constant load the decisions stop (hysteresis);
 //! - the giver sheds down to `target_ratio`, hottest shards first, never a shard hotter
 //!   than what is left to shed (no overshoot), at most `moves_per_round_max` per round;
-//! - a moved shard stays put for `cooldown_rounds` rounds.
+//! - after a round with moves, the node decides nothing for `cooldown_rounds` rounds, so
+//!   the loads its moves change are measured before it decides again (loads travel by
+//!   gossip and lag a round or two; deciding on stale loads overshoots and can oscillate);
+//!   a moved shard stays put as long.
 //!
 //! Iteration is ordered (rates, then names and shard ids), so a decision is a pure
 //! function of its inputs.
@@ -68,11 +71,13 @@ pub struct Rebalancer {
     cfg: RebalanceConfig,
     round: u64,
     moved_at: BTreeMap<ShardId, u64>,
+    /// The last round this node moved shards.
+    last_moves: Option<u64>,
 }
 
 impl Rebalancer {
     pub fn new(cfg: RebalanceConfig) -> Rebalancer {
-        Rebalancer { cfg, round: 0, moved_at: BTreeMap::new() }
+        Rebalancer { cfg, round: 0, moved_at: BTreeMap::new(), last_moves: None }
     }
 
     /// One round: the moves node `me` makes, given every node's load and `me`'s shards.
@@ -81,9 +86,15 @@ impl Rebalancer {
         let round = self.round;
         let cooldown = self.cfg.cooldown_rounds;
         self.moved_at.retain(|_, at| round - *at < cooldown);
+        if self.last_moves.is_some_and(|at| round - at < cooldown) {
+            return Vec::new();
+        }
         let moves = decide(&self.cfg, me, nodes, mine, |shard| self.moved_at.contains_key(&shard));
         for m in &moves {
             self.moved_at.insert(m.shard, round);
+        }
+        if !moves.is_empty() {
+            self.last_moves = Some(round);
         }
         moves
     }

@@ -52,6 +52,20 @@ fn a_moved_shard_cools_down() {
     assert_eq!(r.decide("a", &nodes, &mine).len(), 1, "cooldown over after 3 rounds");
 }
 
+#[test]
+fn a_node_waits_for_its_moves_to_show_before_moving_again() {
+    let cfg = RebalanceConfig { cooldown_rounds: 3, moves_per_round_max: 1, ..Default::default() };
+    let mut r = Rebalancer::new(cfg);
+    // The loads do not reflect the first move yet (they lag): no second move until the
+    // cooldown is over, although another shard could go.
+    let nodes = [node("a", 500.0), node("b", 100.0)];
+    let mine = [ShardLoad { shard: 1, rate: 50.0 }, ShardLoad { shard: 2, rate: 40.0 }];
+    assert_eq!(r.decide("a", &nodes, &mine), vec![Move { shard: 1, to: "b".into() }]);
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert_eq!(r.decide("a", &nodes, &mine), vec![Move { shard: 1, to: "b".into() }]);
+}
+
 /// Three nodes, 300 shards with skewed rates, every node deciding every round and moves
 /// applied at once: the imbalance falls under the trigger, the moves stop, nothing moves
 /// back and forth.
