@@ -406,6 +406,33 @@ impl Default for RebalanceConfig {
     }
 }
 
+/// Requests that meet ownership changing hands (see README, "Live handoff"): held on the
+/// node, in order per conversation, instead of refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffConfig {
+    /// A forwarded request this node disagrees about is held this long for its placement
+    /// to change, then forwarded to the owner it sees.
+    pub hold_grace_ms: u64,
+    /// A held request fails (`unavailable`) after waiting this long.
+    pub hold_timeout_ms: u64,
+    /// Forwards after which a request is only held or run, never forwarded again.
+    pub hops_max: u8,
+    /// Requests held at once on a node; more are refused (`busy`).
+    pub held_requests_max: usize,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig {
+            hold_grace_ms: 300,
+            hold_timeout_ms: 3000,
+            hops_max: 3,
+            held_requests_max: 10_000,
+        }
+    }
+}
+
 /// Test hooks. Off unless a config file turns them on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -439,6 +466,7 @@ pub struct RawNodeConfig {
     pub store: Option<StoreConfig>,
     pub replication: Option<ReplicationConfig>,
     pub rebalance: Option<RebalanceConfig>,
+    pub handoff: Option<HandoffConfig>,
     pub fault: Option<FaultConfig>,
 }
 
@@ -466,6 +494,7 @@ pub struct NodeConfig {
     pub store: StoreConfig,
     pub replication: ReplicationConfig,
     pub rebalance: RebalanceConfig,
+    pub handoff: HandoffConfig,
     pub fault: FaultConfig,
 }
 
@@ -522,6 +551,7 @@ impl RawNodeConfig {
             store: over.store.or(self.store),
             replication: over.replication.or(self.replication),
             rebalance: over.rebalance.or(self.rebalance),
+            handoff: over.handoff.or(self.handoff),
             fault: over.fault.or(self.fault),
         }
     }
@@ -595,6 +625,19 @@ impl RawNodeConfig {
         if rebalance.interval_ms == 0 {
             return Err(ConfigError::invalid("rebalance.interval_ms", "must be greater than 0"));
         }
+        let handoff = self.handoff.unwrap_or_default();
+        if handoff.hold_timeout_ms == 0 || handoff.held_requests_max == 0 || handoff.hops_max == 0 {
+            return Err(ConfigError::invalid(
+                "handoff.hold_timeout_ms",
+                "handoff.hold_timeout_ms, held_requests_max and hops_max must be greater than 0",
+            ));
+        }
+        if handoff.hold_grace_ms > handoff.hold_timeout_ms {
+            return Err(ConfigError::invalid(
+                "handoff.hold_grace_ms",
+                "must not exceed handoff.hold_timeout_ms",
+            ));
+        }
         validate_runtime(&conversations, &frontend)?;
         let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
         if roles.len() > ROLES_MAX {
@@ -647,6 +690,7 @@ impl RawNodeConfig {
             store,
             replication,
             rebalance,
+            handoff,
             fault: self.fault.unwrap_or_default(),
         })
     }

@@ -189,8 +189,9 @@ impl Connection {
     }
 
     fn write(&mut self, response: &Response) {
-        if let Response::Error { code, .. } = response {
+        if let Response::Error { code, message, .. } = response {
             self.fe.metrics.error(code.as_str());
+            tracing::debug!(code = code.as_str(), %message, "error answer");
         }
         serde_json::to_writer(&mut self.out, response).expect("responses serialize");
         self.out.push(b'\n');

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub errors: Family<CodeLabel, Counter>,
     pub forwards: Counter,
     pub forward_refusals: Counter,
+    /// Requests held while ownership changed hands, and held right now.
+    pub held_requests: Counter,
+    pub held_now: Gauge,
+    /// Requests a closing conversation passed on to its new owner.
+    pub redirects: Counter,
     /// Requests refused because this node sees less than a majority.
     pub minority_refusals: Counter,
     /// 1 while this node sees a majority of the cluster and runs turns.
@@ -66,6 +71,9 @@ impl Default for Metrics {
             errors: Default::default(),
             forwards: Default::default(),
             forward_refusals: Default::default(),
+            held_requests: Default::default(),
+            held_now: Default::default(),
+            redirects: Default::default(),
             minority_refusals: Default::default(),
             serving: Default::default(),
             shards_moved: Default::default(),
@@ -142,6 +150,17 @@ impl Metrics {
             "forward_refusals",
             "Forwarded requests refused because ownership was in flux",
             self.forward_refusals.clone(),
+        );
+        r.register(
+            "held_requests",
+            "Requests held on this node while ownership changed hands",
+            self.held_requests.clone(),
+        );
+        r.register("held_now", "Requests held on this node right now", self.held_now.clone());
+        r.register(
+            "redirects",
+            "Requests a closing conversation passed on to its new owner",
+            self.redirects.clone(),
         );
         r.register(
             "minority_refusals",

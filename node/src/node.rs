@@ -325,7 +325,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         me: node.clone(),
         retry_after_ms: cfg.frontend.retry_after_ms,
         metrics: metrics.clone(),
+        holding: routing::Holding::new(&cfg.handoff),
     });
+    let weak = Arc::downgrade(&dispatcher);
+    let _ =
+        host.shared().redirect.set(Box::new(move |conv, request, reply| match weak.upgrade() {
+            Some(dispatcher) => dispatcher.redirect(conv, request, reply),
+            None => drop(reply),
+        }));
+    let hold_task = tokio::spawn(routing::release_held_loop(dispatcher.clone()));
     let (router, router_task) = Actor::spawn(
         None,
         RouterActor,
@@ -363,6 +371,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             baseline: baseline.clone(),
             forwarder,
             host: host.clone(),
+            dispatcher: dispatcher.clone(),
             metrics: metrics.clone(),
         },
     ));
@@ -418,6 +427,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     frontend_task.abort();
     load_task.abort();
     placement_task.abort();
+    hold_task.abort();
     links_task.abort();
     admin_task.abort();
     gossip_task.abort();

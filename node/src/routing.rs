@@ -3,9 +3,11 @@
 //! The placement is rebuilt (off the async threads) whenever the set of members serving
 //! conversations changes, and swapped in atomically; requests read the current snapshot
 //! without locks. The dispatcher runs a request locally if this node owns the
-//! conversation, forwards it once to the owner otherwise, and answers `unavailable` when a
-//! forwarded request arrives at a node that disagrees about the owner (membership in flux):
-//! a request is processed by one node at most.
+//! conversation, and forwards it to the owner otherwise. A forwarded request that arrives
+//! at a node which disagrees about the owner (ownership changing hands) is held there, in
+//! order per conversation, until the node's placement changes or a grace period passes:
+//! see `botclaw_core::handoff` for the rule and [`Holding`] for the queue. A request runs
+//! on one node at most.
 //!
 //! Keep-majority: `maintain` also feeds membership to a [`MajorityGuard`]; while this node
 //! sees less than a majority of the last stable membership, `serving` is false and the
@@ -13,8 +15,8 @@
 //! Replica ops from peers are served regardless: only majority nodes send them.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,9 +24,10 @@ use botclaw_actors::envelope::{ConvOutcome, ConvRequest, Envelope, FailKind, Rep
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
 use botclaw_actors::replicator::{Peers, ReplicaAnswer, Replicator, Route};
-use botclaw_actors::router::Inbound;
+use botclaw_actors::router::{remote_router, Inbound};
 use botclaw_actors::store::{BoxFuture, StoreOp};
-use botclaw_config::{PlacementConfig, ReplicationConfig};
+use botclaw_config::{HandoffConfig, PlacementConfig, ReplicationConfig};
+use botclaw_core::handoff::{self, Ask, Held, HoldQueue, HoldRules, Step};
 use botclaw_core::placement::{Placement, RingMember, ShardId};
 use botclaw_core::rebalance::MoveTable;
 use botclaw_core::replication::MajorityGuard;
@@ -95,6 +98,7 @@ pub struct Maintained {
     pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
     pub forwarder: Arc<Forwarder>,
     pub host: ConversationHost,
+    pub dispatcher: Arc<Dispatcher>,
     pub metrics: Metrics,
 }
 
@@ -181,12 +185,14 @@ pub async fn maintain(
             if before.moves != moves {
                 tracing::info!(moved_shards = moves.len(), "load-driven moves updated");
             }
-            let next = PlacementView { placement: ring_now, moves, joined };
+            let next = Arc::new(PlacementView { placement: ring_now, moves, joined });
+            // The new placement first: what the relinquishing actors pass on is routed by it.
+            out.placement.store(next.clone());
             let moved = out.host.relinquish(|conv| next.locate(conv).1 == Some(me.as_str()));
             if moved > 0 {
                 tracing::info!(moved, "conversations moved to other nodes");
             }
-            out.placement.store(Arc::new(next));
+            out.dispatcher.release_held();
         }
         tokio::select! {
             changed = view.changed() => if changed.is_err() { return },
@@ -230,8 +236,23 @@ impl Peers for NodePeers {
         let (tx, rx) = oneshot::channel();
         let envelope =
             Envelope { conv: conv.to_string(), request: ConvRequest::Replica(op), hops: 1 };
-        self.forwarder.forward(peer, envelope, Reply::new(move |o| drop(tx.send(o))));
+        let reply = Reply::new(move |o| drop(tx.send(o)));
+        // A member that just came up may be in the placement before this node's link to
+        // it: its ops wait for the link (bounded) instead of failing the turn.
+        let waiting = if remote_router(peer).is_some() {
+            self.forwarder.forward(peer, envelope, reply);
+            None
+        } else {
+            Some((self.forwarder.clone(), Arc::<str>::from(peer), envelope, reply))
+        };
         Box::pin(async move {
+            if let Some((forwarder, peer, envelope, reply)) = waiting {
+                let deadline = Instant::now() + LINK_PATIENCE;
+                while remote_router(&peer).is_none() && Instant::now() < deadline {
+                    tokio::time::sleep(HOLD_TICK).await;
+                }
+                forwarder.forward(&peer, envelope, reply);
+            }
             match rx.await {
                 Ok(ConvOutcome::Replica(answer)) => Ok(answer),
                 Ok(ConvOutcome::Failed { message, .. }) => Err(message),
@@ -273,6 +294,44 @@ impl ShardCounters {
     }
 }
 
+/// Requests held on this node while ownership changes hands (see
+/// `botclaw_core::handoff`).
+pub struct Holding {
+    rules: HoldRules,
+    queue: Mutex<HoldQueue<(ConvRequest, Reply)>>,
+    /// Requests held, plus one while they are being routed again: zero means a new
+    /// request cannot be behind a held one, and routing takes no lock.
+    busy: AtomicUsize,
+    started: Instant,
+}
+
+impl Holding {
+    pub fn new(cfg: &HandoffConfig) -> Holding {
+        let rules = HoldRules {
+            grace_ms: cfg.hold_grace_ms,
+            timeout_ms: cfg.hold_timeout_ms,
+            hops_max: cfg.hops_max,
+            held_max: cfg.held_requests_max,
+        };
+        Holding {
+            rules,
+            queue: Mutex::new(HoldQueue::new(rules.held_max)),
+            busy: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// How often held requests are routed again without a placement change.
+pub const HOLD_TICK: Duration = Duration::from_millis(50);
+
+/// How long a replica op waits for the link to a member that just came up.
+const LINK_PATIENCE: Duration = Duration::from_secs(2);
+
 pub struct Dispatcher {
     pub host: ConversationHost,
     /// Turns run here per shard since the last load summary: one counter per shard, so
@@ -286,6 +345,7 @@ pub struct Dispatcher {
     pub me: Arc<str>,
     pub retry_after_ms: u64,
     pub metrics: Metrics,
+    pub holding: Holding,
 }
 
 impl Dispatcher {
@@ -318,39 +378,139 @@ impl Dispatcher {
     /// Runs `request` where the conversation lives. `hops` is how many times it was
     /// forwarded already.
     pub fn submit(&self, conv: &str, request: ConvRequest, hops: u8, reply: Reply) {
-        let view = self.view.load();
-        if !view.joined {
-            return self.unavailable(reply, "this node has not joined the cluster yet".into());
+        if self.holding.busy.load(Ordering::Acquire) == 0 {
+            if let Some(held) = self.place(conv, request, hops, 0, false, reply) {
+                self.hold(held);
+            }
+            return;
         }
+        // Some requests are held: this one may have to wait behind its conversation's.
+        let mut queue = self.holding.queue.lock().expect("hold lock");
+        let behind = queue.holds(conv);
+        if let Some(held) = self.place(conv, request, hops, 0, behind, reply) {
+            self.push_held(&mut queue, held);
+        }
+    }
+
+    /// A request a closing conversation actor passes on: ownership moved, this node's
+    /// placement knows where to.
+    pub fn redirect(&self, conv: &str, request: ConvRequest, reply: Reply) {
+        self.metrics.redirects.inc();
+        self.submit(conv, request, 0, reply);
+    }
+
+    /// Routes every held request again, in order (after a placement change, and every
+    /// [`HOLD_TICK`]).
+    pub fn release_held(&self) {
+        if self.holding.busy.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut queue = self.holding.queue.lock().expect("hold lock");
+        let held = queue.take_all();
+        self.holding.busy.store(held.len() + 1, Ordering::Release);
+        let now = self.holding.now_ms();
+        for h in held {
+            let behind = queue.holds(&h.conv);
+            let waited = now.saturating_sub(h.since_ms);
+            let (request, reply) = h.item;
+            if let Some(again) = self.place(&h.conv, request, h.hops, waited, behind, reply) {
+                // Room is certain: nothing else was pushed while the lock was held.
+                let _ = queue.push(Held { item: again.item, since_ms: h.since_ms, ..again });
+            }
+        }
+        self.holding.busy.store(queue.len(), Ordering::Release);
+        self.metrics.held_now.set(queue.len() as i64);
+    }
+
+    fn hold(&self, held: Held<(ConvRequest, Reply)>) {
+        let mut queue = self.holding.queue.lock().expect("hold lock");
+        self.push_held(&mut queue, held);
+    }
+
+    fn push_held(
+        &self,
+        queue: &mut HoldQueue<(ConvRequest, Reply)>,
+        held: Held<(ConvRequest, Reply)>,
+    ) {
+        self.metrics.held_requests.inc();
+        if let Err(refused) = queue.push(held) {
+            let (_, reply) = refused.item;
+            reply.send(ConvOutcome::Failed {
+                kind: FailKind::Busy,
+                message: "too many requests held while ownership changes hands".into(),
+                retry_after_ms: Some(self.retry_after_ms),
+            });
+        }
+        self.holding.busy.store(queue.len(), Ordering::Release);
+        self.metrics.held_now.set(queue.len() as i64);
+    }
+
+    /// Decides and acts on one request (see `botclaw_core::handoff::route`); gives it back
+    /// when it is to be held.
+    fn place(
+        &self,
+        conv: &str,
+        request: ConvRequest,
+        hops: u8,
+        waited_ms: u64,
+        behind: bool,
+        reply: Reply,
+    ) -> Option<Held<(ConvRequest, Reply)>> {
+        let view = self.view.load();
         if !self.serving.load(Ordering::Acquire) {
             self.metrics.minority_refusals.inc();
-            return self.unavailable(
+            self.unavailable(
                 reply,
                 "this node sees less than a majority of the cluster; try another node".into(),
             );
+            return None;
         }
         let (shard, owner) = view.locate(conv);
-        match owner {
-            None => self.unavailable(reply, "no node serves conversations".into()),
-            Some(owner) if *owner == *self.me => {
+        let ask = Ask { me: &self.me, joined: view.joined, owner, hops, waited_ms, behind };
+        let rules = &self.holding.rules;
+        let step = match handoff::route(ask, rules) {
+            Step::Forward(owner) if remote_router(owner).is_none() => {
+                handoff::unreachable(waited_ms, rules)
+            }
+            step => step,
+        };
+        match step {
+            Step::Local => {
                 if matches!(request, ConvRequest::Say { .. }) {
                     self.shard_turns.count(shard);
                 }
-                self.host.dispatch(conv, request, reply)
+                self.host.dispatch(conv, request, reply);
             }
-            Some(owner) if hops == 0 => {
+            Step::Forward(owner) => {
                 self.metrics.forwards.inc();
-                let envelope = Envelope { conv: conv.to_string(), request, hops: 1 };
+                let envelope = Envelope { conv: conv.to_string(), request, hops: hops + 1 };
                 self.forwarder.forward(owner, envelope, reply);
             }
-            Some(owner) => {
+            Step::Hold => {
+                let since_ms = self.holding.now_ms();
+                return Some(Held {
+                    conv: conv.to_string(),
+                    hops,
+                    since_ms,
+                    item: (request, reply),
+                });
+            }
+            Step::Refuse(why) => {
                 self.metrics.forward_refusals.inc();
-                self.unavailable(
-                    reply,
-                    format!("ownership in flux: this node thinks {owner} owns the conversation"),
-                );
+                self.unavailable(reply, why.to_string());
             }
         }
+        None
+    }
+}
+
+/// Routes held requests again every [`HOLD_TICK`] (placement changes release them at once,
+/// from `maintain`).
+pub async fn release_held_loop(dispatcher: Arc<Dispatcher>) {
+    let mut tick = tokio::time::interval(HOLD_TICK);
+    loop {
+        tick.tick().await;
+        dispatcher.release_held();
     }
 }
 

@@ -209,7 +209,7 @@ fn drained_node_hands_its_conversations_over_under_load() {
     pause(&rt, Duration::from_secs(2));
     let report = load.finish(&rt);
     let (gap, conv) = report.longest_gap();
-    eprintln!("drain took {took:?}");
+    eprintln!("drain took {took:?}; {} unavailable answers", unavailable_answers(&c));
     assert!(report.acked() >= 300, "too little load went through: {}", report.acked());
     assert!(gap < Duration::from_secs(10), "{conv} waited {gap:?}");
     let log = tail(&c.nodes[2].log, 20_000);
@@ -268,6 +268,14 @@ fn load_summaries_show_in_status() {
     assert!(table.contains("TURNS/S") && table.contains("ACTIVE"), "{table}");
     assert!(table.contains("role conversations: 3 up"), "{table}");
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
+}
+
+/// `unavailable` answers the nodes sent to clients, all together.
+fn unavailable_answers(c: &Cluster) -> f64 {
+    c.nodes
+        .iter()
+        .map(|n| metric(&n.metrics(), r#"botclaw_errors_total{code="unavailable"}"#))
+        .sum()
 }
 
 /// max/avg of the members' turns/s, as node 0's status shows them.
@@ -330,9 +338,14 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     });
     let took = start.elapsed();
     let report = load.finish(&rt);
-    eprintln!("imbalance {skewed:?} -> {balanced:?} after {took:?}; {} shards moved", moved());
+    let refused = unavailable_answers(&c);
+    eprintln!(
+        "imbalance {skewed:?} -> {balanced:?} after {took:?}; {} shards moved; {refused} unavailable answers",
+        moved()
+    );
     assert!(skewed.is_some(), "the load never looked skewed\n{}", c.logs());
     assert!(balanced.is_some(), "imbalance did not settle within 1.2\n{}", c.logs());
+    assert_eq!(refused, 0.0, "clients got `unavailable` while shards moved\n{}", c.logs());
     assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
 }
 
@@ -358,8 +371,12 @@ fn joining_node_takes_its_share_under_load() {
             http_get(c.nodes[0].ports.admin, &path).is_some_and(|(_, b)| b.contains("\"n3\""))
         })
         .count();
-    eprintln!("n3 owns {owned} of 90 conversations; active there {took_over:?}");
+    let refused = unavailable_answers(&c);
+    eprintln!("n3 owns {owned} of 90 conversations; active there {took_over:?}; {refused} unavailable answers");
     assert!(took_over.is_some(), "the new node never ran turns\n{}", c.logs());
     assert!((8..=40).contains(&owned), "n3 owns {owned} of 90");
+    // Live handoff: turns that met the move were held and ran on the new owner; no client
+    // was told to retry.
+    assert_eq!(refused, 0.0, "clients got `unavailable` during the join\n{}", c.logs());
     assert_consistent(&c, &rt, &clients(&c, &[3, 0, 1, 2]), &report);
 }

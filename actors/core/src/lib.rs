@@ -12,6 +12,7 @@
 //! - [`membership`]: SWIM membership (foca) behind authenticated packets, re-announcing to
 //!   seeds until joined, with a closed [`membership::Effect`] output;
 //! - [`links`]: which inter-node sessions to dial or drop given membership;
+//! - [`handoff`]: where a request goes while ownership changes hands, and holding it;
 //! - [`load`]: load summaries spread as foca custom broadcasts;
 //! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
 //! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
@@ -20,6 +21,7 @@
 
 pub mod auth;
 pub mod conversation;
+pub mod handoff;
 pub mod identity;
 pub mod links;
 pub mod load;

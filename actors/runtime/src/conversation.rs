@@ -16,6 +16,13 @@
 //! its majority, a store failed), the actor closes: it leaves the registry, every reply
 //! still waiting and every request still queued fails (`unavailable`: retry), and the
 //! next request starts a fresh actor that acquires again.
+//!
+//! When ownership moves to another node (placement changed: a join, a drain, a
+//! rebalancing move), the actor is told to relinquish: it runs no new turns, finishes the
+//! ones in flight (durable with its epoch, so the new owner's acquire continues from
+//! them), then closes and hands every request it held back, in order, to the node's
+//! routing, which sends them to the new owner (see `botclaw_core::handoff`). Clients
+//! see added latency, not an error.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -43,7 +50,8 @@ pub enum ConvMsg {
         turn: u64,
         result: Result<(), Refusal>,
     },
-    /// This node no longer owns the conversation: close once nothing waits.
+    /// This node no longer owns the conversation: run no new turns, close once nothing
+    /// waits, and pass held requests on.
     Relinquish,
 }
 
@@ -73,8 +81,10 @@ pub struct ConvActorState {
     waiting: VecDeque<(u64, Reply, ConvOutcome)>,
     /// Set when ownership ended: every request is answered with it until the actor stops.
     closed: Option<Refusal>,
-    /// Close as soon as nothing waits.
+    /// Close as soon as nothing waits; meanwhile requests are held in `deferred`.
     relinquished: bool,
+    /// Requests that arrived after `Relinquish`, passed on (in order) when the actor closes.
+    deferred: VecDeque<(ConvRequest, Reply)>,
     shared: Arc<HostShared>,
     activity: Arc<Activity>,
 }
@@ -113,6 +123,7 @@ impl Actor for ConversationActor {
             waiting: VecDeque::new(),
             closed,
             relinquished: false,
+            deferred: VecDeque::new(),
             shared: args.shared,
             activity: args.activity,
         })
@@ -136,11 +147,15 @@ impl Actor for ConversationActor {
         s: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ConvMsg::Request(_, reply) if s.closed.is_some() => {
+            ConvMsg::Request(request, reply) if s.closed.is_some() => {
                 s.processed += 1;
                 let refusal = s.closed.clone().expect("closed");
-                reply.send(refused(&refusal, s.shared.retry_after_ms));
+                s.pass_on(request, reply, &refusal);
                 s.stop_if_drained(&me);
+            }
+            ConvMsg::Request(request, reply) if s.relinquished => {
+                s.processed += 1;
+                s.deferred.push_back((request, reply));
             }
             ConvMsg::Request(request, reply) => {
                 s.processed += 1;
@@ -183,7 +198,7 @@ impl Actor for ConversationActor {
             ConvMsg::Relinquish => {
                 s.relinquished = true;
                 if s.waiting.is_empty() && s.closed.is_none() {
-                    s.close(&me, Refusal::unavailable("ownership moved to another node"));
+                    s.close(&me, Refusal::moved("ownership moved to another node"));
                 }
             }
             ConvMsg::IdleCheck => {
@@ -241,22 +256,36 @@ impl ConvActorState {
             }
         }
         if self.relinquished && self.waiting.is_empty() {
-            self.close(me, Refusal::unavailable("ownership moved to another node"));
+            self.close(me, Refusal::moved("ownership moved to another node"));
         }
     }
 
     /// Ends this actor's ownership: out of the registry (the next request starts a new
-    /// actor, which acquires again), everything waiting fails, and the actor stops once it
-    /// has answered every request already sent to it.
+    /// actor, which acquires again), every reply still waiting fails, held requests are
+    /// passed on, and the actor stops once it has handled every request already sent to
+    /// it.
     fn close(&mut self, me: &ActorRef<ConvMsg>, refusal: Refusal) {
+        // Out of the registry first: requests passed on must not come back to this actor.
+        let mine = &self.activity;
+        self.shared.registry.remove_if(&*self.conv, |_, h| Arc::ptr_eq(&h.activity, mine));
         let retry_after_ms = self.shared.retry_after_ms;
         for (_, reply, _) in self.waiting.drain(..) {
             reply.send(refused(&refusal, retry_after_ms));
         }
-        let mine = &self.activity;
-        self.shared.registry.remove_if(&*self.conv, |_, h| Arc::ptr_eq(&h.activity, mine));
+        for (request, reply) in std::mem::take(&mut self.deferred) {
+            self.pass_on(request, reply, &refusal);
+        }
         self.closed = Some(refusal);
         self.stop_if_drained(me);
+    }
+
+    /// A request this closed actor will not run: to the new owner through the node's
+    /// routing if ownership moved, else answered with the refusal.
+    fn pass_on(&self, request: ConvRequest, reply: Reply, refusal: &Refusal) {
+        match self.shared.redirect.get() {
+            Some(redirect) if refusal.moved => redirect(&self.conv, request, reply),
+            _ => reply.send(refused(refusal, self.shared.retry_after_ms)),
+        }
     }
 
     /// After `close`: nothing more can be sent (the actor left the registry), so once
@@ -331,7 +360,16 @@ impl ConvActorState {
                         return;
                     }
                     Err(refusal) => {
-                        reply.send(refused(&refusal, self.shared.retry_after_ms));
+                        // Nothing was written. If ownership moved, the new owner runs the
+                        // turn (before the requests queued behind it).
+                        let record = &commit.record;
+                        let request = ConvRequest::Say {
+                            id: record.id.clone(),
+                            text: record.text.clone(),
+                            bot: Some(bot_name),
+                            user: record.user.clone(),
+                        };
+                        self.deferred.push_front((request, reply));
                         self.close(me, refusal);
                         return;
                     }

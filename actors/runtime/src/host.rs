@@ -13,7 +13,7 @@
 //! `internal` by their [`Reply`] guards.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use botclaw_config::ConversationConfig;
@@ -55,6 +55,9 @@ impl Activity {
     }
 }
 
+/// Routes a request again: conversation, request, where its answer goes.
+pub type Redirect = Box<dyn Fn(&str, ConvRequest, Reply) + Send + Sync>;
+
 /// What every conversation actor of this node shares.
 pub struct HostShared {
     pub node: Arc<str>,
@@ -70,6 +73,9 @@ pub struct HostShared {
     pub retry_after_ms: u64,
     pub turns_kept_max: usize,
     pub idle_passivate: Duration,
+    /// Where requests go that an actor will not run because ownership moved (set once by
+    /// the node: its routing).
+    pub redirect: OnceLock<Redirect>,
     active_max: usize,
     cache_entries_max: u64,
     cache_ttl: Duration,
@@ -164,6 +170,7 @@ impl ConversationHost {
             default_bot: cfg.default_bot.clone(),
             turns_kept_max: cfg.turns_kept_max,
             idle_passivate: Duration::from_millis(cfg.idle_passivate_ms),
+            redirect: OnceLock::new(),
             active_max: cfg.active_max,
             cache_entries_max: cfg.cache_entries_max,
             cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),

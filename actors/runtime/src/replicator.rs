@@ -33,6 +33,11 @@ use crate::store::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, Stor
 
 /// How many times an owner raises its epoch when fences are refused.
 const ACQUIRE_ATTEMPTS: usize = 3;
+/// Too few replicas answered (a link to a node that just joined is still coming up, a
+/// peer is slow): acquire tries again this often, for this long, before it gives up.
+/// Requests wait in the conversation's mailbox meanwhile.
+const ACQUIRE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const ACQUIRE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A conversation's placement as this node sees it now.
 #[derive(Debug, Clone)]
@@ -94,15 +99,22 @@ impl Peers for Alone {
 pub struct Refusal {
     pub kind: FailKind,
     pub message: String,
+    /// Another node owns the conversation now: requests go there instead of failing.
+    pub moved: bool,
 }
 
 impl Refusal {
     pub fn unavailable(message: impl Into<String>) -> Refusal {
-        Refusal { kind: FailKind::Unavailable, message: message.into() }
+        Refusal { kind: FailKind::Unavailable, message: message.into(), moved: false }
+    }
+
+    /// This node no longer owns the conversation (its placement says so).
+    pub fn moved(message: impl Into<String>) -> Refusal {
+        Refusal { moved: true, ..Refusal::unavailable(message) }
     }
 
     fn store(e: StoreError) -> Refusal {
-        Refusal { kind: FailKind::Internal, message: e.to_string() }
+        Refusal { kind: FailKind::Internal, message: e.to_string(), moved: false }
     }
 }
 
@@ -110,6 +122,13 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
+}
+
+/// How one acquire attempt failed.
+enum Attempt {
+    /// Fewer replicas answered than the quorum needs: worth trying again shortly.
+    TooFew(Refusal),
+    Refused(Refusal),
 }
 
 /// A conversation this node now owns.
@@ -179,10 +198,28 @@ impl Replicator {
 
     /// Takes ownership of `conv`: fence, pick the newest copy, bring laggards up to it.
     pub async fn acquire(&self, conv: &str) -> Result<Owned, Refusal> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.try_acquire(conv).await {
+                Err(Attempt::TooFew(_)) if started.elapsed() < ACQUIRE_PATIENCE => {
+                    tokio::time::sleep(ACQUIRE_RETRY_EVERY).await;
+                }
+                Err(Attempt::TooFew(refusal) | Attempt::Refused(refusal)) => return Err(refusal),
+                Ok(owned) => return Ok(owned),
+            }
+        }
+    }
+
+    async fn try_acquire(&self, conv: &str) -> Result<Owned, Attempt> {
         let me = self.peers.me().to_string();
-        let route = self.route_as_owner(conv)?;
+        let route = self.route_as_owner(conv).map_err(Attempt::Refused)?;
         let quorum = write_quorum(self.write_quorum, route.list.len());
-        let local = self.store.load(conv).await.map_err(Refusal::store)?.unwrap_or_default();
+        let local = self
+            .store
+            .load(conv)
+            .await
+            .map_err(|e| Attempt::Refused(Refusal::store(e)))?
+            .unwrap_or_default();
         let mut highest = local.replica.promised.max(local.replica.version.epoch);
         for _ in 0..ACQUIRE_ATTEMPTS {
             let epoch = Epoch::after(highest, &me);
@@ -209,20 +246,20 @@ impl Replicator {
             copies.sort_by_key(|(node, _)| **node != *me);
             let local_fenced = copies.first().is_some_and(|(node, _)| **node == *me);
             if local_fenced && copies.len() >= quorum {
-                return self.settle(conv, epoch, copies, quorum).await;
+                return self.settle(conv, epoch, copies, quorum).await.map_err(Attempt::Refused);
             }
             match refused_by {
                 Some(promised) => highest = highest.max(promised),
                 None => {
-                    return Err(Refusal::unavailable(format!(
+                    return Err(Attempt::TooFew(Refusal::unavailable(format!(
                         "only {} of the {quorum} replicas needed answered: {}",
                         copies.len(),
                         failures.join("; ")
-                    )))
+                    ))))
                 }
             }
         }
-        Err(Refusal::unavailable("another node keeps claiming this conversation"))
+        Err(Attempt::Refused(Refusal::unavailable("another node keeps claiming this conversation")))
     }
 
     /// Continues from the newest copy and installs it where it is missing.
@@ -322,7 +359,7 @@ impl Replicator {
         }
         match route.list.first() {
             Some(owner) if **owner == *self.peers.me() => Ok(route),
-            Some(owner) => Err(Refusal::unavailable(format!("ownership moved to {owner}"))),
+            Some(owner) => Err(Refusal::moved(format!("ownership moved to {owner}"))),
             None => Err(Refusal::unavailable("no node serves conversations")),
         }
     }

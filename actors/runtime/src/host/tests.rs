@@ -149,3 +149,47 @@ async fn a_refused_commit_fails_what_waits_and_restarts_from_the_store() {
     }
     assert_eq!(turn_of(&next(&mut rx).await.1), 3);
 }
+
+/// Ownership moves while turn 1 waits for durability: turn 1 is still answered (it is
+/// durable before the actor lets go), requests that arrive meanwhile run nowhere here and
+/// are passed on, in order, to the node's routing; none is answered `unavailable`.
+#[tokio::test]
+async fn a_relinquished_conversation_finishes_its_turn_and_passes_the_rest_on() {
+    let store = Arc::new(GatedStore { inner: MemoryStore::new(64), gates: Mutex::default() });
+    let host = host(store.clone()).await;
+    let passed = Arc::new(Mutex::new(Vec::new()));
+    let sink = passed.clone();
+    let redirect: Redirect = Box::new(move |conv, request, reply| {
+        if let ConvRequest::Say { id, .. } = request {
+            sink.lock().unwrap().push((conv.to_string(), id));
+        }
+        reply.send(ConvOutcome::failed(FailKind::Busy, "passed on"));
+    });
+    assert!(host.shared().redirect.set(redirect).is_ok());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    say(&host, "1", &tx);
+    while store.gates.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(host.relinquish(|_| false), 1);
+    say(&host, "2", &tx);
+    say(&host, "3", &tx);
+    silent(&mut rx).await;
+    assert!(passed.lock().unwrap().is_empty(), "passed on before turn 1 was durable");
+    assert!(store.release(Ok(())));
+    let first = next(&mut rx).await;
+    assert_eq!((first.0.as_str(), turn_of(&first.1)), ("1", 1));
+    for want in ["2", "3"] {
+        let (id, outcome) = next(&mut rx).await;
+        assert_eq!(id, want);
+        assert!(matches!(outcome, ConvOutcome::Failed { kind: FailKind::Busy, .. }), "{outcome:?}");
+    }
+    let passed = passed.lock().unwrap().clone();
+    assert_eq!(
+        passed,
+        vec![("c".to_string(), "2".to_string()), ("c".to_string(), "3".to_string())]
+    );
+    // Nothing of turns 2 and 3 ran here.
+    assert!(store.gates.lock().unwrap().is_empty());
+    assert_eq!(host.active(), 0);
+}
