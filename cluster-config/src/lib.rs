@@ -20,6 +20,10 @@ pub const NAME_BYTES_MAX: usize = 64;
 /// Most roles one node may declare, and the longest role name. Roles travel in every
 /// gossip packet header, as the name does.
 pub const ROLES_MAX: usize = 8;
+
+/// Roles a node has unless its config names them: it owns conversations and serves the
+/// built-in bot modules (catalog search, weather lookups).
+pub const DEFAULT_ROLES: [&str; 3] = ["conversations", "catalog", "weather"];
 pub const ROLE_BYTES_MAX: usize = 32;
 /// Smallest gossip packet allowed: two maximal identities (header source and destination)
 /// plus the authentication tag must fit.
@@ -291,6 +295,9 @@ pub struct BackendConfig {
     pub shared_cache_entries_max: u64,
     /// How long a node-wide cache entry lives.
     pub shared_cache_ttl_ms: u64,
+    /// Module requests (catalog, weather) one module service runs at once on a node with
+    /// its role; more are answered `busy`.
+    pub module_calls_inflight_max: usize,
 }
 
 impl Default for BackendConfig {
@@ -300,6 +307,7 @@ impl Default for BackendConfig {
             weather_latency_ms: 50,
             shared_cache_entries_max: 100_000,
             shared_cache_ttl_ms: 900_000,
+            module_calls_inflight_max: 1024,
         }
     }
 }
@@ -638,8 +646,9 @@ impl RawNodeConfig {
                 "must not exceed handoff.hold_timeout_ms",
             ));
         }
-        validate_runtime(&conversations, &frontend)?;
-        let roles = self.roles.unwrap_or_else(|| vec!["conversations".to_string()]);
+        validate_runtime(&conversations, &frontend, &backends)?;
+        let roles =
+            self.roles.unwrap_or_else(|| DEFAULT_ROLES.iter().map(|r| r.to_string()).collect());
         if roles.len() > ROLES_MAX {
             return Err(ConfigError::invalid("roles", format!("at most {ROLES_MAX} roles")));
         }
@@ -696,7 +705,11 @@ impl RawNodeConfig {
     }
 }
 
-fn validate_runtime(c: &ConversationConfig, f: &FrontendConfig) -> Result<(), ConfigError> {
+fn validate_runtime(
+    c: &ConversationConfig,
+    f: &FrontendConfig,
+    b: &BackendConfig,
+) -> Result<(), ConfigError> {
     let positive = [
         ("conversations.idle_passivate_ms", c.idle_passivate_ms),
         ("conversations.turns_kept_max", c.turns_kept_max as u64),
@@ -707,6 +720,7 @@ fn validate_runtime(c: &ConversationConfig, f: &FrontendConfig) -> Result<(), Co
         ("frontend.node_inflight_max", f.node_inflight_max as u64),
         ("frontend.connections_max", f.connections_max as u64),
         ("frontend.turn_timeout_ms", f.turn_timeout_ms),
+        ("backends.module_calls_inflight_max", b.module_calls_inflight_max as u64),
     ];
     for (field, value) in positive {
         if value == 0 {

@@ -67,6 +67,9 @@ pub struct MemberLoad {
     pub inflight: u32,
     /// (shard, turns/s), hottest first.
     pub hot: Vec<(u32, f32)>,
+    /// Module requests served per second, by role.
+    #[serde(default)]
+    pub modules: Vec<(String, f32)>,
 }
 
 /// `GET /status`.
@@ -178,6 +181,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
                     active: l.active,
                     inflight: l.inflight,
                     hot: l.hot.clone(),
+                    modules: l.modules.clone(),
                 }
             }),
         })

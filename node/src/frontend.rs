@@ -386,12 +386,12 @@ fn to_response(
             let retry_after_ms = code.is_retryable().then(|| hint.unwrap_or(retry_after_ms));
             Response::Error { id, conv: Some(conv.to_string()), code, message, retry_after_ms }
         }
-        // Replica ops come from peers only; clients cannot send one.
-        ConvOutcome::Replica(_) => Response::Error {
+        // Replica ops and module requests come from peers only; clients cannot send one.
+        ConvOutcome::Replica(_) | ConvOutcome::Module(_) => Response::Error {
             id,
             conv: Some(conv.to_string()),
             code: ErrorCode::Internal,
-            message: "a replica answer reached a client".into(),
+            message: "a peer-to-peer answer reached a client".into(),
             retry_after_ms: None,
         },
     }

@@ -8,6 +8,7 @@
 //! - [`gossip`]: the UDP driver of the membership state machine;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
 //! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
+//! - [`modules`]: bot module services placed by node role (catalog, weather);
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
 //! - [`metrics`]: Prometheus metrics;
 //! - [`up`]: the local N-node launcher; [`status`]: the status table.
@@ -21,6 +22,7 @@ pub mod gossip;
 pub mod http;
 pub mod links;
 pub mod metrics;
+pub mod modules;
 pub mod node;
 pub mod routing;
 pub mod status;

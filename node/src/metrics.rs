@@ -8,6 +8,18 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleCallLabel {
+    pub role: String,
+    /// `local` (this node has the role) or `remote`.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
 }
@@ -41,6 +53,10 @@ pub struct Metrics {
     pub held_now: Gauge,
     /// Requests a closing conversation passed on to its new owner.
     pub redirects: Counter,
+    /// Module requests this node's bots made, by role and route; served and refused here.
+    pub module_calls: Family<ModuleCallLabel, Counter>,
+    pub module_served: Family<RoleLabel, Counter>,
+    pub module_refused: Family<RoleLabel, Counter>,
     /// Requests refused because this node sees less than a majority.
     pub minority_refusals: Counter,
     /// 1 while this node sees a majority of the cluster and runs turns.
@@ -74,6 +90,9 @@ impl Default for Metrics {
             held_requests: Default::default(),
             held_now: Default::default(),
             redirects: Default::default(),
+            module_calls: Default::default(),
+            module_served: Default::default(),
+            module_refused: Default::default(),
             minority_refusals: Default::default(),
             serving: Default::default(),
             shards_moved: Default::default(),
@@ -161,6 +180,21 @@ impl Metrics {
             "redirects",
             "Requests a closing conversation passed on to its new owner",
             self.redirects.clone(),
+        );
+        r.register(
+            "module_calls",
+            "Module requests (catalog, weather) this node's bots made, by role and route",
+            self.module_calls.clone(),
+        );
+        r.register(
+            "module_served",
+            "Module requests this node served (it has the role)",
+            self.module_served.clone(),
+        );
+        r.register(
+            "module_refused",
+            "Module requests this node refused (too many at once)",
+            self.module_refused.clone(),
         );
         r.register(
             "minority_refusals",

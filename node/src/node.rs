@@ -30,6 +30,7 @@ use crate::admin::{self, AdminState};
 use crate::frontend::{self, Frontend};
 use crate::gossip::{ClusterView, GossipCommand, GossipDriver};
 use crate::metrics::Metrics;
+use crate::modules::NodeModules;
 use crate::routing::{self, Dispatcher, Maintained, NodePeers, PlacementView};
 
 /// The inter-node cookie: derived from the cluster secret, never equal to the gossip key.
@@ -160,12 +161,21 @@ async fn load_loop(l: LoadLoop) {
     let mut decided: Vec<(MoveRecord, std::time::Instant)> = Vec::new();
     let mut tick = tokio::time::interval(LOAD_PERIOD);
     let mut last = (std::time::Instant::now(), l.metrics.conversations.turns.get());
+    let mut last_served = l.dispatcher.modules.served();
     for seq in 1u64.. {
         tick.tick().await;
         let (now, turns) = (std::time::Instant::now(), l.metrics.conversations.turns.get());
         let period = now - last.0;
-        let turns_per_s = turns.saturating_sub(last.1) as f32 / period.as_secs_f32().max(0.001);
+        let per_s = |n: u64| n as f32 / period.as_secs_f32().max(0.001);
+        let turns_per_s = per_s(turns.saturating_sub(last.1));
         last = (now, turns);
+        let served = l.dispatcher.modules.served();
+        let modules = served
+            .iter()
+            .zip(&last_served)
+            .map(|((role, n), (_, before))| (role.clone(), per_s(n.saturating_sub(*before))))
+            .collect();
+        last_served = served;
         let hot = l.dispatcher.take_hot_shards(HOT_SHARDS_MAX, period);
         if l.rebalance.enabled && seq % rounds_every == 0 {
             let nodes = cluster_loads(&l);
@@ -208,6 +218,7 @@ async fn load_loop(l: LoadLoop) {
             inflight: l.frontend.node_inflight.load(std::sync::atomic::Ordering::Relaxed) as u32,
             hot,
             moves,
+            modules,
         };
         if l.gossip.send(GossipCommand::PublishLoad(summary)).await.is_err() {
             return;
@@ -304,13 +315,29 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cfg.replication.incoming_max,
         conv_metrics.clone(),
     );
+    let membership =
+        Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
+    let (driver, view) =
+        GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
+    let backends = Backends::new(&cfg.backends, conv_metrics.clone());
+    let modules = NodeModules::start(
+        node.clone(),
+        &cfg.roles,
+        backends.clone(),
+        cfg.backends.module_calls_inflight_max,
+        view.clone(),
+        forwarder.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    backends.route_through(modules.clone());
     let host = ConversationHost::start(
         node.clone(),
         &cfg.conversations,
         replicator.clone(),
         cfg.frontend.retry_after_ms,
         botclaw_actors::bots::builtin(),
-        Backends::new(&cfg.backends, conv_metrics.clone()),
+        backends,
         conv_metrics,
     )
     .await
@@ -326,6 +353,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         retry_after_ms: cfg.frontend.retry_after_ms,
         metrics: metrics.clone(),
         holding: routing::Holding::new(&cfg.handoff),
+        modules: modules.clone(),
     });
     let weak = Arc::downgrade(&dispatcher);
     let _ =
@@ -347,10 +375,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     .await
     .context("cannot start the router actor")?;
 
-    let membership =
-        Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
-    let (driver, view) =
-        GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
     let isolation = cfg.fault.injection.then(|| driver.isolation());
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));

@@ -36,9 +36,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
+use crate::modules::NodeModules;
 
 /// The role a node needs to own conversations.
-pub const CONVERSATIONS_ROLE: &str = "conversations";
+pub const CONVERSATIONS_ROLE: &str = botclaw_core::roles::CONVERSATIONS;
 
 /// One consistent view of who owns what: the ring, then the load-driven moves.
 #[derive(Debug)]
@@ -346,6 +347,7 @@ pub struct Dispatcher {
     pub retry_after_ms: u64,
     pub metrics: Metrics,
     pub holding: Holding,
+    pub modules: Arc<NodeModules>,
 }
 
 impl Dispatcher {
@@ -523,6 +525,7 @@ impl Inbound for Dispatcher {
                     Err(e) => ConvOutcome::failed(FailKind::Internal, e.to_string()),
                 })
             }),
+            ConvRequest::Module(request) => self.modules.serve(request, reply),
             request => self.submit(&envelope.conv, request, envelope.hops, reply),
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::admin::Status;
+use crate::routing::CONVERSATIONS_ROLE;
 
 pub fn fetch(admin: SocketAddr) -> Result<Status> {
     crate::http::get_json(admin, "/status", Duration::from_secs(3))
@@ -92,27 +93,46 @@ pub fn render(status: &Status) -> String {
     let roles = per_role(status);
     if !roles.is_empty() {
         let _ = writeln!(out);
-        for (role, (nodes, turns, active)) in roles {
-            let _ = writeln!(
-                out,
-                "role {role}: {nodes} up, {turns:.0} turns/s, {active} active conversations"
-            );
+        for (role, l) in roles {
+            let _ = if role == CONVERSATIONS_ROLE {
+                writeln!(
+                    out,
+                    "role {role}: {} up, {:.0} turns/s, {} active conversations",
+                    l.up, l.turns_per_s, l.active
+                )
+            } else {
+                writeln!(out, "role {role}: {} up, {:.0} requests/s served", l.up, l.served_per_s)
+            };
         }
     }
     out
 }
 
-/// Up members, turns/s and active conversations summed per role.
-pub fn per_role(status: &Status) -> std::collections::BTreeMap<String, (usize, f64, u64)> {
-    let mut roles: std::collections::BTreeMap<String, (usize, f64, u64)> = Default::default();
+/// The load of one role, summed over its up members.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RoleLoad {
+    pub up: usize,
+    /// Conversation turns (the `conversations` role).
+    pub turns_per_s: f64,
+    pub active: u64,
+    /// Module requests served (module roles).
+    pub served_per_s: f64,
+}
+
+/// Up members and their load per role.
+pub fn per_role(status: &Status) -> std::collections::BTreeMap<String, RoleLoad> {
+    let mut roles: std::collections::BTreeMap<String, RoleLoad> = Default::default();
     for m in status.members.iter().filter(|m| m.state == "up") {
         for role in &m.roles {
             let entry = roles.entry(role.clone()).or_default();
-            entry.0 += 1;
-            if let Some(load) = &m.load {
-                entry.1 += f64::from(load.turns_per_s);
-                entry.2 += u64::from(load.active);
+            entry.up += 1;
+            let Some(load) = &m.load else { continue };
+            if role == CONVERSATIONS_ROLE {
+                entry.turns_per_s += f64::from(load.turns_per_s);
+                entry.active += u64::from(load.active);
             }
+            let served = load.modules.iter().filter(|(r, _)| r == role).map(|(_, n)| *n);
+            entry.served_per_s += served.map(f64::from).sum::<f64>();
         }
     }
     roles

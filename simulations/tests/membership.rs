@@ -138,6 +138,7 @@ fn summary(i: usize, seq: u64, turns_per_s: f32) -> LoadSummary {
         inflight: 0,
         hot: vec![(i as u32, turns_per_s / 2.0)],
         moves: vec![],
+        modules: vec![],
     }
 }
 

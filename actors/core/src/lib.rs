@@ -17,7 +17,8 @@
 //! - [`placement`]: conversation -> shard -> owner on a consistent-hash ring;
 //! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
 //! - [`replication`]: epochs, versions, what a replica accepts, keep-majority;
-//! - [`rebalance`]: which shards an overloaded node gives to which underloaded node.
+//! - [`rebalance`]: which shards an overloaded node gives to which underloaded node;
+//! - [`roles`]: which node serves a bot module's request (catalog, weather).
 
 pub mod auth;
 pub mod conversation;
@@ -29,6 +30,7 @@ pub mod membership;
 pub mod placement;
 pub mod rebalance;
 pub mod replication;
+pub mod roles;
 
 pub use identity::NodeId;
 pub use membership::{Effect, MemberState, MemberView, Membership, MembershipTimer};

@@ -21,6 +21,9 @@ use crate::NodeId;
 pub const HOT_SHARDS_MAX: usize = 8;
 /// Move records carried per summary.
 pub const MOVES_MAX: usize = 32;
+/// Most module roles a summary reports, and the longest role name.
+pub const MODULES_MAX: usize = 8;
+const ROLE_BYTES_MAX: usize = 32;
 
 /// What one node measured over its last period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +41,10 @@ pub struct LoadSummary {
     /// target), at most [`MOVES_MAX`]; every node merges them into its move table.
     #[serde(default)]
     pub moves: Vec<MoveRecord>,
+    /// Module requests this node served per second, by role (for per-role load), at most
+    /// [`MODULES_MAX`].
+    #[serde(default)]
+    pub modules: Vec<(String, f32)>,
 }
 
 impl LoadSummary {
@@ -50,6 +57,7 @@ impl LoadSummary {
         let mut bounded = self.clone();
         bounded.hot.truncate(HOT_SHARDS_MAX);
         bounded.moves.truncate(MOVES_MAX);
+        bounded.modules.truncate(MODULES_MAX);
         postcard::to_allocvec(&bounded).expect("summaries encode")
     }
 }
@@ -112,6 +120,11 @@ impl foca::BroadcastHandler<NodeId> for LoadGossip {
         {
             return Err(LoadError::Bounds("moves"));
         }
+        if summary.modules.len() > MODULES_MAX
+            || summary.modules.iter().any(|(r, _)| r.is_empty() || r.len() > ROLE_BYTES_MAX)
+        {
+            return Err(LoadError::Bounds("modules"));
+        }
         let mut table = self.table.lock().expect("load table lock");
         let newer =
             table.get(&summary.node).is_none_or(|known| summary.version() > known.version());
@@ -140,6 +153,7 @@ mod tests {
             inflight: 0,
             hot: vec![],
             moves: vec![],
+            modules: vec![("catalog".into(), 2.5)],
         }
     }
 

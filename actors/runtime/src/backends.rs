@@ -1,49 +1,64 @@
-//! In-process backend services the built-in bots call: a product catalog and a weather
+//! The backend services the built-in bots' modules call: a product catalog and a weather
 //! service. Each call waits the configured latency, standing in for a network hop to a
 //! real service, and is counted. [`Backends::shared`] is the node-wide cache bots put in
 //! front of them.
+//!
+//! Bots call [`Backends::catalog_search`] and [`Backends::weather`]; where the work runs is
+//! the node's business: with a [`ModuleRouter`] installed (a cluster node), each call goes
+//! to a node with the module's role (see `crate::modules`); without one, it runs here.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use botclaw_config::BackendConfig;
+use serde::{Deserialize, Serialize};
 
+use crate::bot::BotError;
 use crate::metrics::ConversationMetrics;
+use crate::modules::{ModuleAnswer, ModuleRequest, ModuleRouter};
 use crate::shared_cache::SharedCache;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
-    pub sku: &'static str,
-    pub name: &'static str,
+    pub sku: String,
+    pub name: String,
     pub price_cents: u32,
     pub stock: u32,
 }
 
-const CATALOG: &[Product] = &[
-    Product { sku: "KB-01", name: "keyboard", price_cents: 4_999, stock: 12 },
-    Product { sku: "MS-02", name: "mouse", price_cents: 1_999, stock: 40 },
-    Product { sku: "MN-03", name: "monitor", price_cents: 18_900, stock: 3 },
-    Product { sku: "HP-04", name: "headphones", price_cents: 7_450, stock: 0 },
-    Product { sku: "LP-05", name: "laptop", price_cents: 119_900, stock: 5 },
-    Product { sku: "CB-06", name: "cable", price_cents: 899, stock: 230 },
-    Product { sku: "WC-07", name: "webcam", price_cents: 5_900, stock: 8 },
-    Product { sku: "DK-08", name: "desk", price_cents: 24_900, stock: 2 },
+/// (sku, name, price in cents, stock)
+const CATALOG: &[(&str, &str, u32, u32)] = &[
+    ("KB-01", "keyboard", 4_999, 12),
+    ("MS-02", "mouse", 1_999, 40),
+    ("MN-03", "monitor", 18_900, 3),
+    ("HP-04", "headphones", 7_450, 0),
+    ("LP-05", "laptop", 119_900, 5),
+    ("CB-06", "cable", 899, 230),
+    ("WC-07", "webcam", 5_900, 8),
+    ("DK-08", "desk", 24_900, 2),
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forecast {
     pub city: String,
     pub celsius: i32,
-    pub condition: &'static str,
+    pub condition: String,
 }
 
-#[derive(Debug)]
 pub struct Backends {
     catalog_latency: Duration,
     weather_latency: Duration,
     metrics: ConversationMetrics,
     /// The node-wide cache of answers, for bots to put in front of these calls.
     shared: SharedCache,
+    /// Where module calls run (set once by a cluster node); here if unset.
+    router: OnceLock<Arc<dyn ModuleRouter>>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends").field("routed", &self.router.get().is_some()).finish()
+    }
 }
 
 impl Backends {
@@ -58,7 +73,32 @@ impl Backends {
             weather_latency: Duration::from_millis(cfg.weather_latency_ms),
             metrics,
             shared,
+            router: OnceLock::new(),
         })
+    }
+
+    /// Sends module calls through `router` from now on (once; later calls are ignored).
+    pub fn route_through(&self, router: Arc<dyn ModuleRouter>) {
+        let _ = self.router.set(router);
+    }
+
+    async fn call(&self, request: ModuleRequest) -> Result<ModuleAnswer, BotError> {
+        match self.router.get() {
+            Some(router) => router.call(request).await.map_err(BotError),
+            None => Ok(self.serve(request).await),
+        }
+    }
+
+    /// Runs a module request here (on a node with its role).
+    pub async fn serve(&self, request: ModuleRequest) -> ModuleAnswer {
+        match request {
+            ModuleRequest::CatalogSearch { query } => {
+                ModuleAnswer::Products(self.search_here(&query).await)
+            }
+            ModuleRequest::Weather { city } => {
+                ModuleAnswer::Forecast(self.weather_here(&city).await)
+            }
+        }
     }
 
     /// The node-wide cache of backend answers.
@@ -72,17 +112,41 @@ impl Backends {
         }
     }
 
-    /// Products whose name appears in `query`.
-    pub async fn catalog_search(&self, query: &str) -> Vec<Product> {
+    /// Products whose name appears in `query`, from a node with the `catalog` role.
+    pub async fn catalog_search(&self, query: &str) -> Result<Vec<Product>, BotError> {
+        match self.call(ModuleRequest::CatalogSearch { query: query.to_string() }).await? {
+            ModuleAnswer::Products(products) => Ok(products),
+            other => Err(BotError(format!("catalog answered {other:?}"))),
+        }
+    }
+
+    /// Today's forecast for a city, from a node with the `weather` role.
+    pub async fn weather(&self, city: &str) -> Result<Forecast, BotError> {
+        match self.call(ModuleRequest::Weather { city: city.to_string() }).await? {
+            ModuleAnswer::Forecast(forecast) => Ok(forecast),
+            other => Err(BotError(format!("weather answered {other:?}"))),
+        }
+    }
+
+    async fn search_here(&self, query: &str) -> Vec<Product> {
         self.metrics.backend_call("catalog");
         Self::wait(self.catalog_latency).await;
         let query = query.to_lowercase();
-        CATALOG.iter().filter(|p| query.contains(p.name)).cloned().collect()
+        CATALOG
+            .iter()
+            .filter(|(_, name, _, _)| query.contains(name))
+            .map(|&(sku, name, price_cents, stock)| Product {
+                sku: sku.into(),
+                name: name.into(),
+                price_cents,
+                stock,
+            })
+            .collect()
     }
 
-    /// Today's forecast for a city. The simulated service derives it from the city name so
-    /// answers are stable.
-    pub async fn weather(&self, city: &str) -> Forecast {
+    /// The simulated service derives the forecast from the city name so answers are
+    /// stable.
+    async fn weather_here(&self, city: &str) -> Forecast {
         self.metrics.backend_call("weather");
         Self::wait(self.weather_latency).await;
         let h = xxhash_rust::xxh3::xxh3_64(city.to_lowercase().as_bytes());
@@ -90,7 +154,7 @@ impl Backends {
         Forecast {
             city: city.to_string(),
             celsius: (h % 40) as i32 - 5,
-            condition: CONDITIONS[(h >> 8) as usize % CONDITIONS.len()],
+            condition: CONDITIONS[(h >> 8) as usize % CONDITIONS.len()].to_string(),
         }
     }
 }

@@ -177,10 +177,12 @@ impl Actor for ConversationActor {
                         let turns = turns.into_iter().skip(skip).collect();
                         reply.send(ConvOutcome::History { turns, node: s.shared.node.clone() });
                     }
-                    ConvRequest::Replica(_) => reply.send(ConvOutcome::failed(
-                        FailKind::BadRequest,
-                        "replica ops go to the store, not to a conversation",
-                    )),
+                    ConvRequest::Replica(_) | ConvRequest::Module(_) => {
+                        reply.send(ConvOutcome::failed(
+                            FailKind::BadRequest,
+                            "replica ops and module requests do not go to a conversation",
+                        ))
+                    }
                 }
             }
             ConvMsg::Committed { turn, result } => {

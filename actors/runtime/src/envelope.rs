@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::modules::{ModuleAnswer, ModuleRequest};
 use crate::replicator::ReplicaAnswer;
 use crate::store::StoreOp;
 use botclaw_core::conversation::TurnRecord;
@@ -22,6 +23,9 @@ pub enum ConvRequest {
     },
     /// An owner's op for this node's copy of the conversation (replication).
     Replica(StoreOp),
+    /// A bot module's request for this node's module service (the envelope's `conv` is
+    /// the request's key).
+    Module(ModuleRequest),
 }
 
 /// A request addressed to a conversation, as it crosses nodes.
@@ -61,6 +65,8 @@ pub enum ConvOutcome {
     },
     /// A replica's answer to a [`ConvRequest::Replica`] op.
     Replica(ReplicaAnswer),
+    /// A module service's answer to a [`ConvRequest::Module`] request.
+    Module(ModuleAnswer),
 }
 
 impl ConvOutcome {

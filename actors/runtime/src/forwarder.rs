@@ -64,6 +64,7 @@ impl Weight for Envelope {
                 }
                 crate::envelope::ConvRequest::History { .. } => 8,
                 crate::envelope::ConvRequest::Replica(op) => op_weight(op),
+                crate::envelope::ConvRequest::Module(request) => request.weight(),
             }
     }
 }
@@ -77,6 +78,7 @@ impl Weight for ConvOutcome {
             ConvOutcome::Replica(answer) => {
                 answer.stored.as_ref().map_or(0, |s| state_weight(&s.state))
             }
+            ConvOutcome::Module(answer) => answer.weight(),
         }
     }
 }

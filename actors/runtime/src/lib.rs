@@ -11,8 +11,9 @@
 //! - [`bot`]: the `Bot` trait users implement, and [`bots`]: the built-in bots;
 //! - [`replicator`]: taking ownership of a conversation, writing turns to its replicas,
 //!   serving peers' ops; [`store`]: `StateStore` (memory, redb);
-//! - [`backends`]: the in-process services bots call; [`shared_cache`]: the node-wide
-//!   cache of backend answers with request coalescing;
+//! - [`backends`]: the services bots call; [`modules`]: the module services (catalog,
+//!   weather) placed by node role; [`shared_cache`]: the node-wide cache of backend
+//!   answers with request coalescing;
 //! - [`metrics`]: counters the node exports.
 //!
 //! Actors hold no decision logic of the cluster: they call `botclaw-core` and execute.
@@ -25,6 +26,7 @@ pub mod envelope;
 pub mod forwarder;
 pub mod host;
 pub mod metrics;
+pub mod modules;
 pub mod replicator;
 pub mod router;
 pub mod shared_cache;

@@ -35,30 +35,32 @@ impl SharedCache {
     }
 
     /// The cached answer for `key`, or the answer of `fetch`, which runs only if no one
-    /// holds or is already fetching the key.
-    pub async fn get_or_fetch<F>(&self, key: &str, fetch: F) -> Arc<str>
+    /// holds or is already fetching the key. A failed fetch is not cached: its error goes
+    /// to every caller that waited for it, and the next caller fetches again.
+    pub async fn get_or_fetch<F, E>(&self, key: &str, fetch: F) -> Result<Arc<str>, Arc<E>>
     where
-        F: Future<Output = String>,
+        F: Future<Output = Result<String, E>>,
+        E: Send + Sync + 'static,
     {
         let Some(cache) = &self.cache else {
             self.metrics.shared_cache_misses.inc();
-            return Arc::from(fetch.await);
+            return fetch.await.map(Arc::from).map_err(Arc::new);
         };
         if let Some(hit) = cache.get(key).await {
             self.metrics.shared_cache_hits.inc();
-            return hit;
+            return Ok(hit);
         }
         let entry = cache
             .entry_by_ref(key)
-            .or_insert_with(async move { Arc::<str>::from(fetch.await) })
-            .await;
+            .or_try_insert_with(async move { fetch.await.map(Arc::<str>::from) })
+            .await?;
         if entry.is_fresh() {
             self.metrics.shared_cache_misses.inc();
         } else {
             // Another caller's fetch answered this one.
             self.metrics.shared_cache_coalesced.inc();
         }
-        entry.into_value()
+        Ok(entry.into_value())
     }
 }
 
@@ -68,10 +70,13 @@ mod tests {
 
     use super::*;
 
-    async fn slow_fetch(calls: &AtomicU64, value: &str) -> String {
+    async fn slow_fetch(calls: &AtomicU64, value: &str) -> Result<String, String> {
         calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        value.to_string()
+        if value == "fail" {
+            return Err("backend down".into());
+        }
+        Ok(value.to_string())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +88,7 @@ mod tests {
         for _ in 0..50 {
             let (cache, calls) = (cache.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                cache.get_or_fetch("weather:oslo", slow_fetch(&calls, "cold")).await
+                cache.get_or_fetch("weather:oslo", slow_fetch(&calls, "cold")).await.unwrap()
             }));
         }
         for t in tasks {
@@ -92,10 +97,16 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one backend call for 50 concurrent misses");
         assert_eq!(metrics.shared_cache_misses.get(), 1);
         assert_eq!(metrics.shared_cache_coalesced.get() + metrics.shared_cache_hits.get(), 49);
-        assert_eq!(&*cache.get_or_fetch("weather:oslo", slow_fetch(&calls, "x")).await, "cold");
+        assert_eq!(
+            &*cache.get_or_fetch("weather:oslo", slow_fetch(&calls, "x")).await.unwrap(),
+            "cold"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Another key is its own call.
-        assert_eq!(&*cache.get_or_fetch("weather:rome", slow_fetch(&calls, "warm")).await, "warm");
+        assert_eq!(
+            &*cache.get_or_fetch("weather:rome", slow_fetch(&calls, "warm")).await.unwrap(),
+            "warm"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
@@ -104,13 +115,17 @@ mod tests {
         let metrics = ConversationMetrics::default();
         let calls = AtomicU64::new(0);
         let cache = SharedCache::new(100, Duration::from_millis(100), metrics.clone());
-        cache.get_or_fetch("k", slow_fetch(&calls, "a")).await;
+        cache.get_or_fetch("k", slow_fetch(&calls, "a")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(&*cache.get_or_fetch("k", slow_fetch(&calls, "b")).await, "b");
+        assert_eq!(&*cache.get_or_fetch("k", slow_fetch(&calls, "b")).await.unwrap(), "b");
         assert_eq!(calls.load(Ordering::SeqCst), 2, "expired entries are fetched again");
         let off = SharedCache::new(0, Duration::from_secs(60), metrics);
-        off.get_or_fetch("k", slow_fetch(&calls, "c")).await;
-        off.get_or_fetch("k", slow_fetch(&calls, "c")).await;
+        off.get_or_fetch("k", slow_fetch(&calls, "c")).await.unwrap();
+        off.get_or_fetch("k", slow_fetch(&calls, "c")).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // A failed fetch is not kept: the next caller tries again.
+        let err = cache.get_or_fetch("f", slow_fetch(&calls, "fail")).await.unwrap_err();
+        assert_eq!(err.as_str(), "backend down");
+        assert_eq!(&*cache.get_or_fetch("f", slow_fetch(&calls, "ok")).await.unwrap(), "ok");
     }
 }

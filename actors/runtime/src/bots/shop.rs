@@ -54,7 +54,7 @@ impl TypedBot for Shop {
             Step::Idle if lower.contains("feedback") || lower.contains("rate") => {
                 feedback::start(state)
             }
-            Step::Idle => match catalog::inquire(cx, &lower).await {
+            Step::Idle => match catalog::inquire(cx, &lower).await? {
                 Some(answer) => answer,
                 None => HELP.to_string(),
             },

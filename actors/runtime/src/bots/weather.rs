@@ -39,10 +39,15 @@ impl TypedBot for Weather {
             None => {
                 let backends = cx.backends();
                 let fetch = async {
-                    let f = backends.weather(&city).await;
-                    format!("{}: {} and {}°C", f.city, f.condition, f.celsius)
+                    let f = backends.weather(&city).await?;
+                    Ok::<_, BotError>(format!("{}: {} and {}°C", f.city, f.condition, f.celsius))
                 };
-                let answer = backends.shared().get_or_fetch(&key, fetch).await.to_string();
+                let answer = backends
+                    .shared()
+                    .get_or_fetch(&key, fetch)
+                    .await
+                    .map_err(|e| BotError(e.0.clone()))?
+                    .to_string();
                 cx.cache(&key, answer.clone());
                 answer
             }

@@ -1,14 +1,14 @@
 //! Product inquiries: answers from the catalog backend, cached per conversation.
 
-use crate::bot::TurnContext;
+use crate::bot::{BotError, TurnContext};
 
 /// Answers a product question, or `None` if the message names no known product.
-pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Option<String> {
+pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Result<Option<String>, BotError> {
     let key = format!("catalog:{lower}");
     if let Some(hit) = cx.cached(&key) {
-        return (!hit.is_empty()).then_some(hit);
+        return Ok((!hit.is_empty()).then_some(hit));
     }
-    let products = cx.backends().catalog_search(lower).await;
+    let products = cx.backends().catalog_search(lower).await?;
     let answer = products
         .iter()
         .map(|p| {
@@ -29,5 +29,5 @@ pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Option<String> {
         .join("; ");
     // Misses are cached too (as ""), so repeated chatter does not hit the backend.
     cx.cache(&key, answer.clone());
-    (!answer.is_empty()).then_some(answer)
+    Ok((!answer.is_empty()).then_some(answer))
 }
