@@ -79,13 +79,14 @@ fn fjall_dir(dir: &std::path::Path) -> std::path::PathBuf {
 /// Moves this node's conversations away before it leaves: it gives up the conversations
 /// role (every ring is rebuilt without it; it stays a member and forwards what clients
 /// still send it), then waits until its own placement excludes it and its conversation
-/// actors have closed (each once its waiting turns are durable), at most `timeout`.
-async fn drain(
-    gossip: &mpsc::Sender<GossipCommand>,
-    host: &ConversationHost,
-    placement: &ArcSwap<PlacementView>,
-    timeout: Duration,
-) {
+/// actors have closed (each once its waiting turns are durable), at most `timeout`. Then
+/// it lingers (at most [`DRAIN_LINGER`]) until no request is held here or waiting for an
+/// answer it relays: peers that had not heard of the drain yet sent some here.
+async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, timeout: Duration) {
+    let (host, placement) = (&dispatcher.host, &dispatcher.view);
+    // From now on a request held here goes to the owner this node sees at once.
+    dispatcher.draining.store(true, std::sync::atomic::Ordering::Release);
+    dispatcher.release_held();
     let started = std::time::Instant::now();
     let (tx, rx) = oneshot::channel();
     if gossip.send(GossipCommand::DropRole(routing::CONVERSATIONS_ROLE.into(), tx)).await.is_err() {
@@ -109,7 +110,16 @@ async fn drain(
         Ok(()) => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained"),
         Err(_) => tracing::warn!(active = host.active(), "drain timed out; leaving anyway"),
     }
+    let settled = async {
+        while dispatcher.held() > 0 || dispatcher.forwarder.pending_len() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_LINGER, settled).await;
 }
+
+/// Longest a drained node waits for requests it holds or relays before it leaves.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// How often a node measures and spreads its load.
 const LOAD_PERIOD: Duration = Duration::from_secs(1);
@@ -296,7 +306,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         false,
     )));
     let serving = Arc::new(AtomicBool::new(true));
-    let placement_for_drain = placement.clone();
     let drain_requested = Arc::new(tokio::sync::Notify::new());
     let baseline = Arc::new(std::sync::Mutex::new(vec![cfg.name.clone()]));
     let forwarder =
@@ -354,6 +363,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics: metrics.clone(),
         holding: routing::Holding::new(&cfg.handoff),
         modules: modules.clone(),
+        draining: AtomicBool::new(false),
     });
     let weak = Arc::downgrade(&dispatcher);
     let _ =
@@ -418,6 +428,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         rebalance: cfg.rebalance.clone(),
     }));
     let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
+    let drain_dispatcher = dispatcher.clone();
     let admin_state = Arc::new(AdminState {
         view,
         dispatcher,
@@ -436,13 +447,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         () = shutdown => tracing::info!("shutting down"),
         () = drain_requested.notified() => tracing::info!("drain requested"),
     }
-    drain(
-        &gossip_tx,
-        &host,
-        &placement_for_drain,
-        Duration::from_millis(cfg.replication.drain_timeout_ms),
-    )
-    .await;
+    drain(&gossip_tx, &drain_dispatcher, Duration::from_millis(cfg.replication.drain_timeout_ms))
+        .await;
     tracing::info!("leaving the cluster");
     let (done_tx, done_rx) = oneshot::channel();
     if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {

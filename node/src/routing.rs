@@ -348,6 +348,8 @@ pub struct Dispatcher {
     pub metrics: Metrics,
     pub holding: Holding,
     pub modules: Arc<NodeModules>,
+    /// This node is draining: it owns nothing, so it trusts its own view at once.
+    pub draining: AtomicBool,
 }
 
 impl Dispatcher {
@@ -424,6 +426,11 @@ impl Dispatcher {
         self.metrics.held_now.set(queue.len() as i64);
     }
 
+    /// Requests held here now.
+    pub fn held(&self) -> usize {
+        self.holding.queue.lock().expect("hold lock").len()
+    }
+
     fn hold(&self, held: Held<(ConvRequest, Reply)>) {
         let mut queue = self.holding.queue.lock().expect("hold lock");
         self.push_held(&mut queue, held);
@@ -468,8 +475,13 @@ impl Dispatcher {
             return None;
         }
         let (shard, owner) = view.locate(conv);
-        let ask = Ask { me: &self.me, joined: view.joined, owner, hops, waited_ms, behind };
         let rules = &self.holding.rules;
+        let waited_ms = if self.draining.load(Ordering::Acquire) {
+            waited_ms.max(rules.grace_ms)
+        } else {
+            waited_ms
+        };
+        let ask = Ask { me: &self.me, joined: view.joined, owner, hops, waited_ms, behind };
         let step = match handoff::route(ask, rules) {
             Step::Forward(owner) if remote_router(owner).is_none() => {
                 handoff::unreachable(waited_ms, rules)
