@@ -185,6 +185,22 @@ pub struct PlacementConfig {
     pub shard_count: u32,
     /// Ring points (virtual nodes) of a node of capacity 100; scaled by capacity.
     pub vnodes: u32,
+    /// How shards map to nodes (see README, "Placement"): `ring` (consistent hashing with
+    /// virtual nodes, the default), `bounded` (consistent hashing with bounded loads) or
+    /// `rendezvous` (highest random weight).
+    pub strategy: PlacementStrategy,
+    /// For `bounded`: no node owns more than (1 + this/1000) times its fair share.
+    pub bound_epsilon_permille: u32,
+}
+
+/// How shards map to nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementStrategy {
+    #[default]
+    Ring,
+    Bounded,
+    Rendezvous,
 }
 
 /// Most shards a cluster may have.
@@ -194,7 +210,12 @@ pub const VNODES_MAX: u32 = 10_000;
 
 impl Default for PlacementConfig {
     fn default() -> Self {
-        PlacementConfig { shard_count: 262_144, vnodes: 4_000 }
+        PlacementConfig {
+            shard_count: 262_144,
+            vnodes: 4_000,
+            strategy: PlacementStrategy::Ring,
+            bound_epsilon_permille: 250,
+        }
     }
 }
 
@@ -210,6 +231,12 @@ impl PlacementConfig {
             return Err(ConfigError::invalid(
                 "placement.vnodes",
                 format!("must be within 1..={VNODES_MAX}"),
+            ));
+        }
+        if !(1..=10_000).contains(&self.bound_epsilon_permille) {
+            return Err(ConfigError::invalid(
+                "placement.bound_epsilon_permille",
+                "must be within 1..=10000",
             ));
         }
         Ok(())

@@ -29,6 +29,8 @@ enum Command {
     Chat(crate::chat::ChatArgs),
     /// Generate chat load and report throughput and latency percentiles.
     Bench(crate::bench::BenchArgs),
+    /// Run a deterministic simulation scenario (same core code, simulated time and network).
+    Sim(crate::sim::SimArgs),
     /// The bench's baseline: a minimal tokio server speaking the same framing.
     #[command(hide = true)]
     EchoServer {
@@ -175,6 +177,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Node(args) => run_node(args),
+        Command::Sim(args) => crate::sim::run(args),
         Command::Up(args) => match crate::up::run(args) {
             Ok(code) => code,
             Err(e) => {

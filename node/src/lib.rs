@@ -11,7 +11,8 @@
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
 //! - [`metrics`]: Prometheus metrics;
-//! - [`up`]: the local N-node launcher; [`status`]: the status table.
+//! - [`up`]: the local N-node launcher; [`status`]: the status table;
+//! - [`sim`]: `botclaw sim`, the simulation scenarios' runner.
 
 pub mod admin;
 pub mod bench;
@@ -25,5 +26,6 @@ pub mod metrics;
 pub mod modules;
 pub mod node;
 pub mod routing;
+pub mod sim;
 pub mod status;
 pub mod up;

@@ -1,14 +1,25 @@
 //! Deterministic simulation of botclaw's pure core.
 //!
 //! The simulator runs the same state machines as the real node ([`botclaw_core`]) on
-//! simulated time and a simulated network, in one thread, with no IO. Same inputs and seeds
-//! give the same trace, byte for byte.
+//! simulated time and a simulated network, in one thread, with no IO. Same scenario and
+//! seed give the same results, byte for byte.
 //!
 //! Layout:
-//! - [`net`]: a simulated datagram network with per-packet latency, crash, freeze and
-//!   leave, delivering each node's timers in deadline order.
-//!
-//! Workloads, scenarios files, strategies and reports arrive with the simulation issue;
-//! today the membership tests of the core run on [`net::SimNet`].
+//! - [`net`]: a simulated datagram network (latency range, loss, duplication, partitions)
+//!   of real [`botclaw_core::Membership`] state machines, with crash, freeze and leave;
+//! - [`scenario`]: scenario files (TOML): nodes, network, placement strategy, rebalancing,
+//!   workload, service times, scheduled faults;
+//! - [`world`]: the cluster model that runs a scenario: membership, per-node placement
+//!   views, routing with the handoff rule, the rebalancer, conversation replicas with
+//!   epochs, and the checkers;
+//! - [`report`]: the JSON summary, CSV time series and SVG plots of a run.
 
 pub mod net;
+pub mod report;
+pub mod scenario;
+pub mod world;
+
+/// Runs `scenario` with `seed`; `progress` gets the fraction of simulated time done.
+pub fn run(scenario: scenario::Scenario, seed: u64, progress: impl FnMut(f64)) -> report::Report {
+    world::World::new(scenario, seed).run(progress)
+}

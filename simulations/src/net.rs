@@ -4,17 +4,55 @@
 //! submission order and a run is a pure function of its inputs. A crashed node disappears
 //! with its timers; a frozen node drops what it receives and handles its timers only after
 //! it is thawed, like a SIGSTOPped process.
+//!
+//! The network is a [`NetModel`]: per-datagram latency drawn uniformly from a range (so
+//! datagrams reorder), loss, duplication, and partitions (groups of nodes that cannot
+//! reach each other), all drawn from one seeded generator.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::net::SocketAddr;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 use botclaw_config::GossipConfig;
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberView, Membership, NodeId};
 
+/// How datagrams travel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetModel {
+    pub latency_ms_min: u64,
+    pub latency_ms_max: u64,
+    /// Probability that a datagram is dropped.
+    pub loss: f64,
+    /// Probability that a delivered datagram arrives twice.
+    pub duplicate: f64,
+}
+
+impl NetModel {
+    /// Every datagram takes exactly `latency_ms`; nothing is lost.
+    pub fn fixed(latency_ms: u64) -> NetModel {
+        NetModel {
+            latency_ms_min: latency_ms,
+            latency_ms_max: latency_ms,
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+/// A membership change one node noticed (what the real node logs and acts on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub at_ms: u64,
+    pub node: SocketAddr,
+    pub effect: Effect,
+}
+
 enum Event {
-    Packet { to: SocketAddr, data: Vec<u8> },
+    Packet { from: SocketAddr, to: SocketAddr, data: Vec<u8> },
     Timer { node: SocketAddr, generation: u64, timer: MembershipTimer },
 }
 
@@ -34,14 +72,28 @@ pub struct SimNet {
     events: BTreeMap<u64, Event>,
     nodes: BTreeMap<SocketAddr, SimNode>,
     generations: u64,
-    latency_ms: u64,
+    model: NetModel,
+    rng: StdRng,
+    /// Partition side of each node (absent: side 0); datagrams cross no sides.
+    sides: BTreeMap<SocketAddr, u32>,
     trace: Vec<String>,
+    record_trace: bool,
+    notices: Vec<Notice>,
     cfg: GossipConfig,
+    /// Datagrams sent, dropped (loss, partition, dead or frozen receiver), duplicated.
+    pub sent: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
 }
 
 impl SimNet {
     /// A network where every datagram takes `latency_ms`.
     pub fn new(cfg: GossipConfig, latency_ms: u64) -> Self {
+        SimNet::with_model(cfg, NetModel::fixed(latency_ms), 0)
+    }
+
+    /// A network of the given model; `seed` drives its randomness.
+    pub fn with_model(cfg: GossipConfig, model: NetModel, seed: u64) -> Self {
         SimNet {
             now_ms: 0,
             seq: 0,
@@ -49,9 +101,67 @@ impl SimNet {
             events: BTreeMap::new(),
             nodes: BTreeMap::new(),
             generations: 0,
-            latency_ms,
+            model,
+            rng: StdRng::seed_from_u64(seed),
+            sides: BTreeMap::new(),
             trace: Vec::new(),
+            record_trace: true,
+            notices: Vec::new(),
             cfg,
+            sent: 0,
+            dropped: 0,
+            duplicated: 0,
+        }
+    }
+
+    /// Keep no text trace (large runs); notices are still collected.
+    pub fn without_trace(mut self) -> Self {
+        self.record_trace = false;
+        self
+    }
+
+    /// Membership changes noticed since the last call, in order.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Splits the network: each listed group is its own side; unlisted nodes are side 0.
+    pub fn partition(&mut self, groups: &[Vec<SocketAddr>]) {
+        self.sides.clear();
+        for (i, group) in groups.iter().enumerate() {
+            for addr in group {
+                self.sides.insert(*addr, i as u32 + 1);
+            }
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal(&mut self) {
+        self.sides.clear();
+    }
+
+    /// `a` and `b` can exchange datagrams (same side of any partition).
+    pub fn reachable(&self, a: SocketAddr, b: SocketAddr) -> bool {
+        self.sides.get(&a).copied().unwrap_or(0) == self.sides.get(&b).copied().unwrap_or(0)
+    }
+
+    /// The node at `addr` runs (started, not crashed) and is not frozen.
+    pub fn is_running(&self, addr: SocketAddr) -> bool {
+        self.nodes.get(&addr).is_some_and(|n| !n.frozen)
+    }
+
+    /// Addresses of started (not crashed) nodes.
+    pub fn running(&self) -> BTreeSet<SocketAddr> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn latency(&mut self) -> u64 {
+        let (lo, hi) =
+            (self.model.latency_ms_min, self.model.latency_ms_max.max(self.model.latency_ms_min));
+        if lo == hi {
+            lo
+        } else {
+            self.rng.random_range(lo..=hi)
         }
     }
 
@@ -123,14 +233,34 @@ impl SimNet {
             let Some(effect) = node.membership.poll_effect() else { return };
             match effect {
                 Effect::Send { to, packet } => {
-                    let t = self.now_ms + self.latency_ms;
-                    self.push(t, Event::Packet { to, data: packet });
+                    self.sent += 1;
+                    if self.model.loss > 0.0 && self.rng.random_bool(self.model.loss) {
+                        self.dropped += 1;
+                        continue;
+                    }
+                    let copies = if self.model.duplicate > 0.0
+                        && self.rng.random_bool(self.model.duplicate)
+                    {
+                        self.duplicated += 1;
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..copies {
+                        let t = self.now_ms + self.latency();
+                        self.push(t, Event::Packet { from: at, to, data: packet.clone() });
+                    }
                 }
                 Effect::Schedule { after, timer } => {
                     let t = self.now_ms + after.as_millis() as u64;
                     self.push(t, Event::Timer { node: at, generation, timer });
                 }
-                other => self.trace.push(format!("{} {at} {other:?}", self.now_ms)),
+                other => {
+                    if self.record_trace {
+                        self.trace.push(format!("{} {at} {other:?}", self.now_ms));
+                    }
+                    self.notices.push(Notice { at_ms: self.now_ms, node: at, effect: other });
+                }
             }
         }
     }
@@ -145,9 +275,17 @@ impl SimNet {
             self.now_ms = t;
             let Some(event) = self.events.remove(&seq) else { continue };
             match event {
-                Event::Packet { to, data } => {
-                    let Some(node) = self.nodes.get_mut(&to) else { continue };
+                Event::Packet { from, to, data } => {
+                    if !self.reachable(from, to) {
+                        self.dropped += 1;
+                        continue;
+                    }
+                    let Some(node) = self.nodes.get_mut(&to) else {
+                        self.dropped += 1;
+                        continue;
+                    };
                     if node.frozen {
+                        self.dropped += 1;
                         continue;
                     }
                     // Rejected datagrams leave state unchanged; the real node counts them.

@@ -14,6 +14,7 @@ fn main() {
     let cfg = PlacementConfig {
         shard_count: args.first().copied().unwrap_or(defaults.shard_count),
         vnodes: args.get(1).copied().unwrap_or(defaults.vnodes),
+        ..defaults.clone()
     };
     let trials = args.get(2).copied().unwrap_or(20);
     let mut rng = StdRng::seed_from_u64(42);

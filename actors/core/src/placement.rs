@@ -14,11 +14,23 @@
 //! A [`Placement`] is an immutable snapshot computed from a member list; every node that
 //! computes it from the same members gets the same table (members are sorted by name; ties
 //! between equal points break by name).
+//!
+//! Three strategies (`placement.strategy`), the same code in the node and the simulator:
+//! - `ring` (default): the ring above;
+//! - `bounded`: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam
+//!   2018): shards in order take the first node clockwise from their position that owns
+//!   fewer than `ceil((1 + epsilon) * fair share)` shards, so no node exceeds its share by
+//!   more than epsilon;
+//! - `rendezvous`: highest random weight (Thaler, Ravishankar 1998), capacity-weighted
+//!   (`-capacity / ln(u)` with `u` the shard-member hash in (0, 1)).
+//!
+//! For every strategy a shard's preference list is its owner followed by the ring's next
+//! distinct nodes.
 
 use std::collections::BTreeMap;
 
-use botclaw_config::PlacementConfig;
-use xxhash_rust::xxh3::xxh3_64;
+use botclaw_config::{PlacementConfig, PlacementStrategy};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// A shard number in `0..shard_count`.
 pub type ShardId = u32;
@@ -50,7 +62,7 @@ pub fn shard_position(shard: ShardId, shard_count: u32) -> u64 {
 }
 
 /// A node taking part in placement.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RingMember {
     pub name: String,
     /// Relative weight; a node of capacity 200 gets twice the points of one of 100.
@@ -72,6 +84,8 @@ pub struct Placement {
     points: Vec<(u64, u16)>,
     /// Per shard: index into `points` of its successor point.
     successor: Vec<u32>,
+    /// Per shard: owner's member index, when the strategy is not the plain ring.
+    assigned: Option<Vec<u16>>,
 }
 
 impl Placement {
@@ -101,7 +115,72 @@ impl Placement {
                 successor.push((j % points.len()) as u32);
             }
         }
-        Placement { shard_count: cfg.shard_count, members, points, successor }
+        let mut placement =
+            Placement { shard_count: cfg.shard_count, members, points, successor, assigned: None };
+        if !placement.members.is_empty() {
+            placement.assigned = match cfg.strategy {
+                PlacementStrategy::Ring => None,
+                PlacementStrategy::Bounded => {
+                    Some(placement.bounded(f64::from(cfg.bound_epsilon_permille) / 1000.0))
+                }
+                PlacementStrategy::Rendezvous => Some(placement.rendezvous()),
+            };
+        }
+        placement
+    }
+
+    /// Bounded loads: each shard, in order, goes to the first member clockwise that is
+    /// under its cap.
+    fn bounded(&self, epsilon: f64) -> Vec<u16> {
+        let total: f64 = self.members.iter().map(|m| f64::from(m.capacity)).sum();
+        let caps: Vec<u32> = self
+            .members
+            .iter()
+            .map(|m| {
+                let fair = f64::from(self.shard_count) * f64::from(m.capacity) / total;
+                ((1.0 + epsilon) * fair).ceil().max(1.0) as u32
+            })
+            .collect();
+        let mut counts = vec![0u32; self.members.len()];
+        (0..self.shard_count as usize)
+            .map(|s| {
+                let mut i = self.successor[s] as usize;
+                // Caps sum to at least shard_count, so some member always has room.
+                loop {
+                    let member = self.points[i].1;
+                    let c = &mut counts[usize::from(member)];
+                    if *c < caps[usize::from(member)] {
+                        *c += 1;
+                        return member;
+                    }
+                    i = (i + 1) % self.points.len();
+                }
+            })
+            .collect()
+    }
+
+    /// Rendezvous: each shard goes to the member with the highest weighted score.
+    fn rendezvous(&self) -> Vec<u16> {
+        let seeds: Vec<(u64, f64)> = self
+            .members
+            .iter()
+            .map(|m| (xxh3_64(m.name.as_bytes()), f64::from(m.capacity)))
+            .collect();
+        (0..self.shard_count)
+            .map(|s| {
+                let key = s.to_le_bytes();
+                let mut best = (f64::NEG_INFINITY, 0u16);
+                for (i, &(seed, capacity)) in seeds.iter().enumerate() {
+                    let u =
+                        (xxh3_64_with_seed(&key, seed) as f64 + 0.5) / 18_446_744_073_709_551_616.0;
+                    let score = -capacity / u.ln();
+                    if score > best.0 {
+                        best = (score, i as u16);
+                    }
+                }
+                best.1
+            })
+            .collect()
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -118,8 +197,10 @@ impl Placement {
 
     /// The node that owns `shard`, if there are any members.
     pub fn owner(&self, shard: ShardId) -> Option<&str> {
-        let point = *self.successor.get(shard as usize)?;
-        let member = self.points[point as usize].1;
+        let member = match &self.assigned {
+            Some(assigned) => *assigned.get(shard as usize)?,
+            None => self.points[*self.successor.get(shard as usize)? as usize].1,
+        };
         Some(&self.members[usize::from(member)].name)
     }
 
@@ -135,6 +216,9 @@ impl Placement {
         let mut out: Vec<&str> = Vec::with_capacity(n);
         let Some(&start) = self.successor.get(shard as usize) else { return out };
         let n = n.min(self.members.len());
+        if let Some(owner) = self.owner(shard).filter(|_| self.assigned.is_some() && n > 0) {
+            out.push(owner);
+        }
         let mut i = start as usize;
         while out.len() < n {
             let name = self.members[usize::from(self.points[i].1)].name.as_str();

@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use botclaw_config::PlacementStrategy;
 
 fn cfg() -> PlacementConfig {
     PlacementConfig::default()
@@ -130,4 +131,53 @@ proptest! {
         let imbalance = p.imbalance();
         prop_assert!(imbalance <= 1.10, "{} nodes: max/avg {imbalance:.3}", names.len());
     }
+}
+
+fn with(strategy: PlacementStrategy) -> PlacementConfig {
+    PlacementConfig { shard_count: 16_384, vnodes: 100, strategy, bound_epsilon_permille: 100 }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Bounded loads: nobody above (1 + epsilon) of its fair share, even with few points.
+    #[test]
+    fn bounded_loads_stay_under_one_plus_epsilon(names in names_strategy()) {
+        let p = Placement::build(&members(&names), &with(PlacementStrategy::Bounded));
+        let bound = 1.1 + f64::from(names.len() as u32) / 16_384.0; // the cap rounds up
+        prop_assert!(p.imbalance() <= bound, "{} nodes: {}", names.len(), p.imbalance());
+        let list = p.preference_list(7, 3);
+        prop_assert_eq!(list.first().copied(), p.owner(7));
+        prop_assert_eq!(list.len(), names.len().min(3));
+    }
+
+    /// Rendezvous: a join moves shards only to the joiner, about 1/N of them.
+    #[test]
+    fn rendezvous_join_moves_only_to_the_new_node(names in names_strategy()) {
+        prop_assume!(names.len() >= 2);
+        let cfg = with(PlacementStrategy::Rendezvous);
+        let (joiner, before) = names.split_last().unwrap();
+        let old = Placement::build(&members(before), &cfg);
+        let new = Placement::build(&members(&names), &cfg);
+        let moved = old.moved_shards(&new);
+        for &s in &moved {
+            prop_assert_eq!(new.owner(s), Some(joiner.as_str()));
+        }
+        let expected = 16_384.0 / names.len() as f64;
+        prop_assert!((moved.len() as f64) < 1.3 * expected + 30.0, "{} moved of ~{expected}", moved.len());
+        let list = new.preference_list(11, 2);
+        prop_assert_eq!(list.first().copied(), new.owner(11));
+    }
+}
+
+#[test]
+fn rendezvous_weights_by_capacity() {
+    let m = vec![
+        RingMember { name: "big".into(), capacity: 300 },
+        RingMember { name: "small".into(), capacity: 100 },
+    ];
+    let p = Placement::build(&m, &with(PlacementStrategy::Rendezvous));
+    let big = p.shard_counts()["big"];
+    let share = f64::from(big) / 16_384.0;
+    assert!((0.72..0.78).contains(&share), "big owns {share}");
 }

@@ -1,0 +1,118 @@
+//! `botclaw sim`: runs a simulation scenario (see `botclaw_sim`) and writes its reports.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use botclaw_sim::scenario::Scenario;
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Scenario file (TOML; see simulations/scenarios/).
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Seed of the first run (default: the scenario's `seed`).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Runs with consecutive seeds.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// Directory for the reports: DIR/<scenario>-seed<S>/{summary.json, series.csv, *.svg}.
+    #[arg(long, default_value = "sim-out")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: SimArgs) -> ExitCode {
+    match run_all(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs every seed; false if a checker failed in any.
+fn run_all(args: &SimArgs) -> Result<bool> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("cannot read {}", args.scenario.display()))?;
+    let scenario = Scenario::from_toml(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
+    let first = args.seed.unwrap_or(scenario.seed);
+    let mut all_ok = true;
+    for seed in first..first.saturating_add(args.seeds.max(1)) {
+        println!("scenario {} seed {seed}", scenario.name);
+        let started = std::time::Instant::now();
+        let quiet = args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let report = botclaw_sim::run(scenario.clone(), seed, |done| {
+            if !quiet {
+                let bar = (done * 30.0) as usize;
+                eprint!(
+                    "\r[{}{}] {:3.0}%",
+                    "#".repeat(bar),
+                    ".".repeat(30 - bar.min(30)),
+                    done * 100.0
+                );
+                let _ = std::io::stderr().flush();
+            }
+        });
+        if !quiet {
+            eprintln!();
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let dir = args.out.join(format!("{}-seed{seed}", scenario.name));
+        write_reports(&dir, &report)?;
+        println!(
+            "  {} turns acknowledged of {} sent, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; \
+             load max/avg {:.3} (worst {:.3}); {} shards moved; {} lost",
+            report.turns_acknowledged,
+            report.turns_sent,
+            report.latency_ms_p50,
+            report.latency_ms_p99,
+            report.latency_ms_p999,
+            report.load_max_over_avg_mean,
+            report.load_max_over_avg_max,
+            report.shards_moved,
+            report.turns_lost
+        );
+        println!(
+            "  {} simulated s in {wall:.2} s wall ({:.1}x real time); reports in {}",
+            report.simulated_s,
+            report.simulated_s as f64 / wall.max(1e-9),
+            dir.display()
+        );
+        if !report.failures.is_empty() {
+            all_ok = false;
+            println!(
+                "  CHECKER FAILED ({} failures), first: {}",
+                report.failures.len(),
+                report.failures[0]
+            );
+            println!(
+                "  reproduce: botclaw sim --scenario {} --seed {seed}",
+                args.scenario.display()
+            );
+        }
+    }
+    Ok(all_ok)
+}
+
+fn write_reports(dir: &Path, report: &botclaw_sim::report::Report) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |name: &str, body: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write("summary.json", &report.to_json())?;
+    write("series.csv", &report.to_csv())?;
+    for (name, svg) in report.plots() {
+        write(name, &svg)?;
+    }
+    Ok(())
+}
