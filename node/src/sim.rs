@@ -49,20 +49,23 @@ fn run_all(args: &SimArgs) -> Result<bool> {
     for seed in first..first.saturating_add(args.seeds.max(1)) {
         println!("scenario {} seed {seed}", scenario.name);
         let started = std::time::Instant::now();
-        let quiet = args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let (quiet, tty) = (args.quiet, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        let mut next_line = 0.1;
         let report = botclaw_sim::run(scenario.clone(), seed, |done| {
-            if !quiet {
-                let bar = (done * 30.0) as usize;
-                eprint!(
-                    "\r[{}{}] {:3.0}%",
-                    "#".repeat(bar),
-                    ".".repeat(30 - bar.min(30)),
-                    done * 100.0
-                );
+            if quiet {
+                return;
+            }
+            if tty {
+                let bar = ((done * 30.0) as usize).min(30);
+                eprint!("\r[{}{}] {:3.0}%", "#".repeat(bar), ".".repeat(30 - bar), done * 100.0);
                 let _ = std::io::stderr().flush();
+            } else if done >= next_line {
+                // Not a terminal (a log, CI): a line every 10%.
+                eprintln!("  {:.0}% of simulated time", done * 100.0);
+                next_line += 0.1;
             }
         });
-        if !quiet {
+        if !quiet && tty {
             eprintln!();
         }
         let wall = started.elapsed().as_secs_f64();

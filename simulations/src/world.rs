@@ -36,6 +36,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::net::{NetModel, SimNet};
 use crate::report::{Report, Sample};
@@ -69,7 +70,11 @@ struct SimNode {
     draining: bool,
     view: Arc<Placement>,
     view_dirty: bool,
+    /// Fingerprints of the live set and ring members the view was computed from.
+    live: Fingerprint,
+    ring: Fingerprint,
     guard: MajorityGuard,
+    guard_checked_at: Option<u64>,
     serving: bool,
     busy: usize,
     queue: VecDeque<TurnId>,
@@ -132,7 +137,8 @@ pub struct World {
     by_name: BTreeMap<String, NodeIx>,
     placement_cfg: PlacementConfig,
     empty: Arc<Placement>,
-    builds: HashMap<Vec<RingMember>, Arc<Placement>>,
+    /// Builds by ring fingerprint (a 64-bit sum of name hashes plus the count).
+    builds: HashMap<Fingerprint, Arc<Placement>>,
     moves: MoveTable,
     records: Vec<MoveRecord>,
     convs: Vec<Conv>,
@@ -307,6 +313,9 @@ impl World {
             draining: false,
             view: self.empty.clone(),
             view_dirty: true,
+            live: Fingerprint::default(),
+            ring: Fingerprint::default(),
+            guard_checked_at: None,
             guard: MajorityGuard::new(&format!("n{i}"), self.now_ms(), 5000),
             serving: true,
             busy: 0,
@@ -353,6 +362,10 @@ impl World {
         node.joined = false;
         node.draining = false;
         node.view_dirty = true;
+        node.live = Fingerprint::default();
+        node.ring = Fingerprint::default();
+        node.view = self.empty.clone();
+        node.guard_checked_at = None;
         node.guard = MajorityGuard::new(&node.name, now, self.sc.gossip_stable_ms());
         node.serving = true;
         self.crashed_at.remove(&n);
@@ -439,34 +452,56 @@ impl World {
         let Some(m) = self.net.membership(self.nodes[i].addr) else {
             return self.nodes[i].view.clone();
         };
-        let views = m.members();
-        let mut members: Vec<RingMember> = views
-            .iter()
-            .filter(|v| {
-                v.state != MemberState::Down && v.id.roles.iter().any(|r| r == CONVERSATIONS)
-            })
-            .map(|v| RingMember { name: v.id.name.clone(), capacity: v.id.capacity })
-            .collect();
-        members.sort();
-        let live: BTreeSet<String> = views
-            .iter()
-            .filter(|v| v.state != MemberState::Down)
-            .map(|v| v.id.name.clone())
-            .chain(std::iter::once(self.nodes[i].name.clone()))
-            .collect();
+        // Fingerprints of the live set and of the ring members (order-independent sums of
+        // name hashes, with the counts), so that an unchanged view costs no copies.
+        let (mut live, mut ring) = (Fingerprint::default(), Fingerprint::default());
+        m.visit_members(|id, state| {
+            if state == MemberState::Down {
+                return;
+            }
+            let h = xxh3_64(id.name.as_bytes());
+            live.add(h);
+            if id.roles.iter().any(|r| r == CONVERSATIONS) {
+                ring.add(h ^ u64::from(id.capacity).rotate_left(32));
+            }
+        });
         let now = self.now_ms();
-        let node = &mut self.nodes[i];
-        node.serving = node.guard.observe(&live, now);
+        let guard_due =
+            self.nodes[i].guard_checked_at.is_none_or(|at| now >= at + self.sc.gossip_stable_ms());
+        if self.nodes[i].live != live || guard_due {
+            let mut names = BTreeSet::new();
+            m.visit_members(|id, state| {
+                if state != MemberState::Down {
+                    names.insert(id.name.clone());
+                }
+            });
+            let node = &mut self.nodes[i];
+            node.serving = node.guard.observe(&names, now);
+            node.live = live;
+            node.guard_checked_at = Some(now);
+        }
+        if self.nodes[i].ring == ring {
+            return self.nodes[i].view.clone();
+        }
         if self.builds.len() > BUILDS_CACHED_MAX {
             // Builds are pure functions of the members: dropping them changes no result.
             self.builds.clear();
         }
-        let cfg = &self.placement_cfg;
-        let view = self
-            .builds
-            .entry(members.clone())
-            .or_insert_with(|| Arc::new(Placement::build(&members, cfg)))
-            .clone();
+        let view = match self.builds.get(&ring) {
+            Some(view) => view.clone(),
+            None => {
+                let mut members = Vec::with_capacity(ring.count as usize);
+                m.visit_members(|id, state| {
+                    if state != MemberState::Down && id.roles.iter().any(|r| r == CONVERSATIONS) {
+                        members.push(RingMember { name: id.name.clone(), capacity: id.capacity });
+                    }
+                });
+                let view = Arc::new(Placement::build(&members, &self.placement_cfg));
+                self.builds.insert(ring, view.clone());
+                view
+            }
+        };
+        self.nodes[i].ring = ring;
         self.nodes[i].view = view.clone();
         view
     }
@@ -524,6 +559,7 @@ impl World {
             Event::GuardCheck { node } => {
                 let i = usize::from(node);
                 if self.nodes[i].started {
+                    self.nodes[i].guard_checked_at = None;
                     let _ = self.refresh(node);
                 }
             }
@@ -939,7 +975,8 @@ impl World {
             if !decide {
                 continue;
             }
-            let period_s = (rounds_every * LOAD_PERIOD_US) as f64 / 1e6;
+            // The counts cover the last load period (cleared every tick, as the node does).
+            let period_s = LOAD_PERIOD_US as f64 / 1e6;
             let mut hot: Vec<(ShardId, u32)> = shard_turns.into_iter().collect();
             hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             hot.truncate(HOT_SHARDS);
@@ -1052,6 +1089,20 @@ impl World {
             failures: self.failures,
             samples: self.samples,
         }
+    }
+}
+
+/// An order-independent fingerprint of a set of names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Fingerprint {
+    sum: u64,
+    count: u32,
+}
+
+impl Fingerprint {
+    fn add(&mut self, h: u64) {
+        self.sum = self.sum.wrapping_add(h);
+        self.count += 1;
     }
 }
 

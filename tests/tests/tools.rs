@@ -71,3 +71,42 @@ fn bench_reports_json() {
     // The node counted what the bench sent.
     assert_eq!(metric(&c.nodes[0].metrics(), "botclaw_turns_total"), 2000.0);
 }
+
+/// `botclaw sim`: prints the seed, writes the JSON summary, CSV series and SVG plots, and
+/// the same scenario and seed give byte-identical files (the determinism check); a bad
+/// scenario file exits 2 naming the field.
+#[test]
+fn sim_reports_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/../simulations/scenarios/steady.toml");
+    let run = |out: &str| {
+        let out_dir = dir.path().join(out);
+        let o = Command::new(botclaw_bin())
+            .args(["sim", "--scenario", scenario, "--seed", "3", "--out"])
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("seed 3"), "{stdout}");
+        out_dir.join("steady-seed3")
+    };
+    let (a, b) = (run("a"), run("b"));
+    for file in ["summary.json", "series.csv", "balance.svg", "latency.svg", "membership.svg"] {
+        let (x, y) = (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
+        assert!(!x.is_empty(), "{file} is empty");
+        assert!(x == y, "{file} differs between two runs with the same seed");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["seed"], 3);
+    assert!(summary["turns_acknowledged"].as_u64().unwrap() > 50_000, "{summary}");
+    assert!(summary["latency_ms_p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(summary["turns_lost"], 0);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\n[workload]\nturns_per_sec = 5\n").unwrap();
+    let o = Command::new(botclaw_bin()).args(["sim", "--scenario"]).arg(&bad).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("turns_per_sec"), "{err}");
+}
