@@ -61,8 +61,9 @@ fn run_all(args: &SimArgs) -> Result<bool> {
                 let _ = std::io::stderr().flush();
             } else if done >= next_line {
                 // Not a terminal (a log, CI): a line every 10%.
-                eprintln!("  {:.0}% of simulated time", done * 100.0);
-                next_line += 0.1;
+                let tenths = (done * 10.0).floor();
+                eprintln!("  {:.0}% of simulated time", tenths * 10.0);
+                next_line = (tenths + 1.0) / 10.0;
             }
         });
         if !quiet && tty {

@@ -660,7 +660,7 @@ impl World {
         let shard = self.shards[conv as usize];
         let owner = self.owner_in(at, shard);
         if !self.nodes[i].serving {
-            return self.refuse(id, at);
+            return self.refuse(id);
         }
         let owner_name = owner.map(|o| self.nodes[usize::from(o)].name.clone());
         let mut waited_ms = waited_us / 1000;
@@ -692,13 +692,12 @@ impl World {
                 self.turns.get_mut(&id).expect("turn").waited_us += HOLD_TICK_US;
                 self.schedule(self.now_us + HOLD_TICK_US, Event::Route { turn: id });
             }
-            Step::Refuse(_) => self.refuse(id, at),
+            Step::Refuse(_) => self.refuse(id),
         }
     }
 
-    /// `unavailable` from `node`: the answer travels back, the client retries.
-    fn refuse(&mut self, id: TurnId, node: NodeIx) {
-        let _ = node;
+    /// `unavailable`: the answer travels back, the client retries.
+    fn refuse(&mut self, id: TurnId) {
         let back = self.latency_us();
         self.fail(id, back + self.sc.workload.retry_ms * 1000);
     }
@@ -714,7 +713,7 @@ impl World {
                 pref.iter().copied().filter(|&p| p == node || self.reaches(node, p)).collect();
             let quorum = write_quorum(self.sc.replication.write_quorum, pref.len());
             if !reachable.contains(&node) || reachable.len() < quorum {
-                return self.refuse(id, node);
+                return self.refuse(id);
             }
             let c = &mut self.convs[conv];
             let newest = c
@@ -786,14 +785,14 @@ impl World {
         if self.convs[conv].holder != Some(node) {
             // Another node acquired the conversation meanwhile: this write is fenced.
             self.fenced_writes += 1;
-            return self.refuse(id, node);
+            return self.refuse(id);
         }
         let pref = self.preference(node, shard);
         let reachable: Vec<NodeIx> =
             pref.iter().copied().filter(|&p| p == node || self.reaches(node, p)).collect();
         let quorum = write_quorum(self.sc.replication.write_quorum, pref.len());
         if !reachable.contains(&node) || reachable.len() < quorum {
-            return self.refuse(id, node);
+            return self.refuse(id);
         }
         let c = &mut self.convs[conv];
         let turn_no = c.copies.iter().find(|(n, _)| *n == node).map_or(0, |x| x.1) + 1;
