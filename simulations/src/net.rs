@@ -140,6 +140,11 @@ impl SimNet {
         self.sides.clear();
     }
 
+    /// The partition side of `addr` (0 when there is no partition or it is unlisted).
+    pub fn side(&self, addr: SocketAddr) -> u32 {
+        self.sides.get(&addr).copied().unwrap_or(0)
+    }
+
     /// `a` and `b` can exchange datagrams (same side of any partition).
     pub fn reachable(&self, a: SocketAddr, b: SocketAddr) -> bool {
         self.sides.get(&a).copied().unwrap_or(0) == self.sides.get(&b).copied().unwrap_or(0)

@@ -61,6 +61,8 @@ pub struct Report {
     pub unavailable_s_max: f64,
     /// Acknowledged turns an acquire could not find on any reachable copy.
     pub turns_lost: u64,
+    /// Samples in which some checked shard had two owners among the majority's nodes.
+    pub dual_owner_samples: u64,
     pub datagrams_sent: u64,
     pub datagrams_dropped: u64,
     /// Checker failures (empty when every invariant held).

@@ -54,6 +54,11 @@ const BUILDS_CACHED_MAX: usize = 64;
 /// Nodes whose membership view the time series samples (evenly spaced), to keep sampling
 /// cheap at thousands of nodes.
 const SAMPLED_VIEWS_MAX: usize = 32;
+/// Shards the ownership checker looks at every sample (evenly spread).
+const CHECKED_SHARDS: u32 = 64;
+/// A node re-reads its membership at least this often (the node's placement task also
+/// ticks every 200 ms): identity changes (a drained role, a rejoin) come without a notice.
+const VIEW_REFRESH_US: u64 = 200_000;
 
 type NodeIx = u16;
 type TurnId = u64;
@@ -70,6 +75,7 @@ struct SimNode {
     draining: bool,
     view: Arc<Placement>,
     view_dirty: bool,
+    refreshed_at_us: u64,
     /// Fingerprints of the live set and ring members the view was computed from.
     live: Fingerprint,
     ring: Fingerprint,
@@ -166,6 +172,9 @@ pub struct World {
     false_downs: u64,
     failures: Vec<String>,
     sent_turns: u64,
+    /// Shards that had two owners at the last sample, and samples with any.
+    dual_owners: BTreeSet<ShardId>,
+    dual_owner_samples: u64,
 }
 
 impl World {
@@ -255,6 +264,8 @@ impl World {
             false_downs: 0,
             failures: Vec::new(),
             sent_turns: 0,
+            dual_owners: BTreeSet::new(),
+            dual_owner_samples: 0,
             placement_cfg,
             sc,
         };
@@ -313,6 +324,7 @@ impl World {
             draining: false,
             view: self.empty.clone(),
             view_dirty: true,
+            refreshed_at_us: 0,
             live: Fingerprint::default(),
             ring: Fingerprint::default(),
             guard_checked_at: None,
@@ -435,13 +447,14 @@ impl World {
     /// between nodes that see the same members).
     fn view(&mut self, n: NodeIx) -> Arc<Placement> {
         let i = usize::from(n);
-        if !self.nodes[i].view_dirty {
+        if self.nodes[i].view_dirty {
+            // Keep-majority moves its baseline only after membership was stable for a
+            // while: look again then.
+            let stable = self.sc.gossip_stable_ms() * 1000;
+            self.schedule(self.now_us + stable + 1000, Event::GuardCheck { node: n });
+        } else if self.now_us < self.nodes[i].refreshed_at_us + VIEW_REFRESH_US {
             return self.nodes[i].view.clone();
         }
-        // Keep-majority moves its baseline only after membership was stable for a while:
-        // look again then.
-        let stable = self.sc.gossip_stable_ms() * 1000;
-        self.schedule(self.now_us + stable + 1000, Event::GuardCheck { node: n });
         self.refresh(n)
     }
 
@@ -449,6 +462,7 @@ impl World {
     fn refresh(&mut self, n: NodeIx) -> Arc<Placement> {
         let i = usize::from(n);
         self.nodes[i].view_dirty = false;
+        self.nodes[i].refreshed_at_us = self.now_us;
         let Some(m) = self.net.membership(self.nodes[i].addr) else {
             return self.nodes[i].view.clone();
         };
@@ -1005,8 +1019,87 @@ impl World {
         self.moves = MoveTable::merge(&self.records);
     }
 
+    /// The ownership checker: among the running nodes of the majority side that serve,
+    /// at most one may see itself as a shard's owner. Views disagree for a moment while
+    /// membership news spreads; a shard with two owners in two samples in a row fails.
+    fn check_owners(&mut self) {
+        let running: Vec<NodeIx> = self.up.clone();
+        let mut sides: BTreeMap<u32, usize> = BTreeMap::new();
+        for &n in &running {
+            *sides.entry(self.net.side(self.nodes[usize::from(n)].addr)).or_default() += 1;
+        }
+        let Some((&major, &size)) =
+            sides.iter().max_by_key(|(side, count)| (**count, Reverse(**side)))
+        else {
+            return;
+        };
+        if size * 2 <= running.len() {
+            return; // no majority side
+        }
+        let owners: Vec<NodeIx> = running
+            .into_iter()
+            .filter(|&n| {
+                let node = &self.nodes[usize::from(n)];
+                node.joined
+                    && !node.draining
+                    && self.net.is_running(node.addr)
+                    && self.net.side(node.addr) == major
+            })
+            .collect();
+        let step = (self.placement_cfg.shard_count / CHECKED_SHARDS).max(1);
+        let mut dual = BTreeSet::new();
+        for k in 0..CHECKED_SHARDS.min(self.placement_cfg.shard_count) {
+            let shard = k * step;
+            let mut claimed: Vec<NodeIx> = Vec::new();
+            for &n in &owners {
+                let _ = self.view(n);
+                if self.nodes[usize::from(n)].serving && self.owner_in(n, shard) == Some(n) {
+                    claimed.push(n);
+                }
+            }
+            if claimed.len() > 1 {
+                if self.dual_owners.contains(&shard) {
+                    // What each claimant's view lacks of the others' (capped).
+                    let seen = |n: NodeIx| -> BTreeSet<&str> {
+                        self.nodes[usize::from(n)]
+                            .view
+                            .members()
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect()
+                    };
+                    let union: BTreeSet<&str> = claimed.iter().flat_map(|&n| seen(n)).collect();
+                    let views: Vec<String> = claimed
+                        .iter()
+                        .map(|&n| {
+                            let mine = seen(n);
+                            let missing: Vec<&str> = union
+                                .iter()
+                                .filter(|m| !mine.contains(*m))
+                                .take(8)
+                                .copied()
+                                .collect();
+                            format!("n{n} sees {} members, not {missing:?}", mine.len())
+                        })
+                        .collect();
+                    self.failures.push(format!(
+                        "{:.3}s: shard {shard} owned by {claimed:?} for two samples in a row ({})",
+                        self.now_us as f64 / 1e6,
+                        views.join("; ")
+                    ));
+                }
+                dual.insert(shard);
+            }
+        }
+        if !dual.is_empty() {
+            self.dual_owner_samples += 1;
+        }
+        self.dual_owners = dual;
+    }
+
     fn sample(&mut self) {
         self.schedule(self.now_us + self.sc.sample_ms * 1000, Event::Sample);
+        self.check_owners();
         let period_s = self.sc.sample_ms as f64 / 1000.0;
         let serving: Vec<&SimNode> =
             self.nodes.iter().filter(|n| n.started && !n.draining).collect();
@@ -1083,6 +1176,7 @@ impl World {
             unavailable_s_total: unavailable.iter().fold(0.0, |a, b| a + b),
             unavailable_s_max: unavailable.iter().copied().fold(0.0, f64::max),
             turns_lost: self.turns_lost,
+            dual_owner_samples: self.dual_owner_samples,
             datagrams_sent: self.net.sent,
             datagrams_dropped: self.net.dropped,
             failures: self.failures,
