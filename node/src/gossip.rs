@@ -199,6 +199,9 @@ impl GossipDriver {
                 Effect::Rejoined(id) => {
                     tracing::warn!(bump = id.bump, "declared down by the cluster; rejoined");
                 }
+                Effect::MemberChanged(id) => {
+                    tracing::info!(member = %id.name, bump = id.bump, roles = ?id.roles, "member changed identity");
+                }
             }
         }
         self.publish();

@@ -56,9 +56,6 @@ const BUILDS_CACHED_MAX: usize = 64;
 const SAMPLED_VIEWS_MAX: usize = 32;
 /// Shards the ownership checker looks at every sample (evenly spread).
 const CHECKED_SHARDS: u32 = 64;
-/// A node re-reads its membership at least this often (the node's placement task also
-/// ticks every 200 ms): identity changes (a drained role, a rejoin) come without a notice.
-const VIEW_REFRESH_US: u64 = 200_000;
 
 type NodeIx = u16;
 type TurnId = u64;
@@ -75,7 +72,6 @@ struct SimNode {
     draining: bool,
     view: Arc<Placement>,
     view_dirty: bool,
-    refreshed_at_us: u64,
     /// Fingerprints of the live set and ring members the view was computed from.
     live: Fingerprint,
     ring: Fingerprint,
@@ -324,7 +320,6 @@ impl World {
             draining: false,
             view: self.empty.clone(),
             view_dirty: true,
-            refreshed_at_us: 0,
             live: Fingerprint::default(),
             ring: Fingerprint::default(),
             guard_checked_at: None,
@@ -452,17 +447,15 @@ impl World {
             // while: look again then.
             let stable = self.sc.gossip_stable_ms() * 1000;
             self.schedule(self.now_us + stable + 1000, Event::GuardCheck { node: n });
-        } else if self.now_us < self.nodes[i].refreshed_at_us + VIEW_REFRESH_US {
-            return self.nodes[i].view.clone();
+            return self.refresh(n);
         }
-        self.refresh(n)
+        self.nodes[i].view.clone()
     }
 
     /// Recomputes the node's placement view and keep-majority verdict from its membership.
     fn refresh(&mut self, n: NodeIx) -> Arc<Placement> {
         let i = usize::from(n);
         self.nodes[i].view_dirty = false;
-        self.nodes[i].refreshed_at_us = self.now_us;
         let Some(m) = self.net.membership(self.nodes[i].addr) else {
             return self.nodes[i].view.clone();
         };

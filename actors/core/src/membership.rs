@@ -54,6 +54,9 @@ pub enum Effect {
     Isolated,
     /// The cluster declared this node down and it rejoined as `NodeId` (bump raised).
     Rejoined(NodeId),
+    /// A member announced a new identity for its address (roles dropped at a drain, a
+    /// rejoin, a restart) while its state stayed the same: this is the new one.
+    MemberChanged(NodeId),
 }
 
 /// Why an incoming datagram was dropped.
@@ -172,7 +175,8 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
             Notification::Rejoin(id) => Effect::Rejoined(id.clone()),
             // Rename is followed by MemberUp/MemberDown when liveness changes, which is
             // all the driver acts on. Defunct cannot happen: our identity always renews.
-            Notification::Rename(..) | Notification::Defunct => return,
+            Notification::Rename(_, new) => Effect::MemberChanged(new.clone()),
+            Notification::Defunct => return,
         };
         self.effects.push_back(effect);
     }
