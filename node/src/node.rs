@@ -399,15 +399,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view.clone(),
         cfg.placement.clone(),
         cfg.replication.clone(),
-        Maintained {
-            placement,
-            serving,
-            baseline: baseline.clone(),
-            forwarder,
-            host: host.clone(),
-            dispatcher: dispatcher.clone(),
-            metrics: metrics.clone(),
-        },
+        Maintained { dispatcher: dispatcher.clone(), baseline: baseline.clone() },
     ));
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),

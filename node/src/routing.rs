@@ -28,7 +28,7 @@ use botclaw_actors::router::{remote_router, Inbound};
 use botclaw_actors::store::{BoxFuture, StoreOp};
 use botclaw_config::{HandoffConfig, PlacementConfig, ReplicationConfig};
 use botclaw_core::handoff::{self, Ask, Held, HoldQueue, HoldRules, Step};
-use botclaw_core::placement::{Placement, RingMember, ShardId};
+use botclaw_core::placement::{shard_of, Placement, RingMember, ShardId};
 use botclaw_core::rebalance::MoveTable;
 use botclaw_core::replication::MajorityGuard;
 use botclaw_core::MemberState;
@@ -59,20 +59,13 @@ impl PlacementView {
     /// Shard and owner of a conversation: the move target if the shard moved, else the
     /// ring owner.
     pub fn locate(&self, conv: &str) -> (ShardId, Option<&str>) {
-        let (shard, ring) = self.placement.locate(conv);
-        (shard, self.moves.target(shard).or(ring))
+        let shard = shard_of(conv, self.placement.shard_count());
+        (shard, self.moves.owner(&self.placement, shard))
     }
 
     /// The owner, then the ring's next distinct nodes: `n` nodes at most.
     pub fn preference_list(&self, shard: ShardId, n: usize) -> Vec<&str> {
-        let ring = self.placement.preference_list(shard, n);
-        match self.moves.target(shard) {
-            None => ring,
-            Some(target) => std::iter::once(target)
-                .chain(ring.into_iter().filter(|m| *m != target))
-                .take(n)
-                .collect(),
-        }
+        self.moves.preference_list(&self.placement, shard, n)
     }
 }
 
@@ -91,16 +84,12 @@ pub fn ring_members(view: &ClusterView) -> BTreeSet<RingMember> {
 /// moves only after membership was stable for a while).
 const GUARD_TICK: Duration = Duration::from_millis(200);
 
-/// What `maintain` keeps up to date.
+/// What `maintain` keeps up to date: the dispatcher's placement, keep-majority verdict,
+/// held requests and actors, and the baseline `/status` shows.
 pub struct Maintained {
-    pub placement: Arc<ArcSwap<PlacementView>>,
-    pub serving: Arc<AtomicBool>,
+    pub dispatcher: Arc<Dispatcher>,
     /// The keep-majority baseline, for `/status`.
     pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
-    pub forwarder: Arc<Forwarder>,
-    pub host: ConversationHost,
-    pub dispatcher: Arc<Dispatcher>,
-    pub metrics: Metrics,
 }
 
 /// Keeps the placement and the keep-majority verdict in step with membership, fails
@@ -137,22 +126,22 @@ pub async fn maintain(
         // node's actors hold may have been taken over meanwhile. They close; the next
         // request acquires afresh from the replicas.
         if me_as_seen.replace(identity).is_some_and(|before| before != identity) {
-            let n = out.host.relinquish(|_| false);
+            let n = out.dispatcher.host.relinquish(|_| false);
             tracing::warn!(
                 closing = n,
                 "this node rejoined the cluster: its conversations re-acquire"
             );
         }
         for peer in now_down.difference(&down) {
-            out.forwarder.fail_peer(peer);
+            out.dispatcher.forwarder.fail_peer(peer);
         }
         down = now_down;
         let serving = guard.observe(&live, started.elapsed().as_millis() as u64);
-        if out.serving.swap(serving, Ordering::AcqRel) != serving {
+        if out.dispatcher.serving.swap(serving, Ordering::AcqRel) != serving {
             if serving {
                 tracing::info!(live = live.len(), "a majority is reachable: serving turns");
             } else {
-                let n = out.host.relinquish(|_| false);
+                let n = out.dispatcher.host.relinquish(|_| false);
                 tracing::warn!(live = live.len(), baseline = ?guard.baseline(), closing = n, "less than a majority is reachable: serving no turns");
             }
         }
@@ -164,7 +153,7 @@ pub async fn maintain(
                 *baseline = guard.baseline().iter().cloned().collect();
             }
         }
-        out.metrics.serving.set(i64::from(serving));
+        out.dispatcher.metrics.serving.set(i64::from(serving));
         if current.as_ref() != Some(&(members.clone(), joined)) || ring.is_none() {
             let list: Vec<RingMember> = members.iter().cloned().collect();
             let cfg = cfg.clone();
@@ -177,7 +166,7 @@ pub async fn maintain(
         }
         let mut moves = MoveTable::merge(&summaries);
         moves.retain_targets(|n| members.iter().any(|m| m.name == n));
-        let before = out.placement.load();
+        let before = out.dispatcher.view.load();
         let ring_now = ring.clone().expect("built above");
         if !Arc::ptr_eq(&before.placement, &ring_now)
             || before.moves != moves
@@ -188,8 +177,9 @@ pub async fn maintain(
             }
             let next = Arc::new(PlacementView { placement: ring_now, moves, joined });
             // The new placement first: what the relinquishing actors pass on is routed by it.
-            out.placement.store(next.clone());
-            let moved = out.host.relinquish(|conv| next.locate(conv).1 == Some(me.as_str()));
+            out.dispatcher.view.store(next.clone());
+            let moved =
+                out.dispatcher.host.relinquish(|conv| next.locate(conv).1 == Some(me.as_str()));
             if moved > 0 {
                 tracing::info!(moved, "conversations moved to other nodes");
             }

@@ -23,7 +23,8 @@ pub struct Scenario {
     pub sample_ms: u64,
     #[serde(default)]
     pub network: Network,
-    #[serde(default = "fast_gossip")]
+    /// The node's `[gossip]` section (the node's defaults).
+    #[serde(default)]
     pub gossip: GossipConfig,
     #[serde(default)]
     pub placement: Placement,
@@ -48,11 +49,6 @@ fn default_duration() -> u64 {
 }
 fn default_sample() -> u64 {
     1000
-}
-
-/// The node's gossip defaults.
-fn fast_gossip() -> GossipConfig {
-    GossipConfig::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -268,7 +268,7 @@ impl World {
         for _ in 0..world.sc.nodes {
             world.add_node();
         }
-        for (i, _) in world.sc.faults.clone().iter().enumerate() {
+        for i in 0..world.sc.faults.len() {
             let at = (world.sc.faults[i].at_s * 1e6) as u64;
             world.schedule(at, Event::Fault { index: i as u32 });
         }
@@ -373,7 +373,7 @@ impl World {
         node.ring = Fingerprint::default();
         node.view = self.empty.clone();
         node.guard_checked_at = None;
-        node.guard = MajorityGuard::new(&node.name, now, self.sc.gossip_stable_ms());
+        node.guard = MajorityGuard::new(&node.name, now, stable_after_ms());
         node.serving = true;
         self.crashed_at.remove(&n);
         if let Err(at) = self.up.binary_search(&n) {
@@ -445,7 +445,7 @@ impl World {
         if self.nodes[i].view_dirty {
             // Keep-majority moves its baseline only after membership was stable for a
             // while: look again then.
-            let stable = self.sc.gossip_stable_ms() * 1000;
+            let stable = stable_after_ms() * 1000;
             self.schedule(self.now_us + stable + 1000, Event::GuardCheck { node: n });
             return self.refresh(n);
         }
@@ -474,7 +474,7 @@ impl World {
         });
         let now = self.now_ms();
         let guard_due =
-            self.nodes[i].guard_checked_at.is_none_or(|at| now >= at + self.sc.gossip_stable_ms());
+            self.nodes[i].guard_checked_at.is_none_or(|at| now >= at + stable_after_ms());
         if self.nodes[i].live != live || guard_due {
             let mut names = BTreeSet::new();
             m.visit_members(|id, state| {
@@ -515,21 +515,24 @@ impl World {
 
     fn owner_in(&mut self, n: NodeIx, shard: ShardId) -> Option<NodeIx> {
         let view = self.view(n);
-        let owner = self.moves.target(shard).or_else(|| view.owner(shard))?;
+        let owner = self.moves.owner(&view, shard)?;
         self.by_name.get(owner).copied()
     }
 
     fn preference(&mut self, n: NodeIx, shard: ShardId) -> Vec<NodeIx> {
         let view = self.view(n);
-        let r = self.sc.replication.factor;
-        let ring = view.preference_list(shard, r);
-        let list: Vec<&str> = match self.moves.target(shard) {
-            None => ring,
-            Some(t) => {
-                std::iter::once(t).chain(ring.into_iter().filter(|m| *m != t)).take(r).collect()
-            }
-        };
+        let list = self.moves.preference_list(&view, shard, self.sc.replication.factor);
         list.iter().filter_map(|name| self.by_name.get(*name).copied()).collect()
+    }
+
+    /// The members of `node`'s preference list for `shard` it can reach (itself
+    /// included), if they make the write quorum.
+    fn quorum(&mut self, node: NodeIx, shard: ShardId) -> Option<Vec<NodeIx>> {
+        let pref = self.preference(node, shard);
+        let reachable: Vec<NodeIx> =
+            pref.iter().copied().filter(|&p| p == node || self.reaches(node, p)).collect();
+        let quorum = write_quorum(self.sc.replication.write_quorum, pref.len());
+        (reachable.contains(&node) && reachable.len() >= quorum).then_some(reachable)
     }
 
     fn latency_us(&mut self) -> u64 {
@@ -715,13 +718,7 @@ impl World {
         let conv = self.turns[&id].conv as usize;
         let mut delay = 0;
         if self.convs[conv].holder != Some(node) {
-            let pref = self.preference(node, shard);
-            let reachable: Vec<NodeIx> =
-                pref.iter().copied().filter(|&p| p == node || self.reaches(node, p)).collect();
-            let quorum = write_quorum(self.sc.replication.write_quorum, pref.len());
-            if !reachable.contains(&node) || reachable.len() < quorum {
-                return self.refuse(id);
-            }
+            let Some(reachable) = self.quorum(node, shard) else { return self.refuse(id) };
             let c = &mut self.convs[conv];
             let newest = c
                 .copies
@@ -794,13 +791,7 @@ impl World {
             self.fenced_writes += 1;
             return self.refuse(id);
         }
-        let pref = self.preference(node, shard);
-        let reachable: Vec<NodeIx> =
-            pref.iter().copied().filter(|&p| p == node || self.reaches(node, p)).collect();
-        let quorum = write_quorum(self.sc.replication.write_quorum, pref.len());
-        if !reachable.contains(&node) || reachable.len() < quorum {
-            return self.refuse(id);
-        }
+        let Some(reachable) = self.quorum(node, shard) else { return self.refuse(id) };
         let c = &mut self.convs[conv];
         let turn_no = c.copies.iter().find(|(n, _)| *n == node).map_or(0, |x| x.1) + 1;
         for &p in &reachable {
@@ -1208,14 +1199,12 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
+/// Keep-majority's stability window (the node's default).
+fn stable_after_ms() -> u64 {
+    botclaw_config::ReplicationConfig::default().stable_after_ms
+}
+
 /// The id of conversation `c`.
 pub fn conv_name(c: usize) -> String {
     format!("c{c}")
-}
-
-impl Scenario {
-    /// Keep-majority's stability window in the simulation (the node's default).
-    pub fn gossip_stable_ms(&self) -> u64 {
-        botclaw_config::ReplicationConfig::default().stable_after_ms
-    }
 }

@@ -358,12 +358,7 @@ impl Membership {
     /// without copying (for simulations of thousands of nodes).
     pub fn visit_members(&self, mut f: impl FnMut(&NodeId, MemberState)) {
         for m in self.foca.iter_membership_state() {
-            let state = match m.state() {
-                State::Alive => MemberState::Up,
-                State::Suspect => MemberState::Suspect,
-                State::Down => MemberState::Down,
-            };
-            f(m.id(), state);
+            f(m.id(), member_state(m.state()));
         }
         f(self.foca.identity(), if self.left { MemberState::Down } else { MemberState::Up });
     }
@@ -375,11 +370,7 @@ impl Membership {
             .iter_membership_state()
             .map(|m| MemberView {
                 id: m.id().clone(),
-                state: match m.state() {
-                    State::Alive => MemberState::Up,
-                    State::Suspect => MemberState::Suspect,
-                    State::Down => MemberState::Down,
-                },
+                state: member_state(m.state()),
                 is_self: false,
             })
             .collect();
@@ -395,6 +386,14 @@ impl Membership {
     /// Updates waiting to be piggybacked; a large backlog means dissemination lags.
     pub fn updates_backlog(&self) -> usize {
         self.foca.updates_backlog()
+    }
+}
+
+fn member_state(state: State) -> MemberState {
+    match state {
+        State::Alive => MemberState::Up,
+        State::Suspect => MemberState::Suspect,
+        State::Down => MemberState::Down,
     }
 }
 

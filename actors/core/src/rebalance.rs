@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::placement::ShardId;
+use crate::placement::{Placement, ShardId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -205,6 +205,28 @@ impl MoveTable {
     /// Where `shard` moved, if it did.
     pub fn target(&self, shard: ShardId) -> Option<&str> {
         self.records.get(&shard).map(|r| r.to.as_str())
+    }
+
+    /// The owner of `shard`: its move target if it moved, else the placement's owner.
+    pub fn owner<'a>(&'a self, placement: &'a Placement, shard: ShardId) -> Option<&'a str> {
+        self.target(shard).or_else(|| placement.owner(shard))
+    }
+
+    /// The owner, then the placement's next distinct nodes: `n` nodes at most.
+    pub fn preference_list<'a>(
+        &'a self,
+        placement: &'a Placement,
+        shard: ShardId,
+        n: usize,
+    ) -> Vec<&'a str> {
+        let ring = placement.preference_list(shard, n);
+        match self.target(shard) {
+            None => ring,
+            Some(target) => std::iter::once(target)
+                .chain(ring.into_iter().filter(|m| *m != target))
+                .take(n)
+                .collect(),
+        }
     }
 
     pub fn get(&self, shard: ShardId) -> Option<&MoveRecord> {
