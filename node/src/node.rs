@@ -150,7 +150,8 @@ fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
         .filter_map(|m| {
             let summary = view.loads.get(&m.name)?;
             let load = f64::from(summary.turns_per_s);
-            Some(NodeLoad { name: m.name.clone(), load, capacity: m.capacity })
+            let moved_in = placement.moves.iter().filter(|r| r.to == m.name).count();
+            Some(NodeLoad { name: m.name.clone(), load, capacity: m.capacity, moved_in })
         })
         .collect()
 }
@@ -159,12 +160,7 @@ fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
 /// moves it vouches for; every `rebalance.interval_ms` it runs the rebalancer on the
 /// cluster's loads and its own hottest shards.
 async fn load_loop(l: LoadLoop) {
-    let core_cfg = botclaw_core::rebalance::RebalanceConfig {
-        overload_ratio: f64::from(l.rebalance.overload_permille) / 1000.0,
-        target_ratio: f64::from(l.rebalance.target_permille) / 1000.0,
-        moves_per_round_max: l.rebalance.moves_per_round_max,
-        cooldown_rounds: l.rebalance.cooldown_rounds,
-    };
+    let core_cfg = botclaw_core::rebalance::RebalanceConfig::from(&l.rebalance);
     let mut rebalancer = Rebalancer::new(core_cfg.clone());
     let rounds_every = (l.rebalance.interval_ms / LOAD_PERIOD.as_millis() as u64).max(1);
     let mut was_overloaded = false;
@@ -214,7 +210,12 @@ async fn load_loop(l: LoadLoop) {
             }
             was_overloaded = overloaded;
         }
-        decided.retain(|(_, at)| now.duration_since(*at) < DECIDED_MOVES_KEPT);
+        // A decided move is vouched for here until its target vouches for it (or for
+        // DECIDED_MOVES_KEPT), so the summary keeps room for fresh decisions.
+        decided.retain(|(r, at)| {
+            let adopted = l.view.borrow().loads.get(&r.to).is_some_and(|s| s.moves.contains(r));
+            !adopted && now.duration_since(*at) < DECIDED_MOVES_KEPT
+        });
         let mut moves: Vec<MoveRecord> = decided.iter().map(|(r, _)| r.clone()).collect();
         let table = l.dispatcher.view.load();
         moves.extend(table.moves.iter().filter(|r| r.to == l.node).cloned());

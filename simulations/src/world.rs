@@ -342,13 +342,7 @@ impl World {
     }
 
     fn rebalance_cfg(&self) -> rebalance::RebalanceConfig {
-        let r = &self.sc.rebalance;
-        rebalance::RebalanceConfig {
-            overload_ratio: f64::from(r.overload_permille) / 1000.0,
-            target_ratio: f64::from(r.target_permille) / 1000.0,
-            moves_per_round_max: r.moves_per_round_max,
-            cooldown_rounds: r.cooldown_rounds,
-        }
+        rebalance::RebalanceConfig::from(&self.sc.rebalance)
     }
 
     fn start(&mut self, n: NodeIx) {
@@ -950,11 +944,20 @@ impl World {
             }
             return;
         }
+        let mut moved_in: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in self.moves.iter() {
+            *moved_in.entry(r.to.as_str()).or_default() += 1;
+        }
         let loads: Vec<NodeLoad> = self
             .nodes
             .iter()
             .filter(|n| n.started && !n.draining)
-            .map(|n| NodeLoad { name: n.name.clone(), load: n.load, capacity: 100 })
+            .map(|n| NodeLoad {
+                name: n.name.clone(),
+                load: n.load,
+                capacity: 100,
+                moved_in: moved_in.get(n.name.as_str()).copied().unwrap_or(0),
+            })
             .collect();
         let avg = rebalance::average(&loads);
         let min = f64::from(self.sc.rebalance.min_turns_per_s);

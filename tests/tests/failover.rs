@@ -302,7 +302,9 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}"));
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    // 40 conversations that n0 owns, 10 each on the others: n0 carries 2/3 of the turns.
+    // 60 conversations that n0 owns, 15 each on the others: n0 carries 2/3 of the turns.
+    // Enough of them that the load (64 turns each, stopped once balanced) outlasts slow
+    // runs, few enough that each receiver can vouch for the ~15 shards it takes over.
     let owner = |conv: &str| -> String {
         let (_, body) =
             http_get(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
@@ -313,18 +315,18 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     for k in 0.. {
         let conv = format!("skew-{k}");
         let o = owner(&conv);
-        let want = if o == "n0" { 40 } else { 10 };
+        let want = if o == "n0" { 60 } else { 15 };
         let list = picked.entry(o).or_default();
         if list.len() < want {
             list.push(conv);
         }
-        if picked.values().map(Vec::len).sum::<usize>() == 60 {
+        if picked.values().map(Vec::len).sum::<usize>() == 90 {
             break;
         }
     }
     let convs: Vec<String> = picked.into_values().flatten().collect();
     let rt = runtime();
-    // Six clients: the 64 turns of each conversation last long enough to watch the moves.
+    // Six clients, each going round its 15 conversations one turn at a time.
     let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6);
     let moved = || -> f64 {
         c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_shards_moved_total")).sum()

@@ -10,6 +10,11 @@
 //!   under constant load the decisions stop (hysteresis);
 //! - the giver sheds down to `target_ratio`, hottest shards first, never a shard hotter
 //!   than what is left to shed (no overshoot), at most `moves_per_round_max` per round;
+//! - a node receives at most `moves_per_target_max` moved shards: a move lasts only as long
+//!   as its target vouches for it in its load summary, which carries a bounded number of
+//!   records (a move past that bound would be forgotten and decided again, forever).
+//!   Load-driven moves are for hot spots; a node that is too small for its share of the
+//!   ring needs a larger capacity weight instead;
 //! - after a round with moves, the node decides nothing for `cooldown_rounds` rounds, so
 //!   the loads its moves change are measured before it decides again (loads travel by
 //!   gossip and lag a round or two; deciding on stale loads overshoots and can oscillate);
@@ -30,6 +35,8 @@ pub struct RebalanceConfig {
     pub overload_ratio: f64,
     pub target_ratio: f64,
     pub moves_per_round_max: usize,
+    /// Moved shards one node may be the target of (see the module docs).
+    pub moves_per_target_max: usize,
     pub cooldown_rounds: u64,
 }
 
@@ -39,17 +46,34 @@ impl Default for RebalanceConfig {
             overload_ratio: 1.15,
             target_ratio: 1.05,
             moves_per_round_max: 16,
+            moves_per_target_max: crate::load::MOVES_MAX - crate::load::HOT_SHARDS_MAX,
             cooldown_rounds: 10,
         }
     }
 }
 
-/// A node's measured load (e.g. turns/s) and capacity weight.
+impl From<&botclaw_config::RebalanceConfig> for RebalanceConfig {
+    /// The operator's settings (ratios in permille).
+    fn from(r: &botclaw_config::RebalanceConfig) -> Self {
+        RebalanceConfig {
+            overload_ratio: f64::from(r.overload_permille) / 1000.0,
+            target_ratio: f64::from(r.target_permille) / 1000.0,
+            moves_per_round_max: r.moves_per_round_max,
+            cooldown_rounds: r.cooldown_rounds,
+            ..Default::default()
+        }
+    }
+}
+
+/// A node's measured load (e.g. turns/s), capacity weight, and how many moved shards it is
+/// the target of now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeLoad {
     pub name: String,
     pub load: f64,
     pub capacity: u32,
+    #[serde(default)]
+    pub moved_in: usize,
 }
 
 /// One shard's measured load on its owner.
@@ -136,11 +160,16 @@ pub fn decide(
         return Vec::new();
     }
     let mut excess = my.load - cfg.target_ratio * avg * cap(my);
-    // Receivers: below average, least loaded first; their room up to the target.
-    let mut receivers: Vec<(String, f64)> = nodes
+    // Receivers: below average, least loaded first; their room up to the target, and the
+    // moved shards they can still take.
+    let mut receivers: Vec<(String, f64, usize)> = nodes
         .iter()
         .filter(|n| n.name != me && n.load / cap(n) < avg)
-        .map(|n| (n.name.clone(), cfg.target_ratio * avg * cap(n) - n.load))
+        .map(|n| {
+            let slots = cfg.moves_per_target_max.saturating_sub(n.moved_in);
+            (n.name.clone(), cfg.target_ratio * avg * cap(n) - n.load, slots)
+        })
+        .filter(|r| r.2 > 0)
         .collect();
     let mut shards: Vec<ShardLoad> =
         mine.iter().copied().filter(|s| s.rate > 0.0 && !cooling(s.shard)).collect();
@@ -153,11 +182,13 @@ pub fn decide(
         if s.rate > excess {
             continue;
         }
+        receivers.retain(|r| r.2 > 0);
         receivers.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let Some(receiver) = receivers.first_mut().filter(|r| r.1 >= s.rate) else {
             continue;
         };
         receiver.1 -= s.rate;
+        receiver.2 -= 1;
         excess -= s.rate;
         moves.push(Move { shard: s.shard, to: receiver.0.clone() });
     }

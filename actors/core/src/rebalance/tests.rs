@@ -37,7 +37,7 @@ fn decisions_match_the_case_tables() {
 }
 
 fn node(name: &str, load: f64) -> NodeLoad {
-    NodeLoad { name: name.into(), load, capacity: 100 }
+    NodeLoad { name: name.into(), load, capacity: 100, moved_in: 0 }
 }
 
 #[test]
@@ -123,12 +123,15 @@ fn constant_load_converges_without_oscillation() {
 proptest! {
     #[test]
     fn decisions_respect_the_bounds(
-        loads in proptest::collection::vec(0.0f64..1000.0, 2..8),
+        loads in proptest::collection::vec((0.0f64..1000.0, 0usize..30), 2..8),
         rates in proptest::collection::vec(0.0f64..200.0, 0..40),
     ) {
-        let cfg = RebalanceConfig::default();
-        let nodes: Vec<NodeLoad> =
-            loads.iter().enumerate().map(|(i, l)| node(&format!("n{i}"), *l)).collect();
+        let cfg = RebalanceConfig { moves_per_target_max: 24, ..Default::default() };
+        let nodes: Vec<NodeLoad> = loads
+            .iter()
+            .enumerate()
+            .map(|(i, (l, moved_in))| NodeLoad { moved_in: *moved_in, ..node(&format!("n{i}"), *l) })
+            .collect();
         let mine: Vec<ShardLoad> = rates
             .iter()
             .enumerate()
@@ -147,6 +150,8 @@ proptest! {
             if got > 0.0 {
                 prop_assert!(n.load + got <= cfg.target_ratio * avg * 100.0 + 1e-9, "receiver pushed over the target");
             }
+            let count = moves.iter().filter(|m| m.to == n.name).count();
+            prop_assert!(n.moved_in + count <= cfg.moves_per_target_max.max(n.moved_in), "receiver given more moved shards than it can vouch for");
         }
     }
 }
