@@ -157,9 +157,13 @@ pub async fn maintain(
         if current.as_ref() != Some(&(members.clone(), joined)) || ring.is_none() {
             let list: Vec<RingMember> = members.iter().cloned().collect();
             let cfg = cfg.clone();
-            let placement = tokio::task::spawn_blocking(move || Placement::build(&list, &cfg))
-                .await
-                .expect("placement build does not panic");
+            let base = ring.clone();
+            let placement = tokio::task::spawn_blocking(move || match base {
+                Some(base) => Placement::rebuild_from(&base, &list, &cfg),
+                None => Placement::build(&list, &cfg),
+            })
+            .await
+            .expect("placement build does not panic");
             tracing::info!(members = members.len(), joined, "placement updated");
             ring = Some(Arc::new(placement));
             current = Some((members.clone(), joined));

@@ -497,7 +497,9 @@ impl World {
                         members.push(RingMember { name: id.name.clone(), capacity: id.capacity });
                     }
                 });
-                let view = Arc::new(Placement::build(&members, &self.placement_cfg));
+                // Derived from the node's current view: usually one member apart.
+                let base = &self.nodes[i].view;
+                let view = Arc::new(Placement::rebuild_from(base, &members, &self.placement_cfg));
                 self.builds.insert(ring, view.clone());
                 view
             }
@@ -1098,7 +1100,11 @@ impl World {
             .iter()
             .step_by(step)
             .filter_map(|n| self.net.membership(n.addr))
-            .map(|m| m.members().iter().filter(|v| v.state == MemberState::Up).count())
+            .map(|m| {
+                let mut up = 0;
+                m.visit_members(|_, state| up += usize::from(state == MemberState::Up));
+                up
+            })
             .collect();
         let p99 = if self.period_latency.is_empty() {
             0

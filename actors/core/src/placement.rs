@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 
-use botclaw_config::{PlacementConfig, PlacementStrategy};
+use botclaw_config::{PlacementConfig, PlacementStrategy, NAME_BYTES_MAX};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// A shard number in `0..shard_count`.
@@ -47,12 +47,34 @@ pub fn shard_of(conv: &str, shard_count: u32) -> ShardId {
 }
 
 /// Ring position of the `k`-th virtual node of `name`.
+/// The hash of `"{name}#{k}"`, on the stack for names up to [`NAME_BYTES_MAX`] bytes (every
+/// validated name), since builds hash every point of every member.
 pub fn vnode_position(name: &str, k: u32) -> u64 {
-    let mut key = Vec::with_capacity(name.len() + 11);
-    key.extend_from_slice(name.as_bytes());
-    key.push(b'#');
-    key.extend_from_slice(k.to_string().as_bytes());
-    xxh3_64(&key)
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = k;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[at..];
+    let len = name.len() + 1 + digits.len();
+    let mut stack = [0u8; NAME_BYTES_MAX + 11];
+    let mut heap = Vec::new();
+    let key: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    key[..name.len()].copy_from_slice(name.as_bytes());
+    key[name.len()] = b'#';
+    key[name.len() + 1..].copy_from_slice(digits);
+    xxh3_64(key)
 }
 
 /// Fixed ring position of a shard.
@@ -92,10 +114,7 @@ impl Placement {
     /// Builds the table. Duplicate names are merged (first capacity wins); at most
     /// `u16::MAX` members.
     pub fn build(members: &[RingMember], cfg: &PlacementConfig) -> Placement {
-        let mut members: Vec<RingMember> = members.to_vec();
-        members.sort();
-        members.dedup_by(|a, b| a.name == b.name);
-        assert!(members.len() <= usize::from(u16::MAX), "too many members for placement");
+        let members = Self::normalized(members);
         let mut points = Vec::new();
         for (i, m) in members.iter().enumerate() {
             for k in 0..vnodes_of(m.capacity, cfg.vnodes) {
@@ -103,6 +122,69 @@ impl Placement {
             }
         }
         points.sort_unstable();
+        Self::with_points(members, points, cfg)
+    }
+
+    /// The same table as [`Placement::build`], derived from `base` (built with the same
+    /// `cfg`): the ring points of members in both are kept, only the others are hashed,
+    /// and the two sorted lists are merged. A membership change of one node costs a pass
+    /// over the points instead of hashing and sorting them all.
+    pub fn rebuild_from(
+        base: &Placement,
+        members: &[RingMember],
+        cfg: &PlacementConfig,
+    ) -> Placement {
+        if base.shard_count != cfg.shard_count {
+            return Placement::build(members, cfg);
+        }
+        let members = Self::normalized(members);
+        // Old member index -> new index, for members kept with the same capacity (both
+        // lists are sorted by name, so the mapping keeps their order).
+        let mut remap = vec![None; base.members.len()];
+        let mut new_ones = Vec::new();
+        let mut old = base.members.iter().enumerate().peekable();
+        for (i, m) in members.iter().enumerate() {
+            while old.next_if(|(_, o)| o.name < m.name).is_some() {}
+            match old.next_if(|(_, o)| o.name == m.name) {
+                Some((j, o)) if o.capacity == m.capacity => remap[j] = Some(i as u16),
+                _ => new_ones.push(i),
+            }
+        }
+        let mut added = Vec::new();
+        for i in new_ones {
+            for k in 0..vnodes_of(members[i].capacity, cfg.vnodes) {
+                added.push((vnode_position(&members[i].name, k), i as u16));
+            }
+        }
+        added.sort_unstable();
+        let kept = base.points.iter().filter_map(|&(pos, j)| Some((pos, remap[usize::from(j)]?)));
+        let mut points = Vec::with_capacity(base.points.len() + added.len());
+        let mut added = added.into_iter().peekable();
+        for p in kept {
+            while let Some(a) = added.next_if(|a| *a < p) {
+                points.push(a);
+            }
+            points.push(p);
+        }
+        points.extend(added);
+        Self::with_points(members, points, cfg)
+    }
+
+    /// Members sorted by name, duplicates merged (first capacity wins).
+    fn normalized(members: &[RingMember]) -> Vec<RingMember> {
+        let mut members: Vec<RingMember> = members.to_vec();
+        members.sort();
+        members.dedup_by(|a, b| a.name == b.name);
+        assert!(members.len() <= usize::from(u16::MAX), "too many members for placement");
+        members
+    }
+
+    /// The table for sorted members and their sorted ring points.
+    fn with_points(
+        members: Vec<RingMember>,
+        points: Vec<(u64, u16)>,
+        cfg: &PlacementConfig,
+    ) -> Placement {
         let mut successor = Vec::new();
         if !points.is_empty() {
             successor.reserve(cfg.shard_count as usize);

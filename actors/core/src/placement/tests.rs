@@ -26,6 +26,17 @@ fn hash_vectors_are_pinned() {
 }
 
 #[test]
+fn vnode_positions_hash_name_hash_k() {
+    let long = "n".repeat(200);
+    for name in ["", "n0", "node-with-a-long-name", long.as_str()] {
+        for k in [0, 1, 9, 10, 99, 100, 12_345, u32::MAX] {
+            let want = xxh3_64(format!("{name}#{k}").as_bytes());
+            assert_eq!(vnode_position(name, k), want, "{name}#{k}");
+        }
+    }
+}
+
+#[test]
 fn shard_vectors_are_pinned() {
     let vectors = [("c-42", 262_144, 56_972u32), ("c-43", 262_144, 197_439), ("c-42", 7, 3)];
     for (conv, count, want) in vectors {
@@ -93,6 +104,35 @@ proptest! {
         }
         let b = Placement::build(&members(&names), &cfg());
         prop_assert!(a.moved_shards(&b).is_empty());
+    }
+
+    #[test]
+    fn a_rebuild_from_any_base_equals_a_fresh_build(
+        before in names_strategy(),
+        after in names_strategy(),
+        keep in proptest::collection::vec(any::<bool>(), 64),
+        heavy in any::<usize>(),
+        strategy in prop_oneof![
+            Just(PlacementStrategy::Ring),
+            Just(PlacementStrategy::Bounded),
+            Just(PlacementStrategy::Rendezvous),
+        ],
+    ) {
+        // `after` = some of `before`'s members plus others, one of them with a changed
+        // capacity.
+        let mut next: Vec<RingMember> =
+            members(&before).into_iter().zip(&keep).filter(|(_, k)| **k).map(|(m, _)| m).collect();
+        next.extend(members(&after));
+        if !next.is_empty() {
+            let i = heavy % next.len();
+            next[i].capacity = 250;
+        }
+        let cfg = PlacementConfig { strategy, shard_count: 1024, ..cfg() };
+        let base = Placement::build(&members(&before), &cfg);
+        prop_assert_eq!(Placement::rebuild_from(&base, &next, &cfg), Placement::build(&next, &cfg));
+        let empty = Placement::build(&[], &cfg);
+        prop_assert_eq!(Placement::rebuild_from(&empty, &next, &cfg), Placement::build(&next, &cfg));
+        prop_assert_eq!(Placement::rebuild_from(&base, &[], &cfg), Placement::build(&[], &cfg));
     }
 
     #[test]
