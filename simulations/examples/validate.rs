@@ -4,8 +4,8 @@
 //! - consistent hashing with V virtual nodes (shard-count std dev about 1/sqrt(V)),
 //!   bounded loads (max/avg <= 1 + epsilon), and movement on join/leave (about 1/N).
 //!
-//! `cargo run --release -p botclaw-sim --example validate [trials] [swim|rings]` prints
-//! markdown tables.
+//! `cargo run --release -p botclaw-sim --example validate [trials] [swim|rings] [sizes]`
+//! prints markdown tables (`sizes`: SWIM group sizes, default `8,16,32,64,128`).
 
 use std::net::SocketAddr;
 
@@ -42,13 +42,20 @@ fn detection(n: usize, seed: u64, cfg: &GossipConfig) -> Option<(u64, u64)> {
         let seeds = if i == 0 { vec![] } else { vec![addr(0)] };
         net.start(id(i), &seeds, SECRET, seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
     }
-    let converged = net.run_until_pred(120_000, |net| {
-        (0..n).all(|i| {
+    // Converged: every node sees all n up (checked every 100 ms, counting without copies).
+    let mut converged = None;
+    while converged.is_none() && net.now_ms() < 300_000 {
+        net.run_until(net.now_ms() + 100);
+        let all_up = (0..n).all(|i| {
             net.membership(addr(i)).is_some_and(|m| {
-                m.members().iter().filter(|v| v.state == MemberState::Up).count() == n
+                let mut up = 0;
+                m.visit_members(|_, state| up += usize::from(state == MemberState::Up));
+                up == n
             })
-        })
-    })?;
+        });
+        converged = all_up.then_some(net.now_ms());
+    }
+    let converged = converged?;
     // Crash at a point spread over a protocol period.
     net.run_until(converged + 5_000 + seed % cfg.probe_period_ms);
     let victim = 1 + (seed as usize % (n - 1));
@@ -68,7 +75,7 @@ fn detection(n: usize, seed: u64, cfg: &GossipConfig) -> Option<(u64, u64)> {
     Some((first?, net.now_ms() - crashed_at))
 }
 
-fn swim(trials: u64) {
+fn swim(trials: u64, sizes: &[usize]) {
     let cfg = GossipConfig::default();
     let e = std::f64::consts::E;
     println!(
@@ -78,7 +85,7 @@ fn swim(trials: u64) {
     println!();
     println!("| nodes | first detection, periods (mean) | paper: e/(e-1) | all nodes know, s (mean) | log2 N |");
     println!("| --- | --- | --- | --- | --- |");
-    for n in [8usize, 16, 32, 64, 128] {
+    for &n in sizes {
         let runs: Vec<(u64, u64)> = (0..trials).filter_map(|t| detection(n, 1 + t, &cfg)).collect();
         let periods: f64 = runs
             .iter()
@@ -194,8 +201,13 @@ fn rings(trials: u64) {
 fn main() {
     let trials: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     let only = std::env::args().nth(2);
+    // Group sizes for the SWIM table, e.g. `8,64,256`.
+    let sizes: Vec<usize> = std::env::args()
+        .nth(3)
+        .map(|a| a.split(',').filter_map(|n| n.trim().parse().ok()).filter(|n| *n >= 2).collect())
+        .unwrap_or_else(|| vec![8, 16, 32, 64, 128]);
     if only.as_deref() != Some("rings") {
-        swim(trials);
+        swim(trials, &sizes);
     }
     if only.as_deref() != Some("swim") {
         rings(trials);
