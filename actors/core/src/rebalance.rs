@@ -169,7 +169,6 @@ pub fn decide(
             let slots = cfg.moves_per_target_max.saturating_sub(n.moved_in);
             (n.name.clone(), cfg.target_ratio * avg * cap(n) - n.load, slots)
         })
-        .filter(|r| r.2 > 0)
         .collect();
     let mut shards: Vec<ShardLoad> =
         mine.iter().copied().filter(|s| s.rate > 0.0 && !cooling(s.shard)).collect();
