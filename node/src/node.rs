@@ -142,6 +142,7 @@ struct LoadLoop {
 /// The loads of the members that own shards, as their last summaries said.
 fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
     let placement = l.dispatcher.view.load();
+    let moved_in = placement.moves.moved_in();
     let view = l.view.borrow();
     placement
         .placement
@@ -150,7 +151,7 @@ fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
         .filter_map(|m| {
             let summary = view.loads.get(&m.name)?;
             let load = f64::from(summary.turns_per_s);
-            let moved_in = placement.moves.iter().filter(|r| r.to == m.name).count();
+            let moved_in = moved_in.get(m.name.as_str()).copied().unwrap_or(0);
             Some(NodeLoad { name: m.name.clone(), load, capacity: m.capacity, moved_in })
         })
         .collect()
@@ -212,10 +213,13 @@ async fn load_loop(l: LoadLoop) {
         }
         // A decided move is vouched for here until its target vouches for it (or for
         // DECIDED_MOVES_KEPT), so the summary keeps room for fresh decisions.
-        decided.retain(|(r, at)| {
-            let adopted = l.view.borrow().loads.get(&r.to).is_some_and(|s| s.moves.contains(r));
-            !adopted && now.duration_since(*at) < DECIDED_MOVES_KEPT
-        });
+        {
+            let view = l.view.borrow();
+            decided.retain(|(r, at)| {
+                let adopted = view.loads.get(&r.to).is_some_and(|s| s.moves.contains(r));
+                !adopted && now.duration_since(*at) < DECIDED_MOVES_KEPT
+            });
+        }
         let mut moves: Vec<MoveRecord> = decided.iter().map(|(r, _)| r.clone()).collect();
         let table = l.dispatcher.view.load();
         moves.extend(table.moves.iter().filter(|r| r.to == l.node).cloned());

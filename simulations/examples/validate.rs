@@ -46,13 +46,8 @@ fn detection(n: usize, seed: u64, cfg: &GossipConfig) -> Option<(u64, u64)> {
     let mut converged = None;
     while converged.is_none() && net.now_ms() < 300_000 {
         net.run_until(net.now_ms() + 100);
-        let all_up = (0..n).all(|i| {
-            net.membership(addr(i)).is_some_and(|m| {
-                let mut up = 0;
-                m.visit_members(|_, state| up += usize::from(state == MemberState::Up));
-                up == n
-            })
-        });
+        let all_up =
+            (0..n).all(|i| net.membership(addr(i)).is_some_and(|m| m.count(MemberState::Up) == n));
         converged = all_up.then_some(net.now_ms());
     }
     let converged = converged?;

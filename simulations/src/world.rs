@@ -946,10 +946,7 @@ impl World {
             }
             return;
         }
-        let mut moved_in: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in self.moves.iter() {
-            *moved_in.entry(r.to.as_str()).or_default() += 1;
-        }
+        let moved_in = self.moves.moved_in();
         let loads: Vec<NodeLoad> = self
             .nodes
             .iter()
@@ -1100,11 +1097,7 @@ impl World {
             .iter()
             .step_by(step)
             .filter_map(|n| self.net.membership(n.addr))
-            .map(|m| {
-                let mut up = 0;
-                m.visit_members(|_, state| up += usize::from(state == MemberState::Up));
-                up
-            })
+            .map(|m| m.count(MemberState::Up))
             .collect();
         let p99 = if self.period_latency.is_empty() {
             0

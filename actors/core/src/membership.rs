@@ -363,6 +363,13 @@ impl Membership {
         f(self.foca.identity(), if self.left { MemberState::Down } else { MemberState::Up });
     }
 
+    /// How many members this node knows in `state`, itself included (without copying).
+    pub fn count(&self, state: MemberState) -> usize {
+        let mut n = 0;
+        self.visit_members(|_, s| n += usize::from(s == state));
+        n
+    }
+
     /// Every member this node knows, itself included, ordered by name then incarnation.
     pub fn members(&self) -> Vec<MemberView> {
         let mut out: Vec<MemberView> = self

@@ -46,35 +46,19 @@ pub fn shard_of(conv: &str, shard_count: u32) -> ShardId {
     (conv_hash(conv) % u64::from(shard_count)) as ShardId
 }
 
-/// Ring position of the `k`-th virtual node of `name`.
-/// The hash of `"{name}#{k}"`, on the stack for names up to [`NAME_BYTES_MAX`] bytes (every
-/// validated name), since builds hash every point of every member.
+/// Ring position of the `k`-th virtual node of `name`: the hash of `"{name}#{k}"`, written
+/// on the stack for validated names (at most [`NAME_BYTES_MAX`] bytes), since builds hash
+/// every point of every member.
 pub fn vnode_position(name: &str, k: u32) -> u64 {
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    let mut rest = k;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let digits = &digits[at..];
-    let len = name.len() + 1 + digits.len();
+    use std::io::Write;
     let mut stack = [0u8; NAME_BYTES_MAX + 11];
-    let mut heap = Vec::new();
-    let key: &mut [u8] = if len <= stack.len() {
-        &mut stack[..len]
-    } else {
-        heap.resize(len, 0);
-        &mut heap
-    };
-    key[..name.len()].copy_from_slice(name.as_bytes());
-    key[name.len()] = b'#';
-    key[name.len() + 1..].copy_from_slice(digits);
-    xxh3_64(key)
+    let room = stack.len();
+    let mut rest = &mut stack[..];
+    if write!(rest, "{name}#{k}").is_ok() {
+        let len = room - rest.len();
+        return xxh3_64(&stack[..len]);
+    }
+    xxh3_64(format!("{name}#{k}").as_bytes())
 }
 
 /// Fixed ring position of a shard.
@@ -100,6 +84,8 @@ pub fn vnodes_of(capacity: u32, vnodes_per_100: u32) -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     shard_count: u32,
+    /// Ring points per 100 capacity (what [`Placement::rebuild_from`] can reuse).
+    vnodes: u32,
     /// Members sorted by name.
     members: Vec<RingMember>,
     /// Ring points sorted by (position, member index).
@@ -134,7 +120,7 @@ impl Placement {
         members: &[RingMember],
         cfg: &PlacementConfig,
     ) -> Placement {
-        if base.shard_count != cfg.shard_count {
+        if (base.shard_count, base.vnodes) != (cfg.shard_count, cfg.vnodes) {
             return Placement::build(members, cfg);
         }
         let members = Self::normalized(members);
@@ -197,8 +183,14 @@ impl Placement {
                 successor.push((j % points.len()) as u32);
             }
         }
-        let mut placement =
-            Placement { shard_count: cfg.shard_count, members, points, successor, assigned: None };
+        let mut placement = Placement {
+            shard_count: cfg.shard_count,
+            vnodes: cfg.vnodes,
+            members,
+            points,
+            successor,
+            assigned: None,
+        };
         if !placement.members.is_empty() {
             placement.assigned = match cfg.strategy {
                 PlacementStrategy::Ring => None,

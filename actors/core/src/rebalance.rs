@@ -275,6 +275,15 @@ impl MoveTable {
         self.records.values()
     }
 
+    /// How many moved shards each node is the target of (for [`NodeLoad::moved_in`]).
+    pub fn moved_in(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for r in self.records.values() {
+            *counts.entry(r.to.as_str()).or_default() += 1;
+        }
+        counts
+    }
+
     /// The record that moves `shard` to `to`, newer than any this table holds for it.
     pub fn next_record(&self, shard: ShardId, to: &str, decider: &str) -> MoveRecord {
         let term = self.records.get(&shard).map_or(0, |r| r.version.0) + 1;

@@ -130,6 +130,9 @@ proptest! {
         let cfg = PlacementConfig { strategy, shard_count: 1024, ..cfg() };
         let base = Placement::build(&members(&before), &cfg);
         prop_assert_eq!(Placement::rebuild_from(&base, &next, &cfg), Placement::build(&next, &cfg));
+        // A base with other ring points per node is not reused.
+        let other = Placement::build(&members(&before), &PlacementConfig { vnodes: cfg.vnodes + 7, ..cfg.clone() });
+        prop_assert_eq!(Placement::rebuild_from(&other, &next, &cfg), Placement::build(&next, &cfg));
         let empty = Placement::build(&[], &cfg);
         prop_assert_eq!(Placement::rebuild_from(&empty, &next, &cfg), Placement::build(&next, &cfg));
         prop_assert_eq!(Placement::rebuild_from(&base, &[], &cfg), Placement::build(&[], &cfg));
