@@ -469,7 +469,7 @@ impl World {
         let now = self.now_ms();
         let guard_due =
             self.nodes[i].guard_checked_at.is_none_or(|at| now >= at + stable_after_ms());
-        if self.nodes[i].live != live || guard_due {
+        if self.nodes[i].live != live {
             let mut names = BTreeSet::new();
             m.visit_members(|id, state| {
                 if state != MemberState::Down {
@@ -479,6 +479,10 @@ impl World {
             let node = &mut self.nodes[i];
             node.serving = node.guard.observe(&names, now);
             node.live = live;
+            node.guard_checked_at = Some(now);
+        } else if guard_due {
+            let node = &mut self.nodes[i];
+            node.serving = node.guard.tick(now);
             node.guard_checked_at = Some(now);
         }
         if self.nodes[i].ring == ring {

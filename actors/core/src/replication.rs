@@ -173,11 +173,17 @@ impl MajorityGuard {
             self.seen = live.clone();
             self.seen_since_ms = now_ms;
         }
+        self.tick(now_ms)
+    }
+
+    /// The same as [`MajorityGuard::observe`] with the members last observed: time passed
+    /// but the live set did not change (no copy or comparison of the set).
+    pub fn tick(&mut self, now_ms: u64) -> bool {
         let stable = now_ms.saturating_sub(self.seen_since_ms) >= self.stable_after_ms;
         if stable && self.seen != self.baseline && self.majority_of_baseline(&self.seen) {
             self.baseline = self.seen.clone();
         }
-        self.majority_of_baseline(live)
+        self.majority_of_baseline(&self.seen)
     }
 
     /// Whether `live` holds a majority of the baseline (or the lowest-named half).

@@ -150,3 +150,30 @@ fn joiners_grow_the_baseline_once_stable() {
     // Losing three of five at once is a minority.
     assert!(!g.observe(&set(&["a", "b"]), 2000));
 }
+
+#[test]
+fn a_tick_is_observing_the_same_members_again() {
+    let mut observed = MajorityGuard::new("a", 0, 1000);
+    let mut ticked = observed.clone();
+    let steps: [(&[&str], u64); 8] = [
+        (&["a", "b", "c"], 0),
+        (&["a", "b", "c"], 1500),
+        (&["a", "b"], 2000),
+        (&["a", "b"], 3500),
+        (&["b"], 3600),
+        (&["b"], 5000),
+        (&["a"], 6000),
+        (&["a"], 7500),
+    ];
+    let mut last: Option<&[&str]> = None;
+    for (live, t) in steps {
+        let expected = observed.observe(&set(live), t);
+        let got = if last == Some(live) { ticked.tick(t) } else { ticked.observe(&set(live), t) };
+        assert_eq!(got, expected, "at {t}");
+        assert_eq!(ticked.baseline(), observed.baseline(), "at {t}");
+        last = Some(live);
+    }
+    // Ticks promote a stable membership ({a,b} of {a,b,c}; then {a}, the lowest-named half of
+    // {a,b}) and never a minority ({b} alone).
+    assert_eq!(ticked.baseline(), &set(&["a"]));
+}
