@@ -71,8 +71,14 @@ pub struct GossipConfig {
     pub gossip_interval_ms: u64,
     /// How many members each periodic gossip round reaches.
     pub gossip_fanout: usize,
-    /// How many times one update is piggybacked before it is dropped.
-    pub transmissions_max: u8,
+    /// How many times one update is piggybacked before it is dropped, at least.
+    pub transmissions_min: u8,
+    /// Scales retransmissions with the cluster: an update is sent
+    /// `max(transmissions_min, transmissions_log_factor * ceil(log10(members + 1)))` times
+    /// (SWIM's lambda * log N; memberlist's retransmit multiplier). Too few and, in a large
+    /// cluster, a down-declaration can miss a node, which then keeps a crashed member
+    /// "suspect" until it probes it itself.
+    pub transmissions_log_factor: u8,
     /// How often a node that has no members re-announces itself to its seeds.
     pub reannounce_interval_ms: u64,
     /// How long a down member is remembered (prevents a stale identity from coming back).
@@ -90,7 +96,8 @@ impl Default for GossipConfig {
             suspect_to_down_ms: 1000,
             gossip_interval_ms: 200,
             gossip_fanout: 3,
-            transmissions_max: 8,
+            transmissions_min: 8,
+            transmissions_log_factor: 4,
             reannounce_interval_ms: 500,
             remove_down_after_ms: 24 * 3600 * 1000,
             packet_bytes_max: 1400,
@@ -99,6 +106,19 @@ impl Default for GossipConfig {
 }
 
 impl GossipConfig {
+    /// How many times one update is piggybacked in a cluster of `members` (see
+    /// [`GossipConfig::transmissions_log_factor`]).
+    pub fn transmissions(&self, members: usize) -> u8 {
+        let mut digits = 0u32; // ceil(log10(members + 1)), in integers
+        let mut reach = 1u64;
+        while reach < members as u64 + 1 {
+            reach = reach.saturating_mul(10);
+            digits += 1;
+        }
+        let scaled = u32::from(self.transmissions_log_factor) * digits;
+        scaled.clamp(u32::from(self.transmissions_min.max(1)), u32::from(u8::MAX)) as u8
+    }
+
     /// Checks the relations between the fields; messages name the violated relation.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -110,7 +130,7 @@ impl GossipConfig {
             ("gossip.remove_down_after_ms", self.remove_down_after_ms),
             ("gossip.indirect_probes", self.indirect_probes as u64),
             ("gossip.gossip_fanout", self.gossip_fanout as u64),
-            ("gossip.transmissions_max", u64::from(self.transmissions_max)),
+            ("gossip.transmissions_min", u64::from(self.transmissions_min)),
         ];
         for (field, value) in positive {
             if value == 0 {

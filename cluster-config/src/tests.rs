@@ -88,3 +88,18 @@ fn roles_are_bounded() {
     let err = with_secret("roles = [\"has space\"]").validate().unwrap_err();
     assert!(err.to_string().contains("`roles`"), "{err}");
 }
+
+#[test]
+fn retransmissions_grow_with_log_of_the_cluster_size() {
+    let g = GossipConfig::default();
+    // The floor holds for small clusters; then 4 per decimal digit of (members + 1).
+    let expected =
+        [(0, 8), (3, 8), (99, 8), (100, 12), (998, 12), (999, 12), (1000, 16), (5000, 16)];
+    for (members, tx) in expected {
+        assert_eq!(g.transmissions(members), tx, "{members} members");
+    }
+    let big = GossipConfig { transmissions_min: 1, transmissions_log_factor: 200, ..g.clone() };
+    assert_eq!(big.transmissions(1_000_000), u8::MAX, "capped at 255");
+    let none = GossipConfig { transmissions_min: 0, transmissions_log_factor: 0, ..g };
+    assert_eq!(none.transmissions(10), 1, "never zero");
+}

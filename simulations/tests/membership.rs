@@ -226,3 +226,24 @@ fn deterministic_for_a_fixed_seed() {
     assert!(a.len() > 20);
     assert_eq!(a, run());
 }
+
+#[test]
+fn retransmissions_follow_the_cluster_size() {
+    // 6 per decimal digit of (members + 1): 6 for up to 9 members, 12 from 10.
+    let cfg =
+        GossipConfig { transmissions_min: 2, transmissions_log_factor: 6, ..Default::default() };
+    let tx = |net: &SimNet, i: usize| net.membership(addr(i)).unwrap().transmissions();
+    let mut net = SimNet::new(cfg, 1);
+    start(&mut net, 0, 1, &[], SECRET);
+    assert_eq!(tx(&net, 0), 6, "alone");
+    for i in 1..12 {
+        start(&mut net, i, 1, &[0], SECRET);
+    }
+    let all = |net: &SimNet, want: u8, n: usize| (0..n).all(|i| tx(net, i) == want);
+    assert!(net.run_until_pred(10_000, |net| all(net, 12, 12)).is_some(), "12 members: 12");
+    for i in 9..12 {
+        net.crash(addr(i));
+    }
+    let t = net.run_until_pred(30_000, |net| all(net, 6, 9));
+    assert!(t.is_some(), "9 members left: back to 6");
+}

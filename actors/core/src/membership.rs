@@ -113,7 +113,8 @@ pub fn foca_config(cfg: &GossipConfig, payload_bytes_max: usize) -> foca::Config
         probe_period: ms(cfg.probe_period_ms),
         probe_rtt: ms(cfg.probe_rtt_ms),
         num_indirect_probes: nz(cfg.indirect_probes),
-        max_transmissions: NonZeroU8::new(cfg.transmissions_max.max(1)).expect("non-zero"),
+        // For a node on its own; `Membership` follows the cluster's size from there.
+        max_transmissions: NonZeroU8::new(cfg.transmissions(1)).expect("at least 1"),
         suspect_to_down_after: ms(cfg.suspect_to_down_ms),
         remove_down_after: Some(ms(cfg.remove_down_after_ms)),
         max_packet_size: nz(payload_bytes_max),
@@ -139,6 +140,9 @@ type Swim = Foca<NodeId, PostcardCodec, StdRng, LoadGossip>;
 /// The membership state machine of one node.
 pub struct Membership {
     foca: Swim,
+    /// What foca runs with now (its retransmission count follows the cluster's size).
+    config: foca::Config,
+    gossip: GossipConfig,
     loads: LoadTable,
     auth: PacketAuth,
     seeds: Vec<SocketAddr>,
@@ -206,12 +210,15 @@ impl Membership {
         let gossip = LoadGossip::default();
         let loads = gossip.table();
         let rng = StdRng::seed_from_u64(seed);
-        let foca = Foca::with_custom_broadcast(identity, config, rng, PostcardCodec, gossip);
+        let foca =
+            Foca::with_custom_broadcast(identity, config.clone(), rng, PostcardCodec, gossip);
         let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
         seeds.sort();
         seeds.dedup();
         Membership {
             foca,
+            config,
+            gossip: cfg.clone(),
             loads,
             auth,
             seeds,
@@ -290,6 +297,25 @@ impl Membership {
             self.joined = true;
             self.effects.push_back(Effect::Joined);
         }
+        self.track_size();
+    }
+
+    /// Keeps retransmissions at lambda * log N for the cluster this node sees now, so an
+    /// update (a down-declaration above all: only the suspecting node runs the suspicion
+    /// timer, everyone else learns it from gossip) still reaches every member of a large
+    /// cluster.
+    fn track_size(&mut self) {
+        let tx = self.gossip.transmissions(self.foca.num_members() + 1);
+        if tx != self.config.max_transmissions.get() {
+            self.config.max_transmissions = NonZeroU8::new(tx).expect("transmissions() >= 1");
+            // foca refuses only changed probe timings or newly enabled periodic tasks.
+            self.foca.set_config(self.config.clone()).expect("only retransmissions changed");
+        }
+    }
+
+    /// How many times this node piggybacks one update now.
+    pub fn transmissions(&self) -> u8 {
+        self.config.max_transmissions.get()
     }
 
     /// Announces this node again without `role` (a draining node gives up the
