@@ -21,7 +21,7 @@ use std::time::Duration;
 use botclaw_config::GossipConfig;
 use foca::{Foca, Identity, Notification, PeriodicParams, PostcardCodec, State};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::auth::{AuthError, PacketAuth};
@@ -35,7 +35,12 @@ pub enum MembershipTimer {
     Foca(foca::Timer<NodeId>),
     /// Re-announce to the seeds if still alone.
     Reannounce,
+    /// Announce to a few random members while their feeds still teach this node new ones.
+    CatchUp,
 }
+
+/// Catch-up rounds in a row that taught nothing new before this node stops asking.
+const CATCH_UP_QUIET_ROUNDS: u8 = 3;
 
 /// Output of the membership state machine, executed by the driver in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +155,21 @@ pub struct Membership {
     effects: VecDeque<Effect>,
     joined: bool,
     left: bool,
+    /// Picks catch-up targets (seeded: runs stay deterministic).
+    rng: StdRng,
+    catch_up: CatchUp,
+}
+
+/// A joining node asks random members for more members (foca answers an announce with a
+/// feed of about 20 random identities) every gossip interval, as long as the feeds keep
+/// teaching it new ones: a node joining a 1000-member cluster otherwise learns it one
+/// feed per periodic announce (5 s) and runs on a partial view for minutes.
+#[derive(Debug, Default)]
+struct CatchUp {
+    /// Active members after the last round.
+    known: usize,
+    quiet_rounds: u8,
+    running: bool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -210,6 +230,7 @@ impl Membership {
         let gossip = LoadGossip::default();
         let loads = gossip.table();
         let rng = StdRng::seed_from_u64(seed);
+        let catch_up_rng = StdRng::seed_from_u64(seed ^ 0x6361_7463_6875_7021);
         let foca =
             Foca::with_custom_broadcast(identity, config.clone(), rng, PostcardCodec, gossip);
         let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
@@ -226,6 +247,8 @@ impl Membership {
             effects: VecDeque::new(),
             joined: false,
             left: false,
+            rng: catch_up_rng,
+            catch_up: CatchUp::default(),
         }
     }
 
@@ -246,6 +269,55 @@ impl Membership {
             after: self.reannounce_after,
             timer: MembershipTimer::Reannounce,
         });
+        self.start_catch_up();
+    }
+
+    fn start_catch_up(&mut self) {
+        if !self.catch_up.running {
+            self.catch_up = CatchUp { known: 0, quiet_rounds: 0, running: true };
+            self.schedule_catch_up();
+        }
+    }
+
+    fn schedule_catch_up(&mut self) {
+        self.effects.push_back(Effect::Schedule {
+            after: Duration::from_millis(self.gossip.gossip_interval_ms),
+            timer: MembershipTimer::CatchUp,
+        });
+    }
+
+    /// One catch-up round: stop after `CATCH_UP_QUIET_ROUNDS` rounds without news, else
+    /// announce to `gossip_fanout` random active members.
+    fn catch_up_round(&mut self) {
+        let known = self.foca.num_members();
+        if self.left || (known > 0 && known <= self.catch_up.known) {
+            self.catch_up.quiet_rounds += 1;
+        } else {
+            self.catch_up.quiet_rounds = 0;
+        }
+        self.catch_up.known = known;
+        if self.left || self.catch_up.quiet_rounds >= CATCH_UP_QUIET_ROUNDS {
+            self.catch_up.running = false;
+            return;
+        }
+        // Reservoir sample of `gossip_fanout` active members.
+        let wanted = self.gossip.gossip_fanout.max(1);
+        let mut chosen: Vec<NodeId> = Vec::with_capacity(wanted);
+        for (seen, member) in self.foca.iter_members().enumerate() {
+            if chosen.len() < wanted {
+                chosen.push(member.id().clone());
+            } else {
+                let at = self.rng.random_range(0..=seen);
+                if at < wanted {
+                    chosen[at] = member.id().clone();
+                }
+            }
+        }
+        for id in chosen {
+            let (foca, outbox) = self.outbox();
+            foca.announce(id, outbox).expect("an announce always encodes");
+        }
+        self.schedule_catch_up();
     }
 
     fn announce_to_seeds(&mut self) {
@@ -276,6 +348,7 @@ impl Membership {
                 let (foca, outbox) = self.outbox();
                 foca.handle_timer(t, outbox)?;
             }
+            MembershipTimer::CatchUp => self.catch_up_round(),
             MembershipTimer::Reannounce => {
                 if !self.left {
                     if self.foca.num_members() == 0 {
@@ -296,6 +369,10 @@ impl Membership {
         if !self.joined && self.foca.num_members() > 0 {
             self.joined = true;
             self.effects.push_back(Effect::Joined);
+        }
+        // Declared down and back: the members may have changed meanwhile.
+        if self.effects.iter().any(|e| matches!(e, Effect::Rejoined(_))) {
+            self.start_catch_up();
         }
         self.track_size();
     }
