@@ -67,9 +67,11 @@ pub struct GossipConfig {
     pub indirect_probes: usize,
     /// How long a suspected member has to refute the suspicion before it is declared down.
     pub suspect_to_down_ms: u64,
-    /// How often a node pushes pending updates to `gossip_fanout` random members.
+    /// How often a node pushes pending updates to `gossip_fanout` random members (and,
+    /// after joining, asks as many random members for more members while their answers
+    /// still bring new ones).
     pub gossip_interval_ms: u64,
-    /// How many members each periodic gossip round reaches.
+    /// How many members each periodic gossip (or catch-up) round reaches.
     pub gossip_fanout: usize,
     /// How many times one update is piggybacked before it is dropped, at least.
     pub transmissions_min: u8,

@@ -290,7 +290,8 @@ impl Membership {
     /// announce to `gossip_fanout` random active members.
     fn catch_up_round(&mut self) {
         let known = self.foca.num_members();
-        if self.left || (known > 0 && known <= self.catch_up.known) {
+        // Alone (no member answered the seeds yet): nothing to ask, not quiet either.
+        if known > 0 && known <= self.catch_up.known {
             self.catch_up.quiet_rounds += 1;
         } else {
             self.catch_up.quiet_rounds = 0;
