@@ -290,8 +290,9 @@ impl Membership {
     /// announce to `gossip_fanout` random active members.
     fn catch_up_round(&mut self) {
         let known = self.foca.num_members();
-        // Alone (no member answered the seeds yet): nothing to ask, not quiet either.
-        if known > 0 && known <= self.catch_up.known {
+        // Alone with seeds that did not answer yet: nothing to ask, not quiet either. A
+        // founder alone is quiet: members come to it.
+        if known <= self.catch_up.known && (known > 0 || self.seeds.is_empty()) {
             self.catch_up.quiet_rounds += 1;
         } else {
             self.catch_up.quiet_rounds = 0;

@@ -86,3 +86,23 @@ fn largest_identities_fit_the_smallest_packet() {
     assert_eq!(a.active_members(), 1);
     assert_eq!(b.active_members(), 1);
 }
+
+#[test]
+fn a_founder_alone_stops_catching_up() {
+    let mut m = Membership::new(node_id(1), &[], SECRET, &GossipConfig::default(), 1);
+    m.start();
+    let mut rounds = 0;
+    loop {
+        let mut catch_up = false;
+        while let Some(effect) = m.poll_effect() {
+            catch_up |= matches!(effect, Effect::Schedule { timer: MembershipTimer::CatchUp, .. });
+        }
+        if !catch_up {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds <= CATCH_UP_QUIET_ROUNDS, "still catching up after {rounds} rounds");
+        m.handle_timer(MembershipTimer::CatchUp).unwrap();
+    }
+    assert_eq!(rounds, CATCH_UP_QUIET_ROUNDS);
+}
