@@ -162,7 +162,8 @@ pub struct World {
     fenced_writes: u64,
     handoffs: u64,
     shards_moved: u64,
-    unavailable_us: BTreeMap<u32, u64>,
+    /// Per conversation, (first send, answer) of each turn that failed at least once.
+    unavailable: BTreeMap<u32, Vec<(u64, u64)>>,
     crashed_at: BTreeMap<NodeIx, u64>,
     detections: Vec<(u64, Option<u64>)>,
     false_downs: u64,
@@ -254,7 +255,7 @@ impl World {
             fenced_writes: 0,
             handoffs: 0,
             shards_moved: 0,
-            unavailable_us: BTreeMap::new(),
+            unavailable: BTreeMap::new(),
             crashed_at: BTreeMap::new(),
             detections: Vec::new(),
             false_downs: 0,
@@ -807,7 +808,7 @@ impl World {
         self.latency.saturating_record(latency.max(1));
         self.period_latency.saturating_record(latency.max(1));
         if t.failed_once {
-            *self.unavailable_us.entry(t.conv).or_default() += finished - t.first_us;
+            self.unavailable.entry(t.conv).or_default().push((t.first_us, finished));
         }
         self.acked_total += 1;
         self.acked_period += 1;
@@ -1136,8 +1137,13 @@ impl World {
             .iter()
             .filter_map(|(crashed, seen)| seen.map(|s| (s - crashed) as f64 / 1000.0))
             .collect();
-        let unavailable: Vec<f64> =
-            self.unavailable_us.values().map(|&us| us as f64 / 1e6).collect();
+        // Wall-clock time during which some turn of the conversation was failing (turns in
+        // flight at once count once).
+        let unavailable: Vec<f64> = self
+            .unavailable
+            .into_values()
+            .map(|mut spans| covered_us(&mut spans) as f64 / 1e6)
+            .collect();
         Report {
             scenario: self.sc.name.clone(),
             seed: self.seed,
@@ -1189,6 +1195,20 @@ impl Fingerprint {
     }
 }
 
+/// Length of the union of `[start, end)` spans.
+fn covered_us(spans: &mut [(u64, u64)]) -> u64 {
+    spans.sort_unstable();
+    let (mut total, mut reach) = (0, 0);
+    for &(start, end) in spans.iter() {
+        let from = start.max(reach);
+        if end > from {
+            total += end - from;
+        }
+        reach = reach.max(end);
+    }
+    total
+}
+
 fn set_copy(copies: &mut Vec<(NodeIx, u64)>, node: NodeIx, turns: u64) {
     match copies.iter_mut().find(|(n, _)| *n == node) {
         Some(c) => c.1 = turns,
@@ -1213,4 +1233,17 @@ fn stable_after_ms() -> u64 {
 /// The id of conversation `c`.
 pub fn conv_name(c: usize) -> String {
     format!("c{c}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covered_us;
+
+    #[test]
+    fn overlapping_spans_count_once() {
+        assert_eq!(covered_us(&mut []), 0);
+        assert_eq!(covered_us(&mut [(5, 10)]), 5);
+        // Nested, overlapping, touching and disjoint, in no particular order.
+        assert_eq!(covered_us(&mut [(20, 30), (0, 10), (2, 4), (8, 12), (12, 15)]), 25);
+    }
 }

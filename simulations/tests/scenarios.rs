@@ -77,6 +77,9 @@ fn a_crash_is_detected_and_loses_nothing_with_two_copies() {
     assert!(r.failures.is_empty());
     assert!(r.failed_attempts > 0, "nobody noticed the crash: {}", r.to_json());
     assert!(r.unavailable_conversations > 0);
+    // Wall-clock unavailability: about detection plus a retry, however many turns were
+    // waiting at once.
+    assert!(r.unavailable_s_max < took + 5.0, "{} s unavailable", r.unavailable_s_max);
     assert_eq!(r.nodes_final, 9);
 }
 
