@@ -253,13 +253,7 @@ fn a_late_joiner_learns_a_large_cluster_quickly() {
     // One feed holds about 20 identities: a node joining 60 others through one seed used to
     // wait for periodic announces (one member every 5 s) to learn the rest.
     let n = 60;
-    let mut net = SimNet::new(GossipConfig::default(), 1);
-    start(&mut net, 0, 1, &[], SECRET);
-    for i in 1..n {
-        start(&mut net, i, 1, &[0], SECRET);
-    }
-    let t = net.run_until_pred(60_000, |net| (0..n).all(|i| up_set(net, i).len() == n));
-    assert!(t.is_some(), "cluster of {n} did not converge in 60 s");
+    let mut net = cluster(n);
     let joined_at = net.now_ms();
     start(&mut net, n, 1, &[0], SECRET);
     let t = net.run_until_pred(joined_at + 20_000, |net| up_set(net, n).len() == n + 1);

@@ -21,7 +21,8 @@ use std::time::Duration;
 use botclaw_config::GossipConfig;
 use foca::{Foca, Identity, Notification, PeriodicParams, PostcardCodec, State};
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::seq::IteratorRandom;
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::auth::{AuthError, PacketAuth};
@@ -155,6 +156,8 @@ pub struct Membership {
     effects: VecDeque<Effect>,
     joined: bool,
     left: bool,
+    /// foca reported a rejoin since the last input was handled.
+    rejoined: bool,
     /// Picks catch-up targets (seeded: runs stay deterministic).
     rng: StdRng,
     catch_up: CatchUp,
@@ -187,6 +190,8 @@ impl std::fmt::Debug for Membership {
 struct Outbox<'a> {
     effects: &'a mut VecDeque<Effect>,
     auth: &'a PacketAuth,
+    /// Set when foca reports that this node rejoined (it was declared down).
+    rejoined: &'a mut bool,
 }
 
 impl foca::Runtime<NodeId> for Outbox<'_> {
@@ -196,7 +201,10 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
             Notification::MemberDown(id) => Effect::MemberDown(id.clone()),
             Notification::Active => Effect::Joined,
             Notification::Idle => Effect::Isolated,
-            Notification::Rejoin(id) => Effect::Rejoined(id.clone()),
+            Notification::Rejoin(id) => {
+                *self.rejoined = true;
+                Effect::Rejoined(id.clone())
+            }
             // Rename is followed by MemberUp/MemberDown when liveness changes, which is
             // all the driver acts on. Defunct cannot happen: our identity always renews.
             Notification::Rename(_, new) => Effect::MemberChanged(new.clone()),
@@ -247,13 +255,16 @@ impl Membership {
             effects: VecDeque::new(),
             joined: false,
             left: false,
+            rejoined: false,
             rng: catch_up_rng,
             catch_up: CatchUp::default(),
         }
     }
 
     fn outbox(&mut self) -> (&mut Swim, Outbox<'_>) {
-        (&mut self.foca, Outbox { effects: &mut self.effects, auth: &self.auth })
+        let outbox =
+            Outbox { effects: &mut self.effects, auth: &self.auth, rejoined: &mut self.rejoined };
+        (&mut self.foca, outbox)
     }
 
     /// Starts the protocol: a node without seeds founds a cluster and is joined at once;
@@ -302,19 +313,12 @@ impl Membership {
             self.catch_up.running = false;
             return;
         }
-        // Reservoir sample of `gossip_fanout` active members.
         let wanted = self.gossip.gossip_fanout.max(1);
-        let mut chosen: Vec<NodeId> = Vec::with_capacity(wanted);
-        for (seen, member) in self.foca.iter_members().enumerate() {
-            if chosen.len() < wanted {
-                chosen.push(member.id().clone());
-            } else {
-                let at = self.rng.random_range(0..=seen);
-                if at < wanted {
-                    chosen[at] = member.id().clone();
-                }
-            }
-        }
+        let chosen: Vec<NodeId> = (self.foca.iter_members().map(|m| m.id()))
+            .sample(&mut self.rng, wanted)
+            .into_iter()
+            .cloned()
+            .collect();
         for id in chosen {
             let (foca, outbox) = self.outbox();
             foca.announce(id, outbox).expect("an announce always encodes");
@@ -336,8 +340,7 @@ impl Membership {
     /// state is unchanged by a rejected datagram.
     pub fn handle_packet(&mut self, datagram: &[u8]) -> Result<(), PacketError> {
         let payload = self.auth.open(datagram)?;
-        let (foca, outbox) =
-            (&mut self.foca, Outbox { effects: &mut self.effects, auth: &self.auth });
+        let (foca, outbox) = self.outbox();
         foca.handle_data(payload, outbox).map_err(PacketError::Protocol)?;
         self.track_join();
         Ok(())
@@ -373,7 +376,7 @@ impl Membership {
             self.effects.push_back(Effect::Joined);
         }
         // Declared down and back: the members may have changed meanwhile.
-        if self.effects.iter().any(|e| matches!(e, Effect::Rejoined(_))) {
+        if std::mem::take(&mut self.rejoined) {
             self.start_catch_up();
         }
         self.track_size();
