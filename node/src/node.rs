@@ -183,7 +183,7 @@ async fn load_loop(l: LoadLoop) {
             .map(|((role, n), (_, before))| (role.clone(), per_s(n.saturating_sub(*before))))
             .collect();
         last_served = served;
-        let hot = l.dispatcher.take_hot_shards(HOT_SHARDS_MAX, period);
+        let mut hot = l.dispatcher.take_hot_shards(core_cfg.shards_considered(), period);
         if l.rebalance.enabled && seq % rounds_every == 0 {
             let nodes = cluster_loads(&l);
             let avg = nodes.iter().map(|n| n.load).sum::<f64>() / nodes.len().max(1) as f64;
@@ -211,6 +211,7 @@ async fn load_loop(l: LoadLoop) {
             }
             was_overloaded = overloaded;
         }
+        hot.truncate(HOT_SHARDS_MAX);
         // A decided move is vouched for here until its target vouches for it (or for
         // DECIDED_MOVES_KEPT), so the summary keeps room for fresh decisions.
         {

@@ -48,7 +48,6 @@ const CONVERSATIONS: &str = "conversations";
 const HOLD_TICK_US: u64 = 50_000;
 /// How often nodes measure their load (the node's `LOAD_PERIOD`).
 const LOAD_PERIOD_US: u64 = 1_000_000;
-const HOT_SHARDS: usize = 8;
 /// Placement builds kept for reuse (nodes with the same view share one).
 const BUILDS_CACHED_MAX: usize = 64;
 /// Nodes whose membership view the time series samples (evenly spaced), to keep sampling
@@ -983,7 +982,7 @@ impl World {
             let period_s = LOAD_PERIOD_US as f64 / 1e6;
             let mut hot: Vec<(ShardId, u32)> = shard_turns.into_iter().collect();
             hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            hot.truncate(HOT_SHARDS);
+            hot.truncate(cfg.shards_considered());
             let shards: Vec<ShardLoad> = hot
                 .iter()
                 .map(|&(shard, turns)| ShardLoad { shard, rate: f64::from(turns) / period_s })

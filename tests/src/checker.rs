@@ -76,15 +76,18 @@ pub async fn run_load(
     stop: Arc<AtomicBool>,
 ) -> LoadReport {
     let names = (0..convs).map(|k| format!("{prefix}-{k}")).collect();
-    run_load_on(seeds, names, workers, turns, stop).await
+    run_load_on(seeds, names, workers, turns, Duration::ZERO, stop).await
 }
 
-/// [`run_load`] over the given conversations.
+/// [`run_load`] over the given conversations; each worker starts a turn at most every
+/// `pace` (zero: as fast as answers come). A paced load lasts as long on a fast machine as
+/// on a slow one, so a test that must act while it runs does not race the machine's speed.
 pub async fn run_load_on(
     seeds: Vec<SocketAddr>,
     convs: Vec<String>,
     workers: usize,
     turns: std::ops::RangeInclusive<u64>,
+    pace: Duration,
     stop: Arc<AtomicBool>,
 ) -> LoadReport {
     let (first, turns_max) = (*turns.start(), *turns.end());
@@ -102,11 +105,19 @@ pub async fn run_load_on(
             let mine: Vec<String> = convs.iter().skip(w).step_by(workers).cloned().collect();
             let mut next: Vec<u64> = vec![first; mine.len()];
             let mut dead: HashSet<usize> = HashSet::new();
+            let mut ticks = (!pace.is_zero()).then(|| {
+                let mut t = tokio::time::interval(pace);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             while !stop.load(Ordering::Relaxed) && dead.len() < mine.len() {
                 let mut progressed = false;
                 for (i, conv) in mine.iter().enumerate() {
                     if dead.contains(&i) || next[i] > turns_max || stop.load(Ordering::Relaxed) {
                         continue;
+                    }
+                    if let Some(t) = ticks.as_mut() {
+                        t.tick().await;
                     }
                     let id = format!("{conv}/m{}", next[i]);
                     match client.say(conv, &id, &format!("turn {}", next[i]), Some("echo")).await {

@@ -61,18 +61,19 @@ fn start_load(
     seeds: Vec<SocketAddr>,
     convs: Vec<String>,
 ) -> Background {
-    start_load_with(rt, seeds, convs, 12)
+    start_load_with(rt, seeds, convs, 12, Duration::ZERO)
 }
 
-/// [`start_load`] with `workers` clients (fewer clients: a slower load that lasts longer).
+/// [`start_load`] with `workers` clients, each starting a turn at most every `pace`.
 fn start_load_with(
     rt: &tokio::runtime::Runtime,
     seeds: Vec<SocketAddr>,
     convs: Vec<String>,
     workers: usize,
+    pace: Duration,
 ) -> Background {
     let stop = Arc::new(AtomicBool::new(false));
-    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=64, stop.clone()));
+    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=64, pace, stop.clone()));
     Background { stop, task }
 }
 
@@ -303,8 +304,10 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     // 60 conversations that n0 owns, 15 each on the others: n0 carries 2/3 of the turns.
-    // Enough of them that the load (64 turns each, stopped once balanced) outlasts slow
-    // runs, few enough that each receiver can vouch for the ~15 shards it takes over.
+    // Few enough that each receiver can vouch for the ~15 shards it takes over. The load is
+    // paced (6 clients, 20 turns/s each: 64 turns per conversation last about 48 s), so it
+    // outlasts the rebalancing on a fast machine too: unpaced, it finished in about 7 s,
+    // and the rates left over were a few stragglers' noise.
     let owner = |conv: &str| -> String {
         let (_, body) =
             http_get(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
@@ -327,7 +330,7 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     let convs: Vec<String> = picked.into_values().flatten().collect();
     let rt = runtime();
     // Six clients, each going round its 15 conversations one turn at a time.
-    let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6);
+    let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6, Duration::from_millis(50));
     let moved = || -> f64 {
         c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_shards_moved_total")).sum()
     };

@@ -52,6 +52,15 @@ impl Default for RebalanceConfig {
     }
 }
 
+impl RebalanceConfig {
+    /// How many of its hottest shards a node weighs in one round: as many as it may move
+    /// (at least the ones its load summary shows). Weighing only the summary's few made a
+    /// hot node shed at most that many shards per round however far over it was.
+    pub fn shards_considered(&self) -> usize {
+        self.moves_per_round_max.max(crate::load::HOT_SHARDS_MAX)
+    }
+}
+
 impl From<&botclaw_config::RebalanceConfig> for RebalanceConfig {
     /// The operator's settings (ratios in permille).
     fn from(r: &botclaw_config::RebalanceConfig) -> Self {
