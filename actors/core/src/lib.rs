@@ -18,7 +18,9 @@
 //! - [`conversation`]: a conversation's state and the rules of a turn (retries, window);
 //! - [`replication`]: epochs, versions, what a replica accepts, keep-majority;
 //! - [`rebalance`]: which shards an overloaded node gives to which underloaded node;
-//! - [`roles`]: which node serves a bot module's request (catalog, weather).
+//! - [`roles`]: which node serves a bot module's request (catalog, weather);
+//! - [`shardmap`]: the authoritative shard map (owner, in-sync replicas, learners per
+//!   shard), applied from the placement controller's log.
 
 pub mod auth;
 pub mod conversation;
@@ -31,6 +33,7 @@ pub mod placement;
 pub mod rebalance;
 pub mod replication;
 pub mod roles;
+pub mod shardmap;
 
 pub use identity::NodeId;
 pub use membership::{Effect, MemberState, MemberView, Membership, MembershipTimer};

@@ -1,0 +1,662 @@
+//! The shard map: the one authoritative answer to "who owns this shard, and who holds it in
+//! sync", applied from the placement controller's log. A pure state machine: every node
+//! applies the same committed commands in the same order and gets the same map.
+//!
+//! Per shard the map keeps an epoch, an owner, the in-sync replica set (ISR: the members
+//! that hold every acknowledged turn durably; the owner is its first member) and learners
+//! (members catching up before they may enter the ISR). The rules, each asserted on apply
+//! and checked by [`ShardMap::check`]:
+//! - the owner is always in the ISR;
+//! - an entry changes only by a command, and every change raises the shard's epoch;
+//! - a shard that was ever assigned never has an empty ISR again: when its last in-sync
+//!   member dies the shard becomes *unavailable* (no owner, the ISR kept) instead of starting
+//!   over somewhere else, until an ISR member returns or an operator forces it;
+//! - a new owner comes from the ISR (a crash promotes a surviving ISR member, a handoff
+//!   names one); only [`MapCommand::Force`] breaks that rule, loudly;
+//! - a learner enters the ISR only by [`ShardChange::Promote`], which names the version it
+//!   holds (the ownership protocol proposes it once the learner holds everything the owner
+//!   acknowledged).
+//!
+//! Commands that race (two proposals read the same map) carry the epoch they were planned
+//! at; a change whose epoch no longer matches is skipped, deterministically, on every node.
+//! Member indices are stable: a member keeps its slot for life, a restart (same name, new
+//! incarnation) reuses it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::{Placement, ShardId};
+
+/// A member's slot in the map.
+pub type MemberIx = u16;
+
+/// Most members a map can hold (slots are never reused by another name).
+pub const MEMBERS_MAX: usize = 4096;
+/// Most replicas (ISR or learners) a shard can have.
+pub const REPLICAS_MAX: usize = 5;
+/// Longest member name a command may carry.
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// A member's lifecycle in the map (not foca's view: the controller's committed one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Registered; may receive shards.
+    Active,
+    /// Leaving: gets no new shards, its shards move away.
+    Draining,
+    /// Gone (declared down, or left): in no ISR it is not the last of.
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapMember {
+    pub name: String,
+    /// The process incarnation the map knows; a newer one means the member restarted.
+    pub incarnation: u64,
+    pub state: MemberState,
+    pub capacity: u32,
+}
+
+/// Up to [`REPLICAS_MAX`] member slots, in order, without allocating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replicas {
+    len: u8,
+    ix: [MemberIx; REPLICAS_MAX],
+}
+
+impl Replicas {
+    pub fn from_slice(members: &[MemberIx]) -> Option<Replicas> {
+        if members.len() > REPLICAS_MAX {
+            return None;
+        }
+        let mut r = Replicas::default();
+        for &m in members {
+            if !r.push(m) {
+                return None;
+            }
+        }
+        Some(r)
+    }
+
+    pub fn as_slice(&self) -> &[MemberIx] {
+        &self.ix[..usize::from(self.len)]
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, m: MemberIx) -> bool {
+        self.as_slice().contains(&m)
+    }
+
+    /// Appends `m` unless present or full; false if it was not added.
+    fn push(&mut self, m: MemberIx) -> bool {
+        if self.contains(m) || self.len() == REPLICAS_MAX {
+            return false;
+        }
+        self.ix[self.len()] = m;
+        self.len += 1;
+        true
+    }
+
+    fn remove(&mut self, m: MemberIx) -> bool {
+        let Some(at) = self.as_slice().iter().position(|&x| x == m) else { return false };
+        let len = self.len();
+        self.ix.copy_within(at + 1..len, at);
+        self.len -= 1;
+        true
+    }
+
+    /// Moves `m` (present) to the front.
+    fn put_first(&mut self, m: MemberIx) {
+        if self.remove(m) {
+            let len = self.len();
+            self.ix.copy_within(0..len, 1);
+            self.ix[0] = m;
+            self.len += 1;
+        }
+    }
+}
+
+/// One shard's entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Raised by every change of this entry.
+    pub epoch: u64,
+    /// The member that serves the shard; `None` while unassigned or unavailable.
+    pub owner: Option<MemberIx>,
+    /// In-sync replicas, owner first when there is one. Empty only while never assigned.
+    pub isr: Replicas,
+    /// Members catching up (not counted for acknowledgements).
+    pub learners: Replicas,
+}
+
+impl ShardEntry {
+    /// Never assigned: no turn of it was ever acknowledged, so a first owner loses nothing.
+    pub fn is_unassigned(&self) -> bool {
+        self.isr.is_empty()
+    }
+
+    /// Assigned, but every in-sync member is gone: it refuses turns rather than lose them.
+    pub fn is_unavailable(&self) -> bool {
+        !self.isr.is_empty() && self.owner.is_none()
+    }
+}
+
+/// A change to one shard, valid only at the epoch it was planned at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardChange {
+    /// `member` starts catching up (data streamed, new writes forwarded).
+    AddLearner { shard: ShardId, epoch: u64, member: MemberIx },
+    /// Learner `member` holds the owner's data up to `turn_version` and joins the ISR.
+    Promote { shard: ShardId, epoch: u64, member: MemberIx, turn_version: u64 },
+    /// ISR member `member` becomes the owner (live handoff).
+    SetOwner { shard: ShardId, epoch: u64, member: MemberIx },
+    /// `member` (not the owner; not the last ISR member) stops holding the shard.
+    Remove { shard: ShardId, epoch: u64, member: MemberIx },
+}
+
+impl ShardChange {
+    pub fn shard(&self) -> ShardId {
+        match *self {
+            ShardChange::AddLearner { shard, .. }
+            | ShardChange::Promote { shard, .. }
+            | ShardChange::SetOwner { shard, .. }
+            | ShardChange::Remove { shard, .. } => shard,
+        }
+    }
+}
+
+/// A run of consecutive unassigned shards given one replica list (owner first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignRun {
+    pub start: ShardId,
+    pub len: u32,
+    pub replicas: Vec<MemberIx>,
+}
+
+/// What the controller's log carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapCommand {
+    /// A member registers, or re-registers after a restart (newer incarnation). A returning
+    /// member becomes the owner again of the unavailable shards whose ISR it is in.
+    Join { name: String, incarnation: u64, capacity: u32 },
+    /// The member's incarnation `incarnation` is gone (failure detector, or it left).
+    Dead { name: String, incarnation: u64 },
+    /// The member drains: no new shards; the controller moves its shards away.
+    Drain { name: String },
+    /// First owners and replicas for unassigned shards (assigned ones are skipped).
+    Assign(Vec<AssignRun>),
+    /// Moves, one step each.
+    Changes(Vec<ShardChange>),
+    /// Operator override: an unavailable shard restarts on `member` from whatever that member
+    /// holds (acknowledged turns its last ISR held may be lost).
+    Force { shard: ShardId, member: MemberIx },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Shards whose entry changed, ascending.
+    pub changed: Vec<ShardId>,
+    /// Parts of the command that were not applied, and why (stale epochs, unknown members).
+    pub skipped: Vec<String>,
+}
+
+/// The map: members and every shard's entry, plus how many commands built it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    /// Commands applied (the map's version; gossip spreads it so laggards fetch).
+    pub version: u64,
+    members: Vec<MapMember>,
+    shards: Vec<ShardEntry>,
+}
+
+impl ShardMap {
+    pub fn new(shard_count: u32) -> ShardMap {
+        ShardMap {
+            version: 0,
+            members: Vec::new(),
+            shards: vec![ShardEntry::default(); shard_count as usize],
+        }
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    pub fn members(&self) -> &[MapMember] {
+        &self.members
+    }
+
+    pub fn member(&self, ix: MemberIx) -> Option<&MapMember> {
+        self.members.get(usize::from(ix))
+    }
+
+    pub fn member_ix(&self, name: &str) -> Option<MemberIx> {
+        self.members.iter().position(|m| m.name == name).map(|i| i as MemberIx)
+    }
+
+    pub fn name(&self, ix: MemberIx) -> &str {
+        self.members.get(usize::from(ix)).map_or("?", |m| m.name.as_str())
+    }
+
+    pub fn shard(&self, shard: ShardId) -> Option<&ShardEntry> {
+        self.shards.get(shard as usize)
+    }
+
+    pub fn shards(&self) -> &[ShardEntry] {
+        &self.shards
+    }
+
+    /// The owner's name, if the shard has one.
+    pub fn owner(&self, shard: ShardId) -> Option<&str> {
+        self.shard(shard)?.owner.map(|o| self.name(o))
+    }
+
+    /// Shards per member as owner, for every member.
+    pub fn owned_counts(&self) -> BTreeMap<&str, u32> {
+        let mut counts: BTreeMap<&str, u32> =
+            self.members.iter().map(|m| (m.name.as_str(), 0)).collect();
+        for e in &self.shards {
+            if let Some(o) = e.owner {
+                *counts.entry(self.name(o)).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Shards that are assigned but have no owner.
+    pub fn unavailable(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_unavailable())
+            .map(|(s, _)| s as ShardId)
+    }
+
+    /// Applies one committed command. Never panics on a command's content: what cannot be
+    /// applied is skipped and reported (a stale plan, an unknown member).
+    pub fn apply(&mut self, cmd: &MapCommand) -> Applied {
+        self.version += 1;
+        let mut out = Applied::default();
+        match cmd {
+            MapCommand::Join { name, incarnation, capacity } => {
+                self.join(name, *incarnation, *capacity, &mut out)
+            }
+            MapCommand::Dead { name, incarnation } => self.dead(name, *incarnation, &mut out),
+            MapCommand::Drain { name } => match self.member_ix(name) {
+                Some(ix) if self.members[usize::from(ix)].state == MemberState::Active => {
+                    self.members[usize::from(ix)].state = MemberState::Draining
+                }
+                _ => out.skipped.push(format!("drain {name}: not an active member")),
+            },
+            MapCommand::Assign(runs) => self.assign(runs, &mut out),
+            MapCommand::Changes(changes) => {
+                for c in changes {
+                    self.change(c, &mut out);
+                }
+            }
+            MapCommand::Force { shard, member } => self.force(*shard, *member, &mut out),
+        }
+        out.changed.sort_unstable();
+        out.changed.dedup();
+        for &s in &out.changed {
+            let e = &self.shards[s as usize];
+            assert!(!e.isr.is_empty(), "shard {s}: a change left it without replicas");
+            assert!(
+                e.owner.is_none_or(|o| e.isr.as_slice().first() == Some(&o)),
+                "shard {s}: owner outside its ISR"
+            );
+        }
+        out
+    }
+
+    fn join(&mut self, name: &str, incarnation: u64, capacity: u32, out: &mut Applied) {
+        if name.is_empty() || name.len() > NAME_BYTES_MAX {
+            out.skipped.push(format!("join: a name of {} bytes", name.len()));
+            return;
+        }
+        let ix = match self.member_ix(name) {
+            Some(ix) => ix,
+            None if self.members.len() < MEMBERS_MAX => {
+                self.members.push(MapMember {
+                    name: name.to_string(),
+                    incarnation,
+                    state: MemberState::Active,
+                    capacity,
+                });
+                return;
+            }
+            None => {
+                out.skipped.push(format!("join {name}: the map holds {MEMBERS_MAX} members"));
+                return;
+            }
+        };
+        let known = self.members[usize::from(ix)].incarnation;
+        if incarnation < known {
+            out.skipped.push(format!("join {name}: incarnation {incarnation} older than {known}"));
+            return;
+        }
+        if incarnation > known && self.members[usize::from(ix)].state != MemberState::Dead {
+            // Restarted before its death was committed: the old process is gone.
+            self.dead(name, known, out);
+        }
+        let m = &mut self.members[usize::from(ix)];
+        m.incarnation = incarnation;
+        m.state = MemberState::Active;
+        m.capacity = capacity;
+        // Its store kept what it acknowledged: where it was the last in-sync member, it is
+        // the only one that can serve the shard without losing turns.
+        for (s, e) in self.shards.iter_mut().enumerate() {
+            if e.is_unavailable() && e.isr.contains(ix) {
+                e.isr.put_first(ix);
+                e.owner = Some(ix);
+                e.epoch += 1;
+                out.changed.push(s as ShardId);
+            }
+        }
+    }
+
+    /// Takes `name` out of every shard: out of learners; out of the ISR unless it is the
+    /// last member; a surviving ISR member takes over where it owned, else the shard is
+    /// unavailable.
+    fn dead(&mut self, name: &str, incarnation: u64, out: &mut Applied) {
+        let Some(ix) = self.member_ix(name) else {
+            out.skipped.push(format!("dead {name}: unknown member"));
+            return;
+        };
+        let m = &mut self.members[usize::from(ix)];
+        if m.incarnation != incarnation || m.state == MemberState::Dead {
+            out.skipped.push(format!("dead {name}: incarnation {incarnation} is not live"));
+            return;
+        }
+        m.state = MemberState::Dead;
+        for (s, e) in self.shards.iter_mut().enumerate() {
+            let mut changed = e.learners.remove(ix);
+            if e.isr.contains(ix) {
+                if e.isr.len() > 1 {
+                    e.isr.remove(ix);
+                    if e.owner.is_some() {
+                        e.owner = Some(e.isr.as_slice()[0]);
+                    }
+                } else {
+                    e.owner = None;
+                }
+                changed = true;
+            }
+            if changed {
+                e.epoch += 1;
+                out.changed.push(s as ShardId);
+            }
+        }
+    }
+
+    fn assign(&mut self, runs: &[AssignRun], out: &mut Applied) {
+        for run in runs {
+            let usable = !run.replicas.is_empty()
+                && run
+                    .replicas
+                    .iter()
+                    .all(|&m| self.member(m).is_some_and(|m| m.state == MemberState::Active));
+            let replicas =
+                Replicas::from_slice(&run.replicas).filter(|r| r.len() == run.replicas.len());
+            let (Some(replicas), true) = (replicas, usable) else {
+                out.skipped.push(format!("assign from shard {}: unusable replicas", run.start));
+                continue;
+            };
+            let end = (u64::from(run.start) + u64::from(run.len)).min(self.shards.len() as u64);
+            for s in u64::from(run.start)..end {
+                let e = &mut self.shards[s as usize];
+                if e.is_unassigned() {
+                    e.isr = replicas;
+                    e.owner = Some(replicas.as_slice()[0]);
+                    e.epoch += 1;
+                    out.changed.push(s as ShardId);
+                }
+            }
+        }
+    }
+
+    fn change(&mut self, c: &ShardChange, out: &mut Applied) {
+        let shard = c.shard();
+        let Some(e) = self.shards.get(shard as usize).copied() else {
+            out.skipped.push(format!("shard {shard} does not exist"));
+            return;
+        };
+        let live = |m: MemberIx| self.member(m).is_some_and(|m| m.state != MemberState::Dead);
+        let mut next = e;
+        let why = match *c {
+            ShardChange::AddLearner { epoch, member, .. } => {
+                if epoch != e.epoch {
+                    Some("stale epoch")
+                } else if self.member(member).is_none_or(|m| m.state != MemberState::Active) {
+                    Some("not an active member")
+                } else if e.is_unassigned() || e.isr.contains(member) || !next.learners.push(member)
+                {
+                    Some("already holds it, or no room")
+                } else {
+                    None
+                }
+            }
+            ShardChange::Promote { epoch, member, .. } => {
+                if epoch != e.epoch {
+                    Some("stale epoch")
+                } else if !live(member) || !e.learners.contains(member) || e.owner.is_none() {
+                    Some("not a live learner of an owned shard")
+                } else {
+                    next.learners.remove(member);
+                    next.isr.push(member).then_some(()).map_or(Some("the ISR is full"), |()| None)
+                }
+            }
+            ShardChange::SetOwner { epoch, member, .. } => {
+                if epoch != e.epoch {
+                    Some("stale epoch")
+                } else if !live(member) || !e.isr.contains(member) || e.owner.is_none() {
+                    Some("not a live ISR member of an owned shard")
+                } else {
+                    next.isr.put_first(member);
+                    next.owner = Some(member);
+                    None
+                }
+            }
+            ShardChange::Remove { epoch, member, .. } => {
+                if epoch != e.epoch {
+                    Some("stale epoch")
+                } else if e.owner == Some(member) {
+                    Some("the owner hands off before it is removed")
+                } else if next.learners.remove(member) {
+                    None
+                } else if e.isr.contains(member) && e.isr.len() > 1 {
+                    next.isr.remove(member);
+                    None
+                } else {
+                    Some("not a removable replica")
+                }
+            }
+        };
+        match why {
+            Some(why) => out.skipped.push(format!("{c:?}: {why}")),
+            None => {
+                next.epoch += 1;
+                self.shards[shard as usize] = next;
+                out.changed.push(shard);
+            }
+        }
+    }
+
+    fn force(&mut self, shard: ShardId, member: MemberIx, out: &mut Applied) {
+        let active = self.member(member).is_some_and(|m| m.state == MemberState::Active);
+        match self.shards.get_mut(shard as usize) {
+            Some(e) if e.is_unavailable() && active => {
+                e.isr = Replicas::from_slice(&[member]).expect("one replica fits");
+                e.learners = Replicas::default();
+                e.owner = Some(member);
+                e.epoch += 1;
+                out.changed.push(shard);
+            }
+            _ => out
+                .skipped
+                .push(format!("force shard {shard}: not unavailable, or {member} is not active")),
+        }
+    }
+
+    /// Checks the map's own invariants; the problems found, empty when all is well.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (s, e) in self.shards.iter().enumerate() {
+            if let Some(o) = e.owner {
+                if e.isr.as_slice().first() != Some(&o) {
+                    problems
+                        .push(format!("shard {s}: owner {} is not first in its ISR", self.name(o)));
+                }
+            }
+            for &m in e.isr.as_slice().iter().chain(e.learners.as_slice()) {
+                if self.member(m).is_none() {
+                    problems.push(format!("shard {s}: replica slot {m} is no member"));
+                }
+                if e.isr.contains(m) && e.learners.contains(m) {
+                    problems
+                        .push(format!("shard {s}: {} is both in sync and learning", self.name(m)));
+                }
+            }
+            if let Some(o) = e.owner.and_then(|o| self.member(o)) {
+                if o.state == MemberState::Dead {
+                    problems.push(format!("shard {s}: owned by dead member {}", o.name));
+                }
+            }
+            if e.epoch == 0 && !e.is_unassigned() {
+                problems.push(format!("shard {s}: assigned at epoch 0"));
+            }
+        }
+        problems
+    }
+}
+
+/// Compares a map before and after one command: the transition rules that hold between two
+/// consecutive maps (epochs only rise, a changed entry raised its epoch, a new owner came
+/// from the ISR before, an assigned shard never loses its ISR). `forced` names the shards a
+/// [`MapCommand::Force`] may move outside those rules. The problems found.
+pub fn check_transition(
+    before: &ShardMap,
+    after: &ShardMap,
+    forced: Option<ShardId>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+        if a.epoch < b.epoch {
+            problems.push(format!("shard {s}: epoch fell {} -> {}", b.epoch, a.epoch));
+        }
+        if a != b && a.epoch == b.epoch {
+            problems.push(format!("shard {s}: changed without raising its epoch"));
+        }
+        if !b.is_unassigned() && a.is_unassigned() {
+            problems.push(format!("shard {s}: an assigned shard lost its whole ISR"));
+        }
+        if forced == Some(s as ShardId) || b.is_unassigned() {
+            continue;
+        }
+        if let Some(o) = a.owner.filter(|o| Some(*o) != b.owner) {
+            if !b.isr.contains(o) {
+                problems.push(format!(
+                    "shard {s}: new owner {} was not in sync (ISR was {:?})",
+                    after.name(o),
+                    b.isr.as_slice().iter().map(|&m| before.name(m)).collect::<Vec<_>>()
+                ));
+            }
+        }
+        for &m in a.isr.as_slice() {
+            if !b.isr.contains(m) && !b.learners.contains(m) {
+                problems
+                    .push(format!("shard {s}: {} entered the ISR without learning", after.name(m)));
+            }
+        }
+    }
+    problems
+}
+
+/// A member as the failure detector sees it: up, with this incarnation and capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpMember {
+    pub name: String,
+    pub incarnation: u64,
+    pub capacity: u32,
+}
+
+/// The membership commands that bring the map in line with the failure detector: `Dead` for
+/// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Join`
+/// for every up member the map does not have live at that incarnation. Ordered by name.
+pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
+    let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut out = Vec::new();
+    for m in &map.members {
+        let live = m.state != MemberState::Dead;
+        let same = up_by_name.get(m.name.as_str()).is_some_and(|u| u.incarnation == m.incarnation);
+        if live && !same {
+            out.push(MapCommand::Dead { name: m.name.clone(), incarnation: m.incarnation });
+        }
+    }
+    for u in up_by_name.values() {
+        let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
+        let current =
+            known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
+        let older = known.is_some_and(|m| u.incarnation < m.incarnation);
+        if !current && !older {
+            out.push(MapCommand::Join {
+                name: u.name.clone(),
+                incarnation: u.incarnation,
+                capacity: u.capacity,
+            });
+        }
+    }
+    out
+}
+
+/// First owners and replicas for at most `shards_max` unassigned shards: each gets its
+/// preference list on `placement` (which the caller builds over the map's active members),
+/// `replication_factor` long, as runs of consecutive shards with the same list. `None` when
+/// nothing is unassigned or no active member is placed.
+pub fn plan_assign(
+    map: &ShardMap,
+    placement: &Placement,
+    replication_factor: usize,
+    shards_max: usize,
+) -> Option<MapCommand> {
+    let r = replication_factor.clamp(1, REPLICAS_MAX);
+    let mut runs: Vec<AssignRun> = Vec::new();
+    let mut planned = 0;
+    for (s, e) in map.shards.iter().enumerate() {
+        if planned == shards_max {
+            break;
+        }
+        if !e.is_unassigned() {
+            continue;
+        }
+        let replicas: Vec<MemberIx> = placement
+            .preference_list(s as ShardId, r)
+            .into_iter()
+            .filter_map(|name| map.member_ix(name))
+            .filter(|&ix| map.members[usize::from(ix)].state == MemberState::Active)
+            .collect();
+        if replicas.is_empty() {
+            continue;
+        }
+        planned += 1;
+        match runs.last_mut() {
+            Some(run) if run.start + run.len == s as ShardId && run.replicas == replicas => {
+                run.len += 1
+            }
+            _ => runs.push(AssignRun { start: s as ShardId, len: 1, replicas }),
+        }
+    }
+    (!runs.is_empty()).then_some(MapCommand::Assign(runs))
+}
+
+#[cfg(test)]
+mod tests;
