@@ -19,10 +19,13 @@
 //! - [`replication`]: epochs, versions, what a replica accepts, keep-majority;
 //! - [`rebalance`]: which shards an overloaded node gives to which underloaded node;
 //! - [`roles`]: which node serves a bot module's request (catalog, weather);
+//! - [`controller`]: the placement controller, a Raft group (raft-rs, sans-IO) whose
+//!   committed log builds the shard map on every member;
 //! - [`shardmap`]: the authoritative shard map (owner, in-sync replicas, learners per
 //!   shard), applied from the placement controller's log.
 
 pub mod auth;
+pub mod controller;
 pub mod conversation;
 pub mod handoff;
 pub mod identity;

@@ -1,0 +1,497 @@
+//! The placement controller: a Raft group (raft-rs) whose log is the only writer of the
+//! [`ShardMap`]. Sans-IO like everything in this crate: the driver ticks it, steps it with
+//! peers' messages, proposes commands, and drains a [`ControllerReady`] batch (what to
+//! persist, what to send now, what to send only after persisting), the way raft-rs's own
+//! `RawNode`/`Ready` works. Every member of the group applies the same committed commands
+//! to its copy of the map, so every copy is a prefix of the same history.
+//!
+//! Determinism: raft-rs draws its election timeout from `rand::thread_rng()` in
+//! `[min_election_tick, max_election_tick)`; the controller sets `max = min + 1` and gives
+//! each node its own `min` from the seed it is handed, so elections happen at the same ticks
+//! in every run (the simulator depends on it).
+//!
+//! Durability: the log, the hard state and snapshots leave through [`Persist`]; a restarted
+//! node hands them back to [`Controller::restore`]. Snapshots carry the map (postcard) at
+//! the index they were taken; the log is compacted behind them, and a peer that fell behind
+//! the first kept entry is sent the snapshot.
+
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    HardState, Message, Snapshot,
+};
+use raft::storage::MemStorage;
+
+use raft::{GetEntriesContext, RaftState, RawNode, StateRole, Storage};
+use serde::{Deserialize, Serialize};
+
+use crate::shardmap::{Applied, MapCommand, ShardMap};
+
+/// A controller node's id in the Raft group (non-zero).
+pub type ControllerId = u64;
+
+/// The Raft id of the member named `name`: stable across restarts (a voter keeps its log).
+pub fn controller_id(name: &str) -> ControllerId {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()).max(1)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Ticks without a leader's word before a follower stands (raised per node by up to as
+    /// many again, from its seed).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Bytes of entries in one append message.
+    pub message_bytes_max: u64,
+    /// Append messages in flight to one peer.
+    pub inflight_messages_max: usize,
+    /// Bytes of proposals not yet committed (a leader refuses more).
+    pub uncommitted_bytes_max: u64,
+    /// Applied entries kept in the log before it is compacted behind a snapshot.
+    pub log_entries_max: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            message_bytes_max: 1 << 20,
+            inflight_messages_max: 64,
+            uncommitted_bytes_max: 16 << 20,
+            log_entries_max: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("a snapshot's map does not decode: {0}")]
+    Snapshot(postcard::Error),
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<ControllerId> },
+}
+
+/// What a driver writes durably before it sends [`ControllerReady::after_persist`]: a
+/// snapshot to keep (log entries up to its index may then be dropped), entries to append
+/// (an entry replaces any kept entry at its index and everything after it), the hard state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Persist {
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+}
+
+impl Persist {
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state.is_none()
+    }
+}
+
+/// One committed entry, as applied to the map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub term: u64,
+    /// The map command it carried (`None`: an empty or configuration entry, or one that did
+    /// not decode, which every node skips alike).
+    pub command: Option<MapCommand>,
+    pub applied: Applied,
+}
+
+/// The outputs of one round, in the order the driver handles them.
+#[derive(Debug, Default)]
+pub struct ControllerReady {
+    /// Send at once (a leader's appends go out while it persists).
+    pub messages: Vec<Message>,
+    /// Write durably, then send `after_persist`.
+    pub persist: Persist,
+    pub after_persist: Vec<Message>,
+    /// Committed entries applied to the map this round, in log order.
+    pub applied: Vec<AppliedEntry>,
+    /// The leader changed to this (`None`: no leader known).
+    pub leader_changed: Option<Option<ControllerId>>,
+}
+
+/// What a restarted node read back from its disk.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+    pub hard_state: HardState,
+}
+
+/// raft-rs's in-memory log beside the map applied from it: a snapshot is the map at the
+/// applied index, made when a peer needs one or the log is compacted.
+struct ControllerStorage {
+    log: MemStorage,
+    map: ShardMap,
+    /// The log index the map reflects (entries without a command count too).
+    applied: u64,
+}
+
+impl ControllerStorage {
+    fn applied_snapshot(&self, applied: u64) -> raft::Result<Snapshot> {
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = applied;
+        meta.term = self.log.term(applied)?;
+        meta.set_conf_state(self.log.initial_state()?.conf_state);
+        snapshot.data = postcard::to_stdvec(&self.map).expect("a map encodes").into();
+        Ok(snapshot)
+    }
+}
+
+impl Storage for ControllerStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.log.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.log.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.log.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.log.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.log.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let applied = self.applied;
+        if applied < request_index {
+            return Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable));
+        }
+        self.applied_snapshot(applied)
+    }
+}
+
+/// One member of the placement controller group.
+pub struct Controller {
+    raw: RawNode<ControllerStorage>,
+    cfg: ControllerConfig,
+    leader: Option<ControllerId>,
+    /// The hard state last handed out to persist.
+    persisted_hs: HardState,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("id", &self.id())
+            .field("leader", &self.leader)
+            .field("map_version", &self.map().version)
+            .finish()
+    }
+}
+
+fn raft_config(id: ControllerId, cfg: &ControllerConfig, applied: u64, seed: u64) -> raft::Config {
+    let election = cfg.election_ticks.max(cfg.heartbeat_ticks + 1).max(2);
+    // Fixed per node: the simulator's runs must repeat exactly.
+    let min = election + (seed % election as u64) as usize;
+    raft::Config {
+        id,
+        election_tick: election,
+        heartbeat_tick: cfg.heartbeat_ticks.max(1),
+        min_election_tick: min,
+        max_election_tick: min + 1,
+        applied,
+        max_size_per_msg: cfg.message_bytes_max,
+        max_inflight_msgs: cfg.inflight_messages_max.max(1),
+        max_uncommitted_size: cfg.uncommitted_bytes_max,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    }
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Controller {
+    /// What a founding member writes to its disk before its first start: a snapshot at
+    /// index 1 holding the first voters and an empty map (every founder writes the same).
+    /// Members added later start empty and receive a snapshot from the leader, which tells
+    /// them the configuration; replaying the log from nothing would not.
+    pub fn founding_state(voters: &[ControllerId], shard_count: u32) -> Restored {
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
+        snapshot.data =
+            postcard::to_stdvec(&ShardMap::new(shard_count)).expect("a map encodes").into();
+        let hard_state = HardState { term: 1, commit: 1, ..Default::default() };
+        Restored { snapshot: Some(snapshot), entries: Vec::new(), hard_state }
+    }
+
+    /// A member started from what it persisted ([`Controller::founding_state`] the first
+    /// time, [`Restored::default`] for a member added to a running group).
+    pub fn restore(
+        id: ControllerId,
+        restored: Restored,
+        shard_count: u32,
+        cfg: ControllerConfig,
+        seed: u64,
+    ) -> Result<Controller, ControllerError> {
+        let log = MemStorage::new();
+        let mut map = ShardMap::new(shard_count);
+        let mut applied = 0;
+        if let Some(s) = restored.snapshot {
+            map = postcard::from_bytes(&s.data).map_err(ControllerError::Snapshot)?;
+            applied = s.get_metadata().index;
+            log.wl().apply_snapshot(s)?;
+        }
+        log.wl().append(&restored.entries)?;
+        log.wl().set_hardstate(restored.hard_state);
+        Self::start(id, ControllerStorage { log, map, applied }, cfg, seed)
+    }
+
+    fn start(
+        id: ControllerId,
+        storage: ControllerStorage,
+        cfg: ControllerConfig,
+        seed: u64,
+    ) -> Result<Controller, ControllerError> {
+        let applied = storage.applied;
+        let persisted_hs = storage.log.rl().hard_state().clone();
+        let raw = RawNode::new(&raft_config(id, &cfg, applied, seed), storage, &logger())?;
+        Ok(Controller { raw, cfg, leader: None, persisted_hs })
+    }
+
+    pub fn id(&self) -> ControllerId {
+        self.raw.raft.id
+    }
+
+    /// The applied map.
+    pub fn map(&self) -> &ShardMap {
+        &self.raw.store().map
+    }
+
+    pub fn leader(&self) -> Option<ControllerId> {
+        self.leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The index of the last entry applied to the map.
+    pub fn applied_index(&self) -> u64 {
+        self.raw.raft.raft_log.applied
+    }
+
+    /// The current voters, ascending.
+    pub fn voters(&self) -> Vec<ControllerId> {
+        let mut v: Vec<_> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// One logical clock tick.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// A message from a peer.
+    pub fn step(&mut self, msg: Message) -> Result<(), ControllerError> {
+        // A snapshot whose map does not decode (corruption, a peer of another version) is
+        // refused before raft-rs accepts it: applying on from a wrong map would diverge.
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            postcard::from_bytes::<ShardMap>(&msg.get_snapshot().data)
+                .map_err(ControllerError::Snapshot)?;
+        }
+        Ok(self.raw.step(msg)?)
+    }
+
+    /// Proposes a map command (only the leader accepts proposals).
+    pub fn propose(&mut self, cmd: &MapCommand) -> Result<(), ControllerError> {
+        if !self.is_leader() {
+            return Err(ControllerError::NotLeader { leader: self.leader });
+        }
+        let data = postcard::to_stdvec(cmd).expect("a command encodes");
+        Ok(self.raw.propose(Vec::new(), data)?)
+    }
+
+    /// Proposes a change of voters, by joint consensus (the group leaves the joint
+    /// configuration by itself once it is committed).
+    pub fn change_voters(
+        &mut self,
+        add: &[ControllerId],
+        remove: &[ControllerId],
+    ) -> Result<(), ControllerError> {
+        if !self.is_leader() {
+            return Err(ControllerError::NotLeader { leader: self.leader });
+        }
+        let single = |id: ControllerId, ty: ConfChangeType| {
+            let mut c = ConfChangeSingle { node_id: id, ..Default::default() };
+            c.set_change_type(ty);
+            c
+        };
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(
+            add.iter()
+                .map(|&id| single(id, ConfChangeType::AddNode))
+                .chain(remove.iter().map(|&id| single(id, ConfChangeType::RemoveNode)))
+                .collect(),
+        );
+        Ok(self.raw.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// Drains what this member must do now; `None` when there is nothing.
+    pub fn ready(&mut self) -> Option<ControllerReady> {
+        if !self.raw.has_ready() {
+            return None;
+        }
+        let mut out = ControllerReady::default();
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            let leader = (ss.leader_id != raft::INVALID_ID).then_some(ss.leader_id);
+            if leader != self.leader {
+                self.leader = leader;
+                out.leader_changed = Some(leader);
+            }
+        }
+        out.messages = rd.take_messages();
+        if !rd.snapshot().is_empty() {
+            let snapshot = rd.snapshot().clone();
+            self.install(snapshot.clone());
+            out.persist.snapshot = Some(snapshot);
+        }
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, &mut out.applied);
+        let entries = rd.take_entries();
+        if !entries.is_empty() {
+            self.raw.mut_store().log.wl().append(&entries).expect("entries follow the log");
+            out.persist.entries = entries;
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().log.wl().set_hardstate(hs.clone());
+        }
+        out.after_persist = rd.take_persisted_messages();
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().log.wl().mut_hard_state().set_commit(commit);
+        }
+        out.after_persist.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, &mut out.applied);
+        self.raw.advance_apply();
+        let hs = self.raw.store().log.rl().hard_state().clone();
+        if hs != self.persisted_hs {
+            self.persisted_hs = hs.clone();
+            out.persist.hard_state = Some(hs);
+        }
+        if let Some(snapshot) = self.maybe_compact() {
+            out.persist.snapshot = Some(snapshot);
+        }
+        Some(out)
+    }
+
+    /// A snapshot from the leader replaces the map.
+    fn install(&mut self, snapshot: Snapshot) {
+        let map = match postcard::from_bytes::<ShardMap>(&snapshot.data) {
+            Ok(map) => map,
+            // `step` let only decodable snapshots through.
+            Err(e) => unreachable!("a snapshot that was checked does not decode: {e}"),
+        };
+        let store = self.raw.mut_store();
+        store.applied = snapshot.get_metadata().index;
+        store.map = map;
+        store.log.wl().apply_snapshot(snapshot).expect("a newer snapshot");
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<AppliedEntry>) {
+        for entry in entries {
+            self.raw.mut_store().applied = entry.index;
+            let mut applied = AppliedEntry {
+                index: entry.index,
+                term: entry.term,
+                command: None,
+                applied: Applied::default(),
+            };
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => match postcard::from_bytes::<MapCommand>(&entry.data) {
+                    Ok(cmd) => {
+                        applied.applied = self.raw.mut_store().map.apply(&cmd);
+                        applied.command = Some(cmd);
+                    }
+                    Err(e) => applied.applied.skipped.push(format!("undecodable entry: {e}")),
+                },
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    if cc.merge_from_bytes(&entry.data).is_ok() {
+                        let changed = self.raw.apply_conf_change(&cc);
+                        self.conf_changed(changed);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    if cc.merge_from_bytes(&entry.data).is_ok() {
+                        let changed = self.raw.apply_conf_change(&cc);
+                        self.conf_changed(changed);
+                    }
+                }
+            }
+            out.push(applied);
+        }
+    }
+
+    fn conf_changed(&mut self, changed: raft::Result<ConfState>) {
+        // A change raft-rs refuses (e.g. leaving a joint state not entered) changes nothing,
+        // on every member alike.
+        if let Ok(cs) = changed {
+            self.raw.mut_store().log.wl().set_conf_state(cs);
+        }
+    }
+
+    /// Compacts the log behind a snapshot of the applied map once more than
+    /// `log_entries_max` applied entries are kept; the snapshot to persist.
+    fn maybe_compact(&mut self) -> Option<Snapshot> {
+        let store = self.raw.mut_store();
+        let first = store.log.first_index().ok()?;
+        if store.applied < first || store.applied - first < self.cfg.log_entries_max {
+            return None;
+        }
+        let snapshot = store.applied_snapshot(store.applied).ok()?;
+        store.log.wl().compact(store.applied).expect("compacting behind the applied index");
+        Some(snapshot)
+    }
+}
+
+/// A raft message as bytes (protobuf: raft-rs's own wire format).
+pub fn encode_message(m: &Message) -> Vec<u8> {
+    m.write_to_bytes().expect("a raft message encodes")
+}
+
+/// Bytes from a peer as a raft message.
+pub fn decode_message(bytes: &[u8]) -> Result<Message, protobuf::ProtobufError> {
+    let mut m = Message::default();
+    m.merge_from_bytes(bytes)?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests;
