@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::placement::{Placement, ShardId};
+use crate::placement::ShardId;
 
 /// A member's slot in the map.
 pub type MemberIx = u16;
@@ -581,82 +581,9 @@ pub fn check_transition(
     problems
 }
 
-/// A member as the failure detector sees it: up, with this incarnation and capacity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpMember {
-    pub name: String,
-    pub incarnation: u64,
-    pub capacity: u32,
-}
+pub mod plan;
 
-/// The membership commands that bring the map in line with the failure detector: `Dead` for
-/// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Join`
-/// for every up member the map does not have live at that incarnation. Ordered by name.
-pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
-    let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
-    let mut out = Vec::new();
-    for m in &map.members {
-        let live = m.state != MemberState::Dead;
-        let same = up_by_name.get(m.name.as_str()).is_some_and(|u| u.incarnation == m.incarnation);
-        if live && !same {
-            out.push(MapCommand::Dead { name: m.name.clone(), incarnation: m.incarnation });
-        }
-    }
-    for u in up_by_name.values() {
-        let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
-        let current =
-            known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
-        let older = known.is_some_and(|m| u.incarnation < m.incarnation);
-        if !current && !older {
-            out.push(MapCommand::Join {
-                name: u.name.clone(),
-                incarnation: u.incarnation,
-                capacity: u.capacity,
-            });
-        }
-    }
-    out
-}
-
-/// First owners and replicas for at most `shards_max` unassigned shards: each gets its
-/// preference list on `placement` (which the caller builds over the map's active members),
-/// `replication_factor` long, as runs of consecutive shards with the same list. `None` when
-/// nothing is unassigned or no active member is placed.
-pub fn plan_assign(
-    map: &ShardMap,
-    placement: &Placement,
-    replication_factor: usize,
-    shards_max: usize,
-) -> Option<MapCommand> {
-    let r = replication_factor.clamp(1, REPLICAS_MAX);
-    let mut runs: Vec<AssignRun> = Vec::new();
-    let mut planned = 0;
-    for (s, e) in map.shards.iter().enumerate() {
-        if planned == shards_max {
-            break;
-        }
-        if !e.is_unassigned() {
-            continue;
-        }
-        let replicas: Vec<MemberIx> = placement
-            .preference_list(s as ShardId, r)
-            .into_iter()
-            .filter_map(|name| map.member_ix(name))
-            .filter(|&ix| map.members[usize::from(ix)].state == MemberState::Active)
-            .collect();
-        if replicas.is_empty() {
-            continue;
-        }
-        planned += 1;
-        match runs.last_mut() {
-            Some(run) if run.start + run.len == s as ShardId && run.replicas == replicas => {
-                run.len += 1
-            }
-            _ => runs.push(AssignRun { start: s as ShardId, len: 1, replicas }),
-        }
-    }
-    (!runs.is_empty()).then_some(MapCommand::Assign(runs))
-}
+pub use plan::{plan_assign, plan_membership, UpMember};
 
 #[cfg(test)]
 mod tests;

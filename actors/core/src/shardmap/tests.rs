@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::placement::RingMember;
+use crate::placement::{Placement, RingMember};
 
 fn join(name: &str, incarnation: u64) -> MapCommand {
     MapCommand::Join { name: name.into(), incarnation, capacity: 100 }

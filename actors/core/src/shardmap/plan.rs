@@ -1,0 +1,200 @@
+//! What the controller's leader proposes: the commands that bring the shard map in line
+//! with the failure detector (deaths, restarts, joins), first owners for unassigned shards,
+//! and moves toward the ring's placement over the map's active members, throttled.
+//!
+//! Pure functions of the map, the members the failure detector sees up and the ring; one
+//! change per shard per round, each valid only at the epoch it was planned at, so a plan
+//! made on a stale map changes nothing when applied. A learner's promotion is not planned
+//! here: only the shard's owner knows when the learner holds everything it acknowledged,
+//! and proposes [`ShardChange::Promote`] itself.
+
+use std::collections::BTreeMap;
+
+use super::{AssignRun, MapCommand, MemberIx, MemberState, ShardChange, ShardMap, REPLICAS_MAX};
+use crate::placement::{Placement, ShardId};
+
+/// A member as the failure detector sees it: up, with this incarnation and capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpMember {
+    pub name: String,
+    pub incarnation: u64,
+    pub capacity: u32,
+}
+
+/// The membership commands that bring the map in line with the failure detector: `Dead` for
+/// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Join`
+/// for every up member the map does not have live at that incarnation. Ordered by name.
+pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
+    let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut out = Vec::new();
+    for m in map.members() {
+        let live = m.state != MemberState::Dead;
+        let same = up_by_name.get(m.name.as_str()).is_some_and(|u| u.incarnation == m.incarnation);
+        if live && !same {
+            out.push(MapCommand::Dead { name: m.name.clone(), incarnation: m.incarnation });
+        }
+    }
+    for u in up_by_name.values() {
+        let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
+        let current =
+            known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
+        let older = known.is_some_and(|m| u.incarnation < m.incarnation);
+        if !current && !older {
+            out.push(MapCommand::Join {
+                name: u.name.clone(),
+                incarnation: u.incarnation,
+                capacity: u.capacity,
+            });
+        }
+    }
+    out
+}
+
+/// First owners and replicas for at most `shards_max` unassigned shards: each gets its
+/// preference list on `placement` (which the caller builds over the map's active members),
+/// `replication_factor` long, as runs of consecutive shards with the same list. `None` when
+/// nothing is unassigned or no active member is placed.
+pub fn plan_assign(
+    map: &ShardMap,
+    placement: &Placement,
+    replication_factor: usize,
+    shards_max: usize,
+) -> Option<MapCommand> {
+    let r = replication_factor.clamp(1, REPLICAS_MAX);
+    let mut runs: Vec<AssignRun> = Vec::new();
+    let mut planned = 0;
+    for (s, e) in map.shards().iter().enumerate() {
+        if planned == shards_max {
+            break;
+        }
+        if !e.is_unassigned() {
+            continue;
+        }
+        let replicas: Vec<MemberIx> = placement
+            .preference_list(s as ShardId, r)
+            .into_iter()
+            .filter_map(|name| map.member_ix(name))
+            .filter(|&ix| map.members()[usize::from(ix)].state == MemberState::Active)
+            .collect();
+        if replicas.is_empty() {
+            continue;
+        }
+        planned += 1;
+        match runs.last_mut() {
+            Some(run) if run.start + run.len == s as ShardId && run.replicas == replicas => {
+                run.len += 1
+            }
+            _ => runs.push(AssignRun { start: s as ShardId, len: 1, replicas }),
+        }
+    }
+    (!runs.is_empty()).then_some(MapCommand::Assign(runs))
+}
+
+/// Limits of one planning round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Replicas a shard should have (owner included).
+    pub replication_factor: usize,
+    /// Shards with a learner at once (each streams its data: the cost of a move).
+    pub moves_in_flight_max: usize,
+    /// Shard changes one round proposes.
+    pub changes_per_round_max: usize,
+    /// Unassigned shards one round assigns.
+    pub assign_shards_max: usize,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            replication_factor: 2,
+            moves_in_flight_max: 64,
+            changes_per_round_max: 256,
+            assign_shards_max: 1 << 16,
+        }
+    }
+}
+
+/// One round on the leader: membership first (alone: the next round plans on the map it
+/// makes), then first owners, then moves. `ring` is built by the caller over the map's
+/// active members.
+pub fn plan(
+    map: &ShardMap,
+    up: &[UpMember],
+    ring: &Placement,
+    cfg: &PlanConfig,
+) -> Vec<MapCommand> {
+    let membership = plan_membership(map, up);
+    if !membership.is_empty() {
+        return membership;
+    }
+    let mut out = Vec::new();
+    out.extend(plan_assign(map, ring, cfg.replication_factor, cfg.assign_shards_max));
+    let moves = plan_moves(map, ring, cfg);
+    if !moves.is_empty() {
+        out.push(MapCommand::Changes(moves));
+    }
+    out
+}
+
+/// The replicas the ring wants for `shard`: its preference list, active members only.
+pub fn desired(map: &ShardMap, ring: &Placement, shard: ShardId, r: usize) -> Vec<MemberIx> {
+    ring.preference_list(shard, r.clamp(1, REPLICAS_MAX))
+        .into_iter()
+        .filter_map(|name| map.member_ix(name))
+        .filter(|&ix| map.member(ix).is_some_and(|m| m.state == MemberState::Active))
+        .collect()
+}
+
+/// Moves toward the ring, one step per shard, at its current epoch:
+/// 1. a learner the ring no longer wants (or that died) is removed;
+/// 2. a shard missing a wanted member gets it as a learner, while fewer than
+///    `moves_in_flight_max` shards have one (its owner promotes it once it caught up);
+/// 3. once every wanted member is in sync, the ring's first choice becomes the owner
+///    (live handoff);
+/// 4. then in-sync members the ring does not want are removed.
+///
+/// Unavailable shards wait for a member of their ISR; unassigned ones for `plan_assign`.
+pub fn plan_moves(map: &ShardMap, ring: &Placement, cfg: &PlanConfig) -> Vec<ShardChange> {
+    let mut in_flight = map.shards().iter().filter(|e| !e.learners.is_empty()).count();
+    let mut out = Vec::new();
+    for (s, e) in map.shards().iter().enumerate() {
+        if out.len() >= cfg.changes_per_round_max {
+            break;
+        }
+        let Some(owner) = e.owner else { continue };
+        let shard = s as ShardId;
+        let epoch = e.epoch;
+        let want = desired(map, ring, shard, cfg.replication_factor);
+        if want.is_empty() {
+            continue;
+        }
+        let active = |m: MemberIx| map.member(m).is_some_and(|m| m.state == MemberState::Active);
+        if let Some(&l) = e.learners.as_slice().iter().find(|&&l| !want.contains(&l) || !active(l))
+        {
+            out.push(ShardChange::Remove { shard, epoch, member: l });
+            continue;
+        }
+        let missing = want.iter().copied().find(|&m| !e.isr.contains(m));
+        match missing {
+            Some(m) if !e.learners.contains(m) => {
+                if e.learners.is_empty() && in_flight < cfg.moves_in_flight_max {
+                    out.push(ShardChange::AddLearner { shard, epoch, member: m });
+                    in_flight += 1;
+                }
+            }
+            Some(_) => {} // learning: the owner promotes it
+            None if want[0] != owner => {
+                out.push(ShardChange::SetOwner { shard, epoch, member: want[0] })
+            }
+            None => {
+                if let Some(&extra) = e.isr.as_slice().iter().find(|m| !want.contains(m)) {
+                    out.push(ShardChange::Remove { shard, epoch, member: extra });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

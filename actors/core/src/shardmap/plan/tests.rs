@@ -1,0 +1,196 @@
+//! The planner driven to convergence the way the controller's leader drives it: plan, apply,
+//! and (standing in for the owners) promote every learner at once. Every applied command is
+//! checked against the map's invariants and the transition rules.
+
+use super::*;
+use crate::placement::RingMember;
+use crate::shardmap::check_transition;
+
+const SHARDS: u32 = 256;
+
+fn up(name: &str, incarnation: u64) -> UpMember {
+    UpMember { name: name.into(), incarnation, capacity: 100 }
+}
+
+fn ring_of(map: &ShardMap) -> Placement {
+    let cfg =
+        botclaw_config::PlacementConfig { shard_count: SHARDS, vnodes: 64, ..Default::default() };
+    let members: Vec<RingMember> = map
+        .members()
+        .iter()
+        .filter(|m| m.state == MemberState::Active)
+        .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
+        .collect();
+    Placement::build(&members, &cfg)
+}
+
+fn apply(map: &mut ShardMap, cmd: &MapCommand) {
+    let before = map.clone();
+    map.apply(cmd);
+    assert_eq!(map.check(), Vec::<String>::new(), "after {cmd:?}");
+    assert_eq!(check_transition(&before, map, None), Vec::<String>::new(), "after {cmd:?}");
+}
+
+/// Owners promote every learner (as if each caught up at once).
+fn promote_all(map: &mut ShardMap) {
+    let changes: Vec<ShardChange> = (0..map.shard_count())
+        .filter_map(|s| {
+            let e = map.shard(s)?;
+            let l = *e.learners.as_slice().first()?;
+            e.owner.is_some().then_some(ShardChange::Promote {
+                shard: s,
+                epoch: e.epoch,
+                member: l,
+                turn_version: 0,
+            })
+        })
+        .collect();
+    if !changes.is_empty() {
+        apply(map, &MapCommand::Changes(changes));
+    }
+}
+
+/// Rounds until the planner has nothing left to do; panics after `rounds_max`.
+fn converge(map: &mut ShardMap, live: &[UpMember], cfg: &PlanConfig, rounds_max: usize) -> usize {
+    for round in 0..rounds_max {
+        let ring = ring_of(map);
+        let cmds = plan(map, live, &ring, cfg);
+        let learning = map.shards().iter().any(|e| !e.learners.is_empty());
+        if cmds.is_empty() && !learning {
+            return round;
+        }
+        for cmd in &cmds {
+            apply(map, cmd);
+        }
+        let in_flight = map.shards().iter().filter(|e| !e.learners.is_empty()).count();
+        assert!(in_flight <= cfg.moves_in_flight_max, "{in_flight} moves in flight");
+        promote_all(map);
+    }
+    panic!("not converged after {rounds_max} rounds");
+}
+
+/// Every assigned shard holds exactly the ring's replicas, owner first.
+fn assert_on_ring(map: &ShardMap, r: usize) {
+    let ring = ring_of(map);
+    for s in 0..SHARDS {
+        let e = map.shard(s).unwrap();
+        if e.is_unavailable() {
+            continue;
+        }
+        let want = desired(map, &ring, s, r);
+        assert_eq!(e.isr.as_slice(), &want[..], "shard {s}");
+        assert!(e.learners.is_empty());
+    }
+}
+
+fn started(names: &[&str], cfg: &PlanConfig) -> (ShardMap, Vec<UpMember>) {
+    let mut map = ShardMap::new(SHARDS);
+    let live: Vec<UpMember> = names.iter().map(|n| up(n, 1)).collect();
+    converge(&mut map, &live, cfg, 10);
+    (map, live)
+}
+
+#[test]
+fn a_new_cluster_registers_its_members_and_assigns_every_shard_on_the_ring() {
+    let cfg = PlanConfig::default();
+    let (map, _) = started(&["a", "b", "c"], &cfg);
+    assert!(map.shards().iter().all(|e| !e.is_unassigned()));
+    assert_on_ring(&map, 2);
+}
+
+#[test]
+fn a_joining_member_takes_its_share_through_learners_throttled() {
+    let cfg = PlanConfig { moves_in_flight_max: 8, ..Default::default() };
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    live.push(up("d", 1));
+    let rounds = converge(&mut map, &live, &cfg, 200);
+    assert!(rounds > 4, "throttled moves took only {rounds} rounds");
+    assert_on_ring(&map, 2);
+    let owned = map.owned_counts()["d"];
+    assert!((40..=90).contains(&owned), "d owns {owned} of {SHARDS}");
+}
+
+#[test]
+fn two_members_joining_at_once_are_ordered_by_the_log() {
+    let cfg = PlanConfig::default();
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    live.extend([up("d", 1), up("e", 1)]);
+    converge(&mut map, &live, &cfg, 100);
+    assert_on_ring(&map, 2);
+}
+
+#[test]
+fn a_crash_moves_ownership_to_a_survivor_at_once_and_restores_the_replicas() {
+    let cfg = PlanConfig::default();
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    let owned_by_c: Vec<ShardId> = (0..SHARDS).filter(|&s| map.owner(s) == Some("c")).collect();
+    live.retain(|m| m.name != "c");
+    let ring = ring_of(&map);
+    let first = plan(&map, &live, &ring, &cfg);
+    assert_eq!(first, vec![MapCommand::Dead { name: "c".into(), incarnation: 1 }]);
+    apply(&mut map, &first[0]);
+    for &s in &owned_by_c {
+        let owner = map.owner(s);
+        assert!(owner == Some("a") || owner == Some("b"), "shard {s} owned by {owner:?}");
+    }
+    converge(&mut map, &live, &cfg, 50);
+    assert_on_ring(&map, 2);
+    assert!(map.shards().iter().all(|e| e.isr.len() == 2));
+}
+
+#[test]
+fn a_drained_member_ends_up_holding_nothing() {
+    let cfg = PlanConfig::default();
+    let (mut map, live) = started(&["a", "b", "c"], &cfg);
+    apply(&mut map, &MapCommand::Drain { name: "b".into() });
+    converge(&mut map, &live, &cfg, 50);
+    let b = map.member_ix("b").unwrap();
+    assert!(map.shards().iter().all(|e| !e.isr.contains(b) && !e.learners.contains(b)));
+    assert_on_ring(&map, 2);
+}
+
+#[test]
+fn shards_whose_in_sync_members_all_died_stay_unavailable_and_untouched() {
+    let cfg = PlanConfig::default();
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    live.retain(|m| m.name == "a");
+    converge(&mut map, &live, &cfg, 50);
+    let lost: Vec<ShardId> = map.unavailable().collect();
+    assert!(!lost.is_empty(), "with R=2 some shards lived on b and c only");
+    for &s in &lost {
+        let isr = map.shard(s).unwrap().isr;
+        assert!(!isr.contains(map.member_ix("a").unwrap()), "shard {s}");
+    }
+    // b and c died in that order (one command each): shards on both were left to c alone,
+    // so c is their last in-sync member. b returning brings none of them back...
+    live.push(up("b", 2));
+    converge(&mut map, &live, &cfg, 50);
+    assert_eq!(map.unavailable().collect::<Vec<_>>(), lost);
+    // ...c returning (with its store) brings every one back, nothing restarted from empty.
+    live.push(up("c", 2));
+    converge(&mut map, &live, &cfg, 50);
+    assert_eq!(map.unavailable().count(), 0);
+    assert_on_ring(&map, 2);
+}
+
+#[test]
+fn a_stale_plan_changes_nothing() {
+    let cfg = PlanConfig::default();
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    live.push(up("d", 1));
+    let join = plan(&map, &live, &ring_of(&map), &cfg).remove(0);
+    apply(&mut map, &join);
+    let ring = ring_of(&map);
+    let moves = plan(&map, &live, &ring, &cfg);
+    assert!(!moves.is_empty());
+    for cmd in &moves {
+        apply(&mut map, cmd);
+    }
+    let before = map.clone();
+    // The same plan again: every change names an epoch the map has left.
+    for cmd in &moves {
+        let applied = map.apply(cmd);
+        assert!(applied.changed.is_empty(), "{applied:?}");
+    }
+    assert_eq!(map.shards(), before.shards());
+}
