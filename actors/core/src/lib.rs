@@ -21,6 +21,8 @@
 //! - [`roles`]: which node serves a bot module's request (catalog, weather);
 //! - [`controller`]: the placement controller, a Raft group (raft-rs, sans-IO) whose
 //!   committed log builds the shard map on every member;
+//! - [`ownership`]: a node's side of the shards it owns or follows: writes acknowledged
+//!   once every in-sync member holds them, learners streamed and promoted;
 //! - [`shardmap`]: the authoritative shard map (owner, in-sync replicas, learners per
 //!   shard), applied from the placement controller's log.
 
@@ -32,6 +34,7 @@ pub mod identity;
 pub mod links;
 pub mod load;
 pub mod membership;
+pub mod ownership;
 pub mod placement;
 pub mod rebalance;
 pub mod replication;

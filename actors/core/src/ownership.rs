@@ -1,0 +1,436 @@
+//! Ownership and replication of shards by in-sync replica sets, as a pure state machine.
+//!
+//! One [`Ownership`] per node drives every shard the node holds, by the shard map it has
+//! applied (see [`crate::shardmap`]): as owner it writes a turn locally and to every other
+//! in-sync member and learner, and acknowledges the turn once its own store and every
+//! in-sync member hold it durably; as a follower it persists what the shard's owner sends,
+//! then acknowledges. Inputs are method calls (the applied map, a write to submit, peers'
+//! messages, "persisted", a tick); outputs are [`Effect`]s drained with
+//! [`Ownership::poll`]: what to persist, what to send, what to release or fail, what to
+//! propose to the controller. The node and the simulator execute the same effects.
+//!
+//! Rules (each checked by the tests):
+//! - a write is acknowledged only when the owner's store and every in-sync member hold it
+//!   (no consensus round per turn); a member leaves the in-sync set only by a map change;
+//! - a node serves a shard only while the map it applied names it owner: a node that
+//!   learns from the map, or from a follower's refusal, that it no longer owns fails what is
+//!   pending (the client retries with the same id; the retry window makes that safe);
+//! - a follower refuses writes of an epoch older than the one it knows unless they come
+//!   from the owner it knows (an owner keeps owning across epochs that only change the
+//!   in-sync set);
+//! - a learner is first sent the shard's data (streamed once every earlier write is
+//!   durable at the owner), then every new write; once it holds both, the owner counts it
+//!   for every further acknowledgement and proposes its promotion, so a promoted member
+//!   holds every acknowledged turn.
+//!
+//! The payload `P` of a write is opaque here (the node's store op, the simulator's turn).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::ShardId;
+use crate::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap};
+
+/// A write's number within one owner epoch of one shard.
+pub type Seq = u64;
+
+/// Messages between members about a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg<P> {
+    /// The owner's write `seq` of `epoch`.
+    Replicate { shard: ShardId, epoch: u64, seq: Seq, payload: P },
+    /// A follower holds write `seq` durably.
+    Ack { shard: ShardId, epoch: u64, seq: Seq },
+    /// A follower refused a write: it knows `known_epoch`, in which the sender does not own.
+    Refuse { shard: ShardId, epoch: u64, known_epoch: u64 },
+    /// A learner installed the streamed data of the shard.
+    Streamed { shard: ShardId, epoch: u64 },
+}
+
+/// Why a submitted write was not acknowledged. Its outcome is unknown: it may be durable on
+/// some members, and the next owner may hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// This node does not own the shard (now, or any more).
+    NotOwner,
+    /// The shard has no owner: every in-sync member is gone.
+    Unavailable,
+    /// The write queue of the shard is full.
+    Busy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect<P> {
+    /// Write `payload` to the local store; then call [`Ownership::persisted`].
+    Persist {
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        payload: P,
+    },
+    /// A follower's copy: write it to the local store; then call
+    /// [`Ownership::replica_persisted`].
+    PersistReplica {
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        from: MemberIx,
+        payload: P,
+    },
+    Send {
+        to: MemberIx,
+        msg: Msg<P>,
+    },
+    /// Write `seq` is durable on every in-sync member: answer the client.
+    Release {
+        shard: ShardId,
+        seq: Seq,
+    },
+    /// Write `seq` will not be acknowledged here.
+    Fail {
+        shard: ShardId,
+        seq: Seq,
+        why: Failure,
+    },
+    /// Send the shard's stored data to learner `to` (every earlier write is durable here);
+    /// the learner calls [`Ownership::stream_installed`] when it holds it.
+    Stream {
+        shard: ShardId,
+        epoch: u64,
+        to: MemberIx,
+    },
+    /// Propose to the controller.
+    Propose(MapCommand),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OwnershipConfig {
+    /// Writes of one shard waiting for acknowledgement; more are refused as busy.
+    pub pending_per_shard_max: usize,
+    /// Ticks between two proposals of the same promotion.
+    pub propose_every_ticks: u64,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        OwnershipConfig { pending_per_shard_max: 4096, propose_every_ticks: 10 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    /// The owner epoch it was written under (acknowledgements name it).
+    epoch: u64,
+    local: bool,
+    waiting: BTreeSet<MemberIx>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Learner {
+    /// Writes from this one on are forwarded to it.
+    from_seq: Seq,
+    stream_sent: bool,
+    /// The epoch the stream was sent at (an older `Streamed` is about an older stream).
+    stream_epoch: u64,
+    streamed: bool,
+    /// Forwarded writes it has not acknowledged.
+    unacked: BTreeSet<Seq>,
+    /// Caught up: counted for acknowledgements, promotion proposed at this tick.
+    proposed_at: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Owned {
+    epoch: u64,
+    /// In-sync members other than this node.
+    isr: BTreeSet<MemberIx>,
+    learners: BTreeMap<MemberIx, Learner>,
+    pending: BTreeMap<Seq, Pending>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Followed {
+    epoch: u64,
+    owner: Option<MemberIx>,
+}
+
+/// One node's side of every shard it holds.
+#[derive(Debug)]
+pub struct Ownership<P> {
+    me: MemberIx,
+    /// This process's incarnation: it holds shards only once the map knows it.
+    incarnation: u64,
+    cfg: OwnershipConfig,
+    /// Write numbers are unique for the life of the process (across shards and epochs).
+    next: Seq,
+    owned: BTreeMap<ShardId, Owned>,
+    followed: BTreeMap<ShardId, Followed>,
+    ticks: u64,
+    out: VecDeque<Effect<P>>,
+}
+
+impl<P: Clone> Ownership<P> {
+    pub fn new(me: MemberIx, incarnation: u64, cfg: OwnershipConfig) -> Ownership<P> {
+        Ownership {
+            me,
+            incarnation,
+            cfg,
+            next: 0,
+            owned: BTreeMap::new(),
+            followed: BTreeMap::new(),
+            ticks: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn me(&self) -> MemberIx {
+        self.me
+    }
+
+    /// Whether this node owns `shard` by the map it applied.
+    pub fn owns(&self, shard: ShardId) -> bool {
+        self.owned.contains_key(&shard)
+    }
+
+    /// The next effect to execute.
+    pub fn poll(&mut self) -> Option<Effect<P>> {
+        self.out.pop_front()
+    }
+
+    /// The map changed at `changed` shards (all of them after a restart or a snapshot).
+    /// A restarted process holds nothing until the map has its new incarnation (the old
+    /// one's shards passed to others, or wait for it as their last in-sync member).
+    pub fn map_applied(&mut self, map: &ShardMap, changed: impl IntoIterator<Item = ShardId>) {
+        let known = map.member(self.me).is_some_and(|m| {
+            m.incarnation == self.incarnation && m.state != crate::shardmap::MemberState::Dead
+        });
+        for shard in changed {
+            let Some(mut e) = map.shard(shard).copied() else { continue };
+            if !known {
+                e = crate::shardmap::ShardEntry::default();
+            }
+            if e.owner == Some(self.me) {
+                self.followed.remove(&shard);
+                self.own(shard, &e);
+            } else {
+                self.give_up(
+                    shard,
+                    if e.is_unavailable() { Failure::Unavailable } else { Failure::NotOwner },
+                );
+                let holds = e.isr.contains(self.me) || e.learners.contains(self.me);
+                if holds {
+                    let known = self.followed.get(&shard).map_or(0, |f| f.epoch);
+                    if e.epoch >= known {
+                        self.followed.insert(shard, Followed { epoch: e.epoch, owner: e.owner });
+                    }
+                } else {
+                    self.followed.remove(&shard);
+                }
+            }
+        }
+    }
+
+    /// Takes or keeps ownership of `shard` at entry `e`.
+    fn own(&mut self, shard: ShardId, e: &crate::shardmap::ShardEntry) {
+        let isr: BTreeSet<MemberIx> =
+            e.isr.as_slice().iter().copied().filter(|&m| m != self.me).collect();
+        let next = self.next;
+        let o = self.owned.entry(shard).or_insert_with(|| Owned {
+            epoch: e.epoch,
+            isr: BTreeSet::new(),
+            learners: BTreeMap::new(),
+            pending: BTreeMap::new(),
+        });
+        o.epoch = e.epoch;
+        o.learners.retain(|m, _| e.learners.contains(*m));
+        for &l in e.learners.as_slice() {
+            o.learners.entry(l).or_insert_with(|| Learner { from_seq: next, ..Default::default() });
+        }
+        // A member that left the in-sync set is not waited for; one that entered it was a
+        // caught-up learner, already waited for, and so is a caught-up learner whose
+        // promotion is not applied yet.
+        let counted: BTreeSet<MemberIx> = o
+            .learners
+            .iter()
+            .filter(|(_, l)| l.proposed_at.is_some())
+            .map(|(m, _)| *m)
+            .chain(isr.iter().copied())
+            .collect();
+        for p in o.pending.values_mut() {
+            p.waiting.retain(|m| counted.contains(m));
+        }
+        o.isr = isr;
+        self.settle(shard);
+    }
+
+    /// This node no longer owns `shard`: what waits fails.
+    fn give_up(&mut self, shard: ShardId, why: Failure) {
+        if let Some(o) = self.owned.remove(&shard) {
+            for seq in o.pending.keys() {
+                self.out.push_back(Effect::Fail { shard, seq: *seq, why });
+            }
+        }
+    }
+
+    /// Submits a write of an owned shard; its sequence number, which a later
+    /// [`Effect::Release`] or [`Effect::Fail`] names.
+    pub fn submit(&mut self, shard: ShardId, payload: P) -> Result<Seq, Failure> {
+        let max = self.cfg.pending_per_shard_max;
+        let Some(o) = self.owned.get_mut(&shard) else { return Err(Failure::NotOwner) };
+        if o.pending.len() >= max {
+            return Err(Failure::Busy);
+        }
+        let seq = self.next;
+        self.next += 1;
+        let caught_up = o.learners.iter().filter(|(_, l)| l.proposed_at.is_some()).map(|(m, _)| *m);
+        let waiting: BTreeSet<MemberIx> = o.isr.iter().copied().chain(caught_up).collect();
+        o.pending.insert(seq, Pending { epoch: o.epoch, local: false, waiting });
+        let epoch = o.epoch;
+        self.out.push_back(Effect::Persist { shard, epoch, seq, payload: payload.clone() });
+        for &to in &o.isr {
+            self.out.push_back(Effect::Send {
+                to,
+                msg: Msg::Replicate { shard, epoch, seq, payload: payload.clone() },
+            });
+        }
+        for (&to, l) in o.learners.iter_mut() {
+            l.unacked.insert(seq);
+            self.out.push_back(Effect::Send {
+                to,
+                msg: Msg::Replicate { shard, epoch, seq, payload: payload.clone() },
+            });
+        }
+        Ok(seq)
+    }
+
+    /// The local store holds write `seq` of `epoch`.
+    pub fn persisted(&mut self, shard: ShardId, epoch: u64, seq: Seq) {
+        let Some(o) = self.owned.get_mut(&shard) else { return };
+        if let Some(p) = o.pending.get_mut(&seq).filter(|p| p.epoch == epoch) {
+            p.local = true;
+        }
+        self.settle(shard);
+    }
+
+    /// A follower's store holds the owner's write: acknowledge it to `from`.
+    pub fn replica_persisted(&mut self, shard: ShardId, epoch: u64, seq: Seq, from: MemberIx) {
+        self.out.push_back(Effect::Send { to: from, msg: Msg::Ack { shard, epoch, seq } });
+    }
+
+    /// This learner installed the streamed data of `shard`: tell the owner.
+    pub fn stream_installed(&mut self, shard: ShardId, epoch: u64, owner: MemberIx) {
+        self.out.push_back(Effect::Send { to: owner, msg: Msg::Streamed { shard, epoch } });
+    }
+
+    /// A message from member `from`.
+    pub fn receive(&mut self, from: MemberIx, msg: Msg<P>) {
+        match msg {
+            Msg::Replicate { shard, epoch, seq, payload } => {
+                let f = self.followed.get(&shard).copied();
+                let known = f.map_or(0, |f| f.epoch);
+                let from_owner = f.is_some_and(|f| f.owner == Some(from));
+                if self.owned.contains_key(&shard) || (epoch < known && !from_owner) {
+                    let known_epoch = self.owned.get(&shard).map_or(known, |o| o.epoch);
+                    self.out.push_back(Effect::Send {
+                        to: from,
+                        msg: Msg::Refuse { shard, epoch, known_epoch },
+                    });
+                    return;
+                }
+                if epoch > known {
+                    // The sender owns by a map this node has not applied yet.
+                    self.followed.insert(shard, Followed { epoch, owner: Some(from) });
+                }
+                self.out.push_back(Effect::PersistReplica { shard, epoch, seq, from, payload });
+            }
+            Msg::Ack { shard, epoch, seq } => {
+                let Some(o) = self.owned.get_mut(&shard) else { return };
+                let Some(p) = o.pending.get_mut(&seq).filter(|p| p.epoch == epoch) else {
+                    // Already released, or about another ownership: a learner's
+                    // acknowledgement still counts for its catch-up.
+                    if let Some(l) = o.learners.get_mut(&from) {
+                        l.unacked.remove(&seq);
+                    }
+                    self.settle(shard);
+                    return;
+                };
+                p.waiting.remove(&from);
+                if let Some(l) = o.learners.get_mut(&from) {
+                    l.unacked.remove(&seq);
+                }
+                self.settle(shard);
+            }
+            Msg::Refuse { shard, known_epoch, .. } => {
+                // A follower applied a map in which this node does not own at this epoch:
+                // serve nothing more until the map catches up.
+                if self.owned.get(&shard).is_some_and(|o| known_epoch > o.epoch) {
+                    self.give_up(shard, Failure::NotOwner);
+                }
+            }
+            Msg::Streamed { shard, epoch } => {
+                let Some(o) = self.owned.get_mut(&shard) else { return };
+                if let Some(l) = o.learners.get_mut(&from) {
+                    l.streamed |= l.stream_sent && epoch >= l.stream_epoch;
+                }
+                self.settle(shard);
+            }
+        }
+    }
+
+    /// Time passed: proposals that were lost are made again.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        let every = self.cfg.propose_every_ticks.max(1);
+        let now = self.ticks;
+        let mut again = Vec::new();
+        for (&shard, o) in &mut self.owned {
+            for (&m, l) in &mut o.learners {
+                if l.proposed_at.is_some_and(|at| now - at >= every) {
+                    l.proposed_at = Some(now);
+                    again.push(promote(shard, o.epoch, m, self.next));
+                }
+            }
+        }
+        self.out.extend(again.into_iter().map(Effect::Propose));
+    }
+
+    /// Releases what is acknowledged, starts streams whose earlier writes are durable, and
+    /// counts learners that caught up.
+    fn settle(&mut self, shard: ShardId) {
+        let (now, next) = (self.ticks, self.next);
+        let Some(o) = self.owned.get_mut(&shard) else { return };
+        let done: Vec<Seq> = o
+            .pending
+            .iter()
+            .filter(|(_, p)| p.local && p.waiting.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            o.pending.remove(&seq);
+            self.out.push_back(Effect::Release { shard, seq });
+        }
+        let oldest_local_pending = o.pending.iter().find(|(_, p)| !p.local).map(|(s, _)| *s);
+        for (&to, l) in o.learners.iter_mut() {
+            if !l.stream_sent && oldest_local_pending.is_none_or(|s| s >= l.from_seq) {
+                l.stream_sent = true;
+                l.stream_epoch = o.epoch;
+                self.out.push_back(Effect::Stream { shard, epoch: o.epoch, to });
+            }
+            if l.streamed && l.unacked.is_empty() && l.proposed_at.is_none() {
+                // From now on every write waits for it too: promoted or not, it will hold
+                // every write acknowledged from here.
+                l.proposed_at = Some(now);
+                self.out.push_back(Effect::Propose(promote(shard, o.epoch, to, next)));
+            }
+        }
+    }
+}
+
+fn promote(shard: ShardId, epoch: u64, member: MemberIx, next: Seq) -> MapCommand {
+    MapCommand::Changes(vec![ShardChange::Promote { shard, epoch, member, turn_version: next }])
+}
+
+#[cfg(test)]
+mod tests;
