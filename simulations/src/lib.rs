@@ -5,6 +5,8 @@
 //! seed give the same results, byte for byte.
 //!
 //! Layout:
+//! - [`authority`]: the authoritative placement protocol (the real controller, planner and
+//!   ownership machines of every node, on simulated time) with its checkers;
 //! - [`net`]: a simulated datagram network (latency range, loss, duplication, partitions)
 //!   of real [`botclaw_core::Membership`] state machines, with crash, freeze and leave;
 //! - [`scenario`]: scenario files (TOML): nodes, network, placement strategy, rebalancing,
@@ -14,6 +16,7 @@
 //!   epochs, and the checkers;
 //! - [`report`]: the JSON summary, CSV time series and SVG plots of a run.
 
+pub mod authority;
 pub mod net;
 pub mod report;
 pub mod scenario;

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::shardmap::{Applied, MapCommand, ShardMap};
 
+/// raft-rs's message, entry and snapshot types, for drivers.
+pub use raft::eraftpb as raft_message;
+
 /// A controller node's id in the Raft group (non-zero).
 pub type ControllerId = u64;
 
@@ -76,6 +79,14 @@ pub enum ControllerError {
     NotLeader { leader: Option<ControllerId> },
 }
 
+/// One change of the controller group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupChange {
+    AddVoter,
+    AddLearner,
+    Remove,
+}
+
 /// What a driver writes durably before it sends [`ControllerReady::after_persist`]: a
 /// snapshot to keep (log entries up to its index may then be dropped), entries to append
 /// (an entry replaces any kept entry at its index and everything after it), the hard state.
@@ -115,6 +126,8 @@ pub struct ControllerReady {
     pub applied: Vec<AppliedEntry>,
     /// The leader changed to this (`None`: no leader known).
     pub leader_changed: Option<Option<ControllerId>>,
+    /// A snapshot from the leader replaced the map (any shard may have changed).
+    pub snapshot_installed: bool,
 }
 
 /// What a restarted node read back from its disk.
@@ -334,29 +347,40 @@ impl Controller {
         Ok(self.raw.propose(Vec::new(), data)?)
     }
 
-    /// Proposes a change of voters, by joint consensus (the group leaves the joint
-    /// configuration by itself once it is committed).
-    pub fn change_voters(
+    /// Proposes a change of the group: voters added or removed by joint consensus (the
+    /// group leaves the joint configuration by itself once it is committed); learners
+    /// (members that receive and apply the log without voting: every node that is not a
+    /// voter) added or removed alike.
+    pub fn change_members(
         &mut self,
-        add: &[ControllerId],
-        remove: &[ControllerId],
+        changes: &[(ControllerId, GroupChange)],
     ) -> Result<(), ControllerError> {
         if !self.is_leader() {
             return Err(ControllerError::NotLeader { leader: self.leader });
         }
-        let single = |id: ControllerId, ty: ConfChangeType| {
-            let mut c = ConfChangeSingle { node_id: id, ..Default::default() };
-            c.set_change_type(ty);
-            c
-        };
         let mut cc = ConfChangeV2::default();
         cc.set_changes(
-            add.iter()
-                .map(|&id| single(id, ConfChangeType::AddNode))
-                .chain(remove.iter().map(|&id| single(id, ConfChangeType::RemoveNode)))
+            changes
+                .iter()
+                .map(|&(id, change)| {
+                    let mut c = ConfChangeSingle { node_id: id, ..Default::default() };
+                    c.set_change_type(match change {
+                        GroupChange::AddVoter => ConfChangeType::AddNode,
+                        GroupChange::AddLearner => ConfChangeType::AddLearnerNode,
+                        GroupChange::Remove => ConfChangeType::RemoveNode,
+                    });
+                    c
+                })
                 .collect(),
         );
         Ok(self.raw.propose_conf_change(Vec::new(), cc)?)
+    }
+
+    /// The current learners, ascending.
+    pub fn learners(&self) -> Vec<ControllerId> {
+        let mut v = self.raw.raft.prs().conf().to_conf_state().learners;
+        v.sort_unstable();
+        v
     }
 
     /// Drains what this member must do now; `None` when there is nothing.
@@ -378,6 +402,7 @@ impl Controller {
             let snapshot = rd.snapshot().clone();
             self.install(snapshot.clone());
             out.persist.snapshot = Some(snapshot);
+            out.snapshot_installed = true;
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, &mut out.applied);

@@ -321,11 +321,11 @@ fn voters_change_by_joint_consensus() {
     let ctl = Controller::restore(4, restored, SHARDS, net.cfg.clone(), 4).unwrap();
     net.members.insert(4, Member { ctl: Some(ctl), disk: Disk::default(), snapshots_received: 0 });
     let leader = net.elect();
-    net.ctl(leader).change_voters(&[4], &[]).unwrap();
+    net.ctl(leader).change_members(&[(4, GroupChange::AddVoter)]).unwrap();
     net.settle();
     let gone = (1..=3).find(|&i| i != leader).unwrap();
     let leader = net.elect();
-    net.ctl(leader).change_voters(&[], &[gone]).unwrap();
+    net.ctl(leader).change_members(&[(gone, GroupChange::Remove)]).unwrap();
     // The removed member gets no more entries once it is out, so only the others settle.
     net.run_until(50, |n| {
         n.members.iter().filter(|(id, _)| **id != gone).all(|(_, m)| {

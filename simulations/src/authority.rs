@@ -1,0 +1,748 @@
+//! The authoritative placement protocol on simulated time: every node runs the real
+//! membership (foca, on [`SimNet`]) as its failure detector, the real placement controller
+//! ([`Controller`], raft-rs: three voters, every other node a learner of its log), the real
+//! planner on the leader, and the real [`Ownership`] machine over a simulated store. Only
+//! the transport, the disks and the clients are modelled.
+//!
+//! Checkers run after every step: every acknowledged write is durable on every in-sync
+//! member of its shard in the newest committed map; every node that applied a log index
+//! applied the same entry there; the map's invariants hold after every entry and every
+//! transition obeys the rules (`shardmap::check_transition`), replayed in log order.
+//!
+//! This is the protocol the node will run; the scenario files and `world.rs` still model the
+//! view-based replication the node runs today.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+
+use botclaw_config::{GossipConfig, PlacementConfig};
+use botclaw_core::controller::raft_message::{Entry, HardState, Message, Snapshot};
+use botclaw_core::controller::{
+    controller_id, Controller, ControllerConfig, ControllerId, GroupChange, Persist, Restored,
+};
+use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
+use botclaw_core::placement::{Placement, RingMember, ShardId};
+use botclaw_core::shardmap::plan::{plan, PlanConfig, UpMember};
+use botclaw_core::shardmap::{check_transition, MapCommand, MemberIx, MemberState, ShardMap};
+use botclaw_core::{MemberState as Gossip, NodeId};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::net::{NetModel, SimNet};
+
+const SECRET: &[u8] = b"simulated-cluster-secret";
+const STEP_MS: u64 = 5;
+
+/// A write: (shard, unique number).
+pub type Write = (ShardId, u64);
+
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    pub nodes: usize,
+    pub voters: usize,
+    pub shards: u32,
+    pub plan: PlanConfig,
+    pub controller: ControllerConfig,
+    /// Controller and ownership ticks.
+    pub tick_ms: u64,
+    /// How often the leader plans.
+    pub plan_every_ms: u64,
+    /// Writes submitted per simulated second (at random gateways).
+    pub writes_per_s: u64,
+    /// Message latency between nodes, uniform.
+    pub latency_ms: (u64, u64),
+    /// Time a store takes to make a write durable, uniform.
+    pub store_ms: (u64, u64),
+    /// Test hook: an unavailable shard is forced onto a live member, as view-based acquire
+    /// did (the checker must report the loss).
+    pub force_unavailable: bool,
+}
+
+impl Default for AuthorityConfig {
+    fn default() -> Self {
+        AuthorityConfig {
+            nodes: 5,
+            voters: 3,
+            shards: 64,
+            plan: PlanConfig { moves_in_flight_max: 8, ..Default::default() },
+            controller: ControllerConfig {
+                election_ticks: 10,
+                heartbeat_ticks: 2,
+                ..Default::default()
+            },
+            tick_ms: 50,
+            plan_every_ms: 200,
+            writes_per_s: 2000,
+            latency_ms: (1, 4),
+            store_ms: (1, 3),
+            force_unavailable: false,
+        }
+    }
+}
+
+/// What a run saw.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct AuthorityReport {
+    pub writes_submitted: u64,
+    pub writes_acknowledged: u64,
+    pub writes_failed: u64,
+    /// Entries the controller committed.
+    pub entries: u64,
+    pub leader_changes: u64,
+    /// Shards without an owner now.
+    pub unavailable_shards: usize,
+    /// Checker findings (empty: nothing lost, no divergence, no rule broken).
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Disk {
+    snapshot: Option<Snapshot>,
+    entries: Vec<Entry>,
+    hard_state: HardState,
+}
+
+impl Disk {
+    fn write(&mut self, p: Persist) {
+        if let Some(s) = p.snapshot {
+            let index = s.get_metadata().index;
+            self.entries.retain(|e| e.index > index);
+            self.snapshot = Some(s);
+        }
+        if let Some(first) = p.entries.first().map(|e| e.index) {
+            self.entries.retain(|e| e.index < first);
+            self.entries.extend(p.entries);
+        }
+        if let Some(hs) = p.hard_state {
+            self.hard_state = hs;
+        }
+    }
+
+    fn restored(&self) -> Restored {
+        Restored {
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.clone(),
+            hard_state: self.hard_state.clone(),
+        }
+    }
+}
+
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    raft_id: ControllerId,
+    voter: bool,
+    incarnation: u64,
+    running: bool,
+    controller: Option<Controller>,
+    disk: Disk,
+    ownership: Option<Ownership<Write>>,
+    /// Durable writes per shard (kept across crashes).
+    store: BTreeMap<ShardId, BTreeSet<Write>>,
+    /// Store operations in flight: (done at, effect).
+    store_queue: VecDeque<(u64, Effect<Write>)>,
+    /// Writes this node's machine numbered: seq -> write.
+    seqs: BTreeMap<u64, Write>,
+}
+
+enum Wire {
+    Raft(Box<Message>),
+    Own {
+        from: MemberIx,
+        msg: Msg<Write>,
+    },
+    /// A learner installs a streamed copy, then reports to `owner`.
+    Stream {
+        shard: ShardId,
+        epoch: u64,
+        owner: MemberIx,
+        copy: BTreeSet<Write>,
+    },
+    /// A proposal for the controller's leader.
+    Propose(MapCommand),
+}
+
+/// The cluster.
+pub struct Authority {
+    cfg: AuthorityConfig,
+    pub net: SimNet,
+    rng: StdRng,
+    now_ms: u64,
+    nodes: Vec<Node>,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    in_flight: BTreeMap<u64, (usize, Wire)>,
+    seq: u64,
+    next_write: u64,
+    /// Acknowledged writes per shard.
+    acked: BTreeMap<ShardId, BTreeSet<u64>>,
+    acked_count: u64,
+    /// Acknowledged since the last check (checked against the current in-sync members).
+    acked_new: Vec<Write>,
+    /// Shards whose in-sync members changed since the last check (all their writes checked).
+    dirty: BTreeSet<ShardId>,
+    /// Per log index: (term, command) as first applied.
+    history: BTreeMap<u64, (u64, Option<MapCommand>)>,
+    /// The committed map replayed entry by entry from `history`, and its index.
+    replayed: ShardMap,
+    replayed_index: u64,
+    leader: Option<ControllerId>,
+    report: AuthorityReport,
+    last_tick: u64,
+    last_plan: u64,
+}
+
+fn addr_of(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 7002))
+}
+
+impl Authority {
+    pub fn new(cfg: AuthorityConfig, seed: u64) -> Authority {
+        let gossip = GossipConfig::default();
+        let model = NetModel { latency_ms_min: 1, latency_ms_max: 4, loss: 0.0, duplicate: 0.0 };
+        let mut a = Authority {
+            net: SimNet::with_model(gossip, model, seed).without_trace(),
+            rng: StdRng::seed_from_u64(seed ^ 0xa117),
+            now_ms: 0,
+            nodes: Vec::new(),
+            queue: BinaryHeap::new(),
+            in_flight: BTreeMap::new(),
+            seq: 0,
+            next_write: 0,
+            acked: BTreeMap::new(),
+            acked_count: 0,
+            acked_new: Vec::new(),
+            dirty: BTreeSet::new(),
+            history: BTreeMap::new(),
+            replayed: ShardMap::new(cfg.shards),
+            replayed_index: 1,
+            leader: None,
+            report: AuthorityReport::default(),
+            last_tick: 0,
+            last_plan: 0,
+            cfg,
+        };
+        let voters: Vec<ControllerId> =
+            (0..a.cfg.voters.min(a.cfg.nodes)).map(|i| controller_id(&format!("n{i}"))).collect();
+        for i in 0..a.cfg.nodes {
+            a.add_node(i, &voters);
+        }
+        a
+    }
+
+    fn add_node(&mut self, i: usize, voters: &[ControllerId]) {
+        let name = format!("n{i}");
+        let raft_id = controller_id(&name);
+        let voter = voters.contains(&raft_id);
+        let mut disk = Disk::default();
+        if voter {
+            let f = Controller::founding_state(voters, self.cfg.shards);
+            disk.write(Persist {
+                snapshot: f.snapshot,
+                entries: f.entries,
+                hard_state: Some(f.hard_state),
+            });
+        }
+        self.nodes.push(Node {
+            name,
+            addr: addr_of(i),
+            raft_id,
+            voter,
+            incarnation: 0,
+            running: false,
+            controller: None,
+            disk,
+            ownership: None,
+            store: BTreeMap::new(),
+            store_queue: VecDeque::new(),
+            seqs: BTreeMap::new(),
+        });
+        self.start(i);
+    }
+
+    /// Adds a node to the running cluster (it joins through n0's gossip address).
+    pub fn join(&mut self) -> usize {
+        let i = self.nodes.len();
+        self.add_node(i, &[]);
+        i
+    }
+
+    /// Starts (or restarts) node `i`'s process: a new incarnation, its disk as it was.
+    pub fn start(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.incarnation = self.now_ms + 1;
+        n.running = true;
+        n.store_queue.clear();
+        n.seqs.clear();
+        n.ownership = None;
+        let restored = if n.voter || n.disk.snapshot.is_some() {
+            n.disk.restored()
+        } else {
+            Restored::default()
+        };
+        let seed = self.rng.random::<u64>();
+        n.controller = Some(
+            Controller::restore(
+                n.raft_id,
+                restored,
+                self.cfg.shards,
+                self.cfg.controller.clone(),
+                seed,
+            )
+            .expect("a disk this run wrote"),
+        );
+        let id = NodeId {
+            name: n.name.clone(),
+            gossip: n.addr,
+            cluster: SocketAddr::new(n.addr.ip(), 7001),
+            client: SocketAddr::new(n.addr.ip(), 7000),
+            admin: SocketAddr::new(n.addr.ip(), 7003),
+            incarnation: n.incarnation,
+            bump: 0,
+            roles: vec![botclaw_core::roles::CONVERSATIONS.into()],
+            capacity: 100,
+        };
+        let seeds: Vec<SocketAddr> = if i == 0 { vec![addr_of(1)] } else { vec![addr_of(0)] };
+        self.net.start(id, &seeds, SECRET, self.rng.random());
+        self.attach_ownership(i);
+    }
+
+    /// The process dies; its disk and store stay.
+    pub fn crash(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.running = false;
+        n.controller = None;
+        n.ownership = None;
+        n.store_queue.clear();
+        self.net.crash(n.addr);
+    }
+
+    /// Cuts `group` off from the rest (or heals with an empty group).
+    pub fn isolate(&mut self, group: &[usize]) {
+        if group.is_empty() {
+            self.net.heal();
+            return;
+        }
+        let inside: Vec<SocketAddr> = group.iter().map(|&i| self.nodes[i].addr).collect();
+        let outside: Vec<SocketAddr> = (0..self.nodes.len())
+            .filter(|i| !group.contains(i))
+            .map(|i| self.nodes[i].addr)
+            .collect();
+        self.net.partition(&[inside, outside]);
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The index of the node leading the controller, if one leads.
+    pub fn leader(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| n.controller.as_ref().is_some_and(|c| c.is_leader()))
+    }
+
+    /// The newest committed map (replayed in log order).
+    pub fn map(&self) -> &ShardMap {
+        &self.replayed
+    }
+
+    pub fn report(&self) -> AuthorityReport {
+        let mut r = self.report.clone();
+        r.writes_acknowledged = self.acked_count;
+        r.unavailable_shards = self.replayed.unavailable().count();
+        r
+    }
+
+    /// Runs until `until_ms`, checking after every step.
+    pub fn run_until(&mut self, until_ms: u64) {
+        while self.now_ms < until_ms {
+            self.step();
+        }
+    }
+
+    fn step(&mut self) {
+        let to = self.now_ms + STEP_MS;
+        self.net.run_until(to);
+        while let Some(&Reverse((at, seq))) = self.queue.peek() {
+            if at > to {
+                break;
+            }
+            self.queue.pop();
+            self.now_ms = at;
+            if let Some((dest, wire)) = self.in_flight.remove(&seq) {
+                self.deliver(dest, wire);
+            }
+        }
+        self.now_ms = to;
+        for i in 0..self.nodes.len() {
+            self.complete_stores(i);
+        }
+        if self.now_ms - self.last_tick >= self.cfg.tick_ms {
+            self.last_tick = self.now_ms;
+            for i in 0..self.nodes.len() {
+                if let Some(c) = self.nodes[i].controller.as_mut() {
+                    c.tick();
+                }
+                if let Some(o) = self.nodes[i].ownership.as_mut() {
+                    o.tick();
+                }
+                self.drain(i);
+            }
+        }
+        if self.now_ms - self.last_plan >= self.cfg.plan_every_ms {
+            self.last_plan = self.now_ms;
+            self.plan();
+        }
+        let writes = self.cfg.writes_per_s * STEP_MS / 1000;
+        for _ in 0..writes {
+            self.submit();
+        }
+        self.check();
+    }
+
+    fn send(&mut self, from: usize, to: usize, wire: Wire) {
+        if !self.nodes[to].running
+            || !self.net.reachable(self.nodes[from].addr, self.nodes[to].addr)
+        {
+            return;
+        }
+        let (lo, hi) = self.cfg.latency_ms;
+        let at = self.now_ms + self.rng.random_range(lo..=hi);
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq)));
+        self.in_flight.insert(self.seq, (to, wire));
+    }
+
+    fn node_of(&self, raft_id: ControllerId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.raft_id == raft_id)
+    }
+
+    fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn deliver(&mut self, i: usize, wire: Wire) {
+        if !self.nodes[i].running {
+            return;
+        }
+        match wire {
+            Wire::Raft(m) => {
+                if let Some(c) = self.nodes[i].controller.as_mut() {
+                    let _ = c.step(*m);
+                }
+            }
+            Wire::Own { from, msg } => {
+                if let Some(o) = self.nodes[i].ownership.as_mut() {
+                    o.receive(from, msg);
+                }
+            }
+            Wire::Stream { shard, epoch, owner, copy } => {
+                self.nodes[i].store.entry(shard).or_default().extend(copy);
+                if let Some(o) = self.nodes[i].ownership.as_mut() {
+                    o.stream_installed(shard, epoch, owner);
+                }
+            }
+            Wire::Propose(cmd) => {
+                if let Some(c) = self.nodes[i].controller.as_mut().filter(|c| c.is_leader()) {
+                    let _ = c.propose(&cmd);
+                }
+            }
+        }
+        self.drain(i);
+    }
+
+    /// The node's ownership machine exists once its applied map knows it.
+    fn attach_ownership(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        if n.ownership.is_some() || !n.running {
+            return;
+        }
+        let Some(c) = n.controller.as_ref() else { return };
+        let Some(ix) = c.map().member_ix(&n.name) else { return };
+        let mut o = Ownership::new(ix, n.incarnation, OwnershipConfig::default());
+        o.map_applied(c.map(), 0..self.cfg.shards);
+        n.ownership = Some(o);
+    }
+
+    fn drain(&mut self, i: usize) {
+        self.drain_controller(i);
+        self.drain_ownership(i);
+    }
+
+    fn drain_controller(&mut self, i: usize) {
+        loop {
+            let Some(rd) = self.nodes[i].controller.as_mut().and_then(|c| c.ready()) else {
+                return;
+            };
+            for m in rd.messages {
+                self.send_raft(i, m);
+            }
+            self.nodes[i].disk.write(rd.persist);
+            for m in rd.after_persist {
+                self.send_raft(i, m);
+            }
+            if let Some(leader) = rd.leader_changed {
+                if leader.is_some() && leader != self.leader {
+                    self.report.leader_changes += 1;
+                    self.leader = leader;
+                }
+            }
+            let mut changed: BTreeSet<ShardId> = BTreeSet::new();
+            for a in &rd.applied {
+                changed.extend(a.applied.changed.iter().copied());
+                self.record(i, a.index, a.term, a.command.clone());
+            }
+            let all = rd.snapshot_installed;
+            self.attach_ownership(i);
+            let n = &mut self.nodes[i];
+            if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
+                if all {
+                    o.map_applied(c.map(), 0..self.cfg.shards);
+                } else if !changed.is_empty() {
+                    o.map_applied(c.map(), changed);
+                }
+            }
+        }
+    }
+
+    fn send_raft(&mut self, from: usize, m: Message) {
+        if let Some(to) = self.node_of(m.to) {
+            self.send(from, to, Wire::Raft(Box::new(m)));
+        }
+    }
+
+    /// Member index -> node, by the map's names (indices are stable).
+    fn node_of_member(&self, ix: MemberIx) -> Option<usize> {
+        let name = self.replayed.member(ix).map(|m| m.name.clone())?;
+        self.node_named(&name)
+    }
+
+    fn drain_ownership(&mut self, i: usize) {
+        loop {
+            let Some(effect) = self.nodes[i].ownership.as_mut().and_then(|o| o.poll()) else {
+                return;
+            };
+            match effect {
+                Effect::Send { to, msg } => {
+                    let me = self.nodes[i].ownership.as_ref().map(|o| o.me()).unwrap_or_default();
+                    if let Some(t) = self.node_of_member(to) {
+                        self.send(i, t, Wire::Own { from: me, msg });
+                    }
+                }
+                Effect::Release { seq, .. } => {
+                    if let Some(w) = self.nodes[i].seqs.remove(&seq) {
+                        if self.acked.entry(w.0).or_default().insert(w.1) {
+                            self.acked_count += 1;
+                            self.acked_new.push(w);
+                        }
+                    }
+                }
+                Effect::Fail { seq, .. } => {
+                    self.nodes[i].seqs.remove(&seq);
+                    self.report.writes_failed += 1;
+                }
+                Effect::Stream { shard, epoch, to } => {
+                    // Every earlier write is durable here: the copy is taken now.
+                    let copy = self.nodes[i].store.get(&shard).cloned().unwrap_or_default();
+                    let owner =
+                        self.nodes[i].ownership.as_ref().map(|o| o.me()).unwrap_or_default();
+                    if let Some(t) = self.node_of_member(to) {
+                        self.send(i, t, Wire::Stream { shard, epoch, owner, copy });
+                    }
+                }
+                Effect::Propose(cmd) => {
+                    if let Some(l) = self.leader() {
+                        self.send(i, l, Wire::Propose(cmd));
+                    }
+                }
+                e @ (Effect::Persist { .. } | Effect::PersistReplica { .. }) => {
+                    let (lo, hi) = self.cfg.store_ms;
+                    let done = self.now_ms + self.rng.random_range(lo..=hi);
+                    self.nodes[i].store_queue.push_back((done, e));
+                }
+            }
+        }
+    }
+
+    /// Completes the store operations that are due (in order).
+    fn complete_stores(&mut self, i: usize) {
+        while self.nodes[i].store_queue.front().is_some_and(|(done, _)| *done <= self.now_ms) {
+            let (_, op) = self.nodes[i].store_queue.pop_front().expect("checked");
+            let n = &mut self.nodes[i];
+            match op {
+                Effect::Persist { shard, epoch, seq, payload } => {
+                    n.store.entry(shard).or_default().insert(payload);
+                    if let Some(o) = n.ownership.as_mut() {
+                        o.persisted(shard, epoch, seq);
+                    }
+                }
+                Effect::PersistReplica { shard, epoch, seq, from, payload } => {
+                    n.store.entry(shard).or_default().insert(payload);
+                    if let Some(o) = n.ownership.as_mut() {
+                        o.replica_persisted(shard, epoch, seq, from);
+                    }
+                }
+                _ => unreachable!("only store operations are queued"),
+            }
+            self.drain(i);
+        }
+    }
+
+    /// The leader's round: membership from its failure detector, learners for nodes the
+    /// map knows, then the planner.
+    fn plan(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let addr = self.nodes[l].addr;
+        let Some(membership) = self.net.membership(addr) else { return };
+        let up: Vec<UpMember> = membership
+            .members()
+            .into_iter()
+            .filter(|m| m.state != Gossip::Down)
+            .map(|m| UpMember {
+                name: m.id.name.clone(),
+                incarnation: m.id.incarnation,
+                capacity: m.id.capacity,
+            })
+            .collect();
+        let c = self.nodes[l].controller.as_mut().expect("the leader runs");
+        let map = c.map();
+        let group: BTreeSet<ControllerId> = c.voters().into_iter().chain(c.learners()).collect();
+        let new_learners: Vec<(ControllerId, GroupChange)> = map
+            .members()
+            .iter()
+            .map(|m| controller_id(&m.name))
+            .filter(|id| !group.contains(id))
+            .map(|id| (id, GroupChange::AddLearner))
+            .collect();
+        let active: Vec<RingMember> = map
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
+            .collect();
+        let pcfg =
+            PlacementConfig { shard_count: self.cfg.shards, vnodes: 64, ..Default::default() };
+        let ring = Placement::build(&active, &pcfg);
+        let mut cmds = plan(map, &up, &ring, &self.cfg.plan);
+        if self.cfg.force_unavailable {
+            if let Some(member) =
+                map.member_ix(&active.first().map(|m| m.name.clone()).unwrap_or_default())
+            {
+                cmds.extend(map.unavailable().map(|shard| MapCommand::Force { shard, member }));
+            }
+        }
+        if !new_learners.is_empty() {
+            let _ = c.change_members(&new_learners);
+        }
+        for cmd in cmds {
+            let _ = c.propose(&cmd);
+        }
+        self.drain(l);
+    }
+
+    /// A client write at a random running gateway, routed by the gateway's map.
+    fn submit(&mut self) {
+        let running: Vec<usize> =
+            (0..self.nodes.len()).filter(|&i| self.nodes[i].running).collect();
+        if running.is_empty() {
+            return;
+        }
+        let gateway = running[self.rng.random_range(0..running.len())];
+        let shard = self.rng.random_range(0..self.cfg.shards);
+        self.report.writes_submitted += 1;
+        let Some(owner) = self.nodes[gateway]
+            .controller
+            .as_ref()
+            .and_then(|c| c.map().owner(shard).map(String::from))
+        else {
+            return;
+        };
+        let Some(o) = self.node_named(&owner) else { return };
+        if !self.nodes[o].running
+            || !self.net.reachable(self.nodes[gateway].addr, self.nodes[o].addr)
+        {
+            return;
+        }
+        let w = (shard, self.next_write);
+        self.next_write += 1;
+        let Some(machine) = self.nodes[o].ownership.as_mut() else { return };
+        if let Ok(seq) = machine.submit(shard, w) {
+            self.nodes[o].seqs.insert(seq, w);
+        }
+        self.drain(o);
+    }
+
+    fn record(&mut self, node: usize, index: u64, term: u64, command: Option<MapCommand>) {
+        match self.history.get(&index) {
+            None => {
+                self.history.insert(index, (term, command));
+                self.report.entries += 1;
+            }
+            Some(seen) if *seen != (term, command.clone()) => self.report.problems.push(format!(
+                "{} applied {:?} at index {index} where another applied {seen:?} (t={} ms)",
+                self.nodes[node].name,
+                (term, command),
+                self.now_ms
+            )),
+            Some(_) => {}
+        }
+        // Replay the committed log in order, checking every transition.
+        while let Some((_, cmd)) = self.history.get(&(self.replayed_index + 1)).cloned() {
+            self.replayed_index += 1;
+            if let Some(cmd) = cmd {
+                let before = self.replayed.clone();
+                let applied = self.replayed.apply(&cmd);
+                self.dirty.extend(applied.changed);
+                let forced = match cmd {
+                    MapCommand::Force { shard, .. } => Some(shard),
+                    _ => None,
+                };
+                let mut problems = self.replayed.check();
+                problems.extend(check_transition(&before, &self.replayed, forced));
+                for p in problems {
+                    self.report.problems.push(format!("after index {}: {p}", self.replayed_index));
+                }
+            }
+        }
+    }
+
+    /// Newly acknowledged writes against their shard's in-sync members, and every
+    /// acknowledged write of shards whose in-sync members changed (stores only grow, so
+    /// nothing else can break the invariant).
+    fn check(&mut self) {
+        let fresh = std::mem::take(&mut self.acked_new);
+        let dirty = std::mem::take(&mut self.dirty);
+        if self.report.problems.len() > 20 {
+            return;
+        }
+        let mut lost = Vec::new();
+        let mut check = |shard: ShardId, n: u64| {
+            let Some(e) = self.replayed.shard(shard) else { return };
+            for &m in e.isr.as_slice() {
+                let name = self.replayed.name(m);
+                let holds =
+                    self.nodes.iter().find(|x| x.name == name).is_some_and(|x| {
+                        x.store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
+                    });
+                if !holds && lost.len() < 5 {
+                    lost.push(format!(
+                        "write {n} of shard {shard} was acknowledged but in-sync member {name} lacks it (t={} ms)",
+                        self.now_ms
+                    ));
+                }
+            }
+        };
+        for (shard, n) in fresh {
+            check(shard, n);
+        }
+        for shard in dirty {
+            for &n in self.acked.get(&shard).into_iter().flatten() {
+                check(shard, n);
+            }
+        }
+        self.report.problems.extend(lost);
+    }
+}
