@@ -54,6 +54,8 @@ pub struct AuthorityConfig {
     pub latency_ms: (u64, u64),
     /// Time a store takes to make a write durable, uniform.
     pub store_ms: (u64, u64),
+    /// Of the client requests, the share that are reads, in percent.
+    pub reads_percent: u32,
     /// Test hook: an unavailable shard is forced onto a live member, as view-based acquire
     /// did (the checker must report the loss).
     pub force_unavailable: bool,
@@ -76,6 +78,7 @@ impl Default for AuthorityConfig {
             writes_per_s: 2000,
             latency_ms: (1, 4),
             store_ms: (1, 3),
+            reads_percent: 10,
             force_unavailable: false,
         }
     }
@@ -87,6 +90,9 @@ pub struct AuthorityReport {
     pub writes_submitted: u64,
     pub writes_acknowledged: u64,
     pub writes_failed: u64,
+    pub reads_served: u64,
+    /// Reads refused or failed (no owner, lease run out, ownership lost meanwhile).
+    pub reads_failed: u64,
     /// Entries the controller committed.
     pub entries: u64,
     pub leader_changes: u64,
@@ -181,6 +187,11 @@ pub struct Authority {
     acked_new: Vec<Write>,
     /// Shards whose in-sync members changed since the last check (all their writes checked).
     dirty: BTreeSet<ShardId>,
+    /// Acknowledged writes per shard in the order they were acknowledged.
+    ack_order: BTreeMap<ShardId, Vec<u64>>,
+    /// Reads asked: (node, seq) -> (shard, how many of the shard's writes were acknowledged
+    /// when the read was asked).
+    reads: BTreeMap<(usize, u64), (ShardId, usize)>,
     /// Per log index: (term, command) as first applied.
     history: BTreeMap<u64, (u64, Option<MapCommand>)>,
     /// The committed map replayed entry by entry from `history`, and its index.
@@ -213,6 +224,8 @@ impl Authority {
             acked_count: 0,
             acked_new: Vec::new(),
             dirty: BTreeSet::new(),
+            ack_order: BTreeMap::new(),
+            reads: BTreeMap::new(),
             history: BTreeMap::new(),
             replayed: ShardMap::new(cfg.shards),
             replayed_index: 1,
@@ -383,10 +396,14 @@ impl Authority {
         if self.now_ms - self.last_tick >= self.cfg.tick_ms {
             self.last_tick = self.now_ms;
             for i in 0..self.nodes.len() {
-                if let Some(c) = self.nodes[i].controller.as_mut() {
+                let leads = self.nodes[i].controller.as_mut().map(|c| {
                     c.tick();
-                }
+                    c.is_leader()
+                });
                 if let Some(o) = self.nodes[i].ownership.as_mut() {
+                    if leads == Some(true) {
+                        o.controller_heard();
+                    }
                     o.tick();
                 }
                 self.drain(i);
@@ -430,8 +447,14 @@ impl Authority {
         }
         match wire {
             Wire::Raft(m) => {
+                let from = m.from;
                 if let Some(c) = self.nodes[i].controller.as_mut() {
                     let _ = c.step(*m);
+                    if c.leader() == Some(from) {
+                        if let Some(o) = self.nodes[i].ownership.as_mut() {
+                            o.controller_heard();
+                        }
+                    }
                 }
             }
             Wire::Own { from, msg } => {
@@ -537,12 +560,40 @@ impl Authority {
                         if self.acked.entry(w.0).or_default().insert(w.1) {
                             self.acked_count += 1;
                             self.acked_new.push(w);
+                            self.ack_order.entry(w.0).or_default().push(w.1);
                         }
                     }
                 }
                 Effect::Fail { seq, .. } => {
-                    self.nodes[i].seqs.remove(&seq);
-                    self.report.writes_failed += 1;
+                    if self.reads.remove(&(i, seq)).is_some() {
+                        self.report.reads_failed += 1;
+                    } else if self.nodes[i].seqs.remove(&seq).is_some() {
+                        self.report.writes_failed += 1;
+                    }
+                }
+                Effect::ReadReady { shard, seq } => {
+                    let Some((_, before)) = self.reads.remove(&(i, seq)) else { continue };
+                    self.report.reads_served += 1;
+                    // Answered after every write asked before it here (a connection answers
+                    // in order: a `history` after a `say` must see that turn).
+                    if let Some((s, w)) =
+                        self.nodes[i].seqs.range(..seq).find(|(_, w)| w.0 == shard)
+                    {
+                        self.report.problems.push(format!(
+                            "a read of shard {shard} on {} was ready before write {} (seq {s}) asked before it (t={} ms)",
+                            self.nodes[i].name, w.1, self.now_ms
+                        ));
+                    }
+                    let store = self.nodes[i].store.get(&shard);
+                    let order = self.ack_order.get(&shard).map_or(&[][..], |v| &v[..before]);
+                    if let Some(n) =
+                        order.iter().find(|n| !store.is_some_and(|s| s.contains(&(shard, **n))))
+                    {
+                        self.report.problems.push(format!(
+                            "a read of shard {shard} on {} missed write {n}, acknowledged before it (t={} ms)",
+                            self.nodes[i].name, self.now_ms
+                        ));
+                    }
                 }
                 Effect::Stream { shard, epoch, to } => {
                     // Every earlier write is durable here: the copy is taken now.
@@ -666,9 +717,20 @@ impl Authority {
         {
             return;
         }
+        let Some(machine) = self.nodes[o].ownership.as_mut() else { return };
+        if self.rng.random_range(0..100) < self.cfg.reads_percent {
+            let before = self.ack_order.get(&shard).map_or(0, Vec::len);
+            match machine.read(shard) {
+                Ok(seq) => {
+                    self.reads.insert((o, seq), (shard, before));
+                }
+                Err(_) => self.report.reads_failed += 1,
+            }
+            self.drain(o);
+            return;
+        }
         let w = (shard, self.next_write);
         self.next_write += 1;
-        let Some(machine) = self.nodes[o].ownership.as_mut() else { return };
         if let Ok(seq) = machine.submit(shard, w) {
             self.nodes[o].seqs.insert(seq, w);
         }

@@ -23,6 +23,11 @@
 //!   for every further acknowledgement and proposes its promotion, so a promoted member
 //!   holds every acknowledged turn.
 //!
+//! - a read is served by the owner once every write submitted before it is acknowledged
+//!   (so it sees them), and only while the owner heard from the controller within its
+//!   lease, shorter than failure detection: an owner cut off from the controller stops
+//!   reading before a new owner can be appointed.
+//!
 //! The payload `P` of a write is opaque here (the node's store op, the simulator's turn).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -58,6 +63,9 @@ pub enum Failure {
     Unavailable,
     /// The write queue of the shard is full.
     Busy,
+    /// A read on an owner that has not heard from the controller within its lease: a new
+    /// owner may exist that this node does not know of.
+    Fenced,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +108,12 @@ pub enum Effect<P> {
         epoch: u64,
         to: MemberIx,
     },
+    /// Read `seq` may be served from the local store now: it holds every write of the
+    /// shard acknowledged before the read was asked.
+    ReadReady {
+        shard: ShardId,
+        seq: Seq,
+    },
     /// Propose to the controller.
     Propose(MapCommand),
 }
@@ -111,11 +125,19 @@ pub struct OwnershipConfig {
     pub pending_per_shard_max: usize,
     /// Ticks between two proposals of the same promotion.
     pub propose_every_ticks: u64,
+    /// Ticks an owner serves reads after it last heard from the controller. Must be
+    /// shorter than the failure detector can declare it down (before which no new owner
+    /// can be appointed), so a cut-off owner stops reading before a new one writes.
+    pub read_lease_ticks: u64,
 }
 
 impl Default for OwnershipConfig {
     fn default() -> Self {
-        OwnershipConfig { pending_per_shard_max: 4096, propose_every_ticks: 10 }
+        OwnershipConfig {
+            pending_per_shard_max: 4096,
+            propose_every_ticks: 10,
+            read_lease_ticks: 10,
+        }
     }
 }
 
@@ -148,6 +170,8 @@ struct Owned {
     isr: BTreeSet<MemberIx>,
     learners: BTreeMap<MemberIx, Learner>,
     pending: BTreeMap<Seq, Pending>,
+    /// Reads waiting for the writes submitted before them.
+    reads: BTreeSet<Seq>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +192,8 @@ pub struct Ownership<P> {
     owned: BTreeMap<ShardId, Owned>,
     followed: BTreeMap<ShardId, Followed>,
     ticks: u64,
+    /// The tick this node last heard from the controller (see `read_lease_ticks`).
+    heard_at: Option<u64>,
     out: VecDeque<Effect<P>>,
 }
 
@@ -181,6 +207,7 @@ impl<P: Clone> Ownership<P> {
             owned: BTreeMap::new(),
             followed: BTreeMap::new(),
             ticks: 0,
+            heard_at: None,
             out: VecDeque::new(),
         }
     }
@@ -242,6 +269,7 @@ impl<P: Clone> Ownership<P> {
             isr: BTreeSet::new(),
             learners: BTreeMap::new(),
             pending: BTreeMap::new(),
+            reads: BTreeSet::new(),
         });
         o.epoch = e.epoch;
         o.learners.retain(|m, _| e.learners.contains(*m));
@@ -268,7 +296,7 @@ impl<P: Clone> Ownership<P> {
     /// This node no longer owns `shard`: what waits fails.
     fn give_up(&mut self, shard: ShardId, why: Failure) {
         if let Some(o) = self.owned.remove(&shard) {
-            for seq in o.pending.keys() {
+            for seq in o.pending.keys().chain(&o.reads) {
                 self.out.push_back(Effect::Fail { shard, seq: *seq, why });
             }
         }
@@ -302,6 +330,33 @@ impl<P: Clone> Ownership<P> {
                 msg: Msg::Replicate { shard, epoch, seq, payload: payload.clone() },
             });
         }
+        Ok(seq)
+    }
+
+    /// The controller's leader was heard from (or this node leads it): reads may be served
+    /// for `read_lease_ticks` more ticks.
+    pub fn controller_heard(&mut self) {
+        self.heard_at = Some(self.ticks);
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.heard_at.is_some_and(|at| self.ticks - at < self.cfg.read_lease_ticks)
+    }
+
+    /// Asks to read an owned shard; a later [`Effect::ReadReady`] (once every write
+    /// submitted before is acknowledged) or [`Effect::Fail`] names the returned number.
+    /// Refused outright on a node whose controller lease ran out.
+    pub fn read(&mut self, shard: ShardId) -> Result<Seq, Failure> {
+        if !self.owned.contains_key(&shard) {
+            return Err(Failure::NotOwner);
+        }
+        if !self.lease_valid() {
+            return Err(Failure::Fenced);
+        }
+        let seq = self.next;
+        self.next += 1;
+        self.owned.get_mut(&shard).expect("checked").reads.insert(seq);
+        self.settle(shard);
         Ok(seq)
     }
 
@@ -382,6 +437,18 @@ impl<P: Clone> Ownership<P> {
     /// Time passed: proposals that were lost are made again.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        if !self.lease_valid() {
+            let waiting: Vec<(ShardId, Seq)> = self
+                .owned
+                .iter_mut()
+                .flat_map(|(&shard, o)| {
+                    std::mem::take(&mut o.reads).into_iter().map(move |s| (shard, s))
+                })
+                .collect();
+            for (shard, seq) in waiting {
+                self.out.push_back(Effect::Fail { shard, seq, why: Failure::Fenced });
+            }
+        }
         let every = self.cfg.propose_every_ticks.max(1);
         let now = self.ticks;
         let mut again = Vec::new();
@@ -410,6 +477,13 @@ impl<P: Clone> Ownership<P> {
         for seq in done {
             o.pending.remove(&seq);
             self.out.push_back(Effect::Release { shard, seq });
+        }
+        let oldest_pending = o.pending.keys().next().copied();
+        let ready: Vec<Seq> =
+            o.reads.iter().copied().filter(|r| oldest_pending.is_none_or(|p| p > *r)).collect();
+        for seq in ready {
+            o.reads.remove(&seq);
+            self.out.push_back(Effect::ReadReady { shard, seq });
         }
         let oldest_local_pending = o.pending.iter().find(|(_, p)| !p.local).map(|(s, _)| *s);
         for (&to, l) in o.learners.iter_mut() {

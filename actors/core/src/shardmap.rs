@@ -58,8 +58,9 @@ pub struct MapMember {
     pub capacity: u32,
 }
 
-/// Up to [`REPLICAS_MAX`] member slots, in order, without allocating.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Up to [`REPLICAS_MAX`] member slots, in order, without allocating. Encoded as the
+/// sequence of its members (a map snapshot holds two per shard).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replicas {
     len: u8,
     ix: [MemberIx; REPLICAS_MAX],
@@ -121,6 +122,21 @@ impl Replicas {
             self.ix[0] = m;
             self.len += 1;
         }
+    }
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Replicas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let members = Vec::<MemberIx>::deserialize(d)?;
+        Replicas::from_slice(&members)
+            .filter(|r| r.len() == members.len())
+            .ok_or_else(|| serde::de::Error::custom("more replicas than REPLICAS_MAX, or repeated"))
     }
 }
 

@@ -212,7 +212,8 @@ impl World {
                     let w = self.submitted[&(i, seq)];
                     self.acked.insert(w);
                 }
-                Effect::Fail { .. } => {}
+                // This scheduler asks no reads (the simulator's checker covers them).
+                Effect::Fail { .. } | Effect::ReadReady { .. } => {}
                 Effect::Propose(cmd) => {
                     if !self.nodes[i].isolated {
                         self.commit(&cmd);
@@ -472,4 +473,56 @@ fn the_checker_catches_a_learner_promoted_before_it_caught_up() {
         caught += usize::from(failed.is_err());
     }
     assert!(caught >= 10, "the checker caught early promotion in only {caught} of 20 runs");
+}
+
+/// An owner of shard 0 with member 1 in sync.
+fn owner() -> Ownership<W> {
+    let mut map = ShardMap::new(1);
+    for n in ["a", "b"] {
+        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
+    }
+    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
+    map.apply(&MapCommand::Assign(vec![run]));
+    let mut o = Ownership::new(0, 1, OwnershipConfig::default());
+    o.map_applied(&map, 0..1);
+    o
+}
+
+fn effects(o: &mut Ownership<W>) -> Vec<Effect<W>> {
+    std::iter::from_fn(|| o.poll()).collect()
+}
+
+#[test]
+fn a_read_waits_for_the_writes_asked_before_it() {
+    let mut o = owner();
+    o.controller_heard();
+    let w = o.submit(0, (0, 1)).unwrap();
+    let r = o.read(0).unwrap();
+    let later = o.submit(0, (0, 2)).unwrap();
+    assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::ReadReady { .. })));
+    o.persisted(0, 1, w);
+    o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w });
+    let out = effects(&mut o);
+    assert!(out.contains(&Effect::Release { shard: 0, seq: w }));
+    // Ready although a later write is still pending: it does not wait for what came after.
+    assert!(out.contains(&Effect::ReadReady { shard: 0, seq: r }), "{out:?}");
+    assert!(!out.contains(&Effect::Release { shard: 0, seq: later }));
+}
+
+#[test]
+fn reads_are_fenced_once_the_controller_lease_runs_out() {
+    let mut o = owner();
+    assert_eq!(o.read(0), Err(Failure::Fenced), "never heard from the controller");
+    o.controller_heard();
+    let _w = o.submit(0, (0, 1)).unwrap();
+    let r = o.read(0).unwrap();
+    for _ in 0..OwnershipConfig::default().read_lease_ticks {
+        o.tick();
+    }
+    let out = effects(&mut o);
+    assert!(out.contains(&Effect::Fail { shard: 0, seq: r, why: Failure::Fenced }), "{out:?}");
+    assert_eq!(o.read(0), Err(Failure::Fenced));
+    o.controller_heard();
+    assert!(o.read(0).is_ok());
+    assert_eq!(o.read(1), Err(Failure::NotOwner));
 }

@@ -260,3 +260,14 @@ proptest! {
         prop_assert_eq!(map, twin);
     }
 }
+
+#[test]
+fn a_map_round_trips_and_a_bad_replica_list_is_refused() {
+    let map = three();
+    let bytes = postcard::to_stdvec(&map).unwrap();
+    assert_eq!(postcard::from_bytes::<ShardMap>(&bytes).unwrap(), map);
+    let too_many = postcard::to_stdvec(&vec![1u16; REPLICAS_MAX + 1]).unwrap();
+    assert!(postcard::from_bytes::<Replicas>(&too_many).is_err());
+    let repeated = postcard::to_stdvec(&vec![1u16, 1]).unwrap();
+    assert!(postcard::from_bytes::<Replicas>(&repeated).is_err());
+}
