@@ -54,7 +54,20 @@ fn main() {
                 a.map().owned_counts().get(name.as_str()).is_some_and(|&n| n > 0)
                     && a.map().shards().iter().all(|e| e.learners.is_empty())
             })
-            .expect("moves settled"),
+            .unwrap_or_else(|| {
+                let learning: Vec<_> = a
+                    .map()
+                    .shards()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| !e.learners.is_empty())
+                    .map(|(s, e)| (s, *e))
+                    .collect();
+                panic!(
+                    "seed {seed}: moves not settled: {:?}; learning {learning:?}",
+                    a.map().owned_counts()
+                )
+            }),
         );
         let r = a.report();
         assert!(r.problems.is_empty(), "seed {seed}: {:?}", r.problems);

@@ -161,7 +161,7 @@ enum Wire {
     /// A learner installs a streamed copy, then reports to `owner`.
     Stream {
         shard: ShardId,
-        epoch: u64,
+        attempt: u64,
         owner: MemberIx,
         copy: BTreeSet<Write>,
     },
@@ -462,10 +462,10 @@ impl Authority {
                     o.receive(from, msg);
                 }
             }
-            Wire::Stream { shard, epoch, owner, copy } => {
+            Wire::Stream { shard, attempt, owner, copy } => {
                 self.nodes[i].store.entry(shard).or_default().extend(copy);
                 if let Some(o) = self.nodes[i].ownership.as_mut() {
-                    o.stream_installed(shard, epoch, owner);
+                    o.stream_installed(shard, attempt, owner);
                 }
             }
             Wire::Propose(cmd) => {
@@ -595,13 +595,13 @@ impl Authority {
                         ));
                     }
                 }
-                Effect::Stream { shard, epoch, to } => {
+                Effect::Stream { shard, attempt, to } => {
                     // Every earlier write is durable here: the copy is taken now.
                     let copy = self.nodes[i].store.get(&shard).cloned().unwrap_or_default();
                     let owner =
                         self.nodes[i].ownership.as_ref().map(|o| o.me()).unwrap_or_default();
                     if let Some(t) = self.node_of_member(to) {
-                        self.send(i, t, Wire::Stream { shard, epoch, owner, copy });
+                        self.send(i, t, Wire::Stream { shard, attempt, owner, copy });
                     }
                 }
                 Effect::Propose(cmd) => {

@@ -49,8 +49,8 @@ pub enum Msg<P> {
     Ack { shard: ShardId, epoch: u64, seq: Seq },
     /// A follower refused a write: it knows `known_epoch`, in which the sender does not own.
     Refuse { shard: ShardId, epoch: u64, known_epoch: u64 },
-    /// A learner installed the streamed data of the shard.
-    Streamed { shard: ShardId, epoch: u64 },
+    /// A learner installed the streamed data of the shard, sent for catch-up `attempt`.
+    Streamed { shard: ShardId, attempt: Seq },
 }
 
 /// Why a submitted write was not acknowledged. Its outcome is unknown: it may be durable on
@@ -105,7 +105,8 @@ pub enum Effect<P> {
     /// the learner calls [`Ownership::stream_installed`] when it holds it.
     Stream {
         shard: ShardId,
-        epoch: u64,
+        /// Names this catch-up attempt; the learner's `Streamed` echoes it.
+        attempt: Seq,
         to: MemberIx,
     },
     /// Read `seq` may be served from the local store now: it holds every write of the
@@ -125,6 +126,8 @@ pub struct OwnershipConfig {
     pub pending_per_shard_max: usize,
     /// Ticks between two proposals of the same promotion.
     pub propose_every_ticks: u64,
+    /// Ticks a learner may take to catch up before its catch-up starts over.
+    pub catch_up_patience_ticks: u64,
     /// Ticks an owner serves reads after it last heard from the controller. Must be
     /// shorter than the failure detector can declare it down (before which no new owner
     /// can be appointed), so a cut-off owner stops reading before a new one writes.
@@ -136,6 +139,7 @@ impl Default for OwnershipConfig {
         OwnershipConfig {
             pending_per_shard_max: 4096,
             propose_every_ticks: 10,
+            catch_up_patience_ticks: 50,
             read_lease_ticks: 10,
         }
     }
@@ -154,13 +158,24 @@ struct Learner {
     /// Writes from this one on are forwarded to it.
     from_seq: Seq,
     stream_sent: bool,
-    /// The epoch the stream was sent at (an older `Streamed` is about an older stream).
-    stream_epoch: u64,
     streamed: bool,
+    /// The tick this catch-up attempt started (a stalled one starts over).
+    started_at: u64,
     /// Forwarded writes it has not acknowledged.
     unacked: BTreeSet<Seq>,
     /// Caught up: counted for acknowledgements, promotion proposed at this tick.
     proposed_at: Option<u64>,
+}
+
+impl Learner {
+    /// A catch-up attempt starting now: it takes a fresh number, which names the attempt
+    /// (a late report of an earlier one does not count) and after which every write is
+    /// forwarded to the learner.
+    fn start(next: &mut Seq, now: u64) -> Learner {
+        let attempt = *next;
+        *next += 1;
+        Learner { from_seq: attempt, started_at: now, ..Default::default() }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -263,7 +278,7 @@ impl<P: Clone> Ownership<P> {
     fn own(&mut self, shard: ShardId, e: &crate::shardmap::ShardEntry) {
         let isr: BTreeSet<MemberIx> =
             e.isr.as_slice().iter().copied().filter(|&m| m != self.me).collect();
-        let next = self.next;
+        let next = &mut self.next;
         let o = self.owned.entry(shard).or_insert_with(|| Owned {
             epoch: e.epoch,
             isr: BTreeSet::new(),
@@ -273,8 +288,9 @@ impl<P: Clone> Ownership<P> {
         });
         o.epoch = e.epoch;
         o.learners.retain(|m, _| e.learners.contains(*m));
+        let now = self.ticks;
         for &l in e.learners.as_slice() {
-            o.learners.entry(l).or_insert_with(|| Learner { from_seq: next, ..Default::default() });
+            o.learners.entry(l).or_insert_with(|| Learner::start(next, now));
         }
         // A member that left the in-sync set is not waited for; one that entered it was a
         // caught-up learner, already waited for, and so is a caught-up learner whose
@@ -375,8 +391,8 @@ impl<P: Clone> Ownership<P> {
     }
 
     /// This learner installed the streamed data of `shard`: tell the owner.
-    pub fn stream_installed(&mut self, shard: ShardId, epoch: u64, owner: MemberIx) {
-        self.out.push_back(Effect::Send { to: owner, msg: Msg::Streamed { shard, epoch } });
+    pub fn stream_installed(&mut self, shard: ShardId, attempt: Seq, owner: MemberIx) {
+        self.out.push_back(Effect::Send { to: owner, msg: Msg::Streamed { shard, attempt } });
     }
 
     /// A message from member `from`.
@@ -424,10 +440,10 @@ impl<P: Clone> Ownership<P> {
                     self.give_up(shard, Failure::NotOwner);
                 }
             }
-            Msg::Streamed { shard, epoch } => {
+            Msg::Streamed { shard, attempt } => {
                 let Some(o) = self.owned.get_mut(&shard) else { return };
                 if let Some(l) = o.learners.get_mut(&from) {
-                    l.streamed |= l.stream_sent && epoch >= l.stream_epoch;
+                    l.streamed |= l.stream_sent && attempt == l.from_seq;
                 }
                 self.settle(shard);
             }
@@ -451,16 +467,30 @@ impl<P: Clone> Ownership<P> {
         }
         let every = self.cfg.propose_every_ticks.max(1);
         let now = self.ticks;
+        let next = &mut self.next;
+        let patience = self.cfg.catch_up_patience_ticks.max(1);
         let mut again = Vec::new();
+        let mut restarted = Vec::new();
         for (&shard, o) in &mut self.owned {
+            for l in o.learners.values_mut() {
+                // A catch-up that stalled (a lost stream or write, a learner that was not
+                // ready for them) starts over with a fresh stream.
+                if l.proposed_at.is_none() && now - l.started_at >= patience {
+                    *l = Learner::start(next, now);
+                    restarted.push(shard);
+                }
+            }
             for (&m, l) in &mut o.learners {
                 if l.proposed_at.is_some_and(|at| now - at >= every) {
                     l.proposed_at = Some(now);
-                    again.push(promote(shard, o.epoch, m, self.next));
+                    again.push(promote(shard, o.epoch, m, *next));
                 }
             }
         }
         self.out.extend(again.into_iter().map(Effect::Propose));
+        for shard in restarted {
+            self.settle(shard);
+        }
     }
 
     /// Releases what is acknowledged, starts streams whose earlier writes are durable, and
@@ -489,8 +519,7 @@ impl<P: Clone> Ownership<P> {
         for (&to, l) in o.learners.iter_mut() {
             if !l.stream_sent && oldest_local_pending.is_none_or(|s| s >= l.from_seq) {
                 l.stream_sent = true;
-                l.stream_epoch = o.epoch;
-                self.out.push_back(Effect::Stream { shard, epoch: o.epoch, to });
+                self.out.push_back(Effect::Stream { shard, attempt: l.from_seq, to });
             }
             if l.streamed && l.unacked.is_empty() && l.proposed_at.is_none() {
                 // From now on every write waits for it too: promoted or not, it will hold

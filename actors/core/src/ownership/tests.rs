@@ -220,7 +220,7 @@ impl World {
                     }
                 }
                 // The machine promises every earlier write is durable: the scan runs now.
-                Effect::Stream { shard, epoch, to } => self.stream(i, shard, epoch, to),
+                Effect::Stream { shard, attempt, to } => self.stream(i, shard, attempt, to),
                 e @ (Effect::Persist { .. } | Effect::PersistReplica { .. }) => {
                     self.nodes[i].queue.push_back(e)
                 }
@@ -246,13 +246,13 @@ impl World {
     }
 
     /// Learner `to` installs a copy of what node `i` holds of `shard` now.
-    fn stream(&mut self, i: usize, shard: ShardId, epoch: u64, to: MemberIx) {
+    fn stream(&mut self, i: usize, shard: ShardId, attempt: Seq, to: MemberIx) {
         let copy = self.nodes[i].store.get(&shard).cloned().unwrap_or_default();
         let to = usize::from(to);
         if self.nodes[to].machine.is_some() && !self.nodes[to].isolated && !self.nodes[i].isolated {
             self.nodes[to].store.entry(shard).or_default().extend(copy);
             let owner = i as MemberIx;
-            self.nodes[to].machine.as_mut().unwrap().stream_installed(shard, epoch, owner);
+            self.nodes[to].machine.as_mut().unwrap().stream_installed(shard, attempt, owner);
             self.drain(to);
         }
     }
@@ -525,4 +525,47 @@ fn reads_are_fenced_once_the_controller_lease_runs_out() {
     o.controller_heard();
     assert!(o.read(0).is_ok());
     assert_eq!(o.read(1), Err(Failure::NotOwner));
+}
+
+#[test]
+fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
+    let mut o = owner();
+    let mut map = ShardMap::new(1);
+    for n in ["a", "b", "c"] {
+        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
+    }
+    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
+    map.apply(&MapCommand::Assign(vec![run]));
+    map.apply(&MapCommand::Changes(vec![ShardChange::AddLearner {
+        shard: 0,
+        epoch: 1,
+        member: 2,
+    }]));
+    o.map_applied(&map, 0..1);
+    let first = effects(&mut o)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Stream { attempt, to: 2, .. } => Some(attempt),
+            _ => None,
+        })
+        .expect("a stream to the learner");
+    // The learner never reports (its report, or the stream, was lost).
+    for _ in 0..OwnershipConfig::default().catch_up_patience_ticks {
+        o.tick();
+    }
+    let second = effects(&mut o)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Stream { attempt, to: 2, .. } => Some(attempt),
+            _ => None,
+        })
+        .expect("a fresh stream after the patience ran out");
+    // A late report of the first attempt does not count; the second one does.
+    o.receive(2, Msg::Streamed { shard: 0, attempt: first });
+    assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))));
+    o.receive(2, Msg::Streamed { shard: 0, attempt: second });
+    assert!(
+        effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))),
+        "caught up: promotion proposed"
+    );
 }
