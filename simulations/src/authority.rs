@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 
 use botclaw_config::{GossipConfig, PlacementConfig};
-use botclaw_core::controller::raft_message::{Entry, HardState, Message, Snapshot};
+use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerId, GroupChange, Persist, Restored,
+    controller_id, Controller, ControllerConfig, ControllerId, GroupChange, Restored,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::{Placement, RingMember, ShardId};
@@ -102,47 +102,15 @@ pub struct AuthorityReport {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Disk {
-    snapshot: Option<Snapshot>,
-    entries: Vec<Entry>,
-    hard_state: HardState,
-}
-
-impl Disk {
-    fn write(&mut self, p: Persist) {
-        if let Some(s) = p.snapshot {
-            let index = s.get_metadata().index;
-            self.entries.retain(|e| e.index > index);
-            self.snapshot = Some(s);
-        }
-        if let Some(first) = p.entries.first().map(|e| e.index) {
-            self.entries.retain(|e| e.index < first);
-            self.entries.extend(p.entries);
-        }
-        if let Some(hs) = p.hard_state {
-            self.hard_state = hs;
-        }
-    }
-
-    fn restored(&self) -> Restored {
-        Restored {
-            snapshot: self.snapshot.clone(),
-            entries: self.entries.clone(),
-            hard_state: self.hard_state.clone(),
-        }
-    }
-}
-
 struct Node {
     name: String,
     addr: SocketAddr,
     raft_id: ControllerId,
-    voter: bool,
     incarnation: u64,
     running: bool,
     controller: Option<Controller>,
-    disk: Disk,
+    /// What its controller wrote durably.
+    disk: Restored,
     ownership: Option<Ownership<Write>>,
     /// Durable writes per shard (kept across crashes).
     store: BTreeMap<ShardId, BTreeSet<Write>>,
@@ -247,20 +215,15 @@ impl Authority {
         let name = format!("n{i}");
         let raft_id = controller_id(&name);
         let voter = voters.contains(&raft_id);
-        let mut disk = Disk::default();
-        if voter {
-            let f = Controller::founding_state(voters, self.cfg.shards);
-            disk.write(Persist {
-                snapshot: f.snapshot,
-                entries: f.entries,
-                hard_state: Some(f.hard_state),
-            });
-        }
+        let disk = if voter {
+            Controller::founding_state(voters, self.cfg.shards)
+        } else {
+            Restored::default()
+        };
         self.nodes.push(Node {
             name,
             addr: addr_of(i),
             raft_id,
-            voter,
             incarnation: 0,
             running: false,
             controller: None,
@@ -288,11 +251,7 @@ impl Authority {
         n.store_queue.clear();
         n.seqs.clear();
         n.ownership = None;
-        let restored = if n.voter || n.disk.snapshot.is_some() {
-            n.disk.restored()
-        } else {
-            Restored::default()
-        };
+        let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
         n.controller = Some(
             Controller::restore(

@@ -138,6 +138,26 @@ pub struct Restored {
     pub hard_state: HardState,
 }
 
+impl Restored {
+    /// Applies a batch the way a disk must (an in-memory disk for tests, the simulator and
+    /// ephemeral nodes): a snapshot replaces the entries it covers, an entry replaces any
+    /// entry at its index and everything after it, a hard state replaces the last one.
+    pub fn write(&mut self, p: Persist) {
+        if let Some(s) = p.snapshot {
+            let index = s.get_metadata().index;
+            self.entries.retain(|e| e.index > index);
+            self.snapshot = Some(s);
+        }
+        if let Some(first) = p.entries.first().map(|e| e.index) {
+            self.entries.retain(|e| e.index < first);
+            self.entries.extend(p.entries);
+        }
+        if let Some(hs) = p.hard_state {
+            self.hard_state = hs;
+        }
+    }
+}
+
 /// raft-rs's in-memory log beside the map applied from it: a snapshot is the map at the
 /// applied index, made when a peer needs one or the log is compacted.
 struct ControllerStorage {

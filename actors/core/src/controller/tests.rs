@@ -11,43 +11,10 @@ use super::*;
 
 const SHARDS: u32 = 16;
 
-/// What a member wrote durably.
-#[derive(Debug, Default, Clone)]
-struct Disk {
-    snapshot: Option<Snapshot>,
-    entries: Vec<Entry>,
-    hard_state: HardState,
-}
-
-impl Disk {
-    fn write(&mut self, p: Persist) {
-        if let Some(s) = p.snapshot {
-            let index = s.get_metadata().index;
-            self.entries.retain(|e| e.index > index);
-            self.snapshot = Some(s);
-        }
-        if let Some(first) = p.entries.first() {
-            let first = first.index;
-            self.entries.retain(|e| e.index < first);
-            self.entries.extend(p.entries);
-        }
-        if let Some(hs) = p.hard_state {
-            self.hard_state = hs;
-        }
-    }
-
-    fn restored(&self) -> Restored {
-        Restored {
-            snapshot: self.snapshot.clone(),
-            entries: self.entries.clone(),
-            hard_state: self.hard_state.clone(),
-        }
-    }
-}
-
 struct Member {
     ctl: Option<Controller>,
-    disk: Disk,
+    /// What it wrote durably.
+    disk: Restored,
     snapshots_received: usize,
 }
 
@@ -72,14 +39,8 @@ impl Net {
         let members = voters
             .iter()
             .map(|&id| {
-                let mut disk = Disk::default();
-                let founding = Controller::founding_state(&voters, SHARDS);
-                disk.write(Persist {
-                    snapshot: founding.snapshot,
-                    entries: founding.entries,
-                    hard_state: Some(founding.hard_state),
-                });
-                let restored = disk.restored();
+                let disk = Controller::founding_state(&voters, SHARDS);
+                let restored = disk.clone();
                 let ctl =
                     Controller::restore(id, restored, SHARDS, cfg.clone(), seed ^ id).unwrap();
                 (id, Member { ctl: Some(ctl), disk, snapshots_received: 0 })
@@ -222,7 +183,7 @@ impl Net {
 
     fn restart(&mut self, id: ControllerId) {
         let m = self.members.get_mut(&id).unwrap();
-        let restored = m.disk.restored();
+        let restored = m.disk.clone();
         m.ctl = Some(
             Controller::restore(id, restored, SHARDS, self.cfg.clone(), self.seed ^ id).unwrap(),
         );
@@ -319,7 +280,8 @@ fn voters_change_by_joint_consensus() {
     // A new member starts empty and learns everything from the group.
     let restored = Restored::default();
     let ctl = Controller::restore(4, restored, SHARDS, net.cfg.clone(), 4).unwrap();
-    net.members.insert(4, Member { ctl: Some(ctl), disk: Disk::default(), snapshots_received: 0 });
+    net.members
+        .insert(4, Member { ctl: Some(ctl), disk: Restored::default(), snapshots_received: 0 });
     let leader = net.elect();
     net.ctl(leader).change_members(&[(4, GroupChange::AddVoter)]).unwrap();
     net.settle();
