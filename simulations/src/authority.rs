@@ -169,6 +169,8 @@ pub struct Authority {
     report: AuthorityReport,
     last_tick: u64,
     last_plan: u64,
+    /// Client requests go to shards below this (all when `None`).
+    active_shards: Option<ShardId>,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -201,6 +203,7 @@ impl Authority {
             report: AuthorityReport::default(),
             last_tick: 0,
             last_plan: 0,
+            active_shards: None,
             cfg,
         };
         let voters: Vec<ControllerId> =
@@ -301,6 +304,23 @@ impl Authority {
             .map(|i| self.nodes[i].addr)
             .collect();
         self.net.partition(&[inside, outside]);
+    }
+
+    /// Nothing `from` sends reaches `to` (one way) until [`Authority::isolate`] heals.
+    pub fn block(&mut self, from: usize, to: usize) {
+        let (f, t) = (self.nodes[from].addr, self.nodes[to].addr);
+        self.net.block(f, t);
+    }
+
+    /// Client writes go only to shards below `n` (the others sit idle); `None`: all.
+    pub fn write_only_below(&mut self, n: Option<ShardId>) {
+        self.active_shards = n;
+    }
+
+    /// Shards node `i` believes it owns (by the map it applied).
+    pub fn believed_owned(&self, i: usize) -> usize {
+        let Some(o) = self.nodes[i].ownership.as_ref() else { return 0 };
+        (0..self.cfg.shards).filter(|&s| o.owns(s)).count()
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -661,7 +681,7 @@ impl Authority {
             return;
         }
         let gateway = running[self.rng.random_range(0..running.len())];
-        let shard = self.rng.random_range(0..self.cfg.shards);
+        let shard = self.rng.random_range(0..self.active_shards.unwrap_or(self.cfg.shards).max(1));
         self.report.writes_submitted += 1;
         let Some(owner) = self.nodes[gateway]
             .controller

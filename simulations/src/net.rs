@@ -76,6 +76,8 @@ pub struct SimNet {
     rng: StdRng,
     /// Partition side of each node (absent: side 0); datagrams cross no sides.
     sides: BTreeMap<SocketAddr, u32>,
+    /// One-way cuts: datagrams from the first address to the second are dropped.
+    blocked: BTreeSet<(SocketAddr, SocketAddr)>,
     trace: Vec<String>,
     record_trace: bool,
     notices: Vec<Notice>,
@@ -104,6 +106,7 @@ impl SimNet {
             model,
             rng: StdRng::seed_from_u64(seed),
             sides: BTreeMap::new(),
+            blocked: BTreeSet::new(),
             trace: Vec::new(),
             record_trace: true,
             notices: Vec::new(),
@@ -135,9 +138,15 @@ impl SimNet {
         }
     }
 
-    /// Heals every partition.
+    /// Drops every datagram from `from` to `to` (not the other way) until [`SimNet::heal`].
+    pub fn block(&mut self, from: SocketAddr, to: SocketAddr) {
+        self.blocked.insert((from, to));
+    }
+
+    /// Heals every partition and one-way cut.
     pub fn heal(&mut self) {
         self.sides.clear();
+        self.blocked.clear();
     }
 
     /// The partition side of `addr` (0 when there is no partition or it is unlisted).
@@ -145,9 +154,10 @@ impl SimNet {
         self.sides.get(&addr).copied().unwrap_or(0)
     }
 
-    /// `a` and `b` can exchange datagrams (same side of any partition).
+    /// `a` can send to `b` (same side of any partition, no one-way cut from `a` to `b`).
     pub fn reachable(&self, a: SocketAddr, b: SocketAddr) -> bool {
         self.sides.get(&a).copied().unwrap_or(0) == self.sides.get(&b).copied().unwrap_or(0)
+            && !self.blocked.contains(&(a, b))
     }
 
     /// The node at `addr` runs (started, not crashed) and is not frozen.

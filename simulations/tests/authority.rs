@@ -162,3 +162,76 @@ fn an_isolated_owner_stops_reading_before_a_new_owner_writes() {
     assert!(r.reads_failed > before.reads_failed, "n4 was never asked to read: {r:?}");
     assert!(r.reads_served > before.reads_served);
 }
+
+#[test]
+fn same_seed_same_run() {
+    let run = |seed| {
+        let mut a = Authority::new(AuthorityConfig::default(), seed);
+        a.run_until(6_000);
+        a.crash(4);
+        a.run_until(12_000);
+        (a.report(), format!("{:?}", a.map().shards()))
+    };
+    assert_eq!(run(31), run(31));
+    assert_ne!(run(31), run(32));
+}
+
+/// Shards left idle while nodes join one after the other keep every acknowledged write:
+/// their data is streamed to the new members, not found missing at the next turn.
+#[test]
+fn joins_spaced_apart_keep_idle_shards() {
+    let mut a = started(8);
+    a.write_only_below(Some(16));
+    let x = a.join();
+    a.run_until(20_000);
+    let y = a.join();
+    a.run_until(32_000);
+    clean(&a, "spaced joins");
+    assert!(owned_by(&a, &format!("n{x}")) > 0 && owned_by(&a, &format!("n{y}")) > 0);
+    // The idle shards are written again.
+    a.write_only_below(None);
+    a.run_until(36_000);
+    clean(&a, "idle shards written again");
+}
+
+/// One-way cuts: a node that hears nobody (but is heard), and one that is not heard (but
+/// hears everyone).
+#[test]
+fn asymmetric_partitions_lose_nothing() {
+    for deaf in [true, false] {
+        let mut a = started(9);
+        for other in 0..a.nodes() {
+            if other != 4 {
+                if deaf {
+                    a.block(other, 4);
+                } else {
+                    a.block(4, other);
+                }
+            }
+        }
+        a.run_until(18_000);
+        clean(&a, if deaf { "n4 deaf" } else { "n4 mute" });
+        assert_eq!(owned_by(&a, "n4"), 0, "deaf {deaf}: {:?}", a.map().owned_counts());
+        a.isolate(&[]);
+        a.run_until(35_000);
+        let r = clean(&a, "healed");
+        assert_eq!(r.unavailable_shards, 0);
+    }
+}
+
+/// A node restarted while it can reach nobody holds nothing: its map names its old
+/// incarnation, which the others have declared dead.
+#[test]
+fn a_node_restarted_while_cut_off_serves_nothing_until_it_rejoins() {
+    let mut a = started(10);
+    a.isolate(&[4]);
+    a.crash(4);
+    a.start(4);
+    a.run_until(16_000);
+    assert_eq!(a.believed_owned(4), 0, "the restarted node serves on its old map");
+    clean(&a, "restarted while cut off");
+    a.isolate(&[]);
+    a.run_until(35_000);
+    clean(&a, "rejoined");
+    assert!(owned_by(&a, "n4") > 0, "{:?}", a.map().owned_counts());
+}
