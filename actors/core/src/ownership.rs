@@ -122,7 +122,8 @@ pub enum Effect<P> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OwnershipConfig {
-    /// Writes of one shard waiting for acknowledgement; more are refused as busy.
+    /// Writes and reads of one shard waiting (for acknowledgement, for earlier writes);
+    /// more are refused as busy.
     pub pending_per_shard_max: usize,
     /// Ticks between two proposals of the same promotion.
     pub propose_every_ticks: u64,
@@ -323,7 +324,7 @@ impl<P: Clone> Ownership<P> {
     pub fn submit(&mut self, shard: ShardId, payload: P) -> Result<Seq, Failure> {
         let max = self.cfg.pending_per_shard_max;
         let Some(o) = self.owned.get_mut(&shard) else { return Err(Failure::NotOwner) };
-        if o.pending.len() >= max {
+        if o.pending.len() + o.reads.len() >= max {
             return Err(Failure::Busy);
         }
         let seq = self.next;
@@ -363,8 +364,9 @@ impl<P: Clone> Ownership<P> {
     /// submitted before is acknowledged) or [`Effect::Fail`] names the returned number.
     /// Refused outright on a node whose controller lease ran out.
     pub fn read(&mut self, shard: ShardId) -> Result<Seq, Failure> {
-        if !self.owned.contains_key(&shard) {
-            return Err(Failure::NotOwner);
+        let Some(o) = self.owned.get(&shard) else { return Err(Failure::NotOwner) };
+        if o.pending.len() + o.reads.len() >= self.cfg.pending_per_shard_max {
+            return Err(Failure::Busy);
         }
         if !self.lease_valid() {
             return Err(Failure::Fenced);

@@ -569,3 +569,22 @@ fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
         "caught up: promotion proposed"
     );
 }
+
+#[test]
+fn writes_and_reads_waiting_on_a_shard_are_bounded() {
+    let cfg = OwnershipConfig { pending_per_shard_max: 3, ..Default::default() };
+    let mut map = ShardMap::new(1);
+    for n in ["a", "b"] {
+        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
+    }
+    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
+    map.apply(&MapCommand::Assign(vec![run]));
+    let mut o: Ownership<W> = Ownership::new(0, 1, cfg);
+    o.map_applied(&map, 0..1);
+    o.controller_heard();
+    o.submit(0, (0, 1)).unwrap();
+    o.read(0).unwrap();
+    o.submit(0, (0, 2)).unwrap();
+    assert_eq!(o.submit(0, (0, 3)), Err(Failure::Busy));
+    assert_eq!(o.read(0), Err(Failure::Busy));
+}
