@@ -15,7 +15,8 @@ use botclaw_client::protocol::HistoryTurn;
 use botclaw_client::{FailoverClient, FailoverOptions};
 
 /// Turns asked for per history: the node's default window (`turns_kept_max`) is 64, so a
-/// checked conversation must stay within 64 turns.
+/// conversation checked with [`check`] must stay within 64 turns ([`check_window`] for
+/// nodes configured with a larger window).
 const HISTORY_LIMIT: u32 = 64;
 
 /// One acknowledged turn, as the client saw it.
@@ -150,12 +151,17 @@ pub async fn run_load_on(
 /// Fetches every conversation's history (through failover clients) and checks it against
 /// the acknowledgements; returns the problems found (empty when all is well).
 pub async fn check(seeds: &[SocketAddr], report: &LoadReport) -> Vec<String> {
+    check_window(seeds, report, HISTORY_LIMIT).await
+}
+
+/// [`check`] of conversations up to `window` turns long (the nodes' `turns_kept_max`).
+pub async fn check_window(seeds: &[SocketAddr], report: &LoadReport, window: u32) -> Vec<String> {
     let client = FailoverClient::connect(seeds, FailoverOptions::default())
         .await
         .expect("no node reachable for the check");
     let mut problems = Vec::new();
     for (conv, acks) in &report.acks {
-        match client.history(conv, Some(HISTORY_LIMIT)).await {
+        match client.history(conv, Some(window)).await {
             Ok(history) => problems.extend(check_one(conv, acks, &history)),
             Err(e) => problems.push(format!("{conv}: history failed: {e}")),
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botclaw_client::{Client, ClientError, ClientOptions, ErrorCode};
-use botclaw_tests::checker::{check, run_load, run_load_on, LoadReport};
+use botclaw_tests::checker::{check_window, run_load, run_load_on, LoadReport};
 use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -61,19 +61,21 @@ fn start_load(
     seeds: Vec<SocketAddr>,
     convs: Vec<String>,
 ) -> Background {
-    start_load_with(rt, seeds, convs, 12, Duration::ZERO)
+    start_load_with(rt, seeds, convs, 12, 64, Duration::ZERO)
 }
 
-/// [`start_load`] with `workers` clients, each starting a turn at most every `pace`.
+/// [`start_load`] with `workers` clients, `turns` turns per conversation at most, each
+/// client starting a turn at most every `pace`.
 fn start_load_with(
     rt: &tokio::runtime::Runtime,
     seeds: Vec<SocketAddr>,
     convs: Vec<String>,
     workers: usize,
+    turns: u64,
     pace: Duration,
 ) -> Background {
     let stop = Arc::new(AtomicBool::new(false));
-    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=64, pace, stop.clone()));
+    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=turns, pace, stop.clone()));
     Background { stop, task }
 }
 
@@ -105,8 +107,19 @@ fn assert_consistent(
     seeds: &[SocketAddr],
     report: &LoadReport,
 ) {
+    assert_consistent_window(c, rt, seeds, report, 64)
+}
+
+/// [`assert_consistent`] of conversations up to `window` turns long.
+fn assert_consistent_window(
+    c: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    seeds: &[SocketAddr],
+    report: &LoadReport,
+    window: u32,
+) {
     assert!(report.failures.is_empty(), "turns that never got an answer: {:?}", report.failures);
-    let problems = rt.block_on(check(seeds, report));
+    let problems = rt.block_on(check_window(seeds, report, window));
     assert!(
         problems.is_empty(),
         "{} problems, first: {:?}\n{}",
@@ -284,30 +297,49 @@ fn unavailable_answers(c: &Cluster) -> f64 {
         .sum()
 }
 
-/// max/avg of the members' turns/s, as node 0's status shows them.
-fn load_imbalance(c: &Cluster) -> Option<f64> {
+/// The up members' turns/s by name, as node 0's status shows them (`None` until every one
+/// reports some load).
+fn member_loads(c: &Cluster) -> Option<Vec<(String, f64)>> {
     let status = c.nodes[0].status()?;
-    let loads: Vec<f64> = status["members"]
+    let mut loads: Vec<(String, f64)> = status["members"]
         .as_array()?
         .iter()
         .filter(|m| m["state"] == "up")
-        .map(|m| m["load"]["turns_per_s"].as_f64().filter(|t| *t > 0.0))
+        .map(|m| {
+            let rate = m["load"]["turns_per_s"].as_f64().filter(|t| *t > 0.0)?;
+            Some((m["name"].as_str()?.to_string(), rate))
+        })
         .collect::<Option<_>>()?;
-    let avg = loads.iter().sum::<f64>() / loads.len() as f64;
-    (avg > 0.0).then(|| loads.iter().fold(0.0, |a: f64, b| a.max(*b)) / avg)
+    loads.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(loads)
+}
+
+/// max/avg of some loads.
+fn imbalance(loads: impl Iterator<Item = f64> + Clone) -> Option<f64> {
+    let n = loads.clone().count() as f64;
+    let avg = loads.clone().sum::<f64>() / n;
+    (avg > 0.0).then(|| loads.fold(0.0, f64::max) / avg)
+}
+
+/// max/avg of the members' turns/s, as node 0's status shows them.
+fn load_imbalance(c: &Cluster) -> Option<f64> {
+    imbalance(member_loads(c)?.into_iter().map(|(_, l)| l))
 }
 
 #[test]
 fn skewed_load_is_rebalanced_without_losing_turns() {
     let rebalance = "[rebalance]\ninterval_ms = 1000\nmin_turns_per_s = 5\ncooldown_rounds = 2\n";
-    let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}"));
+    // Conversations of up to 256 turns, so that the load lasts (see below).
+    let window = "[conversations]\nturns_kept_max = 256\n";
+    let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}\n{window}"));
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     // 60 conversations that n0 owns, 15 each on the others: n0 carries 2/3 of the turns.
     // Few enough that each receiver can vouch for the ~15 shards it takes over. The load is
-    // paced (6 clients, 20 turns/s each: 64 turns per conversation last about 48 s), so it
-    // outlasts the rebalancing on a fast machine too: unpaced, it finished in about 7 s,
-    // and the rates left over were a few stragglers' noise.
+    // paced (6 clients, 40 turns/s each, up to 256 turns per conversation: about 96 s; the
+    // test stops it once balanced), so it outlasts the rebalancing on a fast machine too:
+    // unpaced 64-turn conversations finished in about 7 s, and the rates left over were a
+    // few stragglers' noise.
     let owner = |conv: &str| -> String {
         let (_, body) =
             http_get(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
@@ -330,20 +362,32 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
     let convs: Vec<String> = picked.into_values().flatten().collect();
     let rt = runtime();
     // Six clients, each going round its 15 conversations one turn at a time.
-    let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6, Duration::from_millis(50));
+    let pace = Duration::from_millis(25);
+    let load = start_load_with(&rt, clients(&c, &[0, 1, 2]), convs, 6, 256, pace);
     let moved = || -> f64 {
         c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_shards_moved_total")).sum()
     };
     // Skewed: every node reports load, and n0 carries well over its share.
     let skewed = poll(Duration::from_secs(15), || load_imbalance(&c).filter(|i| *i > 1.5));
     let start = Instant::now();
-    // Balanced: shards moved, and three readings in a row (about half a second apart)
-    // within 1.2.
-    let mut streak = 0;
+    // Balanced: shards moved, and the members' loads averaged over the last four readings
+    // (half a second apart: 2 s, so that one busy second on a loaded machine does not
+    // decide) within 1.2, three polls in a row.
+    let (mut streak, mut recent, mut readings) = (0, std::collections::VecDeque::new(), Vec::new());
     let balanced = poll(Duration::from_secs(40), || {
         std::thread::sleep(Duration::from_millis(500));
-        let i = load_imbalance(&c)?;
-        streak = if i <= 1.2 && moved() >= 1.0 { streak + 1 } else { 0 };
+        let loads: Vec<f64> = member_loads(&c)?.into_iter().map(|(_, l)| l).collect();
+        readings.push(loads.iter().map(|l| l.round()).collect::<Vec<_>>());
+        recent.push_back(loads);
+        if recent.len() > 4 {
+            recent.pop_front();
+        }
+        let n = recent[0].len();
+        let totals = (0..n).map(|k| {
+            recent.iter().map(|r: &Vec<f64>| r.get(k).copied().unwrap_or(0.0)).sum::<f64>()
+        });
+        let i = imbalance(totals)?;
+        streak = if recent.len() == 4 && i <= 1.2 && moved() >= 1.0 { streak + 1 } else { 0 };
         (streak >= 3).then_some(i)
     });
     let took = start.elapsed();
@@ -354,9 +398,13 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
         moved()
     );
     assert!(skewed.is_some(), "the load never looked skewed\n{}", c.logs());
-    assert!(balanced.is_some(), "imbalance did not settle within 1.2\n{}", c.logs());
+    assert!(
+        balanced.is_some(),
+        "imbalance did not settle within 1.2; turns/s per member every 0.5 s: {readings:?}\n{}",
+        c.logs()
+    );
     assert_eq!(refused, 0.0, "clients got `unavailable` while shards moved\n{}", c.logs());
-    assert_consistent(&c, &rt, &clients(&c, &[0, 1, 2]), &report);
+    assert_consistent_window(&c, &rt, &clients(&c, &[0, 1, 2]), &report, 256);
 }
 
 #[test]
