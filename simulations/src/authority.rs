@@ -50,7 +50,7 @@ pub struct AuthorityConfig {
     pub plan_every_ms: u64,
     /// Writes submitted per simulated second (at random gateways).
     pub writes_per_s: u64,
-    /// Message latency between nodes, uniform.
+    /// Latency of every message between nodes (gossip included), uniform.
     pub latency_ms: (u64, u64),
     /// Time a store takes to make a write durable, uniform.
     pub store_ms: (u64, u64),
@@ -180,7 +180,8 @@ fn addr_of(i: usize) -> SocketAddr {
 impl Authority {
     pub fn new(cfg: AuthorityConfig, seed: u64) -> Authority {
         let gossip = GossipConfig::default();
-        let model = NetModel { latency_ms_min: 1, latency_ms_max: 4, loss: 0.0, duplicate: 0.0 };
+        let (lo, hi) = cfg.latency_ms;
+        let model = NetModel { latency_ms_min: lo, latency_ms_max: hi, loss: 0.0, duplicate: 0.0 };
         let mut a = Authority {
             net: SimNet::with_model(gossip, model, seed).without_trace(),
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
