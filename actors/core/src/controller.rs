@@ -87,20 +87,62 @@ pub enum GroupChange {
     Remove,
 }
 
-/// What a driver writes durably before it sends [`ControllerReady::after_persist`]: a
-/// snapshot to keep (log entries up to its index may then be dropped), entries to append
-/// (an entry replaces any kept entry at its index and everything after it), the hard state.
+/// What a driver writes durably before it sends [`ControllerReady::after_persist`], in
+/// this order (see [`Restored::write`]): a snapshot received from the leader (it replaces
+/// the whole log), entries to append (an entry replaces any kept entry at its index and
+/// everything after it), the hard state, and a snapshot this member took to compact its
+/// log (entries up to its index may then be dropped).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persist {
     pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
+    pub compaction: Option<Snapshot>,
 }
 
 impl Persist {
     pub fn is_empty(&self) -> bool {
-        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state.is_none()
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.compaction.is_none()
     }
+
+    /// One record for a disk log: postcard around raft-rs's own protobuf encodings.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let pb = |m: &dyn protobuf::Message| m.write_to_bytes().expect("a raft type encodes");
+        let record = PersistRecord {
+            snapshot: self.snapshot.as_ref().map(|s| pb(s)),
+            entries: self.entries.iter().map(|e| pb(e)).collect(),
+            hard_state: self.hard_state.as_ref().map(|h| pb(h)),
+            compaction: self.compaction.as_ref().map(|s| pb(s)),
+        };
+        postcard::to_stdvec(&record).expect("a record encodes")
+    }
+
+    /// A record read back; an error for bytes that are not one (corruption).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Persist, String> {
+        fn pb<M: protobuf::Message + Default>(b: &[u8]) -> Result<M, String> {
+            let mut m = M::default();
+            m.merge_from_bytes(b).map_err(|e| e.to_string())?;
+            Ok(m)
+        }
+        let r: PersistRecord = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+        Ok(Persist {
+            snapshot: r.snapshot.as_deref().map(pb::<Snapshot>).transpose()?,
+            entries: r.entries.iter().map(|e| pb::<Entry>(e)).collect::<Result<_, _>>()?,
+            hard_state: r.hard_state.as_deref().map(pb::<HardState>).transpose()?,
+            compaction: r.compaction.as_deref().map(pb::<Snapshot>).transpose()?,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistRecord {
+    snapshot: Option<Vec<u8>>,
+    entries: Vec<Vec<u8>>,
+    hard_state: Option<Vec<u8>>,
+    compaction: Option<Vec<u8>>,
 }
 
 /// One committed entry, as applied to the map.
@@ -139,13 +181,23 @@ pub struct Restored {
 }
 
 impl Restored {
+    /// Everything held, as one batch (what a disk rewrites when it compacts).
+    pub fn as_persist(&self) -> Persist {
+        Persist {
+            snapshot: self.snapshot.clone(),
+            entries: self.entries.clone(),
+            hard_state: Some(self.hard_state.clone()),
+            compaction: None,
+        }
+    }
+
     /// Applies a batch the way a disk must (an in-memory disk for tests, the simulator and
-    /// ephemeral nodes): a snapshot replaces the entries it covers, an entry replaces any
-    /// entry at its index and everything after it, a hard state replaces the last one.
+    /// ephemeral nodes): a received snapshot replaces the log, an entry replaces any entry at
+    /// its index and everything after it, a hard state replaces the last one, a compaction
+    /// snapshot replaces the entries it covers.
     pub fn write(&mut self, p: Persist) {
         if let Some(s) = p.snapshot {
-            let index = s.get_metadata().index;
-            self.entries.retain(|e| e.index > index);
+            self.entries.clear();
             self.snapshot = Some(s);
         }
         if let Some(first) = p.entries.first().map(|e| e.index) {
@@ -154,6 +206,11 @@ impl Restored {
         }
         if let Some(hs) = p.hard_state {
             self.hard_state = hs;
+        }
+        if let Some(s) = p.compaction {
+            let index = s.get_metadata().index;
+            self.entries.retain(|e| e.index > index);
+            self.snapshot = Some(s);
         }
     }
 }
@@ -448,9 +505,7 @@ impl Controller {
             self.persisted_hs = hs.clone();
             out.persist.hard_state = Some(hs);
         }
-        if let Some(snapshot) = self.maybe_compact() {
-            out.persist.snapshot = Some(snapshot);
-        }
+        out.persist.compaction = self.maybe_compact();
         Some(out)
     }
 

@@ -14,6 +14,7 @@
 //! - [`backends`]: the services bots call; [`modules`]: the module services (catalog,
 //!   weather) placed by node role; [`shared_cache`]: the node-wide cache of backend
 //!   answers with request coalescing;
+//! - [`controller_log`]: the placement controller's durable log (not used by the node yet);
 //! - [`metrics`]: counters the node exports.
 //!
 //! Actors hold no decision logic of the cluster: they call `botclaw-core` and execute.
@@ -21,6 +22,7 @@
 pub mod backends;
 pub mod bot;
 pub mod bots;
+pub mod controller_log;
 pub mod conversation;
 pub mod envelope;
 pub mod forwarder;

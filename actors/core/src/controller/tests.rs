@@ -369,3 +369,16 @@ fn the_agreement_checker_catches_a_divergent_member() {
     }
     assert!(net.problems.iter().any(|p| p.contains("not-a")), "{:?}", net.problems);
 }
+
+#[test]
+fn a_persist_batch_round_trips_and_junk_is_refused() {
+    let founding = Controller::founding_state(&[1, 2, 3], SHARDS);
+    let batch = Persist {
+        entries: vec![Entry { index: 2, term: 1, data: vec![7; 5].into(), ..Default::default() }],
+        compaction: founding.snapshot.clone(),
+        ..founding.as_persist()
+    };
+    assert_eq!(Persist::from_bytes(&batch.to_bytes()).unwrap(), batch);
+    assert!(Persist::from_bytes(b"not a record").is_err());
+    assert!(Persist::from_bytes(&[]).is_err());
+}
