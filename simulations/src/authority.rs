@@ -22,9 +22,9 @@ use botclaw_core::controller::{
     controller_id, Controller, ControllerConfig, ControllerId, GroupChange, Restored,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
-use botclaw_core::placement::{Placement, RingMember, ShardId};
+use botclaw_core::placement::{Placement, ShardId};
 use botclaw_core::shardmap::plan::{plan, PlanConfig, UpMember};
-use botclaw_core::shardmap::{check_transition, MapCommand, MemberIx, MemberState, ShardMap};
+use botclaw_core::shardmap::{check_transition, MapCommand, MemberIx, ShardMap};
 use botclaw_core::{MemberState as Gossip, NodeId};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -648,12 +648,7 @@ impl Authority {
             .filter(|id| !group.contains(id))
             .map(|id| (id, GroupChange::AddLearner))
             .collect();
-        let active: Vec<RingMember> = map
-            .members()
-            .iter()
-            .filter(|m| m.state == MemberState::Active)
-            .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
-            .collect();
+        let active = map.active_members();
         let pcfg =
             PlacementConfig { shard_count: self.cfg.shards, vnodes: 64, ..Default::default() };
         let ring = Placement::build(&active, &pcfg);

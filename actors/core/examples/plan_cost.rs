@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use botclaw_core::placement::{Placement, RingMember};
+use botclaw_core::placement::Placement;
 use botclaw_core::shardmap::plan::{plan, PlanConfig, UpMember};
 use botclaw_core::shardmap::ShardMap;
 
@@ -14,14 +14,7 @@ fn main() {
     let up: Vec<UpMember> = (0..nodes)
         .map(|i| UpMember { name: format!("n{i}"), incarnation: 1, capacity: 100 })
         .collect();
-    let ring_of = |map: &ShardMap| {
-        let members: Vec<RingMember> = map
-            .members()
-            .iter()
-            .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
-            .collect();
-        Placement::build(&members, &cfg)
-    };
+    let ring_of = |map: &ShardMap| Placement::build(&map.active_members(), &cfg);
     let pcfg = PlanConfig { assign_shards_max: usize::MAX, ..Default::default() };
     for cmd in plan(&map, &up, &ring_of(&map), &pcfg) {
         map.apply(&cmd);

@@ -255,6 +255,16 @@ impl ShardMap {
         self.members.get(usize::from(ix))
     }
 
+    /// The members that may receive shards, as ring members (the planner's ring is built
+    /// over them).
+    pub fn active_members(&self) -> Vec<crate::placement::RingMember> {
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .map(|m| crate::placement::RingMember { name: m.name.clone(), capacity: m.capacity })
+            .collect()
+    }
+
     pub fn member_ix(&self, name: &str) -> Option<MemberIx> {
         self.members.iter().position(|m| m.name == name).map(|i| i as MemberIx)
     }

@@ -10,9 +10,9 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::*;
-use crate::placement::{Placement, RingMember};
+use crate::placement::Placement;
 use crate::shardmap::plan::{plan, PlanConfig, UpMember};
-use crate::shardmap::{MemberState, ShardChange};
+use crate::shardmap::ShardChange;
 
 const SHARDS: u32 = 8;
 
@@ -140,12 +140,7 @@ impl World {
 
     fn controller_round(&mut self) {
         let map = self.map();
-        let active: Vec<RingMember> = map
-            .members()
-            .iter()
-            .filter(|m| m.state == MemberState::Active)
-            .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
-            .collect();
+        let active = map.active_members();
         let cfg = botclaw_config::PlacementConfig {
             shard_count: SHARDS,
             vnodes: 16,

@@ -3,7 +3,6 @@
 //! checked against the map's invariants and the transition rules.
 
 use super::*;
-use crate::placement::RingMember;
 use crate::shardmap::check_transition;
 
 const SHARDS: u32 = 256;
@@ -15,13 +14,7 @@ fn up(name: &str, incarnation: u64) -> UpMember {
 fn ring_of(map: &ShardMap) -> Placement {
     let cfg =
         botclaw_config::PlacementConfig { shard_count: SHARDS, vnodes: 64, ..Default::default() };
-    let members: Vec<RingMember> = map
-        .members()
-        .iter()
-        .filter(|m| m.state == MemberState::Active)
-        .map(|m| RingMember { name: m.name.clone(), capacity: m.capacity })
-        .collect();
-    Placement::build(&members, &cfg)
+    Placement::build(&map.active_members(), &cfg)
 }
 
 fn apply(map: &mut ShardMap, cmd: &MapCommand) {
