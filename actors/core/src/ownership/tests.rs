@@ -470,17 +470,35 @@ fn the_checker_catches_a_learner_promoted_before_it_caught_up() {
     assert!(caught >= 10, "the checker caught early promotion in only {caught} of 20 runs");
 }
 
-/// An owner of shard 0 with member 1 in sync.
-fn owner() -> Ownership<W> {
+/// A one-shard map of `members` (a, b, ...), shard 0 on [a, b].
+fn one_shard(members: &[&str]) -> ShardMap {
     let mut map = ShardMap::new(1);
-    for n in ["a", "b"] {
-        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
+    for n in members {
+        map.apply(&MapCommand::Join { name: n.to_string(), incarnation: 1, capacity: 100 });
     }
     let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
     map.apply(&MapCommand::Assign(vec![run]));
-    let mut o = Ownership::new(0, 1, OwnershipConfig::default());
-    o.map_applied(&map, 0..1);
+    map
+}
+
+/// Member a as the owner of shard 0 of `map`.
+fn owner_of(map: &ShardMap, cfg: OwnershipConfig) -> Ownership<W> {
+    let mut o = Ownership::new(0, 1, cfg);
+    o.map_applied(map, 0..1);
     o
+}
+
+/// An owner of shard 0 with member 1 in sync.
+fn owner() -> Ownership<W> {
+    owner_of(&one_shard(&["a", "b"]), OwnershipConfig::default())
+}
+
+/// The catch-up attempt of the stream to member 2 among the pending effects.
+fn stream_to_c(o: &mut Ownership<W>) -> Option<Seq> {
+    effects(o).into_iter().find_map(|e| match e {
+        Effect::Stream { attempt, to: 2, .. } => Some(attempt),
+        _ => None,
+    })
 }
 
 fn effects(o: &mut Ownership<W>) -> Vec<Effect<W>> {
@@ -524,37 +542,16 @@ fn reads_are_fenced_once_the_controller_lease_runs_out() {
 
 #[test]
 fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
-    let mut o = owner();
-    let mut map = ShardMap::new(1);
-    for n in ["a", "b", "c"] {
-        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
-    }
-    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
-    map.apply(&MapCommand::Assign(vec![run]));
-    map.apply(&MapCommand::Changes(vec![ShardChange::AddLearner {
-        shard: 0,
-        epoch: 1,
-        member: 2,
-    }]));
-    o.map_applied(&map, 0..1);
-    let first = effects(&mut o)
-        .into_iter()
-        .find_map(|e| match e {
-            Effect::Stream { attempt, to: 2, .. } => Some(attempt),
-            _ => None,
-        })
-        .expect("a stream to the learner");
+    let mut map = one_shard(&["a", "b", "c"]);
+    let learn = ShardChange::AddLearner { shard: 0, epoch: 1, member: 2 };
+    map.apply(&MapCommand::Changes(vec![learn]));
+    let mut o = owner_of(&map, OwnershipConfig::default());
+    let first = stream_to_c(&mut o).expect("a stream to the learner");
     // The learner never reports (its report, or the stream, was lost).
     for _ in 0..OwnershipConfig::default().catch_up_patience_ticks {
         o.tick();
     }
-    let second = effects(&mut o)
-        .into_iter()
-        .find_map(|e| match e {
-            Effect::Stream { attempt, to: 2, .. } => Some(attempt),
-            _ => None,
-        })
-        .expect("a fresh stream after the patience ran out");
+    let second = stream_to_c(&mut o).expect("a fresh stream after the patience ran out");
     // A late report of the first attempt does not count; the second one does.
     o.receive(2, Msg::Streamed { shard: 0, attempt: first });
     assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))));
@@ -568,14 +565,7 @@ fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
 #[test]
 fn writes_and_reads_waiting_on_a_shard_are_bounded() {
     let cfg = OwnershipConfig { pending_per_shard_max: 3, ..Default::default() };
-    let mut map = ShardMap::new(1);
-    for n in ["a", "b"] {
-        map.apply(&MapCommand::Join { name: n.into(), incarnation: 1, capacity: 100 });
-    }
-    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: vec![0, 1] };
-    map.apply(&MapCommand::Assign(vec![run]));
-    let mut o: Ownership<W> = Ownership::new(0, 1, cfg);
-    o.map_applied(&map, 0..1);
+    let mut o = owner_of(&one_shard(&["a", "b"]), cfg);
     o.controller_heard();
     o.submit(0, (0, 1)).unwrap();
     o.read(0).unwrap();
