@@ -430,6 +430,108 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// The placement controller (see README, "Authoritative placement"): a Raft group that is
+/// the only writer of the shard map. Raft settings count ticks of `tick_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// The founding voters, by node name, identical on each of them (`botclaw up` lists its
+    /// first three nodes). Empty: a node started without seeds founds the group alone. A
+    /// node founds only on its first start (an empty controller log); every other node
+    /// joins as a learner, and the leader makes learners voters up to `voters_target`.
+    pub voters: Vec<String>,
+    /// Voters the leader keeps: it promotes caught-up learners while there are fewer, and
+    /// replaces a voter the failure detector declared dead for `voter_replace_after_ms`.
+    pub voters_target: usize,
+    pub voter_replace_after_ms: u64,
+    /// One Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader's word before a follower stands (raised per node by up to as
+    /// many again, from its seed).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Bytes of entries in one append message.
+    pub message_bytes_max: u64,
+    /// Append messages in flight to one peer.
+    pub inflight_messages_max: usize,
+    /// Bytes of proposals not yet committed (a leader refuses more).
+    pub uncommitted_bytes_max: u64,
+    /// Applied entries kept in the log before it is compacted behind a snapshot.
+    pub log_entries_max: u64,
+    /// How often the leader plans (membership, first owners, moves).
+    pub plan_interval_ms: u64,
+    /// Shards with a learner at once (each streams its data: the cost of a move).
+    pub moves_in_flight_max: usize,
+    /// Shard changes one planning round proposes.
+    pub changes_per_round_max: usize,
+    /// Messages from peers waiting for the controller; more are dropped (Raft resends).
+    pub inbound_queue_max: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            voters: Vec::new(),
+            voters_target: 3,
+            voter_replace_after_ms: 10_000,
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            message_bytes_max: 1 << 20,
+            inflight_messages_max: 64,
+            uncommitted_bytes_max: 16 << 20,
+            log_entries_max: 1024,
+            plan_interval_ms: 500,
+            moves_in_flight_max: 64,
+            changes_per_round_max: 256,
+            inbound_queue_max: 4096,
+        }
+    }
+}
+
+impl ControllerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("controller.voters_target", self.voters_target as u64),
+            ("controller.tick_ms", self.tick_ms),
+            ("controller.election_ticks", self.election_ticks as u64),
+            ("controller.heartbeat_ticks", self.heartbeat_ticks as u64),
+            ("controller.message_bytes_max", self.message_bytes_max),
+            ("controller.inflight_messages_max", self.inflight_messages_max as u64),
+            ("controller.uncommitted_bytes_max", self.uncommitted_bytes_max),
+            ("controller.log_entries_max", self.log_entries_max),
+            ("controller.plan_interval_ms", self.plan_interval_ms),
+            ("controller.moves_in_flight_max", self.moves_in_flight_max as u64),
+            ("controller.changes_per_round_max", self.changes_per_round_max as u64),
+            ("controller.inbound_queue_max", self.inbound_queue_max as u64),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.heartbeat_ticks >= self.election_ticks {
+            return Err(ConfigError::invalid(
+                "controller.heartbeat_ticks",
+                "must be less than controller.election_ticks",
+            ));
+        }
+        for (i, v) in self.voters.iter().enumerate() {
+            validate_name(v).map_err(|_| {
+                ConfigError::invalid("controller.voters", format!("{v:?} is not a node name"))
+            })?;
+            if self.voters[..i].contains(v) {
+                return Err(ConfigError::invalid(
+                    "controller.voters",
+                    format!("{v:?} is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Load-aware rebalancing (see README, "Rebalancing").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -523,6 +625,7 @@ pub struct RawNodeConfig {
     pub store: Option<StoreConfig>,
     pub replication: Option<ReplicationConfig>,
     pub rebalance: Option<RebalanceConfig>,
+    pub controller: Option<ControllerConfig>,
     pub handoff: Option<HandoffConfig>,
     pub fault: Option<FaultConfig>,
 }
@@ -551,6 +654,7 @@ pub struct NodeConfig {
     pub store: StoreConfig,
     pub replication: ReplicationConfig,
     pub rebalance: RebalanceConfig,
+    pub controller: ControllerConfig,
     pub handoff: HandoffConfig,
     pub fault: FaultConfig,
 }
@@ -608,6 +712,7 @@ impl RawNodeConfig {
             store: over.store.or(self.store),
             replication: over.replication.or(self.replication),
             rebalance: over.rebalance.or(self.rebalance),
+            controller: over.controller.or(self.controller),
             handoff: over.handoff.or(self.handoff),
             fault: over.fault.or(self.fault),
         }
@@ -682,6 +787,8 @@ impl RawNodeConfig {
         if rebalance.interval_ms == 0 {
             return Err(ConfigError::invalid("rebalance.interval_ms", "must be greater than 0"));
         }
+        let controller = self.controller.unwrap_or_default();
+        controller.validate()?;
         let handoff = self.handoff.unwrap_or_default();
         if handoff.hold_timeout_ms == 0 || handoff.held_requests_max == 0 || handoff.hops_max == 0 {
             return Err(ConfigError::invalid(
@@ -748,6 +855,7 @@ impl RawNodeConfig {
             store,
             replication,
             rebalance,
+            controller,
             handoff,
             fault: self.fault.unwrap_or_default(),
         })

@@ -103,3 +103,14 @@ fn retransmissions_grow_with_log_of_the_cluster_size() {
     let none = GossipConfig { transmissions_min: 0, transmissions_log_factor: 0, ..g };
     assert_eq!(none.transmissions(10), 1, "never zero");
 }
+
+#[test]
+fn controller_settings_are_checked() {
+    let err = |text: &str| with_secret(text).validate().unwrap_err().to_string();
+    assert!(err("[controller]\nvoters = [\"a\", \"a\"]").contains("listed twice"));
+    assert!(err("[controller]\nvoters = [\"a b\"]").contains("controller.voters"));
+    assert!(err("[controller]\ntick_ms = 0").contains("controller.tick_ms"));
+    assert!(err("[controller]\nheartbeat_ticks = 10").contains("controller.heartbeat_ticks"));
+    let ok = with_secret("[controller]\nvoters = [\"n0\", \"n1\", \"n2\"]").validate().unwrap();
+    assert_eq!(ok.controller.voters, ["n0", "n1", "n2"]);
+}

@@ -17,13 +17,14 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 
 use botclaw_config::{GossipConfig, PlacementConfig};
+use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerId, GroupChange, Restored,
+    controller_id, Controller, ControllerConfig, ControllerId, Restored,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
-use botclaw_core::placement::{Placement, ShardId};
-use botclaw_core::shardmap::plan::{plan, PlanConfig, UpMember};
+use botclaw_core::placement::ShardId;
+use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
 use botclaw_core::shardmap::{check_transition, MapCommand, MemberIx, ShardMap};
 use botclaw_core::{MemberState as Gossip, NodeId};
 use rand::rngs::StdRng;
@@ -169,6 +170,8 @@ pub struct Authority {
     report: AuthorityReport,
     last_tick: u64,
     last_plan: u64,
+    /// The leader's planner and the node it runs on.
+    planner: Option<(usize, LeaderPlanner)>,
     /// Client requests go to shards below this (all when `None`).
     active_shards: Option<ShardId>,
 }
@@ -204,6 +207,7 @@ impl Authority {
             report: AuthorityReport::default(),
             last_tick: 0,
             last_plan: 0,
+            planner: None,
             active_shards: None,
             cfg,
         };
@@ -338,6 +342,19 @@ impl Authority {
     }
 
     /// The newest committed map (replayed in log order).
+    /// The controller's voters by node name, as the leader (or any running node) sees them.
+    pub fn voters(&self) -> Vec<String> {
+        let at = self.leader().or_else(|| self.nodes.iter().position(|n| n.controller.is_some()));
+        let Some(c) = at.and_then(|i| self.nodes[i].controller.as_ref()) else { return Vec::new() };
+        let mut names: Vec<String> = c
+            .voters()
+            .into_iter()
+            .filter_map(|id| self.node_of(id).map(|i| self.nodes[i].name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn map(&self) -> &ShardMap {
         &self.replayed
     }
@@ -622,48 +639,45 @@ impl Authority {
         }
     }
 
-    /// The leader's round: membership from its failure detector, learners for nodes the
-    /// map knows, then the planner.
+    /// The leader's round (the node's own planner): the group change its autopilot wants,
+    /// then membership from its failure detector, first owners and moves.
     fn plan(&mut self) {
         let Some(l) = self.leader() else { return };
+        if self.planner.as_ref().is_none_or(|(at, _)| *at != l) {
+            // A new leader starts with a fresh planner, as a node's would.
+            let placement =
+                PlacementConfig { shard_count: self.cfg.shards, vnodes: 64, ..Default::default() };
+            let p = LeaderPlanner::new(
+                placement,
+                self.cfg.plan.clone(),
+                self.cfg.voters,
+                self.cfg.controller.voter_replace_after_ms,
+            );
+            self.planner = Some((l, p));
+        }
         let addr = self.nodes[l].addr;
         let Some(membership) = self.net.membership(addr) else { return };
         let up: Vec<UpMember> = membership
             .members()
             .into_iter()
             .filter(|m| m.state != Gossip::Down)
-            .map(|m| UpMember {
-                name: m.id.name.clone(),
-                incarnation: m.id.incarnation,
-                capacity: m.id.capacity,
-            })
+            .map(|m| UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity))
             .collect();
+        let now = self.now_ms;
+        let (_, planner) = self.planner.as_mut().expect("set above");
         let c = self.nodes[l].controller.as_mut().expect("the leader runs");
-        let map = c.map();
-        let group: BTreeSet<ControllerId> = c.voters().into_iter().chain(c.learners()).collect();
-        let new_learners: Vec<(ControllerId, GroupChange)> = map
-            .members()
-            .iter()
-            .map(|m| controller_id(&m.name))
-            .filter(|id| !group.contains(id))
-            .map(|id| (id, GroupChange::AddLearner))
-            .collect();
-        let active = map.active_members();
-        let pcfg =
-            PlacementConfig { shard_count: self.cfg.shards, vnodes: 64, ..Default::default() };
-        let ring = Placement::build(&active, &pcfg);
-        let mut cmds = plan(map, &up, &ring, &self.cfg.plan);
+        let Round { group, mut commands } = planner.round(now, c, &up);
         if self.cfg.force_unavailable {
-            if let Some(member) =
-                map.member_ix(&active.first().map(|m| m.name.clone()).unwrap_or_default())
-            {
-                cmds.extend(map.unavailable().map(|shard| MapCommand::Force { shard, member }));
+            let map = c.map();
+            let first = map.active_members().first().map(|m| m.name.clone()).unwrap_or_default();
+            if let Some(member) = map.member_ix(&first) {
+                commands.extend(map.unavailable().map(|shard| MapCommand::Force { shard, member }));
             }
         }
-        if !new_learners.is_empty() {
-            let _ = c.change_members(&new_learners);
+        if let Some(changes) = group {
+            let _ = c.change_members(&changes);
         }
-        for cmd in cmds {
+        for cmd in commands {
             let _ = c.propose(&cmd);
         }
         self.drain(l);

@@ -94,6 +94,30 @@ fn the_controller_leader_killed_mid_move_loses_nothing() {
 }
 
 #[test]
+fn dead_voters_are_replaced_so_the_controller_outlives_more_deaths_than_it_has_spares() {
+    let mut a = started(12);
+    assert_eq!(a.voters(), ["n0", "n1", "n2"]);
+    // Two of the three founding voters die, one after the other: each is replaced by a
+    // caught-up learner once dead for the grace, so the controller keeps a majority.
+    a.crash(0);
+    a.run_until(25_000);
+    let voters = a.voters();
+    assert_eq!(voters.len(), 3, "{voters:?}");
+    assert!(!voters.contains(&"n0".to_string()), "{voters:?}");
+    a.crash(1);
+    a.run_until(45_000);
+    let voters = a.voters();
+    assert!(!voters.contains(&"n1".to_string()), "{voters:?}");
+    assert!(a.leader().is_some(), "the controller lost its majority");
+    let before = a.report().entries;
+    a.crash(4);
+    a.run_until(55_000);
+    let r = clean(&a, "voters replaced");
+    assert!(r.entries > before, "the controller still commits: {r:?}");
+    assert_eq!(owned_by(&a, "n4"), 0, "{:?}", a.map().owned_counts());
+}
+
+#[test]
 fn a_flapping_isolation_loses_nothing() {
     let mut a = started(6);
     for k in 0..4u64 {

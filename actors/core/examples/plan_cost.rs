@@ -11,9 +11,7 @@ fn main() {
     let nodes: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let cfg = botclaw_config::PlacementConfig::default();
     let mut map = ShardMap::new(cfg.shard_count);
-    let up: Vec<UpMember> = (0..nodes)
-        .map(|i| UpMember { name: format!("n{i}"), incarnation: 1, capacity: 100 })
-        .collect();
+    let up: Vec<UpMember> = (0..nodes).map(|i| UpMember::new(format!("n{i}"), 1, 100)).collect();
     let ring_of = |map: &ShardMap| Placement::build(&map.active_members(), &cfg);
     let pcfg = PlanConfig { assign_shards_max: usize::MAX, ..Default::default() };
     for cmd in plan(&map, &up, &ring_of(&map), &pcfg) {

@@ -38,36 +38,8 @@ pub fn controller_id(name: &str) -> ControllerId {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()).max(1)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ControllerConfig {
-    /// Ticks without a leader's word before a follower stands (raised per node by up to as
-    /// many again, from its seed).
-    pub election_ticks: usize,
-    /// Ticks between a leader's heartbeats.
-    pub heartbeat_ticks: usize,
-    /// Bytes of entries in one append message.
-    pub message_bytes_max: u64,
-    /// Append messages in flight to one peer.
-    pub inflight_messages_max: usize,
-    /// Bytes of proposals not yet committed (a leader refuses more).
-    pub uncommitted_bytes_max: u64,
-    /// Applied entries kept in the log before it is compacted behind a snapshot.
-    pub log_entries_max: u64,
-}
-
-impl Default for ControllerConfig {
-    fn default() -> Self {
-        ControllerConfig {
-            election_ticks: 10,
-            heartbeat_ticks: 2,
-            message_bytes_max: 1 << 20,
-            inflight_messages_max: 64,
-            uncommitted_bytes_max: 16 << 20,
-            log_entries_max: 1024,
-        }
-    }
-}
+/// The controller's settings (the node's `[controller]` section).
+pub use botclaw_config::ControllerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -80,7 +52,7 @@ pub enum ControllerError {
 }
 
 /// One change of the controller group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GroupChange {
     AddVoter,
     AddLearner,
@@ -453,6 +425,13 @@ impl Controller {
         Ok(self.raw.propose_conf_change(Vec::new(), cc)?)
     }
 
+    /// Whether member `id`'s log holds everything committed (the leader's view; a
+    /// learner so caught up can become a voter without stalling commits).
+    pub fn caught_up(&self, id: ControllerId) -> bool {
+        let committed = self.raw.raft.raft_log.committed;
+        self.raw.raft.prs().get(id).is_some_and(|p| p.matched >= committed)
+    }
+
     /// The current learners, ascending.
     pub fn learners(&self) -> Vec<ControllerId> {
         let mut v = self.raw.raft.prs().conf().to_conf_state().learners;
@@ -592,6 +571,9 @@ pub fn decode_message(bytes: &[u8]) -> Result<Message, protobuf::ProtobufError> 
     m.merge_from_bytes(bytes)?;
     Ok(m)
 }
+
+pub mod autopilot;
+pub mod leader;
 
 #[cfg(test)]
 mod tests;

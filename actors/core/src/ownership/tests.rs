@@ -126,7 +126,7 @@ impl World {
         self.nodes
             .iter()
             .filter(|n| n.machine.is_some() && !n.isolated)
-            .map(|n| UpMember { name: n.name.clone(), incarnation: n.incarnation, capacity: 100 })
+            .map(|n| UpMember::new(n.name.clone(), n.incarnation, 100))
             .collect()
     }
 

@@ -157,7 +157,7 @@ fn force_restarts_an_unavailable_shard_only() {
 #[test]
 fn membership_plans_deaths_restarts_and_joins() {
     let map = three();
-    let up = |n: &str, i| UpMember { name: n.into(), incarnation: i, capacity: 100 };
+    let up = |n: &str, i| UpMember::new(n, i, 100);
     assert!(plan_membership(&map, &[up("a", 1), up("b", 1), up("c", 1)]).is_empty());
     let plan = plan_membership(&map, &[up("a", 2), up("c", 1), up("d", 1)]);
     assert_eq!(plan, vec![dead("a", 1), dead("b", 1), join("a", 2), join("d", 1)]);

@@ -8,7 +8,7 @@ use crate::shardmap::check_transition;
 const SHARDS: u32 = 256;
 
 fn up(name: &str, incarnation: u64) -> UpMember {
-    UpMember { name: name.into(), incarnation, capacity: 100 }
+    UpMember::new(name, incarnation, 100)
 }
 
 fn ring_of(map: &ShardMap) -> Placement {
@@ -140,6 +140,24 @@ fn a_drained_member_ends_up_holding_nothing() {
     let b = map.member_ix("b").unwrap();
     assert!(map.shards().iter().all(|e| !e.isr.contains(b) && !e.learners.contains(b)));
     assert_on_ring(&map, 2);
+}
+
+#[test]
+fn a_member_the_failure_detector_sees_draining_is_drained_not_declared_dead() {
+    let cfg = PlanConfig::default();
+    let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
+    live[1].draining = true;
+    let ring = ring_of(&map);
+    assert_eq!(plan(&map, &live, &ring, &cfg), vec![MapCommand::Drain { name: "b".into() }]);
+    converge(&mut map, &live, &cfg, 50);
+    let b = map.member_ix("b").unwrap();
+    assert_eq!(map.member(b).unwrap().state, MemberState::Draining, "still a member, draining");
+    assert!(map.shards().iter().all(|e| !e.isr.contains(b) && !e.learners.contains(b)));
+    // A draining node the map never knew is not registered.
+    let mut d = up("d", 1);
+    d.draining = true;
+    live.push(d);
+    assert!(plan_membership(&map, &live).is_empty());
 }
 
 #[test]

@@ -1,0 +1,68 @@
+//! The controller leader's planning round, shared by the node and the simulator: the group
+//! change the autopilot wants, then the map commands the planner proposes (membership from
+//! the failure detector, first owners, moves toward the ring over the map's active members).
+
+use super::autopilot::{Autopilot, GroupView};
+use super::{Controller, ControllerId, GroupChange};
+use crate::placement::{Placement, RingMember};
+use crate::shardmap::plan::{plan, PlanConfig, UpMember};
+use crate::shardmap::{MapCommand, ShardMap};
+use botclaw_config::PlacementConfig;
+
+/// What one round proposes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Round {
+    pub group: Option<Vec<(ControllerId, GroupChange)>>,
+    pub commands: Vec<MapCommand>,
+}
+
+/// The leader's planner: its autopilot memory and the ring over the map's active members
+/// (rebuilt only when they change).
+#[derive(Debug)]
+pub struct LeaderPlanner {
+    pilot: Autopilot,
+    ring: Option<(Vec<RingMember>, Placement)>,
+    placement: PlacementConfig,
+    pub plan: PlanConfig,
+    voters_target: usize,
+    replace_after_ms: u64,
+}
+
+impl LeaderPlanner {
+    pub fn new(
+        placement: PlacementConfig,
+        plan: PlanConfig,
+        voters_target: usize,
+        replace_after_ms: u64,
+    ) -> LeaderPlanner {
+        LeaderPlanner {
+            pilot: Autopilot::default(),
+            ring: None,
+            placement,
+            plan,
+            voters_target,
+            replace_after_ms,
+        }
+    }
+
+    /// The ring over `map`'s active members (cached while they stay the same).
+    pub fn ring(&mut self, map: &ShardMap) -> &Placement {
+        let active = map.active_members();
+        if self.ring.as_ref().is_none_or(|(members, _)| *members != active) {
+            let placement = Placement::build(&active, &self.placement);
+            self.ring = Some((active, placement));
+        }
+        &self.ring.as_ref().expect("built above").1
+    }
+
+    /// One round on the leader `c`, with `up` the members its failure detector sees.
+    pub fn round(&mut self, now_ms: u64, c: &Controller, up: &[UpMember]) -> Round {
+        let (voters, learners) = (c.voters(), c.learners());
+        let group = GroupView { leader: c.id(), voters: &voters, learners: &learners };
+        let (target, after) = (self.voters_target, self.replace_after_ms);
+        let group = self.pilot.round(now_ms, c.map(), group, |id| c.caught_up(id), target, after);
+        let cfg = self.plan.clone();
+        let commands = plan(c.map(), up, self.ring(c.map()), &cfg);
+        Round { group, commands }
+    }
+}
