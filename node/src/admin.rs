@@ -10,6 +10,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use botclaw_core::placement::{Placement, RingMember};
+use botclaw_core::shardmap::ShardMap;
 use botclaw_core::MemberState;
 use ractor::ActorRef;
 use ractor_cluster::node::NodeServerMessage;
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::controller::{ControllerStatus, MapView, Wire};
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
 use crate::routing::Dispatcher;
@@ -36,6 +39,33 @@ pub struct AdminState {
     pub baseline: Arc<std::sync::Mutex<Vec<String>>>,
     /// Notified by `POST /drain`: the node drains, leaves and exits.
     pub drain_requested: Arc<tokio::sync::Notify>,
+    /// The placement controller's applied map and status.
+    pub map: watch::Receiver<Arc<MapView>>,
+    /// The placement controller's inbox (for operator commands).
+    pub controller: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub placement: botclaw_config::PlacementConfig,
+    pub replication_factor: usize,
+    /// The ring over the map's active members, for `/placement` (rebuilt when they change).
+    pub ring: tokio::sync::Mutex<Option<(Vec<RingMember>, Arc<Placement>)>>,
+}
+
+impl AdminState {
+    /// The ring over `map`'s active members (built off the async threads, then cached).
+    async fn ring_of(&self, map: &ShardMap) -> Arc<Placement> {
+        let active = map.active_members();
+        let mut cached = self.ring.lock().await;
+        if let Some((members, ring)) = cached.as_ref().filter(|(m, _)| *m == active) {
+            debug_assert_eq!(*members, active);
+            return ring.clone();
+        }
+        let (cfg, members) = (self.placement.clone(), active.clone());
+        let ring = tokio::task::spawn_blocking(move || Placement::build(&members, &cfg))
+            .await
+            .expect("placement build does not panic");
+        let ring = Arc::new(ring);
+        *cached = Some((active, ring.clone()));
+        ring
+    }
 }
 
 /// One member in `GET /status`.
@@ -89,6 +119,9 @@ pub struct Status {
     pub rss_bytes: u64,
     pub active_conversations: u64,
     pub members: Vec<MemberStatus>,
+    /// The placement controller as this node sees it.
+    #[serde(default)]
+    pub controller: ControllerStatus,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
@@ -101,6 +134,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/placement", get(placement))
         .route("/fault/isolate", post(isolate))
         .route("/drain", post(drain))
+        .route("/shard/force", post(force))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin server stopped");
@@ -198,6 +232,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         rss_bytes: rss_bytes(),
         active_conversations: s.host.active() as u64,
         members,
+        controller: s.map.borrow().status.clone(),
     })
 }
 
@@ -259,15 +294,122 @@ async fn ping(
 #[derive(Deserialize)]
 struct PlacementQuery {
     conv: Option<String>,
+    shard: Option<u32>,
 }
 
-/// `GET /placement?conv=ID`: the shard and owner of a conversation as this node sees it.
+/// `GET /placement?conv=ID` (or `?shard=N`): where a conversation lives and why: its shard, the shard's
+/// entry in the controller's map (epoch, owner, in-sync members, learners), the map's
+/// version, the members the ring over the map's active members wants for it, and the
+/// owner the node routes by today.
 async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQuery>) -> Response {
-    let Some(conv) = q.conv.filter(|c| !c.is_empty()) else {
-        return (StatusCode::BAD_REQUEST, "query parameter conv is required\n").into_response();
+    let view = s.map.borrow().clone();
+    let (conv, shard, routed_owner) = match (q.conv.filter(|c| !c.is_empty()), q.shard) {
+        (Some(conv), _) => {
+            let (shard, owner) = s.dispatcher.locate(&conv);
+            (Some(conv), shard, owner)
+        }
+        (None, Some(shard)) if shard < view.map.shard_count() => (None, shard, None),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "query parameter conv (or a valid shard) is required\n",
+            )
+                .into_response()
+        }
     };
-    let (shard, owner) = s.dispatcher.locate(&conv);
-    Json(serde_json::json!({ "conv": conv, "shard": shard, "owner": owner })).into_response()
+    let map = &view.map;
+    let names = |r: &botclaw_core::shardmap::Replicas| -> Vec<String> {
+        r.as_slice().iter().map(|&m| map.name(m).to_string()).collect()
+    };
+    let entry = map.shard(shard).copied().unwrap_or_default();
+    let state = if entry.is_unassigned() {
+        "unassigned"
+    } else if entry.is_unavailable() {
+        "unavailable"
+    } else if !entry.learners.is_empty() {
+        "moving"
+    } else {
+        "served"
+    };
+    let desired: Vec<String> = s
+        .ring_of(map)
+        .await
+        .preference_list(shard, s.replication_factor)
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let why = if entry.is_unassigned() {
+        "not assigned yet: the controller's leader assigns every shard on its first round"
+            .to_string()
+    } else if entry.is_unavailable() {
+        "every in-sync member is gone: the shard refuses turns until one returns or an operator forces it (botclaw shard force)".to_string()
+    } else if names(&entry.isr) == desired {
+        "on the members the ring over the map's active members wants".to_string()
+    } else {
+        format!("the ring wants {desired:?}; the controller moves it there, a learner at a time")
+    };
+    Json(serde_json::json!({
+        "conv": conv,
+        "shard": shard,
+        "state": state,
+        "epoch": entry.epoch,
+        "owner": entry.owner.map(|m| map.name(m).to_string()),
+        "isr": names(&entry.isr),
+        "learners": names(&entry.learners),
+        "map_version": map.version,
+        "leader": view.status.leader,
+        "desired": desired,
+        "why": why,
+        "routed_owner": routed_owner,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ForceQuery {
+    shard: u32,
+    to: String,
+}
+
+/// `POST /shard/force?shard=N&to=NAME`: an operator override for an unavailable shard: it
+/// restarts on `to` from whatever `to` holds; turns its last in-sync members acknowledged
+/// may be lost. Passed to the controller's leader; logged as an audit line.
+async fn force(State(s): State<Arc<AdminState>>, Query(q): Query<ForceQuery>) -> Response {
+    let view = s.map.borrow().clone();
+    let Some(entry) = view.map.shard(q.shard).copied() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("no shard {} (the map has {})\n", q.shard, view.map.shard_count()),
+        )
+            .into_response();
+    };
+    if !entry.is_unavailable() {
+        return (
+            StatusCode::CONFLICT,
+            format!("shard {} is not unavailable: nothing to force\n", q.shard),
+        )
+            .into_response();
+    }
+    let Some(member) = view.map.member_ix(&q.to) else {
+        return (StatusCode::BAD_REQUEST, format!("{} is not a member of the map\n", q.to))
+            .into_response();
+    };
+    tracing::warn!(shard = q.shard, to = %q.to, "AUDIT operator forces an unavailable shard onto a member: acknowledged turns may be lost");
+    let me = s.view.borrow().me.name.clone();
+    let wire = Wire::Propose {
+        from: me,
+        forwarded: false,
+        command: botclaw_core::shardmap::MapCommand::Force { shard: q.shard, member },
+    };
+    if s.controller.try_send(wire.to_bytes()).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the controller is busy; try again\n")
+            .into_response();
+    }
+    (
+        StatusCode::ACCEPTED,
+        format!("shard {} forced onto {}: proposed to the controller\n", q.shard, q.to),
+    )
+        .into_response()
 }
 
 /// Resident set size from /proc (0 where unavailable).

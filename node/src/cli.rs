@@ -25,6 +25,11 @@ enum Command {
     Status(StatusArgs),
     /// Move a node's conversations to the others, then make it leave and exit.
     Drain(DrainArgs),
+    /// Where a conversation lives and why (shard, owner, in-sync members, map version).
+    Placement(PlacementArgs),
+    /// Operator overrides of the shard map.
+    #[command(subcommand)]
+    Shard(ShardCommand),
     /// Talk to a bot (an interactive REPL over the chat protocol).
     Chat(crate::chat::ChatArgs),
     /// Generate chat load and report throughput and latency percentiles.
@@ -126,6 +131,35 @@ struct DrainArgs {
     wait_s: u64,
 }
 
+#[derive(Debug, Args)]
+struct PlacementArgs {
+    /// Admin address of any node.
+    #[arg(long, default_value = "127.0.0.1:7003")]
+    admin: SocketAddr,
+    /// Conversation id.
+    #[arg(long)]
+    conv: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Restart an unavailable shard (every in-sync member gone) on a member, from whatever
+    /// it holds: turns the shard's last in-sync members acknowledged may be lost.
+    Force {
+        /// Admin address of any node.
+        #[arg(long, default_value = "127.0.0.1:7003")]
+        admin: SocketAddr,
+        #[arg(long)]
+        shard: u32,
+        /// The member to serve it.
+        #[arg(long)]
+        to: String,
+        /// Confirms that losing acknowledged turns is acceptable.
+        #[arg(long)]
+        yes_lose_turns: bool,
+    },
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
@@ -193,6 +227,36 @@ pub fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("botclaw drain: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Placement(args) => match crate::status::placement(args.admin, &args.conv) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("botclaw placement: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Shard(ShardCommand::Force { admin, shard, to, yes_lose_turns }) => {
+            if !yes_lose_turns {
+                eprintln!(
+                    "botclaw shard force: shard {shard} restarts on {to} from whatever {to} holds; \
+                     turns its last in-sync members acknowledged may be lost. \
+                     Add --yes-lose-turns to confirm."
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match crate::status::force(admin, shard, &to) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("botclaw shard force: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -7,6 +7,7 @@
 //! - [`node`]: `run(config, shutdown)`, one node's lifetime;
 //! - [`gossip`]: the UDP driver of the membership state machine;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
+//! - [`controller`]: the placement controller's Raft member, its log and the leader's round;
 //! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod controller;
 pub mod frontend;
 pub mod gossip;
 pub mod http;

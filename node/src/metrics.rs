@@ -76,6 +76,7 @@ pub struct Metrics {
     pub cluster_sessions: Gauge,
     pub link_dials: Counter,
     pub link_drops: Counter,
+    pub controller: crate::controller::ControllerMetrics,
 }
 
 impl Default for Metrics {
@@ -109,6 +110,7 @@ impl Default for Metrics {
             cluster_sessions: Default::default(),
             link_dials: Default::default(),
             link_drops: Default::default(),
+            controller: Default::default(),
         }
     }
 }
@@ -223,6 +225,7 @@ impl Metrics {
             self.connections_rejected.clone(),
         );
         self.conversations.register(&mut r);
+        self.controller.register(&mut r);
         r
     }
 

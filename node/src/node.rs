@@ -334,6 +334,19 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
     let (driver, view) =
         GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
+    let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
+    let (controller, map_view) = crate::controller::open(crate::controller::ControllerArgs {
+        me: cfg.name.clone(),
+        cfg: cfg.controller.clone(),
+        placement: cfg.placement.clone(),
+        replication_factor: cfg.replication.factor,
+        dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.join("controller")),
+        founder_by_default: cfg.seeds.is_empty(),
+        frame_bytes_max: cfg.link.frame_bytes_max,
+        gossip: view.clone(),
+        inbox: controller_rx,
+        metrics: metrics.controller.clone(),
+    })?;
     let backends = Backends::new(&cfg.backends, conv_metrics.clone());
     let modules = NodeModules::start(
         node.clone(),
@@ -370,6 +383,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         holding: routing::Holding::new(&cfg.handoff),
         modules: modules.clone(),
         draining: AtomicBool::new(false),
+        controller: controller_tx.clone(),
     });
     let weak = Arc::downgrade(&dispatcher);
     let _ =
@@ -394,6 +408,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let isolation = cfg.fault.injection.then(|| driver.isolation());
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));
+    let controller_task = tokio::spawn(controller.run());
     let links_task = tokio::spawn(crate::links::run(
         server_ref.clone(),
         view.clone(),
@@ -438,6 +453,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         isolation,
         baseline,
         drain_requested: drain_requested.clone(),
+        map: map_view,
+        controller: controller_tx,
+        placement: cfg.placement.clone(),
+        replication_factor: cfg.replication.factor,
+        ring: Default::default(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
 
@@ -459,6 +479,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     links_task.abort();
     admin_task.abort();
     gossip_task.abort();
+    controller_task.abort();
     router.stop(None);
     server_ref.stop(None);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

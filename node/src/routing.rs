@@ -344,6 +344,8 @@ pub struct Dispatcher {
     pub modules: Arc<NodeModules>,
     /// This node is draining: it owns nothing, so it trusts its own view at once.
     pub draining: AtomicBool,
+    /// The placement controller's inbox (bounded: a full one drops, Raft resends).
+    pub controller: tokio::sync::mpsc::Sender<Vec<u8>>,
 }
 
 impl Dispatcher {
@@ -533,6 +535,12 @@ impl Inbound for Dispatcher {
             }),
             ConvRequest::Module(request) => self.modules.serve(request, reply),
             request => self.submit(&envelope.conv, request, envelope.hops, reply),
+        }
+    }
+
+    fn controller(&self, bytes: Vec<u8>) {
+        if self.controller.try_send(bytes).is_err() {
+            self.metrics.controller.drop("queue-full");
         }
     }
 }

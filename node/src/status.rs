@@ -90,6 +90,7 @@ pub fn render(status: &Status) -> String {
             row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    let _ = writeln!(out, "\n{}", render_controller(&status.controller));
     let roles = per_role(status);
     if !roles.is_empty() {
         let _ = writeln!(out);
@@ -106,6 +107,90 @@ pub fn render(status: &Status) -> String {
         }
     }
     out
+}
+
+/// One line on the placement controller: leader, map version, moves, shards at risk.
+pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
+    format!(
+        "controller: leader {} (term {}), voters {}, map version {}, {} moves in flight, \
+         {} shards under R, {} unavailable{}, {} unassigned",
+        c.leader.as_deref().unwrap_or("unknown"),
+        c.term,
+        if c.voters.is_empty() { "-".to_string() } else { c.voters.join(",") },
+        c.map_version,
+        c.moves_in_flight,
+        c.shards_under_replicated,
+        c.shards_unavailable,
+        if c.unavailable.is_empty() {
+            String::new()
+        } else {
+            let listed: Vec<String> = c.unavailable.iter().map(u32::to_string).collect();
+            format!(
+                " (shards {}{})",
+                listed.join(","),
+                if c.shards_unavailable > listed.len() { ",..." } else { "" }
+            )
+        },
+        c.shards_unassigned,
+    )
+}
+
+/// `botclaw placement --conv ID`: where a conversation lives and why.
+pub fn placement(admin: SocketAddr, conv: &str) -> Result<String> {
+    let path = format!("/placement?conv={}", urlencode(conv));
+    let v: serde_json::Value = crate::http::get_json(admin, &path, Duration::from_secs(5))?;
+    let list = |k: &str| -> String {
+        let names: Vec<&str> = v[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        if names.is_empty() {
+            "-".into()
+        } else {
+            names.join(",")
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "conversation {conv}: shard {} ({})",
+        v["shard"],
+        v["state"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        out,
+        "  owner {}, in sync {}, learners {}, shard epoch {}",
+        v["owner"].as_str().unwrap_or("-"),
+        list("isr"),
+        list("learners"),
+        v["epoch"]
+    );
+    let _ = writeln!(
+        out,
+        "  map version {}, controller leader {}",
+        v["map_version"],
+        v["leader"].as_str().unwrap_or("unknown")
+    );
+    let _ = writeln!(out, "  ring wants {}", list("desired"));
+    let _ = writeln!(out, "  why: {}", v["why"].as_str().unwrap_or(""));
+    Ok(out)
+}
+
+/// `botclaw shard force --shard N --to NAME`.
+pub fn force(admin: SocketAddr, shard: u32, to: &str) -> Result<String> {
+    let path = format!("/shard/force?shard={shard}&to={}", urlencode(to));
+    crate::http::post(admin, &path, Duration::from_secs(5))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The load of one role, summed over its up members.

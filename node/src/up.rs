@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use botclaw_config::{local_ports, RawNodeConfig, StoreConfig, StoreEngine, DEFAULT_BASE_PORT};
+use botclaw_config::{
+    local_ports, ControllerConfig, RawNodeConfig, StoreConfig, StoreEngine, DEFAULT_BASE_PORT,
+};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -87,6 +89,11 @@ pub fn node_config(base: u16, i: u16, n: u16, data_dir: &Path) -> RawNodeConfig 
         admin_addr: Some(addr(admin)),
         seeds: Some(seeds),
         data_dir: Some(data_dir.to_path_buf()),
+        // The first three nodes found the placement controller.
+        controller: Some(ControllerConfig {
+            voters: (0..n.min(3)).map(|j| format!("node-{j}")).collect(),
+            ..ControllerConfig::default()
+        }),
         ..RawNodeConfig::default()
     }
 }

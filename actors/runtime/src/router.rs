@@ -23,6 +23,8 @@ use crate::forwarder::{Batch, Forwarder};
 /// What a node does with envelopes that peers send it.
 pub trait Inbound: Send + Sync + 'static {
     fn handle(&self, envelope: Envelope, reply: Reply);
+    /// A message for the placement controller.
+    fn controller(&self, bytes: Vec<u8>);
 }
 
 /// Group every router joins.
@@ -44,6 +46,8 @@ pub enum RouterMessage {
     Requests(Vec<u8>),
     /// Answers to requests this node forwarded: a postcard `Batch<ConvOutcome>`.
     Outcomes(Vec<u8>),
+    /// For the placement controller (Raft messages, proposals), handed over undecoded.
+    Controller(Vec<u8>),
 }
 
 #[derive(Clone)]
@@ -116,6 +120,7 @@ impl Actor for RouterActor {
                     tracing::warn!(error = %e, len = bytes.len(), "undecodable answer batch from a peer")
                 }
             },
+            RouterMessage::Controller(bytes) => state.inbound.controller(bytes),
         }
         Ok(())
     }

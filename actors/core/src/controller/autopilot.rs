@@ -1,5 +1,6 @@
 //! Keeps the controller group in shape, as the leader's decision: every live member of the
-//! map receives the log (a learner, so every node has the map), and the group keeps
+//! map, and every node the failure detector sees up (gateways that own no shard route by
+//! the map too), receives the log as a learner; the others leave the group. It keeps
 //! `voters_target` voters, promoting caught-up learners while there are fewer and replacing a
 //! voter the map has declared dead for `replace_after_ms` (Consul's autopilot, etcd's learner
 //! promotion). One change per round: raft-rs takes one configuration change at a time.
@@ -24,13 +25,15 @@ pub struct Autopilot {
 }
 
 impl Autopilot {
-    /// The group change to propose now, if any. `caught_up` says whether a learner's log
-    /// matches the leader's committed log.
+    /// The group change to propose now, if any. `up` are the nodes the failure detector
+    /// sees up; `caught_up` says whether a learner's log matches the leader's committed log.
+    #[allow(clippy::too_many_arguments)]
     pub fn round(
         &mut self,
         now_ms: u64,
         map: &ShardMap,
         group: GroupView<'_>,
+        up: &BTreeSet<ControllerId>,
         caught_up: impl Fn(ControllerId) -> bool,
         voters_target: usize,
         replace_after_ms: u64,
@@ -48,14 +51,24 @@ impl Autopilot {
         for id in group.voters.iter().filter(|id| dead(id) && **id != group.leader) {
             self.dead_since_ms.entry(*id).or_insert(now_ms);
         }
-        // Learners first: every live map member receives the map, dead learners leave.
-        let mut changes: Vec<(ControllerId, GroupChange)> = state
+        // Learners first: every live node receives the map, the others leave.
+        let live: BTreeSet<ControllerId> = state
             .iter()
-            .filter(|(id, (s, _))| *s != MemberState::Dead && !in_group.contains(id))
-            .map(|(id, _)| (*id, GroupChange::AddLearner))
+            .filter(|(_, (s, _))| *s != MemberState::Dead)
+            .map(|(id, _)| *id)
+            .chain(up.iter().copied())
+            .collect();
+        let mut changes: Vec<(ControllerId, GroupChange)> = live
+            .iter()
+            .filter(|id| !in_group.contains(id))
+            .map(|id| (*id, GroupChange::AddLearner))
             .collect();
         changes.extend(
-            group.learners.iter().filter(|id| dead(id)).map(|id| (*id, GroupChange::Remove)),
+            group
+                .learners
+                .iter()
+                .filter(|id| !live.contains(id))
+                .map(|id| (*id, GroupChange::Remove)),
         );
         if !changes.is_empty() {
             return Some(changes);
@@ -113,23 +126,29 @@ mod tests {
         map
     }
 
+    fn none() -> BTreeSet<ControllerId> {
+        BTreeSet::new()
+    }
+
     fn id(name: &str) -> ControllerId {
         controller_id(name)
     }
 
     #[test]
-    fn every_live_member_becomes_a_learner_and_dead_learners_leave() {
+    fn every_live_member_and_up_node_becomes_a_learner_and_dead_learners_leave() {
         use MemberState::*;
         let map = map_of(&[("a", Active), ("b", Active), ("c", Draining), ("d", Dead)]);
         let (voters, learners) = ([id("a")], [id("d")]);
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
         let mut pilot = Autopilot::default();
-        let mut change = pilot.round(0, &map, group, |_| true, 3, 1000).unwrap();
+        let mut change =
+            pilot.round(0, &map, group, &BTreeSet::from([id("e")]), |_| true, 3, 1000).unwrap();
         change.sort_unstable();
         let mut want = vec![
             (id("b"), GroupChange::AddLearner),
             (id("c"), GroupChange::AddLearner),
             (id("d"), GroupChange::Remove),
+            (id("e"), GroupChange::AddLearner),
         ];
         want.sort_unstable();
         assert_eq!(change, want);
@@ -144,18 +163,18 @@ mod tests {
         let learners = [id("b"), id("c"), id("d")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
         // Nobody caught up: nothing.
-        assert_eq!(pilot.round(0, &map, group, |_| false, 3, 1000), None);
+        assert_eq!(pilot.round(0, &map, group, &none(), |_| false, 3, 1000), None);
         // The first caught-up learner by name.
         let ready = |i: ControllerId| i == id("c") || i == id("d");
         assert_eq!(
-            pilot.round(0, &map, group, ready, 3, 1000),
+            pilot.round(0, &map, group, &none(), ready, 3, 1000),
             Some(vec![(id("c"), GroupChange::AddVoter)])
         );
         // At the target: nothing more.
         let voters = [id("a"), id("b"), id("c")];
         let learners = [id("d")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
-        assert_eq!(pilot.round(0, &map, group, |_| true, 3, 1000), None);
+        assert_eq!(pilot.round(0, &map, group, &none(), |_| true, 3, 1000), None);
     }
 
     #[test]
@@ -166,17 +185,25 @@ mod tests {
         let voters = [id("a"), id("b"), id("c")];
         let learners = [id("d")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
-        assert_eq!(pilot.round(100, &map, group, |_| true, 3, 1000), None, "not dead long enough");
-        assert_eq!(pilot.round(1099, &map, group, |_| true, 3, 1000), None);
-        assert_eq!(pilot.round(1100, &map, group, |_| false, 3, 1000), None, "no replacement");
         assert_eq!(
-            pilot.round(1100, &map, group, |_| true, 3, 1000),
+            pilot.round(100, &map, group, &none(), |_| true, 3, 1000),
+            None,
+            "not dead long enough"
+        );
+        assert_eq!(pilot.round(1099, &map, group, &none(), |_| true, 3, 1000), None);
+        assert_eq!(
+            pilot.round(1100, &map, group, &none(), |_| false, 3, 1000),
+            None,
+            "no replacement"
+        );
+        assert_eq!(
+            pilot.round(1100, &map, group, &none(), |_| true, 3, 1000),
             Some(vec![(id("b"), GroupChange::Remove), (id("d"), GroupChange::AddVoter)])
         );
         // Back (a new incarnation joined): the clock starts over.
         let back = map_of(&[("a", Active), ("b", Active), ("c", Active), ("d", Active)]);
-        assert_eq!(pilot.round(1200, &back, group, |_| true, 3, 1000), None);
-        assert_eq!(pilot.round(1300, &map, group, |_| true, 3, 1000), None);
+        assert_eq!(pilot.round(1200, &back, group, &none(), |_| true, 3, 1000), None);
+        assert_eq!(pilot.round(1300, &map, group, &none(), |_| true, 3, 1000), None);
     }
 
     #[test]
@@ -186,9 +213,9 @@ mod tests {
         let voters = [id("a"), id("b"), id("c"), id("d")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &[] };
         let mut pilot = Autopilot::default();
-        assert_eq!(pilot.round(0, &map, group, |_| true, 3, 10), None);
+        assert_eq!(pilot.round(0, &map, group, &none(), |_| true, 3, 10), None);
         assert_eq!(
-            pilot.round(10, &map, group, |_| true, 3, 10),
+            pilot.round(10, &map, group, &none(), |_| true, 3, 10),
             Some(vec![(id("b"), GroupChange::Remove)])
         );
     }

@@ -3,7 +3,9 @@
 //! the failure detector, first owners, moves toward the ring over the map's active members).
 
 use super::autopilot::{Autopilot, GroupView};
-use super::{Controller, ControllerId, GroupChange};
+use std::collections::BTreeSet;
+
+use super::{controller_id, Controller, ControllerId, GroupChange};
 use crate::placement::{Placement, RingMember};
 use crate::shardmap::plan::{plan, PlanConfig, UpMember};
 use crate::shardmap::{MapCommand, ShardMap};
@@ -60,7 +62,9 @@ impl LeaderPlanner {
         let (voters, learners) = (c.voters(), c.learners());
         let group = GroupView { leader: c.id(), voters: &voters, learners: &learners };
         let (target, after) = (self.voters_target, self.replace_after_ms);
-        let group = self.pilot.round(now_ms, c.map(), group, |id| c.caught_up(id), target, after);
+        let up_ids: BTreeSet<ControllerId> = up.iter().map(|m| controller_id(&m.name)).collect();
+        let caught_up = |id| c.caught_up(id);
+        let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
         let commands = plan(c.map(), up, self.ring(c.map()), &cfg);
         Round { group, commands }

@@ -19,20 +19,21 @@ pub struct UpMember {
     pub name: String,
     pub incarnation: u64,
     pub capacity: u32,
-    /// It gave up serving conversations (a drain): its shards move away, it takes no new
-    /// ones, and it stays a member until it leaves.
-    pub draining: bool,
+    /// It serves conversations. A member that does not (it drained, or it lacks the role)
+    /// owns nothing: a map member is drained (its shards move away; it stays a member until
+    /// it leaves), another is not registered.
+    pub serving: bool,
 }
 
 impl UpMember {
     pub fn new(name: impl Into<String>, incarnation: u64, capacity: u32) -> UpMember {
-        UpMember { name: name.into(), incarnation, capacity, draining: false }
+        UpMember { name: name.into(), incarnation, capacity, serving: true }
     }
 }
 
 /// The membership commands that bring the map in line with the failure detector: `Dead` for
 /// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Drain`
-/// for a live member that is up and draining, `Join` for every up member (not draining) the
+/// for a live member that is up and not serving, `Join` for every up member serving the
 /// map does not have live at that incarnation. Ordered by name.
 pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
     let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -43,12 +44,12 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
         if live && !same {
             out.push(MapCommand::Dead { name: m.name.clone(), incarnation: m.incarnation });
         }
-        let draining = up_by_name.get(m.name.as_str()).is_some_and(|u| u.draining);
+        let draining = up_by_name.get(m.name.as_str()).is_some_and(|u| !u.serving);
         if live && same && draining && m.state != MemberState::Draining {
             out.push(MapCommand::Drain { name: m.name.clone() });
         }
     }
-    for u in up_by_name.values().filter(|u| !u.draining) {
+    for u in up_by_name.values().filter(|u| u.serving) {
         let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
         let current =
             known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);

@@ -146,7 +146,7 @@ fn a_drained_member_ends_up_holding_nothing() {
 fn a_member_the_failure_detector_sees_draining_is_drained_not_declared_dead() {
     let cfg = PlanConfig::default();
     let (mut map, mut live) = started(&["a", "b", "c"], &cfg);
-    live[1].draining = true;
+    live[1].serving = false;
     let ring = ring_of(&map);
     assert_eq!(plan(&map, &live, &ring, &cfg), vec![MapCommand::Drain { name: "b".into() }]);
     converge(&mut map, &live, &cfg, 50);
@@ -155,7 +155,7 @@ fn a_member_the_failure_detector_sees_draining_is_drained_not_declared_dead() {
     assert!(map.shards().iter().all(|e| !e.isr.contains(b) && !e.learners.contains(b)));
     // A draining node the map never knew is not registered.
     let mut d = up("d", 1);
-    d.draining = true;
+    d.serving = false;
     live.push(d);
     assert!(plan_membership(&map, &live).is_empty());
 }

@@ -1,0 +1,182 @@
+//! Multi-process: the placement controller on real nodes. Every node applies the same map;
+//! the leader assigns every shard, follows deaths and restarts, and keeps three voters; the
+//! operator surface (`/status`, `/placement`, `botclaw placement`, `botclaw shard force`)
+//! reads and steers it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use botclaw_tests::*;
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn controller(node: &TestNode) -> Option<Value> {
+    node.status().map(|s| s["controller"].clone())
+}
+
+/// Waits until every running node of `which` reports the same leader and map version,
+/// with `check` true on that status; returns the leader's status.
+fn wait_agreed(c: &Cluster, which: &[usize], what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let agreed = poll(SETTLE, || {
+        let all: Vec<Value> =
+            which.iter().map(|&i| controller(&c.nodes[i])).collect::<Option<_>>()?;
+        let first = &all[0];
+        let same = all
+            .iter()
+            .all(|s| s["leader"] == first["leader"] && s["map_version"] == first["map_version"]);
+        (same && first["leader"].is_string() && check(first)).then(|| first.clone())
+    });
+    agreed.unwrap_or_else(|| {
+        let now: Vec<Option<Value>> = which.iter().map(|&i| controller(&c.nodes[i])).collect();
+        panic!("{what}: the nodes did not agree: {now:#?}\n{}", c.logs())
+    })
+}
+
+fn names(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn node_index(c: &Cluster, name: &str) -> usize {
+    c.nodes.iter().position(|n| n.name == name).expect("a node of this cluster")
+}
+
+#[test]
+fn the_controller_assigns_every_shard_follows_deaths_and_outlives_its_leader() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    // n0 (started without seeds) founds the group; the leader makes n1 and n2 voters and
+    // assigns every shard.
+    let status = wait_agreed(&c, &[0, 1, 2], "start", |s| {
+        s["shards_unassigned"] == 0 && names(&s["voters"]).len() == 3
+    });
+    assert_eq!(names(&status["voters"]), ["n0", "n1", "n2"]);
+    assert_eq!(status["shards_unavailable"], 0);
+    assert_eq!(status["shards_under_replicated"], 0, "{status:#}");
+
+    // Every node answers the same placement for a conversation, from the map.
+    let placements: Vec<Value> = c
+        .nodes
+        .iter()
+        .map(|n| get_json(n.ports.admin, "/placement?conv=alice").expect("placement"))
+        .collect();
+    for p in &placements {
+        for key in ["shard", "epoch", "owner", "isr", "map_version"] {
+            assert_eq!(p[key], placements[0][key], "{key}: {placements:#?}");
+        }
+    }
+    let p = &placements[0];
+    assert_eq!(p["state"], "served");
+    assert_eq!(names(&p["isr"]).len(), 2, "R = 2: {p:#}");
+    assert!(names(&p["isr"]).contains(&p["owner"].as_str().unwrap().to_string()));
+    assert_eq!(names(&p["desired"]), names(&p["isr"]), "{p:#}");
+    let (code, _) = http_get(c.nodes[0].ports.admin, "/placement").unwrap();
+    assert_eq!(code, 400, "conv is required");
+
+    // The CLI prints the same.
+    let out = Command::new(botclaw_bin())
+        .args(["placement", "--admin", &c.nodes[1].ports.admin.to_string(), "--conv", "alice"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("shard {}", p["shard"])), "{text}");
+    assert!(text.contains(&format!("owner {}", p["owner"].as_str().unwrap())), "{text}");
+
+    // The leader is killed: another takes over, the map marks it dead, and no shard is
+    // owned by it or left without an owner (each had a second in-sync member).
+    let leader = status["leader"].as_str().unwrap().to_string();
+    let l = node_index(&c, &leader);
+    let before = status["map_version"].as_u64().unwrap();
+    c.nodes[l].kill9();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let status = wait_agreed(&c, &rest, "leader killed", |s| {
+        s["leader"] != leader.as_str() && s["map_version"].as_u64() > Some(before)
+    });
+    assert_eq!(status["shards_unavailable"], 0, "{status:#}");
+    let owner_now = poll(SETTLE, || {
+        let p = get_json(c.nodes[rest[0]].ports.admin, "/placement?conv=alice")?;
+        (p["owner"] != leader.as_str() && p["owner"].is_string()).then_some(p)
+    });
+    assert!(owner_now.is_some(), "alice still owned by the dead leader\n{}", c.logs());
+    let metrics = c.nodes[rest[0]].metrics();
+    assert!(metric(&metrics, "botclaw_controller_map_version") > before as f64);
+
+    // Restarted with its original command (n0 had no seeds: it must not found a new
+    // group), it comes back from its log, rejoins the map and agrees with the others.
+    c.nodes[l].start();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let status = wait_agreed(&c, &[0, 1, 2], "restarted", |_| true);
+    assert!(status["term"].as_u64() > Some(1), "{status:#}");
+    if l != 0 {
+        c.nodes[0].kill9();
+        c.nodes[0].start();
+        c.wait_converged(&[0, 1, 2], CONVERGE);
+        wait_agreed(&c, &[0, 1, 2], "n0 restarted", |_| true);
+    }
+    let log = tail(&c.nodes[0].log, 1 << 20);
+    let foundings = log.matches("founding the placement controller").count();
+    assert_eq!(foundings, 1, "n0 founded the group again on restart:\n{log}");
+}
+
+#[test]
+fn shards_whose_copies_all_died_stay_unavailable_until_an_operator_forces_them() {
+    let mut c = Cluster::new(4);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2, 3], CONVERGE);
+    let status = wait_agreed(&c, &[0, 1, 2, 3], "start", |s| {
+        s["shards_unassigned"] == 0 && names(&s["voters"]).len() == 3
+    });
+    assert_eq!(names(&status["voters"]), ["n0", "n1", "n2"]);
+    let admin = c.nodes[0].ports.admin;
+    let p = get_json(admin, "/placement?conv=bob").unwrap();
+    let shard = p["shard"].as_u64().unwrap();
+    // Forcing a shard that is served is refused: there is nothing to recover.
+    let (code, body) = http_post(admin, &format!("/shard/force?shard={shard}&to=n1")).unwrap();
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = http_post(admin, "/shard/force?shard=999999999&to=n1").unwrap();
+    assert_eq!(code, 400, "{body}");
+    // The CLI asks for confirmation before it sends anything.
+    let out = Command::new(botclaw_bin())
+        .args(["shard", "force", "--admin", &admin.to_string(), "--shard", "1", "--to", "n1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes-lose-turns"));
+
+    // n2 and n3 die: the shards only they held are unavailable (never restarted empty);
+    // the controller keeps two of its three voters and goes on.
+    c.nodes[3].kill9();
+    c.nodes[2].kill9();
+    let status = wait_agreed(&c, &[0, 1], "two killed", |s| {
+        s["shards_unavailable"].as_u64() > Some(0) && s["leader"].is_string()
+    });
+    let shard = status["unavailable"][0].as_u64().expect("an unavailable shard listed");
+    let p = get_json(admin, &format!("/placement?shard={shard}")).unwrap();
+    assert_eq!(p["state"], "unavailable", "{p:#}");
+    assert!(p["owner"].is_null(), "{p:#}");
+    // The last in-sync member is remembered (the shard waits for it), and it is dead.
+    let isr = names(&p["isr"]);
+    assert!(!isr.is_empty() && isr.iter().all(|n| n == "n2" || n == "n3"), "{p:#}");
+
+    // The operator forces it onto n1 (with the confirmation): it is served there.
+    let out = Command::new(botclaw_bin())
+        .args(["shard", "force", "--admin", &admin.to_string(), "--shard", &shard.to_string()])
+        .args(["--to", "n1", "--yes-lose-turns"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let forced = poll(SETTLE, || {
+        let p = get_json(c.nodes[1].ports.admin, &format!("/placement?shard={shard}"))?;
+        (p["owner"] == "n1").then_some(p)
+    });
+    assert!(forced.is_some(), "shard {shard} not forced onto n1\n{}", c.logs());
+    assert!(c.logs().contains("AUDIT operator forces"), "no audit line");
+}
