@@ -280,6 +280,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     // The store first: a bad state file stops the node before anything else starts.
     let conv_metrics = metrics.conversations.clone();
     let limits = StoreLimits {
+        shard_count: cfg.placement.shard_count,
         turns_kept_max: cfg.conversations.turns_kept_max,
         group_commit_max: cfg.store.group_commit_max,
         queue_max: cfg.store.queue_max,
@@ -289,7 +290,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         check_other_engine(dir, cfg.store.engine)?;
     }
     let store: Arc<dyn StateStore> = match (cfg.store.ephemeral, cfg.store.engine) {
-        (true, _) => Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max)),
+        (true, _) => {
+            Arc::new(MemoryStore::new(cfg.conversations.turns_kept_max, cfg.placement.shard_count))
+        }
         (false, StoreEngine::Fjall) => Arc::new(FjallStore::open(dir, limits, m)?),
         (false, StoreEngine::Redb) => Arc::new(RedbStore::open(dir, limits, m)?),
     };

@@ -87,6 +87,10 @@ pub trait StateStore: Send + Sync + 'static {
         op: StoreOp,
     ) -> BoxFuture<'a, Result<StoreTicket, StoreError>>;
 
+    /// Every conversation of `shard` this store holds (one scan: rows are grouped by
+    /// shard), to stream the shard to a new replica.
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>>;
+
     /// Submits and waits for durability.
     fn execute<'a>(
         &'a self,
@@ -138,12 +142,13 @@ pub fn apply_op(
 pub struct MemoryStore {
     conversations: DashMap<String, Stored, Xxh3Builder>,
     turns_kept_max: usize,
+    shard_count: u32,
 }
 
 impl MemoryStore {
-    pub fn new(turns_kept_max: usize) -> Self {
+    pub fn new(turns_kept_max: usize, shard_count: u32) -> Self {
         let hasher = Xxh3Builder::new().with_seed(crate::host::random_seed());
-        MemoryStore { conversations: DashMap::with_hasher(hasher), turns_kept_max }
+        MemoryStore { conversations: DashMap::with_hasher(hasher), turns_kept_max, shard_count }
     }
 
     fn apply(&self, conv: &str, op: StoreOp) -> Result<StoreAnswer, StoreError> {
@@ -169,5 +174,18 @@ impl StateStore for MemoryStore {
             let ticket: StoreTicket = Box::pin(std::future::ready(self.apply(conv, op)));
             Ok(ticket)
         })
+    }
+
+    /// A scan of every conversation (memory has no shard order; tests and ephemeral nodes).
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+        let of = |conv: &str| botclaw_core::placement::shard_of(conv, self.shard_count);
+        let mut out: Vec<(String, Stored)> = self
+            .conversations
+            .iter()
+            .filter(|e| of(e.key()) == shard)
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Box::pin(std::future::ready(Ok(out)))
     }
 }

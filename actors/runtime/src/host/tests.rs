@@ -55,6 +55,10 @@ impl StateStore for GatedStore {
             Ok(ticket)
         })
     }
+
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+        self.inner.load_shard(shard)
+    }
 }
 
 async fn host(store: Arc<GatedStore>) -> ConversationHost {
@@ -94,7 +98,7 @@ fn turn_of(o: &ConvOutcome) -> u64 {
 
 #[tokio::test]
 async fn replies_wait_for_durability_and_retries_too() {
-    let store = Arc::new(GatedStore { inner: MemoryStore::new(64), gates: Mutex::default() });
+    let store = Arc::new(GatedStore { inner: MemoryStore::new(64, 1024), gates: Mutex::default() });
     let host = host(store.clone()).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     say(&host, "1", &tx);
@@ -123,7 +127,7 @@ async fn replies_wait_for_durability_and_retries_too() {
 
 #[tokio::test]
 async fn a_refused_commit_fails_what_waits_and_restarts_from_the_store() {
-    let store = Arc::new(GatedStore { inner: MemoryStore::new(64), gates: Mutex::default() });
+    let store = Arc::new(GatedStore { inner: MemoryStore::new(64, 1024), gates: Mutex::default() });
     let host = host(store.clone()).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     say(&host, "1", &tx);
@@ -155,7 +159,7 @@ async fn a_refused_commit_fails_what_waits_and_restarts_from_the_store() {
 /// are passed on, in order, to the node's routing; none is answered `unavailable`.
 #[tokio::test]
 async fn a_relinquished_conversation_finishes_its_turn_and_passes_the_rest_on() {
-    let store = Arc::new(GatedStore { inner: MemoryStore::new(64), gates: Mutex::default() });
+    let store = Arc::new(GatedStore { inner: MemoryStore::new(64, 1024), gates: Mutex::default() });
     let host = host(store.clone()).await;
     let passed = Arc::new(Mutex::new(Vec::new()));
     let sink = passed.clone();

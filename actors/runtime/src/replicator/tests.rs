@@ -57,7 +57,7 @@ impl Peers for NetPeers {
 
 fn node(net: &Arc<Net>, name: &'static str, route: Vec<&'static str>) -> Arc<Replicator> {
     let peers = NetPeers { me: Arc::from(name), net: net.clone() };
-    let store = Arc::new(MemoryStore::new(64));
+    let store = Arc::new(MemoryStore::new(64, 1024));
     let r = Replicator::start(store, Arc::new(peers), 2, 64, ConversationMetrics::default());
     net.nodes.lock().unwrap().insert(name.into(), r.clone());
     net.routes.lock().unwrap().insert(name.into(), route);

@@ -2,8 +2,8 @@
 //! group-commit writer.
 //!
 //! Layout (both engines): a meta row per conversation (bot, bot state, version, promised
-//! epoch) and one row per kept turn, keyed (id length, id, turn) so a conversation's turns
-//! are one contiguous, ordered range. A write adds one turn row, drops the one that fell
+//! epoch) and one row per kept turn, keyed (shard, id length, id, turn) so a shard's rows
+//! and a conversation's turns are each one contiguous, ordered range (see [`Layout`]). A write adds one turn row, drops the one that fell
 //! out of the window and rewrites the small meta row, so its cost does not grow with
 //! history.
 //!
@@ -31,21 +31,61 @@ pub(crate) struct Meta {
     pub replica: Replica,
 }
 
-/// Key of one turn row.
-pub(crate) fn turn_key(conv: &str, turn: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(conv.len() + 10);
-    key.extend_from_slice(&(conv.len() as u16).to_be_bytes());
-    key.extend_from_slice(conv.as_bytes());
-    key.extend_from_slice(&turn.to_be_bytes());
-    key
+/// Row keys, grouped by shard: every key starts with the conversation's shard (u32, big
+/// endian), so one shard's meta rows, and its turn rows, are each one contiguous range (a
+/// shard streams to a new replica in one scan). A turn key then holds the id's length, the
+/// id and the turn, so a conversation's turns are one ordered range within its shard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub shard_count: u32,
 }
 
-/// The key prefix of every turn row of `conv`.
-pub(crate) fn turns_prefix(conv: &str) -> Vec<u8> {
-    let mut key = turn_key(conv, 0);
-    key.truncate(key.len() - 8);
-    key
+impl Layout {
+    pub fn shard(&self, conv: &str) -> u32 {
+        botclaw_core::placement::shard_of(conv, self.shard_count)
+    }
+
+    /// Key of a conversation's meta row.
+    pub fn meta(&self, conv: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(conv.len() + 4);
+        key.extend_from_slice(&self.shard(conv).to_be_bytes());
+        key.extend_from_slice(conv.as_bytes());
+        key
+    }
+
+    /// Key of one turn row.
+    pub fn turn(&self, conv: &str, turn: u64) -> Vec<u8> {
+        let mut key = Vec::with_capacity(conv.len() + 14);
+        key.extend_from_slice(&self.shard(conv).to_be_bytes());
+        key.extend_from_slice(&(conv.len() as u16).to_be_bytes());
+        key.extend_from_slice(conv.as_bytes());
+        key.extend_from_slice(&turn.to_be_bytes());
+        key
+    }
+
+    /// The key prefix of every turn row of `conv`.
+    pub fn turns_prefix(&self, conv: &str) -> Vec<u8> {
+        let mut key = self.turn(conv, 0);
+        key.truncate(key.len() - 8);
+        key
+    }
+
+    /// The key prefix of every row of `shard` (meta and turn rows alike).
+    pub fn shard_prefix(shard: u32) -> [u8; 4] {
+        shard.to_be_bytes()
+    }
+
+    /// The conversation a meta key names.
+    pub fn conv_of_meta(key: &[u8]) -> Result<String, String> {
+        let id = key.get(4..).ok_or_else(|| format!("meta key of {} bytes", key.len()))?;
+        String::from_utf8(id.to_vec()).map_err(|_| "meta key is not UTF-8".to_string())
+    }
 }
+
+/// What a data directory written before rows were grouped by shard is told.
+pub(crate) const OLD_LAYOUT: &str = "holds conversations in the layout before rows were grouped by shard \
+     (botclaw before the placement controller), which this version cannot read; start this node \
+     with an empty data directory (move this one away; upgrading a cluster in place is not supported)";
 
 pub(crate) fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{what} {}: {e}", path.display()))
@@ -172,6 +212,8 @@ impl Drop for Writer {
 /// Bounds of a durable store.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreLimits {
+    /// The cluster's shard count (row keys start with the shard).
+    pub shard_count: u32,
     /// Turns kept per conversation (history and retry window).
     pub turns_kept_max: usize,
     /// Most ops in one group commit (one fsync).

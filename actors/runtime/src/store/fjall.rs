@@ -24,8 +24,8 @@ use botclaw_core::conversation::{ConversationState, TurnRecord};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::durable::{
-    decode_meta, err, plan, turn_key, turns_prefix, Engine, GroupTimes, Meta, Stopwatch,
-    StoreLimits, Writer,
+    decode_meta, err, plan, Engine, GroupTimes, Layout, Meta, Stopwatch, StoreLimits, Writer,
+    OLD_LAYOUT,
 };
 use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
@@ -39,11 +39,18 @@ pub const DURABLE_FILE: &str = "state.fjall.durable";
 /// Key (in the `store` keyspace) of the number of the last group committed.
 const GROUPS_KEY: &str = "groups";
 
+/// Keyspaces of the rows, keyed by shard first (see [`Layout`]).
+const META: &str = "shard_meta";
+const TURNS: &str = "shard_turns";
+/// The meta keyspace of the layout before rows were grouped by shard.
+const OLD_META: &str = "meta";
+
 /// Block cache of the store.
 const CACHE_BYTES: u64 = 16 << 20;
 
 #[derive(Clone)]
 struct Tables {
+    layout: Layout,
     db: Database,
     meta: Keyspace,
     turns: Keyspace,
@@ -101,13 +108,17 @@ impl FjallStore {
             .cache_size(CACHE_BYTES)
             .open()
             .map_err(|e| err(&path, "cannot open state directory", e))?;
+        if db.keyspace_exists(OLD_META) {
+            return Err(err(&path, "refusing to start:", OLD_LAYOUT));
+        }
         let keyspace = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|e| err(&path, "bad state directory", e))
         };
         let tables = Tables {
-            meta: keyspace("meta")?,
-            turns: keyspace("turns")?,
+            layout: Layout { shard_count: limits.shard_count },
+            meta: keyspace(META)?,
+            turns: keyspace(TURNS)?,
             store: keyspace("store")?,
             db: db.clone(),
         };
@@ -132,21 +143,48 @@ impl FjallStore {
     }
 
     fn load_blocking(t: &Tables, path: &Path, conv: &str) -> Result<Option<Stored>, StoreError> {
-        let Some(meta) = t.meta.get(conv).map_err(|e| err(path, "cannot read", e))? else {
+        let key = t.layout.meta(conv);
+        let Some(meta) = t.meta.get(&key).map_err(|e| err(path, "cannot read", e))? else {
             return Ok(None);
         };
         let meta = decode_meta(conv, &meta).map_err(|e| err(path, "corrupt", e))?;
+        Self::turns_blocking(t, path, conv, meta).map(Some)
+    }
+
+    fn turns_blocking(
+        t: &Tables,
+        path: &Path,
+        conv: &str,
+        meta: Meta,
+    ) -> Result<Stored, StoreError> {
         let mut state = ConversationState::default();
         (state.bot, state.bot_state, state.turn) =
             (meta.bot, meta.bot_state, meta.replica.version.turn);
-        for row in t.turns.prefix(turns_prefix(conv)) {
+        for row in t.turns.prefix(t.layout.turns_prefix(conv)) {
             let value = row.value().map_err(|e| err(path, "cannot read", e))?;
             let record: TurnRecord = postcard::from_bytes(&value)
                 .map_err(|e| err(path, &format!("corrupt turn of {conv:?} in"), e))?;
             state.turns.push_back(Arc::new(record));
         }
         state.reindex();
-        Ok(Some(Stored { state, replica: meta.replica }))
+        Ok(Stored { state, replica: meta.replica })
+    }
+
+    /// Every conversation of `shard`, by one scan of its meta rows.
+    fn shard_blocking(
+        t: &Tables,
+        path: &Path,
+        shard: u32,
+    ) -> Result<Vec<(String, Stored)>, StoreError> {
+        let mut out = Vec::new();
+        for row in t.meta.prefix(Layout::shard_prefix(shard)) {
+            let (key, value) = row.into_inner().map_err(|e| err(path, "cannot read", e))?;
+            let conv = Layout::conv_of_meta(&key).map_err(|e| err(path, "corrupt", e))?;
+            let meta = decode_meta(&conv, &value).map_err(|e| err(path, "corrupt", e))?;
+            let stored = Self::turns_blocking(t, path, &conv, meta)?;
+            out.push((conv, stored));
+        }
+        Ok(out)
     }
 }
 
@@ -181,7 +219,8 @@ impl<'t> GroupBatch<'t> {
         if let Some(bytes) = self.metas.get(conv) {
             return Ok(Some(decode_meta(conv, bytes)));
         }
-        Ok(self.tables.meta.get(conv)?.map(|bytes| decode_meta(conv, &bytes)))
+        let key = self.tables.layout.meta(conv);
+        Ok(self.tables.meta.get(key)?.map(|bytes| decode_meta(conv, &bytes)))
     }
 
     /// Adds one op's rows to the batch.
@@ -205,17 +244,17 @@ impl<'t> GroupBatch<'t> {
             if p.clear_turns {
                 // The scan must see this group's earlier rows of the conversation.
                 self.flush()?;
-                for row in t.turns.prefix(turns_prefix(conv)) {
+                for row in t.turns.prefix(t.layout.turns_prefix(conv)) {
                     self.batch.remove(&t.turns, row.key()?);
                 }
             }
             for (turn, record) in p.put_turns {
-                self.batch.insert(&t.turns, turn_key(conv, turn), record);
+                self.batch.insert(&t.turns, t.layout.turn(conv, turn), record);
             }
             if let Some(turn) = p.remove_turn {
-                self.batch.remove(&t.turns, turn_key(conv, turn));
+                self.batch.remove(&t.turns, t.layout.turn(conv, turn));
             }
-            self.batch.insert(&t.meta, conv, p.meta.as_slice());
+            self.batch.insert(&t.meta, t.layout.meta(conv), p.meta.as_slice());
             self.metas.insert(conv.to_string(), p.meta);
         }
         Ok(Ok(p.answer.expect("a plan always answers")))
@@ -266,5 +305,14 @@ impl StateStore for FjallStore {
         op: StoreOp,
     ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
         self.writer.submit(conv, op)
+    }
+
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+        Box::pin(async move {
+            let (t, path) = (self.tables.clone(), self.writer.path().to_path_buf());
+            tokio::task::spawn_blocking(move || FjallStore::shard_blocking(&t, &path, shard))
+                .await
+                .map_err(|e| StoreError(format!("shard load task failed: {e}")))?
+        })
     }
 }

@@ -6,22 +6,27 @@ use std::path::Path;
 use std::sync::Arc;
 
 use botclaw_core::conversation::{ConversationState, TurnRecord};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::durable::{
-    decode_meta, err, plan, turn_key, Engine, GroupTimes, Stopwatch, StoreLimits, Writer,
+    decode_meta, err, plan, Engine, GroupTimes, Layout, Meta, Stopwatch, StoreLimits, Writer,
+    OLD_LAYOUT,
 };
 use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
 use crate::metrics::ConversationMetrics;
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("conversation_meta");
-const TURNS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conversation_turns");
+/// Rows keyed by shard first (see [`Layout`]).
+const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("shard_meta");
+const TURNS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("shard_turns");
+/// The meta table of the layout before rows were grouped by shard.
+const OLD_META: &str = "conversation_meta";
 
 /// The file a node's state lives in.
 pub const STATE_FILE: &str = "state.redb";
 
 pub struct RedbStore {
     db: Arc<Database>,
+    layout: Layout,
     writer: Writer,
 }
 
@@ -41,25 +46,52 @@ impl RedbStore {
     ) -> Result<RedbStore, StoreError> {
         let path = dir.join(STATE_FILE);
         let db = Database::create(&path).map_err(|e| err(&path, "cannot open state file", e))?;
+        let old = {
+            let txn = db.begin_read().map_err(|e| err(&path, "cannot read state file", e))?;
+            let tables = txn.list_tables().map_err(|e| err(&path, "bad state file", e))?;
+            let old = tables.into_iter().any(|t| t.name() == OLD_META);
+            old
+        };
+        if old {
+            return Err(err(&path, "refusing to start:", OLD_LAYOUT));
+        }
         // Create the tables up front, so reads of a fresh store find them.
         let txn = db.begin_write().map_err(|e| err(&path, "cannot write state file", e))?;
         txn.open_table(META).map_err(|e| err(&path, "bad state file", e))?;
         txn.open_table(TURNS).map_err(|e| err(&path, "bad state file", e))?;
         txn.commit().map_err(|e| err(&path, "cannot write state file", e))?;
         let db = Arc::new(db);
-        let writer = Writer::start(RedbEngine { db: db.clone() }, path, limits, metrics)?;
-        Ok(RedbStore { db, writer })
+        let layout = Layout { shard_count: limits.shard_count };
+        let writer = Writer::start(RedbEngine { db: db.clone(), layout }, path, limits, metrics)?;
+        Ok(RedbStore { db, layout, writer })
     }
 
-    fn load_blocking(db: &Database, path: &Path, conv: &str) -> Result<Option<Stored>, StoreError> {
+    fn load_blocking(
+        db: &Database,
+        layout: Layout,
+        path: &Path,
+        conv: &str,
+    ) -> Result<Option<Stored>, StoreError> {
         let txn = db.begin_read().map_err(|e| err(path, "cannot read", e))?;
         let meta_table = txn.open_table(META).map_err(|e| err(path, "cannot read", e))?;
-        let Some(meta) = meta_table.get(conv).map_err(|e| err(path, "cannot read", e))? else {
+        let key = layout.meta(conv);
+        let Some(meta) = meta_table.get(key.as_slice()).map_err(|e| err(path, "cannot read", e))?
+        else {
             return Ok(None);
         };
         let meta = decode_meta(conv, meta.value()).map_err(|e| err(path, "corrupt", e))?;
         let turns_table = txn.open_table(TURNS).map_err(|e| err(path, "cannot read", e))?;
-        let (start, end) = (turn_key(conv, 0), turn_key(conv, u64::MAX));
+        Self::turns_of(&turns_table, layout, path, conv, meta).map(Some)
+    }
+
+    fn turns_of(
+        turns_table: &redb::ReadOnlyTable<&[u8], &[u8]>,
+        layout: Layout,
+        path: &Path,
+        conv: &str,
+        meta: Meta,
+    ) -> Result<Stored, StoreError> {
+        let (start, end) = (layout.turn(conv, 0), layout.turn(conv, u64::MAX));
         let mut state = ConversationState::default();
         (state.bot, state.bot_state, state.turn) =
             (meta.bot, meta.bot_state, meta.replica.version.turn);
@@ -73,12 +105,38 @@ impl RedbStore {
             state.turns.push_back(Arc::new(record));
         }
         state.reindex();
-        Ok(Some(Stored { state, replica: meta.replica }))
+        Ok(Stored { state, replica: meta.replica })
+    }
+
+    /// Every conversation of `shard`, by one range scan of its meta rows.
+    fn shard_blocking(
+        db: &Database,
+        layout: Layout,
+        path: &Path,
+        shard: u32,
+    ) -> Result<Vec<(String, Stored)>, StoreError> {
+        let txn = db.begin_read().map_err(|e| err(path, "cannot read", e))?;
+        let meta_table = txn.open_table(META).map_err(|e| err(path, "cannot read", e))?;
+        let turns_table = txn.open_table(TURNS).map_err(|e| err(path, "cannot read", e))?;
+        let start = Layout::shard_prefix(shard);
+        let mut out = Vec::new();
+        for row in meta_table.range(start.as_slice()..).map_err(|e| err(path, "cannot read", e))? {
+            let (key, value) = row.map_err(|e| err(path, "cannot read", e))?;
+            if !key.value().starts_with(&start) {
+                break;
+            }
+            let conv = Layout::conv_of_meta(key.value()).map_err(|e| err(path, "corrupt", e))?;
+            let meta = decode_meta(&conv, value.value()).map_err(|e| err(path, "corrupt", e))?;
+            let stored = Self::turns_of(&turns_table, layout, path, &conv, meta)?;
+            out.push((conv, stored));
+        }
+        Ok(out)
     }
 }
 
 struct RedbEngine {
     db: Arc<Database>,
+    layout: Layout,
 }
 
 impl Engine for RedbEngine {
@@ -94,7 +152,8 @@ impl Engine for RedbEngine {
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
             let mut turns = txn.open_table(TURNS).map_err(|e| e.to_string())?;
             for (conv, op) in ops {
-                let stored = match meta.get(conv.as_str()).map_err(|e| e.to_string())? {
+                let meta_key = self.layout.meta(&conv);
+                let stored = match meta.get(meta_key.as_slice()).map_err(|e| e.to_string())? {
                     Some(bytes) => match decode_meta(&conv, bytes.value()) {
                         Ok(m) => Some(m),
                         Err(e) => {
@@ -113,21 +172,22 @@ impl Engine for RedbEngine {
                 };
                 let storage = |e: redb::StorageError| e.to_string();
                 if p.clear_turns {
-                    let (start, end) = (turn_key(&conv, 0), turn_key(&conv, u64::MAX));
+                    let (start, end) =
+                        (self.layout.turn(&conv, 0), self.layout.turn(&conv, u64::MAX));
                     turns
                         .retain_in(start.as_slice()..=end.as_slice(), |_, _| false)
                         .map_err(storage)?;
                 }
                 for (turn, record) in &p.put_turns {
                     turns
-                        .insert(turn_key(&conv, *turn).as_slice(), record.as_slice())
+                        .insert(self.layout.turn(&conv, *turn).as_slice(), record.as_slice())
                         .map_err(storage)?;
                 }
                 if let Some(turn) = p.remove_turn {
-                    turns.remove(turn_key(&conv, turn).as_slice()).map_err(storage)?;
+                    turns.remove(self.layout.turn(&conv, turn).as_slice()).map_err(storage)?;
                 }
                 if !p.meta.is_empty() {
-                    meta.insert(conv.as_str(), p.meta.as_slice()).map_err(storage)?;
+                    meta.insert(meta_key.as_slice(), p.meta.as_slice()).map_err(storage)?;
                 }
                 results.push(Ok(p.answer.expect("a plan always answers")));
             }
@@ -143,7 +203,8 @@ impl StateStore for RedbStore {
         Box::pin(async move {
             let (db, path, conv) =
                 (self.db.clone(), self.writer.path().to_path_buf(), conv.to_string());
-            tokio::task::spawn_blocking(move || RedbStore::load_blocking(&db, &path, &conv))
+            let layout = self.layout;
+            tokio::task::spawn_blocking(move || RedbStore::load_blocking(&db, layout, &path, &conv))
                 .await
                 .map_err(|e| StoreError(format!("state load task failed: {e}")))?
         })
@@ -155,5 +216,17 @@ impl StateStore for RedbStore {
         op: StoreOp,
     ) -> BoxFuture<'a, Result<StoreTicket, StoreError>> {
         self.writer.submit(conv, op)
+    }
+
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+        Box::pin(async move {
+            let (db, path, layout) =
+                (self.db.clone(), self.writer.path().to_path_buf(), self.layout);
+            tokio::task::spawn_blocking(move || {
+                RedbStore::shard_blocking(&db, layout, &path, shard)
+            })
+            .await
+            .map_err(|e| StoreError(format!("shard load task failed: {e}")))?
+        })
     }
 }

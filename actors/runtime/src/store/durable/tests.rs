@@ -33,7 +33,7 @@ fn try_open(
 }
 
 fn limits(turns_kept_max: usize) -> StoreLimits {
-    StoreLimits { turns_kept_max, group_commit_max: 256, queue_max: 1024 }
+    StoreLimits { shard_count: 64, turns_kept_max, group_commit_max: 256, queue_max: 1024 }
 }
 
 fn open(kind: Kind, dir: &Path, kept: usize) -> Arc<dyn StateStore> {
@@ -309,5 +309,81 @@ async fn pipelined_writes_and_an_install_of_one_conversation_share_a_group() {
         drop(store);
         let reopened = open(kind, dir.path(), 4);
         assert_eq!(reopened.load("c").await.unwrap().unwrap().state, other, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_shard_loads_in_one_scan_with_exactly_its_conversations() {
+    use botclaw_core::placement::shard_of;
+    let memory: Arc<dyn StateStore> = Arc::new(crate::store::MemoryStore::new(8, 64));
+    let dir = tempfile::tempdir().unwrap();
+    let dirs = [dir.path().join("redb"), dir.path().join("fjall")];
+    dirs.iter().for_each(|d| std::fs::create_dir_all(d).unwrap());
+    let mut stores: Vec<Arc<dyn StateStore>> =
+        KINDS.iter().zip(&dirs).map(|(k, d)| open(*k, d, 8)).collect();
+    stores.push(memory);
+    // 200 conversations over 64 shards: some shards hold several, with different turns.
+    let convs: Vec<String> = (0..200).map(|i| format!("conv-{i}")).collect();
+    let target = shard_of(&convs[0], 64);
+    let mut expected: std::collections::BTreeMap<String, ConversationState> = Default::default();
+    for store in &stores {
+        for (i, conv) in convs.iter().enumerate() {
+            let mut state = ConversationState::default();
+            for t in 0..(1 + i % 3) {
+                let c = commit(&state, &format!("{conv}-{t}"));
+                store.execute(conv, write(c.clone())).await.unwrap();
+                state.apply(c, 8);
+            }
+            if shard_of(conv, 64) == target {
+                expected.insert(conv.clone(), state);
+            }
+        }
+    }
+    assert!(expected.len() >= 2, "the test needs a shard with several conversations");
+    for store in &stores {
+        let got: std::collections::BTreeMap<String, ConversationState> = store
+            .load_shard(target)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(conv, stored)| (conv, stored.state))
+            .collect();
+        assert_eq!(got, expected);
+    }
+}
+
+#[test]
+fn a_directory_of_the_per_conversation_layout_is_refused_with_a_clear_message() {
+    // fjall: the old layout's `meta` keyspace.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = ::fjall::Database::builder(dir.path().join(STATE_DIR)).open().unwrap();
+        let meta = db.keyspace("meta", ::fjall::KeyspaceCreateOptions::default).unwrap();
+        meta.insert("conv", b"x").unwrap();
+        db.persist(::fjall::PersistMode::SyncAll).unwrap();
+    }
+    let e = try_open(Kind::Fjall, dir.path(), 8, ConversationMetrics::default()).err().unwrap();
+    assert!(e.to_string().contains("layout before rows were grouped by shard"), "{e}");
+    assert!(e.to_string().contains(STATE_DIR), "names the directory: {e}");
+    // redb: the old layout's `conversation_meta` table.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = ::redb::Database::create(dir.path().join(STATE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: ::redb::TableDefinition<&str, &[u8]> =
+                ::redb::TableDefinition::new("conversation_meta");
+            txn.open_table(def).unwrap().insert("conv", b"x".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let e = try_open(Kind::Redb, dir.path(), 8, ConversationMetrics::default()).err().unwrap();
+    assert!(e.to_string().contains("layout before rows were grouped by shard"), "{e}");
+    assert!(e.to_string().contains(STATE_FILE), "names the file: {e}");
+    // A store of the current layout reopens.
+    let dir = tempfile::tempdir().unwrap();
+    for kind in KINDS {
+        drop(open(kind, dir.path(), 8));
+        drop(open(kind, dir.path(), 8));
     }
 }
