@@ -28,7 +28,8 @@ async fn clients(c: &Cluster) -> Vec<Arc<Client>> {
     out
 }
 
-/// Waits until every node's placement agrees on the owner of `conv` and returns it.
+/// Waits until every node's placement agrees on the owner of `conv` (the one it routes to)
+/// and returns it.
 fn agreed_owner(c: &Cluster, conv: &str) -> String {
     let owner = poll(Duration::from_secs(10), || {
         let owners: Vec<Value> = c
@@ -36,7 +37,7 @@ fn agreed_owner(c: &Cluster, conv: &str) -> String {
             .iter()
             .map(|n| {
                 get_json(n.ports.admin, &format!("/placement?conv={conv}"))
-                    .map(|v| v["owner"].clone())
+                    .map(|v| v["routed_owner"].clone())
             })
             .collect::<Option<_>>()?;
         (owners.iter().all(|o| *o == owners[0]) && owners[0].is_string()).then(|| owners[0].clone())

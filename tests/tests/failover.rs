@@ -344,7 +344,7 @@ fn skewed_load_is_rebalanced_without_losing_turns() {
         let (_, body) =
             http_get(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["owner"].as_str().unwrap().to_string()
+        v["routed_owner"].as_str().unwrap().to_string()
     };
     let mut picked: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for k in 0.. {
@@ -426,7 +426,7 @@ fn joining_node_takes_its_share_under_load() {
     let owned = (0..90)
         .filter(|k| {
             let path = format!("/placement?conv=join-{k}");
-            http_get(c.nodes[0].ports.admin, &path).is_some_and(|(_, b)| b.contains("\"n3\""))
+            get_json(c.nodes[0].ports.admin, &path).is_some_and(|v| v["routed_owner"] == "n3")
         })
         .count();
     let refused = unavailable_answers(&c);
