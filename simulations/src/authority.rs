@@ -60,6 +60,10 @@ pub struct AuthorityConfig {
     /// Test hook: an unavailable shard is forced onto a live member, as view-based acquire
     /// did (the checker must report the loss).
     pub force_unavailable: bool,
+    pub ownership: OwnershipConfig,
+    /// Ownership messages (writes, acknowledgements, streams, proposals) lost, in
+    /// thousandths; Raft and gossip keep their own settings.
+    pub own_loss_permille: u32,
 }
 
 impl Default for AuthorityConfig {
@@ -81,6 +85,8 @@ impl Default for AuthorityConfig {
             store_ms: (1, 3),
             reads_percent: 10,
             force_unavailable: false,
+            ownership: OwnershipConfig::default(),
+            own_loss_permille: 0,
         }
     }
 }
@@ -99,6 +105,11 @@ pub struct AuthorityReport {
     pub leader_changes: u64,
     /// Shards without an owner now.
     pub unavailable_shards: usize,
+    /// Ownership messages the network lost (`own_loss_permille`).
+    pub messages_lost: u64,
+    /// Writes on running nodes neither acknowledged nor failed 5 s after they were
+    /// submitted (a client would have timed out).
+    pub writes_stuck: usize,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
 }
@@ -119,6 +130,8 @@ struct Node {
     store_queue: VecDeque<(u64, Effect<Write>)>,
     /// Writes this node's machine numbered: seq -> write.
     seqs: BTreeMap<u64, Write>,
+    /// When each write in `seqs` was submitted (ms).
+    seq_at: BTreeMap<u64, u64>,
 }
 
 enum Wire {
@@ -240,6 +253,7 @@ impl Authority {
             store: BTreeMap::new(),
             store_queue: VecDeque::new(),
             seqs: BTreeMap::new(),
+            seq_at: BTreeMap::new(),
         });
         self.start(i);
     }
@@ -258,6 +272,7 @@ impl Authority {
         n.running = true;
         n.store_queue.clear();
         n.seqs.clear();
+        n.seq_at.clear();
         n.ownership = None;
         let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
@@ -363,6 +378,10 @@ impl Authority {
         let mut r = self.report.clone();
         r.writes_acknowledged = self.acked_count;
         r.unavailable_shards = self.replayed.unavailable().count();
+        let old = self.now_ms.saturating_sub(5_000);
+        r.writes_stuck = (self.nodes.iter().filter(|n| n.running))
+            .map(|n| n.seq_at.values().filter(|at| **at < old).count())
+            .sum();
         r
     }
 
@@ -421,6 +440,11 @@ impl Authority {
         if !self.nodes[to].running
             || !self.net.reachable(self.nodes[from].addr, self.nodes[to].addr)
         {
+            return;
+        }
+        let lossy = !matches!(wire, Wire::Raft(_));
+        if lossy && self.rng.random_range(0..1000) < self.cfg.own_loss_permille {
+            self.report.messages_lost += 1;
             return;
         }
         let (lo, hi) = self.cfg.latency_ms;
@@ -482,7 +506,7 @@ impl Authority {
         }
         let Some(c) = n.controller.as_ref() else { return };
         let Some(ix) = c.map().member_ix(&n.name) else { return };
-        let mut o = Ownership::new(ix, n.incarnation, OwnershipConfig::default());
+        let mut o = Ownership::new(ix, n.incarnation, self.cfg.ownership.clone());
         o.map_applied(c.map(), 0..self.cfg.shards);
         n.ownership = Some(o);
     }
@@ -553,6 +577,7 @@ impl Authority {
                     }
                 }
                 Effect::Release { seq, .. } => {
+                    self.nodes[i].seq_at.remove(&seq);
                     if let Some(w) = self.nodes[i].seqs.remove(&seq) {
                         if self.acked.entry(w.0).or_default().insert(w.1) {
                             self.acked_count += 1;
@@ -565,6 +590,7 @@ impl Authority {
                     if self.reads.remove(&(i, seq)).is_some() {
                         self.report.reads_failed += 1;
                     } else if self.nodes[i].seqs.remove(&seq).is_some() {
+                        self.nodes[i].seq_at.remove(&seq);
                         self.report.writes_failed += 1;
                     }
                 }
@@ -722,6 +748,7 @@ impl Authority {
         self.next_write += 1;
         if let Ok(seq) = machine.submit(shard, w) {
             self.nodes[o].seqs.insert(seq, w);
+            self.nodes[o].seq_at.insert(seq, self.now_ms);
         }
         self.drain(o);
     }

@@ -133,6 +133,11 @@ pub struct OwnershipConfig {
     /// shorter than the failure detector can declare it down (before which no new owner
     /// can be appointed), so a cut-off owner stops reading before a new one writes.
     pub read_lease_ticks: u64,
+    /// Ticks a write may wait for one member's acknowledgement (a lost message, a stalled
+    /// or partitioned member that the failure detector still sees up) before the owner
+    /// proposes to drop that member from the shard (Kafka's ISR shrink); the planner later
+    /// brings it back as a learner, which catches up afresh.
+    pub ack_patience_ticks: u64,
 }
 
 impl Default for OwnershipConfig {
@@ -142,6 +147,7 @@ impl Default for OwnershipConfig {
             propose_every_ticks: 10,
             catch_up_patience_ticks: 50,
             read_lease_ticks: 10,
+            ack_patience_ticks: 30,
         }
     }
 }
@@ -152,6 +158,8 @@ struct Pending {
     epoch: u64,
     local: bool,
     waiting: BTreeSet<MemberIx>,
+    /// The tick it was submitted (see `ack_patience_ticks`).
+    since: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -188,6 +196,9 @@ struct Owned {
     pending: BTreeMap<Seq, Pending>,
     /// Reads waiting for the writes submitted before them.
     reads: BTreeSet<Seq>,
+    /// Members whose removal this owner proposed, and when (re-proposed every
+    /// `propose_every_ticks` while they hold writes up).
+    shrinking: BTreeMap<MemberIx, u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -286,6 +297,7 @@ impl<P: Clone> Ownership<P> {
             learners: BTreeMap::new(),
             pending: BTreeMap::new(),
             reads: BTreeSet::new(),
+            shrinking: BTreeMap::new(),
         });
         o.epoch = e.epoch;
         o.learners.retain(|m, _| e.learners.contains(*m));
@@ -331,7 +343,7 @@ impl<P: Clone> Ownership<P> {
         self.next += 1;
         let caught_up = o.learners.iter().filter(|(_, l)| l.proposed_at.is_some()).map(|(m, _)| *m);
         let waiting: BTreeSet<MemberIx> = o.isr.iter().copied().chain(caught_up).collect();
-        o.pending.insert(seq, Pending { epoch: o.epoch, local: false, waiting });
+        o.pending.insert(seq, Pending { epoch: o.epoch, local: false, waiting, since: self.ticks });
         let epoch = o.epoch;
         self.out.push_back(Effect::Persist { shard, epoch, seq, payload: payload.clone() });
         for &to in &o.isr {
@@ -486,6 +498,28 @@ impl<P: Clone> Ownership<P> {
                 if l.proposed_at.is_some_and(|at| now - at >= every) {
                     l.proposed_at = Some(now);
                     again.push(promote(shard, o.epoch, m, *next));
+                }
+            }
+        }
+        // A member that holds a write up past the patience is dropped from the shard.
+        let patience = self.cfg.ack_patience_ticks.max(1);
+        for (&shard, o) in &mut self.owned {
+            let stalled: BTreeSet<MemberIx> = o
+                .pending
+                .values()
+                .filter(|p| now - p.since >= patience)
+                .flat_map(|p| p.waiting.iter().copied())
+                .collect();
+            o.shrinking.retain(|m, _| stalled.contains(m));
+            for m in stalled {
+                let due = o.shrinking.get(&m).is_none_or(|at| now - at >= every);
+                if due {
+                    o.shrinking.insert(m, now);
+                    again.push(MapCommand::Changes(vec![ShardChange::Remove {
+                        shard,
+                        epoch: o.epoch,
+                        member: m,
+                    }]));
                 }
             }
         }

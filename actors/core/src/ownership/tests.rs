@@ -573,3 +573,51 @@ fn writes_and_reads_waiting_on_a_shard_are_bounded() {
     assert_eq!(o.submit(0, (0, 3)), Err(Failure::Busy));
     assert_eq!(o.read(0), Err(Failure::Busy));
 }
+
+#[test]
+fn a_member_that_never_acknowledges_is_dropped_after_the_patience_and_writes_release() {
+    let cfg =
+        OwnershipConfig { ack_patience_ticks: 5, propose_every_ticks: 3, ..Default::default() };
+    let mut map = one_shard(&["a", "b"]);
+    let mut o = owner_of(&map, cfg.clone());
+    let w = o.submit(0, (0, 1)).unwrap();
+    o.persisted(0, 1, w);
+    // b's copy (or its acknowledgement) is lost: nothing is released, nothing proposed yet.
+    let proposals = |out: &[Effect<W>]| -> Vec<MapCommand> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Propose(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    for _ in 0..4 {
+        o.tick();
+    }
+    let out = effects(&mut o);
+    assert!(!out.iter().any(|e| matches!(e, Effect::Release { .. })));
+    assert!(proposals(&out).is_empty(), "{out:?}");
+    o.tick();
+    let remove = MapCommand::Changes(vec![ShardChange::Remove { shard: 0, epoch: 1, member: 1 }]);
+    assert_eq!(proposals(&effects(&mut o)), vec![remove.clone()]);
+    // Not again at once; again after propose_every_ticks while still stalled.
+    o.tick();
+    assert!(proposals(&effects(&mut o)).is_empty());
+    o.tick();
+    o.tick();
+    assert_eq!(proposals(&effects(&mut o)), vec![remove.clone()]);
+    // The controller commits it: the write is durable on every in-sync member left.
+    let applied = map.apply(&remove);
+    assert_eq!(applied.changed, vec![0]);
+    o.map_applied(&map, applied.changed);
+    assert_eq!(effects(&mut o), vec![Effect::Release { shard: 0, seq: w }]);
+    // A member that acknowledges in time is never proposed for removal.
+    let mut o = owner_of(&one_shard(&["a", "b"]), cfg);
+    for k in 0..20 {
+        let w = o.submit(0, (0, k)).unwrap();
+        o.persisted(0, 1, w);
+        o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w });
+        o.tick();
+    }
+    assert!(proposals(&effects(&mut o)).is_empty());
+}
