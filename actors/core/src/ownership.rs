@@ -66,6 +66,8 @@ pub enum Failure {
     /// A read on an owner that has not heard from the controller within its lease: a new
     /// owner may exist that this node does not know of.
     Fenced,
+    /// The local store failed or refused the write.
+    Store,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +397,16 @@ impl<P: Clone> Ownership<P> {
         let Some(o) = self.owned.get_mut(&shard) else { return };
         if let Some(p) = o.pending.get_mut(&seq).filter(|p| p.epoch == epoch) {
             p.local = true;
+        }
+        self.settle(shard);
+    }
+
+    /// The local store failed or refused write `seq`: it will not be acknowledged here.
+    pub fn persist_failed(&mut self, shard: ShardId, epoch: u64, seq: Seq) {
+        let Some(o) = self.owned.get_mut(&shard) else { return };
+        if o.pending.get(&seq).is_some_and(|p| p.epoch == epoch) {
+            o.pending.remove(&seq);
+            self.out.push_back(Effect::Fail { shard, seq, why: Failure::Store });
         }
         self.settle(shard);
     }

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod modules;
 pub mod replicator;
 pub mod router;
+pub mod shards;
 pub mod shared_cache;
 pub mod store;
 

@@ -1,0 +1,631 @@
+//! Replication by the controller's shard map: the effects of the pure ownership machine
+//! ([`botclaw_core::ownership`]) executed against the local store and the links.
+//!
+//! One task owns the machine. Conversation actors ask it to [`ShardReplicator::acquire`]
+//! a conversation (granted while the applied map names this node the shard's owner; the
+//! state is the local copy, which holds every acknowledged turn because this node is in the
+//! shard's in-sync set), to [`ShardReplicator::submit`] a turn (acknowledged once this
+//! node's store and every in-sync member hold it) and to [`ShardReplicator::read`] (answered
+//! once every earlier write is acknowledged, and only within the controller lease). Peers'
+//! messages arrive as [`PeerBatch`]es; a learner receives the shard's rows as a stream of
+//! chunks, installs them, then reports. The machine's outputs are executed in order:
+//! persist (the store's queue keeps their order), send (one batch per peer per round),
+//! release or fail a waiting caller, stream a shard, propose to the controller.
+//!
+//! Writes a learner receives before the stream that precedes them (they do not follow its
+//! stored copy yet) are parked and applied again once the stream is installed; a write
+//! that still does not apply is not acknowledged, and the owner drops the member after its
+//! patience (the planner brings it back to catch up afresh).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use botclaw_core::conversation::TurnCommit;
+use botclaw_core::ownership::{Effect, Failure, Msg, Ownership, OwnershipConfig, Seq};
+use botclaw_core::placement::{shard_of, ShardId};
+use botclaw_core::replication::{Epoch, Version};
+use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::envelope::FailKind;
+use crate::replicator::{Owned, Refusal, ReplicaTicket};
+use crate::store::{BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
+
+/// What the machine replicates: one store op of one conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    pub conv: String,
+    pub op: StoreOp,
+}
+
+/// One message between drivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    Own(Msg<Payload>),
+    /// Part of a shard's rows for a learner; the `last` part ends catch-up `attempt`.
+    Stream {
+        shard: ShardId,
+        attempt: Seq,
+        convs: Vec<(String, Stored)>,
+        last: bool,
+    },
+}
+
+/// What crosses a link: messages from `from`, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerBatch {
+    pub from: String,
+    pub msgs: Vec<PeerMsg>,
+}
+
+impl PeerBatch {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("peer batches encode")
+    }
+}
+
+/// What the driver needs from the node.
+pub trait ShardLinks: Send + Sync + 'static {
+    /// Sends one encoded [`PeerBatch`] to `peer` (a batch that cannot be delivered is lost;
+    /// the protocol recovers).
+    fn send(&self, peer: &str, bytes: Vec<u8>);
+    /// A command for the controller's leader.
+    fn propose(&self, command: MapCommand);
+    /// Whether this node heard from the controller's leader (or leads it) since the last
+    /// call (the read lease).
+    fn controller_heard(&self) -> bool;
+}
+
+/// Limits of the driver.
+#[derive(Debug, Clone)]
+pub struct ShardLimits {
+    pub shard_count: u32,
+    /// Requests and peers' batches waiting for the driver.
+    pub inbox_max: usize,
+    /// Bytes of one batch or stream chunk (well under the link's frame limit).
+    pub batch_bytes_max: usize,
+    /// Writes a learner keeps aside until its stream is installed.
+    pub parked_max: usize,
+    pub tick: Duration,
+    pub machine: OwnershipConfig,
+}
+
+enum Input {
+    Map(Arc<ShardMap>),
+    Acquire {
+        shard: ShardId,
+        done: oneshot::Sender<Result<u64, Failure>>,
+    },
+    Submit {
+        shard: ShardId,
+        payload: Payload,
+        accepted: oneshot::Sender<Result<(), Failure>>,
+        done: oneshot::Sender<Result<(), Failure>>,
+    },
+    Read {
+        shard: ShardId,
+        done: oneshot::Sender<Result<(), Failure>>,
+    },
+    Persisted {
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        ok: bool,
+    },
+    ReplicaPersisted {
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        from: MemberIx,
+        payload: Payload,
+        answer: Option<StoreAnswer>,
+    },
+    Peer(Vec<u8>),
+    Installed {
+        shard: ShardId,
+        attempt: Seq,
+        owner: MemberIx,
+        ok: bool,
+    },
+    Tick,
+}
+
+/// A handle on the driver.
+#[derive(Clone)]
+pub struct ShardReplicator {
+    inbox: mpsc::Sender<Input>,
+    store: Arc<dyn StateStore>,
+    shard_count: u32,
+    node_hash: u64,
+}
+
+impl std::fmt::Debug for ShardReplicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardReplicator").finish()
+    }
+}
+
+fn refusal(why: Failure) -> Refusal {
+    match why {
+        Failure::NotOwner => Refusal::moved("this node does not own the conversation's shard"),
+        Failure::Unavailable => Refusal::unavailable(
+            "every in-sync copy of this conversation's shard is gone; it is served again when one returns",
+        ),
+        Failure::Busy => Refusal {
+            kind: FailKind::Busy,
+            message: "too many turns waiting on this shard".into(),
+            moved: false,
+        },
+        Failure::Fenced => Refusal::unavailable(
+            "this node has not heard from the placement controller within its lease",
+        ),
+        Failure::Store => Refusal {
+            kind: FailKind::Internal,
+            message: "the local store refused the write".into(),
+            moved: false,
+        },
+    }
+}
+
+fn gone() -> Refusal {
+    Refusal::unavailable("the shard replicator stopped")
+}
+
+impl ShardReplicator {
+    /// Starts the driver of node `me` (incarnation `incarnation`).
+    pub fn start(
+        me: &str,
+        incarnation: u64,
+        store: Arc<dyn StateStore>,
+        links: Arc<dyn ShardLinks>,
+        limits: ShardLimits,
+    ) -> ShardReplicator {
+        let (inbox, rx) = mpsc::channel(limits.inbox_max.max(1));
+        let handle = ShardReplicator {
+            inbox: inbox.clone(),
+            store: store.clone(),
+            shard_count: limits.shard_count,
+            node_hash: xxhash_rust::xxh3::xxh3_64(me.as_bytes()),
+        };
+        let driver = Driver {
+            me: me.to_string(),
+            incarnation,
+            store,
+            links,
+            inbox: inbox.clone(),
+            limits,
+            machine: None,
+            map: Arc::new(ShardMap::new(0)),
+            waiting: HashMap::new(),
+            outbound: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            parked_len: 0,
+        };
+        let every = driver.limits.tick;
+        tokio::spawn(driver.run(rx));
+        let tick = handle.inbox.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            loop {
+                interval.tick().await;
+                if tick.send(Input::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+        handle
+    }
+
+    /// The map this node applied (call after every change).
+    pub fn map_applied(&self, map: Arc<ShardMap>) {
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move { inbox.send(Input::Map(map)).await });
+    }
+
+    /// A batch from a peer's driver.
+    pub fn peer(&self, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
+        self.inbox.try_send(Input::Peer(bytes)).map_err(|e| match e.into_inner() {
+            Input::Peer(b) => b,
+            _ => unreachable!("sent a peer batch"),
+        })
+    }
+
+    fn shard(&self, conv: &str) -> ShardId {
+        shard_of(conv, self.shard_count)
+    }
+
+    /// Takes a conversation this node owns by the map: its local copy, and the epoch its
+    /// writes carry.
+    pub async fn acquire(&self, conv: &str) -> Result<Owned, Refusal> {
+        let (done, rx) = oneshot::channel();
+        let shard = self.shard(conv);
+        self.inbox.send(Input::Acquire { shard, done }).await.map_err(|_| gone())?;
+        let entry_epoch = rx.await.map_err(|_| gone())?.map_err(refusal)?;
+        let stored = self
+            .store
+            .load(conv)
+            .await
+            .map_err(|e| Refusal {
+                kind: FailKind::Internal,
+                message: e.to_string(),
+                moved: false,
+            })?
+            .unwrap_or_default();
+        let mut state = stored.state;
+        state.reindex();
+        let epoch = Epoch { term: entry_epoch, node: self.node_hash };
+        // Never below what the store promised (an older owner of a higher term cannot
+        // exist: shard epochs only grow, but a copy installed from elsewhere may carry one).
+        let epoch = epoch.max(stored.replica.promised);
+        Ok(Owned { state, version: stored.replica.version, epoch })
+    }
+
+    /// Submits one turn; `Ok` once the owner accepted it (the ticket resolves when every
+    /// in-sync member holds it).
+    pub async fn submit(
+        &self,
+        conv: &str,
+        epoch: Epoch,
+        base: Version,
+        commit: TurnCommit,
+    ) -> Result<ReplicaTicket, Refusal> {
+        let (accepted, accepted_rx) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        let payload =
+            Payload { conv: conv.to_string(), op: StoreOp::Write { epoch, base, commit } };
+        let shard = self.shard(conv);
+        self.inbox
+            .send(Input::Submit { shard, payload, accepted, done })
+            .await
+            .map_err(|_| gone())?;
+        accepted_rx.await.map_err(|_| gone())?.map_err(refusal)?;
+        Ok(Box::pin(async move { done_rx.await.map_err(|_| gone())?.map_err(refusal) }))
+    }
+
+    /// Resolves once every write submitted before on this conversation's shard is
+    /// acknowledged (so a read sees them), while this node owns it within its lease.
+    pub fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            let shard = self.shard(conv);
+            self.inbox.send(Input::Read { shard, done }).await.map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())?.map_err(refusal)
+        })
+    }
+}
+
+struct Parked {
+    epoch: u64,
+    seq: Seq,
+    from: MemberIx,
+    payload: Payload,
+}
+
+struct Driver {
+    me: String,
+    incarnation: u64,
+    store: Arc<dyn StateStore>,
+    links: Arc<dyn ShardLinks>,
+    inbox: mpsc::Sender<Input>,
+    limits: ShardLimits,
+    machine: Option<Ownership<Payload>>,
+    map: Arc<ShardMap>,
+    waiting: HashMap<Seq, Waiting>,
+    /// Messages per peer, sent together at the end of a round.
+    outbound: BTreeMap<MemberIx, Vec<PeerMsg>>,
+    /// Writes a learner could not apply yet, per shard, oldest first.
+    parked: BTreeMap<ShardId, VecDeque<Parked>>,
+    parked_len: usize,
+}
+
+enum Waiting {
+    Write(oneshot::Sender<Result<(), Failure>>),
+    Read(oneshot::Sender<Result<(), Failure>>),
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        while let Some(input) = rx.recv().await {
+            self.handle(input).await;
+            // Everything already queued joins this round (one batch per peer).
+            while let Ok(input) = rx.try_recv() {
+                self.handle(input).await;
+            }
+            self.flush();
+        }
+    }
+
+    async fn handle(&mut self, input: Input) {
+        match input {
+            Input::Map(map) => self.map_applied(map),
+            Input::Acquire { shard, done } => {
+                let owns = self.machine.as_ref().is_some_and(|m| m.owns(shard));
+                let entry = self.map.shard(shard).copied().unwrap_or_default();
+                let _ = done.send(match () {
+                    () if owns => Ok(entry.epoch),
+                    () if entry.is_unavailable() => Err(Failure::Unavailable),
+                    () => Err(Failure::NotOwner),
+                });
+            }
+            Input::Submit { shard, payload, accepted, done } => {
+                let result = match self.machine.as_mut() {
+                    Some(m) => m.submit(shard, payload),
+                    None => Err(Failure::NotOwner),
+                };
+                match result {
+                    Ok(seq) => {
+                        self.waiting.insert(seq, Waiting::Write(done));
+                        let _ = accepted.send(Ok(()));
+                    }
+                    Err(why) => drop(accepted.send(Err(why))),
+                }
+            }
+            Input::Read { shard, done } => {
+                let result = match self.machine.as_mut() {
+                    Some(m) => m.read(shard),
+                    None => Err(Failure::NotOwner),
+                };
+                match result {
+                    Ok(seq) => drop(self.waiting.insert(seq, Waiting::Read(done))),
+                    Err(why) => drop(done.send(Err(why))),
+                }
+            }
+            Input::Persisted { shard, epoch, seq, ok } => {
+                if let Some(m) = self.machine.as_mut() {
+                    if ok {
+                        m.persisted(shard, epoch, seq);
+                    } else {
+                        m.persist_failed(shard, epoch, seq);
+                    }
+                }
+            }
+            Input::ReplicaPersisted { shard, epoch, seq, from, payload, answer } => match answer {
+                Some(StoreAnswer::Done { .. }) => {
+                    if let Some(m) = self.machine.as_mut() {
+                        m.replica_persisted(shard, epoch, seq, from);
+                    }
+                }
+                Some(StoreAnswer::Behind { .. }) => {
+                    self.park(shard, Parked { epoch, seq, from, payload })
+                }
+                // Stale (a newer owner wrote here) or a store error: not acknowledged.
+                _ => {}
+            },
+            Input::Peer(bytes) => self.peer(bytes).await,
+            Input::Installed { shard, attempt, owner, ok } => {
+                if ok {
+                    if let Some(m) = self.machine.as_mut() {
+                        m.stream_installed(shard, attempt, owner);
+                    }
+                }
+                // What arrived before the stream may apply now.
+                for p in self.parked.remove(&shard).unwrap_or_default() {
+                    self.parked_len -= 1;
+                    self.persist_replica(shard, p.epoch, p.seq, p.from, p.payload).await;
+                }
+            }
+            Input::Tick => {
+                let heard = self.links.controller_heard();
+                if let Some(m) = self.machine.as_mut() {
+                    if heard {
+                        m.controller_heard();
+                    }
+                    m.tick();
+                }
+            }
+        }
+        self.execute().await;
+    }
+
+    fn park(&mut self, shard: ShardId, p: Parked) {
+        if self.parked_len >= self.limits.parked_max {
+            // The oldest parked write of the fullest shard goes (not acknowledged: the
+            // owner drops this member after its patience and it catches up afresh).
+            let fullest = self.parked.iter().max_by_key(|(_, q)| q.len()).map(|(s, _)| *s);
+            if let Some(q) = fullest.and_then(|s| self.parked.get_mut(&s)) {
+                q.pop_front();
+                self.parked_len -= 1;
+            }
+        }
+        self.parked.entry(shard).or_default().push_back(p);
+        self.parked_len += 1;
+    }
+
+    /// The map changed: the machine learns which shards' entries did.
+    fn map_applied(&mut self, map: Arc<ShardMap>) {
+        if self.machine.is_none() {
+            if let Some(ix) = map.member_ix(&self.me) {
+                self.machine =
+                    Some(Ownership::new(ix, self.incarnation, self.limits.machine.clone()));
+                self.map = Arc::new(ShardMap::new(0));
+            }
+        }
+        let Some(m) = self.machine.as_mut() else {
+            self.map = map;
+            return;
+        };
+        let all =
+            self.map.shard_count() != map.shard_count() || self.map.members() != map.members();
+        if all {
+            m.map_applied(&map, 0..map.shard_count());
+        } else {
+            let changed: Vec<ShardId> =
+                (0..map.shard_count()).filter(|&s| map.shard(s) != self.map.shard(s)).collect();
+            m.map_applied(&map, changed);
+        }
+        self.map = map;
+    }
+
+    async fn peer(&mut self, bytes: Vec<u8>) {
+        let Ok(batch) = postcard::from_bytes::<PeerBatch>(&bytes) else {
+            tracing::warn!(len = bytes.len(), "undecodable shard batch from a peer");
+            return;
+        };
+        let Some(from) = self.map.member_ix(&batch.from) else { return };
+        for msg in batch.msgs {
+            match msg {
+                PeerMsg::Own(msg) => {
+                    if let Some(m) = self.machine.as_mut() {
+                        m.receive(from, msg);
+                    }
+                    self.execute().await;
+                }
+                PeerMsg::Stream { shard, attempt, convs, last } => {
+                    self.install(shard, attempt, from, convs, last).await;
+                }
+            }
+        }
+    }
+
+    /// Installs one chunk of a shard's rows; after the last, reports the catch-up.
+    async fn install(
+        &mut self,
+        shard: ShardId,
+        attempt: Seq,
+        owner: MemberIx,
+        convs: Vec<(String, Stored)>,
+        last: bool,
+    ) {
+        let mut tickets = Vec::with_capacity(convs.len());
+        for (conv, stored) in convs {
+            let epoch = stored.replica.promised.max(stored.replica.version.epoch);
+            let op =
+                StoreOp::Install { epoch, state: stored.state, version: stored.replica.version };
+            match self.store.submit(&conv, op).await {
+                Ok(ticket) => tickets.push(ticket),
+                Err(e) => tracing::warn!(error = %e, "installing a streamed conversation failed"),
+            }
+        }
+        if !last {
+            return;
+        }
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let mut ok = true;
+            for t in tickets {
+                ok &= matches!(t.await, Ok(StoreAnswer::Done { .. }));
+            }
+            let _ = inbox.send(Input::Installed { shard, attempt, owner, ok }).await;
+        });
+    }
+
+    async fn persist_replica(
+        &mut self,
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        from: MemberIx,
+        payload: Payload,
+    ) {
+        let ticket = self.store.submit(&payload.conv, payload.op.clone()).await;
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let answer = match ticket {
+                Ok(t) => t.await.ok(),
+                Err(_) => None,
+            };
+            let input = Input::ReplicaPersisted { shard, epoch, seq, from, payload, answer };
+            let _ = inbox.send(input).await;
+        });
+    }
+
+    /// Executes what the machine asked for.
+    async fn execute(&mut self) {
+        while let Some(effect) = self.machine.as_mut().and_then(|m| m.poll()) {
+            match effect {
+                Effect::Persist { shard, epoch, seq, payload } => {
+                    let ticket = self.store.submit(&payload.conv, payload.op).await;
+                    let inbox = self.inbox.clone();
+                    tokio::spawn(async move {
+                        let ok = match ticket {
+                            Ok(t) => matches!(t.await, Ok(StoreAnswer::Done { .. })),
+                            Err(_) => false,
+                        };
+                        let _ = inbox.send(Input::Persisted { shard, epoch, seq, ok }).await;
+                    });
+                }
+                Effect::PersistReplica { shard, epoch, seq, from, payload } => {
+                    self.persist_replica(shard, epoch, seq, from, payload).await;
+                }
+                Effect::Send { to, msg } => {
+                    self.outbound.entry(to).or_default().push(PeerMsg::Own(msg))
+                }
+                Effect::Release { seq, .. } | Effect::ReadReady { seq, .. } => {
+                    if let Some(Waiting::Write(w) | Waiting::Read(w)) = self.waiting.remove(&seq) {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                Effect::Fail { seq, why, .. } => {
+                    if let Some(Waiting::Write(w) | Waiting::Read(w)) = self.waiting.remove(&seq) {
+                        let _ = w.send(Err(why));
+                    }
+                }
+                Effect::Stream { shard, attempt, to } => self.stream(shard, attempt, to),
+                Effect::Propose(command) => self.links.propose(command),
+            }
+        }
+    }
+
+    /// Sends the shard's stored rows to learner `to`, in chunks of bounded bytes.
+    fn stream(&self, shard: ShardId, attempt: Seq, to: MemberIx) {
+        let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { return };
+        let (store, links, me) = (self.store.clone(), self.links.clone(), self.me.clone());
+        let max = self.limits.batch_bytes_max;
+        tokio::spawn(async move {
+            let convs = match store.load_shard(shard).await {
+                Ok(convs) => convs,
+                Err(e) => {
+                    // Not sent: the learner's catch-up starts over after its patience.
+                    tracing::warn!(shard, error = %e, "cannot read a shard to stream it");
+                    return;
+                }
+            };
+            let mut chunk: Vec<(String, Stored)> = Vec::new();
+            let mut bytes = 0;
+            let mut chunks = Vec::new();
+            for (conv, stored) in convs {
+                let size =
+                    postcard::experimental::serialized_size(&stored).unwrap_or(0) + conv.len();
+                if !chunk.is_empty() && bytes + size > max {
+                    chunks.push(std::mem::take(&mut chunk));
+                    bytes = 0;
+                }
+                bytes += size;
+                chunk.push((conv, stored));
+            }
+            chunks.push(chunk);
+            let n = chunks.len();
+            for (i, convs) in chunks.into_iter().enumerate() {
+                let msg = PeerMsg::Stream { shard, attempt, convs, last: i + 1 == n };
+                links.send(&peer, PeerBatch { from: me.clone(), msgs: vec![msg] }.to_bytes());
+            }
+        });
+    }
+
+    /// Sends each peer its messages of this round, in batches of bounded bytes.
+    fn flush(&mut self) {
+        for (to, msgs) in std::mem::take(&mut self.outbound) {
+            let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { continue };
+            let mut batch = PeerBatch { from: self.me.clone(), msgs: Vec::new() };
+            let mut bytes = 0;
+            for msg in msgs {
+                let size = postcard::experimental::serialized_size(&msg).unwrap_or(0);
+                if !batch.msgs.is_empty() && bytes + size > self.limits.batch_bytes_max {
+                    self.links.send(&peer, batch.to_bytes());
+                    batch.msgs.clear();
+                    bytes = 0;
+                }
+                bytes += size;
+                batch.msgs.push(msg);
+            }
+            if !batch.msgs.is_empty() {
+                self.links.send(&peer, batch.to_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! Three drivers over in-memory stores and in-process links, steered by a map changed by
+//! hand as the controller would: writes reach every in-sync member before they are
+//! acknowledged, a learner catches up by stream and is proposed for promotion, a handoff
+//! moves ownership with every acknowledged turn, and a silent member is dropped.
+
+use std::sync::Mutex;
+
+use botclaw_core::shardmap::{AssignRun, ShardChange};
+
+use super::*;
+use crate::store::MemoryStore;
+
+const SHARDS: u32 = 4;
+const CONV: &str = "alice";
+
+#[derive(Default)]
+struct Links {
+    me: String,
+    peers: Mutex<HashMap<String, ShardReplicator>>,
+    proposals: Mutex<Vec<MapCommand>>,
+    /// Batches to these peers are lost.
+    cut: Mutex<Vec<String>>,
+    /// Streams are held back until this many more batches went to the same peer (they
+    /// arrive after writes forwarded later).
+    stream_delay: Mutex<usize>,
+    held: Mutex<Vec<(String, Vec<u8>, usize)>>,
+}
+
+impl ShardLinks for Links {
+    fn send(&self, peer: &str, bytes: Vec<u8>) {
+        if self.cut.lock().unwrap().iter().any(|p| p == peer) {
+            return;
+        }
+        let delay = *self.stream_delay.lock().unwrap();
+        let batch: PeerBatch = postcard::from_bytes(&bytes).unwrap();
+        let mut held = self.held.lock().unwrap();
+        if delay > 0 && matches!(batch.msgs[..], [PeerMsg::Stream { .. }]) {
+            held.push((peer.to_string(), bytes, delay));
+            return;
+        }
+        let peers = self.peers.lock().unwrap();
+        let Some(p) = peers.get(peer) else { return };
+        let _ = p.peer(bytes);
+        for h in held.iter_mut().filter(|h| h.0 == peer) {
+            h.2 -= 1;
+        }
+        for (_, bytes, _) in held.extract_if(.., |h| h.0 == peer && h.2 == 0) {
+            let _ = p.peer(bytes);
+        }
+    }
+
+    fn propose(&self, command: MapCommand) {
+        self.proposals.lock().unwrap().push(command);
+    }
+
+    fn controller_heard(&self) -> bool {
+        true
+    }
+}
+
+struct Node {
+    links: Arc<Links>,
+    store: Arc<MemoryStore>,
+    shards: ShardReplicator,
+}
+
+fn limits() -> ShardLimits {
+    ShardLimits {
+        shard_count: SHARDS,
+        inbox_max: 1024,
+        batch_bytes_max: 64 * 1024,
+        parked_max: 1024,
+        tick: Duration::from_millis(10),
+        machine: OwnershipConfig {
+            ack_patience_ticks: 20,
+            catch_up_patience_ticks: 100,
+            ..Default::default()
+        },
+    }
+}
+
+fn cluster(names: &[&str]) -> Vec<Node> {
+    let nodes: Vec<Node> = names
+        .iter()
+        .map(|name| {
+            let links = Arc::new(Links { me: name.to_string(), ..Default::default() });
+            let store = Arc::new(MemoryStore::new(64, SHARDS));
+            let shards = ShardReplicator::start(name, 1, store.clone(), links.clone(), limits());
+            Node { links, store, shards }
+        })
+        .collect();
+    for n in &nodes {
+        for (m, name) in nodes.iter().zip(names) {
+            if n.links.me != *name {
+                n.links.peers.lock().unwrap().insert(name.to_string(), m.shards.clone());
+            }
+        }
+    }
+    nodes
+}
+
+fn apply(nodes: &[Node], map: &mut ShardMap, cmd: &MapCommand) {
+    let applied = map.apply(cmd);
+    assert!(applied.skipped.is_empty(), "{applied:?}");
+    for n in nodes {
+        n.shards.map_applied(Arc::new(map.clone()));
+    }
+}
+
+/// a, b, c joined; every shard on [a, b].
+fn started(nodes: &[Node]) -> ShardMap {
+    let mut map = ShardMap::new(SHARDS);
+    for name in ["a", "b", "c"] {
+        apply(
+            nodes,
+            &mut map,
+            &MapCommand::Join { name: name.into(), incarnation: 1, capacity: 100 },
+        );
+    }
+    apply(
+        nodes,
+        &mut map,
+        &MapCommand::Assign(vec![AssignRun { start: 0, len: SHARDS, replicas: vec![0, 1] }]),
+    );
+    map
+}
+
+async fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..500 {
+        if let Some(t) = f() {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not reached in 5 s")
+}
+
+async fn acquired(n: &Node) -> Owned {
+    for _ in 0..500 {
+        if let Ok(owned) = n.shards.acquire(CONV).await {
+            return owned;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never acquired")
+}
+
+/// Runs `k` turns on the owner `n`, each acknowledged before the next.
+async fn turns(n: &Node, owned: &mut Owned, k: usize) {
+    paced_turns(n, owned, k, Duration::ZERO).await
+}
+
+async fn paced_turns(n: &Node, owned: &mut Owned, k: usize, pace: Duration) {
+    for _ in 0..k {
+        tokio::time::sleep(pace).await;
+        let id = format!("m{}", owned.state.turn + 1);
+        let commit =
+            owned.state.next_commit("echo", id, "hi".into(), None, vec!["re".into()], vec![]);
+        let ticket =
+            n.shards.submit(CONV, owned.epoch, owned.version, commit.clone()).await.unwrap();
+        let turn = commit.record.turn;
+        owned.state.apply(commit, 64);
+        owned.version = Version { epoch: owned.epoch, turn };
+        tokio::time::timeout(Duration::from_secs(5), ticket).await.unwrap().unwrap();
+    }
+}
+
+async fn turn_of(store: &MemoryStore, conv: &str) -> u64 {
+    store.load(conv).await.unwrap().map_or(0, |s: Stored| s.state.turn)
+}
+
+fn promotions(n: &Node) -> Vec<MapCommand> {
+    n.links.proposals.lock().unwrap().drain(..).collect()
+}
+
+#[tokio::test]
+async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_off() {
+    let nodes = cluster(&["a", "b", "c"]);
+    let mut map = started(&nodes);
+    let shard = shard_of(CONV, SHARDS);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut owned = acquired(a).await;
+    assert!(b.shards.acquire(CONV).await.unwrap_err().moved, "b is not the owner");
+    turns(a, &mut owned, 5).await;
+    // Acknowledged: durable on a and b; c holds nothing of the shard.
+    assert_eq!(turn_of(&a.store, CONV).await, 5);
+    assert_eq!(turn_of(&b.store, CONV).await, 5);
+    assert_eq!(turn_of(&c.store, CONV).await, 0);
+    a.shards.read(CONV).await.unwrap();
+    assert!(b.shards.read(CONV).await.unwrap_err().moved);
+
+    // c is added as a learner: it receives the shard by stream, then a proposes it.
+    let epoch = map.shard(shard).unwrap().epoch;
+    apply(
+        &nodes,
+        &mut map,
+        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
+    );
+    let promote = eventually(|| {
+        promotions(a).into_iter().find(|cmd| {
+            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
+        })
+    })
+    .await;
+    assert_eq!(turn_of(&c.store, CONV).await, 5, "the stream carried every acknowledged turn");
+    apply(&nodes, &mut map, &promote);
+    assert_eq!(map.shard(shard).unwrap().isr.len(), 3);
+    turns(a, &mut owned, 1).await;
+    assert_eq!(turn_of(&c.store, CONV).await, 6, "a promoted member takes every write");
+
+    // Live handoff to c: a stops owning; c continues from its copy with a higher epoch.
+    let epoch = map.shard(shard).unwrap().epoch;
+    apply(
+        &nodes,
+        &mut map,
+        &MapCommand::Changes(vec![ShardChange::SetOwner { shard, epoch, member: 2 }]),
+    );
+    let _ = eventually(|| (map.shard(shard).unwrap().owner == Some(2)).then_some(())).await;
+    let mut moved = acquired(c).await;
+    assert_eq!(moved.state.turn, 6);
+    assert!(moved.epoch > owned.epoch);
+    // a's turns are refused now (its map says c owns).
+    let commit = owned.state.next_commit("echo", "late".into(), "x".into(), None, vec![], vec![]);
+    let refused = a.shards.submit(CONV, owned.epoch, owned.version, commit).await;
+    assert!(refused.is_err_and(|r| r.moved));
+    turns(c, &mut moved, 2).await;
+    for n in &nodes {
+        assert_eq!(turn_of(&n.store, CONV).await, 8, "{}", n.links.me);
+    }
+}
+
+#[tokio::test]
+async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
+    let nodes = cluster(&["a", "b", "c"]);
+    let mut map = started(&nodes);
+    let shard = shard_of(CONV, SHARDS);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut owned = acquired(a).await;
+    turns(a, &mut owned, 2).await;
+    // Batches from a to b are lost: the next turn waits, then a proposes dropping b.
+    a.links.cut.lock().unwrap().push("b".into());
+    let commit = owned.state.next_commit("echo", "m3".into(), "hi".into(), None, vec![], vec![]);
+    let ticket = a.shards.submit(CONV, owned.epoch, owned.version, commit).await.unwrap();
+    let remove = eventually(|| {
+        promotions(a).into_iter().find(|cmd| {
+            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Remove { member: 1, .. }]))
+        })
+    })
+    .await;
+    apply(&nodes, &mut map, &remove);
+    // The controller committed it: the write is acknowledged on the members left.
+    tokio::time::timeout(Duration::from_secs(5), ticket).await.unwrap().unwrap();
+    assert_eq!(turn_of(&a.store, CONV).await, 3);
+    assert_eq!(turn_of(&b.store, CONV).await, 2);
+    assert_eq!(map.shard(shard).unwrap().isr.as_slice(), &[0]);
+}
+
+#[tokio::test]
+async fn a_learner_added_under_load_catches_up_with_every_turn() {
+    let nodes = Arc::new(cluster(&["a", "b", "c"]));
+    let mut map = started(&nodes);
+    let shard = shard_of(CONV, SHARDS);
+    let mut owned = acquired(&nodes[0]).await;
+    turns(&nodes[0], &mut owned, 3).await;
+    // Turns keep coming while c is added: writes forwarded to c before its stream arrive
+    // first, are parked, and apply once the stream is installed.
+    let writer = {
+        let nodes = nodes.clone();
+        tokio::spawn(async move {
+            paced_turns(&nodes[0], &mut owned, 40, Duration::from_millis(2)).await;
+            owned
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    *nodes[0].links.stream_delay.lock().unwrap() = 3;
+    let epoch = map.shard(shard).unwrap().epoch;
+    apply(
+        &nodes,
+        &mut map,
+        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
+    );
+    let promote = eventually(|| {
+        promotions(&nodes[0]).into_iter().find(|cmd| {
+            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
+        })
+    })
+    .await;
+    apply(&nodes, &mut map, &promote);
+    let mut owned = writer.await.unwrap();
+    turns(&nodes[0], &mut owned, 1).await;
+    let stored = nodes[2].store.load(CONV).await.unwrap().unwrap();
+    assert_eq!(stored.state.turn, 44);
+    assert_eq!(stored.state, nodes[0].store.load(CONV).await.unwrap().unwrap().state);
+}
