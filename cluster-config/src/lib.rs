@@ -435,6 +435,10 @@ impl Default for ReplicationConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
+    /// Route and replicate conversations by the controller's map (owners, in-sync replica
+    /// sets, learners) instead of each node's gossip view. Being built: load-driven
+    /// rebalancing does not run in this mode yet.
+    pub authoritative: bool,
     /// The founding voters, by node name, identical on each of them (`botclaw up` lists its
     /// first three nodes). Empty: a node started without seeds founds the group alone. A
     /// node founds only on its first start (an empty controller log); every other node
@@ -472,6 +476,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
+            authoritative: false,
             voters: Vec::new(),
             voters_target: 3,
             voter_replace_after_ms: 10_000,
@@ -483,8 +488,8 @@ impl Default for ControllerConfig {
             uncommitted_bytes_max: 16 << 20,
             log_entries_max: 1024,
             plan_interval_ms: 500,
-            moves_in_flight_max: 64,
-            changes_per_round_max: 256,
+            moves_in_flight_max: 4096,
+            changes_per_round_max: 16_384,
             inbound_queue_max: 4096,
         }
     }

@@ -145,7 +145,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 /// a client sent here is served.
 async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     let placement = s.dispatcher.view.load();
-    if !(s.view.borrow().joined && placement.joined && !placement.placement.is_empty()) {
+    let placed = match &placement.map {
+        // By the controller's map: every shard has its first owners.
+        Some(_) => placement.joined && s.map.borrow().status.shards_unassigned == 0,
+        None => placement.joined && !placement.placement.is_empty(),
+    };
+    if !(s.view.borrow().joined && placed) {
         (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()
     } else if !s.dispatcher.serving.load(Ordering::Acquire) {
         (

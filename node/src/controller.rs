@@ -209,6 +209,9 @@ pub struct ControllerArgs {
     pub gossip: watch::Receiver<ClusterView>,
     pub inbox: mpsc::Receiver<Vec<u8>>,
     pub metrics: ControllerMetrics,
+    /// Set whenever this node hears from the controller's leader (or leads it): the
+    /// shard replicator's read lease.
+    pub heard: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The running member.
@@ -221,6 +224,9 @@ pub struct ControllerTask {
     names: HashMap<ControllerId, String>,
     out: watch::Sender<Arc<MapView>>,
     started: Instant,
+    /// When the map was last published, and whether a change waits to be.
+    published_at: Instant,
+    dirty: bool,
 }
 
 /// Opens (or founds) this node's controller member; errors stop the node at start.
@@ -278,11 +284,24 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
         status: ControllerStatus::default(),
     });
     let (out, rx) = watch::channel(view);
-    let mut task =
-        ControllerTask { args, controller, disk, planner, names, out, started: Instant::now() };
+    let now = Instant::now();
+    let mut task = ControllerTask {
+        args,
+        controller,
+        disk,
+        planner,
+        names,
+        out,
+        started: now,
+        published_at: now,
+        dirty: false,
+    };
     task.publish();
     Ok((task, rx))
 }
+
+/// Least time between two publications of the map under a stream of commits.
+const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 
 /// Messages drained from the inbox per wake-up, at most (then the member ticks and plans).
 const INBOX_BATCH_MAX: usize = 256;
@@ -297,7 +316,15 @@ impl ControllerTask {
         plan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.controller.tick(),
+                _ = tick.tick() => {
+                    if self.dirty {
+                        self.publish();
+                    }
+                    self.controller.tick();
+                    if self.controller.is_leader() {
+                        self.args.heard.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                }
                 _ = plan.tick() => self.plan_round(),
                 bytes = self.args.inbox.recv() => {
                     let Some(bytes) = bytes else { return };
@@ -323,6 +350,9 @@ impl ControllerTask {
         match postcard::from_bytes::<Wire>(&bytes) {
             Ok(Wire::Raft(raw)) => match decode_message(&raw) {
                 Ok(m) if m.to == self.controller.id() => {
+                    if self.controller.leader() == Some(m.from) {
+                        self.args.heard.store(true, std::sync::atomic::Ordering::Release);
+                    }
                     if let Err(e) = self.controller.step(m) {
                         tracing::debug!(error = %e, "controller message refused");
                         self.args.metrics.drop("refused");
@@ -437,8 +467,15 @@ impl ControllerTask {
             }
             changed |= !rd.applied.is_empty() || rd.snapshot_installed;
         }
+        // A copy of the map per batch is costly at 262,144 shards: under a stream of
+        // commits (a join's moves) it is published at most every PUBLISH_EVERY, the rest
+        // on the next tick.
         if changed {
-            self.publish();
+            if self.published_at.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+            } else {
+                self.dirty = true;
+            }
         }
         Ok(())
     }
@@ -488,6 +525,8 @@ impl ControllerTask {
 
     /// Publishes the applied map and the group's status.
     fn publish(&mut self) {
+        self.dirty = false;
+        self.published_at = Instant::now();
         self.learn_names();
         let c = &self.controller;
         let map = c.map();

@@ -9,6 +9,7 @@
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
 //! - [`controller`]: the placement controller's Raft member, its log and the leader's round;
 //! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
+//! - [`shards`]: routing and replication by the controller's map;
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
 //! - [`metrics`]: Prometheus metrics;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod modules;
 pub mod node;
 pub mod routing;
+pub mod shards;
 pub mod sim;
 pub mod status;
 pub mod up;

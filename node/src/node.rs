@@ -10,7 +10,8 @@ use arc_swap::ArcSwap;
 use botclaw_actors::backends::Backends;
 use botclaw_actors::forwarder::Forwarder;
 use botclaw_actors::host::ConversationHost;
-use botclaw_actors::replicator::Replicator;
+use botclaw_actors::replicator::{Replication, Replicator};
+use botclaw_actors::shards::{ShardLimits, ShardReplicator};
 use botclaw_actors::store::fjall::{FjallStore, STATE_DIR as FJALL_DIR};
 use botclaw_actors::store::redb::{RedbStore, STATE_FILE as REDB_FILE};
 use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
@@ -18,6 +19,7 @@ use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
 use botclaw_core::auth::derive_key;
 use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX, MOVES_MAX};
+use botclaw_core::ownership::OwnershipConfig;
 use botclaw_core::placement::Placement;
 use botclaw_core::rebalance::{MoveRecord, NodeLoad, Rebalancer, ShardLoad};
 use botclaw_core::{Membership, NodeId};
@@ -99,7 +101,11 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
     let moved = async {
         loop {
             let view = placement.load();
-            let excluded = view.placement.members().iter().all(|m| m.name != *me);
+            let excluded = match &view.map {
+                // The controller moved every shard away (this node holds no copy).
+                Some(map) => holds_nothing(map, &me),
+                None => view.placement.members().iter().all(|m| m.name != *me),
+            };
             if excluded && host.active() == 0 {
                 return;
             }
@@ -116,6 +122,12 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
         }
     };
     let _ = tokio::time::timeout(DRAIN_LINGER, settled).await;
+}
+
+/// Whether `me` owns, or holds a copy of, no shard of `map`.
+fn holds_nothing(map: &botclaw_core::shardmap::ShardMap, me: &str) -> bool {
+    let Some(ix) = map.member_ix(me) else { return true };
+    map.shards().iter().all(|e| !e.isr.contains(ix) && !e.learners.contains(ix))
 }
 
 /// Longest a drained node waits for requests it holds or relays before it leaves.
@@ -327,7 +339,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         factor: cfg.replication.factor,
     };
     let replicator = Replicator::start(
-        store,
+        store.clone(),
         Arc::new(peers),
         cfg.replication.write_quorum,
         cfg.replication.incoming_max,
@@ -338,6 +350,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let (driver, view) =
         GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
     let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
+    let heard = Arc::new(AtomicBool::new(false));
     let (controller, map_view) = crate::controller::open(crate::controller::ControllerArgs {
         me: cfg.name.clone(),
         cfg: cfg.controller.clone(),
@@ -349,7 +362,31 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         gossip: view.clone(),
         inbox: controller_rx,
         metrics: metrics.controller.clone(),
+        heard: heard.clone(),
     })?;
+    let authoritative = cfg.controller.authoritative;
+    let shards = authoritative.then(|| {
+        let links = crate::shards::NodeShardLinks {
+            me: cfg.name.clone(),
+            controller: controller_tx.clone(),
+            heard: heard.clone(),
+            metrics: metrics.clone(),
+        };
+        let limits = ShardLimits {
+            shard_count: cfg.placement.shard_count,
+            inbox_max: cfg.replication.incoming_max,
+            // A quarter of a link frame: room for the link's own framing and a batch of
+            // small messages behind a large one.
+            batch_bytes_max: (cfg.link.frame_bytes_max / 4) as usize,
+            parked_max: cfg.replication.incoming_max,
+            tick: Duration::from_millis(cfg.controller.tick_ms),
+            machine: OwnershipConfig::default(),
+        };
+        ShardReplicator::start(&cfg.name, incarnation, store.clone(), Arc::new(links), limits)
+    });
+    if authoritative {
+        tracing::info!("routing and replicating by the placement controller's map");
+    }
     let backends = Backends::new(&cfg.backends, conv_metrics.clone());
     let modules = NodeModules::start(
         node.clone(),
@@ -365,7 +402,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let host = ConversationHost::start(
         node.clone(),
         &cfg.conversations,
-        replicator.clone(),
+        match &shards {
+            Some(shards) => Arc::new(shards.clone()) as Arc<dyn Replication>,
+            None => replicator.clone(),
+        },
         cfg.frontend.retry_after_ms,
         botclaw_actors::bots::builtin(),
         backends,
@@ -387,7 +427,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         modules: modules.clone(),
         draining: AtomicBool::new(false),
         controller: controller_tx.clone(),
+        shards: Default::default(),
     });
+    if let Some(shards) = &shards {
+        let _ = dispatcher.shards.set(shards.clone());
+    }
     let weak = Arc::downgrade(&dispatcher);
     let _ =
         host.shared().redirect.set(Box::new(move |conv, request, reply| match weak.upgrade() {
@@ -419,12 +463,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Duration::from_millis(cfg.link.reconcile_interval_ms),
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
-    let placement_task = tokio::spawn(routing::maintain(
-        view.clone(),
-        cfg.placement.clone(),
-        cfg.replication.clone(),
-        Maintained { dispatcher: dispatcher.clone(), baseline: baseline.clone() },
-    ));
+    let placement_task = match shards {
+        Some(shards) => tokio::spawn(crate::shards::follow_map(
+            map_view.clone(),
+            view.clone(),
+            dispatcher.clone(),
+            shards,
+        )),
+        None => tokio::spawn(routing::maintain(
+            view.clone(),
+            cfg.placement.clone(),
+            cfg.replication.clone(),
+            Maintained { dispatcher: dispatcher.clone(), baseline: baseline.clone() },
+        )),
+    };
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),
         cfg: cfg.frontend.clone(),

@@ -31,6 +31,7 @@ use botclaw_core::handoff::{self, Ask, Held, HoldQueue, HoldRules, Step};
 use botclaw_core::placement::{shard_of, Placement, RingMember, ShardId};
 use botclaw_core::rebalance::MoveTable;
 use botclaw_core::replication::MajorityGuard;
+use botclaw_core::shardmap::ShardMap;
 use botclaw_core::MemberState;
 use tokio::sync::{oneshot, watch};
 
@@ -49,16 +50,33 @@ pub struct PlacementView {
     pub moves: MoveTable,
     /// This node has joined the cluster (its view is worth acting on).
     pub joined: bool,
+    /// The controller's map, when it is authoritative (`controller.authoritative`): owners
+    /// come from it, not from the ring.
+    pub map: Option<Arc<ShardMap>>,
 }
 
 impl PlacementView {
     pub fn new(placement: Placement, joined: bool) -> PlacementView {
-        PlacementView { placement: Arc::new(placement), moves: MoveTable::default(), joined }
+        PlacementView {
+            placement: Arc::new(placement),
+            moves: MoveTable::default(),
+            joined,
+            map: None,
+        }
     }
 
-    /// Shard and owner of a conversation: the move target if the shard moved, else the
-    /// ring owner.
+    /// Routing by the controller's map (`ring` is an empty ring, kept for `/status`).
+    pub fn by_map(map: Arc<ShardMap>, ring: Arc<Placement>, joined: bool) -> PlacementView {
+        PlacementView { placement: ring, moves: MoveTable::default(), joined, map: Some(map) }
+    }
+
+    /// Shard and owner of a conversation: by the controller's map when it is
+    /// authoritative; else the move target if the shard moved, else the ring owner.
     pub fn locate(&self, conv: &str) -> (ShardId, Option<&str>) {
+        if let Some(map) = &self.map {
+            let shard = shard_of(conv, map.shard_count());
+            return (shard, map.owner(shard));
+        }
         let shard = shard_of(conv, self.placement.shard_count());
         (shard, self.moves.owner(&self.placement, shard))
     }
@@ -179,7 +197,7 @@ pub async fn maintain(
             if before.moves != moves {
                 tracing::info!(moved_shards = moves.len(), "load-driven moves updated");
             }
-            let next = Arc::new(PlacementView { placement: ring_now, moves, joined });
+            let next = Arc::new(PlacementView { placement: ring_now, moves, joined, map: None });
             // The new placement first: what the relinquishing actors pass on is routed by it.
             out.dispatcher.view.store(next.clone());
             let moved =
@@ -346,6 +364,8 @@ pub struct Dispatcher {
     pub draining: AtomicBool,
     /// The placement controller's inbox (bounded: a full one drops, Raft resends).
     pub controller: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// The shard replicator, when the controller's map is authoritative.
+    pub shards: std::sync::OnceLock<botclaw_actors::shards::ShardReplicator>,
 }
 
 impl Dispatcher {
@@ -541,6 +561,13 @@ impl Inbound for Dispatcher {
     fn controller(&self, bytes: Vec<u8>) {
         if self.controller.try_send(bytes).is_err() {
             self.metrics.controller.drop("queue-full");
+        }
+    }
+
+    fn shards(&self, bytes: Vec<u8>) {
+        match self.shards.get() {
+            Some(shards) if shards.peer(bytes).is_ok() => {}
+            _ => self.metrics.controller.drop("shard-batch-dropped"),
         }
     }
 }

@@ -207,6 +207,90 @@ pub fn check_one(conv: &str, acks: &[Ack], history: &[HistoryTurn]) -> Vec<Strin
     problems
 }
 
+// Background load for multi-process tests.
+
+/// The runtime the load and the checks run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A load running in the background (up to 64 turns per conversation) while the test
+/// does something to the cluster.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+}
+
+pub fn start_load(
+    rt: &tokio::runtime::Runtime,
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+) -> Background {
+    start_load_with(rt, seeds, convs, 12, 64, Duration::ZERO)
+}
+
+/// [`start_load`] with `workers` clients, `turns` turns per conversation at most, each
+/// client starting a turn at most every `pace`.
+pub fn start_load_with(
+    rt: &tokio::runtime::Runtime,
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+    workers: usize,
+    turns: u64,
+    pace: Duration,
+) -> Background {
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=turns, pace, stop.clone()));
+    Background { stop, task }
+}
+
+/// Waits `d` on the load's runtime.
+pub fn pause(rt: &tokio::runtime::Runtime, d: Duration) {
+    rt.block_on(async { tokio::time::sleep(d).await });
+}
+
+impl Background {
+    /// Stops the load and returns what it saw, printing the longest wait of a conversation.
+    pub fn finish(self, rt: &tokio::runtime::Runtime) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let report = rt.block_on(self.task).unwrap();
+        let (gap, conv) = report.longest_gap();
+        eprintln!(
+            "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
+            report.acked()
+        );
+        report
+    }
+}
+
+pub fn assert_consistent(
+    c: &crate::Cluster,
+    rt: &tokio::runtime::Runtime,
+    seeds: &[SocketAddr],
+    report: &LoadReport,
+) {
+    assert_consistent_window(c, rt, seeds, report, 64)
+}
+
+/// [`assert_consistent`] of conversations up to `window` turns long.
+pub fn assert_consistent_window(
+    c: &crate::Cluster,
+    rt: &tokio::runtime::Runtime,
+    seeds: &[SocketAddr],
+    report: &LoadReport,
+    window: u32,
+) {
+    assert!(report.failures.is_empty(), "turns that never got an answer: {:?}", report.failures);
+    let problems = rt.block_on(check_window(seeds, report, window));
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}\n{}",
+        problems.len(),
+        &problems[..problems.len().min(10)],
+        c.logs()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -364,3 +364,52 @@ fn shared_cache_coalesces_concurrent_lookups() {
         }
     }
 }
+
+#[test]
+fn history_pipelined_after_say_shows_that_turn() {
+    // Three nodes (turns forwarded and replicated, each durable on two): a history sent
+    // right behind a say on the same connection answers after it and includes its turn.
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let (mut r, mut w) = raw(&c);
+    let mut batch = Vec::new();
+    for k in 0..30 {
+        let conv = format!("piped-{}", k % 10);
+        let say = Request::Say {
+            conv: conv.clone(),
+            id: format!("m{k}"),
+            text: format!("text {k}"),
+            bot: None,
+            user: None,
+        };
+        batch.extend(say.to_line());
+        batch.extend(Request::History { conv, limit: None }.to_line());
+    }
+    w.write_all(&batch).unwrap();
+    // Answers of one conversation come in request order (others may interleave).
+    let mut per_conv: HashMap<String, Vec<Value>> = HashMap::new();
+    for _ in 0..60 {
+        let v = read_json(&mut r);
+        let conv = v["conv"].as_str().unwrap_or_else(|| panic!("no conv in {v}")).to_string();
+        per_conv.entry(conv).or_default().push(v);
+    }
+    for (conv, answers) in per_conv {
+        for pair in answers.chunks(2) {
+            let (said, history) = (&pair[0], &pair[1]);
+            assert_eq!(said["op"], "reply", "{conv}: {said}");
+            assert_eq!(history["op"], "history", "{conv}: {history}");
+            let turn = said["turn"].as_u64().unwrap();
+            let turns: Vec<u64> = history["turns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|t| t["turn"].as_u64())
+                .collect();
+            assert!(
+                turns.contains(&turn),
+                "{conv}: history after turn {turn} misses it: {turns:?}"
+            );
+        }
+    }
+}

@@ -5,20 +5,19 @@
 //! gaps or repeats.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botclaw_client::{Client, ClientError, ClientOptions, ErrorCode};
-use botclaw_tests::checker::{check_window, run_load, run_load_on, LoadReport};
+use botclaw_tests::checker::{
+    assert_consistent, assert_consistent_window, pause, run_load, runtime, start_load,
+    start_load_with, LoadReport,
+};
 use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const CONFIG: &str = "[replication]\nstable_after_ms = 1000\n\n[fault]\ninjection = true\n";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
 
 fn cluster() -> Cluster {
     let mut c = Cluster::new(3).with_config(CONFIG);
@@ -49,84 +48,8 @@ fn load(
     rt.block_on(run_load(seeds, prefix, 60, 6, turns, stop))
 }
 
-/// A load running in the background (up to 64 turns per conversation) while the test
-/// does something to the cluster.
-struct Background {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<LoadReport>,
-}
-
-fn start_load(
-    rt: &tokio::runtime::Runtime,
-    seeds: Vec<SocketAddr>,
-    convs: Vec<String>,
-) -> Background {
-    start_load_with(rt, seeds, convs, 12, 64, Duration::ZERO)
-}
-
-/// [`start_load`] with `workers` clients, `turns` turns per conversation at most, each
-/// client starting a turn at most every `pace`.
-fn start_load_with(
-    rt: &tokio::runtime::Runtime,
-    seeds: Vec<SocketAddr>,
-    convs: Vec<String>,
-    workers: usize,
-    turns: u64,
-    pace: Duration,
-) -> Background {
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=turns, pace, stop.clone()));
-    Background { stop, task }
-}
-
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|k| format!("{prefix}-{k}")).collect()
-}
-
-fn pause(rt: &tokio::runtime::Runtime, d: Duration) {
-    rt.block_on(async { tokio::time::sleep(d).await });
-}
-
-impl Background {
-    /// Stops the load and returns what it saw, printing the longest wait of a conversation.
-    fn finish(self, rt: &tokio::runtime::Runtime) -> LoadReport {
-        self.stop.store(true, Ordering::Relaxed);
-        let report = rt.block_on(self.task).unwrap();
-        let (gap, conv) = report.longest_gap();
-        eprintln!(
-            "acknowledged {} turns; longest wait of one conversation {gap:?} ({conv})",
-            report.acked()
-        );
-        report
-    }
-}
-
-fn assert_consistent(
-    c: &Cluster,
-    rt: &tokio::runtime::Runtime,
-    seeds: &[SocketAddr],
-    report: &LoadReport,
-) {
-    assert_consistent_window(c, rt, seeds, report, 64)
-}
-
-/// [`assert_consistent`] of conversations up to `window` turns long.
-fn assert_consistent_window(
-    c: &Cluster,
-    rt: &tokio::runtime::Runtime,
-    seeds: &[SocketAddr],
-    report: &LoadReport,
-    window: u32,
-) {
-    assert!(report.failures.is_empty(), "turns that never got an answer: {:?}", report.failures);
-    let problems = rt.block_on(check_window(seeds, report, window));
-    assert!(
-        problems.is_empty(),
-        "{} problems, first: {:?}\n{}",
-        problems.len(),
-        &problems[..problems.len().min(10)],
-        c.logs()
-    );
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use botclaw_tests::checker::{assert_consistent, pause, runtime, start_load_with};
 use botclaw_tests::*;
 use serde_json::Value;
 
@@ -179,4 +180,36 @@ fn shards_whose_copies_all_died_stay_unavailable_until_an_operator_forces_them()
     });
     assert!(forced.is_some(), "shard {shard} not forced onto n1\n{}", c.logs());
     assert!(c.logs().contains("AUDIT operator forces"), "no audit line");
+}
+
+/// Routing and replication by the controller's map.
+const BY_THE_MAP: &str = "[controller]\nauthoritative = true\n";
+
+#[test]
+fn by_the_map_a_node_killed_under_load_loses_no_acknowledged_turn() {
+    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let rt = runtime();
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let convs: Vec<String> = (0..90).map(|k| format!("map-{k}")).collect();
+    let load = start_load_with(&rt, seeds.clone(), convs, 12, 64, Duration::ZERO);
+    pause(&rt, Duration::from_secs(2));
+    // n2 owns about a third of the shards and holds a copy of two thirds.
+    c.nodes[2].kill9();
+    pause(&rt, Duration::from_secs(5));
+    let report = load.finish(&rt);
+    assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
+    // Its shards were owned again by their surviving in-sync member: none is unavailable
+    // and none is owned by n2 (R is restored later, a learner at a time).
+    let status = wait_agreed(&c, &[0, 1], "killed", |s| s["shards_under_replicated"] != 0);
+    assert_eq!(status["shards_unavailable"], 0, "{status:#}");
+    for k in 0..90 {
+        let p = get_json(c.nodes[0].ports.admin, &format!("/placement?conv=map-{k}")).unwrap();
+        assert_ne!(p["owner"], "n2", "{p:#}");
+    }
+    // The killed node returns (a learner again) and everything is still there.
+    c.nodes[2].start();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    assert_consistent(&c, &rt, &[seeds[2], seeds[0], seeds[1]], &report);
 }

@@ -219,6 +219,9 @@ pub struct Ownership<P> {
     /// Write numbers are unique for the life of the process (across shards and epochs).
     next: Seq,
     owned: BTreeMap<ShardId, Owned>,
+    /// Owned shards with writes or reads waiting or learners catching up: the only ones a
+    /// tick looks at (a node owns tens of thousands of shards, most of them idle).
+    attention: BTreeSet<ShardId>,
     followed: BTreeMap<ShardId, Followed>,
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
@@ -234,6 +237,7 @@ impl<P: Clone> Ownership<P> {
             cfg,
             next: 0,
             owned: BTreeMap::new(),
+            attention: BTreeSet::new(),
             followed: BTreeMap::new(),
             ticks: 0,
             heard_at: None,
@@ -321,6 +325,9 @@ impl<P: Clone> Ownership<P> {
             p.waiting.retain(|m| counted.contains(m));
         }
         o.isr = isr;
+        if !o.learners.is_empty() || !o.pending.is_empty() || !o.reads.is_empty() {
+            self.attention.insert(shard);
+        }
         self.settle(shard);
     }
 
@@ -346,6 +353,7 @@ impl<P: Clone> Ownership<P> {
         let caught_up = o.learners.iter().filter(|(_, l)| l.proposed_at.is_some()).map(|(m, _)| *m);
         let waiting: BTreeSet<MemberIx> = o.isr.iter().copied().chain(caught_up).collect();
         o.pending.insert(seq, Pending { epoch: o.epoch, local: false, waiting, since: self.ticks });
+        self.attention.insert(shard);
         let epoch = o.epoch;
         self.out.push_back(Effect::Persist { shard, epoch, seq, payload: payload.clone() });
         for &to in &o.isr {
@@ -388,6 +396,7 @@ impl<P: Clone> Ownership<P> {
         let seq = self.next;
         self.next += 1;
         self.owned.get_mut(&shard).expect("checked").reads.insert(seq);
+        self.attention.insert(shard);
         self.settle(shard);
         Ok(seq)
     }
@@ -479,25 +488,31 @@ impl<P: Clone> Ownership<P> {
     /// Time passed: proposals that were lost are made again.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        // Only shards with something waiting or catching up; quiet ones leave the set.
+        let owned = &self.owned;
+        self.attention.retain(|s| {
+            owned.get(s).is_some_and(|o| {
+                !o.pending.is_empty() || !o.reads.is_empty() || !o.learners.is_empty()
+            })
+        });
+        let shards: Vec<ShardId> = self.attention.iter().copied().collect();
         if !self.lease_valid() {
-            let waiting: Vec<(ShardId, Seq)> = self
-                .owned
-                .iter_mut()
-                .flat_map(|(&shard, o)| {
-                    std::mem::take(&mut o.reads).into_iter().map(move |s| (shard, s))
-                })
-                .collect();
-            for (shard, seq) in waiting {
-                self.out.push_back(Effect::Fail { shard, seq, why: Failure::Fenced });
+            for &shard in &shards {
+                let o = self.owned.get_mut(&shard).expect("attention holds owned shards");
+                for seq in std::mem::take(&mut o.reads) {
+                    self.out.push_back(Effect::Fail { shard, seq, why: Failure::Fenced });
+                }
             }
         }
         let every = self.cfg.propose_every_ticks.max(1);
         let now = self.ticks;
         let next = &mut self.next;
         let patience = self.cfg.catch_up_patience_ticks.max(1);
+        let ack_patience = self.cfg.ack_patience_ticks.max(1);
         let mut again = Vec::new();
         let mut restarted = Vec::new();
-        for (&shard, o) in &mut self.owned {
+        for &shard in &shards {
+            let o = self.owned.get_mut(&shard).expect("attention holds owned shards");
             for l in o.learners.values_mut() {
                 // A catch-up that stalled (a lost stream or write, a learner that was not
                 // ready for them) starts over with a fresh stream.
@@ -512,14 +527,11 @@ impl<P: Clone> Ownership<P> {
                     again.push(promote(shard, o.epoch, m, *next));
                 }
             }
-        }
-        // A member that holds a write up past the patience is dropped from the shard.
-        let patience = self.cfg.ack_patience_ticks.max(1);
-        for (&shard, o) in &mut self.owned {
+            // A member that holds a write up past the patience is dropped from the shard.
             let stalled: BTreeSet<MemberIx> = o
                 .pending
                 .values()
-                .filter(|p| now - p.since >= patience)
+                .filter(|p| now - p.since >= ack_patience)
                 .flat_map(|p| p.waiting.iter().copied())
                 .collect();
             o.shrinking.retain(|m, _| stalled.contains(m));

@@ -609,7 +609,7 @@ pub fn check_transition(
 
 pub mod plan;
 
-pub use plan::{plan_assign, plan_membership, UpMember};
+pub use plan::{plan_assign, plan_membership, Desired, UpMember};
 
 #[cfg(test)]
 mod tests;

@@ -165,17 +165,24 @@ impl Actor for ConversationActor {
                         s.say(&me, id, text, bot.as_deref(), user, reply).await;
                     }
                     ConvRequest::History { limit } => {
-                        // Only what is durable: a turn whose commit may still fail is not
-                        // history yet.
+                        // Only where reads are allowed (the controller lease).
+                        if let Err(refusal) = s.shared.replicator.read(&s.conv).await {
+                            reply.send(refused(&refusal, s.shared.retry_after_ms));
+                            return Ok(());
+                        }
+                        // Every turn asked before it, answered once they are durable (a
+                        // history pipelined after a say shows that say's turn; if a commit
+                        // fails, this read fails with it).
                         let turns = s
                             .state
                             .history(s.state.turns.len())
-                            .filter(|t| t.turn <= s.durable_turn)
                             .map(|t| (**t).clone())
                             .collect::<Vec<_>>();
                         let skip = turns.len().saturating_sub(limit as usize);
                         let turns = turns.into_iter().skip(skip).collect();
-                        reply.send(ConvOutcome::History { turns, node: s.shared.node.clone() });
+                        let outcome = ConvOutcome::History { turns, node: s.shared.node.clone() };
+                        let upto = s.state.turn;
+                        s.reply_when_durable(upto, reply, outcome);
                     }
                     ConvRequest::Replica(_) | ConvRequest::Module(_) => {
                         reply.send(ConvOutcome::failed(

@@ -26,7 +26,7 @@ use crate::bot::{BotRegistry, TurnContext};
 use crate::conversation::{ConvArgs, ConvMsg, ConversationActor};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::metrics::ConversationMetrics;
-use crate::replicator::Replicator;
+use crate::replicator::Replication;
 
 /// A live conversation actor, as the registry holds it.
 pub struct Handle {
@@ -61,7 +61,7 @@ pub type Redirect = Box<dyn Fn(&str, ConvRequest, Reply) + Send + Sync>;
 /// What every conversation actor of this node shares.
 pub struct HostShared {
     pub node: Arc<str>,
-    pub replicator: Arc<Replicator>,
+    pub replicator: Arc<dyn Replication>,
     pub bots: BotRegistry,
     pub backends: Arc<Backends>,
     pub metrics: ConversationMetrics,
@@ -153,7 +153,7 @@ impl ConversationHost {
     pub async fn start(
         node: Arc<str>,
         cfg: &ConversationConfig,
-        replicator: Arc<Replicator>,
+        replicator: Arc<dyn Replication>,
         retry_after_ms: u64,
         bots: BotRegistry,
         backends: Arc<Backends>,

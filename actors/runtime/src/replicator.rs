@@ -142,6 +142,44 @@ pub struct Owned {
 /// Resolves when a turn is held by the write quorum (or can no longer be).
 pub type ReplicaTicket = BoxFuture<'static, Result<(), Refusal>>;
 
+/// How a conversation actor owns and writes its conversation: by its node's view
+/// ([`Replicator`]) or by the controller's map ([`crate::shards::ShardReplicator`]).
+pub trait Replication: Send + Sync + 'static {
+    /// Takes ownership of `conv`: its state, version and the epoch its writes carry.
+    fn acquire<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Owned, Refusal>>;
+    /// Queues one turn; the ticket resolves once it is replicated as the mode requires.
+    fn submit<'a>(
+        &'a self,
+        conv: &'a str,
+        epoch: Epoch,
+        base: Version,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>>;
+    /// Resolves when this node may answer a read of `conv` (its lease holds).
+    fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>>;
+}
+
+impl Replication for Replicator {
+    fn acquire<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Owned, Refusal>> {
+        Box::pin(Replicator::acquire(self, conv))
+    }
+
+    fn submit<'a>(
+        &'a self,
+        conv: &'a str,
+        epoch: Epoch,
+        base: Version,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>> {
+        Box::pin(Replicator::submit(self, conv, epoch, base, commit))
+    }
+
+    /// Keep-majority guards reads here: a node that serves turns serves reads.
+    fn read<'a>(&'a self, _conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
 type Done = Box<dyn FnOnce(Result<ReplicaAnswer, StoreError>) + Send>;
 
 struct Incoming {

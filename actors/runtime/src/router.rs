@@ -25,6 +25,8 @@ pub trait Inbound: Send + Sync + 'static {
     fn handle(&self, envelope: Envelope, reply: Reply);
     /// A message for the placement controller.
     fn controller(&self, bytes: Vec<u8>);
+    /// A batch for the shard replicator.
+    fn shards(&self, bytes: Vec<u8>);
 }
 
 /// Group every router joins.
@@ -48,6 +50,8 @@ pub enum RouterMessage {
     Outcomes(Vec<u8>),
     /// For the placement controller (Raft messages, proposals), handed over undecoded.
     Controller(Vec<u8>),
+    /// For the shard replicator: a postcard `shards::PeerBatch`, handed over undecoded.
+    Shards(Vec<u8>),
 }
 
 #[derive(Clone)]
@@ -121,6 +125,7 @@ impl Actor for RouterActor {
                 }
             },
             RouterMessage::Controller(bytes) => state.inbound.controller(bytes),
+            RouterMessage::Shards(bytes) => state.inbound.shards(bytes),
         }
         Ok(())
     }

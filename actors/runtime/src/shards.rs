@@ -25,7 +25,7 @@ use botclaw_core::conversation::TurnCommit;
 use botclaw_core::ownership::{Effect, Failure, Msg, Ownership, OwnershipConfig, Seq};
 use botclaw_core::placement::{shard_of, ShardId};
 use botclaw_core::replication::{Epoch, Version};
-use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
+use botclaw_core::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -76,6 +76,26 @@ pub trait ShardLinks: Send + Sync + 'static {
     /// Whether this node heard from the controller's leader (or leads it) since the last
     /// call (the read lease).
     fn controller_heard(&self) -> bool;
+}
+
+impl crate::replicator::Replication for ShardReplicator {
+    fn acquire<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Owned, Refusal>> {
+        Box::pin(ShardReplicator::acquire(self, conv))
+    }
+
+    fn submit<'a>(
+        &'a self,
+        conv: &'a str,
+        epoch: Epoch,
+        base: Version,
+        commit: TurnCommit,
+    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>> {
+        Box::pin(ShardReplicator::submit(self, conv, epoch, base, commit))
+    }
+
+    fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        ShardReplicator::read(self, conv)
+    }
 }
 
 /// Limits of the driver.
@@ -202,6 +222,8 @@ impl ShardReplicator {
             outbound: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_len: 0,
+            proposed: Vec::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
         };
         let every = driver.limits.tick;
         tokio::spawn(driver.run(rx));
@@ -218,10 +240,10 @@ impl ShardReplicator {
         handle
     }
 
-    /// The map this node applied (call after every change).
-    pub fn map_applied(&self, map: Arc<ShardMap>) {
-        let inbox = self.inbox.clone();
-        tokio::spawn(async move { inbox.send(Input::Map(map)).await });
+    /// The map this node applied (call after every change, in order). Requests asked
+    /// after this returns are decided by it.
+    pub async fn map_applied(&self, map: Arc<ShardMap>) {
+        let _ = self.inbox.send(Input::Map(map)).await;
     }
 
     /// A batch from a peer's driver.
@@ -296,6 +318,12 @@ impl ShardReplicator {
     }
 }
 
+/// Shards streamed to learners at once by one node.
+const STREAMS_MAX: usize = 8;
+
+/// Shard changes in one proposal (one controller log entry).
+const PROPOSED_CHANGES_MAX: usize = 4096;
+
 struct Parked {
     epoch: u64,
     seq: Seq,
@@ -318,6 +346,10 @@ struct Driver {
     /// Writes a learner could not apply yet, per shard, oldest first.
     parked: BTreeMap<ShardId, VecDeque<Parked>>,
     parked_len: usize,
+    /// Shard changes (promotions, removals) to propose at the end of the round.
+    proposed: Vec<ShardChange>,
+    /// Streams being read and sent at once (a join moves thousands of shards).
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 enum Waiting {
@@ -563,6 +595,8 @@ impl Driver {
                     }
                 }
                 Effect::Stream { shard, attempt, to } => self.stream(shard, attempt, to),
+                // Shard changes of one round go to the controller as one command.
+                Effect::Propose(MapCommand::Changes(changes)) => self.proposed.extend(changes),
                 Effect::Propose(command) => self.links.propose(command),
             }
         }
@@ -573,7 +607,9 @@ impl Driver {
         let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { return };
         let (store, links, me) = (self.store.clone(), self.links.clone(), self.me.clone());
         let max = self.limits.batch_bytes_max;
+        let streams = self.streams.clone();
         tokio::spawn(async move {
+            let Ok(_permit) = streams.acquire_owned().await else { return };
             let convs = match store.load_shard(shard).await {
                 Ok(convs) => convs,
                 Err(e) => {
@@ -604,8 +640,12 @@ impl Driver {
         });
     }
 
-    /// Sends each peer its messages of this round, in batches of bounded bytes.
+    /// Sends each peer its messages of this round, in batches of bounded bytes, and the
+    /// round's shard changes to the controller.
     fn flush(&mut self) {
+        for changes in std::mem::take(&mut self.proposed).chunks(PROPOSED_CHANGES_MAX) {
+            self.links.propose(MapCommand::Changes(changes.to_vec()));
+        }
         for (to, msgs) in std::mem::take(&mut self.outbound) {
             let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { continue };
             let mut batch = PeerBatch { from: self.me.clone(), msgs: Vec::new() };

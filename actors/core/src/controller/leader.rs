@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use super::{controller_id, Controller, ControllerId, GroupChange};
 use crate::placement::{Placement, RingMember};
-use crate::shardmap::plan::{plan, PlanConfig, UpMember};
+use crate::shardmap::plan::{plan_with, Desired, PlanConfig, UpMember};
 use crate::shardmap::{MapCommand, ShardMap};
 use botclaw_config::PlacementConfig;
 
@@ -23,7 +23,8 @@ pub struct Round {
 #[derive(Debug)]
 pub struct LeaderPlanner {
     pilot: Autopilot,
-    ring: Option<(Vec<RingMember>, Placement)>,
+    /// The ring over the map's active members and the members it wants per shard.
+    ring: Option<(Vec<RingMember>, Placement, Desired)>,
     placement: PlacementConfig,
     pub plan: PlanConfig,
     voters_target: usize,
@@ -47,14 +48,17 @@ impl LeaderPlanner {
         }
     }
 
-    /// The ring over `map`'s active members (cached while they stay the same).
-    pub fn ring(&mut self, map: &ShardMap) -> &Placement {
+    /// The ring over `map`'s active members and the members it wants per shard (cached
+    /// while the active members stay the same).
+    pub fn ring(&mut self, map: &ShardMap) -> (&Placement, &Desired) {
         let active = map.active_members();
-        if self.ring.as_ref().is_none_or(|(members, _)| *members != active) {
+        if self.ring.as_ref().is_none_or(|(members, ..)| *members != active) {
             let placement = Placement::build(&active, &self.placement);
-            self.ring = Some((active, placement));
+            let desired = Desired::build(map, &placement, self.plan.replication_factor);
+            self.ring = Some((active, placement, desired));
         }
-        &self.ring.as_ref().expect("built above").1
+        let (_, ring, desired) = self.ring.as_ref().expect("built above");
+        (ring, desired)
     }
 
     /// One round on the leader `c`, with `up` the members its failure detector sees.
@@ -66,7 +70,7 @@ impl LeaderPlanner {
         let caught_up = |id| c.caught_up(id);
         let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
-        let commands = plan(c.map(), up, self.ring(c.map()), &cfg);
+        let commands = plan_with(c.map(), up, self.ring(c.map()).1, &cfg);
         Round { group, commands }
     }
 }

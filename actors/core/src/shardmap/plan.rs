@@ -66,16 +66,9 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
 }
 
 /// First owners and replicas for at most `shards_max` unassigned shards: each gets its
-/// preference list on `placement` (which the caller builds over the map's active members),
-/// `replication_factor` long, as runs of consecutive shards with the same list. `None` when
-/// nothing is unassigned or no active member is placed.
-pub fn plan_assign(
-    map: &ShardMap,
-    placement: &Placement,
-    replication_factor: usize,
-    shards_max: usize,
-) -> Option<MapCommand> {
-    let r = replication_factor.clamp(1, REPLICAS_MAX);
+/// wanted members (see [`Desired`]), as runs of consecutive shards with the same list.
+/// `None` when nothing is unassigned or no active member is placed.
+pub fn plan_assign(map: &ShardMap, desired: &Desired, shards_max: usize) -> Option<MapCommand> {
     let mut runs: Vec<AssignRun> = Vec::new();
     let mut planned = 0;
     for (s, e) in map.shards().iter().enumerate() {
@@ -85,12 +78,7 @@ pub fn plan_assign(
         if !e.is_unassigned() {
             continue;
         }
-        let replicas: Vec<MemberIx> = placement
-            .preference_list(s as ShardId, r)
-            .into_iter()
-            .filter_map(|name| map.member_ix(name))
-            .filter(|&ix| map.members()[usize::from(ix)].state == MemberState::Active)
-            .collect();
+        let replicas = desired.of(s as ShardId);
         if replicas.is_empty() {
             continue;
         }
@@ -99,10 +87,35 @@ pub fn plan_assign(
             Some(run) if run.start + run.len == s as ShardId && run.replicas == replicas => {
                 run.len += 1
             }
-            _ => runs.push(AssignRun { start: s as ShardId, len: 1, replicas }),
+            _ => runs.push(AssignRun { start: s as ShardId, len: 1, replicas: replicas.to_vec() }),
         }
     }
     (!runs.is_empty()).then_some(MapCommand::Assign(runs))
+}
+
+/// The members the ring wants for every shard (owner first), active members only:
+/// computed once per ring, so a planning round allocates nothing per shard.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    by_shard: Vec<super::Replicas>,
+}
+
+impl Desired {
+    /// `ring` is built over the map's active members; `r` replicas per shard.
+    pub fn build(map: &ShardMap, ring: &Placement, r: usize) -> Desired {
+        let by_shard = (0..map.shard_count())
+            .map(|s| {
+                super::Replicas::from_slice(&desired(map, ring, s, r))
+                    .expect("at most REPLICAS_MAX wanted")
+            })
+            .collect();
+        Desired { by_shard }
+    }
+
+    /// The wanted members of `shard`, owner first (empty if none is active).
+    pub fn of(&self, shard: ShardId) -> &[MemberIx] {
+        self.by_shard.get(shard as usize).map_or(&[], |r| r.as_slice())
+    }
 }
 
 /// Limits of one planning round.
@@ -138,13 +151,23 @@ pub fn plan(
     ring: &Placement,
     cfg: &PlanConfig,
 ) -> Vec<MapCommand> {
+    plan_with(map, up, &Desired::build(map, ring, cfg.replication_factor), cfg)
+}
+
+/// [`plan`] with the wanted members computed already (the leader keeps them per ring).
+pub fn plan_with(
+    map: &ShardMap,
+    up: &[UpMember],
+    desired: &Desired,
+    cfg: &PlanConfig,
+) -> Vec<MapCommand> {
     let membership = plan_membership(map, up);
     if !membership.is_empty() {
         return membership;
     }
     let mut out = Vec::new();
-    out.extend(plan_assign(map, ring, cfg.replication_factor, cfg.assign_shards_max));
-    let moves = plan_moves(map, ring, cfg);
+    out.extend(plan_assign(map, desired, cfg.assign_shards_max));
+    let moves = plan_moves(map, desired, cfg);
     if !moves.is_empty() {
         out.push(MapCommand::Changes(moves));
     }
@@ -169,7 +192,7 @@ pub fn desired(map: &ShardMap, ring: &Placement, shard: ShardId, r: usize) -> Ve
 /// 4. then in-sync members the ring does not want are removed.
 ///
 /// Unavailable shards wait for a member of their ISR; unassigned ones for `plan_assign`.
-pub fn plan_moves(map: &ShardMap, ring: &Placement, cfg: &PlanConfig) -> Vec<ShardChange> {
+pub fn plan_moves(map: &ShardMap, desired: &Desired, cfg: &PlanConfig) -> Vec<ShardChange> {
     let mut in_flight = map.shards().iter().filter(|e| !e.learners.is_empty()).count();
     let mut out = Vec::new();
     for (s, e) in map.shards().iter().enumerate() {
@@ -179,7 +202,7 @@ pub fn plan_moves(map: &ShardMap, ring: &Placement, cfg: &PlanConfig) -> Vec<Sha
         let Some(owner) = e.owner else { continue };
         let shard = s as ShardId;
         let epoch = e.epoch;
-        let want = desired(map, ring, shard, cfg.replication_factor);
+        let want = desired.of(shard);
         if want.is_empty() {
             continue;
         }

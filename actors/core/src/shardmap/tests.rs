@@ -178,14 +178,18 @@ fn assignment_follows_the_ring_in_runs_and_skips_assigned_shards() {
         apply(&mut map, &join(&m.name, 1));
     }
     let placement = Placement::build(&members, &cfg);
-    let Some(MapCommand::Assign(runs)) = plan_assign(&map, &placement, 2, 300) else { panic!() };
+    let Some(MapCommand::Assign(runs)) =
+        plan_assign(&map, &Desired::build(&map, &placement, 2), 300)
+    else {
+        panic!()
+    };
     assert_eq!(runs.iter().map(|r| r.len).sum::<u32>(), 300, "bounded by shards_max");
     assert!(runs.len() < 300, "consecutive shards share runs: {}", runs.len());
     apply(&mut map, &MapCommand::Assign(runs));
-    let cmd = plan_assign(&map, &placement, 2, usize::MAX).unwrap();
+    let cmd = plan_assign(&map, &Desired::build(&map, &placement, 2), usize::MAX).unwrap();
     let applied = apply(&mut map, &cmd);
     assert_eq!(applied.changed.len(), 1024 - 300);
-    assert!(plan_assign(&map, &placement, 2, usize::MAX).is_none());
+    assert!(plan_assign(&map, &Desired::build(&map, &placement, 2), usize::MAX).is_none());
     for s in 0..1024 {
         let want = placement.preference_list(s, 2);
         assert_eq!(names(&map, map.shard(s).unwrap().isr), want, "shard {s}");

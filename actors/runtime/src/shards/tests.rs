@@ -99,29 +99,31 @@ fn cluster(names: &[&str]) -> Vec<Node> {
     nodes
 }
 
-fn apply(nodes: &[Node], map: &mut ShardMap, cmd: &MapCommand) {
+async fn apply(nodes: &[Node], map: &mut ShardMap, cmd: &MapCommand) {
     let applied = map.apply(cmd);
     assert!(applied.skipped.is_empty(), "{applied:?}");
     for n in nodes {
-        n.shards.map_applied(Arc::new(map.clone()));
+        n.shards.map_applied(Arc::new(map.clone())).await;
     }
 }
 
 /// a, b, c joined; every shard on [a, b].
-fn started(nodes: &[Node]) -> ShardMap {
+async fn started(nodes: &[Node]) -> ShardMap {
     let mut map = ShardMap::new(SHARDS);
     for name in ["a", "b", "c"] {
         apply(
             nodes,
             &mut map,
             &MapCommand::Join { name: name.into(), incarnation: 1, capacity: 100 },
-        );
+        )
+        .await;
     }
     apply(
         nodes,
         &mut map,
         &MapCommand::Assign(vec![AssignRun { start: 0, len: SHARDS, replicas: vec![0, 1] }]),
-    );
+    )
+    .await;
     map
 }
 
@@ -176,7 +178,7 @@ fn promotions(n: &Node) -> Vec<MapCommand> {
 #[tokio::test]
 async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_off() {
     let nodes = cluster(&["a", "b", "c"]);
-    let mut map = started(&nodes);
+    let mut map = started(&nodes).await;
     let shard = shard_of(CONV, SHARDS);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     let mut owned = acquired(a).await;
@@ -195,7 +197,8 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
         &nodes,
         &mut map,
         &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
-    );
+    )
+    .await;
     let promote = eventually(|| {
         promotions(a).into_iter().find(|cmd| {
             matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
@@ -203,7 +206,7 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
     })
     .await;
     assert_eq!(turn_of(&c.store, CONV).await, 5, "the stream carried every acknowledged turn");
-    apply(&nodes, &mut map, &promote);
+    apply(&nodes, &mut map, &promote).await;
     assert_eq!(map.shard(shard).unwrap().isr.len(), 3);
     turns(a, &mut owned, 1).await;
     assert_eq!(turn_of(&c.store, CONV).await, 6, "a promoted member takes every write");
@@ -214,7 +217,8 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
         &nodes,
         &mut map,
         &MapCommand::Changes(vec![ShardChange::SetOwner { shard, epoch, member: 2 }]),
-    );
+    )
+    .await;
     let _ = eventually(|| (map.shard(shard).unwrap().owner == Some(2)).then_some(())).await;
     let mut moved = acquired(c).await;
     assert_eq!(moved.state.turn, 6);
@@ -232,7 +236,7 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
 #[tokio::test]
 async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
     let nodes = cluster(&["a", "b", "c"]);
-    let mut map = started(&nodes);
+    let mut map = started(&nodes).await;
     let shard = shard_of(CONV, SHARDS);
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut owned = acquired(a).await;
@@ -247,7 +251,7 @@ async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
         })
     })
     .await;
-    apply(&nodes, &mut map, &remove);
+    apply(&nodes, &mut map, &remove).await;
     // The controller committed it: the write is acknowledged on the members left.
     tokio::time::timeout(Duration::from_secs(5), ticket).await.unwrap().unwrap();
     assert_eq!(turn_of(&a.store, CONV).await, 3);
@@ -258,7 +262,7 @@ async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
 #[tokio::test]
 async fn a_learner_added_under_load_catches_up_with_every_turn() {
     let nodes = Arc::new(cluster(&["a", "b", "c"]));
-    let mut map = started(&nodes);
+    let mut map = started(&nodes).await;
     let shard = shard_of(CONV, SHARDS);
     let mut owned = acquired(&nodes[0]).await;
     turns(&nodes[0], &mut owned, 3).await;
@@ -278,14 +282,15 @@ async fn a_learner_added_under_load_catches_up_with_every_turn() {
         &nodes,
         &mut map,
         &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
-    );
+    )
+    .await;
     let promote = eventually(|| {
         promotions(&nodes[0]).into_iter().find(|cmd| {
             matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
         })
     })
     .await;
-    apply(&nodes, &mut map, &promote);
+    apply(&nodes, &mut map, &promote).await;
     let mut owned = writer.await.unwrap();
     turns(&nodes[0], &mut owned, 1).await;
     let stored = nodes[2].store.load(CONV).await.unwrap().unwrap();
