@@ -370,7 +370,7 @@ impl ControllerTask {
 
     /// A command from `from` (an operator's `shard force`, later owners' promotions): the
     /// leader proposes it, a follower passes it to the leader once.
-    pub fn propose(&mut self, from: &str, forwarded: bool, command: MapCommand) {
+    fn propose(&mut self, from: &str, forwarded: bool, command: MapCommand) {
         if self.controller.is_leader() {
             if self.controller.propose(&command).is_ok() {
                 self.args.metrics.proposals.inc();

@@ -59,8 +59,7 @@ pub async fn follow_map(
     shards: ShardReplicator,
 ) {
     let me = dispatcher.me.clone();
-    let ring = dispatcher.view.load().placement.clone();
-    let ring: Arc<Placement> = ring;
+    let ring: Arc<Placement> = dispatcher.view.load().placement.clone();
     let mut down: BTreeSet<String> = BTreeSet::new();
     dispatcher.serving.store(true, Ordering::Release);
     dispatcher.metrics.serving.set(1);

@@ -375,11 +375,14 @@ impl Driver {
             Input::Acquire { shard, done } => {
                 let owns = self.machine.as_ref().is_some_and(|m| m.owns(shard));
                 let entry = self.map.shard(shard).copied().unwrap_or_default();
-                let _ = done.send(match () {
-                    () if owns => Ok(entry.epoch),
-                    () if entry.is_unavailable() => Err(Failure::Unavailable),
-                    () => Err(Failure::NotOwner),
-                });
+                let answer = if owns {
+                    Ok(entry.epoch)
+                } else if entry.is_unavailable() {
+                    Err(Failure::Unavailable)
+                } else {
+                    Err(Failure::NotOwner)
+                };
+                let _ = done.send(answer);
             }
             Input::Submit { shard, payload, accepted, done } => {
                 let result = match self.machine.as_mut() {

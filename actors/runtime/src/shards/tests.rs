@@ -175,6 +175,16 @@ fn promotions(n: &Node) -> Vec<MapCommand> {
     n.links.proposals.lock().unwrap().drain(..).collect()
 }
 
+/// Waits until `n` proposes a command of one shard change matching `f`, and returns it.
+async fn proposed(n: &Node, f: impl Fn(&ShardChange) -> bool) -> MapCommand {
+    eventually(|| {
+        promotions(n)
+            .into_iter()
+            .find(|cmd| matches!(cmd, MapCommand::Changes(c) if c.len() == 1 && f(&c[0])))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_off() {
     let nodes = cluster(&["a", "b", "c"]);
@@ -199,12 +209,7 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
         &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
     )
     .await;
-    let promote = eventually(|| {
-        promotions(a).into_iter().find(|cmd| {
-            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
-        })
-    })
-    .await;
+    let promote = proposed(a, |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
     assert_eq!(turn_of(&c.store, CONV).await, 5, "the stream carried every acknowledged turn");
     apply(&nodes, &mut map, &promote).await;
     assert_eq!(map.shard(shard).unwrap().isr.len(), 3);
@@ -245,12 +250,7 @@ async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
     a.links.cut.lock().unwrap().push("b".into());
     let commit = owned.state.next_commit("echo", "m3".into(), "hi".into(), None, vec![], vec![]);
     let ticket = a.shards.submit(CONV, owned.epoch, owned.version, commit).await.unwrap();
-    let remove = eventually(|| {
-        promotions(a).into_iter().find(|cmd| {
-            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Remove { member: 1, .. }]))
-        })
-    })
-    .await;
+    let remove = proposed(a, |c| matches!(c, ShardChange::Remove { member: 1, .. })).await;
     apply(&nodes, &mut map, &remove).await;
     // The controller committed it: the write is acknowledged on the members left.
     tokio::time::timeout(Duration::from_secs(5), ticket).await.unwrap().unwrap();
@@ -284,12 +284,8 @@ async fn a_learner_added_under_load_catches_up_with_every_turn() {
         &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
     )
     .await;
-    let promote = eventually(|| {
-        promotions(&nodes[0]).into_iter().find(|cmd| {
-            matches!(cmd, MapCommand::Changes(c) if matches!(c[..], [ShardChange::Promote { member: 2, .. }]))
-        })
-    })
-    .await;
+    let promote =
+        proposed(&nodes[0], |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
     apply(&nodes, &mut map, &promote).await;
     let mut owned = writer.await.unwrap();
     turns(&nodes[0], &mut owned, 1).await;
