@@ -463,8 +463,12 @@ pub struct ControllerConfig {
     pub uncommitted_bytes_max: u64,
     /// Applied entries kept in the log before it is compacted behind a snapshot.
     pub log_entries_max: u64,
-    /// How often the leader plans (membership, first owners, moves).
+    /// How often the leader plans (membership, first owners, moves) while the map stands
+    /// still...
     pub plan_interval_ms: u64,
+    /// ...and how soon after its last round once the map changed (a move's next step
+    /// follows the commit of the one before).
+    pub plan_after_change_ms: u64,
     /// Shards with a learner at once (each streams its data: the cost of a move).
     pub moves_in_flight_max: usize,
     /// Shard changes one planning round proposes.
@@ -488,6 +492,7 @@ impl Default for ControllerConfig {
             uncommitted_bytes_max: 16 << 20,
             log_entries_max: 1024,
             plan_interval_ms: 500,
+            plan_after_change_ms: 50,
             moves_in_flight_max: 4096,
             changes_per_round_max: 16_384,
             inbound_queue_max: 4096,
@@ -507,6 +512,7 @@ impl ControllerConfig {
             ("controller.uncommitted_bytes_max", self.uncommitted_bytes_max),
             ("controller.log_entries_max", self.log_entries_max),
             ("controller.plan_interval_ms", self.plan_interval_ms),
+            ("controller.plan_after_change_ms", self.plan_after_change_ms),
             ("controller.moves_in_flight_max", self.moves_in_flight_max as u64),
             ("controller.changes_per_round_max", self.changes_per_round_max as u64),
             ("controller.inbound_queue_max", self.inbound_queue_max as u64),

@@ -6,13 +6,14 @@
 //! batches: messages out, the batch made durable (the controller log under the data
 //! directory, fsynced; memory on an ephemeral node), then what must follow persistence.
 //! The applied map is published on a watch channel with the group's status; on the leader,
-//! every `controller.plan_interval_ms`, the autopilot and the planner propose.
+//! every `controller.plan_interval_ms` (`plan_after_change_ms` after a round once the map
+//! changed since), the autopilot and the planner propose.
 //!
 //! A node founds the group only on its first start (an empty log), and only if it is listed
 //! in `controller.voters` (or, with no list, if it was started without seeds). Every other
 //! node starts empty and is added as a learner by the leader, which sends it a snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use botclaw_core::controller::{
     Restored,
 };
 use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
-use botclaw_core::shardmap::{MapCommand, ShardMap};
+use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use botclaw_core::MemberState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -78,6 +79,9 @@ pub struct ControllerStatus {
     pub unavailable: Vec<u32>,
     /// Shards never assigned (a new cluster before its first round).
     pub shards_unassigned: usize,
+    /// Shards each live map member owns.
+    #[serde(default)]
+    pub owned: BTreeMap<String, u32>,
 }
 
 /// Unavailable shards `/status` lists by number.
@@ -267,6 +271,8 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
         replication_factor: args.replication_factor,
         moves_in_flight_max: args.cfg.moves_in_flight_max,
         changes_per_round_max: args.cfg.changes_per_round_max,
+        interval_ms: args.cfg.plan_interval_ms,
+        after_change_ms: args.cfg.plan_after_change_ms,
         ..PlanConfig::default()
     };
     let planner = LeaderPlanner::new(
@@ -311,10 +317,10 @@ impl ControllerTask {
     /// persist must not go on).
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.args.cfg.tick_ms));
-        let mut plan = tokio::time::interval(Duration::from_millis(self.args.cfg.plan_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        plan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let version = self.controller.map().version;
+            let plan_at = self.started + Duration::from_millis(self.planner.next_round_ms(version));
             tokio::select! {
                 _ = tick.tick() => {
                     if self.dirty {
@@ -325,7 +331,7 @@ impl ControllerTask {
                         self.args.heard.store(true, std::sync::atomic::Ordering::Release);
                     }
                 }
-                _ = plan.tick() => self.plan_round(),
+                _ = tokio::time::sleep_until(plan_at.into()) => self.plan_round(),
                 bytes = self.args.inbox.recv() => {
                     let Some(bytes) = bytes else { return };
                     self.receive(bytes);
@@ -411,11 +417,12 @@ impl ControllerTask {
     /// The leader's round: the autopilot's group change, then the planner's commands. Runs
     /// on this thread, which the runtime gives up meanwhile (tens of ms at 262,144 shards).
     fn plan_round(&mut self) {
+        let now = self.started.elapsed().as_millis() as u64;
         if !self.controller.is_leader() || !self.args.gossip.borrow().joined {
+            self.planner.skip(now, self.controller.map().version);
             return;
         }
         let up = self.up_members();
-        let now = self.started.elapsed().as_millis() as u64;
         let (planner, c) = (&mut self.planner, &self.controller);
         let Round { group, commands } = tokio::task::block_in_place(|| planner.round(now, c, &up));
         if let Some(changes) = group {
@@ -467,9 +474,9 @@ impl ControllerTask {
             }
             changed |= !rd.applied.is_empty() || rd.snapshot_installed;
         }
-        // A copy of the map per batch is costly at 262,144 shards: under a stream of
-        // commits (a join's moves) it is published at most every PUBLISH_EVERY, the rest
-        // on the next tick.
+        // Every publication makes the replicator and routing look at what changed: under a
+        // stream of commits (a join's moves) it happens at most every PUBLISH_EVERY, the
+        // rest on the next tick.
         if changed {
             if self.published_at.elapsed() >= PUBLISH_EVERY {
                 self.publish();
@@ -548,12 +555,15 @@ impl ControllerTask {
         };
         status.voters.sort();
         status.unavailable = map.unavailable().take(UNAVAILABLE_LISTED_MAX).collect();
-        for e in map.shards() {
-            status.moves_in_flight += usize::from(!e.learners.is_empty());
-            status.shards_unassigned += usize::from(e.is_unassigned());
-            status.shards_unavailable += usize::from(e.is_unavailable());
-            status.shards_under_replicated += usize::from(!e.is_unassigned() && e.isr.len() < r);
-        }
+        let tally = map.tally();
+        status.moves_in_flight = tally.learning as usize;
+        status.shards_unassigned = tally.unassigned() as usize;
+        status.shards_unavailable = tally.unavailable as usize;
+        status.shards_under_replicated = tally.under_replicated(r) as usize;
+        status.owned = (map.members().iter().enumerate())
+            .filter(|(_, m)| m.state != botclaw_core::shardmap::MemberState::Dead)
+            .map(|(ix, m)| (m.name.clone(), map.owned_by(ix as MemberIx)))
+            .collect();
         let m = &self.args.metrics;
         m.is_leader.set(i64::from(status.is_leader));
         m.term.set(status.term as i64);

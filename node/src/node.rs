@@ -127,7 +127,7 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
 /// Whether `me` owns, or holds a copy of, no shard of `map`.
 fn holds_nothing(map: &botclaw_core::shardmap::ShardMap, me: &str) -> bool {
     let Some(ix) = map.member_ix(me) else { return true };
-    map.shards().iter().all(|e| !e.isr.contains(ix) && !e.learners.contains(ix))
+    map.shards().all(|e| !e.isr.contains(ix) && !e.learners.contains(ix))
 }
 
 /// Longest a drained node waits for requests it holds or relays before it leaves.

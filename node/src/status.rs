@@ -113,7 +113,7 @@ pub fn render(status: &Status) -> String {
 pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
     format!(
         "controller: leader {} (term {}), voters {}, map version {}, {} moves in flight, \
-         {} shards under R, {} unavailable{}, {} unassigned",
+         {} shards under R, {} unavailable{}, {} unassigned{}",
         c.leader.as_deref().unwrap_or("unknown"),
         c.term,
         if c.voters.is_empty() { "-".to_string() } else { c.voters.join(",") },
@@ -132,6 +132,12 @@ pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
             )
         },
         c.shards_unassigned,
+        if c.owned.is_empty() {
+            String::new()
+        } else {
+            let owned: Vec<String> = c.owned.iter().map(|(n, k)| format!("{n} {k}")).collect();
+            format!("; shards owned: {}", owned.join(", "))
+        },
     )
 }
 

@@ -52,13 +52,12 @@ fn main() {
         join.push(
             until(&mut a, 60_000, |a| {
                 a.map().owned_counts().get(name.as_str()).is_some_and(|&n| n > 0)
-                    && a.map().shards().iter().all(|e| e.learners.is_empty())
+                    && a.map().shards().all(|e| e.learners.is_empty())
             })
             .unwrap_or_else(|| {
                 let learning: Vec<_> = a
                     .map()
                     .shards()
-                    .iter()
                     .enumerate()
                     .filter(|(_, e)| !e.learners.is_empty())
                     .map(|(s, e)| (s, *e))

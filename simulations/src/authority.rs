@@ -47,8 +47,6 @@ pub struct AuthorityConfig {
     pub controller: ControllerConfig,
     /// Controller and ownership ticks.
     pub tick_ms: u64,
-    /// How often the leader plans.
-    pub plan_every_ms: u64,
     /// Writes submitted per simulated second (at random gateways).
     pub writes_per_s: u64,
     /// Latency of every message between nodes (gossip included), uniform.
@@ -72,14 +70,13 @@ impl Default for AuthorityConfig {
             nodes: 5,
             voters: 3,
             shards: 64,
-            plan: PlanConfig { moves_in_flight_max: 8, ..Default::default() },
+            plan: PlanConfig { moves_in_flight_max: 8, interval_ms: 200, ..Default::default() },
             controller: ControllerConfig {
                 election_ticks: 10,
                 heartbeat_ticks: 2,
                 ..Default::default()
             },
             tick_ms: 50,
-            plan_every_ms: 200,
             writes_per_s: 2000,
             latency_ms: (1, 4),
             store_ms: (1, 3),
@@ -182,7 +179,6 @@ pub struct Authority {
     leader: Option<ControllerId>,
     report: AuthorityReport,
     last_tick: u64,
-    last_plan: u64,
     /// The leader's planner and the node it runs on.
     planner: Option<(usize, LeaderPlanner)>,
     /// Client requests go to shards below this (all when `None`).
@@ -219,7 +215,6 @@ impl Authority {
             leader: None,
             report: AuthorityReport::default(),
             last_tick: 0,
-            last_plan: 0,
             planner: None,
             active_shards: None,
             cfg,
@@ -425,10 +420,7 @@ impl Authority {
                 self.drain(i);
             }
         }
-        if self.now_ms - self.last_plan >= self.cfg.plan_every_ms {
-            self.last_plan = self.now_ms;
-            self.plan();
-        }
+        self.plan();
         let writes = self.cfg.writes_per_s * STEP_MS / 1000;
         for _ in 0..writes {
             self.submit();
@@ -665,8 +657,9 @@ impl Authority {
         }
     }
 
-    /// The leader's round (the node's own planner): the group change its autopilot wants,
-    /// then membership from its failure detector, first owners and moves.
+    /// The leader's round when its planner says one is due (the node's own planner): the
+    /// group change its autopilot wants, then membership from its failure detector, first
+    /// owners and moves.
     fn plan(&mut self) {
         let Some(l) = self.leader() else { return };
         if self.planner.as_ref().is_none_or(|(at, _)| *at != l) {
@@ -680,6 +673,11 @@ impl Authority {
                 self.cfg.controller.voter_replace_after_ms,
             );
             self.planner = Some((l, p));
+        }
+        let (_, planner) = self.planner.as_mut().expect("set above");
+        let version = self.nodes[l].controller.as_ref().map_or(0, |c| c.map().version);
+        if !planner.due(self.now_ms, version) {
+            return;
         }
         let addr = self.nodes[l].addr;
         let Some(membership) = self.net.membership(addr) else { return };

@@ -15,7 +15,7 @@ fn started(seed: u64) -> Authority {
     let mut a = Authority::new(AuthorityConfig::default(), seed);
     a.run_until(8_000);
     let r = clean(&a, "start");
-    assert!(a.map().shards().iter().all(|e| e.owner.is_some()), "unowned shards after 8 s: {r:?}");
+    assert!(a.map().shards().all(|e| e.owner.is_some()), "unowned shards after 8 s: {r:?}");
     a
 }
 
@@ -42,7 +42,7 @@ fn a_crashed_owner_is_replaced_by_an_in_sync_member() {
     assert_eq!(owned_by(&a, "n4"), 0, "{:?}", a.map().owned_counts());
     assert_eq!(r.unavailable_shards, 0, "one crash with R=2 leaves a copy of every shard");
     // R is restored: every shard has two in-sync members again.
-    assert!(a.map().shards().iter().all(|e| e.isr.len() == 2), "{:?}", a.map().owned_counts());
+    assert!(a.map().shards().all(|e| e.isr.len() == 2), "{:?}", a.map().owned_counts());
 }
 
 #[test]
@@ -74,7 +74,11 @@ fn two_nodes_joining_at_once_take_their_share_under_load() {
         assert!(owned >= 4, "n{i} owns {owned}: {:?}", a.map().owned_counts());
     }
     // Every move finished: no learner is left (a stalled catch-up starts over by itself).
-    assert!(a.map().shards().iter().all(|e| e.learners.is_empty()), "{:?}", a.map().shards());
+    assert!(
+        a.map().shards().all(|e| e.learners.is_empty()),
+        "{:?}",
+        a.map().shards().collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -220,7 +224,7 @@ fn same_seed_same_run() {
         a.run_until(6_000);
         a.crash(4);
         a.run_until(12_000);
-        (a.report(), format!("{:?}", a.map().shards()))
+        (a.report(), format!("{:?}", a.map().shards().collect::<Vec<_>>()))
     };
     assert_eq!(run(31), run(31));
     assert_ne!(run(31), run(32));

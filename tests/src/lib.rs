@@ -162,6 +162,27 @@ impl Ports {
     }
 }
 
+/// The suite runs by the controller's map when `BOTCLAW_TEST_BY_MAP=1` (every node gets
+/// `[controller] authoritative = true`), else in the node's default mode.
+pub fn by_map() -> bool {
+    std::env::var("BOTCLAW_TEST_BY_MAP").is_ok_and(|v| v == "1")
+}
+
+/// A node's extra config with the suite's routing mode added.
+fn with_mode(config: Option<&str>) -> Option<String> {
+    if !by_map() {
+        return config.map(String::from);
+    }
+    const ON: &str = "authoritative = true\n";
+    Some(match config {
+        Some(c) if c.contains("[controller]\n") => {
+            c.replacen("[controller]\n", &format!("[controller]\n{ON}"), 1)
+        }
+        Some(c) => format!("{c}\n[controller]\n{ON}"),
+        None => format!("[controller]\n{ON}"),
+    })
+}
+
 /// One `botclaw node` process under test.
 #[derive(Debug)]
 pub struct TestNode {
@@ -197,7 +218,7 @@ impl TestNode {
         for seed in &self.seeds {
             cmd.args(["--seed", &seed.to_string()]);
         }
-        if let Some(toml) = &self.config {
+        if let Some(toml) = with_mode(self.config.as_deref()) {
             let path = self.log.with_extension("toml");
             std::fs::write(&path, toml).unwrap();
             cmd.arg("--config").arg(path);
@@ -337,6 +358,32 @@ impl Cluster {
                 .then_some(())
         });
         assert!(ok.is_some(), "nodes {which:?} did not converge in {timeout:?}\n{}", self.logs());
+    }
+
+    /// Waits until `which` agree on the controller's map and it is settled: every shard
+    /// owned with its full replica set, no move in flight.
+    pub fn wait_placed(&self, which: &[usize], timeout: Duration) {
+        let ok = poll(timeout, || {
+            let versions: Option<Vec<u64>> = which
+                .iter()
+                .map(|&i| {
+                    let s = self.nodes[i].status()?;
+                    let c = &s["controller"];
+                    let settled = !c["leader"].is_null()
+                        && ["moves_in_flight", "shards_unassigned", "shards_unavailable"]
+                            .iter()
+                            .chain(&["shards_under_replicated"])
+                            .all(|k| c[k] == 0);
+                    settled.then(|| c["map_version"].as_u64()).flatten()
+                })
+                .collect();
+            versions.filter(|v| v.windows(2).all(|w| w[0] == w[1])).map(|_| ())
+        });
+        assert!(
+            ok.is_some(),
+            "nodes {which:?} did not settle on a map in {timeout:?}\n{}",
+            self.logs()
+        );
     }
 
     /// Waits until each of `observers` sees member `name` in `state`; returns how long

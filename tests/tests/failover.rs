@@ -23,6 +23,10 @@ fn cluster() -> Cluster {
     let mut c = Cluster::new(3).with_config(CONFIG);
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
+    if by_map() {
+        c.wait_placed(&[0, 1, 2], CONVERGE);
+        return c;
+    }
     // Every node's keep-majority baseline is the full cluster.
     let full = poll(CONVERGE, || {
         c.nodes

@@ -27,6 +27,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ShardId;
+use table::Table;
+pub use table::Tally;
 
 /// A member's slot in the map.
 pub type MemberIx = u16;
@@ -231,20 +233,16 @@ pub struct ShardMap {
     /// Commands applied (the map's version; gossip spreads it so laggards fetch).
     pub version: u64,
     members: Vec<MapMember>,
-    shards: Vec<ShardEntry>,
+    shards: Table,
 }
 
 impl ShardMap {
     pub fn new(shard_count: u32) -> ShardMap {
-        ShardMap {
-            version: 0,
-            members: Vec::new(),
-            shards: vec![ShardEntry::default(); shard_count as usize],
-        }
+        ShardMap { version: 0, members: Vec::new(), shards: Table::new(shard_count) }
     }
 
     pub fn shard_count(&self) -> u32 {
-        self.shards.len() as u32
+        self.shards.len()
     }
 
     pub fn members(&self) -> &[MapMember] {
@@ -274,11 +272,24 @@ impl ShardMap {
     }
 
     pub fn shard(&self, shard: ShardId) -> Option<&ShardEntry> {
-        self.shards.get(shard as usize)
+        self.shards.get(shard)
     }
 
-    pub fn shards(&self) -> &[ShardEntry] {
-        &self.shards
+    /// Every shard's entry, in shard order.
+    pub fn shards(&self) -> impl ExactSizeIterator<Item = &ShardEntry> + Clone + '_ {
+        self.shards.iter()
+    }
+
+    /// Counts of entries by kind (moves in flight, unavailable, by ISR size), without a scan.
+    pub fn tally(&self) -> &Tally {
+        self.shards.tally()
+    }
+
+    /// The shards whose entry differs in `older`, ascending; `None` if `older` has another
+    /// shard count. Cheap when `older` is an earlier version of this map: only the parts
+    /// changed since are compared.
+    pub fn changed_since(&self, older: &ShardMap) -> Option<Vec<ShardId>> {
+        self.shards.changed_since(&older.shards)
     }
 
     /// The owner's name, if the shard has one.
@@ -286,25 +297,27 @@ impl ShardMap {
         self.shard(shard)?.owner.map(|o| self.name(o))
     }
 
+    /// Shards `member` owns (kept as entries change: no scan).
+    pub fn owned_by(&self, member: MemberIx) -> u32 {
+        self.shards.owned(member)
+    }
+
     /// Shards per member as owner, for every member.
     pub fn owned_counts(&self) -> BTreeMap<&str, u32> {
-        let mut counts: BTreeMap<&str, u32> =
-            self.members.iter().map(|m| (m.name.as_str(), 0)).collect();
-        for e in &self.shards {
-            if let Some(o) = e.owner {
-                *counts.entry(self.name(o)).or_default() += 1;
-            }
-        }
-        counts
+        (0..self.members.len())
+            .map(|ix| (self.members[ix].name.as_str(), self.owned_by(ix as MemberIx)))
+            .collect()
     }
 
     /// Shards that are assigned but have no owner.
     pub fn unavailable(&self) -> impl Iterator<Item = ShardId> + '_ {
+        // Stops after the last one (at once when the tally counts none).
         self.shards
             .iter()
             .enumerate()
             .filter(|(_, e)| e.is_unavailable())
             .map(|(s, _)| s as ShardId)
+            .take(self.shards.tally().unavailable as usize)
     }
 
     /// Applies one committed command. Never panics on a command's content: what cannot be
@@ -334,7 +347,7 @@ impl ShardMap {
         out.changed.sort_unstable();
         out.changed.dedup();
         for &s in &out.changed {
-            let e = &self.shards[s as usize];
+            let e = self.shards.get(s).expect("a changed shard exists");
             assert!(!e.isr.is_empty(), "shard {s}: a change left it without replicas");
             assert!(
                 e.owner.is_none_or(|o| e.isr.as_slice().first() == Some(&o)),
@@ -380,13 +393,17 @@ impl ShardMap {
         m.capacity = capacity;
         // Its store kept what it acknowledged: where it was the last in-sync member, it is
         // the only one that can serve the shard without losing turns.
-        for (s, e) in self.shards.iter_mut().enumerate() {
-            if e.is_unavailable() && e.isr.contains(ix) {
-                e.isr.put_first(ix);
-                e.owner = Some(ix);
-                e.epoch += 1;
-                out.changed.push(s as ShardId);
-            }
+        let returning: Vec<ShardId> = self
+            .unavailable()
+            .filter(|&s| self.shards.get(s).is_some_and(|e| e.isr.contains(ix)))
+            .collect();
+        for s in returning {
+            let mut e = *self.shards.get(s).expect("found above");
+            e.isr.put_first(ix);
+            e.owner = Some(ix);
+            e.epoch += 1;
+            self.shards.set(s, e);
+            out.changed.push(s);
         }
     }
 
@@ -404,8 +421,16 @@ impl ShardMap {
             return;
         }
         m.state = MemberState::Dead;
-        for (s, e) in self.shards.iter_mut().enumerate() {
-            let mut changed = e.learners.remove(ix);
+        let held: Vec<ShardId> = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.isr.contains(ix) || e.learners.contains(ix))
+            .map(|(s, _)| s as ShardId)
+            .collect();
+        for s in held {
+            let mut e = *self.shards.get(s).expect("found above");
+            e.learners.remove(ix);
             if e.isr.contains(ix) {
                 if e.isr.len() > 1 {
                     e.isr.remove(ix);
@@ -415,12 +440,10 @@ impl ShardMap {
                 } else {
                     e.owner = None;
                 }
-                changed = true;
             }
-            if changed {
-                e.epoch += 1;
-                out.changed.push(s as ShardId);
-            }
+            e.epoch += 1;
+            self.shards.set(s, e);
+            out.changed.push(s);
         }
     }
 
@@ -437,14 +460,16 @@ impl ShardMap {
                 out.skipped.push(format!("assign from shard {}: unusable replicas", run.start));
                 continue;
             };
-            let end = (u64::from(run.start) + u64::from(run.len)).min(self.shards.len() as u64);
+            let end = (u64::from(run.start) + u64::from(run.len)).min(u64::from(self.shards.len()));
             for s in u64::from(run.start)..end {
-                let e = &mut self.shards[s as usize];
+                let s = s as ShardId;
+                let mut e = *self.shards.get(s).expect("below the shard count");
                 if e.is_unassigned() {
                     e.isr = replicas;
                     e.owner = Some(replicas.as_slice()[0]);
                     e.epoch += 1;
-                    out.changed.push(s as ShardId);
+                    self.shards.set(s, e);
+                    out.changed.push(s);
                 }
             }
         }
@@ -452,7 +477,7 @@ impl ShardMap {
 
     fn change(&mut self, c: &ShardChange, out: &mut Applied) {
         let shard = c.shard();
-        let Some(e) = self.shards.get(shard as usize).copied() else {
+        let Some(e) = self.shards.get(shard).copied() else {
             out.skipped.push(format!("shard {shard} does not exist"));
             return;
         };
@@ -511,7 +536,7 @@ impl ShardMap {
             Some(why) => out.skipped.push(format!("{c:?}: {why}")),
             None => {
                 next.epoch += 1;
-                self.shards[shard as usize] = next;
+                self.shards.set(shard, next);
                 out.changed.push(shard);
             }
         }
@@ -519,12 +544,13 @@ impl ShardMap {
 
     fn force(&mut self, shard: ShardId, member: MemberIx, out: &mut Applied) {
         let active = self.member(member).is_some_and(|m| m.state == MemberState::Active);
-        match self.shards.get_mut(shard as usize) {
-            Some(e) if e.is_unavailable() && active => {
+        match self.shards.get(shard).copied() {
+            Some(mut e) if e.is_unavailable() && active => {
                 e.isr = Replicas::from_slice(&[member]).expect("one replica fits");
                 e.learners = Replicas::default();
                 e.owner = Some(member);
                 e.epoch += 1;
+                self.shards.set(shard, e);
                 out.changed.push(shard);
             }
             _ => out
@@ -536,6 +562,9 @@ impl ShardMap {
     /// Checks the map's own invariants; the problems found, empty when all is well.
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if self.shards.tally_drifted() {
+            problems.push("the kept tally of entries differs from a count".to_string());
+        }
         for (s, e) in self.shards.iter().enumerate() {
             if let Some(o) = e.owner {
                 if e.isr.as_slice().first() != Some(&o) {
@@ -575,7 +604,13 @@ pub fn check_transition(
     forced: Option<ShardId>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    for (s, (b, a)) in before.shards.iter().zip(&after.shards).enumerate() {
+    // Unchanged entries break no rule: only the changed ones are looked at.
+    let changed: Vec<ShardId> = after
+        .changed_since(before)
+        .unwrap_or_else(|| (0..before.shard_count().min(after.shard_count())).collect());
+    for s in changed {
+        let (Some(b), Some(a)) = (before.shard(s), after.shard(s)) else { continue };
+        let s = s as usize;
         if a.epoch < b.epoch {
             problems.push(format!("shard {s}: epoch fell {} -> {}", b.epoch, a.epoch));
         }
@@ -608,6 +643,7 @@ pub fn check_transition(
 }
 
 pub mod plan;
+mod table;
 
 pub use plan::{plan_assign, plan_membership, Desired, UpMember};
 

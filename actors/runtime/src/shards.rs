@@ -481,14 +481,9 @@ impl Driver {
             self.map = map;
             return;
         };
-        let all =
-            self.map.shard_count() != map.shard_count() || self.map.members() != map.members();
-        if all {
-            m.map_applied(&map, 0..map.shard_count());
-        } else {
-            let changed: Vec<ShardId> =
-                (0..map.shard_count()).filter(|&s| map.shard(s) != self.map.shard(s)).collect();
-            m.map_applied(&map, changed);
+        match map.changed_since(&self.map).filter(|_| self.map.members() == map.members()) {
+            Some(changed) => m.map_applied(&map, changed),
+            None => m.map_applied(&map, 0..map.shard_count()),
         }
         self.map = map;
     }

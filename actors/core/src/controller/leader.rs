@@ -29,6 +29,8 @@ pub struct LeaderPlanner {
     pub plan: PlanConfig,
     voters_target: usize,
     replace_after_ms: u64,
+    /// When the last round ran, and the map version it saw.
+    last: Option<(u64, u64)>,
 }
 
 impl LeaderPlanner {
@@ -45,7 +47,28 @@ impl LeaderPlanner {
             plan,
             voters_target,
             replace_after_ms,
+            last: None,
         }
+    }
+
+    /// When the next round is due: `interval_ms` after the last one, `after_change_ms`
+    /// after it if the map changed since (at once before the first).
+    pub fn next_round_ms(&self, map_version: u64) -> u64 {
+        match self.last {
+            None => 0,
+            Some((at, seen)) if seen != map_version => at + self.plan.after_change_ms,
+            Some((at, _)) => at + self.plan.interval_ms,
+        }
+    }
+
+    pub fn due(&self, now_ms: u64, map_version: u64) -> bool {
+        now_ms >= self.next_round_ms(map_version)
+    }
+
+    /// A due round this member skipped (it does not lead, or it has not joined): the next
+    /// one is an interval away.
+    pub fn skip(&mut self, now_ms: u64, map_version: u64) {
+        self.last = Some((now_ms, map_version));
     }
 
     /// The ring over `map`'s active members and the members it wants per shard (cached
@@ -71,6 +94,7 @@ impl LeaderPlanner {
         let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
         let commands = plan_with(c.map(), up, self.ring(c.map()).1, &cfg);
+        self.last = Some((now_ms, c.map().version));
         Round { group, commands }
     }
 }

@@ -69,9 +69,12 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
 /// wanted members (see [`Desired`]), as runs of consecutive shards with the same list.
 /// `None` when nothing is unassigned or no active member is placed.
 pub fn plan_assign(map: &ShardMap, desired: &Desired, shards_max: usize) -> Option<MapCommand> {
+    if map.tally().unassigned() == 0 {
+        return None;
+    }
     let mut runs: Vec<AssignRun> = Vec::new();
     let mut planned = 0;
-    for (s, e) in map.shards().iter().enumerate() {
+    for (s, e) in map.shards().enumerate() {
         if planned == shards_max {
             break;
         }
@@ -129,6 +132,11 @@ pub struct PlanConfig {
     pub changes_per_round_max: usize,
     /// Unassigned shards one round assigns.
     pub assign_shards_max: usize,
+    /// Rounds run this often while the map stands still...
+    pub interval_ms: u64,
+    /// ...and this soon after the last one once the map changed since (a move's next step
+    /// follows its commit, not the next interval).
+    pub after_change_ms: u64,
 }
 
 impl Default for PlanConfig {
@@ -138,6 +146,8 @@ impl Default for PlanConfig {
             moves_in_flight_max: 64,
             changes_per_round_max: 256,
             assign_shards_max: 1 << 16,
+            interval_ms: 500,
+            after_change_ms: 50,
         }
     }
 }
@@ -193,9 +203,9 @@ pub fn desired(map: &ShardMap, ring: &Placement, shard: ShardId, r: usize) -> Ve
 ///
 /// Unavailable shards wait for a member of their ISR; unassigned ones for `plan_assign`.
 pub fn plan_moves(map: &ShardMap, desired: &Desired, cfg: &PlanConfig) -> Vec<ShardChange> {
-    let mut in_flight = map.shards().iter().filter(|e| !e.learners.is_empty()).count();
+    let mut in_flight = map.tally().learning as usize;
     let mut out = Vec::new();
-    for (s, e) in map.shards().iter().enumerate() {
+    for (s, e) in map.shards().enumerate() {
         if out.len() >= cfg.changes_per_round_max {
             break;
         }

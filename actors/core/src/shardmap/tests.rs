@@ -21,6 +21,7 @@ fn apply(map: &mut ShardMap, cmd: &MapCommand) -> Applied {
     let applied = map.apply(cmd);
     assert_eq!(map.check(), Vec::<String>::new(), "after {cmd:?}");
     assert_eq!(check_transition(&before, map, forced), Vec::<String>::new(), "after {cmd:?}");
+    assert_eq!(map.changed_since(&before), Some(applied.changed.clone()), "after {cmd:?}");
     applied
 }
 
@@ -206,18 +207,22 @@ fn the_transition_checker_catches_a_view_based_takeover() {
     // Shard 0's ISR is [b]; b dies too. View-based acquire would give it to c, the next node
     // on the ring, which never held it.
     map.apply(&dead("b", 1));
-    let e = map.shards[0];
-    map.shards[0] = ShardEntry {
-        epoch: e.epoch,
-        owner: Some(2),
-        isr: Replicas::from_slice(&[2]).unwrap(),
-        learners: e.learners,
-    };
+    let e = *map.shard(0).unwrap();
+    map.shards.set(
+        0,
+        ShardEntry {
+            epoch: e.epoch,
+            owner: Some(2),
+            isr: Replicas::from_slice(&[2]).unwrap(),
+            learners: e.learners,
+        },
+    );
     let problems = check_transition(&before, &map, None);
     assert!(problems.iter().any(|p| p.contains("new owner c was not in sync")), "{problems:?}");
     assert!(problems.iter().any(|p| p.contains("without learning")), "{problems:?}");
     // And the map checker catches an owner outside its ISR.
-    map.shards[1].owner = Some(0);
+    let e = ShardEntry { owner: Some(0), ..*map.shard(1).unwrap() };
+    map.shards.set(1, e);
     assert!(map.check().iter().any(|p| p.contains("not first in its ISR")));
 }
 
@@ -247,6 +252,43 @@ fn arb_command(members: u16, shards: u32) -> impl Strategy<Value = MapCommand> {
         .prop_map(MapCommand::Changes),
         (shard, member).prop_map(|(shard, member)| MapCommand::Force { shard, member }),
     ]
+}
+
+/// A table of several chunks: a copy shares them, a change copies only its own, the diff
+/// finds exactly the changed entries, the tally follows, and the encoding is the flat one.
+#[test]
+fn a_large_map_shares_unchanged_parts_between_versions() {
+    let shards = 5000;
+    let mut map = ShardMap::new(shards);
+    for n in ["a", "b", "c"] {
+        apply(&mut map, &join(n, 1));
+    }
+    let runs = (0..shards)
+        .step_by(500)
+        .map(|start| AssignRun { start, len: 500, replicas: vec![(start / 500 % 3) as u16] })
+        .collect();
+    assert_eq!(apply(&mut map, &MapCommand::Assign(runs)).changed.len(), shards as usize);
+    assert_eq!(map.tally().under_replicated(2), shards);
+    let copy = map.clone();
+    assert_eq!(map.changed_since(&copy), Some(vec![]));
+    let change = |shard, member| ShardChange::AddLearner { shard, epoch: 1, member };
+    let cmd = MapCommand::Changes(vec![change(7, 1), change(4099, 0), change(4999, 1)]);
+    assert_eq!(apply(&mut map, &cmd).changed, vec![7, 4099, 4999]);
+    assert_eq!(map.tally().learning, 3);
+    assert_eq!(copy.tally().learning, 0, "the copy did not change");
+    assert_eq!(copy.shard(7).unwrap().learners.len(), 0);
+    // The dead member's shards (every third run) become unavailable, the tally says so.
+    apply(&mut map, &dead("a", 1));
+    assert_eq!(map.tally().unavailable, 2000);
+    assert_eq!(map.unavailable().count(), 2000);
+    let flat: Vec<ShardEntry> = map.shards().copied().collect();
+    let bytes = postcard::to_stdvec(&map).unwrap();
+    let flat_bytes = postcard::to_stdvec(&(map.version, map.members(), &flat)).unwrap();
+    assert_eq!(bytes, flat_bytes, "encoded as a flat table");
+    let back: ShardMap = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, map);
+    assert_eq!(back.tally(), map.tally());
+    assert_eq!(back.check(), Vec::<String>::new());
 }
 
 proptest! {
