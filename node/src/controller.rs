@@ -213,9 +213,51 @@ pub struct ControllerArgs {
     pub gossip: watch::Receiver<ClusterView>,
     pub inbox: mpsc::Receiver<Vec<u8>>,
     pub metrics: ControllerMetrics,
-    /// Set whenever this node hears from the controller's leader (or leads it): the
-    /// shard replicator's read lease.
-    pub heard: Arc<std::sync::atomic::AtomicBool>,
+    /// Marked whenever this node hears from the controller's leader (or leads it): the
+    /// shard replicator's read lease, and whether the node serves in map mode.
+    pub heard: Arc<ControllerContact>,
+}
+
+/// When this node last heard from the controller's leader (or led it).
+#[derive(Debug)]
+pub struct ControllerContact {
+    base: Instant,
+    /// Milliseconds after `base`, plus one (0: never).
+    heard_ms: std::sync::atomic::AtomicU64,
+    fresh: std::sync::atomic::AtomicBool,
+}
+
+impl Default for ControllerContact {
+    fn default() -> Self {
+        ControllerContact {
+            base: Instant::now(),
+            heard_ms: Default::default(),
+            fresh: Default::default(),
+        }
+    }
+}
+
+impl ControllerContact {
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn heard(&self) {
+        use std::sync::atomic::Ordering::Release;
+        self.heard_ms.store(self.now_ms(), Release);
+        self.fresh.store(true, Release);
+    }
+
+    /// Whether it heard since the last call (the replicator's ticks take it).
+    pub fn take_fresh(&self) -> bool {
+        self.fresh.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Whether it heard within the last `ms`.
+    pub fn within(&self, ms: u64) -> bool {
+        let at = self.heard_ms.load(std::sync::atomic::Ordering::Acquire);
+        at > 0 && self.now_ms() - at < ms
+    }
 }
 
 /// The running member.
@@ -328,7 +370,7 @@ impl ControllerTask {
                     }
                     self.controller.tick();
                     if self.controller.is_leader() {
-                        self.args.heard.store(true, std::sync::atomic::Ordering::Release);
+                        self.args.heard.heard();
                     }
                 }
                 _ = tokio::time::sleep_until(plan_at.into()) => self.plan_round(),
@@ -357,7 +399,7 @@ impl ControllerTask {
             Ok(Wire::Raft(raw)) => match decode_message(&raw) {
                 Ok(m) if m.to == self.controller.id() => {
                     if self.controller.leader() == Some(m.from) {
-                        self.args.heard.store(true, std::sync::atomic::Ordering::Release);
+                        self.args.heard.heard();
                     }
                     if let Err(e) = self.controller.step(m) {
                         tracing::debug!(error = %e, "controller message refused");

@@ -350,7 +350,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let (driver, view) =
         GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
     let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
-    let heard = Arc::new(AtomicBool::new(false));
+    let heard = Arc::new(crate::controller::ControllerContact::default());
     let (controller, map_view) = crate::controller::open(crate::controller::ControllerArgs {
         me: cfg.name.clone(),
         cfg: cfg.controller.clone(),
@@ -464,12 +464,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
     let placement_task = match shards {
-        Some(shards) => tokio::spawn(crate::shards::follow_map(
-            map_view.clone(),
-            view.clone(),
-            dispatcher.clone(),
+        Some(shards) => tokio::spawn(crate::shards::follow_map(crate::shards::Follow {
+            map: map_view.clone(),
+            gossip: view.clone(),
+            dispatcher: dispatcher.clone(),
             shards,
-        )),
+            contact: heard.clone(),
+            // Two election timeouts: by then the majority elected a leader without it.
+            serve_lease: Duration::from_millis(
+                2 * cfg.controller.election_ticks as u64 * cfg.controller.tick_ms,
+            ),
+        })),
         None => tokio::spawn(routing::maintain(
             view.clone(),
             cfg.placement.clone(),

@@ -484,10 +484,12 @@ impl Dispatcher {
         let view = self.view.load();
         if !self.serving.load(Ordering::Acquire) {
             self.metrics.minority_refusals.inc();
-            self.unavailable(
-                reply,
-                "this node sees less than a majority of the cluster; try another node".into(),
-            );
+            let why = if view.map.is_some() {
+                "this node is cut off from the placement controller's majority; try another node"
+            } else {
+                "this node sees less than a majority of the cluster; try another node"
+            };
+            self.unavailable(reply, why.into());
             return None;
         }
         let (shard, owner) = view.locate(conv);

@@ -2,8 +2,9 @@
 //! shard replicator's links, and the loop that follows the applied map.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use botclaw_actors::router::{remote_router, RouterMessage};
 use botclaw_actors::shards::{ShardLinks, ShardReplicator};
@@ -12,17 +13,20 @@ use botclaw_core::shardmap::MapCommand;
 use botclaw_core::MemberState;
 use tokio::sync::{mpsc, watch};
 
-use crate::controller::{MapView, Wire};
+use crate::controller::{ControllerContact, MapView, Wire};
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
 use crate::routing::{Dispatcher, PlacementView};
+
+/// How often the node checks that it still hears from the controller.
+const CONTACT_CHECK: Duration = Duration::from_millis(100);
 
 /// The shard replicator's view of the node: links to peers' routers, the controller's
 /// inbox, and the read lease.
 pub struct NodeShardLinks {
     pub me: String,
     pub controller: mpsc::Sender<Vec<u8>>,
-    pub heard: Arc<AtomicBool>,
+    pub heard: Arc<ControllerContact>,
     pub metrics: Metrics,
 }
 
@@ -44,26 +48,44 @@ impl ShardLinks for NodeShardLinks {
     }
 
     fn controller_heard(&self) -> bool {
-        self.heard.swap(false, Ordering::AcqRel)
+        self.heard.take_fresh()
     }
+}
+
+/// How the node follows the controller.
+pub struct Follow {
+    pub map: watch::Receiver<Arc<MapView>>,
+    pub gossip: watch::Receiver<ClusterView>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub shards: ShardReplicator,
+    pub contact: Arc<ControllerContact>,
+    /// The node serves while it heard from the controller's leader within this.
+    pub serve_lease: Duration,
 }
 
 /// Follows the applied map: the replicator applies it first, then routing switches to
 /// it, actors of conversations this node no longer owns close (their requests go to the
 /// new owner), and held requests are routed again. Requests forwarded to members the
-/// failure detector declared down fail at once.
-pub async fn follow_map(
-    mut map: watch::Receiver<Arc<MapView>>,
-    mut gossip: watch::Receiver<ClusterView>,
-    dispatcher: Arc<Dispatcher>,
-    shards: ShardReplicator,
-) {
+/// failure detector declared down fail at once. The node serves only while it hears from
+/// the controller's leader: cut off from the controller's majority, it refuses turns
+/// (`unavailable`, try another node) instead of holding them until they time out.
+pub async fn follow_map(f: Follow) {
+    let Follow { mut map, mut gossip, dispatcher, shards, contact, serve_lease } = f;
     let me = dispatcher.me.clone();
     let ring: Arc<Placement> = dispatcher.view.load().placement.clone();
     let mut down: BTreeSet<String> = BTreeSet::new();
-    dispatcher.serving.store(true, Ordering::Release);
-    dispatcher.metrics.serving.set(1);
+    let mut check = tokio::time::interval(CONTACT_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let serving = contact.within(serve_lease.as_millis() as u64);
+        if dispatcher.serving.swap(serving, Ordering::AcqRel) != serving {
+            if serving {
+                tracing::info!("the placement controller is reachable: serving turns");
+            } else {
+                tracing::warn!(lease = ?serve_lease, "no word from the placement controller's leader: serving no turns");
+            }
+            dispatcher.metrics.serving.set(i64::from(serving));
+        }
         let view = map.borrow_and_update().clone();
         let current = dispatcher.view.load();
         if current.map.as_ref().is_none_or(|m| !Arc::ptr_eq(m, &view.map)) {
@@ -91,6 +113,7 @@ pub async fn follow_map(
         tokio::select! {
             changed = map.changed() => if changed.is_err() { return },
             changed = gossip.changed() => if changed.is_err() { return },
+            _ = check.tick() => {}
         }
     }
 }

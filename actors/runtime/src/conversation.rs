@@ -15,7 +15,10 @@
 //! kept (a newer epoch fenced the conversation, a replica did not answer, the node lost
 //! its majority, a store failed), the actor closes: it leaves the registry, every reply
 //! still waiting and every request still queued fails (`unavailable`: retry), and the
-//! next request starts a fresh actor that acquires again.
+//! next request starts a fresh actor that acquires again. If the refusal says ownership
+//! moved, those requests go to the new owner instead, the ones waiting for their turn to
+//! be durable too: the new owner either holds that turn (an in-sync member got it) and
+//! answers the request by its id, or never saw it and runs it.
 //!
 //! When ownership moves to another node (placement changed: a join, a drain, a
 //! rebalancing move), the actor is told to relinquish: it runs no new turns, finishes the
@@ -78,7 +81,10 @@ pub struct ConvActorState {
     durable_turn: u64,
     /// Replies waiting for their turn to be durable, in arrival order (a retry of an older
     /// turn may stand behind newer turns).
-    waiting: VecDeque<(u64, Reply, ConvOutcome)>,
+    /// Each keeps its request: if the turn's commit is refused because ownership moved, the
+    /// request goes to the new owner (which holds the turn if any in-sync member got it, and
+    /// answers a retry of it by its id; else it runs it).
+    waiting: VecDeque<(u64, Reply, ConvOutcome, ConvRequest)>,
     /// Set when ownership ended: every request is answered with it until the actor stops.
     closed: Option<Refusal>,
     /// Close as soon as nothing waits; meanwhile requests are held in `deferred`.
@@ -164,7 +170,7 @@ impl Actor for ConversationActor {
                     ConvRequest::Say { id, text, bot, user } => {
                         s.say(&me, id, text, bot.as_deref(), user, reply).await;
                     }
-                    ConvRequest::History { limit } => {
+                    request @ ConvRequest::History { limit } => {
                         // Only where reads are allowed (the controller lease).
                         if let Err(refusal) = s.shared.replicator.read(&s.conv).await {
                             reply.send(refused(&refusal, s.shared.retry_after_ms));
@@ -182,7 +188,7 @@ impl Actor for ConversationActor {
                         let turns = turns.into_iter().skip(skip).collect();
                         let outcome = ConvOutcome::History { turns, node: s.shared.node.clone() };
                         let upto = s.state.turn;
-                        s.reply_when_durable(upto, reply, outcome);
+                        s.reply_when_durable(upto, reply, outcome, request);
                     }
                     ConvRequest::Replica(_) | ConvRequest::Module(_) => {
                         reply.send(ConvOutcome::failed(
@@ -243,11 +249,17 @@ impl ConvActorState {
     }
 
     /// Replies now if `turn` is durable, else when it becomes so.
-    fn reply_when_durable(&mut self, turn: u64, reply: Reply, outcome: ConvOutcome) {
+    fn reply_when_durable(
+        &mut self,
+        turn: u64,
+        reply: Reply,
+        outcome: ConvOutcome,
+        request: ConvRequest,
+    ) {
         if turn <= self.durable_turn {
             reply.send(outcome);
         } else {
-            self.waiting.push_back((turn, reply, outcome));
+            self.waiting.push_back((turn, reply, outcome, request));
         }
     }
 
@@ -257,7 +269,7 @@ impl ConvActorState {
         let mut i = 0;
         while i < self.waiting.len() {
             if self.waiting[i].0 <= self.durable_turn {
-                if let Some((_, reply, outcome)) = self.waiting.remove(i) {
+                if let Some((_, reply, outcome, _)) = self.waiting.remove(i) {
                     reply.send(outcome);
                 }
             } else {
@@ -277,9 +289,8 @@ impl ConvActorState {
         // Out of the registry first: requests passed on must not come back to this actor.
         let mine = &self.activity;
         self.shared.registry.remove_if(&*self.conv, |_, h| Arc::ptr_eq(&h.activity, mine));
-        let retry_after_ms = self.shared.retry_after_ms;
-        for (_, reply, _) in self.waiting.drain(..) {
-            reply.send(refused(&refusal, retry_after_ms));
+        for (_, reply, _, request) in std::mem::take(&mut self.waiting) {
+            self.pass_on(request, reply, &refusal);
         }
         for (request, reply) in std::mem::take(&mut self.deferred) {
             self.pass_on(request, reply, &refusal);
@@ -318,10 +329,12 @@ impl ConvActorState {
         if let Some(done) = self.state.find(&id) {
             self.shared.metrics.duplicates.inc();
             let (turn, messages) = (done.turn, done.messages.clone());
+            let request = ConvRequest::Say { id, text, bot: bot.map(String::from), user };
             return self.reply_when_durable(
                 turn,
                 reply,
                 ConvOutcome::Reply { messages, turn, node },
+                request,
             );
         }
         let bot_name = self.state.bot_for(bot, &self.shared.default_bot).to_string();
@@ -343,6 +356,15 @@ impl ConvActorState {
         let failure = match outcome {
             Ok(Ok(messages)) => {
                 let commit = self.state.next_commit(&bot_name, id, text, user, messages, bot_state);
+                let record = &commit.record;
+                // What the new owner runs (or finds done) if ownership moves before the turn
+                // is durable.
+                let request = ConvRequest::Say {
+                    id: record.id.clone(),
+                    text: record.text.clone(),
+                    bot: Some(bot_name),
+                    user: record.user.clone(),
+                };
                 let submitted = self
                     .shared
                     .replicator
@@ -359,6 +381,7 @@ impl ConvActorState {
                             turn,
                             reply,
                             ConvOutcome::Reply { messages, turn, node },
+                            request,
                         );
                         let me = me.clone();
                         tokio::spawn(async move {
@@ -371,13 +394,6 @@ impl ConvActorState {
                     Err(refusal) => {
                         // Nothing was written. If ownership moved, the new owner runs the
                         // turn (before the requests queued behind it).
-                        let record = &commit.record;
-                        let request = ConvRequest::Say {
-                            id: record.id.clone(),
-                            text: record.text.clone(),
-                            bot: Some(bot_name),
-                            user: record.user.clone(),
-                        };
                         self.deferred.push_front((request, reply));
                         self.close(me, refusal);
                         return;

@@ -224,6 +224,7 @@ impl ShardReplicator {
             parked_len: 0,
             proposed: Vec::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
+            streams_due: BTreeMap::new(),
         };
         let every = driver.limits.tick;
         tokio::spawn(driver.run(rx));
@@ -320,6 +321,10 @@ impl ShardReplicator {
 
 /// Shards streamed to learners at once by one node.
 const STREAMS_MAX: usize = 8;
+/// Shards one stream task reads and sends, one after the other.
+const STREAM_SHARDS_MAX: usize = 256;
+/// What a stream message costs beyond its rows (for the batch's byte bound).
+const STREAM_MSG_BYTES: usize = 32;
 
 /// Shard changes in one proposal (one controller log entry).
 const PROPOSED_CHANGES_MAX: usize = 4096;
@@ -350,6 +355,8 @@ struct Driver {
     proposed: Vec<ShardChange>,
     /// Streams being read and sent at once (a join moves thousands of shards).
     streams: Arc<tokio::sync::Semaphore>,
+    /// Shards to stream, per learner, started together at the end of the round.
+    streams_due: BTreeMap<MemberIx, Vec<(ShardId, Seq)>>,
 }
 
 enum Waiting {
@@ -430,16 +437,7 @@ impl Driver {
             },
             Input::Peer(bytes) => self.peer(bytes).await,
             Input::Installed { shard, attempt, owner, ok } => {
-                if ok {
-                    if let Some(m) = self.machine.as_mut() {
-                        m.stream_installed(shard, attempt, owner);
-                    }
-                }
-                // What arrived before the stream may apply now.
-                for p in self.parked.remove(&shard).unwrap_or_default() {
-                    self.parked_len -= 1;
-                    self.persist_replica(shard, p.epoch, p.seq, p.from, p.payload).await;
-                }
+                self.installed(shard, attempt, owner, ok).await
             }
             Input::Tick => {
                 let heard = self.links.controller_heard();
@@ -531,6 +529,10 @@ impl Driver {
         if !last {
             return;
         }
+        if tickets.is_empty() {
+            // Nothing to wait for (most shards of a move hold no conversation).
+            return self.installed(shard, attempt, owner, true).await;
+        }
         let inbox = self.inbox.clone();
         tokio::spawn(async move {
             let mut ok = true;
@@ -539,6 +541,20 @@ impl Driver {
             }
             let _ = inbox.send(Input::Installed { shard, attempt, owner, ok }).await;
         });
+    }
+
+    /// A streamed shard is installed (durable) here: the owner hears of it, and writes that
+    /// arrived before the stream apply now.
+    async fn installed(&mut self, shard: ShardId, attempt: Seq, owner: MemberIx, ok: bool) {
+        if ok {
+            if let Some(m) = self.machine.as_mut() {
+                m.stream_installed(shard, attempt, owner);
+            }
+        }
+        for p in self.parked.remove(&shard).unwrap_or_default() {
+            self.parked_len -= 1;
+            self.persist_replica(shard, p.epoch, p.seq, p.from, p.payload).await;
+        }
     }
 
     async fn persist_replica(
@@ -592,7 +608,9 @@ impl Driver {
                         let _ = w.send(Err(why));
                     }
                 }
-                Effect::Stream { shard, attempt, to } => self.stream(shard, attempt, to),
+                Effect::Stream { shard, attempt, to } => {
+                    self.streams_due.entry(to).or_default().push((shard, attempt))
+                }
                 // Shard changes of one round go to the controller as one command.
                 Effect::Propose(MapCommand::Changes(changes)) => self.proposed.extend(changes),
                 Effect::Propose(command) => self.links.propose(command),
@@ -600,47 +618,66 @@ impl Driver {
         }
     }
 
-    /// Sends the shard's stored rows to learner `to`, in chunks of bounded bytes.
-    fn stream(&self, shard: ShardId, attempt: Seq, to: MemberIx) {
+    /// Streams shards' stored rows to learner `to`: one task per [`STREAM_SHARDS_MAX`]
+    /// shards (at most [`STREAMS_MAX`] at once), reading them one after the other and
+    /// sending their rows in batches of bounded bytes (many empty shards in one batch).
+    fn stream(&self, to: MemberIx, shards: Vec<(ShardId, Seq)>) {
         let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { return };
-        let (store, links, me) = (self.store.clone(), self.links.clone(), self.me.clone());
-        let max = self.limits.batch_bytes_max;
-        let streams = self.streams.clone();
-        tokio::spawn(async move {
-            let Ok(_permit) = streams.acquire_owned().await else { return };
-            let convs = match store.load_shard(shard).await {
-                Ok(convs) => convs,
-                Err(e) => {
-                    // Not sent: the learner's catch-up starts over after its patience.
-                    tracing::warn!(shard, error = %e, "cannot read a shard to stream it");
-                    return;
+        for group in shards.chunks(STREAM_SHARDS_MAX) {
+            let (store, links, me) = (self.store.clone(), self.links.clone(), self.me.clone());
+            let (max, streams, group) =
+                (self.limits.batch_bytes_max, self.streams.clone(), group.to_vec());
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let Ok(_permit) = streams.acquire_owned().await else { return };
+                let mut batch = PeerBatch { from: me, msgs: Vec::new() };
+                let mut bytes = 0;
+                let send = |batch: &mut PeerBatch| {
+                    if !batch.msgs.is_empty() {
+                        links.send(&peer, batch.to_bytes());
+                        batch.msgs.clear();
+                    }
+                };
+                for (shard, attempt) in group {
+                    let convs = match store.load_shard(shard).await {
+                        Ok(convs) => convs,
+                        Err(e) => {
+                            // Not sent: the learner's catch-up starts over after its patience.
+                            tracing::warn!(shard, error = %e, "cannot read a shard to stream it");
+                            continue;
+                        }
+                    };
+                    let mut chunk: Vec<(String, Stored)> = Vec::new();
+                    for (conv, stored) in convs {
+                        let size = postcard::experimental::serialized_size(&stored).unwrap_or(0)
+                            + conv.len();
+                        if !chunk.is_empty() && bytes + size > max {
+                            let convs = std::mem::take(&mut chunk);
+                            batch.msgs.push(PeerMsg::Stream { shard, attempt, convs, last: false });
+                            send(&mut batch);
+                            bytes = 0;
+                        }
+                        bytes += size;
+                        chunk.push((conv, stored));
+                    }
+                    batch.msgs.push(PeerMsg::Stream { shard, attempt, convs: chunk, last: true });
+                    bytes += STREAM_MSG_BYTES;
+                    if bytes > max {
+                        send(&mut batch);
+                        bytes = 0;
+                    }
                 }
-            };
-            let mut chunk: Vec<(String, Stored)> = Vec::new();
-            let mut bytes = 0;
-            let mut chunks = Vec::new();
-            for (conv, stored) in convs {
-                let size =
-                    postcard::experimental::serialized_size(&stored).unwrap_or(0) + conv.len();
-                if !chunk.is_empty() && bytes + size > max {
-                    chunks.push(std::mem::take(&mut chunk));
-                    bytes = 0;
-                }
-                bytes += size;
-                chunk.push((conv, stored));
-            }
-            chunks.push(chunk);
-            let n = chunks.len();
-            for (i, convs) in chunks.into_iter().enumerate() {
-                let msg = PeerMsg::Stream { shard, attempt, convs, last: i + 1 == n };
-                links.send(&peer, PeerBatch { from: me.clone(), msgs: vec![msg] }.to_bytes());
-            }
-        });
+                send(&mut batch);
+            });
+        }
     }
 
     /// Sends each peer its messages of this round, in batches of bounded bytes, and the
     /// round's shard changes to the controller.
     fn flush(&mut self) {
+        for (to, shards) in std::mem::take(&mut self.streams_due) {
+            self.stream(to, shards);
+        }
         for changes in std::mem::take(&mut self.proposed).chunks(PROPOSED_CHANGES_MAX) {
             self.links.propose(MapCommand::Changes(changes.to_vec()));
         }
