@@ -425,7 +425,7 @@ impl Default for ReplicationConfig {
             write_quorum: 2,
             stable_after_ms: 5000,
             incoming_max: 8192,
-            drain_timeout_ms: 10_000,
+            drain_timeout_ms: 50_000,
         }
     }
 }

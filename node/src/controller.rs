@@ -28,6 +28,7 @@ use botclaw_core::controller::{
     controller_id, decode_message, encode_message, Controller, ControllerId, GroupChange, Persist,
     Restored,
 };
+use botclaw_core::rebalance::MoveTable;
 use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use botclaw_core::MemberState;
@@ -465,8 +466,16 @@ impl ControllerTask {
             return;
         }
         let up = self.up_members();
+        // Load-driven moves in force: decided by overloaded owners, vouched for by their
+        // targets over gossip (see `rebalance`).
+        let moves = {
+            let view = self.args.gossip.borrow();
+            MoveTable::merge(view.loads.values().flat_map(|l| l.moves.iter()))
+        };
+        let pins = moves.iter().map(|r| (r.shard, r.to.as_str()));
         let (planner, c) = (&mut self.planner, &self.controller);
-        let Round { group, commands } = tokio::task::block_in_place(|| planner.round(now, c, &up));
+        let Round { group, commands } =
+            tokio::task::block_in_place(|| planner.round(now, c, &up, pins));
         if let Some(changes) = group {
             let named: Vec<(String, GroupChange)> = changes
                 .iter()

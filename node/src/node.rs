@@ -156,15 +156,25 @@ fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
     let placement = l.dispatcher.view.load();
     let moved_in = placement.moves.moved_in();
     let view = l.view.borrow();
-    placement
-        .placement
-        .members()
-        .iter()
-        .filter_map(|m| {
-            let summary = view.loads.get(&m.name)?;
+    // By the map, its active members own shards; else the ring's members.
+    let members: Vec<(String, u32)> = match &placement.map {
+        Some(map) => map
+            .members()
+            .iter()
+            .filter(|m| m.state == botclaw_core::shardmap::MemberState::Active)
+            .map(|m| (m.name.clone(), m.capacity))
+            .collect(),
+        None => {
+            placement.placement.members().iter().map(|m| (m.name.clone(), m.capacity)).collect()
+        }
+    };
+    members
+        .into_iter()
+        .filter_map(|(name, capacity)| {
+            let summary = view.loads.get(&name)?;
             let load = f64::from(summary.turns_per_s);
-            let moved_in = moved_in.get(m.name.as_str()).copied().unwrap_or(0);
-            Some(NodeLoad { name: m.name.clone(), load, capacity: m.capacity, moved_in })
+            let moved_in = moved_in.get(name.as_str()).copied().unwrap_or(0);
+            Some(NodeLoad { name, load, capacity, moved_in })
         })
         .collect()
 }

@@ -65,9 +65,16 @@ impl PlacementView {
         }
     }
 
-    /// Routing by the controller's map (`ring` is an empty ring, kept for `/status`).
-    pub fn by_map(map: Arc<ShardMap>, ring: Arc<Placement>, joined: bool) -> PlacementView {
-        PlacementView { placement: ring, moves: MoveTable::default(), joined, map: Some(map) }
+    /// Routing by the controller's map (`ring` is an empty ring, kept for `/status`);
+    /// `moves` are the load-driven moves in force (the controller plans them; a target
+    /// vouches for the ones it received, as by the ring).
+    pub fn by_map(
+        map: Arc<ShardMap>,
+        ring: Arc<Placement>,
+        moves: MoveTable,
+        joined: bool,
+    ) -> PlacementView {
+        PlacementView { placement: ring, moves, joined, map: Some(map) }
     }
 
     /// Shard and owner of a conversation: by the controller's map when it is

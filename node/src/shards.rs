@@ -9,7 +9,8 @@ use std::time::Duration;
 use botclaw_actors::router::{remote_router, RouterMessage};
 use botclaw_actors::shards::{ShardLinks, ShardReplicator};
 use botclaw_core::placement::Placement;
-use botclaw_core::shardmap::MapCommand;
+use botclaw_core::rebalance::MoveTable;
+use botclaw_core::shardmap::{MapCommand, MemberState as MapState};
 use botclaw_core::MemberState;
 use tokio::sync::{mpsc, watch};
 
@@ -76,6 +77,7 @@ pub async fn follow_map(f: Follow) {
     let mut down: BTreeSet<String> = BTreeSet::new();
     let mut check = tokio::time::interval(CONTACT_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut moves = MoveTable::default();
     loop {
         let serving = contact.within(serve_lease.as_millis() as u64);
         if dispatcher.serving.swap(serving, Ordering::AcqRel) != serving {
@@ -88,10 +90,32 @@ pub async fn follow_map(f: Follow) {
         }
         let view = map.borrow_and_update().clone();
         let current = dispatcher.view.load();
-        if current.map.as_ref().is_none_or(|m| !Arc::ptr_eq(m, &view.map)) {
+        let now_moves = {
+            let g = gossip.borrow();
+            let mut m = MoveTable::merge(g.loads.values().flat_map(|l| l.moves.iter()));
+            let active = |name: &str| {
+                let ix = view.map.member_ix(name);
+                ix.and_then(|ix| view.map.member(ix)).is_some_and(|m| m.state == MapState::Active)
+            };
+            m.retain_targets(active);
+            m
+        };
+        let map_changed = current.map.as_ref().is_none_or(|m| !Arc::ptr_eq(m, &view.map));
+        if now_moves != moves {
+            tracing::info!(moved_shards = now_moves.len(), "load-driven moves updated");
+            moves = now_moves;
+        }
+        if map_changed {
             shards.map_applied(view.map.clone()).await;
+        }
+        if map_changed || current.moves != moves {
             let joined = view.map.member_ix(&me).is_some();
-            let next = Arc::new(PlacementView::by_map(view.map.clone(), ring.clone(), joined));
+            let next = Arc::new(PlacementView::by_map(
+                view.map.clone(),
+                ring.clone(),
+                moves.clone(),
+                joined,
+            ));
             dispatcher.view.store(next.clone());
             let moved = dispatcher.host.relinquish(|conv| next.locate(conv).1 == Some(&*me));
             if moved > 0 {

@@ -690,7 +690,7 @@ impl Authority {
         let now = self.now_ms;
         let (_, planner) = self.planner.as_mut().expect("set above");
         let c = self.nodes[l].controller.as_mut().expect("the leader runs");
-        let Round { group, mut commands } = planner.round(now, c, &up);
+        let Round { group, mut commands } = planner.round(now, c, &up, []);
         if self.cfg.force_unavailable {
             let map = c.map();
             let first = map.active_members().first().map(|m| m.name.clone()).unwrap_or_default();

@@ -6,7 +6,7 @@ use super::autopilot::{Autopilot, GroupView};
 use std::collections::BTreeSet;
 
 use super::{controller_id, Controller, ControllerId, GroupChange};
-use crate::placement::{Placement, RingMember};
+use crate::placement::{Placement, RingMember, ShardId};
 use crate::shardmap::plan::{plan_with, Desired, PlanConfig, UpMember};
 use crate::shardmap::{MapCommand, ShardMap};
 use botclaw_config::PlacementConfig;
@@ -84,8 +84,15 @@ impl LeaderPlanner {
         (ring, desired)
     }
 
-    /// One round on the leader `c`, with `up` the members its failure detector sees.
-    pub fn round(&mut self, now_ms: u64, c: &Controller, up: &[UpMember]) -> Round {
+    /// One round on the leader `c`, with `up` the members its failure detector sees and
+    /// `pins` the load-driven moves in force (shard, wanted owner).
+    pub fn round<'a>(
+        &mut self,
+        now_ms: u64,
+        c: &Controller,
+        up: &[UpMember],
+        pins: impl IntoIterator<Item = (ShardId, &'a str)>,
+    ) -> Round {
         let (voters, learners) = (c.voters(), c.learners());
         let group = GroupView { leader: c.id(), voters: &voters, learners: &learners };
         let (target, after) = (self.voters_target, self.replace_after_ms);
@@ -93,7 +100,10 @@ impl LeaderPlanner {
         let caught_up = |id| c.caught_up(id);
         let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
-        let commands = plan_with(c.map(), up, self.ring(c.map()).1, &cfg);
+        self.ring(c.map());
+        let (_, _, desired) = self.ring.as_mut().expect("built above");
+        desired.pin(c.map(), pins, cfg.replication_factor);
+        let commands = plan_with(c.map(), up, desired, &cfg);
         self.last = Some((now_ms, c.map().version));
         Round { group, commands }
     }

@@ -97,10 +97,12 @@ pub fn plan_assign(map: &ShardMap, desired: &Desired, shards_max: usize) -> Opti
 }
 
 /// The members the ring wants for every shard (owner first), active members only:
-/// computed once per ring, so a planning round allocates nothing per shard.
+/// computed once per ring, so a planning round allocates nothing per shard. Load-driven
+/// moves pin a few shards to another owner (see [`Desired::pin`]).
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
     by_shard: Vec<super::Replicas>,
+    pinned: BTreeMap<ShardId, super::Replicas>,
 }
 
 impl Desired {
@@ -112,12 +114,40 @@ impl Desired {
                     .expect("at most REPLICAS_MAX wanted")
             })
             .collect();
-        Desired { by_shard }
+        Desired { by_shard, pinned: BTreeMap::new() }
     }
 
     /// The wanted members of `shard`, owner first (empty if none is active).
     pub fn of(&self, shard: ShardId) -> &[MemberIx] {
+        if let Some(p) = (!self.pinned.is_empty()).then(|| self.pinned.get(&shard)).flatten() {
+            return p.as_slice();
+        }
         self.by_shard.get(shard as usize).map_or(&[], |r| r.as_slice())
+    }
+
+    /// Replaces the pins: each shard of `pins` is wanted on the named member as owner
+    /// (the rebalancer moved it off a hot node), then the ring's members, `r` in all.
+    /// Pins to members that are not active, or to shards the map does not have, are
+    /// ignored.
+    pub fn pin<'a>(
+        &mut self,
+        map: &ShardMap,
+        pins: impl IntoIterator<Item = (ShardId, &'a str)>,
+        r: usize,
+    ) {
+        self.pinned.clear();
+        for (shard, to) in pins {
+            let Some(ix) = map.member_ix(to) else { continue };
+            let active = map.member(ix).is_some_and(|m| m.state == MemberState::Active);
+            let Some(ring) = self.by_shard.get(shard as usize).filter(|_| active) else {
+                continue;
+            };
+            let rest = ring.as_slice().iter().copied().filter(|&m| m != ix);
+            let wanted: Vec<MemberIx> =
+                std::iter::once(ix).chain(rest).take(r.clamp(1, REPLICAS_MAX)).collect();
+            let replicas = super::Replicas::from_slice(&wanted).expect("at most REPLICAS_MAX");
+            self.pinned.insert(shard, replicas);
+        }
     }
 }
 

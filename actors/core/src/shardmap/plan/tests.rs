@@ -205,3 +205,39 @@ fn a_stale_plan_changes_nothing() {
     }
     assert!(map.shards().eq(before.shards()));
 }
+
+/// A load-driven pin makes the pinned member the shard's owner (through a learner, as any
+/// move); pins to a member that is not active are ignored; without the pin the shard goes
+/// back to the ring.
+#[test]
+fn a_pinned_shard_moves_to_its_pinned_owner_and_back_when_unpinned() {
+    let cfg = PlanConfig::default();
+    let (mut map, live) = started(&["a", "b", "c"], &cfg);
+    let shard = 7;
+    let ring_owner = map.owner(shard).unwrap().to_string();
+    let to = ["a", "b", "c"].into_iter().find(|n| *n != ring_owner).unwrap();
+    let mut pinned_rounds = 0;
+    loop {
+        let ring = ring_of(&map);
+        let mut desired = Desired::build(&map, &ring, 2);
+        desired.pin(&map, [(shard, to), (shard + 1, "nobody")], 2);
+        assert_eq!(desired.of(shard)[0], map.member_ix(to).unwrap());
+        assert_eq!(desired.of(shard + 1), Desired::build(&map, &ring, 2).of(shard + 1));
+        let cmds = plan_with(&map, &live, &desired, &cfg);
+        if cmds.is_empty() && map.shards().all(|e| e.learners.is_empty()) {
+            break;
+        }
+        for cmd in &cmds {
+            apply(&mut map, cmd);
+        }
+        promote_all(&mut map);
+        pinned_rounds += 1;
+        assert!(pinned_rounds < 20, "the pin never settled");
+    }
+    assert_eq!(map.owner(shard), Some(to));
+    assert_eq!(map.shard(shard).unwrap().isr.len(), 2);
+    // Unpinned: back to the ring's placement.
+    converge(&mut map, &live, &cfg, 20);
+    assert_on_ring(&map, 2);
+    assert_eq!(map.owner(shard), Some(ring_owner.as_str()));
+}
