@@ -225,16 +225,11 @@ pub struct ControllerContact {
     base: Instant,
     /// Milliseconds after `base`, plus one (0: never).
     heard_ms: std::sync::atomic::AtomicU64,
-    fresh: std::sync::atomic::AtomicBool,
 }
 
 impl Default for ControllerContact {
     fn default() -> Self {
-        ControllerContact {
-            base: Instant::now(),
-            heard_ms: Default::default(),
-            fresh: Default::default(),
-        }
+        ControllerContact { base: Instant::now(), heard_ms: Default::default() }
     }
 }
 
@@ -244,14 +239,7 @@ impl ControllerContact {
     }
 
     pub fn heard(&self) {
-        use std::sync::atomic::Ordering::Release;
-        self.heard_ms.store(self.now_ms(), Release);
-        self.fresh.store(true, Release);
-    }
-
-    /// Whether it heard since the last call (the replicator's ticks take it).
-    pub fn take_fresh(&self) -> bool {
-        self.fresh.swap(false, std::sync::atomic::Ordering::AcqRel)
+        self.heard_ms.store(self.now_ms(), std::sync::atomic::Ordering::Release);
     }
 
     /// Whether it heard within the last `ms`.

@@ -98,11 +98,22 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
         return;
     }
     let me = host.shared().node.clone();
+    let mut closed = false;
     let moved = async {
         loop {
             let view = placement.load();
             let excluded = match &view.map {
-                // The controller moved every shard away (this node holds no copy).
+                // The controller moved every shard away (this node holds no copy), or
+                // nobody is left to take them (the whole cluster stops: the copies stay
+                // here and the shards return with the node; its actors close once their
+                // turns are durable).
+                Some(map) if map.active_members().is_empty() => {
+                    if !closed {
+                        host.relinquish(|_| false);
+                        closed = true;
+                    }
+                    true
+                }
                 Some(map) => holds_nothing(map, &me),
                 None => view.placement.members().iter().all(|m| m.name != *me),
             };
@@ -376,10 +387,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let authoritative = cfg.controller.authoritative;
     let shards = authoritative.then(|| {
+        let machine = OwnershipConfig::default();
         let links = crate::shards::NodeShardLinks {
             me: cfg.name.clone(),
             controller: controller_tx.clone(),
             heard: heard.clone(),
+            heard_within: Duration::from_millis(
+                machine.read_lease_ticks * cfg.controller.tick_ms / 2,
+            ),
             metrics: metrics.clone(),
         };
         let limits = ShardLimits {
@@ -390,7 +405,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             batch_bytes_max: (cfg.link.frame_bytes_max / 4) as usize,
             parked_max: cfg.replication.incoming_max,
             tick: Duration::from_millis(cfg.controller.tick_ms),
-            machine: OwnershipConfig::default(),
+            machine,
         };
         ShardReplicator::start(&cfg.name, incarnation, store.clone(), Arc::new(links), limits)
     });

@@ -28,6 +28,9 @@ pub struct NodeShardLinks {
     pub me: String,
     pub controller: mpsc::Sender<Vec<u8>>,
     pub heard: Arc<ControllerContact>,
+    /// Heard within this renews the read lease (half of it: the machine's own count of
+    /// ticks adds the rest).
+    pub heard_within: Duration,
     pub metrics: Metrics,
 }
 
@@ -49,7 +52,7 @@ impl ShardLinks for NodeShardLinks {
     }
 
     fn controller_heard(&self) -> bool {
-        self.heard.take_fresh()
+        self.heard.within(self.heard_within.as_millis() as u64)
     }
 }
 
@@ -109,7 +112,9 @@ pub async fn follow_map(f: Follow) {
             shards.map_applied(view.map.clone()).await;
         }
         if map_changed || current.moves != moves {
-            let joined = view.map.member_ix(&me).is_some();
+            // A map to route by (a gateway without the conversations role is never a
+            // member of it; it forwards everything).
+            let joined = !view.map.members().is_empty();
             let next = Arc::new(PlacementView::by_map(
                 view.map.clone(),
                 ring.clone(),

@@ -73,8 +73,10 @@ pub trait ShardLinks: Send + Sync + 'static {
     fn send(&self, peer: &str, bytes: Vec<u8>);
     /// A command for the controller's leader.
     fn propose(&self, command: MapCommand);
-    /// Whether this node heard from the controller's leader (or leads it) since the last
-    /// call (the read lease).
+    /// Whether this node heard from the controller's leader (or leads it) lately: asked
+    /// every tick, it renews the read lease. Judged by the clock, not by calls: ticks that
+    /// queued up behind a busy round arrive in a burst, and a flag taken by the first would
+    /// let the lease run out within the burst.
     fn controller_heard(&self) -> bool;
 }
 
