@@ -67,9 +67,12 @@ fn cluster(config: Option<&str>) -> Cluster {
     c
 }
 
+/// The controller's leader, once node 0 knows it.
 fn leader(c: &Cluster) -> Option<usize> {
-    let name = c.nodes[0].status()?["controller"]["leader"].as_str()?.to_string();
-    c.nodes.iter().position(|n| n.name == name)
+    poll(Duration::from_secs(30), || {
+        let name = c.nodes[0].status()?["controller"]["leader"].as_str()?.to_string();
+        c.nodes.iter().position(|n| n.name == name)
+    })
 }
 
 /// Kills `victim` under load; (detection ms, longest gap ms, history problems).
