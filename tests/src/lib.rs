@@ -175,6 +175,7 @@ fn with_mode(config: Option<&str>) -> Option<String> {
     }
     const ON: &str = "authoritative = true\n";
     Some(match config {
+        Some(c) if c.contains("authoritative") => c.to_string(),
         Some(c) if c.contains("[controller]\n") => {
             c.replacen("[controller]\n", &format!("[controller]\n{ON}"), 1)
         }
