@@ -84,7 +84,12 @@ fn fjall_dir(dir: &std::path::Path) -> std::path::PathBuf {
 /// actors have closed (each once its waiting turns are durable), at most `timeout`. Then
 /// it lingers (at most [`DRAIN_LINGER`]) until no request is held here or waiting for an
 /// answer it relays: peers that had not heard of the drain yet sent some here.
-async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, timeout: Duration) {
+async fn drain(
+    gossip: &mpsc::Sender<GossipCommand>,
+    cluster: &watch::Receiver<ClusterView>,
+    dispatcher: &Dispatcher,
+    timeout: Duration,
+) {
     let (host, placement) = (&dispatcher.host, &dispatcher.view);
     // From now on a request held here goes to the owner this node sees at once.
     dispatcher.draining.store(true, std::sync::atomic::Ordering::Release);
@@ -104,10 +109,12 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
             let view = placement.load();
             let excluded = match &view.map {
                 // The controller moved every shard away (this node holds no copy), or
-                // nobody is left to take them (the whole cluster stops: the copies stay
+                // nobody is left to take them: no other active member of the map that the
+                // failure detector sees up (the whole cluster stops, and the others'
+                // drains may not have been committed before they left). The copies stay
                 // here and the shards return with the node; its actors close once their
-                // turns are durable).
-                Some(map) if map.active_members().is_empty() => {
+                // turns are durable.
+                Some(map) if !someone_takes(map, &me, &cluster.borrow()) => {
                     if !closed {
                         host.relinquish(|_| false);
                         closed = true;
@@ -133,6 +140,16 @@ async fn drain(gossip: &mpsc::Sender<GossipCommand>, dispatcher: &Dispatcher, ti
         }
     };
     let _ = tokio::time::timeout(DRAIN_LINGER, settled).await;
+}
+
+/// Whether a member other than `me` is active in `map` and up in `view`.
+fn someone_takes(map: &botclaw_core::shardmap::ShardMap, me: &str, view: &ClusterView) -> bool {
+    let up = |name: &str| {
+        view.members
+            .iter()
+            .any(|m| !m.is_self && m.id.name == name && m.state != botclaw_core::MemberState::Down)
+    };
+    map.active_members().iter().any(|m| m.name != me && up(&m.name))
 }
 
 /// Whether `me` owns, or holds a copy of, no shard of `map`.
@@ -528,7 +545,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
     let drain_dispatcher = dispatcher.clone();
     let admin_state = Arc::new(AdminState {
-        view,
+        view: view.clone(),
         dispatcher,
         host: host.clone(),
         metrics,
@@ -550,8 +567,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         () = shutdown => tracing::info!("shutting down"),
         () = drain_requested.notified() => tracing::info!("drain requested"),
     }
-    drain(&gossip_tx, &drain_dispatcher, Duration::from_millis(cfg.replication.drain_timeout_ms))
-        .await;
+    let drain_timeout = Duration::from_millis(cfg.replication.drain_timeout_ms);
+    drain(&gossip_tx, &view, &drain_dispatcher, drain_timeout).await;
     tracing::info!("leaving the cluster");
     let (done_tx, done_rx) = oneshot::channel();
     if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {

@@ -653,9 +653,14 @@ impl Driver {
                     for (conv, stored) in convs {
                         let size = postcard::experimental::serialized_size(&stored).unwrap_or(0)
                             + conv.len();
-                        if !chunk.is_empty() && bytes + size > max {
-                            let convs = std::mem::take(&mut chunk);
-                            batch.msgs.push(PeerMsg::Stream { shard, attempt, convs, last: false });
+                        // Full: what is gathered goes (this shard's rows so far as a chunk
+                        // that is not its last); a lone row larger than `max` goes alone.
+                        if bytes + size > max && (!chunk.is_empty() || !batch.msgs.is_empty()) {
+                            if !chunk.is_empty() {
+                                let convs = std::mem::take(&mut chunk);
+                                let msg = PeerMsg::Stream { shard, attempt, convs, last: false };
+                                batch.msgs.push(msg);
+                            }
                             send(&mut batch);
                             bytes = 0;
                         }
