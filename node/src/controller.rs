@@ -28,7 +28,6 @@ use botclaw_core::controller::{
     controller_id, decode_message, encode_message, Controller, ControllerId, GroupChange, Persist,
     Restored,
 };
-use botclaw_core::rebalance::MoveTable;
 use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use botclaw_core::MemberState;
@@ -456,10 +455,7 @@ impl ControllerTask {
         let up = self.up_members();
         // Load-driven moves in force: decided by overloaded owners, vouched for by their
         // targets over gossip (see `rebalance`).
-        let moves = {
-            let view = self.args.gossip.borrow();
-            MoveTable::merge(view.loads.values().flat_map(|l| l.moves.iter()))
-        };
+        let moves = self.args.gossip.borrow().moves();
         let pins = moves.iter().map(|r| (r.shard, r.to.as_str()));
         let (planner, c) = (&mut self.planner, &self.controller);
         let Round { group, commands } =

@@ -34,6 +34,12 @@ impl ClusterView {
     pub fn up_peers(&self) -> impl Iterator<Item = &NodeId> {
         self.members.iter().filter(|m| !m.is_self && m.state == MemberState::Up).map(|m| &m.id)
     }
+
+    /// The load-driven moves in force: every summary's vouched-for moves, the newest
+    /// version of each shard's.
+    pub fn moves(&self) -> botclaw_core::rebalance::MoveTable {
+        botclaw_core::rebalance::MoveTable::merge(self.loads.values().flat_map(|l| &l.moves))
+    }
 }
 
 pub enum GossipCommand {

@@ -154,8 +154,7 @@ fn someone_takes(map: &botclaw_core::shardmap::ShardMap, me: &str, view: &Cluste
 
 /// Whether `me` owns, or holds a copy of, no shard of `map`.
 fn holds_nothing(map: &botclaw_core::shardmap::ShardMap, me: &str) -> bool {
-    let Some(ix) = map.member_ix(me) else { return true };
-    map.shards().all(|e| !e.isr.contains(ix) && !e.learners.contains(ix))
+    map.member_ix(me).is_none_or(|ix| map.held_by(ix) == 0)
 }
 
 /// Longest a drained node waits for requests it holds or relays before it leaves.

@@ -135,9 +135,9 @@ pub async fn maintain(
     let mut tick = tokio::time::interval(GUARD_TICK);
     let mut me_as_seen = None;
     loop {
-        let (members, joined, now_down, live, identity, summaries) = {
+        let (members, joined, now_down, live, identity, mut moves) = {
             let v = view.borrow_and_update();
-            let summaries: Vec<_> = v.loads.values().flat_map(|l| l.moves.clone()).collect();
+            let moves = v.moves();
             let identity = (v.me.incarnation, v.me.bump);
             let names = |pred: &dyn Fn(MemberState) -> bool| -> BTreeSet<String> {
                 v.members.iter().filter(|m| pred(m.state)).map(|m| m.id.name.clone()).collect()
@@ -145,7 +145,7 @@ pub async fn maintain(
             let now_down = names(&|s| s == MemberState::Down);
             let mut live = names(&|s| s != MemberState::Down);
             live.insert(me.clone());
-            (ring_members(&v), v.joined, now_down, live, identity, summaries)
+            (ring_members(&v), v.joined, now_down, live, identity, moves)
         };
         // Declared down by the others and rejoined (a freeze, a partition): whatever this
         // node's actors hold may have been taken over meanwhile. They close; the next
@@ -193,7 +193,6 @@ pub async fn maintain(
             ring = Some(Arc::new(placement));
             current = Some((members.clone(), joined));
         }
-        let mut moves = MoveTable::merge(&summaries);
         moves.retain_targets(|n| members.iter().any(|m| m.name == n));
         let before = out.dispatcher.view.load();
         let ring_now = ring.clone().expect("built above");

@@ -94,8 +94,7 @@ pub async fn follow_map(f: Follow) {
         let view = map.borrow_and_update().clone();
         let current = dispatcher.view.load();
         let now_moves = {
-            let g = gossip.borrow();
-            let mut m = MoveTable::merge(g.loads.values().flat_map(|l| l.moves.iter()));
+            let mut m = gossip.borrow().moves();
             let active = |name: &str| {
                 let ix = view.map.member_ix(name);
                 ix.and_then(|ix| view.map.member(ix)).is_some_and(|m| m.state == MapState::Active)

@@ -371,10 +371,14 @@ impl Cluster {
                     let s = self.nodes[i].status()?;
                     let c = &s["controller"];
                     let settled = !c["leader"].is_null()
-                        && ["moves_in_flight", "shards_unassigned", "shards_unavailable"]
-                            .iter()
-                            .chain(&["shards_under_replicated"])
-                            .all(|k| c[k] == 0);
+                        && [
+                            "moves_in_flight",
+                            "shards_unassigned",
+                            "shards_unavailable",
+                            "shards_under_replicated",
+                        ]
+                        .iter()
+                        .all(|k| c[k] == 0);
                     settled.then(|| c["map_version"].as_u64()).flatten()
                 })
                 .collect();

@@ -302,6 +302,11 @@ impl ShardMap {
         self.shards.owned(member)
     }
 
+    /// Shards `member` holds a copy of, in sync or learning (kept: no scan).
+    pub fn held_by(&self, member: MemberIx) -> u32 {
+        self.shards.held(member)
+    }
+
     /// Shards per member as owner, for every member.
     pub fn owned_counts(&self) -> BTreeMap<&str, u32> {
         (0..self.members.len())

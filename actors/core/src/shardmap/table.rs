@@ -66,8 +66,8 @@ pub(super) struct Table {
     len: u32,
     chunks: Vec<Arc<[ShardEntry]>>,
     tally: Tally,
-    /// Shards owned, by member slot.
-    owned: Vec<u32>,
+    /// Shards owned and shards held (in sync or learning), by member slot.
+    members: PerMember,
 }
 
 impl Table {
@@ -80,14 +80,14 @@ impl Table {
             .collect();
         let mut tally = Tally::default();
         tally.by_isr_len[0] = len;
-        Table { len, chunks, tally, owned: Vec::new() }
+        Table { len, chunks, tally, members: PerMember::default() }
     }
 
     fn from_entries(entries: Vec<ShardEntry>) -> Table {
         let tally = Tally::of(entries.iter());
-        let owned = owned_of(entries.iter());
+        let members = PerMember::of(entries.iter());
         let chunks = entries.chunks(CHUNK).map(Arc::from).collect();
-        Table { len: entries.len() as u32, chunks, tally, owned }
+        Table { len: entries.len() as u32, chunks, tally, members }
     }
 
     pub fn len(&self) -> u32 {
@@ -100,7 +100,12 @@ impl Table {
 
     /// Shards `member` owns.
     pub fn owned(&self, member: MemberIx) -> u32 {
-        self.owned.get(usize::from(member)).copied().unwrap_or(0)
+        self.members.get(member).0
+    }
+
+    /// Shards `member` holds a copy of (in sync or learning).
+    pub fn held(&self, member: MemberIx) -> u32 {
+        self.members.get(member).1
     }
 
     pub fn get(&self, s: ShardId) -> Option<&ShardEntry> {
@@ -118,16 +123,8 @@ impl Table {
         }
         self.tally.add(e, -1);
         self.tally.add(&next, 1);
-        if let Some(o) = e.owner {
-            self.owned[usize::from(o)] -= 1;
-        }
-        if let Some(o) = next.owner {
-            let o = usize::from(o);
-            if self.owned.len() <= o {
-                self.owned.resize(o + 1, 0);
-            }
-            self.owned[o] += 1;
-        }
+        self.members.add(e, -1);
+        self.members.add(&next, 1);
         Arc::make_mut(chunk)[s % CHUNK] = next;
     }
 
@@ -157,25 +154,52 @@ impl Table {
 
     /// The tallies recomputed from the entries differ from the ones kept.
     pub fn tally_drifted(&self) -> bool {
-        let mut owned = self.owned.clone();
-        while owned.last() == Some(&0) {
-            owned.pop();
-        }
-        Tally::of(self.iter()) != self.tally || owned_of(self.iter()) != owned
+        Tally::of(self.iter()) != self.tally || PerMember::of(self.iter()) != self.members
     }
 }
 
-/// Shards owned by member slot, without trailing zeros.
-fn owned_of<'a>(entries: impl Iterator<Item = &'a ShardEntry>) -> Vec<u32> {
-    let mut owned: Vec<u32> = Vec::new();
-    for o in entries.filter_map(|e| e.owner) {
-        let o = usize::from(o);
-        if owned.len() <= o {
-            owned.resize(o + 1, 0);
+/// Shards owned and held, by member slot.
+#[derive(Debug, Clone, Default)]
+struct PerMember(Vec<(u32, u32)>);
+
+impl PerMember {
+    fn of<'a>(entries: impl Iterator<Item = &'a ShardEntry>) -> PerMember {
+        let mut m = PerMember::default();
+        for e in entries {
+            m.add(e, 1);
         }
-        owned[o] += 1;
+        m
     }
-    owned
+
+    fn get(&self, member: MemberIx) -> (u32, u32) {
+        self.0.get(usize::from(member)).copied().unwrap_or((0, 0))
+    }
+
+    fn slot(&mut self, m: MemberIx) -> &mut (u32, u32) {
+        let m = usize::from(m);
+        if self.0.len() <= m {
+            self.0.resize(m + 1, (0, 0));
+        }
+        &mut self.0[m]
+    }
+
+    fn add(&mut self, e: &ShardEntry, sign: i8) {
+        let step = |n: &mut u32| *n = if sign > 0 { *n + 1 } else { *n - 1 };
+        if let Some(o) = e.owner {
+            step(&mut self.slot(o).0);
+        }
+        for &m in e.isr.as_slice().iter().chain(e.learners.as_slice()) {
+            step(&mut self.slot(m).1);
+        }
+    }
+}
+
+/// Equal counts (slots past the end count zero).
+impl PartialEq for PerMember {
+    fn eq(&self, other: &PerMember) -> bool {
+        let n = self.0.len().max(other.0.len());
+        (0..n).all(|m| self.get(m as MemberIx) == other.get(m as MemberIx))
+    }
 }
 
 /// Iterates every entry in shard order.

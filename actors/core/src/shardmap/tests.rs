@@ -275,6 +275,9 @@ fn a_large_map_shares_unchanged_parts_between_versions() {
     let cmd = MapCommand::Changes(vec![change(7, 1), change(4099, 0), change(4999, 1)]);
     assert_eq!(apply(&mut map, &cmd).changed, vec![7, 4099, 4999]);
     assert_eq!(map.tally().learning, 3);
+    // a owns shards 0..500, 1500..2000, ...; it learns 4099 (owned by c): held 2001.
+    assert_eq!((map.owned_by(0), map.held_by(0)), (2000, 2001));
+    assert_eq!((map.owned_by(1), map.held_by(1)), (1500, 1502));
     assert_eq!(copy.tally().learning, 0, "the copy did not change");
     assert_eq!(copy.shard(7).unwrap().learners.len(), 0);
     // The dead member's shards (every third run) become unavailable, the tally says so.
