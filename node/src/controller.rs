@@ -359,6 +359,7 @@ impl ControllerTask {
                     self.controller.tick();
                     if self.controller.is_leader() {
                         self.args.heard.heard();
+                        self.hand_over_if_leaving();
                     }
                 }
                 _ = tokio::time::sleep_until(plan_at.into()) => self.plan_round(),
@@ -422,6 +423,34 @@ impl ControllerTask {
                 self.send_to(&leader, wire.to_bytes());
             }
             None => self.args.metrics.drop("no-leader"),
+        }
+    }
+
+    /// A leader whose own process leaves (the map has it draining or dead at this
+    /// incarnation) hands leadership to a voter that stays, is up and holds the whole log:
+    /// the group needs no election timeout to go on, and nodes keep hearing from a leader.
+    fn hand_over_if_leaving(&mut self) {
+        use botclaw_core::shardmap::MemberState as Map;
+        let view = self.args.gossip.borrow();
+        let map = self.controller.map();
+        let me = map.member_ix(&self.args.me).and_then(|ix| map.member(ix));
+        if me.is_none_or(|m| m.incarnation != view.me.incarnation || m.state == Map::Active) {
+            return;
+        }
+        let stays = |name: &str| {
+            let member = map.member_ix(name).and_then(|ix| map.member(ix));
+            member.is_some_and(|m| m.state == Map::Active)
+                && view
+                    .members
+                    .iter()
+                    .any(|m| !m.is_self && m.id.name == name && m.state != MemberState::Down)
+        };
+        let to = (self.controller.voters().into_iter())
+            .filter(|&id| id != self.controller.id() && self.controller.caught_up(id))
+            .find(|id| self.names.get(id).is_some_and(|n| stays(n)));
+        drop(view);
+        if let Some(to) = to.filter(|&to| self.controller.transfer_leader(to)) {
+            tracing::info!(to = ?self.names.get(&to), "leaving: handing the controller's leadership over");
         }
     }
 
@@ -504,7 +533,7 @@ impl ControllerTask {
                     if !a.applied.skipped.is_empty() {
                         tracing::debug!(index = a.index, skipped = ?a.applied.skipped, "map command partly skipped");
                     }
-                    log_command(command, a.applied.changed.len());
+                    log_command(command, &a.applied);
                 }
             }
             changed |= !rd.applied.is_empty() || rd.snapshot_installed;
@@ -596,7 +625,7 @@ impl ControllerTask {
         status.shards_unavailable = tally.unavailable as usize;
         status.shards_under_replicated = tally.under_replicated(r) as usize;
         status.owned = (map.members().iter().enumerate())
-            .filter(|(_, m)| m.state != botclaw_core::shardmap::MemberState::Dead)
+            .filter(|(_, m)| !m.state.is_gone())
             .map(|(ix, m)| (m.name.clone(), map.owned_by(ix as MemberIx)))
             .collect();
         let m = &self.args.metrics;
@@ -612,7 +641,12 @@ impl ControllerTask {
 }
 
 /// Membership and operator commands are logged; moves are counted, not logged one by one.
-fn log_command(command: &MapCommand, changed: usize) {
+fn log_command(command: &MapCommand, applied: &botclaw_core::shardmap::Applied) {
+    let changed = applied.changed.len();
+    if !applied.skipped.is_empty() && changed == 0 {
+        // A repeated leave, a death already known: logged above at debug level.
+        return;
+    }
     match command {
         MapCommand::Join { name, incarnation, .. } => {
             tracing::info!(%name, incarnation, shards = changed, "map: member joined")
@@ -621,6 +655,9 @@ fn log_command(command: &MapCommand, changed: usize) {
             tracing::info!(%name, incarnation, shards = changed, "map: member dead")
         }
         MapCommand::Drain { name } => tracing::info!(%name, "map: member draining"),
+        MapCommand::Leave { name, incarnation } => {
+            tracing::info!(%name, incarnation, shards = changed, "map: member left (controlled shutdown)")
+        }
         MapCommand::Force { shard, member } => {
             tracing::warn!(shard, member, "map: shard forced onto a member (operator override)")
         }

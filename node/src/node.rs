@@ -1,7 +1,7 @@
 //! `run`: one botclaw node, from a validated config until shutdown.
 
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,7 @@ use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX, MOVES_MAX};
 use botclaw_core::ownership::OwnershipConfig;
 use botclaw_core::placement::Placement;
 use botclaw_core::rebalance::{MoveRecord, NodeLoad, Rebalancer, ShardLoad};
+use botclaw_core::shardmap::{leave_step, LeaveMode, LeaveStep, MapCommand};
 use botclaw_core::{Membership, NodeId};
 use ractor::Actor;
 use ractor_cluster::NodeServer;
@@ -78,25 +79,35 @@ fn fjall_dir(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join(FJALL_DIR)
 }
 
-/// Moves this node's conversations away before it leaves: it gives up the conversations
-/// role (every ring is rebuilt without it; it stays a member and forwards what clients
-/// still send it), then waits until its own placement excludes it and its conversation
-/// actors have closed (each once its waiting turns are durable), at most `timeout`. Then
-/// it lingers (at most [`DRAIN_LINGER`]) until no request is held here or waiting for an
-/// answer it relays: peers that had not heard of the drain yet sent some here.
-async fn drain(
-    gossip: &mpsc::Sender<GossipCommand>,
-    cluster: &watch::Receiver<ClusterView>,
-    dispatcher: &Dispatcher,
+/// What a leaving node needs.
+struct Leaving<'a> {
+    gossip: &'a mpsc::Sender<GossipCommand>,
+    cluster: &'a watch::Receiver<ClusterView>,
+    dispatcher: &'a Dispatcher,
+    /// The local controller member's inbox (proposals reach the leader through it).
+    controller: &'a mpsc::Sender<Vec<u8>>,
+    incarnation: u64,
+    mode: LeaveMode,
     timeout: Duration,
-) {
-    let (host, placement) = (&dispatcher.host, &dispatcher.view);
+}
+
+/// Moves this node's conversations away before it leaves: it gives up the conversations
+/// role (it stays a member and forwards what clients still send it), then waits until
+/// nothing it holds is needed here and its conversation actors have closed (each once its
+/// waiting turns are durable), at most `timeout`. By the ring: until its own placement
+/// excludes it. By the controller's map: the steps of [`leave_step`] (a restart hands
+/// ownership to the other in-sync members; a decommission moves every copy away). Then it
+/// lingers (at most [`DRAIN_LINGER`]) until no request is held here or waiting for an
+/// answer it relays: peers that had not heard of the drain yet sent some here.
+async fn drain(l: Leaving<'_>) {
+    let (host, placement) = (&l.dispatcher.host, &l.dispatcher.view);
     // From now on a request held here goes to the owner this node sees at once.
-    dispatcher.draining.store(true, std::sync::atomic::Ordering::Release);
-    dispatcher.release_held();
+    l.dispatcher.draining.store(true, Ordering::Release);
+    l.dispatcher.release_held();
     let started = std::time::Instant::now();
     let (tx, rx) = oneshot::channel();
-    if gossip.send(GossipCommand::DropRole(routing::CONVERSATIONS_ROLE.into(), tx)).await.is_err() {
+    if l.gossip.send(GossipCommand::DropRole(routing::CONVERSATIONS_ROLE.into(), tx)).await.is_err()
+    {
         return;
     }
     if !rx.await.unwrap_or(false) {
@@ -104,24 +115,50 @@ async fn drain(
     }
     let me = host.shared().node.clone();
     let mut closed = false;
+    // The last step decided, on which map version, failure detector's word and contact
+    // with the controller (a step scans the map at most once per version), and when
+    // `Leave` was last proposed.
+    let mut decided: Option<((u64, bool, bool), LeaveStep)> = None;
+    let mut proposed: Option<std::time::Instant> = None;
     let moved = async {
         loop {
             let view = placement.load();
             let excluded = match &view.map {
-                // The controller moved every shard away (this node holds no copy), or
-                // nobody is left to take them: no other active member of the map that the
-                // failure detector sees up (the whole cluster stops, and the others'
-                // drains may not have been committed before they left). The copies stay
-                // here and the shards return with the node; its actors close once their
-                // turns are durable.
-                Some(map) if !someone_takes(map, &me, &cluster.borrow()) => {
-                    if !closed {
-                        host.relinquish(|_| false);
-                        closed = true;
+                Some(map) => {
+                    let others = someone_takes(map, &me, &l.cluster.borrow());
+                    // Serving by the map means the controller's leader was heard.
+                    let heard = l.dispatcher.serving.load(Ordering::Acquire);
+                    let key = (map.version, others, heard);
+                    let step = match decided {
+                        Some((at, step)) if at == key => step,
+                        _ => {
+                            let step = leave_step(map, &me, l.incarnation, l.mode, others, heard);
+                            decided = Some((key, step));
+                            step
+                        }
+                    };
+                    match step {
+                        LeaveStep::Wait => false,
+                        LeaveStep::ProposeLeave => {
+                            if proposed.is_none_or(|at| at.elapsed() >= LEAVE_PROPOSED_EVERY) {
+                                proposed = Some(std::time::Instant::now());
+                                propose_leave(l.controller, &me, l.incarnation);
+                            }
+                            false
+                        }
+                        // Nobody left to take the shards (the whole cluster stops, and the
+                        // others' drains may not have been committed before they left), or
+                        // out of every shard: the actors close once their turns are
+                        // durable; kept copies return with the node.
+                        LeaveStep::KeepCopies | LeaveStep::Done => {
+                            if !closed {
+                                host.relinquish(|_| false);
+                                closed = true;
+                            }
+                            true
+                        }
                     }
-                    true
                 }
-                Some(map) => holds_nothing(map, &me),
                 None => view.placement.members().iter().all(|m| m.name != *me),
             };
             if excluded && host.active() == 0 {
@@ -130,16 +167,31 @@ async fn drain(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    match tokio::time::timeout(timeout, moved).await {
-        Ok(()) => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained"),
+    match tokio::time::timeout(l.timeout, moved).await {
+        Ok(()) => {
+            tracing::info!(took_ms = started.elapsed().as_millis() as u64, mode = ?l.mode, "drained")
+        }
         Err(_) => tracing::warn!(active = host.active(), "drain timed out; leaving anyway"),
     }
     let settled = async {
-        while dispatcher.held() > 0 || dispatcher.forwarder.pending_len() > 0 {
+        while l.dispatcher.held() > 0 || l.dispatcher.forwarder.pending_len() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let _ = tokio::time::timeout(DRAIN_LINGER, settled).await;
+}
+
+/// How often a leaving node repeats its `Leave` proposal until the map shows it applied (a
+/// proposal is lost when the leader changes meanwhile).
+const LEAVE_PROPOSED_EVERY: Duration = Duration::from_millis(250);
+
+/// Asks the controller's leader to commit this incarnation's `Leave` (a controlled
+/// shutdown).
+fn propose_leave(controller: &mpsc::Sender<Vec<u8>>, me: &str, incarnation: u64) {
+    let command = MapCommand::Leave { name: me.to_string(), incarnation };
+    let wire = crate::controller::Wire::Propose { from: me.to_string(), forwarded: false, command };
+    // A full inbox drops it; the next try follows.
+    let _ = controller.try_send(wire.to_bytes());
 }
 
 /// Whether a member other than `me` is active in `map` and up in `view`.
@@ -150,11 +202,6 @@ fn someone_takes(map: &botclaw_core::shardmap::ShardMap, me: &str, view: &Cluste
             .any(|m| !m.is_self && m.id.name == name && m.state != botclaw_core::MemberState::Down)
     };
     map.active_members().iter().any(|m| m.name != me && up(&m.name))
-}
-
-/// Whether `me` owns, or holds a copy of, no shard of `map`.
-fn holds_nothing(map: &botclaw_core::shardmap::ShardMap, me: &str) -> bool {
-    map.member_ix(me).is_none_or(|ix| map.held_by(ix) == 0)
 }
 
 /// Longest a drained node waits for requests it holds or relays before it leaves.
@@ -280,7 +327,7 @@ async fn load_loop(l: LoadLoop) {
             seq,
             turns_per_s,
             active: l.dispatcher.host.active() as u32,
-            inflight: l.frontend.node_inflight.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            inflight: l.frontend.node_inflight.load(Ordering::Relaxed) as u32,
             hot,
             moves,
             modules,
@@ -555,19 +602,36 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         baseline,
         drain_requested: drain_requested.clone(),
         map: map_view,
-        controller: controller_tx,
+        controller: controller_tx.clone(),
         placement: cfg.placement.clone(),
         replication_factor: cfg.replication.factor,
         ring: Default::default(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
+    let leave_controller = controller_tx;
 
-    tokio::select! {
-        () = shutdown => tracing::info!("shutting down"),
-        () = drain_requested.notified() => tracing::info!("drain requested"),
-    }
-    let drain_timeout = Duration::from_millis(cfg.replication.drain_timeout_ms);
-    drain(&gossip_tx, &view, &drain_dispatcher, drain_timeout).await;
+    // SIGTERM is a restart (ownership handed over, no data moved); an operator's drain
+    // decommissions (every copy moved away first).
+    let mode = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            LeaveMode::Restart
+        }
+        () = drain_requested.notified() => {
+            tracing::info!("drain requested");
+            LeaveMode::Decommission
+        }
+    };
+    drain(Leaving {
+        gossip: &gossip_tx,
+        cluster: &view,
+        dispatcher: &drain_dispatcher,
+        controller: &leave_controller,
+        incarnation,
+        mode,
+        timeout: Duration::from_millis(cfg.replication.drain_timeout_ms),
+    })
+    .await;
     tracing::info!("leaving the cluster");
     let (done_tx, done_rx) = oneshot::channel();
     if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {

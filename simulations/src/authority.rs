@@ -25,7 +25,9 @@ use botclaw_core::controller::{
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
 use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
-use botclaw_core::shardmap::{check_transition, MapCommand, MemberIx, ShardMap};
+use botclaw_core::shardmap::{
+    check_transition, leave_step, LeaveMode, LeaveStep, MapCommand, MemberIx, ShardMap,
+};
 use botclaw_core::{MemberState as Gossip, NodeId};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -129,6 +131,10 @@ struct Node {
     seqs: BTreeMap<u64, Write>,
     /// When each write in `seqs` was submitted (ms).
     seq_at: BTreeMap<u64, u64>,
+    /// When it last heard from the controller's leader (or led it).
+    heard_ms: Option<u64>,
+    /// Leaving (SIGTERM or an operator's drain), and when it last proposed its leave.
+    leaving: Option<(LeaveMode, Option<u64>)>,
 }
 
 enum Wire {
@@ -249,6 +255,8 @@ impl Authority {
             store_queue: VecDeque::new(),
             seqs: BTreeMap::new(),
             seq_at: BTreeMap::new(),
+            leaving: None,
+            heard_ms: None,
         });
         self.start(i);
     }
@@ -269,6 +277,8 @@ impl Authority {
         n.seqs.clear();
         n.seq_at.clear();
         n.ownership = None;
+        n.leaving = None;
+        n.heard_ms = None;
         let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
         n.controller = Some(
@@ -305,6 +315,66 @@ impl Authority {
         n.ownership = None;
         n.store_queue.clear();
         self.net.crash(n.addr);
+    }
+
+    /// The process leaves as the node's shutdown does ([`leave_step`]): it gives up the
+    /// conversations role over gossip, then follows the steps on the map it applied, and
+    /// exits (leaving gossip) once it holds nothing the others need.
+    pub fn leave(&mut self, i: usize, mode: LeaveMode) {
+        let n = &mut self.nodes[i];
+        if !n.running || n.leaving.is_some() {
+            return;
+        }
+        n.leaving = Some((mode, None));
+        self.net.drop_role(n.addr, botclaw_core::roles::CONVERSATIONS);
+    }
+
+    /// Whether node `i` is running and has not finished leaving.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].running
+    }
+
+    /// Every leaving node's next step.
+    fn leave_steps(&mut self) {
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let (Some((mode, proposed)), true) = (n.leaving, n.running) else { continue };
+            let Some(map) = n.controller.as_ref().map(|c| c.map()) else { continue };
+            let others = self.net.membership(n.addr).is_some_and(|m| {
+                m.members().iter().any(|v| {
+                    v.id.name != n.name
+                        && v.state != Gossip::Down
+                        && map
+                            .member_ix(&v.id.name)
+                            .and_then(|ix| map.member(ix))
+                            .is_some_and(|x| x.state == botclaw_core::shardmap::MemberState::Active)
+                })
+            });
+            let window = 2 * self.cfg.controller.election_ticks as u64 * self.cfg.tick_ms;
+            let heard = n.heard_ms.is_some_and(|at| self.now_ms < at + window);
+            match leave_step(map, &n.name, n.incarnation, mode, others, heard) {
+                LeaveStep::Wait => {}
+                LeaveStep::ProposeLeave => {
+                    if proposed.is_some_and(|at| self.now_ms < at + 250) {
+                        continue;
+                    }
+                    let leave =
+                        MapCommand::Leave { name: n.name.clone(), incarnation: n.incarnation };
+                    self.nodes[i].leaving = Some((mode, Some(self.now_ms)));
+                    if let Some(l) = self.leader() {
+                        self.send(i, l, Wire::Propose(leave));
+                    }
+                }
+                LeaveStep::KeepCopies | LeaveStep::Done => {
+                    let n = &mut self.nodes[i];
+                    n.running = false;
+                    n.controller = None;
+                    n.ownership = None;
+                    n.store_queue.clear();
+                    self.net.leave(n.addr);
+                }
+            }
+        }
     }
 
     /// Cuts `group` off from the rest (or heals with an empty group).
@@ -411,6 +481,9 @@ impl Authority {
                     c.tick();
                     c.is_leader()
                 });
+                if leads == Some(true) {
+                    self.nodes[i].heard_ms = Some(self.now_ms);
+                }
                 if let Some(o) = self.nodes[i].ownership.as_mut() {
                     if leads == Some(true) {
                         o.controller_heard();
@@ -419,6 +492,7 @@ impl Authority {
                 }
                 self.drain(i);
             }
+            self.leave_steps();
         }
         self.plan();
         let writes = self.cfg.writes_per_s * STEP_MS / 1000;
@@ -464,6 +538,7 @@ impl Authority {
                 if let Some(c) = self.nodes[i].controller.as_mut() {
                     let _ = c.step(*m);
                     if c.leader() == Some(from) {
+                        self.nodes[i].heard_ms = Some(self.now_ms);
                         if let Some(o) = self.nodes[i].ownership.as_mut() {
                             o.controller_heard();
                         }
@@ -685,7 +760,10 @@ impl Authority {
             .members()
             .into_iter()
             .filter(|m| m.state != Gossip::Down)
-            .map(|m| UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity))
+            .map(|m| UpMember {
+                serving: m.id.roles.iter().any(|r| r == botclaw_core::roles::CONVERSATIONS),
+                ..UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity)
+            })
             .collect();
         let now = self.now_ms;
         let (_, planner) = self.planner.as_mut().expect("set above");
@@ -698,6 +776,7 @@ impl Authority {
                 commands.extend(map.unavailable().map(|shard| MapCommand::Force { shard, member }));
             }
         }
+        let c = self.nodes[l].controller.as_mut().expect("the leader runs");
         if let Some(changes) = group {
             let _ = c.change_members(&changes);
         }

@@ -227,6 +227,13 @@ impl SimNet {
         self.nodes.remove(&addr);
     }
 
+    /// The node at `addr` announces itself again without `role` (a draining node).
+    pub fn drop_role(&mut self, addr: SocketAddr, role: &str) -> bool {
+        let dropped = self.nodes.get_mut(&addr).is_some_and(|node| node.membership.drop_role(role));
+        self.drain(addr);
+        dropped
+    }
+
     pub fn membership(&self, addr: SocketAddr) -> Option<&Membership> {
         self.nodes.get(&addr).map(|n| &n.membership)
     }

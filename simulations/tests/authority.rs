@@ -2,6 +2,7 @@
 //! under the faults the issue names. Every test asserts the checkers stayed clean: nothing
 //! acknowledged lost, logs agree, the map's rules hold after every entry.
 
+use botclaw_core::shardmap::LeaveMode;
 use botclaw_sim::authority::{Authority, AuthorityConfig, AuthorityReport};
 
 fn clean(a: &Authority, what: &str) -> AuthorityReport {
@@ -172,7 +173,7 @@ fn random_faults_over_many_seeds_lose_nothing() {
             match (seed as usize + k) % 3 {
                 0 => a.crash(victim),
                 1 => a.isolate(&[victim]),
-                _ => {}
+                _ => a.leave(victim, LeaveMode::Restart),
             }
             t += 3_000;
             a.run_until(t);
@@ -288,4 +289,92 @@ fn a_node_restarted_while_cut_off_serves_nothing_until_it_rejoins() {
     a.run_until(35_000);
     clean(&a, "rejoined");
     assert!(owned_by(&a, "n4") > 0, "{:?}", a.map().owned_counts());
+}
+
+/// Runs until node `i` has left (at most `limit_ms` from now); how long it took.
+fn until_left(a: &mut Authority, i: usize, limit_ms: u64) -> u64 {
+    let from = a.now_ms();
+    while a.is_running(i) {
+        assert!(
+            a.now_ms() < from + limit_ms,
+            "n{i} still leaving after {limit_ms} ms: {:?} leader {:?} voters {:?}",
+            a.map().members(),
+            a.leader(),
+            a.voters()
+        );
+        let t = a.now_ms() + 50;
+        a.run_until(t);
+    }
+    a.now_ms() - from
+}
+
+/// SIGTERM, node after node, under load (the controller leader among them): each hands
+/// ownership to the other in-sync members and is gone in about a second, no shard is ever
+/// unavailable, and nothing acknowledged is lost; back, each catches up and takes its
+/// share again.
+#[test]
+fn a_rolling_restart_hands_ownership_over_without_moving_data() {
+    let mut a = started(11);
+    for i in [4, 0, 2] {
+        let before = a.report();
+        a.leave(i, LeaveMode::Restart);
+        let took = until_left(&mut a, i, 10_000);
+        let r = clean(&a, &format!("n{i} left"));
+        eprintln!(
+            "n{i} left in {took} ms; {} writes failed meanwhile",
+            r.writes_failed - before.writes_failed
+        );
+        assert!(took < 3_000, "n{i} took {took} ms to leave");
+        assert_eq!(r.unavailable_shards, 0, "n{i}: a shard lost its last in-sync member");
+        assert_eq!(owned_by(&a, &format!("n{i}")), 0);
+        a.start(i);
+        let t = a.now_ms() + 12_000;
+        a.run_until(t);
+        let r = clean(&a, &format!("n{i} back"));
+        assert!(owned_by(&a, &format!("n{i}")) > 0, "n{i}: {:?}", a.map().owned_counts());
+        assert!(r.writes_acknowledged > before.writes_acknowledged);
+    }
+    assert!(a.map().shards().all(|e| e.isr.len() == 2), "R was not restored");
+}
+
+/// With R=1 every shard has a single copy: a restart moves them first (nothing becomes
+/// unavailable), as an operator's drain moves everything.
+#[test]
+fn leaving_moves_the_shards_nobody_else_holds() {
+    for mode in [LeaveMode::Restart, LeaveMode::Decommission] {
+        let mut cfg = AuthorityConfig::default();
+        cfg.plan.replication_factor = 1;
+        let mut a = Authority::new(cfg, 12);
+        a.run_until(8_000);
+        assert!(owned_by(&a, "n3") > 0);
+        a.leave(3, mode);
+        let took = until_left(&mut a, 3, 30_000);
+        let r = clean(&a, &format!("{mode:?}"));
+        eprintln!("{mode:?} with R=1 took {took} ms");
+        assert_eq!(r.unavailable_shards, 0, "{mode:?}: {r:?}");
+        assert_eq!(a.map().held_by(a.map().member_ix("n3").unwrap()), 0);
+    }
+}
+
+/// Every node stops at once: nobody is left to take the shards, so each keeps its copies
+/// and leaves; started again, the cluster serves every shard with nothing lost.
+#[test]
+fn the_whole_cluster_stopping_keeps_every_copy() {
+    for seed in 13..17 {
+        let mut a = started(seed);
+        for i in 0..a.nodes() {
+            a.leave(i, LeaveMode::Restart);
+        }
+        for i in 0..a.nodes() {
+            until_left(&mut a, i, 5_000);
+        }
+        clean(&a, "all stopped");
+        for i in 0..a.nodes() {
+            a.start(i);
+        }
+        let t = a.now_ms() + 15_000;
+        a.run_until(t);
+        let r = clean(&a, "all back");
+        assert_eq!(r.unavailable_shards, 0, "seed {seed}: {r:?}");
+    }
 }

@@ -16,9 +16,9 @@ fn stop_all(c: &mut Cluster) {
     for node in &c.nodes {
         node.signal(libc::SIGTERM);
     }
-    // By the controller's map SIGTERM drains: until the others' drains are committed a
-    // node may start moving its shards to them (13-15 s seen in CI for the whole cluster).
-    let bound = Duration::from_secs(if by_map() { 60 } else { 15 });
+    // By the controller's map a node waits for its drain to be committed, or for the others
+    // to be gone or the controller to lose its majority: then it keeps its copies.
+    let bound = Duration::from_secs(if by_map() { 30 } else { 15 });
     for node in &mut c.nodes {
         let status = node.wait_exit(bound).expect("node did not stop");
         assert!(status.success(), "{} exited with {status}", node.name);

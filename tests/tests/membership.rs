@@ -94,12 +94,14 @@ fn sigterm_leaves_quickly_and_exits_zero() {
     c.wait_converged(&[0, 1, 2], CONVERGE);
     let sent_at = Instant::now();
     c.nodes[1].signal(libc::SIGTERM);
-    // By the controller's map SIGTERM drains: the node leaves once every shard it holds
-    // moved (seconds at 262,144 shards), so only the exit is checked there.
-    let bound = Duration::from_secs(if by_map() { 90 } else { 5 });
+    // By the controller's map SIGTERM is a controlled shutdown: the node waits until the
+    // controller committed it draining, then its leave (the other in-sync members take its
+    // shards over; nothing is copied): a few commits, not only gossip.
+    let bound = Duration::from_secs(if by_map() { 20 } else { 5 });
     let seen = c.wait_seen_as(&[0, 2], "n1", "down", sent_at, bound);
     eprintln!("graceful leave seen by both peers after {} ms", seen.as_millis());
-    assert!(by_map() || seen <= Duration::from_secs(1), "leave took {seen:?}");
+    let quick = Duration::from_secs(if by_map() { 10 } else { 1 });
+    assert!(seen <= quick, "leave took {seen:?}");
     let status = c.nodes[1].wait_exit(Duration::from_secs(10)).expect("node did not exit");
     assert!(status.success(), "exit status {status}");
 }

@@ -425,6 +425,18 @@ impl Controller {
         Ok(self.raw.propose_conf_change(Vec::new(), cc)?)
     }
 
+    /// Hands leadership to voter `to` (a leaving leader): raft-rs brings its log up to date,
+    /// then tells it to campaign at once; proposals wait meanwhile (at most an election
+    /// timeout). Does nothing unless this member leads and no transfer is under way; true
+    /// if it started one.
+    pub fn transfer_leader(&mut self, to: ControllerId) -> bool {
+        let start = self.is_leader() && self.raw.raft.lead_transferee.is_none() && to != self.id();
+        if start {
+            self.raw.transfer_leader(to);
+        }
+        start
+    }
+
     /// Whether member `id`'s log holds everything committed (the leader's view; a
     /// learner so caught up can become a voter without stalling commits).
     pub fn caught_up(&self, id: ControllerId) -> bool {

@@ -478,7 +478,8 @@ impl Membership {
         n
     }
 
-    /// Every member this node knows, itself included, ordered by name then incarnation.
+    /// Every member this node knows, itself included, ordered by name, incarnation, then
+    /// bump (a renamed identity after the one it replaces).
     pub fn members(&self) -> Vec<MemberView> {
         let mut out: Vec<MemberView> = self
             .foca
@@ -494,7 +495,13 @@ impl Membership {
             state: if self.left { MemberState::Down } else { MemberState::Up },
             is_self: true,
         });
-        out.sort_by(|a, b| (&a.id.name, a.id.incarnation).cmp(&(&b.id.name, b.id.incarnation)));
+        out.sort_by(|a, b| {
+            (&a.id.name, a.id.incarnation, a.id.bump).cmp(&(
+                &b.id.name,
+                b.id.incarnation,
+                b.id.bump,
+            ))
+        });
         out
     }
 

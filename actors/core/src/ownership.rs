@@ -263,9 +263,9 @@ impl<P: Clone> Ownership<P> {
     /// A restarted process holds nothing until the map has its new incarnation (the old
     /// one's shards passed to others, or wait for it as their last in-sync member).
     pub fn map_applied(&mut self, map: &ShardMap, changed: impl IntoIterator<Item = ShardId>) {
-        let known = map.member(self.me).is_some_and(|m| {
-            m.incarnation == self.incarnation && m.state != crate::shardmap::MemberState::Dead
-        });
+        let known = map
+            .member(self.me)
+            .is_some_and(|m| m.incarnation == self.incarnation && !m.state.is_gone());
         for shard in changed {
             let Some(mut e) = map.shard(shard).copied() else { continue };
             if !known {

@@ -47,8 +47,20 @@ pub enum MemberState {
     Active,
     /// Leaving: gets no new shards, its shards move away.
     Draining,
-    /// Gone (declared down, or left): in no ISR it is not the last of.
+    /// Gone (declared down): in no ISR it is not the last of. The same incarnation may
+    /// join again (a node wrongly declared down rejoins under a new bump).
     Dead,
+    /// Left by a controlled shutdown ([`MapCommand::Leave`]): gone as `Dead`, and this
+    /// incarnation never joins again (a leader that still sees its old gossip identity
+    /// must not re-register a process that has exited).
+    Left,
+}
+
+impl MemberState {
+    /// Dead or left: owns nothing, is in no ISR it is not the last of.
+    pub fn is_gone(self) -> bool {
+        matches!(self, MemberState::Dead | MemberState::Left)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +228,11 @@ pub enum MapCommand {
     /// Operator override: an unavailable shard restarts on `member` from whatever that member
     /// holds (acknowledged turns its last ISR held may be lost).
     Force { shard: ShardId, member: MemberIx },
+    /// Controlled shutdown: the member's incarnation `incarnation` leaves as `Dead` would
+    /// (surviving in-sync members take over its shards at once), and is marked
+    /// [`MemberState::Left`]. Skipped whole if it is the only in-sync member of a shard
+    /// (that shard must move first) or not live at that incarnation.
+    Leave { name: String, incarnation: u64 },
 }
 
 /// What applying a command did.
@@ -307,6 +324,14 @@ impl ShardMap {
         self.shards.held(member)
     }
 
+    /// Shards whose only in-sync member is `member` (a scan: a leaving member asks).
+    pub fn sole_in_sync(&self, member: MemberIx) -> u32 {
+        if self.held_by(member) == 0 {
+            return 0;
+        }
+        self.shards.iter().filter(|e| e.isr.as_slice() == [member]).count() as u32
+    }
+
     /// Shards per member as owner, for every member.
     pub fn owned_counts(&self) -> BTreeMap<&str, u32> {
         (0..self.members.len())
@@ -334,7 +359,18 @@ impl ShardMap {
             MapCommand::Join { name, incarnation, capacity } => {
                 self.join(name, *incarnation, *capacity, &mut out)
             }
-            MapCommand::Dead { name, incarnation } => self.dead(name, *incarnation, &mut out),
+            MapCommand::Dead { name, incarnation } => {
+                self.dead(name, *incarnation, MemberState::Dead, &mut out)
+            }
+            MapCommand::Leave { name, incarnation } => {
+                match self.member_ix(name).map(|ix| self.sole_in_sync(ix)) {
+                    Some(0) => self.dead(name, *incarnation, MemberState::Left, &mut out),
+                    Some(n) => out
+                        .skipped
+                        .push(format!("leave {name}: the only in-sync member of {n} shards")),
+                    None => out.skipped.push(format!("leave {name}: unknown member")),
+                }
+            }
             MapCommand::Drain { name } => match self.member_ix(name) {
                 Some(ix) if self.members[usize::from(ix)].state == MemberState::Active => {
                     self.members[usize::from(ix)].state = MemberState::Draining
@@ -388,9 +424,14 @@ impl ShardMap {
             out.skipped.push(format!("join {name}: incarnation {incarnation} older than {known}"));
             return;
         }
-        if incarnation > known && self.members[usize::from(ix)].state != MemberState::Dead {
+        let state = self.members[usize::from(ix)].state;
+        if incarnation == known && state == MemberState::Left {
+            out.skipped.push(format!("join {name}: incarnation {incarnation} has left"));
+            return;
+        }
+        if incarnation > known && !state.is_gone() {
             // Restarted before its death was committed: the old process is gone.
-            self.dead(name, known, out);
+            self.dead(name, known, MemberState::Dead, out);
         }
         let m = &mut self.members[usize::from(ix)];
         m.incarnation = incarnation;
@@ -414,18 +455,18 @@ impl ShardMap {
 
     /// Takes `name` out of every shard: out of learners; out of the ISR unless it is the
     /// last member; a surviving ISR member takes over where it owned, else the shard is
-    /// unavailable.
-    fn dead(&mut self, name: &str, incarnation: u64, out: &mut Applied) {
+    /// unavailable. The member ends in state `gone` (dead or left).
+    fn dead(&mut self, name: &str, incarnation: u64, gone: MemberState, out: &mut Applied) {
         let Some(ix) = self.member_ix(name) else {
             out.skipped.push(format!("dead {name}: unknown member"));
             return;
         };
         let m = &mut self.members[usize::from(ix)];
-        if m.incarnation != incarnation || m.state == MemberState::Dead {
+        if m.incarnation != incarnation || m.state.is_gone() {
             out.skipped.push(format!("dead {name}: incarnation {incarnation} is not live"));
             return;
         }
-        m.state = MemberState::Dead;
+        m.state = gone;
         let held: Vec<ShardId> = self
             .shards
             .iter()
@@ -486,7 +527,7 @@ impl ShardMap {
             out.skipped.push(format!("shard {shard} does not exist"));
             return;
         };
-        let live = |m: MemberIx| self.member(m).is_some_and(|m| m.state != MemberState::Dead);
+        let live = |m: MemberIx| self.member(m).is_some_and(|m| !m.state.is_gone());
         let mut next = e;
         let why = match *c {
             ShardChange::AddLearner { epoch, member, .. } => {
@@ -587,7 +628,7 @@ impl ShardMap {
                 }
             }
             if let Some(o) = e.owner.and_then(|o| self.member(o)) {
-                if o.state == MemberState::Dead {
+                if o.state.is_gone() {
                     problems.push(format!("shard {s}: owned by dead member {}", o.name));
                 }
             }
@@ -647,9 +688,11 @@ pub fn check_transition(
     problems
 }
 
+pub mod leave;
 pub mod plan;
 mod table;
 
+pub use leave::{leave_step, LeaveMode, LeaveStep};
 pub use plan::{plan_assign, plan_membership, Desired, UpMember};
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ impl Autopilot {
             .iter()
             .map(|m| (controller_id(&m.name), (m.state, m.name.as_str())))
             .collect();
-        let dead = |id: &ControllerId| state.get(id).is_some_and(|(s, _)| *s == MemberState::Dead);
+        let dead = |id: &ControllerId| state.get(id).is_some_and(|(s, _)| s.is_gone());
         let in_group: BTreeSet<ControllerId> =
             group.voters.iter().chain(group.learners).copied().collect();
         // Voters dead long enough to replace (never the leader: it is running this).
@@ -54,7 +54,7 @@ impl Autopilot {
         // Learners first: every live node receives the map, the others leave.
         let live: BTreeSet<ControllerId> = state
             .iter()
-            .filter(|(_, (s, _))| *s != MemberState::Dead)
+            .filter(|(_, (s, _))| !s.is_gone())
             .map(|(id, _)| *id)
             .chain(up.iter().copied())
             .collect();

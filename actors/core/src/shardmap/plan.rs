@@ -39,7 +39,7 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
     let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut out = Vec::new();
     for m in map.members() {
-        let live = m.state != MemberState::Dead;
+        let live = !m.state.is_gone();
         let same = up_by_name.get(m.name.as_str()).is_some_and(|u| u.incarnation == m.incarnation);
         if live && !same {
             out.push(MapCommand::Dead { name: m.name.clone(), incarnation: m.incarnation });
@@ -51,6 +51,8 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
     }
     for u in up_by_name.values().filter(|u| u.serving) {
         let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
+        // A member that left at this incarnation is not registered again: the process
+        // exited, the identity still seen is its gossip's last word.
         let current =
             known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
         let older = known.is_some_and(|m| u.incarnation < m.incarnation);
