@@ -6,7 +6,17 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use botclaw_sim::scenario::Scenario;
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+/// Which replication the run simulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Model {
+    /// The authoritative placement protocol: the real controller (raft-rs), planner and
+    /// ownership machines of every node (`[controller] authoritative`).
+    Map,
+    /// The ring-based model: each node's own placement view, acquire from replicas.
+    Ring,
+}
 
 #[derive(Debug, Args)]
 pub struct SimArgs {
@@ -25,6 +35,10 @@ pub struct SimArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// What to simulate: the controller's map (what nodes run with `[controller]
+    /// authoritative`) or the ring-based replication.
+    #[arg(long, value_enum, default_value = "map")]
+    model: Model,
 }
 
 pub fn run(args: SimArgs) -> ExitCode {
@@ -51,7 +65,7 @@ fn run_all(args: &SimArgs) -> Result<bool> {
         let started = std::time::Instant::now();
         let (quiet, tty) = (args.quiet, std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let mut next_line = 0.1;
-        let report = botclaw_sim::run(scenario.clone(), seed, |done| {
+        let progress = |done: f64| {
             if quiet {
                 return;
             }
@@ -65,41 +79,72 @@ fn run_all(args: &SimArgs) -> Result<bool> {
                 eprintln!("  {:.0}% of simulated time", tenths * 10.0);
                 next_line = (tenths + 1.0) / 10.0;
             }
-        });
-        if !quiet && tty {
-            eprintln!();
-        }
+        };
+        let model = match args.model {
+            Model::Map => "map",
+            Model::Ring => "ring",
+        };
+        let dir = args.out.join(format!("{}-{model}-seed{seed}", scenario.name));
+        let (failures, simulated_s) = match args.model {
+            Model::Map => {
+                let report = botclaw_sim::by_map::run(scenario.clone(), seed, progress);
+                finish_line(quiet, tty);
+                write_reports(&dir, &report.to_json(), &report.to_csv(), report.plots())?;
+                println!(
+                    "  by the map: {} writes acknowledged of {} sent ({} refused; {} requests \
+                     unrouted), p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {} lost",
+                    report.writes_acknowledged,
+                    report.writes_submitted,
+                    report.writes_failed,
+                    report.requests_unrouted,
+                    report.latency_ms_p50,
+                    report.latency_ms_p99,
+                    report.latency_ms_p999,
+                    report.writes_lost
+                );
+                println!(
+                    "  {} entries, {} leaders, {} learners added, {} owner changes; \
+                     {:.1} shard-s unavailable, {} shards unavailable at the end",
+                    report.entries,
+                    report.leader_changes,
+                    report.learners_added,
+                    report.owner_changes,
+                    report.unavailable_shard_s,
+                    report.unavailable_shards_end
+                );
+                (report.failures, report.simulated_s)
+            }
+            Model::Ring => {
+                let report = botclaw_sim::run(scenario.clone(), seed, progress);
+                finish_line(quiet, tty);
+                write_reports(&dir, &report.to_json(), &report.to_csv(), report.plots())?;
+                println!(
+                    "  by the ring: {} turns acknowledged of {} sent, p50 {:.2} ms, p99 {:.2} ms, \
+                     p99.9 {:.2} ms; load max/avg {:.3} (worst {:.3}); {} shards moved; {} lost",
+                    report.turns_acknowledged,
+                    report.turns_sent,
+                    report.latency_ms_p50,
+                    report.latency_ms_p99,
+                    report.latency_ms_p999,
+                    report.load_max_over_avg_mean,
+                    report.load_max_over_avg_max,
+                    report.shards_moved,
+                    report.turns_lost
+                );
+                (report.failures, report.simulated_s)
+            }
+        };
         let wall = started.elapsed().as_secs_f64();
-        let dir = args.out.join(format!("{}-seed{seed}", scenario.name));
-        write_reports(&dir, &report)?;
         println!(
-            "  {} turns acknowledged of {} sent, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; \
-             load max/avg {:.3} (worst {:.3}); {} shards moved; {} lost",
-            report.turns_acknowledged,
-            report.turns_sent,
-            report.latency_ms_p50,
-            report.latency_ms_p99,
-            report.latency_ms_p999,
-            report.load_max_over_avg_mean,
-            report.load_max_over_avg_max,
-            report.shards_moved,
-            report.turns_lost
-        );
-        println!(
-            "  {} simulated s in {wall:.2} s wall ({:.1}x real time); reports in {}",
-            report.simulated_s,
-            report.simulated_s as f64 / wall.max(1e-9),
+            "  {simulated_s} simulated s in {wall:.2} s wall ({:.1}x real time); reports in {}",
+            simulated_s as f64 / wall.max(1e-9),
             dir.display()
         );
-        if !report.failures.is_empty() {
+        if !failures.is_empty() {
             all_ok = false;
+            println!("  CHECKER FAILED ({} failures), first: {}", failures.len(), failures[0]);
             println!(
-                "  CHECKER FAILED ({} failures), first: {}",
-                report.failures.len(),
-                report.failures[0]
-            );
-            println!(
-                "  reproduce: botclaw sim --scenario {} --seed {seed}",
+                "  reproduce: botclaw sim --scenario {} --seed {seed} --model {model}",
                 args.scenario.display()
             );
         }
@@ -107,15 +152,26 @@ fn run_all(args: &SimArgs) -> Result<bool> {
     Ok(all_ok)
 }
 
-fn write_reports(dir: &Path, report: &botclaw_sim::report::Report) -> Result<()> {
+fn finish_line(quiet: bool, tty: bool) {
+    if !quiet && tty {
+        eprintln!();
+    }
+}
+
+fn write_reports(
+    dir: &Path,
+    json: &str,
+    csv: &str,
+    plots: Vec<(&'static str, String)>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let write = |name: &str, body: &str| {
         let path = dir.join(name);
         std::fs::write(&path, body).with_context(|| format!("cannot write {}", path.display()))
     };
-    write("summary.json", &report.to_json())?;
-    write("series.csv", &report.to_csv())?;
-    for (name, svg) in report.plots() {
+    write("summary.json", json)?;
+    write("series.csv", csv)?;
+    for (name, svg) in plots {
         write(name, &svg)?;
     }
     Ok(())

@@ -36,6 +36,8 @@ use crate::net::{NetModel, SimNet};
 
 const SECRET: &[u8] = b"simulated-cluster-secret";
 const STEP_MS: u64 = 5;
+/// Messages a frozen node's buffers hold.
+const HELD_MAX: usize = 100_000;
 
 /// A write: (shard, unique number).
 pub type Write = (ShardId, u64);
@@ -64,6 +66,13 @@ pub struct AuthorityConfig {
     /// Ownership messages (writes, acknowledgements, streams, proposals) lost, in
     /// thousandths; Raft and gossip keep their own settings.
     pub own_loss_permille: u32,
+    /// The failure detector's settings, and the datagrams its network loses and
+    /// duplicates (probabilities).
+    pub gossip: GossipConfig,
+    pub gossip_loss: f64,
+    pub gossip_duplicate: f64,
+    /// Ring points per member of the planner's ring.
+    pub vnodes: u32,
 }
 
 impl Default for AuthorityConfig {
@@ -86,6 +95,10 @@ impl Default for AuthorityConfig {
             force_unavailable: false,
             ownership: OwnershipConfig::default(),
             own_loss_permille: 0,
+            gossip: GossipConfig::default(),
+            gossip_loss: 0.0,
+            gossip_duplicate: 0.0,
+            vnodes: 64,
         }
     }
 }
@@ -95,7 +108,11 @@ impl Default for AuthorityConfig {
 pub struct AuthorityReport {
     pub writes_submitted: u64,
     pub writes_acknowledged: u64,
+    /// Refused by the owner's machine, or failed after it took them.
     pub writes_failed: u64,
+    /// Requests (writes and reads) the gateway could not route: no owner in its map (not
+    /// assigned yet, unavailable), or the owner down, frozen or unreachable.
+    pub requests_unrouted: u64,
     pub reads_served: u64,
     /// Reads refused or failed (no owner, lease run out, ownership lost meanwhile).
     pub reads_failed: u64,
@@ -109,6 +126,12 @@ pub struct AuthorityReport {
     /// Writes on running nodes neither acknowledged nor failed 5 s after they were
     /// submitted (a client would have timed out).
     pub writes_stuck: usize,
+    /// Acknowledged writes an in-sync member lacked when checked (each counted once).
+    pub writes_lost: u64,
+    /// Learners added (shards copied to a new member) and owners changed, over the
+    /// committed log.
+    pub learners_added: u64,
+    pub owner_changes: u64,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
 }
@@ -133,6 +156,11 @@ struct Node {
     seq_at: BTreeMap<u64, u64>,
     /// When it last heard from the controller's leader (or led it).
     heard_ms: Option<u64>,
+    /// SIGSTOP: it neither acts nor receives; what reaches it waits here, in order.
+    frozen: bool,
+    held: VecDeque<Wire>,
+    /// Writes it acknowledged as owner (for the load balance).
+    acked: u64,
     /// Leaving (SIGTERM or an operator's drain), and when it last proposed its leave.
     leaving: Option<(LeaveMode, Option<u64>)>,
 }
@@ -189,6 +217,15 @@ pub struct Authority {
     planner: Option<(usize, LeaderPlanner)>,
     /// Client requests go to shards below this (all when `None`).
     active_shards: Option<ShardId>,
+    /// Latencies of acknowledged writes not yet taken (µs).
+    latencies_us: Vec<u64>,
+    /// Acknowledged writes found missing on an in-sync member.
+    lost_writes: BTreeSet<Write>,
+    /// Node index by name and by controller id.
+    by_name: BTreeMap<String, usize>,
+    by_raft: BTreeMap<ControllerId, usize>,
+    /// Requests owed to the rate (thousandths of a request).
+    write_credit: u64,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -197,9 +234,14 @@ fn addr_of(i: usize) -> SocketAddr {
 
 impl Authority {
     pub fn new(cfg: AuthorityConfig, seed: u64) -> Authority {
-        let gossip = GossipConfig::default();
+        let gossip = cfg.gossip.clone();
         let (lo, hi) = cfg.latency_ms;
-        let model = NetModel { latency_ms_min: lo, latency_ms_max: hi, loss: 0.0, duplicate: 0.0 };
+        let model = NetModel {
+            latency_ms_min: lo,
+            latency_ms_max: hi,
+            loss: cfg.gossip_loss,
+            duplicate: cfg.gossip_duplicate,
+        };
         let mut a = Authority {
             net: SimNet::with_model(gossip, model, seed).without_trace(),
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
@@ -223,6 +265,11 @@ impl Authority {
             last_tick: 0,
             planner: None,
             active_shards: None,
+            latencies_us: Vec::new(),
+            lost_writes: BTreeSet::new(),
+            by_name: BTreeMap::new(),
+            by_raft: BTreeMap::new(),
+            write_credit: 0,
             cfg,
         };
         let voters: Vec<ControllerId> =
@@ -235,7 +282,9 @@ impl Authority {
 
     fn add_node(&mut self, i: usize, voters: &[ControllerId]) {
         let name = format!("n{i}");
+        self.by_name.insert(name.clone(), i);
         let raft_id = controller_id(&name);
+        self.by_raft.insert(raft_id, i);
         let voter = voters.contains(&raft_id);
         let disk = if voter {
             Controller::founding_state(voters, self.cfg.shards)
@@ -257,6 +306,9 @@ impl Authority {
             seq_at: BTreeMap::new(),
             leaving: None,
             heard_ms: None,
+            frozen: false,
+            held: VecDeque::new(),
+            acked: 0,
         });
         self.start(i);
     }
@@ -279,6 +331,8 @@ impl Authority {
         n.ownership = None;
         n.leaving = None;
         n.heard_ms = None;
+        n.frozen = false;
+        n.held.clear();
         let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
         n.controller = Some(
@@ -314,7 +368,54 @@ impl Authority {
         n.controller = None;
         n.ownership = None;
         n.store_queue.clear();
+        n.frozen = false;
+        n.held.clear();
         self.net.crash(n.addr);
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT: a frozen process neither ticks, nor completes writes,
+    /// nor reads what reaches it; on thaw it reads everything that arrived, in order, with
+    /// the map and leases it had (the others may have moved on meanwhile).
+    pub fn freeze(&mut self, i: usize, frozen: bool) {
+        let n = &mut self.nodes[i];
+        if !n.running || n.frozen == frozen {
+            return;
+        }
+        n.frozen = frozen;
+        self.net.set_frozen(n.addr, frozen);
+        if !frozen {
+            let held = std::mem::take(&mut self.nodes[i].held);
+            for wire in held {
+                self.deliver(i, wire);
+            }
+        }
+    }
+
+    /// Client requests per simulated second from now on.
+    pub fn set_writes_per_s(&mut self, writes_per_s: u64) {
+        self.cfg.writes_per_s = writes_per_s;
+    }
+
+    /// Latencies of acknowledged writes (submit to acknowledgement, simulated µs) since the
+    /// last call.
+    pub fn take_latencies(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.latencies_us)
+    }
+
+    /// Writes each node acknowledged as owner, by node.
+    pub fn acked_per_node(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.acked).collect()
+    }
+
+    /// Nodes whose process runs (frozen ones included).
+    pub fn running(&self) -> usize {
+        self.nodes.iter().filter(|n| n.running).count()
+    }
+
+    /// Members node `i` sees up (itself included), or `None` if it is not running.
+    pub fn members_up(&self, i: usize) -> Option<usize> {
+        let m = self.net.membership(self.nodes[i].addr)?;
+        Some(m.members().iter().filter(|v| v.state != Gossip::Down).count())
     }
 
     /// The process leaves as the node's shutdown does ([`leave_step`]): it gives up the
@@ -472,11 +573,16 @@ impl Authority {
         }
         self.now_ms = to;
         for i in 0..self.nodes.len() {
-            self.complete_stores(i);
+            if !self.nodes[i].frozen {
+                self.complete_stores(i);
+            }
         }
         if self.now_ms - self.last_tick >= self.cfg.tick_ms {
             self.last_tick = self.now_ms;
             for i in 0..self.nodes.len() {
+                if self.nodes[i].frozen {
+                    continue;
+                }
                 let leads = self.nodes[i].controller.as_mut().map(|c| {
                     c.tick();
                     c.is_leader()
@@ -495,10 +601,11 @@ impl Authority {
             self.leave_steps();
         }
         self.plan();
-        let writes = self.cfg.writes_per_s * STEP_MS / 1000;
-        for _ in 0..writes {
+        self.write_credit += self.cfg.writes_per_s * STEP_MS;
+        for _ in 0..self.write_credit / 1000 {
             self.submit();
         }
+        self.write_credit %= 1000;
         self.check();
     }
 
@@ -521,15 +628,22 @@ impl Authority {
     }
 
     fn node_of(&self, raft_id: ControllerId) -> Option<usize> {
-        self.nodes.iter().position(|n| n.raft_id == raft_id)
+        self.by_raft.get(&raft_id).copied()
     }
 
     fn node_named(&self, name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.name == name)
+        self.by_name.get(name).copied()
     }
 
     fn deliver(&mut self, i: usize, wire: Wire) {
         if !self.nodes[i].running {
+            return;
+        }
+        if self.nodes[i].frozen {
+            // Bounded as a socket buffer would be: beyond it, the sender's messages are lost.
+            if self.nodes[i].held.len() < HELD_MAX {
+                self.nodes[i].held.push_back(wire);
+            }
             return;
         }
         match wire {
@@ -644,8 +758,12 @@ impl Authority {
                     }
                 }
                 Effect::Release { seq, .. } => {
-                    self.nodes[i].seq_at.remove(&seq);
+                    let at = self.nodes[i].seq_at.remove(&seq);
                     if let Some(w) = self.nodes[i].seqs.remove(&seq) {
+                        if let Some(at) = at {
+                            self.latencies_us.push((self.now_ms - at) * 1000);
+                        }
+                        self.nodes[i].acked += 1;
                         if self.acked.entry(w.0).or_default().insert(w.1) {
                             self.acked_count += 1;
                             self.acked_new.push(w);
@@ -679,9 +797,17 @@ impl Authority {
                     if let Some(n) =
                         order.iter().find(|n| !store.is_some_and(|s| s.contains(&(shard, **n))))
                     {
+                        let epochs = (
+                            self.nodes[i]
+                                .controller
+                                .as_ref()
+                                .and_then(|c| c.map().shard(shard))
+                                .map(|e| e.epoch),
+                            self.replayed.shard(shard).map(|e| e.epoch),
+                        );
                         self.report.problems.push(format!(
-                            "a read of shard {shard} on {} missed write {n}, acknowledged before it (t={} ms)",
-                            self.nodes[i].name, self.now_ms
+                            "a read of shard {shard} on {} missed write {n}, acknowledged before it (t={} ms; shard epoch applied there {:?}, committed {:?})",
+                            self.nodes[i].name, self.now_ms, epochs.0, epochs.1
                         ));
                     }
                 }
@@ -739,8 +865,11 @@ impl Authority {
         let Some(l) = self.leader() else { return };
         if self.planner.as_ref().is_none_or(|(at, _)| *at != l) {
             // A new leader starts with a fresh planner, as a node's would.
-            let placement =
-                PlacementConfig { shard_count: self.cfg.shards, vnodes: 64, ..Default::default() };
+            let placement = PlacementConfig {
+                shard_count: self.cfg.shards,
+                vnodes: self.cfg.vnodes,
+                ..Default::default()
+            };
             let p = LeaderPlanner::new(
                 placement,
                 self.cfg.plan.clone(),
@@ -788,29 +917,35 @@ impl Authority {
 
     /// A client write at a random running gateway, routed by the gateway's map.
     fn submit(&mut self) {
-        let running: Vec<usize> =
-            (0..self.nodes.len()).filter(|&i| self.nodes[i].running).collect();
-        if running.is_empty() {
-            return;
-        }
-        let gateway = running[self.rng.random_range(0..running.len())];
-        let shard = self.rng.random_range(0..self.active_shards.unwrap_or(self.cfg.shards).max(1));
-        self.report.writes_submitted += 1;
-        let Some(owner) = self.nodes[gateway]
-            .controller
-            .as_ref()
-            .and_then(|c| c.map().owner(shard).map(String::from))
+        // A few draws find a running gateway unless most nodes are down (then the client
+        // finds none this time).
+        let n = self.nodes.len();
+        let Some(gateway) = (0..8)
+            .map(|_| self.rng.random_range(0..n))
+            .find(|&g| self.nodes[g].running && !self.nodes[g].frozen)
         else {
             return;
         };
-        let Some(o) = self.node_named(&owner) else { return };
-        if !self.nodes[o].running
-            || !self.net.reachable(self.nodes[gateway].addr, self.nodes[o].addr)
-        {
-            return;
+        let shard = self.rng.random_range(0..self.active_shards.unwrap_or(self.cfg.shards).max(1));
+        let read = self.rng.random_range(0..100) < self.cfg.reads_percent;
+        if !read {
+            self.report.writes_submitted += 1;
         }
-        let Some(machine) = self.nodes[o].ownership.as_mut() else { return };
-        if self.rng.random_range(0..100) < self.cfg.reads_percent {
+        // Routed by the gateway's map to an owner that runs, can be reached and has its
+        // ownership machine; else the client gets no answer this time.
+        let owner = self.nodes[gateway].controller.as_ref().and_then(|c| c.map().owner(shard));
+        let routed = owner.and_then(|name| self.node_named(name)).filter(|&o| {
+            self.nodes[o].running
+                && !self.nodes[o].frozen
+                && self.nodes[o].ownership.is_some()
+                && self.net.reachable(self.nodes[gateway].addr, self.nodes[o].addr)
+        });
+        let Some(o) = routed else {
+            self.report.requests_unrouted += 1;
+            return;
+        };
+        let machine = self.nodes[o].ownership.as_mut().expect("routed to a machine");
+        if read {
             let before = self.ack_order.get(&shard).map_or(0, Vec::len);
             match machine.read(shard) {
                 Ok(seq) => {
@@ -823,9 +958,12 @@ impl Authority {
         }
         let w = (shard, self.next_write);
         self.next_write += 1;
-        if let Ok(seq) = machine.submit(shard, w) {
-            self.nodes[o].seqs.insert(seq, w);
-            self.nodes[o].seq_at.insert(seq, self.now_ms);
+        match machine.submit(shard, w) {
+            Ok(seq) => {
+                self.nodes[o].seqs.insert(seq, w);
+                self.nodes[o].seq_at.insert(seq, self.now_ms);
+            }
+            Err(_) => self.report.writes_failed += 1,
         }
         self.drain(o);
     }
@@ -850,6 +988,17 @@ impl Authority {
             if let Some(cmd) = cmd {
                 let before = self.replayed.clone();
                 let applied = self.replayed.apply(&cmd);
+                for &shard in &applied.changed {
+                    let (Some(b), Some(a)) = (before.shard(shard), self.replayed.shard(shard))
+                    else {
+                        continue;
+                    };
+                    let new = a.learners.as_slice().iter().filter(|m| !b.learners.contains(**m));
+                    self.report.learners_added += new.count() as u64;
+                    if a.owner.is_some() && a.owner != b.owner && b.owner.is_some() {
+                        self.report.owner_changes += 1;
+                    }
+                }
                 self.dirty.extend(applied.changed);
                 let forced = match cmd {
                     MapCommand::Force { shard, .. } => Some(shard),
@@ -874,14 +1023,18 @@ impl Authority {
             return;
         }
         let mut lost = Vec::new();
+        let lost_writes = &mut self.lost_writes;
+        let (nodes, by_name) = (&self.nodes, &self.by_name);
         let mut check = |shard: ShardId, n: u64| {
             let Some(e) = self.replayed.shard(shard) else { return };
             for &m in e.isr.as_slice() {
                 let name = self.replayed.name(m);
-                let holds =
-                    self.nodes.iter().find(|x| x.name == name).is_some_and(|x| {
-                        x.store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
-                    });
+                let holds = by_name.get(name).is_some_and(|&x| {
+                    nodes[x].store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
+                });
+                if !holds {
+                    lost_writes.insert((shard, n));
+                }
                 if !holds && lost.len() < 5 {
                     lost.push(format!(
                         "write {n} of shard {shard} was acknowledged but in-sync member {name} lacks it (t={} ms)",
@@ -899,5 +1052,6 @@ impl Authority {
             }
         }
         self.report.problems.extend(lost);
+        self.report.writes_lost = self.lost_writes.len() as u64;
     }
 }

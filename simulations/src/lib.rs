@@ -7,16 +7,19 @@
 //! Layout:
 //! - [`authority`]: the authoritative placement protocol (the real controller, planner and
 //!   ownership machines of every node, on simulated time) with its checkers;
+//! - [`by_map`]: a scenario run on that protocol (what a node runs with `[controller]
+//!   authoritative`): `botclaw sim --model map`, the default;
 //! - [`net`]: a simulated datagram network (latency range, loss, duplication, partitions)
 //!   of real [`botclaw_core::Membership`] state machines, with crash, freeze and leave;
 //! - [`scenario`]: scenario files (TOML): nodes, network, placement strategy, rebalancing,
 //!   workload, service times, scheduled faults;
-//! - [`world`]: the cluster model that runs a scenario: membership, per-node placement
-//!   views, routing with the handoff rule, the rebalancer, conversation replicas with
-//!   epochs, and the checkers;
+//! - [`world`]: the ring-based cluster model that runs a scenario (`--model ring`):
+//!   membership, per-node placement views, routing with the handoff rule, the rebalancer,
+//!   conversation replicas with epochs, and the checkers;
 //! - [`report`]: the JSON summary, CSV time series and SVG plots of a run.
 
 pub mod authority;
+pub mod by_map;
 pub mod net;
 pub mod report;
 pub mod scenario;

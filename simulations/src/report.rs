@@ -143,7 +143,12 @@ impl Report {
 const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
 
 /// A minimal line chart: axes with min/max labels, one polyline per series, a legend.
-fn line_chart(title: &str, y_label: &str, t: &[f64], series: &[(&str, Vec<f64>)]) -> String {
+pub(crate) fn line_chart(
+    title: &str,
+    y_label: &str,
+    t: &[f64],
+    series: &[(&str, Vec<f64>)],
+) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 360.0, 70.0, 20.0, 40.0, 40.0);
     let t_max = t.iter().copied().fold(0.0, f64::max).max(1e-9);
     let values = series.iter().flat_map(|(_, v)| v.iter().copied());

@@ -221,6 +221,11 @@ pub enum FaultKind {
         every_s: f64,
         down_s: f64,
     },
+    /// The node leading the placement controller crashes and restarts `down_s` later (by
+    /// the ring, which has no controller: node 0, the seed).
+    CrashLeader {
+        down_s: f64,
+    },
 }
 
 impl Scenario {

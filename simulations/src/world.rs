@@ -873,6 +873,10 @@ impl World {
                     self.schedule(at + (every / 2).max(1_500_000), Event::Restart { node: n });
                 }
             }
+            FaultKind::CrashLeader { down_s } => {
+                self.crash(0);
+                self.schedule(self.now_us + (down_s * 1e6) as u64, Event::Restart { node: 0 });
+            }
             FaultKind::Churn { count, every_s, down_s } => {
                 for k in 0..count {
                     let at = self.now_us + (k as f64 * every_s * 1e6) as u64;

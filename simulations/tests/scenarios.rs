@@ -119,3 +119,103 @@ fn the_rebalancer_spreads_a_hot_spot() {
         late(&without)
     );
 }
+
+/// Every shipped scenario file, by name.
+fn shipped_names() -> Vec<String> {
+    let dir = format!("{}/scenarios", env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `name` run by the controller's map with `seeds`: the checkers stay clean (nothing
+/// acknowledged lost, every read saw what was acknowledged before it, logs agree, the
+/// map's rules hold after every entry) and the cluster served. churn-1000 is scaled down
+/// to 40 nodes for a test (`botclaw sim` runs it whole).
+fn clean_by_map(name: &str, seeds: std::ops::Range<u64>) {
+    let mut s = shipped(name);
+    if s.nodes > 100 {
+        s.nodes = 40;
+        s.duration_s = 150;
+        s.placement.shard_count = 4096;
+        s.workload.start_s = 10.0;
+        s.workload.turns_per_s = 2000.0;
+        for f in &mut s.faults {
+            f.at_s = 20.0;
+            f.kind = FaultKind::Churn { count: 12, every_s: 5.0, down_s: 20.0 };
+        }
+    }
+    for seed in seeds {
+        let r = botclaw_sim::by_map::run(s.clone(), seed, |_| {});
+        assert!(r.failures.is_empty(), "{name} seed {seed}: {:#?}", r.failures);
+        assert_eq!(r.writes_lost, 0, "{name} seed {seed}");
+        assert!(
+            r.writes_acknowledged > r.writes_submitted * 8 / 10,
+            "{name} seed {seed}: too little served: {}",
+            r.to_json()
+        );
+        eprintln!(
+            "{name} seed {seed}: {} of {} acknowledged, {:.0} shard-s unavailable",
+            r.writes_acknowledged, r.writes_submitted, r.unavailable_shard_s
+        );
+    }
+}
+
+#[test]
+fn every_shipped_scenario_file_is_covered_by_the_map_runs() {
+    let covered = [
+        "churn-1000",
+        "double-crash",
+        "flapping-partition",
+        "freeze",
+        "hot-spot",
+        "joins-at-once",
+        "leader-crash-mid-join",
+        "minority-partition",
+        "node-crash",
+        "packet-loss",
+        "rolling-restart",
+        "scale-out",
+        "steady",
+    ];
+    assert_eq!(shipped_names(), covered, "add the new scenario to a by-map test below");
+}
+
+#[test]
+fn by_the_map_crashes_and_partitions_lose_nothing() {
+    for name in ["node-crash", "double-crash", "minority-partition", "flapping-partition"] {
+        clean_by_map(name, 1..3);
+    }
+}
+
+#[test]
+fn by_the_map_joins_and_restarts_lose_nothing() {
+    for name in ["scale-out", "joins-at-once", "rolling-restart", "leader-crash-mid-join"] {
+        clean_by_map(name, 1..3);
+    }
+}
+
+#[test]
+fn by_the_map_freezes_loss_churn_and_load_lose_nothing() {
+    for name in ["freeze", "packet-loss", "churn-1000", "steady", "hot-spot"] {
+        clean_by_map(name, 1..3);
+    }
+}
+
+/// Both copies of some shards die: those shards are unavailable (never restarted from
+/// nothing) until the nodes return; by the ring the same faults lose turns.
+#[test]
+fn by_the_map_a_double_crash_is_unavailable_not_lost_where_the_ring_loses() {
+    let s = shipped("double-crash");
+    let r = botclaw_sim::by_map::run(s.clone(), 1, |_| {});
+    assert!(r.failures.is_empty(), "{:#?}", r.failures);
+    assert!(r.unavailable_shard_s > 0.0, "no shard lived on exactly the two dead nodes");
+    assert_eq!(r.unavailable_shards_end, 0, "the shards came back with their nodes");
+    let ring = botclaw_sim::run(s, 1, |_| {});
+    assert!(ring.turns_lost > 0 || !ring.failures.is_empty(), "{}", ring.to_json());
+}

@@ -73,36 +73,53 @@ fn bench_reports_json() {
 }
 
 /// `botclaw sim`: prints the seed, writes the JSON summary, CSV series and SVG plots, and
-/// the same scenario and seed give byte-identical files (the determinism check); a bad
-/// scenario file exits 2 naming the field.
+/// the same scenario and seed give byte-identical files (the determinism check), by the
+/// controller's map (the default) and by the ring; a bad scenario file exits 2 naming the
+/// field.
 #[test]
 fn sim_reports_are_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/../simulations/scenarios/steady.toml");
-    let run = |out: &str| {
+    let run = |out: &str, model: &str| {
         let out_dir = dir.path().join(out);
         let o = Command::new(botclaw_bin())
-            .args(["sim", "--scenario", scenario, "--seed", "3", "--out"])
+            .args(["sim", "--scenario", scenario, "--seed", "3", "--model", model, "--out"])
             .arg(&out_dir)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
         assert!(stdout.contains("seed 3"), "{stdout}");
-        out_dir.join("steady-seed3")
+        out_dir.join(format!("steady-{model}-seed3"))
     };
-    let (a, b) = (run("a"), run("b"));
-    for file in ["summary.json", "series.csv", "balance.svg", "latency.svg", "membership.svg"] {
-        let (x, y) = (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
-        assert!(!x.is_empty(), "{file} is empty");
-        assert!(x == y, "{file} differs between two runs with the same seed");
+    let plots: [(&str, &[&str]); 2] = [
+        ("map", &["throughput.svg", "latency.svg", "placement.svg", "membership.svg"]),
+        ("ring", &["balance.svg", "latency.svg", "membership.svg"]),
+    ];
+    for (model, svgs) in plots {
+        let (a, b) = (run(&format!("{model}-a"), model), run(&format!("{model}-b"), model));
+        for file in ["summary.json", "series.csv"].iter().chain(svgs) {
+            let (x, y) =
+                (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
+            assert!(!x.is_empty(), "{model}: {file} is empty");
+            assert!(x == y, "{model}: {file} differs between two runs with the same seed");
+        }
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["seed"], 3);
+        assert!(summary["latency_ms_p99"].as_f64().unwrap() > 0.0);
+        match model {
+            "map" => {
+                assert!(summary["writes_acknowledged"].as_u64().unwrap() > 50_000, "{summary}");
+                assert_eq!(summary["writes_lost"], 0);
+                assert_eq!(summary["failures"].as_array().unwrap().len(), 0, "{summary}");
+            }
+            _ => {
+                assert!(summary["turns_acknowledged"].as_u64().unwrap() > 50_000, "{summary}");
+                assert_eq!(summary["turns_lost"], 0);
+            }
+        }
     }
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(a.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["seed"], 3);
-    assert!(summary["turns_acknowledged"].as_u64().unwrap() > 50_000, "{summary}");
-    assert!(summary["latency_ms_p99"].as_f64().unwrap() > 0.0);
-    assert_eq!(summary["turns_lost"], 0);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[workload]\nturns_per_sec = 5\n").unwrap();
     let o = Command::new(botclaw_bin()).args(["sim", "--scenario"]).arg(&bad).output().unwrap();

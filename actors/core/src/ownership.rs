@@ -24,9 +24,12 @@
 //!   holds every acknowledged turn.
 //!
 //! - a read is served by the owner once every write submitted before it is acknowledged
-//!   (so it sees them), and only while the owner heard from the controller within its
-//!   lease, shorter than failure detection: an owner cut off from the controller stops
-//!   reading before a new owner can be appointed.
+//!   (so it sees them), once every other in-sync member and learner confirmed that it
+//!   still follows this owner at this epoch (a new owner is always one of them, and
+//!   refuses: an owner whose map lags after a handoff or a leave cannot serve a read that
+//!   misses what the new owner acknowledged), and only while the owner heard from the
+//!   controller within its lease, shorter than failure detection: an owner cut off from
+//!   the controller stops reading before a new owner can be appointed.
 //!
 //! The payload `P` of a write is opaque here (the node's store op, the simulator's turn).
 
@@ -51,6 +54,11 @@ pub enum Msg<P> {
     Refuse { shard: ShardId, epoch: u64, known_epoch: u64 },
     /// A learner installed the streamed data of the shard, sent for catch-up `attempt`.
     Streamed { shard: ShardId, attempt: Seq },
+    /// The owner asks before serving read `seq`: do you still follow me at `epoch`? A
+    /// member that knows a newer ownership answers [`Msg::Refuse`].
+    Confirm { shard: ShardId, epoch: u64, seq: Seq },
+    /// Yes: the member follows the sender at `epoch` (or knows no newer map).
+    Confirmed { shard: ShardId, epoch: u64, seq: Seq },
 }
 
 /// Why a submitted write was not acknowledged. Its outcome is unknown: it may be durable on
@@ -196,11 +204,19 @@ struct Owned {
     isr: BTreeSet<MemberIx>,
     learners: BTreeMap<MemberIx, Learner>,
     pending: BTreeMap<Seq, Pending>,
-    /// Reads waiting for the writes submitted before them.
-    reads: BTreeSet<Seq>,
+    /// Reads waiting for the writes submitted before them and for their confirmations.
+    reads: BTreeMap<Seq, Read>,
     /// Members whose removal this owner proposed, and when (re-proposed every
     /// `propose_every_ticks` while they hold writes up).
     shrinking: BTreeMap<MemberIx, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Read {
+    /// Members that have not confirmed this owner yet.
+    waiting: BTreeSet<MemberIx>,
+    /// The tick it was asked or last asked again (a lost confirmation is asked again).
+    asked_at: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +318,7 @@ impl<P: Clone> Ownership<P> {
             isr: BTreeSet::new(),
             learners: BTreeMap::new(),
             pending: BTreeMap::new(),
-            reads: BTreeSet::new(),
+            reads: BTreeMap::new(),
             shrinking: BTreeMap::new(),
         });
         o.epoch = e.epoch;
@@ -324,6 +340,11 @@ impl<P: Clone> Ownership<P> {
         for p in o.pending.values_mut() {
             p.waiting.retain(|m| counted.contains(m));
         }
+        // A map in which this node still owns at a newer epoch vouches up to its version:
+        // members that left the shard need not confirm.
+        for r in o.reads.values_mut() {
+            r.waiting.retain(|m| isr.contains(m) || e.learners.contains(*m));
+        }
         o.isr = isr;
         if !o.learners.is_empty() || !o.pending.is_empty() || !o.reads.is_empty() {
             self.attention.insert(shard);
@@ -334,7 +355,7 @@ impl<P: Clone> Ownership<P> {
     /// This node no longer owns `shard`: what waits fails.
     fn give_up(&mut self, shard: ShardId, why: Failure) {
         if let Some(o) = self.owned.remove(&shard) {
-            for seq in o.pending.keys().chain(&o.reads) {
+            for seq in o.pending.keys().chain(o.reads.keys()) {
                 self.out.push_back(Effect::Fail { shard, seq: *seq, why });
             }
         }
@@ -395,7 +416,13 @@ impl<P: Clone> Ownership<P> {
         }
         let seq = self.next;
         self.next += 1;
-        self.owned.get_mut(&shard).expect("checked").reads.insert(seq);
+        let o = self.owned.get_mut(&shard).expect("checked");
+        let waiting: BTreeSet<MemberIx> = o.isr.iter().chain(o.learners.keys()).copied().collect();
+        let epoch = o.epoch;
+        for &to in &waiting {
+            self.out.push_back(Effect::Send { to, msg: Msg::Confirm { shard, epoch, seq } });
+        }
+        o.reads.insert(seq, Read { waiting, asked_at: self.ticks });
         self.attention.insert(shard);
         self.settle(shard);
         Ok(seq)
@@ -482,6 +509,30 @@ impl<P: Clone> Ownership<P> {
                 }
                 self.settle(shard);
             }
+            Msg::Confirm { shard, epoch, seq } => {
+                // The same test as a write's: refused by an owner, or by a member that
+                // follows another owner at a newer epoch.
+                let f = self.followed.get(&shard).copied();
+                let known = f.map_or(0, |f| f.epoch);
+                let from_owner = f.is_some_and(|f| f.owner == Some(from));
+                let msg = if self.owned.contains_key(&shard) || (epoch < known && !from_owner) {
+                    let known_epoch = self.owned.get(&shard).map_or(known, |o| o.epoch);
+                    Msg::Refuse { shard, epoch, known_epoch }
+                } else {
+                    Msg::Confirmed { shard, epoch, seq }
+                };
+                self.out.push_back(Effect::Send { to: from, msg });
+            }
+            Msg::Confirmed { shard, seq, .. } => {
+                // Any epoch of this ownership will do: the member did not know another
+                // owner when it answered, after the read was asked (a new owner is among
+                // the members asked, and acknowledges nothing before it owns).
+                let Some(o) = self.owned.get_mut(&shard) else { return };
+                if let Some(r) = o.reads.get_mut(&seq) {
+                    r.waiting.remove(&from);
+                }
+                self.settle(shard);
+            }
         }
     }
 
@@ -496,16 +547,26 @@ impl<P: Clone> Ownership<P> {
             })
         });
         let shards: Vec<ShardId> = self.attention.iter().copied().collect();
-        if !self.lease_valid() {
-            for &shard in &shards {
-                let o = self.owned.get_mut(&shard).expect("attention holds owned shards");
-                for seq in std::mem::take(&mut o.reads) {
+        let every = self.cfg.propose_every_ticks.max(1);
+        let now = self.ticks;
+        let lease = self.lease_valid();
+        for &shard in &shards {
+            let o = self.owned.get_mut(&shard).expect("attention holds owned shards");
+            if !lease {
+                for seq in std::mem::take(&mut o.reads).into_keys() {
                     self.out.push_back(Effect::Fail { shard, seq, why: Failure::Fenced });
                 }
             }
+            // A confirmation lost on the way is asked for again (the epoch may have
+            // risen meanwhile: the reply must name the current one).
+            for (&seq, r) in o.reads.iter_mut().filter(|(_, r)| now - r.asked_at >= every) {
+                r.asked_at = now;
+                for &to in &r.waiting {
+                    let msg = Msg::Confirm { shard, epoch: o.epoch, seq };
+                    self.out.push_back(Effect::Send { to, msg });
+                }
+            }
         }
-        let every = self.cfg.propose_every_ticks.max(1);
-        let now = self.ticks;
         let next = &mut self.next;
         let patience = self.cfg.catch_up_patience_ticks.max(1);
         let ack_patience = self.cfg.ack_patience_ticks.max(1);
@@ -569,8 +630,12 @@ impl<P: Clone> Ownership<P> {
             self.out.push_back(Effect::Release { shard, seq });
         }
         let oldest_pending = o.pending.keys().next().copied();
-        let ready: Vec<Seq> =
-            o.reads.iter().copied().filter(|r| oldest_pending.is_none_or(|p| p > *r)).collect();
+        let ready: Vec<Seq> = o
+            .reads
+            .iter()
+            .filter(|(r, read)| read.waiting.is_empty() && oldest_pending.is_none_or(|p| p > **r))
+            .map(|(r, _)| *r)
+            .collect();
         for seq in ready {
             o.reads.remove(&seq);
             self.out.push_back(Effect::ReadReady { shard, seq });

@@ -512,6 +512,11 @@ fn a_read_waits_for_the_writes_asked_before_it() {
     let w = o.submit(0, (0, 1)).unwrap();
     let r = o.read(0).unwrap();
     let later = o.submit(0, (0, 2)).unwrap();
+    let out = effects(&mut o);
+    assert!(!out.iter().any(|e| matches!(e, Effect::ReadReady { .. })));
+    let confirm = Msg::Confirm { shard: 0, epoch: 1, seq: r };
+    assert!(out.contains(&Effect::Send { to: 1, msg: confirm }), "b is asked: {out:?}");
+    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r });
     assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::ReadReady { .. })));
     o.persisted(0, 1, w);
     o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w });
@@ -520,6 +525,63 @@ fn a_read_waits_for_the_writes_asked_before_it() {
     // Ready although a later write is still pending: it does not wait for what came after.
     assert!(out.contains(&Effect::ReadReady { shard: 0, seq: r }), "{out:?}");
     assert!(!out.contains(&Effect::Release { shard: 0, seq: later }));
+}
+
+/// A handoff the old owner has not applied yet: its read asks the new owner, which
+/// refuses, so the old owner cannot serve a read that misses what the new owner
+/// acknowledged. A lost confirmation is asked for again.
+#[test]
+fn a_deposed_owner_whose_map_lags_serves_no_read() {
+    let map = one_shard(&["a", "b"]);
+    let mut a = owner_of(&map, OwnershipConfig::default());
+    a.controller_heard();
+    let mut b: Ownership<W> = Ownership::new(1, 1, OwnershipConfig::default());
+    b.map_applied(&map, 0..1);
+    let mut handed = map.clone();
+    let e = handed.shard(0).unwrap().epoch;
+    handed.apply(&MapCommand::Changes(vec![ShardChange::SetOwner {
+        shard: 0,
+        epoch: e,
+        member: 1,
+    }]));
+    b.map_applied(&handed, 0..1);
+    assert!(b.owns(0));
+    // b acknowledges a write (a is still in sync: it holds it too, but a's map is old).
+    let r = a.read(0).unwrap();
+    let asked = effects(&mut a);
+    let confirm = asked
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Send { to: 1, msg } => Some(msg),
+            _ => None,
+        })
+        .expect("a asks b");
+    b.receive(0, confirm);
+    let answer = effects(&mut b)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Send { to: 0, msg } => Some(msg),
+            _ => None,
+        })
+        .expect("b answers");
+    assert!(matches!(answer, Msg::Refuse { .. }), "{answer:?}");
+    a.receive(1, answer);
+    let out = effects(&mut a);
+    assert!(out.contains(&Effect::Fail { shard: 0, seq: r, why: Failure::NotOwner }), "{out:?}");
+    assert!(!a.owns(0), "a stops serving until its map catches up");
+    // On an owner that still owns, a lost confirmation is asked again after a while.
+    let mut o = owner();
+    o.controller_heard();
+    let r = o.read(0).unwrap();
+    effects(&mut o);
+    for _ in 0..OwnershipConfig::default().propose_every_ticks {
+        o.tick();
+        o.controller_heard();
+    }
+    let again = Effect::Send { to: 1, msg: Msg::Confirm { shard: 0, epoch: 1, seq: r } };
+    assert!(effects(&mut o).contains(&again));
+    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r });
+    assert!(effects(&mut o).contains(&Effect::ReadReady { shard: 0, seq: r }));
 }
 
 #[test]
