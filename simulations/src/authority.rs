@@ -9,8 +9,9 @@
 //! applied the same entry there; the map's invariants hold after every entry and every
 //! transition obeys the rules (`shardmap::check_transition`), replayed in log order.
 //!
-//! This is the protocol the node will run; the scenario files and `world.rs` still model the
-//! view-based replication the node runs today.
+//! This is the protocol a node runs with `[controller] authoritative`; scenario files run on
+//! it through [`crate::by_map`] (`botclaw sim --model map`), and on the ring-based model of
+//! `world.rs` with `--model ring`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};

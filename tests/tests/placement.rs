@@ -6,7 +6,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use botclaw_tests::checker::{assert_consistent, pause, runtime, start_load_with};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use botclaw_tests::checker::{assert_consistent, pause, run_load_on, runtime, start_load_with};
 use botclaw_tests::*;
 use serde_json::Value;
 
@@ -224,4 +227,130 @@ fn by_the_map_a_node_killed_under_load_loses_no_acknowledged_turn() {
     c.nodes[2].start();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     assert_consistent(&c, &rt, &[seeds[2], seeds[0], seeds[1]], &report);
+}
+
+/// Two nodes join a loaded three-node cluster at the same moment: the controller's log
+/// orders their registrations and moves, and nothing acknowledged is lost, duplicated or
+/// renumbered.
+#[test]
+fn by_the_map_two_nodes_joining_at_once_under_load_lose_nothing() {
+    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let rt = runtime();
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let convs: Vec<String> = (0..90).map(|k| format!("joins-{k}")).collect();
+    let load = start_load_with(&rt, seeds.clone(), convs, 12, 64, Duration::ZERO);
+    pause(&rt, Duration::from_secs(2));
+    for _ in 0..2 {
+        let i = c.add_node(SECRET);
+        c.nodes[i].config = Some(BY_THE_MAP.into());
+        c.nodes[i].start();
+    }
+    c.wait_converged(&[0, 1, 2, 3, 4], CONVERGE);
+    c.wait_placed(&[0, 1, 2, 3, 4], Duration::from_secs(120));
+    let report = load.finish(&rt);
+    let status = controller(&c.nodes[0]).unwrap();
+    for joiner in ["n3", "n4"] {
+        assert!(status["owned"][joiner].as_u64().unwrap_or(0) > 0, "{joiner}: {status:#}");
+    }
+    assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
+    assert_consistent(&c, &rt, &seeds, &report);
+}
+
+/// Conversations left idle while nodes join one after the other keep every turn: their
+/// shards' data moves with them, and the next turn continues the count.
+#[test]
+fn by_the_map_sequential_joins_keep_idle_conversations() {
+    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let rt = runtime();
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let convs: Vec<String> = (0..60).map(|k| format!("idle-{k}")).collect();
+    // Three turns each, then nothing while two nodes join, one after the other.
+    let load = |seeds: Vec<_>, turns| {
+        let stop = Arc::new(AtomicBool::new(false));
+        rt.block_on(run_load_on(seeds, convs.clone(), 6, turns, Duration::ZERO, stop))
+    };
+    let mut report = load(seeds, 1..=3);
+    assert_eq!(report.acked(), 60 * 3);
+    for _ in 0..2 {
+        let i = c.add_node(SECRET);
+        c.nodes[i].config = Some(BY_THE_MAP.into());
+        c.nodes[i].start();
+        let all: Vec<usize> = (0..c.nodes.len()).collect();
+        c.wait_converged(&all, CONVERGE);
+        c.wait_placed(&all, Duration::from_secs(120));
+    }
+    // Every conversation goes on at turn 4, through every gateway.
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    report.merge(load(seeds.clone(), 4..=5));
+    assert_eq!(report.acked(), 60 * 5, "a conversation restarted or lost a turn");
+    assert_consistent(&c, &rt, &seeds, &report);
+}
+
+/// The node leading the placement controller is killed under load: the others elect a
+/// leader and go on (a node serves only while it hears one), nothing acknowledged is lost.
+#[test]
+fn by_the_map_the_controller_leader_killed_under_load_loses_nothing() {
+    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let rt = runtime();
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let convs: Vec<String> = (0..90).map(|k| format!("leader-{k}")).collect();
+    let load = start_load_with(&rt, seeds.clone(), convs, 12, 64, Duration::ZERO);
+    pause(&rt, Duration::from_secs(2));
+    let leader = controller(&c.nodes[0]).unwrap()["leader"].as_str().unwrap().to_string();
+    let l = node_index(&c, &leader);
+    c.nodes[l].kill9();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let status = wait_agreed(&c, &rest, "new leader", |s| s["leader"] != leader.as_str());
+    assert_eq!(status["shards_unavailable"], 0, "{status:#}");
+    pause(&rt, Duration::from_secs(3));
+    let report = load.finish(&rt);
+    assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
+    c.nodes[l].start();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let mut order = seeds.clone();
+    order.rotate_left(l + 1);
+    assert_consistent(&c, &rt, &order, &report);
+}
+
+/// One node's gossip is cut off and healed again and again under load (its links, and so
+/// the controller's messages, stay up: the others declare it dead while it still hears the
+/// leader): it never serves on a map it has not caught up with, and nothing acknowledged
+/// is lost.
+#[test]
+fn by_the_map_a_flapping_isolation_loses_nothing() {
+    let config = format!("{BY_THE_MAP}[fault]\ninjection = true\n");
+    let mut c = Cluster::new(3).with_config(&config);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let rt = runtime();
+    let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let convs: Vec<String> = (0..90).map(|k| format!("flap-{k}")).collect();
+    let load = start_load_with(&rt, seeds.clone(), convs, 12, 64, Duration::ZERO);
+    pause(&rt, Duration::from_secs(1));
+    // Cut off long enough to be declared down (about 1.7 s), healed briefly, three times.
+    let since = std::time::Instant::now();
+    for (on, ms) in [(true, 3000), (false, 1500), (true, 3000), (false, 1500), (true, 3000)] {
+        let (code, _) =
+            http_post(c.nodes[2].ports.admin, &format!("/fault/isolate?on={on}")).unwrap();
+        assert_eq!(code, 200);
+        pause(&rt, Duration::from_millis(ms));
+    }
+    c.wait_seen_as(&[0, 1], "n2", "down", since, Duration::from_secs(1));
+    let (code, _) = http_post(c.nodes[2].ports.admin, "/fault/isolate?on=false").unwrap();
+    assert_eq!(code, 200);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    pause(&rt, Duration::from_secs(2));
+    let report = load.finish(&rt);
+    assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
+    assert_consistent(&c, &rt, &seeds, &report);
 }
