@@ -24,6 +24,11 @@ struct Links {
     /// arrive after writes forwarded later).
     stream_delay: Mutex<usize>,
     held: Mutex<Vec<(String, Vec<u8>, usize)>>,
+    /// While set, batches carrying stream chunks after the first are kept here (released
+    /// by the test).
+    hold_later_chunks: Mutex<bool>,
+    chunks_sent: Mutex<usize>,
+    kept: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 impl ShardLinks for Links {
@@ -33,6 +38,14 @@ impl ShardLinks for Links {
         }
         let delay = *self.stream_delay.lock().unwrap();
         let batch: PeerBatch = postcard::from_bytes(&bytes).unwrap();
+        if batch.msgs.iter().any(|m| matches!(m, PeerMsg::Stream { .. })) {
+            let mut sent = self.chunks_sent.lock().unwrap();
+            *sent += 1;
+            if *sent > 1 && *self.hold_later_chunks.lock().unwrap() {
+                self.kept.lock().unwrap().push((peer.to_string(), bytes));
+                return;
+            }
+        }
         let mut held = self.held.lock().unwrap();
         if delay > 0 && matches!(batch.msgs[..], [PeerMsg::Stream { .. }]) {
             held.push((peer.to_string(), bytes, delay));
@@ -292,4 +305,60 @@ async fn a_learner_added_under_load_catches_up_with_every_turn() {
     let stored = nodes[2].store.load(CONV).await.unwrap().unwrap();
     assert_eq!(stored.state.turn, 44);
     assert_eq!(stored.state, nodes[0].store.load(CONV).await.unwrap().unwrap().state);
+}
+
+/// A shard larger than a batch streams in several chunks; the learner reports its catch-up
+/// (and the owner proposes its promotion) only after the last chunk is installed, holding
+/// every row. Checked while the later chunks are held back: a chunk wrongly marked last
+/// would get the learner promoted without them.
+#[tokio::test]
+async fn a_shard_larger_than_a_batch_streams_in_chunks_and_promotes_after_the_last() {
+    let nodes = cluster(&["a", "b", "c"]);
+    let mut map = started(&nodes).await;
+    let shard = shard_of(CONV, SHARDS);
+    // 300 conversations of about 1 KiB each in that shard on the owner: about 5 batches.
+    let convs: Vec<String> = (0..)
+        .map(|k| format!("big-{k}"))
+        .filter(|c| shard_of(c, SHARDS) == shard)
+        .take(300)
+        .collect();
+    for conv in &convs {
+        let mut state = botclaw_core::conversation::ConversationState::default();
+        state.bot = "echo".into();
+        state.bot_state = vec![7; 1024];
+        state.turn = 1;
+        let epoch = Epoch { term: 1, node: 1 };
+        let op = StoreOp::Install { epoch, state, version: Version { epoch, turn: 1 } };
+        nodes[0].store.execute(conv, op).await.unwrap();
+    }
+    *nodes[0].links.hold_later_chunks.lock().unwrap() = true;
+    let epoch = map.shard(shard).unwrap().epoch;
+    apply(
+        &nodes,
+        &mut map,
+        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
+    )
+    .await;
+    eventually(|| (!nodes[0].links.kept.lock().unwrap().is_empty()).then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let early = promotions(&nodes[0]).into_iter().any(|c| {
+        matches!(&c, MapCommand::Changes(ch) if ch.iter().any(|x| matches!(x, ShardChange::Promote { member: 2, .. })))
+    });
+    assert!(!early, "the learner was proposed for promotion before the last chunk");
+    let held = nodes[2].store.load_shard(shard).await.unwrap().len();
+    assert!(held < convs.len(), "the first chunk held every row: nothing was split ({held})");
+    // The rest arrives: promotion follows, with every row on the learner.
+    *nodes[0].links.hold_later_chunks.lock().unwrap() = false;
+    let kept = std::mem::take(&mut *nodes[0].links.kept.lock().unwrap());
+    let chunks = kept.len() + 1;
+    for (peer, bytes) in kept {
+        let peers = nodes[0].links.peers.lock().unwrap();
+        let _ = peers.get(&peer).unwrap().peer(bytes);
+    }
+    let promote =
+        proposed(&nodes[0], |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
+    apply(&nodes, &mut map, &promote).await;
+    let learned = nodes[2].store.load_shard(shard).await.unwrap();
+    assert_eq!(learned.len(), convs.len(), "{chunks} chunks");
+    assert!(chunks >= 3, "about 300 KiB in 64 KiB batches came in {chunks} chunks");
 }
