@@ -31,6 +31,10 @@ pub struct LeaderPlanner {
     replace_after_ms: u64,
     /// When the last round ran, and the map version it saw.
     last: Option<(u64, u64)>,
+    /// The last round proposed nothing on this map version and these inputs (a hash of
+    /// the members up and the pins): the next with the same proposes nothing either (the
+    /// plan is a pure function of them), so it skips the scan of every shard.
+    quiet: Option<(u64, u64)>,
 }
 
 impl LeaderPlanner {
@@ -48,6 +52,7 @@ impl LeaderPlanner {
             voters_target,
             replace_after_ms,
             last: None,
+            quiet: None,
         }
     }
 
@@ -100,11 +105,27 @@ impl LeaderPlanner {
         let caught_up = |id| c.caught_up(id);
         let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
+        let pins: Vec<(ShardId, &str)> = pins.into_iter().collect();
+        let inputs = {
+            use std::hash::{Hash, Hasher};
+            // Fixed keys: the same inputs hash the same on every run.
+            let mut h = std::hash::DefaultHasher::new();
+            for m in up {
+                (&m.name, m.incarnation, m.capacity, m.serving).hash(&mut h);
+            }
+            pins.hash(&mut h);
+            h.finish()
+        };
+        let version = c.map().version;
+        self.last = Some((now_ms, version));
+        if self.quiet == Some((version, inputs)) {
+            return Round { group, commands: Vec::new() };
+        }
         self.ring(c.map());
         let (_, _, desired) = self.ring.as_mut().expect("built above");
         desired.pin(c.map(), pins, cfg.replication_factor);
         let commands = plan_with(c.map(), up, desired, &cfg);
-        self.last = Some((now_ms, c.map().version));
+        self.quiet = commands.is_empty().then_some((version, inputs));
         Round { group, commands }
     }
 }
