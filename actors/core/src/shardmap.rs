@@ -611,32 +611,46 @@ impl ShardMap {
         if self.shards.tally_drifted() {
             problems.push("the kept tally of entries differs from a count".to_string());
         }
-        for (s, e) in self.shards.iter().enumerate() {
-            if let Some(o) = e.owner {
-                if e.isr.as_slice().first() != Some(&o) {
-                    problems
-                        .push(format!("shard {s}: owner {} is not first in its ISR", self.name(o)));
-                }
-            }
-            for &m in e.isr.as_slice().iter().chain(e.learners.as_slice()) {
-                if self.member(m).is_none() {
-                    problems.push(format!("shard {s}: replica slot {m} is no member"));
-                }
-                if e.isr.contains(m) && e.learners.contains(m) {
-                    problems
-                        .push(format!("shard {s}: {} is both in sync and learning", self.name(m)));
-                }
-            }
-            if let Some(o) = e.owner.and_then(|o| self.member(o)) {
-                if o.state.is_gone() {
-                    problems.push(format!("shard {s}: owned by dead member {}", o.name));
-                }
-            }
-            if e.epoch == 0 && !e.is_unassigned() {
-                problems.push(format!("shard {s}: assigned at epoch 0"));
-            }
+        for s in 0..self.shard_count() {
+            self.check_entry(s, &mut problems);
         }
         problems
+    }
+
+    /// [`ShardMap::check`] of the entries of `shards` only (after a command: the others did
+    /// not change, and a member's death or leave changes every entry it was in), without
+    /// the recount of the tally.
+    pub fn check_shards(&self, shards: &[ShardId]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for &s in shards {
+            self.check_entry(s, &mut problems);
+        }
+        problems
+    }
+
+    fn check_entry(&self, s: ShardId, problems: &mut Vec<String>) {
+        let Some(e) = self.shards.get(s) else { return };
+        if let Some(o) = e.owner {
+            if e.isr.as_slice().first() != Some(&o) {
+                problems.push(format!("shard {s}: owner {} is not first in its ISR", self.name(o)));
+            }
+        }
+        for &m in e.isr.as_slice().iter().chain(e.learners.as_slice()) {
+            if self.member(m).is_none() {
+                problems.push(format!("shard {s}: replica slot {m} is no member"));
+            }
+            if e.isr.contains(m) && e.learners.contains(m) {
+                problems.push(format!("shard {s}: {} is both in sync and learning", self.name(m)));
+            }
+        }
+        if let Some(o) = e.owner.and_then(|o| self.member(o)) {
+            if o.state.is_gone() {
+                problems.push(format!("shard {s}: owned by dead member {}", o.name));
+            }
+        }
+        if e.epoch == 0 && !e.is_unassigned() {
+            problems.push(format!("shard {s}: assigned at epoch 0"));
+        }
     }
 }
 
