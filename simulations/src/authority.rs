@@ -1019,7 +1019,7 @@ impl Authority {
                 };
                 // The changed entries after every entry; the whole map, tally recount
                 // included, every FULL_CHECK_EVERY entries.
-                let mut problems = if self.replayed_index % FULL_CHECK_EVERY == 0 {
+                let mut problems = if self.replayed_index.is_multiple_of(FULL_CHECK_EVERY) {
                     self.replayed.check()
                 } else {
                     self.replayed.check_shards(&changed)
