@@ -29,7 +29,8 @@ pub struct SimArgs {
     /// Runs with consecutive seeds.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
-    /// Directory for the reports: DIR/<scenario>-seed<S>/{summary.json, series.csv, *.svg}.
+    /// Directory for the reports: DIR/<scenario>-<model>-seed<S>/{summary.json, series.csv,
+    /// *.svg}.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
     /// No progress bar.
