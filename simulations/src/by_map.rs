@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::authority::{Authority, AuthorityConfig};
-use crate::report::line_chart;
+use crate::report::{json_line, line_chart};
 use crate::scenario::{FaultKind, Scenario};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
@@ -96,9 +96,7 @@ pub struct MapReport {
 
 impl MapReport {
     pub fn to_json(&self) -> String {
-        let mut json = serde_json::to_string_pretty(self).expect("reports serialize");
-        json.push('\n');
-        json
+        json_line(self)
     }
 
     pub fn to_csv(&self) -> String {

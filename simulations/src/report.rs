@@ -73,9 +73,7 @@ pub struct Report {
 
 impl Report {
     pub fn to_json(&self) -> String {
-        let mut json = serde_json::to_string_pretty(self).expect("reports serialize");
-        json.push('\n');
-        json
+        json_line(self)
     }
 
     pub fn to_csv(&self) -> String {
@@ -143,6 +141,13 @@ impl Report {
 const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
 
 /// A minimal line chart: axes with min/max labels, one polyline per series, a legend.
+/// A report as pretty JSON ending in a newline.
+pub(crate) fn json_line(report: &impl Serialize) -> String {
+    let mut json = serde_json::to_string_pretty(report).expect("reports serialize");
+    json.push('\n');
+    json
+}
+
 pub(crate) fn line_chart(
     title: &str,
     y_label: &str,

@@ -20,14 +20,7 @@ fn small(name: &str, duration_s: u64) -> Scenario {
 
 #[test]
 fn every_shipped_scenario_parses() {
-    let dir = format!("{}/scenarios", env!("CARGO_MANIFEST_DIR"));
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = shipped_names();
     for name in &names {
         shipped(name);
     }

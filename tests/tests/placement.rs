@@ -200,6 +200,15 @@ fn shards_whose_copies_all_died_stay_unavailable_until_an_operator_forces_them()
 /// Routing and replication by the controller's map.
 const BY_THE_MAP: &str = "[controller]\nauthoritative = true\n";
 
+/// Three nodes with `config` (routing by the map), started, converged and placed.
+fn placed_by_the_map(config: &str) -> Cluster {
+    let mut c = Cluster::new(3).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    c
+}
+
 #[test]
 fn by_the_map_a_node_killed_under_load_loses_no_acknowledged_turn() {
     let mut c = Cluster::new(3).with_config(BY_THE_MAP);
@@ -234,10 +243,7 @@ fn by_the_map_a_node_killed_under_load_loses_no_acknowledged_turn() {
 /// renumbered.
 #[test]
 fn by_the_map_two_nodes_joining_at_once_under_load_lose_nothing() {
-    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
-    c.start_all();
-    c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let mut c = placed_by_the_map(BY_THE_MAP);
     let rt = runtime();
     let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
     let convs: Vec<String> = (0..90).map(|k| format!("joins-{k}")).collect();
@@ -263,10 +269,7 @@ fn by_the_map_two_nodes_joining_at_once_under_load_lose_nothing() {
 /// shards' data moves with them, and the next turn continues the count.
 #[test]
 fn by_the_map_sequential_joins_keep_idle_conversations() {
-    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
-    c.start_all();
-    c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let mut c = placed_by_the_map(BY_THE_MAP);
     let rt = runtime();
     let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
     let convs: Vec<String> = (0..60).map(|k| format!("idle-{k}")).collect();
@@ -296,10 +299,7 @@ fn by_the_map_sequential_joins_keep_idle_conversations() {
 /// leader and go on (a node serves only while it hears one), nothing acknowledged is lost.
 #[test]
 fn by_the_map_the_controller_leader_killed_under_load_loses_nothing() {
-    let mut c = Cluster::new(3).with_config(BY_THE_MAP);
-    c.start_all();
-    c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let mut c = placed_by_the_map(BY_THE_MAP);
     let rt = runtime();
     let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
     let convs: Vec<String> = (0..90).map(|k| format!("leader-{k}")).collect();
@@ -327,11 +327,7 @@ fn by_the_map_the_controller_leader_killed_under_load_loses_nothing() {
 /// is lost.
 #[test]
 fn by_the_map_a_flapping_isolation_loses_nothing() {
-    let config = format!("{BY_THE_MAP}[fault]\ninjection = true\n");
-    let mut c = Cluster::new(3).with_config(&config);
-    c.start_all();
-    c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    let c = placed_by_the_map(&format!("{BY_THE_MAP}[fault]\ninjection = true\n"));
     let rt = runtime();
     let seeds: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
     let convs: Vec<String> = (0..90).map(|k| format!("flap-{k}")).collect();

@@ -140,6 +140,13 @@ async fn started(nodes: &[Node]) -> ShardMap {
     map
 }
 
+/// The controller adds `member` as a learner of `shard`.
+async fn add_learner(nodes: &[Node], map: &mut ShardMap, shard: ShardId, member: MemberIx) {
+    let epoch = map.shard(shard).unwrap().epoch;
+    let add = ShardChange::AddLearner { shard, epoch, member };
+    apply(nodes, map, &MapCommand::Changes(vec![add])).await;
+}
+
 async fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> T {
     for _ in 0..500 {
         if let Some(t) = f() {
@@ -215,13 +222,7 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
     assert!(b.shards.read(CONV).await.unwrap_err().moved);
 
     // c is added as a learner: it receives the shard by stream, then a proposes it.
-    let epoch = map.shard(shard).unwrap().epoch;
-    apply(
-        &nodes,
-        &mut map,
-        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
-    )
-    .await;
+    add_learner(&nodes, &mut map, shard, 2).await;
     let promote = proposed(a, |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
     assert_eq!(turn_of(&c.store, CONV).await, 5, "the stream carried every acknowledged turn");
     apply(&nodes, &mut map, &promote).await;
@@ -290,13 +291,7 @@ async fn a_learner_added_under_load_catches_up_with_every_turn() {
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
     *nodes[0].links.stream_delay.lock().unwrap() = 3;
-    let epoch = map.shard(shard).unwrap().epoch;
-    apply(
-        &nodes,
-        &mut map,
-        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
-    )
-    .await;
+    add_learner(&nodes, &mut map, shard, 2).await;
     let promote =
         proposed(&nodes[0], |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
     apply(&nodes, &mut map, &promote).await;
@@ -332,13 +327,7 @@ async fn a_shard_larger_than_a_batch_streams_in_chunks_and_promotes_after_the_la
         nodes[0].store.execute(conv, op).await.unwrap();
     }
     *nodes[0].links.hold_later_chunks.lock().unwrap() = true;
-    let epoch = map.shard(shard).unwrap().epoch;
-    apply(
-        &nodes,
-        &mut map,
-        &MapCommand::Changes(vec![ShardChange::AddLearner { shard, epoch, member: 2 }]),
-    )
-    .await;
+    add_learner(&nodes, &mut map, shard, 2).await;
     eventually(|| (!nodes[0].links.kept.lock().unwrap().is_empty()).then_some(())).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let early = promotions(&nodes[0]).into_iter().any(|c| {
