@@ -436,8 +436,9 @@ impl Default for ReplicationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     /// Route and replicate conversations by the controller's map (owners, in-sync replica
-    /// sets, learners) instead of each node's gossip view. Being built: load-driven
-    /// rebalancing does not run in this mode yet.
+    /// sets, learners): the default. `false` selects the older mode, where each node
+    /// derives owners from its own gossip view (kept to compare against; it can lose
+    /// acknowledged turns while membership changes).
     pub authoritative: bool,
     /// The founding voters, by node name, identical on each of them (`botclaw up` lists its
     /// first three nodes). Empty: a node started without seeds founds the group alone. A
@@ -480,7 +481,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
-            authoritative: false,
+            authoritative: true,
             voters: Vec::new(),
             voters_target: 3,
             voter_replace_after_ms: 10_000,

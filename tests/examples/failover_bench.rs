@@ -1,5 +1,5 @@
 //! Failover benchmark on real processes (a benchmark, not a test): the same scenarios by
-//! the ring (the default) and by the controller's map (`[controller] authoritative`),
+//! the controller's map (the default) and by the ring (`[controller] authoritative = false`),
 //! 3 nodes on fjall, every node a gateway.
 //!
 //! Per run and mode:
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use botclaw_tests::checker::{check, pause, runtime, start_load};
 use botclaw_tests::*;
 
-const BY_MAP: &str = "[controller]\nauthoritative = true\n";
+const BY_RING: &str = "[controller]\nauthoritative = false\n";
 
 #[derive(Debug, Default)]
 struct Run {
@@ -98,7 +98,7 @@ fn kill_under_load(c: &mut Cluster, victim: usize, prefix: &str) -> (f64, f64, u
 }
 
 fn one_run(config: Option<&str>, run: usize) -> Run {
-    let by_map = config.is_some();
+    let by_map = config.is_none();
     let mut r = Run::default();
     {
         let c = cluster(config);
@@ -163,7 +163,7 @@ fn main() {
     for run in 0..runs {
         // Alternate the modes so both see the same machine conditions.
         for (mode, results) in &mut all {
-            let config = (*mode == "map").then_some(BY_MAP);
+            let config = (*mode == "ring").then_some(BY_RING);
             let r = one_run(config, run);
             println!("{mode} run {run}: {r:?}");
             results.push(r);

@@ -162,18 +162,19 @@ impl Ports {
     }
 }
 
-/// The suite runs by the controller's map when `BOTCLAW_TEST_BY_MAP=1` (every node gets
-/// `[controller] authoritative = true`), else in the node's default mode.
+/// The suite runs by the controller's map (the node's default) unless
+/// `BOTCLAW_TEST_BY_RING=1`: then every node gets `[controller] authoritative = false`, the
+/// older mode that derives owners from each node's gossip view.
 pub fn by_map() -> bool {
-    std::env::var("BOTCLAW_TEST_BY_MAP").is_ok_and(|v| v == "1")
+    !std::env::var("BOTCLAW_TEST_BY_RING").is_ok_and(|v| v == "1")
 }
 
 /// A node's extra config with the suite's routing mode added.
 fn with_mode(config: Option<&str>) -> Option<String> {
-    if !by_map() {
+    if by_map() {
         return config.map(String::from);
     }
-    const ON: &str = "authoritative = true\n";
+    const ON: &str = "authoritative = false\n";
     Some(match config {
         Some(c) if c.contains("authoritative") => c.to_string(),
         Some(c) if c.contains("[controller]\n") => {
@@ -337,11 +338,10 @@ impl Cluster {
     }
 
     pub fn start_all(&mut self) {
-        let map = by_map()
-            || self
-                .nodes
-                .iter()
-                .any(|n| n.config.as_deref().is_some_and(|c| c.contains("authoritative = true")));
+        let by_ring = |n: &TestNode| {
+            with_mode(n.config.as_deref()).is_some_and(|c| c.contains("authoritative = false"))
+        };
+        let map = !self.nodes.iter().all(by_ring);
         if map && self.exclusive.is_none() {
             // A test that failed while holding it poisoned it; the next may go on.
             self.exclusive = Some(MAP_CLUSTER.lock().unwrap_or_else(|e| e.into_inner()));
