@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::FailKind;
 use crate::replicator::{Owned, Refusal, ReplicaTicket};
-use crate::store::{BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
+use crate::store::{row_bytes, BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
 
 /// What the machine replicates: one store op of one conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -621,8 +621,9 @@ impl Driver {
     }
 
     /// Streams shards' stored rows to learner `to`: one task per [`STREAM_SHARDS_MAX`]
-    /// shards (at most [`STREAMS_MAX`] at once), reading them one after the other and
-    /// sending their rows in batches of bounded bytes (many empty shards in one batch).
+    /// shards (at most [`STREAMS_MAX`] at once), reading them in one blocking task per
+    /// batch of bounded bytes and sending their rows in batches of bounded bytes (many
+    /// empty shards in one batch).
     fn stream(&self, to: MemberIx, shards: Vec<(ShardId, Seq)>) {
         let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { return };
         for group in shards.chunks(STREAM_SHARDS_MAX) {
@@ -640,39 +641,59 @@ impl Driver {
                         batch.msgs.clear();
                     }
                 };
-                for (shard, attempt) in group {
-                    let convs = match store.load_shard(shard).await {
-                        Ok(convs) => convs,
+                let mut rest = &group[..];
+                while !rest.is_empty() {
+                    let ids = rest.iter().map(|&(shard, _)| shard).collect();
+                    let loaded = match store.load_shards(ids, max).await {
+                        Ok(loaded) if !loaded.is_empty() => loaded,
+                        Ok(_) => break,
                         Err(e) => {
                             // Not sent: the learner's catch-up starts over after its patience.
-                            tracing::warn!(shard, error = %e, "cannot read a shard to stream it");
-                            continue;
+                            tracing::warn!(error = %e, "cannot read shards to stream them");
+                            break;
                         }
                     };
-                    let mut chunk: Vec<(String, Stored)> = Vec::new();
-                    for (conv, stored) in convs {
-                        let size = postcard::experimental::serialized_size(&stored).unwrap_or(0)
-                            + conv.len();
-                        // Full: what is gathered goes (this shard's rows so far as a chunk
-                        // that is not its last); a lone row larger than `max` goes alone.
-                        if bytes + size > max && (!chunk.is_empty() || !batch.msgs.is_empty()) {
-                            if !chunk.is_empty() {
-                                let convs = std::mem::take(&mut chunk);
-                                let msg = PeerMsg::Stream { shard, attempt, convs, last: false };
-                                batch.msgs.push(msg);
+                    let read = loaded.len();
+                    for ((shard, rows), &(_, attempt)) in loaded.into_iter().zip(rest) {
+                        let convs = match rows {
+                            Ok(convs) => convs,
+                            Err(e) => {
+                                tracing::warn!(shard, error = %e, "cannot read a shard to stream it");
+                                continue;
                             }
+                        };
+                        let mut chunk: Vec<(String, Stored)> = Vec::new();
+                        for (conv, stored) in convs {
+                            let size = row_bytes(&conv, &stored);
+                            // Full: what is gathered goes (this shard's rows so far as a
+                            // chunk that is not its last); a lone row larger than `max`
+                            // goes alone.
+                            if bytes + size > max && (!chunk.is_empty() || !batch.msgs.is_empty()) {
+                                if !chunk.is_empty() {
+                                    let convs = std::mem::take(&mut chunk);
+                                    let msg =
+                                        PeerMsg::Stream { shard, attempt, convs, last: false };
+                                    batch.msgs.push(msg);
+                                }
+                                send(&mut batch);
+                                bytes = 0;
+                            }
+                            bytes += size;
+                            chunk.push((conv, stored));
+                        }
+                        batch.msgs.push(PeerMsg::Stream {
+                            shard,
+                            attempt,
+                            convs: chunk,
+                            last: true,
+                        });
+                        bytes += STREAM_MSG_BYTES;
+                        if bytes > max {
                             send(&mut batch);
                             bytes = 0;
                         }
-                        bytes += size;
-                        chunk.push((conv, stored));
                     }
-                    batch.msgs.push(PeerMsg::Stream { shard, attempt, convs: chunk, last: true });
-                    bytes += STREAM_MSG_BYTES;
-                    if bytes > max {
-                        send(&mut batch);
-                        bytes = 0;
-                    }
+                    rest = &rest[read.min(rest.len())..];
                 }
                 send(&mut batch);
             });

@@ -9,6 +9,7 @@
 //! [`MemoryStore`] keeps state in memory (tests, `--ephemeral` nodes); [`redb::RedbStore`]
 //! keeps it in a crash-safe file under the data directory, with group commit.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -73,6 +74,41 @@ pub enum StoreAnswer {
 /// Resolves when a submitted op is durable (or failed).
 pub type StoreTicket = BoxFuture<'static, Result<StoreAnswer, StoreError>>;
 
+/// The conversations a store holds in one shard, with their data.
+pub type ShardRows = Vec<(String, Stored)>;
+
+/// Shards as [`StateStore::load_shards`] read them: each with its rows, or why it could not
+/// be read.
+pub type LoadedShards = Vec<(u32, Result<ShardRows, StoreError>)>;
+
+/// What one row costs in a stream to a peer (its encoded size), the unit of every byte
+/// bound on streamed rows.
+pub fn row_bytes(conv: &str, stored: &Stored) -> usize {
+    postcard::experimental::serialized_size(stored).unwrap_or(0) + conv.len()
+}
+
+/// Reads `shards` in order with `load` until the rows read reach `bytes_max` (at least one
+/// shard is read): the loop of every engine's [`StateStore::load_shards`].
+fn load_shards_with(
+    shards: &[u32],
+    bytes_max: usize,
+    mut load: impl FnMut(u32) -> Result<ShardRows, StoreError>,
+) -> LoadedShards {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for &shard in shards {
+        let rows = load(shard);
+        if let Ok(rows) = &rows {
+            bytes += rows.iter().map(|(conv, stored)| row_bytes(conv, stored)).sum::<usize>();
+        }
+        out.push((shard, rows));
+        if bytes >= bytes_max {
+            break;
+        }
+    }
+    out
+}
+
 pub trait StateStore: Send + Sync + 'static {
     /// A conversation as stored, if the store ever heard of it.
     fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
@@ -87,9 +123,26 @@ pub trait StateStore: Send + Sync + 'static {
         op: StoreOp,
     ) -> BoxFuture<'a, Result<StoreTicket, StoreError>>;
 
-    /// Every conversation of `shard` this store holds (one scan: rows are grouped by
-    /// shard), to stream the shard to a new replica.
-    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>>;
+    /// Every conversation of each of `shards` this store holds, in the order asked, to
+    /// stream them to a new replica: one scan per shard (rows are grouped by shard), all in
+    /// one blocking task (a move streams tens of thousands of mostly empty shards). Stops
+    /// after the shard at which the rows read reach `bytes_max` (at least one is read): the
+    /// caller asks again for the rest. A shard that cannot be read carries its error.
+    fn load_shards(
+        &self,
+        shards: Vec<u32>,
+        bytes_max: usize,
+    ) -> BoxFuture<'_, Result<LoadedShards, StoreError>>;
+
+    /// Every conversation of `shard` this store holds.
+    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<ShardRows, StoreError>> {
+        Box::pin(async move {
+            match self.load_shards(vec![shard], usize::MAX).await?.pop() {
+                Some((_, rows)) => rows,
+                None => Ok(Vec::new()),
+            }
+        })
+    }
 
     /// Submits and waits for durability.
     fn execute<'a>(
@@ -176,16 +229,26 @@ impl StateStore for MemoryStore {
         })
     }
 
-    /// A scan of every conversation (memory has no shard order; tests and ephemeral nodes).
-    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
-        let of = |conv: &str| botclaw_core::placement::shard_of(conv, self.shard_count);
-        let mut out: Vec<(String, Stored)> = self
-            .conversations
-            .iter()
-            .filter(|e| of(e.key()) == shard)
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+    /// One scan of every conversation for all of `shards` (memory has no shard order;
+    /// tests and ephemeral nodes), then the same byte bound as the durable engines.
+    fn load_shards(
+        &self,
+        shards: Vec<u32>,
+        bytes_max: usize,
+    ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
+        let mut by_shard: HashMap<u32, ShardRows> =
+            shards.iter().map(|&s| (s, Vec::new())).collect();
+        for e in self.conversations.iter() {
+            let shard = botclaw_core::placement::shard_of(e.key(), self.shard_count);
+            if let Some(rows) = by_shard.get_mut(&shard) {
+                rows.push((e.key().clone(), e.value().clone()));
+            }
+        }
+        let out = load_shards_with(&shards, bytes_max, |shard| {
+            let mut rows = by_shard.remove(&shard).unwrap_or_default();
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(rows)
+        });
         Box::pin(std::future::ready(Ok(out)))
     }
 }

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 use crate::replicator::{Alone, Replicator};
-use crate::store::{BoxFuture, MemoryStore, StateStore, StoreError, StoreOp, StoreTicket, Stored};
+use crate::store::{
+    BoxFuture, LoadedShards, MemoryStore, StateStore, StoreError, StoreOp, StoreTicket, Stored,
+};
 
 /// Applies ops to a memory store at once, but resolves the tickets of turn writes only when
 /// the test says so (in order), with the outcome the test chooses.
@@ -56,8 +58,12 @@ impl StateStore for GatedStore {
         })
     }
 
-    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
-        self.inner.load_shard(shard)
+    fn load_shards(
+        &self,
+        shards: Vec<u32>,
+        bytes_max: usize,
+    ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
+        self.inner.load_shards(shards, bytes_max)
     }
 }
 

@@ -27,7 +27,10 @@ use super::durable::{
     decode_meta, err, plan, Engine, GroupTimes, Layout, Meta, Stopwatch, StoreLimits, Writer,
     OLD_LAYOUT,
 };
-use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
+use super::{
+    load_shards_with, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
+    StoreTicket, Stored,
+};
 use crate::metrics::ConversationMetrics;
 
 /// The directory a node's state lives in.
@@ -307,12 +310,18 @@ impl StateStore for FjallStore {
         self.writer.submit(conv, op)
     }
 
-    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+    fn load_shards(
+        &self,
+        shards: Vec<u32>,
+        bytes_max: usize,
+    ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
         Box::pin(async move {
             let (t, path) = (self.tables.clone(), self.writer.path().to_path_buf());
-            tokio::task::spawn_blocking(move || FjallStore::shard_blocking(&t, &path, shard))
-                .await
-                .map_err(|e| StoreError(format!("shard load task failed: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                load_shards_with(&shards, bytes_max, |s| FjallStore::shard_blocking(&t, &path, s))
+            })
+            .await
+            .map_err(|e| StoreError(format!("shard load task failed: {e}")))
         })
     }
 }

@@ -12,7 +12,10 @@ use super::durable::{
     decode_meta, err, plan, Engine, GroupTimes, Layout, Meta, Stopwatch, StoreLimits, Writer,
     OLD_LAYOUT,
 };
-use super::{BoxFuture, StateStore, StoreAnswer, StoreError, StoreOp, StoreTicket, Stored};
+use super::{
+    load_shards_with, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
+    StoreTicket, Stored,
+};
 use crate::metrics::ConversationMetrics;
 
 /// Rows keyed by shard first (see [`Layout`]).
@@ -218,15 +221,21 @@ impl StateStore for RedbStore {
         self.writer.submit(conv, op)
     }
 
-    fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<Vec<(String, Stored)>, StoreError>> {
+    fn load_shards(
+        &self,
+        shards: Vec<u32>,
+        bytes_max: usize,
+    ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
         Box::pin(async move {
             let (db, path, layout) =
                 (self.db.clone(), self.writer.path().to_path_buf(), self.layout);
             tokio::task::spawn_blocking(move || {
-                RedbStore::shard_blocking(&db, layout, &path, shard)
+                load_shards_with(&shards, bytes_max, |s| {
+                    RedbStore::shard_blocking(&db, layout, &path, s)
+                })
             })
             .await
-            .map_err(|e| StoreError(format!("shard load task failed: {e}")))?
+            .map_err(|e| StoreError(format!("shard load task failed: {e}")))
         })
     }
 }

@@ -349,6 +349,34 @@ async fn a_shard_loads_in_one_scan_with_exactly_its_conversations() {
             .map(|(conv, stored)| (conv, stored.state))
             .collect();
         assert_eq!(got, expected);
+        // Every shard at once, in batches of at most ~1 KiB of rows: each batch is a
+        // prefix of the shards asked for, each shard read once, with exactly its rows.
+        let mut rest: Vec<u32> = (0..64).rev().collect();
+        let (mut seen, mut batches) = (std::collections::BTreeMap::new(), 0);
+        while !rest.is_empty() {
+            let loaded = store.load_shards(rest.clone(), 1024).await.unwrap();
+            assert!(!loaded.is_empty() && loaded.len() <= rest.len());
+            let asked: Vec<u32> = rest.drain(..loaded.len()).collect();
+            assert_eq!(loaded.iter().map(|(s, _)| *s).collect::<Vec<_>>(), asked);
+            let bytes: Vec<usize> = loaded
+                .into_iter()
+                .map(|(shard, rows)| {
+                    let rows = rows.unwrap();
+                    let size = rows.iter().map(|(c, s)| crate::store::row_bytes(c, s)).sum();
+                    for (conv, stored) in rows {
+                        assert_eq!(shard_of(&conv, 64), shard);
+                        assert!(seen.insert(conv, stored.state).is_none(), "a row twice");
+                    }
+                    size
+                })
+                .collect();
+            // The bound: a batch stops at the first shard that reaches it.
+            let before_last: usize = bytes[..bytes.len() - 1].iter().sum();
+            assert!(before_last < 1024, "a batch went on past its bound: {bytes:?}");
+            batches += 1;
+        }
+        assert_eq!(seen.len(), convs.len(), "every conversation streamed");
+        assert!(batches > 1, "the bound never stopped a batch");
     }
 }
 
@@ -387,3 +415,4 @@ fn a_directory_of_the_per_conversation_layout_is_refused_with_a_clear_message() 
         drop(open(kind, dir.path(), 8));
     }
 }
+
