@@ -12,9 +12,10 @@ use clap::{Args, ValueEnum};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Model {
     /// The authoritative placement protocol: the real controller (raft-rs), planner and
-    /// ownership machines of every node (`[controller] authoritative`).
+    /// ownership machines of every node (what a node runs by default).
     Map,
-    /// The ring-based model: each node's own placement view, acquire from replicas.
+    /// The ring-based model of the older mode (`[controller] authoritative = false`):
+    /// each node's own placement view, acquire from replicas.
     Ring,
 }
 
@@ -36,8 +37,8 @@ pub struct SimArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// What to simulate: the controller's map (what nodes run with `[controller]
-    /// authoritative`) or the ring-based replication.
+    /// What to simulate: the controller's map (what nodes run by default) or the
+    /// ring-based replication of the older mode.
     #[arg(long, value_enum, default_value = "map")]
     model: Model,
 }

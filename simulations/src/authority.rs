@@ -9,7 +9,7 @@
 //! applied the same entry there; the map's invariants hold after every entry and every
 //! transition obeys the rules (`shardmap::check_transition`), replayed in log order.
 //!
-//! This is the protocol a node runs with `[controller] authoritative`; scenario files run on
+//! This is the protocol a node runs (by default); scenario files run on
 //! it through [`crate::by_map`] (`botclaw sim --model map`), and on the ring-based model of
 //! `world.rs` with `--model ring`.
 

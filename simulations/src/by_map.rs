@@ -1,8 +1,8 @@
 //! A scenario run on the authoritative placement protocol: the real controller (raft-rs),
 //! planner, leave steps and ownership machines of every node ([`Authority`]), under the
 //! scenario's faults and workload, with the authority's checkers after every step. This is
-//! what a node runs with `[controller] authoritative`; [`crate::world`] models the
-//! ring-based replication.
+//! what a node runs by default; [`crate::world`] models the older
+//! ring-based replication (`[controller] authoritative = false`).
 //!
 //! What a scenario sets here: nodes, duration, seed, the network (latency range; loss and
 //! duplication of gossip datagrams: the links between nodes are TCP, which turns loss

@@ -7,8 +7,8 @@
 //! Layout:
 //! - [`authority`]: the authoritative placement protocol (the real controller, planner and
 //!   ownership machines of every node, on simulated time) with its checkers;
-//! - [`by_map`]: a scenario run on that protocol (what a node runs with `[controller]
-//!   authoritative`): `botclaw sim --model map`, the default;
+//! - [`by_map`]: a scenario run on that protocol (what a node runs by default):
+//!   `botclaw sim --model map`, the default;
 //! - [`net`]: a simulated datagram network (latency range, loss, duplication, partitions)
 //!   of real [`botclaw_core::Membership`] state machines, with crash, freeze and leave;
 //! - [`scenario`]: scenario files (TOML): nodes, network, placement strategy, rebalancing,

@@ -415,4 +415,3 @@ fn a_directory_of_the_per_conversation_layout_is_refused_with_a_clear_message() 
         drop(open(kind, dir.path(), 8));
     }
 }
-
