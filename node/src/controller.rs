@@ -28,7 +28,7 @@ use botclaw_core::controller::{
     controller_id, decode_message, encode_message, Controller, ControllerId, GroupChange, Persist,
     Restored,
 };
-use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
+use botclaw_core::shardmap::plan::{members_key, PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use botclaw_core::MemberState;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -261,6 +261,8 @@ pub struct ControllerTask {
     /// When the map was last published, and whether a change waits to be.
     published_at: Instant,
     dirty: bool,
+    /// [`members_key`] of the members up when the view last changed.
+    members_seen: u64,
 }
 
 /// Opens (or founds) this node's controller member; errors stop the node at start.
@@ -331,6 +333,7 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
         started: now,
         published_at: now,
         dirty: false,
+        members_seen: 0,
     };
     task.publish();
     Ok((task, rx))
@@ -348,6 +351,7 @@ impl ControllerTask {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.args.cfg.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gossip_open = true;
         loop {
             let version = self.controller.map().version;
             let plan_at = self.started + Duration::from_millis(self.planner.next_round_ms(version));
@@ -363,6 +367,13 @@ impl ControllerTask {
                     }
                 }
                 _ = tokio::time::sleep_until(plan_at.into()) => self.plan_round(),
+                changed = self.args.gossip.changed(), if gossip_open => {
+                    gossip_open = changed.is_ok();
+                    let key = members_key(&self.up_members());
+                    if std::mem::replace(&mut self.members_seen, key) != key {
+                        self.planner.members_changed();
+                    }
+                }
                 bytes = self.args.inbox.recv() => {
                     let Some(bytes) = bytes else { return };
                     self.receive(bytes);

@@ -573,6 +573,19 @@ impl Authority {
     fn step(&mut self) {
         let to = self.now_ms + STEP_MS;
         self.net.run_until(to);
+        // The leader's failure detector changed its members: its planner plans at once,
+        // as a node's does (`LeaderPlanner::members_changed`).
+        for notice in self.net.take_notices() {
+            use botclaw_core::membership::Effect as M;
+            let Some((l, planner)) = self.planner.as_mut() else { continue };
+            let members = matches!(
+                notice.effect,
+                M::MemberUp(_) | M::MemberDown(_) | M::MemberChanged(_) | M::Rejoined(_)
+            );
+            if members && self.nodes[*l].addr == notice.node {
+                planner.members_changed();
+            }
+        }
         while let Some(&Reverse((at, seq))) = self.queue.peek() {
             if at > to {
                 break;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use super::{controller_id, Controller, ControllerId, GroupChange};
 use crate::placement::{Placement, RingMember, ShardId};
-use crate::shardmap::plan::{plan_with, Desired, PlanConfig, UpMember};
+use crate::shardmap::plan::{members_key, plan_with, Desired, PlanConfig, UpMember};
 use crate::shardmap::{MapCommand, ShardMap};
 use botclaw_config::PlacementConfig;
 
@@ -35,6 +35,8 @@ pub struct LeaderPlanner {
     /// the members up and the pins): the next with the same proposes nothing either (the
     /// plan is a pure function of them), so it skips the scan of every shard.
     quiet: Option<(u64, u64)>,
+    /// The failure detector's members changed since the last round.
+    members_changed: bool,
 }
 
 impl LeaderPlanner {
@@ -53,14 +55,24 @@ impl LeaderPlanner {
             replace_after_ms,
             last: None,
             quiet: None,
+            members_changed: false,
         }
     }
 
+    /// The failure detector's members changed (one was declared down, came up or
+    /// announced a new identity): the next round is due at once, so a crashed owner's
+    /// shards get their new owners one commit after detection, not up to an interval later.
+    pub fn members_changed(&mut self) {
+        self.members_changed = true;
+    }
+
     /// When the next round is due: `interval_ms` after the last one, `after_change_ms`
-    /// after it if the map changed since (at once before the first).
+    /// after it if the map changed since, at once if the members did (and before the
+    /// first).
     pub fn next_round_ms(&self, map_version: u64) -> u64 {
         match self.last {
             None => 0,
+            Some((at, _)) if self.members_changed => at,
             Some((at, seen)) if seen != map_version => at + self.plan.after_change_ms,
             Some((at, _)) => at + self.plan.interval_ms,
         }
@@ -74,6 +86,7 @@ impl LeaderPlanner {
     /// one is an interval away.
     pub fn skip(&mut self, now_ms: u64, map_version: u64) {
         self.last = Some((now_ms, map_version));
+        self.members_changed = false;
     }
 
     /// The ring over `map`'s active members and the members it wants per shard (cached
@@ -110,14 +123,12 @@ impl LeaderPlanner {
             use std::hash::{Hash, Hasher};
             // Fixed keys: the same inputs hash the same on every run.
             let mut h = std::hash::DefaultHasher::new();
-            for m in up {
-                (&m.name, m.incarnation, m.capacity, m.serving).hash(&mut h);
-            }
-            pins.hash(&mut h);
+            (members_key(up), &pins).hash(&mut h);
             h.finish()
         };
         let version = c.map().version;
         self.last = Some((now_ms, version));
+        self.members_changed = false;
         if self.quiet == Some((version, inputs)) {
             return Round { group, commands: Vec::new() };
         }
@@ -127,5 +138,25 @@ impl LeaderPlanner {
         let commands = plan_with(c.map(), up, desired, &cfg);
         self.quiet = commands.is_empty().then_some((version, inputs));
         Round { group, commands }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_of_members_makes_the_next_round_due_at_once() {
+        let plan = PlanConfig { interval_ms: 500, after_change_ms: 50, ..PlanConfig::default() };
+        let mut p = LeaderPlanner::new(PlacementConfig::default(), plan, 3, 10_000);
+        assert_eq!(p.next_round_ms(0), 0, "the first round is due at once");
+        p.skip(1_000, 7);
+        assert_eq!(p.next_round_ms(7), 1_500, "an interval after a round on a still map");
+        assert_eq!(p.next_round_ms(8), 1_050, "soon after a round once the map changed");
+        p.members_changed();
+        assert_eq!(p.next_round_ms(7), 1_000, "at once after the members changed");
+        assert!(p.due(1_000, 7));
+        p.skip(1_010, 7);
+        assert_eq!(p.next_round_ms(7), 1_510, "a round clears the change");
     }
 }

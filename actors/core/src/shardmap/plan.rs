@@ -31,6 +31,17 @@ impl UpMember {
     }
 }
 
+/// A fingerprint of the members up, as the planner reads them (the same on every run:
+/// fixed hash keys). Load summaries change a node's view every second; this, rarely.
+pub fn members_key(up: &[UpMember]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for m in up {
+        (&m.name, m.incarnation, m.capacity, m.serving).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// The membership commands that bring the map in line with the failure detector: `Dead` for
 /// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Drain`
 /// for a live member that is up and not serving, `Join` for every up member serving the
