@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,19 @@ pub async fn run_load_on(
     pace: Duration,
     stop: Arc<AtomicBool>,
 ) -> LoadReport {
+    run_load_counted(seeds, convs, workers, turns, pace, stop, Default::default()).await
+}
+
+/// [`run_load_on`], counting acknowledged turns in `acked` as they come.
+async fn run_load_counted(
+    seeds: Vec<SocketAddr>,
+    convs: Vec<String>,
+    workers: usize,
+    turns: std::ops::RangeInclusive<u64>,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
+) -> LoadReport {
     let (first, turns_max) = (*turns.start(), *turns.end());
     let convs = Arc::new(convs);
     let report = Arc::new(Mutex::new(LoadReport::default()));
@@ -98,7 +111,8 @@ pub async fn run_load_on(
     for w in 0..workers {
         let mut order = seeds.clone();
         order.rotate_left(w % seeds.len());
-        let (report, stop, convs) = (report.clone(), stop.clone(), convs.clone());
+        let (report, stop, convs, acked) =
+            (report.clone(), stop.clone(), convs.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let client = FailoverClient::connect(&order, FailoverOptions::default())
                 .await
@@ -125,6 +139,7 @@ pub async fn run_load_on(
                         Ok(reply) => {
                             let ack = Ack { id, turn: reply.turn, at: Instant::now() };
                             report.lock().unwrap().acks.entry(conv.clone()).or_default().push(ack);
+                            acked.fetch_add(1, Ordering::Relaxed);
                             next[i] += 1;
                             progressed = true;
                         }
@@ -218,6 +233,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// does something to the cluster.
 pub struct Background {
     stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<LoadReport>,
 }
 
@@ -239,9 +255,17 @@ pub fn start_load_with(
     turns: u64,
     pace: Duration,
 ) -> Background {
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = rt.spawn(run_load_on(seeds, convs, workers, 1..=turns, pace, stop.clone()));
-    Background { stop, task }
+    let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let task = rt.spawn(run_load_counted(
+        seeds,
+        convs,
+        workers,
+        1..=turns,
+        pace,
+        stop.clone(),
+        acked.clone(),
+    ));
+    Background { stop, acked, task }
 }
 
 /// Waits `d` on the load's runtime.
@@ -249,7 +273,27 @@ pub fn pause(rt: &tokio::runtime::Runtime, d: Duration) {
     rt.block_on(async { tokio::time::sleep(d).await });
 }
 
+/// How long [`Background::finish_at_least`] lets a slow (busy) machine take.
+const LOAD_WAIT: Duration = Duration::from_secs(120);
+
 impl Background {
+    /// Turns acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Lets the load go on until it acknowledged at least `n` turns in all (or
+    /// [`LOAD_WAIT`] passed: the caller's assertion then fails), then stops it: a test that
+    /// needs some load through a fault waits for it rather than for a fixed time, so a busy
+    /// machine makes it slower, not red.
+    pub fn finish_at_least(self, rt: &tokio::runtime::Runtime, n: usize) -> LoadReport {
+        let deadline = Instant::now() + LOAD_WAIT;
+        while self.acked() < n && Instant::now() < deadline && !self.task.is_finished() {
+            pause(rt, Duration::from_millis(50));
+        }
+        self.finish(rt)
+    }
+
     /// Stops the load and returns what it saw, printing the longest wait of a conversation.
     pub fn finish(self, rt: &tokio::runtime::Runtime) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);

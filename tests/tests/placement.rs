@@ -222,7 +222,7 @@ fn by_the_map_a_node_killed_under_load_loses_no_acknowledged_turn() {
     // n2 owns about a third of the shards and holds a copy of two thirds.
     c.nodes[2].kill9();
     pause(&rt, Duration::from_secs(5));
-    let report = load.finish(&rt);
+    let report = load.finish_at_least(&rt, 200);
     assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
     // Its shards were owned again by their surviving in-sync member: none is unavailable
     // and none is owned by n2 (R is restored later, a learner at a time).
@@ -256,7 +256,7 @@ fn by_the_map_two_nodes_joining_at_once_under_load_lose_nothing() {
     }
     c.wait_converged(&[0, 1, 2, 3, 4], CONVERGE);
     c.wait_placed(&[0, 1, 2, 3, 4], Duration::from_secs(120));
-    let report = load.finish(&rt);
+    let report = load.finish_at_least(&rt, 200);
     let status = controller(&c.nodes[0]).unwrap();
     for joiner in ["n3", "n4"] {
         assert!(status["owned"][joiner].as_u64().unwrap_or(0) > 0, "{joiner}: {status:#}");
@@ -312,7 +312,7 @@ fn by_the_map_the_controller_leader_killed_under_load_loses_nothing() {
     let status = wait_agreed(&c, &rest, "new leader", |s| s["leader"] != leader.as_str());
     assert_eq!(status["shards_unavailable"], 0, "{status:#}");
     pause(&rt, Duration::from_secs(3));
-    let report = load.finish(&rt);
+    let report = load.finish_at_least(&rt, 200);
     assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
     c.nodes[l].start();
     c.wait_converged(&[0, 1, 2], CONVERGE);
@@ -346,7 +346,7 @@ fn by_the_map_a_flapping_isolation_loses_nothing() {
     assert_eq!(code, 200);
     c.wait_converged(&[0, 1, 2], CONVERGE);
     pause(&rt, Duration::from_secs(2));
-    let report = load.finish(&rt);
+    let report = load.finish_at_least(&rt, 200);
     assert!(report.acked() >= 200, "too little load went through: {}", report.acked());
     assert_consistent(&c, &rt, &seeds, &report);
 }

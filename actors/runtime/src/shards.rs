@@ -26,6 +26,8 @@ use botclaw_core::ownership::{Effect, Failure, Msg, Ownership, OwnershipConfig, 
 use botclaw_core::placement::{shard_of, ShardId};
 use botclaw_core::replication::{Epoch, Version};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -216,7 +218,6 @@ impl ShardReplicator {
             incarnation,
             store,
             links,
-            inbox: inbox.clone(),
             limits,
             machine: None,
             map: Arc::new(ShardMap::new(0)),
@@ -227,6 +228,7 @@ impl ShardReplicator {
             proposed: Vec::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
             streams_due: BTreeMap::new(),
+            pending: FuturesUnordered::new(),
         };
         let every = driver.limits.tick;
         tokio::spawn(driver.run(rx));
@@ -328,6 +330,9 @@ const STREAM_SHARDS_MAX: usize = 256;
 /// What a stream message costs beyond its rows (for the batch's byte bound).
 const STREAM_MSG_BYTES: usize = 32;
 
+/// Inputs handled in one round before its messages go out.
+const ROUND_INPUTS_MAX: usize = 1024;
+
 /// Shard changes in one proposal (one controller log entry).
 const PROPOSED_CHANGES_MAX: usize = 4096;
 
@@ -343,7 +348,6 @@ struct Driver {
     incarnation: u64,
     store: Arc<dyn StateStore>,
     links: Arc<dyn ShardLinks>,
-    inbox: mpsc::Sender<Input>,
     limits: ShardLimits,
     machine: Option<Ownership<Payload>>,
     map: Arc<ShardMap>,
@@ -359,6 +363,9 @@ struct Driver {
     streams: Arc<tokio::sync::Semaphore>,
     /// Shards to stream, per learner, started together at the end of the round.
     streams_due: BTreeMap<MemberIx, Vec<(ShardId, Seq)>>,
+    /// Store tickets being waited for, each resolving to the input it reports (polled by
+    /// the driver's loop: no task per write).
+    pending: FuturesUnordered<BoxFuture<'static, Input>>,
 }
 
 enum Waiting {
@@ -368,11 +375,24 @@ enum Waiting {
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
-        while let Some(input) = rx.recv().await {
+        loop {
+            let input = tokio::select! {
+                Some(input) = self.pending.next(), if !self.pending.is_empty() => input,
+                input = rx.recv() => match input {
+                    Some(input) => input,
+                    None => return,
+                },
+            };
             self.handle(input).await;
-            // Everything already queued joins this round (one batch per peer).
-            while let Ok(input) = rx.try_recv() {
-                self.handle(input).await;
+            // What is already queued or durable joins this round (one batch per peer).
+            for _ in 0..ROUND_INPUTS_MAX {
+                if let Ok(input) = rx.try_recv() {
+                    self.handle(input).await;
+                } else if let Some(Some(input)) = self.pending.next().now_or_never() {
+                    self.handle(input).await;
+                } else {
+                    break;
+                }
             }
             self.flush();
         }
@@ -535,14 +555,13 @@ impl Driver {
             // Nothing to wait for (most shards of a move hold no conversation).
             return self.installed(shard, attempt, owner, true).await;
         }
-        let inbox = self.inbox.clone();
-        tokio::spawn(async move {
+        self.pending.push(Box::pin(async move {
             let mut ok = true;
             for t in tickets {
                 ok &= matches!(t.await, Ok(StoreAnswer::Done { .. }));
             }
-            let _ = inbox.send(Input::Installed { shard, attempt, owner, ok }).await;
-        });
+            Input::Installed { shard, attempt, owner, ok }
+        }));
     }
 
     /// A streamed shard is installed (durable) here: the owner hears of it, and writes that
@@ -568,15 +587,13 @@ impl Driver {
         payload: Payload,
     ) {
         let ticket = self.store.submit(&payload.conv, payload.op.clone()).await;
-        let inbox = self.inbox.clone();
-        tokio::spawn(async move {
+        self.pending.push(Box::pin(async move {
             let answer = match ticket {
                 Ok(t) => t.await.ok(),
                 Err(_) => None,
             };
-            let input = Input::ReplicaPersisted { shard, epoch, seq, from, payload, answer };
-            let _ = inbox.send(input).await;
-        });
+            Input::ReplicaPersisted { shard, epoch, seq, from, payload, answer }
+        }));
     }
 
     /// Executes what the machine asked for.
@@ -585,14 +602,13 @@ impl Driver {
             match effect {
                 Effect::Persist { shard, epoch, seq, payload } => {
                     let ticket = self.store.submit(&payload.conv, payload.op).await;
-                    let inbox = self.inbox.clone();
-                    tokio::spawn(async move {
+                    self.pending.push(Box::pin(async move {
                         let ok = match ticket {
                             Ok(t) => matches!(t.await, Ok(StoreAnswer::Done { .. })),
                             Err(_) => false,
                         };
-                        let _ = inbox.send(Input::Persisted { shard, epoch, seq, ok }).await;
-                    });
+                        Input::Persisted { shard, epoch, seq, ok }
+                    }));
                 }
                 Effect::PersistReplica { shard, epoch, seq, from, payload } => {
                     self.persist_replica(shard, epoch, seq, from, payload).await;
