@@ -364,7 +364,8 @@ struct Driver {
     /// Shards to stream, per learner, started together at the end of the round.
     streams_due: BTreeMap<MemberIx, Vec<(ShardId, Seq)>>,
     /// Store tickets being waited for, each resolving to the input it reports (polled by
-    /// the driver's loop: no task per write).
+    /// the driver's loop: no task per write). Bounded by the store's queue: a submit waits
+    /// while `store.queue_max` ops are queued, and a ticket resolves once its group commits.
     pending: FuturesUnordered<BoxFuture<'static, Input>>,
 }
 
