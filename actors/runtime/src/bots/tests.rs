@@ -83,6 +83,20 @@ async fn weather_parses_city_and_caches() {
     assert_eq!(weather::city_of("weather in  New York!"), Some("New York".into()));
 }
 
+#[test]
+fn weather_finds_the_city_in_text_whose_lowercase_is_longer() {
+    // "İ" is 2 bytes and lowercases to 3: an index found in a lowercased copy pointed
+    // inside a character of the text and the bot panicked.
+    assert_eq!(weather::city_of("İİİ WEATHER IN Kraków?"), Some("Kraków".into()));
+    assert_eq!(weather::city_of("İİİİİİ weather in"), None);
+    assert_eq!(weather::city_of("ẞ weather ın Paris"), None);
+    // Any text: no panic.
+    for text in ["İweather in x", "weather in İ", "🌧 weather in 🌧", "\u{0130}\u{0130}weather in"]
+    {
+        let _ = weather::city_of(text);
+    }
+}
+
 #[tokio::test]
 async fn chaos_fails_on_request() {
     let mut h = Harness::new();

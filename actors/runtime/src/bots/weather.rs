@@ -11,10 +11,15 @@ pub struct WeatherState {
     pub last_city: Option<String>,
 }
 
-/// The city in "weather in <city>", cleaned of trailing punctuation.
+/// The city in "weather in <city>" (the phrase in any ASCII case), cleaned of trailing
+/// punctuation. Searched in the text itself: an index into a lowercased copy is not an
+/// index into the text once lowercasing changed a character's length ("İ").
 pub fn city_of(text: &str) -> Option<String> {
-    let lower = text.to_lowercase();
-    let at = lower.find("weather in ")? + "weather in ".len();
+    const PHRASE: &str = "weather in ";
+    let at =
+        text.char_indices().map(|(i, _)| i).find(|&i| {
+            text.get(i..i + PHRASE.len()).is_some_and(|s| s.eq_ignore_ascii_case(PHRASE))
+        })? + PHRASE.len();
     let city = text[at..].trim().trim_end_matches(['?', '!', '.']).trim();
     (!city.is_empty()).then(|| city.to_string())
 }
