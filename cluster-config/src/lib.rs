@@ -608,8 +608,9 @@ impl Default for HandoffConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultConfig {
-    /// Serve `POST /fault/isolate?on=true|false` on the admin port: drop every gossip
-    /// datagram to and from peers (a network partition of this node, for tests).
+    /// Serve `POST /fault/isolate?on=true|false` on the admin port (drop every gossip
+    /// datagram to and from peers: a network partition of this node) and offer the
+    /// `chaos` bot (turns that panic, fail or stall on request). For tests only.
     pub injection: bool,
 }
 

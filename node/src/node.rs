@@ -495,7 +495,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             None => replicator.clone(),
         },
         cfg.frontend.retry_after_ms,
-        botclaw_actors::bots::builtin(),
+        botclaw_actors::bots::builtin(cfg.fault.injection),
         backends,
         conv_metrics,
     )

@@ -14,6 +14,9 @@ use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
+/// Fault injection on: the `chaos` bot is offered.
+const DIAGNOSTIC: &str = "[fault]\ninjection = true\n";
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -134,7 +137,7 @@ fn retried_id_is_applied_once_and_history_shows_it() {
 
 #[test]
 fn bot_panic_is_contained() {
-    let mut c = Cluster::new(3);
+    let mut c = Cluster::new(3).with_config(DIAGNOSTIC);
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     let owner = agreed_owner(&c, "chaos-1");
@@ -242,6 +245,13 @@ fn junk_from_clients_gets_clear_errors_and_the_connection_stays_usable() {
             "bad_request",
             "unknown bot",
         ),
+        // The diagnostic bot exists only where fault injection is on.
+        (
+            b"{\"op\":\"say\",\"conv\":\"d\",\"id\":\"1\",\"text\":\"panic\",\"bot\":\"chaos\"}\n"
+                .to_vec(),
+            "bad_request",
+            "unknown bot \"chaos\"",
+        ),
     ];
     for (bytes, code, text) in &cases {
         w.write_all(bytes).unwrap();
@@ -284,7 +294,8 @@ fn client_tokens_are_enforced() {
 
 #[test]
 fn overload_gets_busy_with_a_retry_hint() {
-    let mut c = Cluster::new(1).with_config("[frontend]\nconn_inflight_max = 4\n");
+    let mut c =
+        Cluster::new(1).with_config(&format!("[frontend]\nconn_inflight_max = 4\n{DIAGNOSTIC}"));
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
     let (mut r, mut w) = raw(&c);

@@ -5,7 +5,8 @@
 //! - `weather`: answers "weather in <city>" from the weather backend, cached per
 //!   conversation;
 //! - `chaos`: a diagnostic bot for testing supervision: `panic` panics, `error` fails the
-//!   turn, `sleep <ms>` stalls, anything else is acknowledged.
+//!   turn, `sleep <ms>` stalls, anything else is acknowledged. Only where fault injection
+//!   is on (`[fault] injection`): any client could otherwise stall or crash turns.
 
 pub mod chaos;
 pub mod echo;
@@ -14,13 +15,15 @@ pub mod weather;
 
 use crate::bot::BotRegistry;
 
-/// Every built-in bot, by name.
-pub fn builtin() -> BotRegistry {
+/// Every built-in bot, by name; `chaos` only with `diagnostic` (fault injection on).
+pub fn builtin(diagnostic: bool) -> BotRegistry {
     let mut r = BotRegistry::default();
     r.add_typed("echo", echo::Echo)
         .add_typed("shop", shop::Shop)
-        .add_typed("weather", weather::Weather)
-        .add_typed("chaos", chaos::Chaos);
+        .add_typed("weather", weather::Weather);
+    if diagnostic {
+        r.add_typed("chaos", chaos::Chaos);
+    }
     r
 }
 

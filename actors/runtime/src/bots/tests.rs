@@ -23,7 +23,7 @@ impl Harness {
             BackendConfig { catalog_latency_ms: 0, weather_latency_ms: 0, ..Default::default() };
         let backends = Backends::new(&cfg, metrics.clone());
         let cx = TurnContext::new(backends, metrics.clone(), 16, Duration::from_secs(900));
-        Harness { bots: builtin(), cx, state: Vec::new(), turn: 0, metrics }
+        Harness { bots: builtin(true), cx, state: Vec::new(), turn: 0, metrics }
     }
 
     async fn say(&mut self, bot: &str, text: &str) -> String {

@@ -72,7 +72,7 @@ async fn host(store: Arc<GatedStore>) -> ConversationHost {
     let backends = Backends::new(&BackendConfig::default(), metrics.clone());
     let cfg = ConversationConfig::default();
     let replicator = Replicator::start(store, Arc::new(Alone("n".into())), 1, 64, metrics.clone());
-    let bots = crate::bots::builtin();
+    let bots = crate::bots::builtin(true);
     ConversationHost::start("n".into(), &cfg, replicator, 100, bots, backends, metrics)
         .await
         .unwrap()
