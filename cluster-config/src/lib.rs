@@ -50,6 +50,17 @@ impl ConfigError {
     }
 }
 
+/// The secret in `path`: its first line, trimmed.
+fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid("secret_file", format!("{}: {e}", path.display())))?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::invalid("secret_file", format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
 /// Failure detection and dissemination settings (SWIM, run by foca).
 ///
 /// The defaults declare a crashed node down in about 1.5-2.5 s on a local cluster:
@@ -626,6 +637,9 @@ pub struct RawNodeConfig {
     pub admin_addr: Option<String>,
     pub seeds: Option<Vec<String>>,
     pub secret: Option<String>,
+    /// A file holding the secret (first line; keep it mode 0600): keeps it out of config
+    /// files, the environment and `ps`.
+    pub secret_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub roles: Option<Vec<String>>,
     pub capacity: Option<u32>,
@@ -712,7 +726,9 @@ impl RawNodeConfig {
             gossip_addr: over.gossip_addr.or(self.gossip_addr),
             admin_addr: over.admin_addr.or(self.admin_addr),
             seeds: over.seeds.or(self.seeds),
-            secret: over.secret.or(self.secret),
+            // A secret given one way replaces one given the other way.
+            secret: over.secret.clone().or(self.secret.filter(|_| over.secret_file.is_none())),
+            secret_file: over.secret_file.or(self.secret_file.filter(|_| over.secret.is_none())),
             data_dir: over.data_dir.or(self.data_dir),
             roles: over.roles.or(self.roles),
             capacity: over.capacity.or(self.capacity),
@@ -748,10 +764,20 @@ impl RawNodeConfig {
             })?;
             seeds.push(addr);
         }
-        let secret = self.secret.ok_or(ConfigError::Missing {
-            field: "secret",
-            hint: " (set it in the file, with --secret or with BOTCLAW_SECRET)",
-        })?;
+        let secret = match (self.secret, self.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid("secret_file", "set either secret or secret_file"))
+            }
+            (Some(secret), None) => secret,
+            (None, Some(path)) => read_secret_file(&path)?,
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    field: "secret",
+                    hint: " (set secret_file in the file, --secret-file, BOTCLAW_SECRET_FILE or \
+                           BOTCLAW_SECRET)",
+                })
+            }
+        };
         if secret.len() < SECRET_BYTES_MIN {
             return Err(ConfigError::invalid(
                 "secret",

@@ -114,3 +114,37 @@ fn controller_settings_are_checked() {
     let ok = with_secret("[controller]\nvoters = [\"n0\", \"n1\", \"n2\"]").validate().unwrap();
     assert_eq!(ok.controller.voters, ["n0", "n1", "n2"]);
 }
+
+#[test]
+fn the_secret_comes_from_a_file_or_a_value_never_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "  0123456789abcdef-from-file \nsecond line\n").unwrap();
+    let by_file = RawNodeConfig { secret_file: Some(file.clone()), ..Default::default() };
+    assert_eq!(by_file.clone().validate().unwrap().secret, "0123456789abcdef-from-file");
+    // A flag given one way replaces the file's other way.
+    let in_file = RawNodeConfig { secret: Some("0123456789abcdef".into()), ..Default::default() };
+    assert_eq!(
+        in_file.merge(by_file.clone()).validate().unwrap().secret,
+        "0123456789abcdef-from-file"
+    );
+    let value = RawNodeConfig { secret: Some("fedcba9876543210".into()), ..Default::default() };
+    assert_eq!(by_file.clone().merge(value).validate().unwrap().secret, "fedcba9876543210");
+    // Both in one place: refused, naming the field.
+    let both = RawNodeConfig {
+        secret: Some("0123456789abcdef".into()),
+        secret_file: Some(file.clone()),
+        ..Default::default()
+    };
+    assert!(both.validate().unwrap_err().to_string().contains("secret_file"));
+    for (path, says) in
+        [(dir.path().join("missing"), "missing"), (dir.path().join("empty"), "empty")]
+    {
+        if says == "empty" {
+            std::fs::write(&path, "\n").unwrap();
+        }
+        let raw = RawNodeConfig { secret_file: Some(path), ..Default::default() };
+        let e = raw.validate().unwrap_err().to_string();
+        assert!(e.contains("secret_file") && e.contains(says), "{e}");
+    }
+}

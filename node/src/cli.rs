@@ -68,9 +68,13 @@ pub struct NodeArgs {
     /// Gossip address of a member to join through (repeatable).
     #[arg(long = "seed")]
     seeds: Vec<String>,
-    /// Cluster secret shared by all nodes.
+    /// Cluster secret shared by all nodes (a flag's value shows in `ps`: prefer
+    /// --secret-file or BOTCLAW_SECRET).
     #[arg(long, env = "BOTCLAW_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// File holding the cluster secret (its first line; keep it mode 0600).
+    #[arg(long, env = "BOTCLAW_SECRET_FILE", conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
     /// Data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -93,6 +97,7 @@ impl NodeArgs {
             admin_addr: self.admin_addr.clone(),
             seeds: non_empty(&self.seeds),
             secret: self.secret.clone(),
+            secret_file: self.secret_file.clone(),
             data_dir: self.data_dir.clone(),
             roles: non_empty(&self.roles),
             ..RawNodeConfig::default()

@@ -338,9 +338,20 @@ async fn load_loop(l: LoadLoop) {
     }
 }
 
+/// Creates `dir` and its missing parents readable by this user only (mode 0700): the
+/// conversations, the controller's log and the secret live there. An existing directory
+/// keeps its mode.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
+    create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     // Bind every socket first, so a port in use fails fast and names the field.
     let gossip_socket = UdpSocket::bind(cfg.gossip_addr)

@@ -65,14 +65,15 @@ fn load_or_create_secret(args: &UpArgs) -> Result<String> {
         return Ok(secret.trim().to_string());
     }
     let secret = hex::encode(rand::random::<[u8; 16]>());
-    fs::write(&path, format!("{secret}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
+    // Readable by its owner only from the start (never printed: say where it is).
+    let mut file = fs::OpenOptions::new();
+    file.write(true).create_new(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-    }
-    println!("generated a cluster secret, saved in {}: {secret}", path.display());
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    file.open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("generated a cluster secret, saved in {} (mode 0600)", path.display());
     Ok(secret)
 }
 
@@ -195,7 +196,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
     if last > u32::from(u16::MAX) {
         bail!("--base-port {} leaves no room for {} nodes", args.base_port, args.nodes);
     }
-    fs::create_dir_all(&args.data_dir)
+    crate::node::create_private_dir(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
     let secret = load_or_create_secret(&args)?;
@@ -211,7 +212,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
     );
     for i in 0..args.nodes {
         let dir = data_dir.join(format!("node-{i}"));
-        fs::create_dir_all(&dir)?;
+        crate::node::create_private_dir(&dir)?;
         let mut raw = node_config(args.base_port, i, args.nodes, &dir);
         let engine =
             if args.store_engine == "redb" { StoreEngine::Redb } else { StoreEngine::Fjall };

@@ -37,6 +37,10 @@ fn bad_config_exits_2_naming_the_field() {
     let (code, err) = node_with(&["--config", "/nonexistent/botclaw.toml"], Some("0123456789"));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/nonexistent/botclaw.toml"), "{err}");
+
+    let (code, err) = node_with(&["--secret-file", "/nonexistent/secret"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("secret_file") && err.contains("/nonexistent/secret"), "{err}");
 }
 
 /// Kills `pids` on drop, so a failing test leaves nothing running.
@@ -101,6 +105,14 @@ fn up_launches_converges_and_stops_cleanly() {
         assert!(wait_for_line(&rx, "converged", &mut lines), "no convergence: {lines:#?}");
         if round == 0 {
             assert!(lines.iter().any(|l| l.contains("generated a cluster secret")), "{lines:#?}");
+            // Saved readable by its owner only, never printed; data private to the user.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+            let file = dir.path().join("secret");
+            assert_eq!(mode(&file) & 0o777, 0o600);
+            let secret = std::fs::read_to_string(&file).unwrap();
+            assert!(lines.iter().all(|l| !l.contains(secret.trim())), "secret printed: {lines:#?}");
+            assert_eq!(mode(&dir.path().join("node-0")) & 0o777, 0o700);
         } else {
             assert!(
                 lines.iter().any(|l| l.contains("using the cluster secret saved")),
