@@ -245,6 +245,31 @@ fn junk_from_clients_gets_clear_errors_and_the_connection_stays_usable() {
             "bad_request",
             "unknown bot",
         ),
+        // Ids: bounded, no control characters (they reach logs and other nodes).
+        (
+            format!(
+                "{{\"op\":\"say\",\"conv\":\"{}\",\"id\":\"1\",\"text\":\"t\"}}\n",
+                "c".repeat(257)
+            )
+            .into_bytes(),
+            "bad_request",
+            "field `conv` is longer than 256 bytes",
+        ),
+        (
+            b"{\"op\":\"say\",\"conv\":\"a\\nINFO forged\",\"id\":\"1\",\"text\":\"t\"}\n".to_vec(),
+            "bad_request",
+            "field `conv` holds control characters",
+        ),
+        (
+            b"{\"op\":\"say\",\"conv\":\"c\",\"id\":\"\\u001b[2J\",\"text\":\"t\"}\n".to_vec(),
+            "bad_request",
+            "field `id` holds control characters",
+        ),
+        (
+            b"{\"op\":\"history\",\"conv\":\"\"}\n".to_vec(),
+            "bad_request",
+            "field `conv` must not be empty",
+        ),
         // The diagnostic bot exists only where fault injection is on.
         (
             b"{\"op\":\"say\",\"conv\":\"d\",\"id\":\"1\",\"text\":\"panic\",\"bot\":\"chaos\"}\n"
@@ -268,7 +293,7 @@ fn junk_from_clients_gets_clear_errors_and_the_connection_stays_usable() {
     assert_eq!(read_json(&mut r)["op"], "pong");
     let m = c.nodes[0].metrics();
     assert_eq!(metric(&m, "botclaw_frames_too_large_total"), 1.0);
-    assert!(metric(&m, "botclaw_errors_total{code=\"bad_request\"}") >= 5.0);
+    assert!(metric(&m, "botclaw_errors_total{code=\"bad_request\"}") >= 10.0);
 }
 
 #[test]

@@ -15,7 +15,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Longest conversation id, message id, bot or user name accepted.
+/// Longest conversation id, message id, bot or user name accepted (none may hold control
+/// characters either: they reach logs, metrics and other nodes).
 pub const ID_BYTES_MAX: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +201,9 @@ fn check_id(field: &str, value: &str) -> Result<(), String> {
     }
     if value.len() > ID_BYTES_MAX {
         return Err(format!("field `{field}` is longer than {ID_BYTES_MAX} bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("field `{field}` holds control characters"));
     }
     Ok(())
 }
