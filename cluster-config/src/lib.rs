@@ -604,6 +604,19 @@ pub struct HandoffConfig {
     pub held_requests_max: usize,
 }
 
+/// The admin HTTP port.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// If non-empty, every mutating endpoint (`POST /drain`, `/shard/force`,
+    /// `/fault/isolate`) needs `Authorization: Bearer <one of these>` (the CLI sends
+    /// `BOTCLAW_ADMIN_TOKEN`). Read-only endpoints stay open.
+    pub tokens: Vec<String>,
+    /// Allow `admin_addr` on a non-loopback address without `tokens` (anyone who reaches
+    /// the port can then stop the node).
+    pub open_bind_allowed: bool,
+}
+
 impl Default for HandoffConfig {
     fn default() -> Self {
         HandoffConfig {
@@ -655,6 +668,7 @@ pub struct RawNodeConfig {
     pub controller: Option<ControllerConfig>,
     pub handoff: Option<HandoffConfig>,
     pub fault: Option<FaultConfig>,
+    pub admin: Option<AdminConfig>,
 }
 
 /// A validated node configuration.
@@ -684,6 +698,7 @@ pub struct NodeConfig {
     pub controller: ControllerConfig,
     pub handoff: HandoffConfig,
     pub fault: FaultConfig,
+    pub admin: AdminConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -744,6 +759,7 @@ impl RawNodeConfig {
             controller: over.controller.or(self.controller),
             handoff: over.handoff.or(self.handoff),
             fault: over.fault.or(self.fault),
+            admin: over.admin.or(self.admin),
         }
     }
 
@@ -755,6 +771,20 @@ impl RawNodeConfig {
         let cluster_addr = parse_addr("cluster_addr", self.cluster_addr, cluster)?;
         let gossip_addr = parse_addr("gossip_addr", self.gossip_addr, gossip_port)?;
         let admin_addr = parse_addr("admin_addr", self.admin_addr, admin)?;
+        let admin_cfg = self.admin.unwrap_or_default();
+        if !admin_addr.ip().is_loopback()
+            && admin_cfg.tokens.is_empty()
+            && !admin_cfg.open_bind_allowed
+        {
+            return Err(ConfigError::invalid(
+                "admin_addr",
+                format!(
+                    "{admin_addr} is reachable from other hosts and [admin] tokens is empty: \
+                     anyone could drain the node; set admin.tokens (or admin.open_bind_allowed \
+                     = true)"
+                ),
+            ));
+        }
         let name = self.name.unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
         validate_name(&name)?;
         let mut seeds = Vec::new();
@@ -897,6 +927,7 @@ impl RawNodeConfig {
             controller,
             handoff,
             fault: self.fault.unwrap_or_default(),
+            admin: admin_cfg,
         })
     }
 }

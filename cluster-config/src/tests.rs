@@ -148,3 +148,16 @@ fn the_secret_comes_from_a_file_or_a_value_never_both() {
         assert!(e.contains("secret_file") && e.contains(says), "{e}");
     }
 }
+
+#[test]
+fn an_admin_port_reachable_from_other_hosts_needs_tokens() {
+    let open = with_secret("admin_addr = \"0.0.0.0:7003\"\n");
+    let e = open.validate().unwrap_err().to_string();
+    assert!(e.contains("admin_addr") && e.contains("admin.tokens"), "{e}");
+    let with_tokens = with_secret("admin_addr = \"0.0.0.0:7003\"\n[admin]\ntokens = [\"t\"]\n");
+    assert_eq!(with_tokens.validate().unwrap().admin.tokens, vec!["t".to_string()]);
+    let allowed =
+        with_secret("admin_addr = \"10.0.0.5:7003\"\n[admin]\nopen_bind_allowed = true\n");
+    assert!(allowed.validate().is_ok());
+    assert!(with_secret("admin_addr = \"[::1]:7003\"\n").validate().is_ok(), "loopback stays open");
+}

@@ -45,6 +45,8 @@ pub struct AdminState {
     pub controller: tokio::sync::mpsc::Sender<Vec<u8>>,
     pub placement: botclaw_config::PlacementConfig,
     pub replication_factor: usize,
+    /// `[admin] tokens`: a mutating request needs one of them.
+    pub admin_tokens: Vec<String>,
     /// The ring over the map's active members, for `/placement` (rebuilt when they change).
     pub ring: tokio::sync::Mutex<Option<(Vec<RingMember>, Arc<Placement>)>>,
 }
@@ -124,6 +126,12 @@ pub struct Status {
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    // What changes the node: only with the admin token, never from a browser page.
+    let mutating = Router::new()
+        .route("/fault/isolate", post(isolate))
+        .route("/drain", post(drain))
+        .route("/shard/force", post(force))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
@@ -131,13 +139,49 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/metrics", get(metrics))
         .route("/ping", get(ping))
         .route("/placement", get(placement))
-        .route("/fault/isolate", post(isolate))
-        .route("/drain", post(drain))
-        .route("/shard/force", post(force))
+        .merge(mutating)
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin server stopped");
     }
+}
+
+/// Lets a mutating request through only if it carries no `Origin` (a browser sends one
+/// with every cross-site POST, also the "simple" ones it sends without asking: an admin
+/// port reachable from a browser could otherwise be drained by any web page) and, when
+/// `[admin] tokens` is set, a bearer token among them. Refusals are counted.
+async fn guard(
+    State(s): State<Arc<AdminState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let refuse = |reason: &str, code: StatusCode, message: &'static str| {
+        s.metrics.admin_refused(reason);
+        tracing::warn!(path = %request.uri().path(), reason, "admin request refused");
+        (code, message).into_response()
+    };
+    if headers.contains_key(header::ORIGIN) {
+        return refuse(
+            "cross-origin",
+            StatusCode::FORBIDDEN,
+            "cross-origin requests are refused\n",
+        );
+    }
+    if !s.admin_tokens.is_empty() {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !token.is_some_and(|t| crate::frontend::known_token(&s.admin_tokens, t)) {
+            return refuse(
+                "token",
+                StatusCode::UNAUTHORIZED,
+                "an admin token is required (Authorization: Bearer ..., BOTCLAW_ADMIN_TOKEN)\n",
+            );
+        }
+    }
+    next.run(request).await
 }
 
 /// Ready once joined, once the placement reflects it and while a majority is in sight, so

@@ -26,9 +26,17 @@ pub fn get_json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&body).with_context(|| format!("bad JSON from http://{addr}{path}"))
 }
 
-/// `POST http://{addr}{path}` with no body, returning the body of a 2xx answer.
+/// The environment variable the CLI reads the admin token from (sent with every POST).
+pub const ADMIN_TOKEN_ENV: &str = "BOTCLAW_ADMIN_TOKEN";
+
+/// `POST http://{addr}{path}` with no body (and `$BOTCLAW_ADMIN_TOKEN` as a bearer token,
+/// if set), returning the body of a 2xx answer.
 pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     let url = format!("http://{addr}{path}");
-    let mut resp = agent(timeout).post(&url).send_empty().with_context(|| format!("POST {url}"))?;
+    let mut req = agent(timeout).post(&url);
+    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+        req = req.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut resp = req.send_empty().with_context(|| format!("POST {url}"))?;
     resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
 }

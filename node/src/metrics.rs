@@ -70,6 +70,7 @@ pub struct Metrics {
     pub gossip_sent: Counter,
     pub gossip_received: Counter,
     pub gossip_rejected: Family<ReasonLabel, Counter>,
+    pub admin_refused: Family<ReasonLabel, Counter>,
     pub gossip_send_errors: Counter,
     pub gossip_updates_backlog: Gauge,
     pub member_events: Family<EventLabel, Counter>,
@@ -104,6 +105,7 @@ impl Default for Metrics {
             gossip_sent: Default::default(),
             gossip_received: Default::default(),
             gossip_rejected: Default::default(),
+            admin_refused: Default::default(),
             gossip_send_errors: Default::default(),
             gossip_updates_backlog: Default::default(),
             member_events: Default::default(),
@@ -137,6 +139,11 @@ impl Metrics {
             "gossip_packets_rejected",
             "Gossip datagrams dropped (bad tag, size, version or protocol)",
             self.gossip_rejected.clone(),
+        );
+        r.register(
+            "admin_requests_refused",
+            "Mutating admin requests refused (cross-origin, missing or unknown token)",
+            self.admin_refused.clone(),
         );
         r.register(
             "gossip_send_errors",
@@ -231,6 +238,10 @@ impl Metrics {
 
     pub fn reject(&self, reason: &str) {
         self.gossip_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn admin_refused(&self, reason: &str) {
+        self.admin_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn member_event(&self, event: &str) {

@@ -105,7 +105,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// `POST` on an admin port: (status code, body).
 pub fn http_post(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut resp = agent().post(&format!("http://{addr}{path}")).send_empty().ok()?;
+    http_post_with(addr, path, &[])
+}
+
+/// `POST` on an admin port with extra headers: (status code, body).
+pub fn http_post_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let mut req = agent().post(&format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let mut resp = req.send_empty().ok()?;
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().ok()?;
     Some((code, body))
