@@ -177,6 +177,11 @@ fn bot_panic_is_contained() {
         );
     });
     let node = c.nodes.iter().find(|n| n.name == owner).unwrap();
+    // The panic is one log line with its text quoted and escaped (it may hold client
+    // input), not the default hook's raw text.
+    let log = tail(&node.log, 200_000);
+    assert!(log.contains("\"chaos bot asked to panic in conversation chaos-1\""), "{log}");
+    assert!(!log.contains("panicked at"), "a raw panic message in the log");
     let m = node.metrics();
     assert_eq!(metric(&m, "botclaw_bot_errors_total"), 2.0);
     assert_eq!(metric(&m, "botclaw_conversation_restarts_total"), 2.0);
