@@ -41,7 +41,7 @@ pub async fn run(args: ChatArgs) -> Result<()> {
     };
     // Fails over to other nodes (from `topology`) if this one goes away.
     let client = FailoverClient::connect(&[args.connect], opts).await?;
-    let mut conv = args.conv.unwrap_or_else(|| format!("chat-{:x}", millis() % 0xff_ffff));
+    let mut conv = args.conv.unwrap_or_else(botclaw_client::new_conversation_id);
     let mut bot = args.bot;
     println!("connected to {}; conversation {conv} with bot {bot}. {HELP}", client.node().await);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);

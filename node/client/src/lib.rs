@@ -20,3 +20,25 @@ pub mod protocol;
 pub use client::{Client, ClientError, ClientOptions, SayReply};
 pub use cluster::{FailoverClient, FailoverOptions};
 pub use protocol::{ErrorCode, Request, Response};
+
+/// A new conversation id that nobody can guess: `c-` and 128 random bits (rand's thread
+/// generator, a CSPRNG seeded by the operating system). Without client tokens, knowing an
+/// id is what lets a client read a conversation.
+pub fn new_conversation_id() -> String {
+    format!("c-{}", hex::encode(rand::random::<[u8; 16]>()))
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn conversation_ids_carry_128_random_bits() {
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| super::new_conversation_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let hex = id.strip_prefix("c-").expect("prefixed");
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+    }
+}
