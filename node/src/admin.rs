@@ -45,6 +45,8 @@ pub struct AdminState {
     pub controller: tokio::sync::mpsc::Sender<Vec<u8>>,
     pub placement: botclaw_config::PlacementConfig,
     pub replication_factor: usize,
+    /// The node's state store (readiness follows whether it can write).
+    pub store: Arc<dyn botclaw_actors::store::StateStore>,
     /// `[admin] tokens`: a mutating request needs one of them.
     pub admin_tokens: Vec<String>,
     /// The ring over the map's active members, for `/placement` (rebuilt when they change).
@@ -195,6 +197,9 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     };
     if !(s.view.borrow().joined && placed) {
         (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()
+    } else if !s.store.writable() {
+        (StatusCode::SERVICE_UNAVAILABLE, "the state store cannot write (see the log)\n")
+            .into_response()
     } else if !s.dispatcher.serving.load(Ordering::Acquire) {
         (
             StatusCode::SERVICE_UNAVAILABLE,

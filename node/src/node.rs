@@ -616,6 +616,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         controller: controller_tx.clone(),
         placement: cfg.placement.clone(),
         replication_factor: cfg.replication.factor,
+        store: store.clone(),
         admin_tokens: cfg.admin.tokens.clone(),
         ring: Default::default(),
     });

@@ -29,6 +29,8 @@ pub struct ConversationMetrics {
     /// Turns committed by the durable store, and the write transactions (fsyncs) they took.
     pub store_commits: Counter,
     pub store_groups: Counter,
+    /// Group commits that failed (a full disk, an I/O error; nothing of them was acknowledged).
+    pub store_commit_failures: Counter,
     /// Seconds the store writer spent applying groups, and committing them (fsync).
     pub store_apply_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub store_sync_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -96,6 +98,11 @@ impl ConversationMetrics {
             "store_groups",
             "Write transactions (one fsync each) of the durable store",
             self.store_groups.clone(),
+        );
+        r.register(
+            "store_commit_failures",
+            "Group commits of the durable store that failed (none of their ops acknowledged)",
+            self.store_commit_failures.clone(),
         );
         r.register(
             "store_apply_seconds",

@@ -134,6 +134,13 @@ pub trait StateStore: Send + Sync + 'static {
         bytes_max: usize,
     ) -> BoxFuture<'_, Result<LoadedShards, StoreError>>;
 
+    /// False from a failed commit (a full disk, an I/O error) until one succeeds again:
+    /// the node reports not ready meanwhile (nothing acknowledged is lost: a turn whose
+    /// commit failed is not acknowledged).
+    fn writable(&self) -> bool {
+        true
+    }
+
     /// Every conversation of `shard` this store holds.
     fn load_shard(&self, shard: u32) -> BoxFuture<'_, Result<ShardRows, StoreError>> {
         Box::pin(async move {

@@ -14,6 +14,8 @@
 //! its group still commits.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botclaw_core::replication::{Decision, Replica};
@@ -196,6 +198,8 @@ pub(crate) struct Writer {
     /// `None` only while dropping.
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// False from a failed group commit (a full disk) until one succeeds.
+    writable: Arc<AtomicBool>,
 }
 
 impl Drop for Writer {
@@ -231,6 +235,8 @@ impl Writer {
     ) -> Result<Writer, StoreError> {
         let (jobs, mut rx) = mpsc::channel::<Job>(limits.queue_max.max(1));
         let writer_path = path.clone();
+        let writable = Arc::new(AtomicBool::new(true));
+        let writable_now = writable.clone();
         let thread = std::thread::Builder::new()
             .name("botclaw-store".into())
             .spawn(move || {
@@ -249,6 +255,9 @@ impl Writer {
                     metrics.store_groups.inc();
                     match engine.commit_group(ops, kept) {
                         Ok((results, times)) => {
+                            if !writable_now.swap(true, Ordering::AcqRel) {
+                                tracing::info!(file = %writer_path.display(), "the store writes again");
+                            }
                             metrics.store_apply_seconds.inc_by(times.apply.as_secs_f64());
                             metrics.store_sync_seconds.inc_by(times.sync.as_secs_f64());
                             for (done, result) in dones.into_iter().zip(results) {
@@ -259,6 +268,8 @@ impl Writer {
                             }
                         }
                         Err(e) => {
+                            writable_now.store(false, Ordering::Release);
+                            metrics.store_commit_failures.inc();
                             tracing::error!(file = %writer_path.display(), error = %e, "group commit failed");
                             for done in dones {
                                 let _ = done.send(Err(err(&writer_path, "cannot commit to", &e)));
@@ -268,11 +279,16 @@ impl Writer {
                 }
             })
             .map_err(|e| err(&path, "cannot start the writer of", e))?;
-        Ok(Writer { path, jobs: Some(jobs), thread: Some(thread) })
+        Ok(Writer { path, jobs: Some(jobs), thread: Some(thread), writable })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// False from a failed group commit until one succeeds.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
     }
 
     pub fn submit<'a>(

@@ -310,6 +310,10 @@ impl StateStore for FjallStore {
         self.writer.submit(conv, op)
     }
 
+    fn writable(&self) -> bool {
+        self.writer.writable()
+    }
+
     fn load_shards(
         &self,
         shards: Vec<u32>,

@@ -221,6 +221,10 @@ impl StateStore for RedbStore {
         self.writer.submit(conv, op)
     }
 
+    fn writable(&self) -> bool {
+        self.writer.writable()
+    }
+
     fn load_shards(
         &self,
         shards: Vec<u32>,

@@ -415,3 +415,42 @@ fn a_directory_of_the_per_conversation_layout_is_refused_with_a_clear_message() 
         drop(open(kind, dir.path(), 8));
     }
 }
+
+/// An engine whose commits fail while `failing` is set (a full disk).
+struct FlakyEngine {
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Engine for FlakyEngine {
+    fn commit_group(
+        &mut self,
+        ops: Vec<(String, StoreOp)>,
+        _turns_kept_max: usize,
+    ) -> Result<(Vec<Result<StoreAnswer, String>>, GroupTimes), String> {
+        if self.failing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("No space left on device (os error 28)".into());
+        }
+        let done = StoreAnswer::Done { replica: Default::default() };
+        Ok((ops.iter().map(|_| Ok(done)).collect(), GroupTimes::default()))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_makes_the_store_unwritable_until_one_succeeds() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let engine = FlakyEngine { failing: failing.clone() };
+    let metrics = ConversationMetrics::default();
+    let writer = Writer::start(engine, "flaky".into(), limits(8), metrics.clone()).unwrap();
+    let op = || StoreOp::Fence { epoch: Epoch::ZERO };
+    assert!(writer.submit("c", op()).await.unwrap().await.is_ok());
+    assert!(writer.writable());
+    failing.store(true, std::sync::atomic::Ordering::Release);
+    let e = writer.submit("c", op()).await.unwrap().await.unwrap_err();
+    assert!(e.0.contains("No space left"), "{e}");
+    assert!(!writer.writable(), "a failed commit must show");
+    assert_eq!(metrics.store_commit_failures.get(), 1);
+    // Space returns: the next commit succeeds and the store is writable again.
+    failing.store(false, std::sync::atomic::Ordering::Release);
+    assert!(writer.submit("c", op()).await.unwrap().await.is_ok());
+    assert!(writer.writable());
+}
