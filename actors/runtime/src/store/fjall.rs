@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use botclaw_core::conversation::{ConversationState, TurnRecord};
@@ -59,6 +60,16 @@ struct Tables {
     turns: Keyspace,
     /// Bookkeeping of the store itself (the group number).
     store: Keyspace,
+    /// A group commit failed. Its rows may already be in the memtable (readable) without
+    /// being durable, and fjall refuses further journal writes (`Poisoned`): from then on
+    /// every read and write fails until the node restarts, whose recovery replays only
+    /// what was made durable. Serving those rows would acknowledge turns a crash loses.
+    failed: Arc<AtomicBool>,
+}
+
+/// The error of every read and write after a failed commit.
+fn failed_error(path: &Path) -> StoreError {
+    err(path, "refusing reads and writes of", "a commit failed (see the log): restart the node")
 }
 
 fn read_groups(store: &Keyspace) -> Result<u64, String> {
@@ -124,6 +135,7 @@ impl FjallStore {
             turns: keyspace(TURNS)?,
             store: keyspace("store")?,
             db: db.clone(),
+            failed: Arc::new(AtomicBool::new(false)),
         };
         let groups = read_groups(&tables.store).map_err(|e| err(&path, "corrupt", e))?;
         let durable_file = dir.join(DURABLE_FILE);
@@ -146,6 +158,9 @@ impl FjallStore {
     }
 
     fn load_blocking(t: &Tables, path: &Path, conv: &str) -> Result<Option<Stored>, StoreError> {
+        if t.failed.load(Ordering::Acquire) {
+            return Err(failed_error(path));
+        }
         let key = t.layout.meta(conv);
         let Some(meta) = t.meta.get(&key).map_err(|e| err(path, "cannot read", e))? else {
             return Ok(None);
@@ -179,6 +194,9 @@ impl FjallStore {
         path: &Path,
         shard: u32,
     ) -> Result<Vec<(String, Stored)>, StoreError> {
+        if t.failed.load(Ordering::Acquire) {
+            return Err(failed_error(path));
+        }
         let mut out = Vec::new();
         for row in t.meta.prefix(Layout::shard_prefix(shard)) {
             let (key, value) = row.into_inner().map_err(|e| err(path, "cannot read", e))?;
@@ -266,6 +284,23 @@ impl<'t> GroupBatch<'t> {
 
 impl Engine for FjallEngine {
     fn commit_group(
+        &mut self,
+        ops: Vec<(String, StoreOp)>,
+        turns_kept_max: usize,
+    ) -> Result<(Vec<Result<StoreAnswer, String>>, GroupTimes), String> {
+        if self.tables.failed.load(Ordering::Acquire) {
+            return Err("an earlier commit failed: restart the node".into());
+        }
+        let result = self.commit_group_once(ops, turns_kept_max);
+        if result.is_err() {
+            self.tables.failed.store(true, Ordering::Release);
+        }
+        result
+    }
+}
+
+impl FjallEngine {
+    fn commit_group_once(
         &mut self,
         ops: Vec<(String, StoreOp)>,
         turns_kept_max: usize,
