@@ -72,8 +72,9 @@ pub struct NodeArgs {
     /// --secret-file or BOTCLAW_SECRET).
     #[arg(long, env = "BOTCLAW_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// File holding the cluster secret (its first line; keep it mode 0600).
-    #[arg(long, env = "BOTCLAW_SECRET_FILE", conflicts_with = "secret")]
+    /// File holding the cluster secret (its first line; keep it mode 0600). Wins over
+    /// --secret and BOTCLAW_SECRET.
+    #[arg(long, env = "BOTCLAW_SECRET_FILE")]
     secret_file: Option<PathBuf>,
     /// Data directory.
     #[arg(long)]
@@ -96,7 +97,7 @@ impl NodeArgs {
             gossip_addr: self.gossip_addr.clone(),
             admin_addr: self.admin_addr.clone(),
             seeds: non_empty(&self.seeds),
-            secret: self.secret.clone(),
+            secret: self.secret.clone().filter(|_| self.secret_file.is_none()),
             secret_file: self.secret_file.clone(),
             data_dir: self.data_dir.clone(),
             roles: non_empty(&self.roles),
