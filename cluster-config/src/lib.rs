@@ -318,8 +318,19 @@ pub struct FrontendConfig {
     pub conn_inflight_max: usize,
     /// Requests in flight on the whole node; past it, `busy`.
     pub node_inflight_max: usize,
-    /// Open client connections; past it, new connections are closed at once.
+    /// Open client connections; past it, new connections are closed at once. With
+    /// `client_tokens`, only connections that said `hello` count here...
     pub connections_max: usize,
+    /// ...and those that have not yet count here instead (so anonymous sockets cannot
+    /// lock token holders out), each closed if it has not said `hello` within
+    /// `hello_timeout_ms`.
+    pub unauthenticated_connections_max: usize,
+    pub hello_timeout_ms: u64,
+    /// A connection with no request in flight that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A connection whose answers cannot be written for this long (a client that does not
+    /// read) is closed.
+    pub write_timeout_ms: u64,
     /// How long a request may wait for its turn before the client gets `timeout`.
     pub turn_timeout_ms: u64,
     /// Back-off suggested to clients with `busy` and `unavailable`.
@@ -335,6 +346,10 @@ impl Default for FrontendConfig {
             conn_inflight_max: 1024,
             node_inflight_max: 16_384,
             connections_max: 4096,
+            unauthenticated_connections_max: 256,
+            hello_timeout_ms: 5_000,
+            idle_timeout_ms: 300_000,
+            write_timeout_ms: 10_000,
             turn_timeout_ms: 10_000,
             retry_after_ms: 50,
             client_tokens: Vec::new(),
@@ -946,6 +961,10 @@ fn validate_runtime(
         ("frontend.conn_inflight_max", f.conn_inflight_max as u64),
         ("frontend.node_inflight_max", f.node_inflight_max as u64),
         ("frontend.connections_max", f.connections_max as u64),
+        ("frontend.unauthenticated_connections_max", f.unauthenticated_connections_max as u64),
+        ("frontend.hello_timeout_ms", f.hello_timeout_ms),
+        ("frontend.idle_timeout_ms", f.idle_timeout_ms),
+        ("frontend.write_timeout_ms", f.write_timeout_ms),
         ("frontend.turn_timeout_ms", f.turn_timeout_ms),
         ("backends.module_calls_inflight_max", b.module_calls_inflight_max as u64),
     ];

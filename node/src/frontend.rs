@@ -51,6 +51,10 @@ pub struct Frontend {
 
 pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
     let permits = Arc::new(Semaphore::new(fe.cfg.connections_max));
+    // With tokens, a connection first holds a place among the unauthenticated ones and
+    // takes one of `permits` when its `hello` succeeds.
+    let anonymous = Arc::new(Semaphore::new(fe.cfg.unauthenticated_connections_max));
+    let open = fe.cfg.client_tokens.is_empty();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -61,18 +65,21 @@ pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let pool = if open { &permits } else { &anonymous };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
             fe.metrics.connections_rejected.inc();
-            tracing::debug!(%peer, "connection refused: connections_max reached");
+            tracing::debug!(%peer, open, "connection refused: its pool is full");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let fe = fe.clone();
+        let (fe, permits) = (fe.clone(), permits.clone());
         tokio::spawn(async move {
             fe.metrics.connections.inc();
-            Connection::new(fe.clone()).run(stream).await;
+            let mut c = Connection::new(fe.clone());
+            c.permit = Some(permit);
+            c.permits = permits;
+            c.run(stream).await;
             fe.metrics.connections.dec();
-            drop(permit);
         });
     }
 }
@@ -105,6 +112,12 @@ struct Connection {
     seq: u64,
     inflight: usize,
     out: Vec<u8>,
+    /// The connection's place: among the unauthenticated ones until `hello`, then among
+    /// `permits` (dropped with the connection).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permits: Arc<Semaphore>,
+    opened: Instant,
+    last_read: Instant,
 }
 
 impl Connection {
@@ -121,6 +134,10 @@ impl Connection {
             seq: 0,
             inflight: 0,
             out: Vec::with_capacity(16 * 1024),
+            permit: None,
+            permits: Arc::new(Semaphore::new(0)),
+            opened: Instant::now(),
+            last_read: Instant::now(),
         }
     }
 
@@ -143,6 +160,7 @@ impl Connection {
                 read = stream.read_buf(&mut buf), if !eof => match read {
                     Ok(0) | Err(_) => eof = true,
                     Ok(_) => {
+                        self.last_read = Instant::now();
                         while let Some(frame) = framer.next_frame(&mut buf) {
                             self.on_frame(frame);
                             if self.close {
@@ -154,7 +172,13 @@ impl Connection {
                         }
                     }
                 },
-                _ = sweep.tick() => self.sweep(),
+                _ = sweep.tick() => {
+                    self.sweep();
+                    if let Some(reason) = self.timed_out() {
+                        self.fe.metrics.connection_timed_out(reason);
+                        break;
+                    }
+                }
             }
             if !self.out.is_empty() {
                 // A write is a syscall that also runs the peer's receive path on loopback;
@@ -166,8 +190,15 @@ impl Connection {
                     tokio::task::yield_now().await;
                     self.drain_done();
                 }
-                if stream.write_all(&self.out).await.is_err() {
-                    break;
+                let write_timeout = Duration::from_millis(self.fe.cfg.write_timeout_ms);
+                match tokio::time::timeout(write_timeout, stream.write_all(&self.out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        // The client does not read its answers: cut it off.
+                        self.fe.metrics.connection_timed_out("write");
+                        break;
+                    }
                 }
                 self.out.clear();
             }
@@ -218,7 +249,20 @@ impl Connection {
         match request {
             Request::Hello { token, .. } => {
                 let tokens = &self.fe.cfg.client_tokens;
-                if tokens.is_empty() || token.is_some_and(|t| known_token(tokens, &t)) {
+                let known = tokens.is_empty() || token.is_some_and(|t| known_token(tokens, &t));
+                if known && !self.authed {
+                    // From the unauthenticated places to the authenticated ones.
+                    match self.permits.clone().try_acquire_owned() {
+                        Ok(permit) => self.permit = Some(permit),
+                        Err(_) => {
+                            self.fe.metrics.connections_rejected.inc();
+                            self.close = true;
+                            let full = "connections_max reached; try another node or later";
+                            return self.write(&Response::error(ErrorCode::Busy, full));
+                        }
+                    }
+                }
+                if known {
                     self.authed = true;
                     let welcome = Response::Welcome {
                         node: self.fe.node.to_string(),
@@ -319,6 +363,17 @@ impl Connection {
         if !queue.slots.is_empty() {
             self.queues.insert(conv.clone(), queue);
         }
+    }
+
+    /// Why this connection should close now: no `hello` in time, or idle too long.
+    fn timed_out(&self) -> Option<&'static str> {
+        let cfg = &self.fe.cfg;
+        if !self.authed && self.opened.elapsed() >= Duration::from_millis(cfg.hello_timeout_ms) {
+            return Some("hello");
+        }
+        let idle = self.queues.is_empty() && self.inflight == 0;
+        (idle && self.last_read.elapsed() >= Duration::from_millis(cfg.idle_timeout_ms))
+            .then_some("idle")
     }
 
     fn sweep(&mut self) {

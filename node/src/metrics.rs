@@ -66,6 +66,7 @@ pub struct Metrics {
     pub frames_too_large: Counter,
     pub connections: Gauge,
     pub connections_rejected: Counter,
+    pub connections_timed_out: Family<ReasonLabel, Counter>,
     pub members: Family<StateLabel, Gauge>,
     pub gossip_sent: Counter,
     pub gossip_received: Counter,
@@ -101,6 +102,7 @@ impl Default for Metrics {
             frames_too_large: Default::default(),
             connections: Default::default(),
             connections_rejected: Default::default(),
+            connections_timed_out: Default::default(),
             members: Default::default(),
             gossip_sent: Default::default(),
             gossip_received: Default::default(),
@@ -231,6 +233,11 @@ impl Metrics {
             "Connections closed at once: connections_max reached",
             self.connections_rejected.clone(),
         );
+        r.register(
+            "client_connections_timed_out",
+            "Client connections closed for a timeout (hello, idle, write)",
+            self.connections_timed_out.clone(),
+        );
         self.conversations.register(&mut r);
         self.controller.register(&mut r);
         r
@@ -238,6 +245,10 @@ impl Metrics {
 
     pub fn reject(&self, reason: &str) {
         self.gossip_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn connection_timed_out(&self, reason: &str) {
+        self.connections_timed_out.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn admin_refused(&self, reason: &str) {

@@ -66,3 +66,65 @@ fn without_tokens_a_cross_origin_post_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin_addr") && err.contains("admin.tokens"), "{err}");
 }
+
+/// Reads until the node closes the connection; how long that took (`None`: still open
+/// after `within`).
+fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < within {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+/// With client tokens, sockets that never say `hello` hold places of their own (not the
+/// token holders'), are closed after `hello_timeout_ms`, and an idle authenticated
+/// connection is closed after `idle_timeout_ms`; each close is counted.
+#[test]
+fn silent_and_idle_client_connections_are_closed_and_cannot_lock_out_token_holders() {
+    use std::io::{BufRead, BufReader, Write};
+    let config = "[frontend]\nclient_tokens = [\"tok-0123456789\"]\n\
+                  unauthenticated_connections_max = 2\nhello_timeout_ms = 1000\n\
+                  idle_timeout_ms = 3000\nconnections_max = 8\n";
+    let mut c = Cluster::new(1).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let addr = c.nodes[0].ports.client;
+    let connect = || std::net::TcpStream::connect(addr).unwrap();
+    // The harness's own probes of the client port are gone.
+    let quiet = poll(Duration::from_secs(10), || {
+        (metric(&c.nodes[0].metrics(), "botclaw_client_connections") == 0.0).then_some(())
+    });
+    assert!(quiet.is_some(), "client connections still open before the test");
+    // Two silent sockets fill the unauthenticated places: a third is closed at once.
+    let (mut a, mut b, mut third) = (connect(), connect(), connect());
+    let opened = std::time::Instant::now();
+    let refused = closed_within(&mut third, Duration::from_secs(1));
+    assert!(refused.is_some(), "a third anonymous socket was kept");
+    // The silent ones go after the hello timeout.
+    for s in [&mut a, &mut b] {
+        closed_within(s, Duration::from_secs(10)).expect("silent socket kept open");
+        let took = opened.elapsed();
+        assert!(took >= Duration::from_millis(900), "closed too early: {took:?}");
+    }
+    // A token holder gets in, and is closed once idle.
+    let mut s = connect();
+    s.write_all(b"{\"op\":\"hello\",\"token\":\"tok-0123456789\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("welcome"), "{line}");
+    assert!(closed_within(&mut s, Duration::from_secs(10)).is_some(), "idle connection kept");
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "botclaw_client_connections_timed_out_total{reason=\"hello\"}"), 2.0);
+    assert_eq!(metric(&m, "botclaw_client_connections_timed_out_total{reason=\"idle\"}"), 1.0);
+    assert!(metric(&m, "botclaw_client_connections_rejected_total") >= 1.0);
+}
