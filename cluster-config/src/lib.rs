@@ -337,6 +337,12 @@ pub struct FrontendConfig {
     pub retry_after_ms: u64,
     /// If non-empty, a connection must say `hello` with one of these tokens first.
     pub client_tokens: Vec<String>,
+    /// Failed `hello`s one address may make per `hello_failure_window_ms`; past it, its
+    /// new connections are closed at once until the window (from its first failure) ends.
+    pub hello_failures_max: u32,
+    pub hello_failure_window_ms: u64,
+    /// Addresses whose failed `hello`s are counted at once (the oldest go first).
+    pub hello_failure_addresses_max: u64,
 }
 
 impl Default for FrontendConfig {
@@ -353,6 +359,9 @@ impl Default for FrontendConfig {
             turn_timeout_ms: 10_000,
             retry_after_ms: 50,
             client_tokens: Vec::new(),
+            hello_failures_max: 10,
+            hello_failure_window_ms: 60_000,
+            hello_failure_addresses_max: 100_000,
         }
     }
 }
@@ -965,6 +974,9 @@ fn validate_runtime(
         ("frontend.hello_timeout_ms", f.hello_timeout_ms),
         ("frontend.idle_timeout_ms", f.idle_timeout_ms),
         ("frontend.write_timeout_ms", f.write_timeout_ms),
+        ("frontend.hello_failures_max", u64::from(f.hello_failures_max)),
+        ("frontend.hello_failure_window_ms", f.hello_failure_window_ms),
+        ("frontend.hello_failure_addresses_max", f.hello_failure_addresses_max),
         ("frontend.turn_timeout_ms", f.turn_timeout_ms),
         ("backends.module_calls_inflight_max", b.module_calls_inflight_max as u64),
     ];

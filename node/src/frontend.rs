@@ -47,6 +47,38 @@ pub struct Frontend {
     pub view: watch::Receiver<ClusterView>,
     pub metrics: Metrics,
     pub node_inflight: AtomicUsize,
+    /// Failed `hello`s per client address within `hello_failure_window_ms`.
+    pub hello_failures: HelloFailures,
+}
+
+/// Failed `hello`s per client address, each address forgotten a window after its first
+/// failure (a bounded cache: a flood of addresses evicts the oldest).
+pub struct HelloFailures {
+    counts: mini_moka::sync::Cache<std::net::IpAddr, Arc<std::sync::atomic::AtomicU32>>,
+    max: u32,
+}
+
+impl HelloFailures {
+    pub fn new(cfg: &FrontendConfig) -> HelloFailures {
+        let counts = mini_moka::sync::Cache::builder()
+            .max_capacity(cfg.hello_failure_addresses_max)
+            .time_to_live(Duration::from_millis(cfg.hello_failure_window_ms))
+            .build();
+        HelloFailures { counts, max: cfg.hello_failures_max }
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let count = self.counts.get(&ip).unwrap_or_else(|| {
+            let fresh = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            self.counts.insert(ip, fresh.clone());
+            fresh
+        });
+        count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        self.counts.get(&ip).is_some_and(|c| c.load(Ordering::Acquire) >= self.max)
+    }
 }
 
 pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
@@ -65,6 +97,11 @@ pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
                 continue;
             }
         };
+        if !open && fe.hello_failures.blocked(peer.ip()) {
+            fe.metrics.connections_rejected.inc();
+            tracing::debug!(%peer, "connection refused: too many failed hellos");
+            continue;
+        }
         let pool = if open { &permits } else { &anonymous };
         let Ok(permit) = pool.clone().try_acquire_owned() else {
             fe.metrics.connections_rejected.inc();
@@ -76,6 +113,7 @@ pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
         tokio::spawn(async move {
             fe.metrics.connections.inc();
             let mut c = Connection::new(fe.clone());
+            c.peer = Some(peer.ip());
             c.permit = Some(permit);
             c.permits = permits;
             c.run(stream).await;
@@ -118,6 +156,7 @@ struct Connection {
     permits: Arc<Semaphore>,
     opened: Instant,
     last_read: Instant,
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Connection {
@@ -138,6 +177,7 @@ impl Connection {
             permits: Arc::new(Semaphore::new(0)),
             opened: Instant::now(),
             last_read: Instant::now(),
+            peer: None,
         }
     }
 
@@ -270,6 +310,9 @@ impl Connection {
                     };
                     self.write(&welcome);
                 } else {
+                    if let Some(ip) = self.peer {
+                        self.fe.hello_failures.failed(ip);
+                    }
                     self.close = true;
                     self.write(&Response::error(ErrorCode::Unauthorized, "unknown token"));
                 }

@@ -588,6 +588,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view: view.clone(),
         metrics: metrics.clone(),
         node_inflight: Default::default(),
+        hello_failures: frontend::HelloFailures::new(&cfg.frontend),
     });
     let load_task = tokio::spawn(load_loop(LoadLoop {
         gossip: gossip_tx.clone(),

@@ -128,3 +128,33 @@ fn silent_and_idle_client_connections_are_closed_and_cannot_lock_out_token_holde
     assert_eq!(metric(&m, "botclaw_client_connections_timed_out_total{reason=\"idle\"}"), 1.0);
     assert!(metric(&m, "botclaw_client_connections_rejected_total") >= 1.0);
 }
+
+/// An address that keeps failing `hello` is refused for the rest of its window, whatever
+/// it sends next (guessing tokens costs a window per few guesses).
+#[test]
+fn failed_hellos_from_one_address_are_rate_limited() {
+    use std::io::{BufRead, BufReader, Write};
+    let config = "[frontend]\nclient_tokens = [\"tok-0123456789\"]\nhello_failures_max = 3\n\
+                  hello_failure_window_ms = 60000\n";
+    let mut c = Cluster::new(1).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let addr = c.nodes[0].ports.client;
+    let hello = |token: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let line = format!("{{\"op\":\"hello\",\"token\":\"{token}\"}}\n");
+        let _ = s.write_all(line.as_bytes());
+        let mut answer = String::new();
+        let _ = BufReader::new(s).read_line(&mut answer);
+        answer
+    };
+    for guess in ["tok-0000000000", "tok-1111111111", "tok-2222222222"] {
+        assert!(hello(guess).contains("unauthorized"), "a wrong token was not refused");
+    }
+    // Blocked now: even the right token gets no answer, the connection is closed at once.
+    assert_eq!(hello("tok-0123456789"), "");
+    let m = c.nodes[0].metrics();
+    assert!(metric(&m, "botclaw_client_connections_rejected_total") >= 1.0);
+    assert!(metric(&m, "botclaw_errors_total{code=\"unauthorized\"}") >= 3.0);
+}
