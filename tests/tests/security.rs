@@ -158,3 +158,45 @@ fn failed_hellos_from_one_address_are_rate_limited() {
     assert!(metric(&m, "botclaw_client_connections_rejected_total") >= 1.0);
     assert!(metric(&m, "botclaw_errors_total{code=\"unauthorized\"}") >= 3.0);
 }
+
+/// A client that asks for large answers and never reads them is cut off once its answers
+/// cannot be written for `write_timeout_ms`, and the node keeps serving others.
+#[test]
+fn a_client_that_does_not_read_is_cut_off() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = Cluster::new(1).with_config("[frontend]\nwrite_timeout_ms = 500\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let addr = c.nodes[0].ports.client;
+    // A conversation of 20 turns of 50 KB: each history answer is about 2 MB (echoed).
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let text = "x".repeat(50_000);
+    for i in 0..20 {
+        let say = format!(
+            "{{\"op\":\"say\",\"conv\":\"big\",\"id\":\"{i}\",\"text\":\"{text}\",\"bot\":\"echo\"}}\n"
+        );
+        s.write_all(say.as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"reply\""), "{}", &line[..line.len().min(200)]);
+    }
+    // Another socket asks for it 50 times and reads nothing.
+    let mut greedy = std::net::TcpStream::connect(addr).unwrap();
+    for _ in 0..50 {
+        if greedy.write_all(b"{\"op\":\"history\",\"conv\":\"big\"}\n").is_err() {
+            break;
+        }
+    }
+    let cut = poll(Duration::from_secs(30), || {
+        let m = c.nodes[0].metrics();
+        let n = metric(&m, "botclaw_client_connections_timed_out_total{reason=\"write\"}");
+        (n >= 1.0).then_some(())
+    });
+    assert!(cut.is_some(), "the non-reading client was not cut off");
+    // The first client is still served.
+    s.write_all(b"{\"op\":\"say\",\"conv\":\"small\",\"id\":\"1\",\"text\":\"hi\"}\n").unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"reply\""), "{line}");
+}
