@@ -112,11 +112,7 @@ pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
         let (fe, permits) = (fe.clone(), permits.clone());
         tokio::spawn(async move {
             fe.metrics.connections.inc();
-            let mut c = Connection::new(fe.clone());
-            c.peer = Some(peer.ip());
-            c.permit = Some(permit);
-            c.permits = permits;
-            c.run(stream).await;
+            Connection::new(fe.clone(), peer.ip(), permit, permits).run(stream).await;
             fe.metrics.connections.dec();
         });
     }
@@ -152,15 +148,22 @@ struct Connection {
     out: Vec<u8>,
     /// The connection's place: among the unauthenticated ones until `hello`, then among
     /// `permits` (dropped with the connection).
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     permits: Arc<Semaphore>,
     opened: Instant,
     last_read: Instant,
-    peer: Option<std::net::IpAddr>,
+    peer: std::net::IpAddr,
 }
 
 impl Connection {
-    fn new(fe: Arc<Frontend>) -> Self {
+    /// A connection from `peer` holding `permit`; `permits` are the authenticated places
+    /// it moves to when its `hello` succeeds.
+    fn new(
+        fe: Arc<Frontend>,
+        peer: std::net::IpAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        permits: Arc<Semaphore>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let authed = fe.cfg.client_tokens.is_empty();
         Connection {
@@ -173,11 +176,11 @@ impl Connection {
             seq: 0,
             inflight: 0,
             out: Vec::with_capacity(16 * 1024),
-            permit: None,
-            permits: Arc::new(Semaphore::new(0)),
+            permit,
+            permits,
             opened: Instant::now(),
             last_read: Instant::now(),
-            peer: None,
+            peer,
         }
     }
 
@@ -293,7 +296,7 @@ impl Connection {
                 if known && !self.authed {
                     // From the unauthenticated places to the authenticated ones.
                     match self.permits.clone().try_acquire_owned() {
-                        Ok(permit) => self.permit = Some(permit),
+                        Ok(permit) => self.permit = permit,
                         Err(_) => {
                             self.fe.metrics.connections_rejected.inc();
                             self.close = true;
@@ -310,9 +313,7 @@ impl Connection {
                     };
                     self.write(&welcome);
                 } else {
-                    if let Some(ip) = self.peer {
-                        self.fe.hello_failures.failed(ip);
-                    }
+                    self.fe.hello_failures.failed(self.peer);
                     self.close = true;
                     self.write(&Response::error(ErrorCode::Unauthorized, "unknown token"));
                 }

@@ -109,6 +109,19 @@ fn load_shards_with(
     out
 }
 
+/// [`load_shards_with`] a durable engine's blocking `load`, in one blocking task.
+fn load_shards_blocking(
+    shards: Vec<u32>,
+    bytes_max: usize,
+    load: impl FnMut(u32) -> Result<ShardRows, StoreError> + Send + 'static,
+) -> BoxFuture<'static, Result<LoadedShards, StoreError>> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || load_shards_with(&shards, bytes_max, load))
+            .await
+            .map_err(|e| StoreError(format!("shard load task failed: {e}")))
+    })
+}
+
 pub trait StateStore: Send + Sync + 'static {
     /// A conversation as stored, if the store ever heard of it.
     fn load<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;

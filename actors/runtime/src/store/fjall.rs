@@ -29,7 +29,7 @@ use super::durable::{
     OLD_LAYOUT,
 };
 use super::{
-    load_shards_with, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
+    load_shards_blocking, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
     StoreTicket, Stored,
 };
 use crate::metrics::ConversationMetrics;
@@ -354,13 +354,7 @@ impl StateStore for FjallStore {
         shards: Vec<u32>,
         bytes_max: usize,
     ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
-        Box::pin(async move {
-            let (t, path) = (self.tables.clone(), self.writer.path().to_path_buf());
-            tokio::task::spawn_blocking(move || {
-                load_shards_with(&shards, bytes_max, |s| FjallStore::shard_blocking(&t, &path, s))
-            })
-            .await
-            .map_err(|e| StoreError(format!("shard load task failed: {e}")))
-        })
+        let (t, path) = (self.tables.clone(), self.writer.path().to_path_buf());
+        load_shards_blocking(shards, bytes_max, move |s| FjallStore::shard_blocking(&t, &path, s))
     }
 }

@@ -13,7 +13,7 @@ use super::durable::{
     OLD_LAYOUT,
 };
 use super::{
-    load_shards_with, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
+    load_shards_blocking, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
     StoreTicket, Stored,
 };
 use crate::metrics::ConversationMetrics;
@@ -230,16 +230,9 @@ impl StateStore for RedbStore {
         shards: Vec<u32>,
         bytes_max: usize,
     ) -> BoxFuture<'_, Result<LoadedShards, StoreError>> {
-        Box::pin(async move {
-            let (db, path, layout) =
-                (self.db.clone(), self.writer.path().to_path_buf(), self.layout);
-            tokio::task::spawn_blocking(move || {
-                load_shards_with(&shards, bytes_max, |s| {
-                    RedbStore::shard_blocking(&db, layout, &path, s)
-                })
-            })
-            .await
-            .map_err(|e| StoreError(format!("shard load task failed: {e}")))
+        let (db, path, layout) = (self.db.clone(), self.writer.path().to_path_buf(), self.layout);
+        load_shards_blocking(shards, bytes_max, move |s| {
+            RedbStore::shard_blocking(&db, layout, &path, s)
         })
     }
 }
