@@ -293,6 +293,20 @@ pub struct ConversationConfig {
     pub cache_entries_max: u64,
     /// Lifetime of an entry in a conversation's lookup cache.
     pub cache_ttl_ms: u64,
+    /// Bytes of one turn as kept (message id, text, user and the bot's answers); a larger
+    /// turn is answered `too_large` and not committed. With `turns_kept_max` and
+    /// `bot_state_bytes_max` it bounds a conversation's size, which must fit well inside
+    /// one inter-node frame (`link.frame_bytes_max`).
+    pub turn_bytes_max: usize,
+    /// Bytes of a bot's own state for one conversation; a turn that leaves more is
+    /// answered `too_large` and not committed.
+    pub bot_state_bytes_max: usize,
+    /// Bytes of turns in one `history` answer (older turns are left for the next page).
+    pub history_bytes_max: usize,
+    /// Memory budget of the active conversations on a node: their kept state plus a
+    /// fixed per-actor cost. Past it, idle conversations are passivated early and new
+    /// ones are answered `busy`.
+    pub active_bytes_max: u64,
 }
 
 impl Default for ConversationConfig {
@@ -304,6 +318,10 @@ impl Default for ConversationConfig {
             active_max: 200_000,
             cache_entries_max: 64,
             cache_ttl_ms: 15 * 60 * 1000,
+            turn_bytes_max: 24 * 1024,
+            bot_state_bytes_max: 256 * 1024,
+            history_bytes_max: 256 * 1024,
+            active_bytes_max: 1 << 30,
         }
     }
 }
@@ -331,6 +349,10 @@ pub struct FrontendConfig {
     /// A connection whose answers cannot be written for this long (a client that does not
     /// read) is closed.
     pub write_timeout_ms: u64,
+    /// Bytes of answers a connection may have pending (written but unread, or reserved by
+    /// requests in flight); past it the node stops reading that connection's requests until
+    /// the client reads, and a client that reads nothing for `write_timeout_ms` is cut off.
+    pub output_buffer_bytes_max: usize,
     /// How long a request may wait for its turn before the client gets `timeout`.
     pub turn_timeout_ms: u64,
     /// Back-off suggested to clients with `busy` and `unavailable`.
@@ -356,6 +378,7 @@ impl Default for FrontendConfig {
             hello_timeout_ms: 5_000,
             idle_timeout_ms: 300_000,
             write_timeout_ms: 10_000,
+            output_buffer_bytes_max: 8 * 1024 * 1024,
             turn_timeout_ms: 10_000,
             retry_after_ms: 50,
             client_tokens: Vec::new(),
@@ -896,6 +919,7 @@ impl RawNodeConfig {
             ));
         }
         validate_runtime(&conversations, &frontend, &backends)?;
+        validate_sizes(&conversations, &frontend, &link)?;
         let roles =
             self.roles.unwrap_or_else(|| DEFAULT_ROLES.iter().map(|r| r.to_string()).collect());
         if roles.len() > ROLES_MAX {
@@ -993,6 +1017,62 @@ fn validate_runtime(
     }
     if c.default_bot.is_empty() {
         return Err(ConfigError::invalid("conversations.default_bot", "must not be empty"));
+    }
+    Ok(())
+}
+
+/// Bytes a conversation's state may reach beyond its turns and bot state (names, counters,
+/// encoding overhead).
+pub const CONVERSATION_OVERHEAD_BYTES: u64 = 4096;
+
+/// The largest a conversation can grow under these limits.
+pub fn conversation_bytes_max(c: &ConversationConfig) -> u64 {
+    (c.turns_kept_max as u64)
+        .saturating_mul(c.turn_bytes_max as u64)
+        .saturating_add(c.bot_state_bytes_max as u64)
+        .saturating_add(CONVERSATION_OVERHEAD_BYTES)
+}
+
+/// Every conversation, and so every message that carries one between nodes, fits in half an
+/// inter-node frame by construction.
+fn validate_sizes(
+    c: &ConversationConfig,
+    f: &FrontendConfig,
+    link: &LinkConfig,
+) -> Result<(), ConfigError> {
+    for (field, value) in [
+        ("conversations.turn_bytes_max", c.turn_bytes_max as u64),
+        ("conversations.bot_state_bytes_max", c.bot_state_bytes_max as u64),
+        ("conversations.history_bytes_max", c.history_bytes_max as u64),
+        ("conversations.active_bytes_max", c.active_bytes_max),
+        ("frontend.output_buffer_bytes_max", f.output_buffer_bytes_max as u64),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::invalid(field, "must be greater than 0"));
+        }
+    }
+    let largest = conversation_bytes_max(c);
+    if largest > link.frame_bytes_max / 2 {
+        return Err(ConfigError::invalid(
+            "conversations.turn_bytes_max",
+            format!(
+                "turns_kept_max ({}) x turn_bytes_max ({}) + bot_state_bytes_max ({}) = {largest} \
+                 bytes: a conversation must fit in half of link.frame_bytes_max ({})",
+                c.turns_kept_max, c.turn_bytes_max, c.bot_state_bytes_max, link.frame_bytes_max
+            ),
+        ));
+    }
+    if c.history_bytes_max as u64 > link.frame_bytes_max / 2 {
+        return Err(ConfigError::invalid(
+            "conversations.history_bytes_max",
+            format!("must be at most half of link.frame_bytes_max ({})", link.frame_bytes_max),
+        ));
+    }
+    if f.output_buffer_bytes_max < c.history_bytes_max.max(c.turn_bytes_max) {
+        return Err(ConfigError::invalid(
+            "frontend.output_buffer_bytes_max",
+            "must hold at least one history page and one turn",
+        ));
     }
     Ok(())
 }

@@ -294,6 +294,7 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         s.metrics.cluster_sessions.set(sessions.len() as i64);
     }
     s.metrics.conversations.active.set(s.host.active() as i64);
+    s.metrics.conversations.active_bytes.set(s.host.shared().active_bytes() as i64);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

@@ -49,7 +49,20 @@ pub struct Frontend {
     pub node_inflight: AtomicUsize,
     /// Failed `hello`s per client address within `hello_failure_window_ms`.
     pub hello_failures: HelloFailures,
+    /// The largest answer to a turn and to a history request, in bytes (the conversations'
+    /// `turn_bytes_max` and `history_bytes_max`): what a request reserves of its
+    /// connection's output buffer.
+    pub answer_bytes_max: AnswerBytes,
 }
+
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerBytes {
+    pub turn: usize,
+    pub history: usize,
+}
+
+/// Room for the JSON around an answer's strings.
+const ANSWER_ENVELOPE_BYTES: usize = 256;
 
 /// Failed `hello`s per client address, each address forgotten a window after its first
 /// failure (a bounded cache: a flood of addresses evicts the oldest).
@@ -125,9 +138,11 @@ struct Done {
     outcome: ConvOutcome,
 }
 
+/// A request's place in its conversation's answer order; `reserve` is what it holds of the
+/// connection's output buffer until its answer is written.
 enum Slot {
-    Waiting { started: Instant, id: Option<String> },
-    Ready(Response),
+    Waiting { started: Instant, id: Option<String>, reserve: usize },
+    Ready(Response, usize),
 }
 
 /// Requests of one conversation on one connection, by connection-wide sequence number.
@@ -145,6 +160,10 @@ struct Connection {
     queues: HashMap<Arc<str>, ConvQueue>,
     seq: u64,
     inflight: usize,
+    /// Bytes of the output buffer reserved by requests whose answers are not written yet.
+    reserved: usize,
+    /// Requests are held back for room in the output buffer (counted once per episode).
+    held: bool,
     out: Vec<u8>,
     /// The connection's place: among the unauthenticated ones until `hello`, then among
     /// `permits` (dropped with the connection).
@@ -175,6 +194,8 @@ impl Connection {
             queues: HashMap::new(),
             seq: 0,
             inflight: 0,
+            reserved: 0,
+            held: false,
             out: Vec::with_capacity(16 * 1024),
             permit,
             permits,
@@ -192,24 +213,26 @@ impl Connection {
         let mut eof = false;
         loop {
             if eof && self.queues.is_empty() {
-                break;
+                // Requests held back for room in the output buffer still get their turn.
+                self.on_frames(&mut framer, &mut buf);
+                if self.queues.is_empty() && self.out.is_empty() {
+                    break;
+                }
             }
+            let full = self.output_full();
             tokio::select! {
                 biased;
                 Some(done) = self.rx.recv() => {
                     self.on_done(done);
                     self.drain_done();
+                    // Answers written out make room for the requests held back.
+                    self.on_frames(&mut framer, &mut buf);
                 }
-                read = stream.read_buf(&mut buf), if !eof => match read {
+                read = stream.read_buf(&mut buf), if !eof && !full => match read {
                     Ok(0) | Err(_) => eof = true,
                     Ok(_) => {
                         self.last_read = Instant::now();
-                        while let Some(frame) = framer.next_frame(&mut buf) {
-                            self.on_frame(frame);
-                            if self.close {
-                                break;
-                            }
-                        }
+                        self.on_frames(&mut framer, &mut buf);
                         if buf.capacity() - buf.len() < 4096 {
                             buf.reserve(16 * 1024);
                         }
@@ -244,6 +267,7 @@ impl Connection {
                     }
                 }
                 self.out.clear();
+                self.on_frames(&mut framer, &mut buf);
             }
             if self.close {
                 break;
@@ -251,6 +275,29 @@ impl Connection {
         }
         // Requests still in flight stop counting against the node.
         self.fe.node_inflight.fetch_sub(self.inflight, Ordering::AcqRel);
+    }
+
+    /// Whether reserved and unwritten answers fill the output buffer (then no request is
+    /// read until some are written).
+    fn output_full(&self) -> bool {
+        self.reserved + self.out.len() >= self.fe.cfg.output_buffer_bytes_max
+    }
+
+    /// Handles the complete request lines already read, as far as the output buffer has
+    /// room for their answers.
+    fn on_frames(&mut self, framer: &mut LineFramer, buf: &mut BytesMut) {
+        while !self.close {
+            if self.output_full() {
+                if !self.held && buf.contains(&b'\n') {
+                    self.held = true;
+                    self.fe.metrics.output_buffer_full.inc();
+                }
+                return;
+            }
+            self.held = false;
+            let Some(frame) = framer.next_frame(buf) else { return };
+            self.on_frame(frame);
+        }
     }
 
     fn drain_done(&mut self) {
@@ -325,16 +372,17 @@ impl Connection {
             }
             Request::Say { conv, id, text, bot, user } => {
                 let request = ConvRequest::Say { id: id.clone(), text, bot, user };
-                self.submit(conv, Some(id), request);
+                self.submit(conv, Some(id), request, self.fe.answer_bytes_max.turn);
             }
-            Request::History { conv, limit } => {
+            Request::History { conv, limit, before } => {
                 let limit = limit.unwrap_or(HISTORY_LIMIT_DEFAULT);
-                self.submit(conv, None, ConvRequest::History { limit });
+                let request = ConvRequest::History { limit, before };
+                self.submit(conv, None, request, self.fe.answer_bytes_max.history);
             }
         }
     }
 
-    fn submit(&mut self, conv: String, id: Option<String>, request: ConvRequest) {
+    fn submit(&mut self, conv: String, id: Option<String>, request: ConvRequest, answer: usize) {
         let conv: Arc<str> = Arc::from(conv);
         self.seq += 1;
         let seq = self.seq;
@@ -353,16 +401,18 @@ impl Connection {
                 .into(),
                 retry_after_ms: Some(cfg.retry_after_ms),
             };
-            self.queues.entry(conv.clone()).or_default().slots.insert(seq, Slot::Ready(busy));
+            self.queues.entry(conv.clone()).or_default().slots.insert(seq, Slot::Ready(busy, 0));
             return self.release(&conv);
         }
+        let reserve = answer + ANSWER_ENVELOPE_BYTES;
+        self.reserved += reserve;
         self.inflight += 1;
         self.fe.node_inflight.fetch_add(1, Ordering::AcqRel);
         self.queues
             .entry(conv.clone())
             .or_default()
             .slots
-            .insert(seq, Slot::Waiting { started: Instant::now(), id });
+            .insert(seq, Slot::Waiting { started: Instant::now(), id, reserve });
         let tx = self.tx.clone();
         let reply_conv = conv.clone();
         let reply = Reply::new(move |outcome| {
@@ -379,7 +429,9 @@ impl Connection {
 
     fn on_done(&mut self, done: Done) {
         let Some(queue) = self.queues.get_mut(&done.conv) else { return };
-        let Some(Slot::Waiting { started, id }) = queue.slots.get_mut(&done.seq) else {
+        let Some(&mut Slot::Waiting { started, ref mut id, reserve }) =
+            queue.slots.get_mut(&done.seq)
+        else {
             // Timed out earlier: the client already has its answer.
             return;
         };
@@ -388,7 +440,7 @@ impl Connection {
         if is_turn {
             self.fe.metrics.turn_latency.observe(started.elapsed().as_secs_f64());
         }
-        queue.slots.insert(done.seq, Slot::Ready(response));
+        queue.slots.insert(done.seq, Slot::Ready(response, reserve));
         self.finish_one();
         self.release(&done.conv);
     }
@@ -397,11 +449,12 @@ impl Connection {
     fn release(&mut self, conv: &Arc<str>) {
         let Some(mut queue) = self.queues.remove(conv) else { return };
         while let Some(entry) = queue.slots.first_entry() {
-            if !matches!(entry.get(), Slot::Ready(_)) {
+            if !matches!(entry.get(), Slot::Ready(..)) {
                 break;
             }
-            if let Slot::Ready(response) = entry.remove() {
+            if let Slot::Ready(response, reserve) = entry.remove() {
                 self.write(&response);
+                self.reserved -= reserve;
             }
         }
         if !queue.slots.is_empty() {
@@ -425,15 +478,16 @@ impl Connection {
         let mut expired = Vec::new();
         for (conv, queue) in &mut self.queues {
             for slot in queue.slots.values_mut() {
-                if let Slot::Waiting { started, id } = slot {
+                if let Slot::Waiting { started, id, reserve } = slot {
                     if started.elapsed() >= timeout {
+                        let reserve = *reserve;
                         *slot = Slot::Ready(Response::Error {
                             id: id.take(),
                             conv: Some(conv.to_string()),
                             code: ErrorCode::Timeout,
                             message: format!("no answer within {} ms; the outcome is unknown, retry with the same id", timeout.as_millis()),
                             retry_after_ms: Some(self.fe.cfg.retry_after_ms),
-                        });
+                        }, reserve);
                         expired.push(conv.clone());
                     }
                 }
@@ -460,7 +514,7 @@ fn to_response(
             turn,
             node: node.to_string(),
         },
-        ConvOutcome::History { turns, node } => Response::History {
+        ConvOutcome::History { turns, more, node } => Response::History {
             conv: conv.to_string(),
             turns: turns
                 .into_iter()
@@ -472,6 +526,7 @@ fn to_response(
                     user: t.user,
                 })
                 .collect(),
+            more,
             node: node.to_string(),
         },
         ConvOutcome::Failed { kind, message, retry_after_ms: hint } => {
@@ -481,6 +536,7 @@ fn to_response(
                 FailKind::Unavailable => ErrorCode::Unavailable,
                 FailKind::Timeout => ErrorCode::Timeout,
                 FailKind::Internal => ErrorCode::Internal,
+                FailKind::TooLarge => ErrorCode::TooLarge,
             };
             let retry_after_ms = code.is_retryable().then(|| hint.unwrap_or(retry_after_ms));
             Response::Error { id, conv: Some(conv.to_string()), code, message, retry_after_ms }

@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Shards this node gave away by load (rebalancing decisions).
     pub shards_moved: Counter,
     pub frames_too_large: Counter,
+    /// Times a connection stopped reading because its unread answers filled its buffer.
+    pub output_buffer_full: Counter,
     pub connections: Gauge,
     pub connections_rejected: Counter,
     pub connections_timed_out: Family<ReasonLabel, Counter>,
@@ -100,6 +102,7 @@ impl Default for Metrics {
             serving: Default::default(),
             shards_moved: Default::default(),
             frames_too_large: Default::default(),
+            output_buffer_full: Default::default(),
             connections: Default::default(),
             connections_rejected: Default::default(),
             connections_timed_out: Default::default(),
@@ -226,6 +229,11 @@ impl Metrics {
             "frames_too_large",
             "Request lines over frame_bytes_max",
             self.frames_too_large.clone(),
+        );
+        r.register(
+            "client_output_buffer_full",
+            "Times a client connection stopped being read: its unread answers reached output_buffer_bytes_max",
+            self.output_buffer_full.clone(),
         );
         r.register("client_connections", "Open client connections", self.connections.clone());
         r.register(

@@ -589,6 +589,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics: metrics.clone(),
         node_inflight: Default::default(),
         hello_failures: frontend::HelloFailures::new(&cfg.frontend),
+        answer_bytes_max: frontend::AnswerBytes {
+            turn: cfg.conversations.turn_bytes_max,
+            history: cfg.conversations.history_bytes_max,
+        },
     });
     let load_task = tokio::spawn(load_loop(LoadLoop {
         gossip: gossip_tx.clone(),

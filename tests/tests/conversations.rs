@@ -425,7 +425,7 @@ fn history_pipelined_after_say_shows_that_turn() {
             user: None,
         };
         batch.extend(say.to_line());
-        batch.extend(Request::History { conv, limit: None }.to_line());
+        batch.extend(Request::History { conv, limit: None, before: None }.to_line());
     }
     w.write_all(&batch).unwrap();
     // Answers of one conversation come in request order (others may interleave).

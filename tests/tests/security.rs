@@ -3,6 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use botclaw_client::{Client, ClientOptions};
 use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -159,44 +160,200 @@ fn failed_hellos_from_one_address_are_rate_limited() {
     assert!(metric(&m, "botclaw_errors_total{code=\"unauthorized\"}") >= 3.0);
 }
 
-/// A client that asks for large answers and never reads them is cut off once its answers
-/// cannot be written for `write_timeout_ms`, and the node keeps serving others.
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Says `text` on `conv` with id `id` over a plain socket and returns the answer line.
+fn say_line(
+    s: &mut std::net::TcpStream,
+    reader: &mut impl std::io::BufRead,
+    conv: &str,
+    id: &str,
+    text: &str,
+) -> String {
+    use std::io::Write;
+    let say = format!(
+        "{{\"op\":\"say\",\"conv\":\"{conv}\",\"id\":\"{id}\",\"text\":\"{text}\",\"bot\":\"echo\"}}\n"
+    );
+    s.write_all(say.as_bytes()).unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line
+}
+
+/// Bytes, not counts: a turn over `turn_bytes_max` (before or after the bot answers) is
+/// refused `too_large` and leaves no trace; a client that asks for many large answers and
+/// reads none holds at most its output buffer of the node's memory, is cut off after
+/// `write_timeout_ms`, and the node keeps serving others.
 #[test]
-fn a_client_that_does_not_read_is_cut_off() {
+fn a_client_that_does_not_read_is_cut_off_and_bounded_in_memory() {
     use std::io::{BufRead, BufReader, Write};
-    let mut c = Cluster::new(1).with_config("[frontend]\nwrite_timeout_ms = 500\n");
+    let mut c = Cluster::new(1).with_config("[frontend]\nwrite_timeout_ms = 2000\n");
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
     let addr = c.nodes[0].ports.client;
-    // A conversation of 20 turns of 50 KB: each history answer is about 2 MB (echoed).
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
-    let text = "x".repeat(50_000);
-    for i in 0..20 {
-        let say = format!(
-            "{{\"op\":\"say\",\"conv\":\"big\",\"id\":\"{i}\",\"text\":\"{text}\",\"bot\":\"echo\"}}\n"
-        );
-        s.write_all(say.as_bytes()).unwrap();
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.contains("\"reply\""), "{}", &line[..line.len().min(200)]);
+    // Over the 24 KiB turn limit as sent, and once the echo bot doubles it.
+    let line = say_line(&mut s, &mut reader, "big", "huge", &"x".repeat(30_000));
+    assert!(line.contains("\"too_large\""), "{}", &line[..line.len().min(300)]);
+    let line = say_line(&mut s, &mut reader, "big", "doubled", &"x".repeat(13_000));
+    assert!(line.contains("\"too_large\""), "{}", &line[..line.len().min(300)]);
+    // A conversation at its limits: 64 kept turns of ~22 KB, about 1.4 MB.
+    let text = "x".repeat(11_000);
+    for i in 0..64 {
+        let line = say_line(&mut s, &mut reader, "big", &i.to_string(), &text);
+        assert!(line.contains(&format!("\"turn\":{}", i + 1)), "{}", &line[..line.len().min(300)]);
     }
-    // Another socket asks for it 50 times and reads nothing.
+    let metrics = c.nodes[0].metrics();
+    assert_eq!(metric(&metrics, "botclaw_turns_too_large_total"), 2.0);
+    // Another socket asks for 256 KB pages 2,000 times (500 MB of answers) and reads none.
+    let pid = c.nodes[0].pid();
+    let before = rss_kib(pid);
     let mut greedy = std::net::TcpStream::connect(addr).unwrap();
-    for _ in 0..50 {
-        if greedy.write_all(b"{\"op\":\"history\",\"conv\":\"big\"}\n").is_err() {
-            break;
-        }
-    }
+    greedy.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ask = b"{\"op\":\"history\",\"conv\":\"big\",\"limit\":64}\n".repeat(2000);
+    let _ = greedy.write_all(&ask);
+    let mut peak = before;
     let cut = poll(Duration::from_secs(30), || {
+        peak = peak.max(rss_kib(pid));
         let m = c.nodes[0].metrics();
         let n = metric(&m, "botclaw_client_connections_timed_out_total{reason=\"write\"}");
         (n >= 1.0).then_some(())
     });
     assert!(cut.is_some(), "the non-reading client was not cut off");
-    // The first client is still served.
-    s.write_all(b"{\"op\":\"say\",\"conv\":\"small\",\"id\":\"1\",\"text\":\"hi\"}\n").unwrap();
+    // 8 MiB of output buffer, plus what the socket and allocator keep.
+    let grew_mb = peak.saturating_sub(before) / 1024;
+    eprintln!("rss before {before} KiB, peak {peak} KiB");
+    assert!(grew_mb < 64, "the node grew by {grew_mb} MB for one non-reading client");
+    let m = c.nodes[0].metrics();
+    assert!(metric(&m, "botclaw_client_output_buffer_full_total") >= 1.0);
+    // The first client is still served, and the conversation kept every acknowledged turn.
+    let line = say_line(&mut s, &mut reader, "small", "1", "hi");
+    assert!(line.contains("\"reply\""), "{line}");
+    s.write_all(b"{\"op\":\"history\",\"conv\":\"big\",\"limit\":64}\n").unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    assert!(line.contains("\"reply\""), "{line}");
+    let page: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let turns = page["turns"].as_array().unwrap();
+    assert!(turns.len() >= 10 && page["more"] == true, "one page of many: {}", turns.len());
+    assert_eq!(turns.last().unwrap()["turn"], 64);
+}
+
+/// A conversation at its byte limits stays readable through every node, page by page, and
+/// keeps working after its owner drains away; the links between nodes are never dropped
+/// (every message fits a frame by construction).
+#[test]
+fn a_conversation_at_its_limits_moves_and_is_read_through_every_node() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = rt.unwrap();
+    let addrs: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let connect =
+        |i: usize| rt.block_on(Client::connect(addrs[i], ClientOptions::default())).unwrap();
+    let text = "y".repeat(11_000);
+    let first = connect(0);
+    for i in 0..70 {
+        let r = rt.block_on(first.say("large", &format!("m{i}"), &text, Some("echo"))).unwrap();
+        assert_eq!(r.turn, i + 1);
+    }
+    // Every node pages through the 64 kept turns (turns 7..=70).
+    let read_all = |client: &Client| {
+        let mut turns = Vec::new();
+        let mut before = None;
+        loop {
+            let (page, more) = rt.block_on(client.history_page("large", Some(64), before)).unwrap();
+            assert!(!page.is_empty());
+            before = Some(page[0].turn);
+            turns.splice(0..0, page.into_iter().map(|t| t.turn));
+            if !more {
+                return turns;
+            }
+        }
+    };
+    let want: Vec<u64> = (7..=70).collect();
+    for i in 0..3 {
+        assert_eq!(read_all(&connect(i)), want, "through n{i}");
+        let m = c.nodes[i].metrics();
+        assert_eq!(metric(&m, "botclaw_link_drops_total"), 0.0, "n{i} dropped a link");
+    }
+    // The owner drains; a surviving node takes the conversation over.
+    let owner = get_json(c.nodes[0].ports.admin, "/placement?conv=large").unwrap();
+    let owner = owner["routed_owner"].as_str().unwrap().to_string();
+    let o = c.nodes.iter().position(|n| n.name == owner).unwrap();
+    let out = std::process::Command::new(botclaw_bin())
+        .args(["drain", "--admin", &c.nodes[o].ports.admin.to_string(), "--wait-s", "90"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.nodes[o].wait_exit(Duration::from_secs(30)).expect("drained node kept running");
+    let survivor = (0..3).find(|&i| i != o).unwrap();
+    let client = connect(survivor);
+    let r = poll(Duration::from_secs(30), || {
+        rt.block_on(client.say("large", "m70", &text, Some("echo"))).ok()
+    });
+    assert_eq!(r.expect("the moved conversation never answered").turn, 71);
+    let want: Vec<u64> = (8..=71).collect();
+    for i in (0..3).filter(|&i| i != o) {
+        assert_eq!(read_all(&connect(i)), want, "through n{i} after the move");
+        // Only the link to the node that left.
+        let m = c.nodes[i].metrics();
+        assert!(metric(&m, "botclaw_link_drops_total") <= 1.0, "n{i} dropped links");
+    }
+}
+
+/// Memory, not only counts: past `active_bytes_max` new conversations are answered `busy`
+/// (counted) while the active ones keep working; idle ones are passivated early, and new
+/// conversations are accepted again.
+#[test]
+fn the_conversation_memory_budget_refuses_new_conversations_then_recovers() {
+    use std::io::{BufRead, BufReader, Write};
+    // About 200 actors' worth.
+    let mut c = Cluster::new(1).with_config("[conversations]\nactive_bytes_max = 4194304\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let mut s = std::net::TcpStream::connect(c.nodes[0].ports.client).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut batch = String::new();
+    for k in 0..1000 {
+        batch.push_str(&format!(
+            "{{\"op\":\"say\",\"conv\":\"budget-{k}\",\"id\":\"1\",\"text\":\"hi\"}}\n"
+        ));
+    }
+    s.write_all(batch.as_bytes()).unwrap();
+    let (mut replies, mut busy) = (0, 0);
+    for _ in 0..1000 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.contains("\"reply\"") {
+            replies += 1;
+        } else if line.contains("\"busy\"") {
+            busy += 1;
+        } else {
+            panic!("unexpected answer {line}");
+        }
+    }
+    eprintln!("{replies} replies, {busy} busy");
+    assert!(busy > 0 && (100..1000).contains(&replies), "{replies} replies, {busy} busy");
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "botclaw_activations_refused_total"), busy as f64);
+    assert!(metric(&m, "botclaw_active_conversations_bytes") <= 4_194_304.0 + 64_000.0);
+    // An active conversation keeps working; after a second idle, new ones get in again.
+    let line = say_line(&mut s, &mut reader, "budget-0", "2", "again");
+    assert!(line.contains("\"turn\":2"), "{line}");
+    let admitted = poll(Duration::from_secs(20), || {
+        let line = say_line(&mut s, &mut reader, "budget-new", "1", "hi");
+        line.contains("\"reply\"").then_some(())
+    });
+    assert!(admitted.is_some(), "no new conversation admitted after passivation");
+    assert!(metric(&c.nodes[0].metrics(), "botclaw_passivations_total") > 0.0);
 }

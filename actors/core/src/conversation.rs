@@ -25,6 +25,23 @@ pub struct TurnRecord {
     pub messages: Vec<String>,
 }
 
+impl TurnRecord {
+    /// Bytes this turn holds: its strings plus a small fixed cost per field.
+    pub fn size_bytes(&self) -> usize {
+        record_bytes(&self.id, &self.text, self.user.as_deref(), &self.messages)
+    }
+}
+
+/// Bytes a turn with these fields holds (see [`TurnRecord::size_bytes`]).
+pub fn record_bytes(id: &str, text: &str, user: Option<&str>, messages: &[String]) -> usize {
+    const FIELD: usize = 8;
+    4 * FIELD
+        + id.len()
+        + text.len()
+        + user.map_or(0, str::len)
+        + messages.iter().map(|m| m.len() + FIELD).sum::<usize>()
+}
+
 /// What a turn commits: everything needed to move a stored conversation one turn forward.
 /// The record is shared (not copied) between the actor's state and the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +150,39 @@ impl ConversationState {
     pub fn history(&self, limit: usize) -> impl Iterator<Item = &Arc<TurnRecord>> {
         self.turns.iter().skip(self.turns.len().saturating_sub(limit))
     }
+
+    /// One page of history: the last `limit` kept turns numbered below `before` (all kept
+    /// turns when `None`), oldest first, holding at most `bytes_max` bytes of turns (but
+    /// always the newest one that qualifies, so paging makes progress). The flag says older
+    /// kept turns were left out.
+    pub fn history_page(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> (Vec<&Arc<TurnRecord>>, bool) {
+        let mut older = self.turns.iter().rev().filter(|t| before.is_none_or(|b| t.turn < b));
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let more = loop {
+            let Some(t) = older.next() else { break false };
+            let size = t.size_bytes();
+            if page.len() == limit || (!page.is_empty() && bytes + size > bytes_max) {
+                break true;
+            }
+            bytes += size;
+            page.push(t);
+        };
+        page.reverse();
+        (page, more)
+    }
+
+    /// Bytes this conversation holds: kept turns, bot state and bot name.
+    pub fn size_bytes(&self) -> usize {
+        self.bot.len()
+            + self.bot_state.len()
+            + self.turns.iter().map(|t| t.size_bytes()).sum::<usize>()
+    }
 }
 
 /// String equality that looks at the last byte first: client ids are usually counters or
@@ -198,6 +248,31 @@ mod tests {
         decoded.apply(c, 4);
         assert!(decoded.find("m6").is_none());
         assert_eq!(decoded.find("m10").unwrap().turn, 11);
+    }
+
+    #[test]
+    fn history_pages_by_count_and_bytes() {
+        let mut s = ConversationState::default();
+        for i in 0..10 {
+            let c = commit(&s, &format!("m{i}"));
+            s.apply(c, 8);
+        }
+        // Kept: turns 3..=10.
+        let turns = |page: &[&Arc<TurnRecord>]| page.iter().map(|t| t.turn).collect::<Vec<_>>();
+        let (page, more) = s.history_page(None, 3, usize::MAX);
+        assert_eq!((turns(&page), more), (vec![8, 9, 10], true));
+        let (page, more) = s.history_page(Some(8), 3, usize::MAX);
+        assert_eq!((turns(&page), more), (vec![5, 6, 7], true));
+        let (page, more) = s.history_page(Some(5), 3, usize::MAX);
+        assert_eq!((turns(&page), more), (vec![3, 4], false));
+        let one = s.turns[0].size_bytes();
+        let (page, more) = s.history_page(None, 100, 2 * one);
+        assert_eq!((turns(&page), more), (vec![9, 10], true), "bounded in bytes");
+        let (page, more) = s.history_page(None, 100, 1);
+        assert_eq!((turns(&page), more), (vec![10], true), "one turn even over the bound");
+        let (page, more) = s.history_page(Some(1), 5, usize::MAX);
+        assert_eq!((turns(&page), more), (vec![], false));
+        assert!(s.size_bytes() >= 8 * one);
     }
 
     #[test]

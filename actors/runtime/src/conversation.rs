@@ -32,22 +32,22 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use botclaw_core::conversation::ConversationState;
+use botclaw_core::conversation::{record_bytes, ConversationState};
 use botclaw_core::replication::{Epoch, Version};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::bot::{TurnContext, TurnInput};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
-use crate::host::{Activity, HostShared};
+use crate::host::{Activity, HostShared, MemoryCharge};
 use crate::replicator::Refusal;
 
 /// Messages of a conversation actor. Local-only: conversation actors are never mirrored
 /// on peers (only the router is remotable).
 pub enum ConvMsg {
     Request(ConvRequest, Reply),
-    /// Sent by the host's idle sweeper: passivate if idle and nothing is queued.
-    IdleCheck,
+    /// Sent by the host's idle sweeper: passivate if idle this long and nothing is queued.
+    IdleCheck(std::time::Duration),
     /// The write quorum holds `turn`, or cannot (sent by the actor's own commit waiters).
     Committed {
         turn: u64,
@@ -66,6 +66,7 @@ pub struct ConvArgs {
     pub conv: Arc<str>,
     pub shared: Arc<HostShared>,
     pub activity: Arc<Activity>,
+    pub charge: MemoryCharge,
 }
 
 pub struct ConvActorState {
@@ -93,6 +94,8 @@ pub struct ConvActorState {
     deferred: VecDeque<(ConvRequest, Reply)>,
     shared: Arc<HostShared>,
     activity: Arc<Activity>,
+    /// This actor's share of the node's conversation memory budget.
+    charge: MemoryCharge,
 }
 
 impl Actor for ConversationActor {
@@ -118,7 +121,10 @@ impl Actor for ConversationActor {
             }
         };
         // A refusal is kept aside until `post_start`, which closes the actor.
+        let mut charge = args.charge;
+        charge.set(owned.state.size_bytes());
         Ok(ConvActorState {
+            charge,
             cx: args.shared.turn_context(),
             conv: args.conv,
             durable_turn: owned.state.turn,
@@ -170,7 +176,7 @@ impl Actor for ConversationActor {
                     ConvRequest::Say { id, text, bot, user } => {
                         s.say(&me, id, text, bot.as_deref(), user, reply).await;
                     }
-                    request @ ConvRequest::History { limit } => {
+                    request @ ConvRequest::History { limit, before } => {
                         // Only where reads are allowed (the controller lease).
                         if let Err(refusal) = s.shared.replicator.read(&s.conv).await {
                             reply.send(refused(&refusal, s.shared.retry_after_ms));
@@ -179,14 +185,14 @@ impl Actor for ConversationActor {
                         // Every turn asked before it, answered once they are durable (a
                         // history pipelined after a say shows that say's turn; if a commit
                         // fails, this read fails with it).
-                        let turns = s
-                            .state
-                            .history(s.state.turns.len())
-                            .map(|t| (**t).clone())
-                            .collect::<Vec<_>>();
-                        let skip = turns.len().saturating_sub(limit as usize);
-                        let turns = turns.into_iter().skip(skip).collect();
-                        let outcome = ConvOutcome::History { turns, node: s.shared.node.clone() };
+                        let (page, more) = s.state.history_page(
+                            before,
+                            limit as usize,
+                            s.shared.history_bytes_max,
+                        );
+                        let turns = page.into_iter().map(|t| (**t).clone()).collect();
+                        let node = s.shared.node.clone();
+                        let outcome = ConvOutcome::History { turns, more, node };
                         let upto = s.state.turn;
                         s.reply_when_durable(upto, reply, outcome, request);
                     }
@@ -216,8 +222,8 @@ impl Actor for ConversationActor {
                     s.close(&me, Refusal::moved("ownership moved to another node"));
                 }
             }
-            ConvMsg::IdleCheck => {
-                let idle = s.activity.idle_for(&s.shared) >= s.shared.idle_passivate;
+            ConvMsg::IdleCheck(after) => {
+                let idle = s.activity.idle_for(&s.shared) >= after;
                 if idle && s.waiting.is_empty() && s.closed.is_none() && s.try_unregister() {
                     s.shared.metrics.passivations.inc();
                     me.stop(Some("passivated".into()));
@@ -337,6 +343,14 @@ impl ConvActorState {
                 request,
             );
         }
+        if record_bytes(&id, &text, user.as_deref(), &[]) > self.shared.turn_bytes_max {
+            self.shared.metrics.turns_too_large.inc();
+            let message = format!(
+                "the message is over this conversation's turn limit of {} bytes",
+                self.shared.turn_bytes_max
+            );
+            return reply.send(ConvOutcome::failed(FailKind::TooLarge, message));
+        }
         let bot_name = self.state.bot_for(bot, &self.shared.default_bot).to_string();
         let Some(runner) = self.shared.bots.get(&bot_name) else {
             let known: Vec<&str> = self.shared.bots.names().collect();
@@ -355,6 +369,20 @@ impl ConvActorState {
             AssertUnwindSafe(runner.turn(&mut self.cx, &mut bot_state, input)).catch_unwind().await;
         let failure = match outcome {
             Ok(Ok(messages)) => {
+                let turn_bytes = record_bytes(&id, &text, user.as_deref(), &messages);
+                let limits = (self.shared.turn_bytes_max, self.shared.bot_state_bytes_max);
+                if turn_bytes > limits.0 || bot_state.len() > limits.1 {
+                    // Nothing is committed; the conversation stays as it was.
+                    self.shared.metrics.turns_too_large.inc();
+                    let message = format!(
+                        "the turn ({turn_bytes} bytes with the bot's answer) or the bot state \
+                         ({} bytes) is over this conversation's limits ({} and {} bytes)",
+                        bot_state.len(),
+                        limits.0,
+                        limits.1
+                    );
+                    return reply.send(ConvOutcome::failed(FailKind::TooLarge, message));
+                }
                 let commit = self.state.next_commit(&bot_name, id, text, user, messages, bot_state);
                 let record = &commit.record;
                 // What the new owner runs (or finds done) if ownership moves before the turn
@@ -375,6 +403,7 @@ impl ConvActorState {
                         let turn = commit.record.turn;
                         let messages = commit.record.messages.clone();
                         self.state.apply(commit, self.shared.turns_kept_max);
+                        self.charge.set(self.state.size_bytes());
                         self.version = Version { epoch: self.epoch, turn };
                         self.shared.metrics.turns.inc();
                         self.reply_when_durable(

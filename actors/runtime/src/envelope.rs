@@ -18,8 +18,11 @@ pub enum ConvRequest {
         bot: Option<String>,
         user: Option<String>,
     },
+    /// The last `limit` kept turns before turn `before` (all kept turns when `None`),
+    /// oldest first, at most the node's `history_bytes_max` of them.
     History {
         limit: u32,
+        before: Option<u64>,
     },
     /// An owner's op for this node's copy of the conversation (replication).
     Replica(StoreOp),
@@ -45,6 +48,8 @@ pub enum FailKind {
     Unavailable,
     Timeout,
     Internal,
+    /// A turn, or the state it would leave, is over the conversation's byte limits.
+    TooLarge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +61,9 @@ pub enum ConvOutcome {
     },
     History {
         turns: Vec<TurnRecord>,
+        /// Older kept turns were left out (by `limit` or by bytes): ask again with `before`
+        /// set to the first turn returned.
+        more: bool,
         node: Arc<str>,
     },
     Failed {
@@ -158,7 +166,11 @@ mod tests {
             ConvOutcome::from_bytes(&[0xff, 0xff, 0xff]),
             ConvOutcome::Failed { kind: FailKind::Internal, .. }
         ));
-        let e = Envelope { conv: "c".into(), request: ConvRequest::History { limit: 3 }, hops: 1 };
+        let e = Envelope {
+            conv: "c".into(),
+            request: ConvRequest::History { limit: 3, before: Some(9) },
+            hops: 1,
+        };
         assert_eq!(Envelope::from_bytes(&e.to_bytes()).unwrap(), e);
         assert!(Envelope::from_bytes(&[0xff; 3]).is_err());
     }

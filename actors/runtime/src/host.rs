@@ -12,7 +12,7 @@
 //! from its last committed state. Requests queued at the failed actor are answered
 //! `internal` by their [`Reply`] guards.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -76,13 +76,64 @@ pub struct HostShared {
     /// Where requests go that an actor will not run because ownership moved (set once by
     /// the node: its routing).
     pub redirect: OnceLock<Redirect>,
+    /// Byte limits of one conversation (see `ConversationConfig`).
+    pub turn_bytes_max: usize,
+    pub bot_state_bytes_max: usize,
+    pub history_bytes_max: usize,
     active_max: usize,
+    /// Memory budget of the active conversations, and what they hold now (each actor adds
+    /// its estimate while it lives: see [`MemoryCharge`]).
+    active_bytes_max: u64,
+    active_bytes: AtomicI64,
     cache_entries_max: u64,
     cache_ttl: Duration,
     started: Instant,
 }
 
+/// What a live actor costs beyond its state (mailbox, caches, task, registry entry), as
+/// measured: ~21 KB per active conversation with small turns.
+pub const ACTOR_BYTES: usize = 20 * 1024;
+
+/// One actor's share of the node's conversation memory, given back when it is dropped
+/// (whichever way the actor ends).
+pub struct MemoryCharge {
+    shared: Arc<HostShared>,
+    bytes: usize,
+}
+
+impl MemoryCharge {
+    pub fn new(shared: &Arc<HostShared>, state_bytes: usize) -> MemoryCharge {
+        let mut charge = MemoryCharge { shared: shared.clone(), bytes: 0 };
+        charge.set(state_bytes);
+        charge
+    }
+
+    /// The actor's state now holds `state_bytes`.
+    pub fn set(&mut self, state_bytes: usize) {
+        let bytes = state_bytes + ACTOR_BYTES;
+        let delta = bytes as i64 - self.bytes as i64;
+        self.shared.active_bytes.fetch_add(delta, Ordering::AcqRel);
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for MemoryCharge {
+    fn drop(&mut self) {
+        self.shared.active_bytes.fetch_sub(self.bytes as i64, Ordering::AcqRel);
+    }
+}
+
 impl HostShared {
+    /// Estimated bytes of the active conversations.
+    pub fn active_bytes(&self) -> u64 {
+        self.active_bytes.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// Whether the conversations' memory budget is nearly spent (idle ones then go early).
+    fn memory_pressed(&self) -> bool {
+        self.active_bytes() >= self.active_bytes_max / 10 * 9
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -171,7 +222,12 @@ impl ConversationHost {
             turns_kept_max: cfg.turns_kept_max,
             idle_passivate: Duration::from_millis(cfg.idle_passivate_ms),
             redirect: OnceLock::new(),
+            turn_bytes_max: cfg.turn_bytes_max,
+            bot_state_bytes_max: cfg.bot_state_bytes_max,
+            history_bytes_max: cfg.history_bytes_max,
             active_max: cfg.active_max,
+            active_bytes_max: cfg.active_bytes_max,
+            active_bytes: AtomicI64::new(0),
             cache_entries_max: cfg.cache_entries_max,
             cache_ttl: Duration::from_millis(cfg.cache_ttl_ms),
             started: Instant::now(),
@@ -227,11 +283,19 @@ impl ConversationHost {
                     Err(_) => return,
                 }
             }
-            if self.shared.registry.len() >= self.shared.active_max {
+            let full = if self.shared.registry.len() >= self.shared.active_max {
+                Some("too many active conversations on this node")
+            } else if self.shared.active_bytes() >= self.shared.active_bytes_max {
+                Some("this node's memory budget for conversations is spent")
+            } else {
+                None
+            };
+            if let Some(message) = full {
+                self.shared.metrics.activations_refused.inc();
                 if let ConvMsg::Request(_, reply) = msg {
                     reply.send(ConvOutcome::Failed {
                         kind: FailKind::Busy,
-                        message: "too many active conversations on this node".into(),
+                        message: message.into(),
                         retry_after_ms: Some(1000),
                     });
                 }
@@ -242,10 +306,13 @@ impl ConversationHost {
                     sent: AtomicU64::new(0),
                     last_active_ms: AtomicU64::new(self.shared.now_ms()),
                 });
+                // Charged now, not once the actor has loaded: a burst of new conversations
+                // must not all pass the budget before any of them counts.
                 let args = ConvArgs {
                     conv: Arc::from(conv),
                     shared: self.shared.clone(),
                     activity: activity.clone(),
+                    charge: MemoryCharge::new(&self.shared, 0),
                 };
                 match ractor::ActorRuntime::<ConversationActor>::spawn_linked_instant(
                     None,
@@ -273,17 +340,31 @@ pub(crate) fn random_seed() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
 }
 
+/// How long a conversation must be idle to be passivated while memory is pressed.
+const PRESSED_IDLE: Duration = Duration::from_secs(1);
+
 async fn sweep_idle(host: ConversationHost) {
-    let every = (host.shared.idle_passivate / 4).max(Duration::from_millis(50));
+    let every = (host.shared.idle_passivate / 4).clamp(Duration::from_millis(50), PRESSED_IDLE);
     let mut tick = tokio::time::interval(every);
+    let mut last_full = Instant::now();
     loop {
         tick.tick().await;
         if host.supervisor.get_status() != ractor::ActorStatus::Running {
             return;
         }
+        let pressed = host.shared.memory_pressed();
+        if !pressed && last_full.elapsed() < host.shared.idle_passivate / 4 {
+            continue;
+        }
+        last_full = Instant::now();
+        let idle = if pressed {
+            host.shared.idle_passivate.min(PRESSED_IDLE)
+        } else {
+            host.shared.idle_passivate
+        };
         for entry in host.shared.registry.iter() {
-            if entry.activity.idle_for(&host.shared) >= host.shared.idle_passivate {
-                let _ = entry.actor.cast(ConvMsg::IdleCheck);
+            if entry.activity.idle_for(&host.shared) >= idle {
+                let _ = entry.actor.cast(ConvMsg::IdleCheck(idle));
             }
         }
     }

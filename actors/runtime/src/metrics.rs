@@ -18,7 +18,13 @@ pub struct ConversationMetrics {
     /// Retried message ids answered with the original reply.
     pub duplicates: Counter,
     pub active: Gauge,
+    /// Estimated bytes of the active conversations (state plus per-actor cost).
+    pub active_bytes: Gauge,
     pub activations: Counter,
+    /// New conversations refused because `active_max` or `active_bytes_max` was reached.
+    pub activations_refused: Counter,
+    /// Turns refused because they, or the bot state they left, were over the byte limits.
+    pub turns_too_large: Counter,
     pub passivations: Counter,
     /// Conversation actors restarted after a failure (bot panics and actor crashes).
     pub restarts: Counter,
@@ -62,7 +68,22 @@ impl ConversationMetrics {
             "Conversation actors alive on this node",
             self.active.clone(),
         );
+        r.register(
+            "active_conversations_bytes",
+            "Estimated bytes held by the active conversations (the memory budget's measure)",
+            self.active_bytes.clone(),
+        );
         r.register("activations", "Conversation actors started", self.activations.clone());
+        r.register(
+            "activations_refused",
+            "New conversations refused: active_max or active_bytes_max reached",
+            self.activations_refused.clone(),
+        );
+        r.register(
+            "turns_too_large",
+            "Turns refused as over turn_bytes_max or bot_state_bytes_max",
+            self.turns_too_large.clone(),
+        );
         r.register(
             "passivations",
             "Idle conversation actors stopped (state kept)",

@@ -261,8 +261,19 @@ impl Client {
         conv: &str,
         limit: Option<u32>,
     ) -> Result<Vec<HistoryTurn>, ClientError> {
-        match self.request(Request::History { conv: conv.into(), limit }).await? {
-            Response::History { turns, .. } => Ok(turns),
+        Ok(self.history_page(conv, limit, None).await?.0)
+    }
+
+    /// One page of history: the last `limit` kept turns numbered below `before`, and
+    /// whether older kept turns remain (ask for them with `before` = the page's first turn).
+    pub async fn history_page(
+        &self,
+        conv: &str,
+        limit: Option<u32>,
+        before: Option<u64>,
+    ) -> Result<(Vec<HistoryTurn>, bool), ClientError> {
+        match self.request(Request::History { conv: conv.into(), limit, before }).await? {
+            Response::History { turns, more, .. } => Ok((turns, more)),
             other => Err(unexpected(other)),
         }
     }

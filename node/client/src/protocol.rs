@@ -4,7 +4,7 @@
 //! {"op":"hello","token":"...","client":"name"}          -> {"op":"welcome","node":"...","protocol":1}
 //! {"op":"say","conv":"c-42","id":"m-1","text":"hi","bot":"shop","user":"u-7"}
 //!                                                        -> {"op":"reply","conv":"c-42","id":"m-1","messages":[...],"turn":3,"node":"..."}
-//! {"op":"history","conv":"c-42","limit":20}              -> {"op":"history","conv":"c-42","turns":[...],"node":"..."}
+//! {"op":"history","conv":"c-42","limit":20,"before":9}   -> {"op":"history","conv":"c-42","turns":[...],"more":true,"node":"..."}
 //! {"op":"topology"}                                      -> {"op":"topology","nodes":[{"name":...,"client_addr":...}]}
 //! {"op":"ping"}                                          -> {"op":"pong","node":"..."}
 //! errors: {"op":"error","id":...,"conv":...,"code":"...","message":"...","retry_after_ms":...}
@@ -37,10 +37,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
     },
+    /// The last `limit` kept turns (numbered below `before`, when given), oldest first; an
+    /// answer holds at most the node's `history_bytes_max` bytes of turns and says `more`
+    /// when older kept turns remain (ask again with `before` = its first turn).
     History {
         conv: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
     },
     Topology,
     Ping,
@@ -122,6 +127,9 @@ pub enum Response {
     History {
         conv: String,
         turns: Vec<HistoryTurn>,
+        /// Older kept turns were left out of this page.
+        #[serde(default)]
+        more: bool,
         node: String,
     },
     Topology {
@@ -231,6 +239,8 @@ struct FlatRequest<'a> {
     client: Option<Cow<'a, str>>,
     #[serde(default)]
     limit: Option<u32>,
+    #[serde(default)]
+    before: Option<u64>,
 }
 
 const OPS: &str = "hello, say, history, topology, ping";
@@ -272,7 +282,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         "history" => {
             let Some(c) = conv else { return missing("conv", id, None) };
             match check_id("conv", &c) {
-                Ok(()) => Ok(Request::History { conv: c, limit: raw.limit }),
+                Ok(()) => Ok(Request::History { conv: c, limit: raw.limit, before: raw.before }),
                 Err(m) => Err(bad(m, None, Some(c))),
             }
         }
@@ -301,6 +311,8 @@ struct FlatResponse {
     turn: Option<u64>,
     #[serde(default)]
     turns: Option<Vec<HistoryTurn>>,
+    #[serde(default)]
+    more: Option<bool>,
     #[serde(default)]
     nodes: Option<Vec<TopologyNode>>,
     #[serde(default)]
@@ -331,6 +343,7 @@ pub fn parse_response(line: &[u8]) -> Result<Response, String> {
         "history" => Response::History {
             conv: r.conv.ok_or_else(|| need("conv"))?,
             turns: r.turns.ok_or_else(|| need("turns"))?,
+            more: r.more.unwrap_or(false),
             node: r.node.ok_or_else(|| need("node"))?,
         },
         "topology" => Response::Topology { nodes: r.nodes.ok_or_else(|| need("nodes"))? },

@@ -30,8 +30,8 @@ fn parses_every_op() {
             },
         ),
         (
-            r#"{"op":"history","conv":"c-42","limit":20}"#,
-            Request::History { conv: "c-42".into(), limit: Some(20) },
+            r#"{"op":"history","conv":"c-42","limit":20,"before":7}"#,
+            Request::History { conv: "c-42".into(), limit: Some(20), before: Some(7) },
         ),
         (r#"{"op":"topology"}"#, Request::Topology),
         (r#"{"op":"ping"}"#, Request::Ping),
@@ -111,6 +111,7 @@ fn responses_parse_back() {
                 messages: vec![],
                 user: None,
             }],
+            more: true,
             node: "n".into(),
         },
         Response::Topology {
