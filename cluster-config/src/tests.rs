@@ -161,3 +161,17 @@ fn an_admin_port_reachable_from_other_hosts_needs_tokens() {
     assert!(allowed.validate().is_ok());
     assert!(with_secret("admin_addr = \"[::1]:7003\"\n").validate().is_ok(), "loopback stays open");
 }
+
+#[test]
+fn a_conversation_must_fit_half_a_link_frame() {
+    let err = |text: &str| with_secret(text).validate().unwrap_err().to_string();
+    let e = err("[conversations]\nturns_kept_max = 200");
+    assert!(e.contains("turn_bytes_max") && e.contains("half of link.frame_bytes_max"), "{e}");
+    assert!(err("[link]\nframe_bytes_max = 1048576").contains("half of link.frame_bytes_max"));
+    assert!(err("[conversations]\nhistory_bytes_max = 4194304").contains("history_bytes_max"));
+    assert!(err("[frontend]\noutput_buffer_bytes_max = 1024").contains("output_buffer_bytes_max"));
+    assert!(err("[conversations]\nactive_bytes_max = 0").contains("active_bytes_max"));
+    // Smaller turns make room for more of them.
+    let ok = with_secret("[conversations]\nturns_kept_max = 200\nturn_bytes_max = 8192");
+    assert_eq!(ok.validate().unwrap().conversations.turns_kept_max, 200);
+}
