@@ -50,6 +50,22 @@ impl ConfigError {
     }
 }
 
+/// Earlier secrets in `path`, one per non-empty line.
+fn read_previous_secrets(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let field = "previous_secret_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid(field, format!("{}: {e}", path.display())))?;
+    let secrets: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if secrets.iter().any(|s| s.len() < SECRET_BYTES_MIN) {
+        return Err(ConfigError::invalid(
+            field,
+            format!("every secret must be at least {SECRET_BYTES_MIN} bytes long"),
+        ));
+    }
+    Ok(secrets)
+}
+
 /// The secret in `path`: its first line, trimmed.
 fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -98,6 +114,13 @@ pub struct GossipConfig {
     pub remove_down_after_ms: u64,
     /// Largest datagram sent or accepted, authentication tag included.
     pub packet_bytes_max: usize,
+    /// A datagram sealed more than this before or after the receiver's clock is refused,
+    /// and one received twice within it is refused as a replay: nodes' clocks must agree
+    /// within it.
+    pub replay_window_ms: u64,
+    /// Datagrams remembered for replay detection; past it the oldest are forgotten and
+    /// anything sealed before them is refused.
+    pub replay_cache_max: usize,
 }
 
 impl Default for GossipConfig {
@@ -114,6 +137,8 @@ impl Default for GossipConfig {
             reannounce_interval_ms: 500,
             remove_down_after_ms: 24 * 3600 * 1000,
             packet_bytes_max: 1400,
+            replay_window_ms: 60_000,
+            replay_cache_max: 65_536,
         }
     }
 }
@@ -141,6 +166,8 @@ impl GossipConfig {
             ("gossip.gossip_interval_ms", self.gossip_interval_ms),
             ("gossip.reannounce_interval_ms", self.reannounce_interval_ms),
             ("gossip.remove_down_after_ms", self.remove_down_after_ms),
+            ("gossip.replay_window_ms", self.replay_window_ms),
+            ("gossip.replay_cache_max", self.replay_cache_max as u64),
             ("gossip.indirect_probes", self.indirect_probes as u64),
             ("gossip.gossip_fanout", self.gossip_fanout as u64),
             ("gossip.transmissions_min", u64::from(self.transmissions_min)),
@@ -651,6 +678,93 @@ pub struct HandoffConfig {
     pub held_requests_max: usize,
 }
 
+/// TLS on the cluster port (mutual: every node presents a certificate of the cluster CA and
+/// checks its peer's) and, optionally, on the client port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM files: the cluster CA, this node's certificate chain and its private key.
+    /// `botclaw tls init` writes a CA and node certificates for a quick start; `botclaw up`
+    /// uses it for the local demo.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name a node's certificate must carry (a DNS subject alternative name) for its
+    /// peers to accept it.
+    pub server_name: String,
+    /// Also serve the chat protocol over TLS (same certificate; clients are not asked for one).
+    pub client_port: bool,
+    /// A TLS handshake on the cluster or client port must finish within this.
+    pub handshake_timeout_ms: u64,
+    /// Cluster-port connections still in their handshake; past it new ones are closed at once.
+    pub unauthenticated_connections_max: usize,
+    /// Cluster-port connections in all.
+    pub connections_max: usize,
+    /// Allow a cluster port reachable from other hosts without TLS (user text would cross
+    /// the network in clear).
+    pub plaintext_allowed: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: "botclaw-node".into(),
+            client_port: false,
+            handshake_timeout_ms: 5_000,
+            unauthenticated_connections_max: 64,
+            connections_max: 1024,
+            plaintext_allowed: false,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether certificates are configured (all three files).
+    pub fn enabled(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
+    fn validate(&self, cluster_addr: SocketAddr) -> Result<(), ConfigError> {
+        let set =
+            [&self.ca_file, &self.cert_file, &self.key_file].iter().filter(|f| f.is_some()).count();
+        if set != 0 && set != 3 {
+            return Err(ConfigError::invalid(
+                "tls.ca_file",
+                "set all of ca_file, cert_file and key_file, or none",
+            ));
+        }
+        for (field, value) in [
+            ("tls.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("tls.unauthenticated_connections_max", self.unauthenticated_connections_max as u64),
+            ("tls.connections_max", self.connections_max as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.client_port && !self.enabled() {
+            return Err(ConfigError::invalid(
+                "tls.client_port",
+                "needs ca_file, cert_file and key_file",
+            ));
+        }
+        if !self.enabled() && !cluster_addr.ip().is_loopback() && !self.plaintext_allowed {
+            return Err(ConfigError::invalid(
+                "cluster_addr",
+                format!(
+                    "{cluster_addr} is reachable from other hosts and [tls] has no certificates: \
+                     conversations would cross the network in clear; set tls.ca_file, cert_file \
+                     and key_file (`botclaw tls init` makes them), or tls.plaintext_allowed = true"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The admin HTTP port.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -700,6 +814,9 @@ pub struct RawNodeConfig {
     /// A file holding the secret (first line; keep it mode 0600): keeps it out of config
     /// files, the environment and `ps`.
     pub secret_file: Option<PathBuf>,
+    /// A file of earlier cluster secrets, one per line, still accepted on gossip while a
+    /// new secret rolls out (see the README's key rotation).
+    pub previous_secret_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub roles: Option<Vec<String>>,
     pub capacity: Option<u32>,
@@ -716,6 +833,7 @@ pub struct RawNodeConfig {
     pub handoff: Option<HandoffConfig>,
     pub fault: Option<FaultConfig>,
     pub admin: Option<AdminConfig>,
+    pub tls: Option<TlsConfig>,
 }
 
 /// A validated node configuration.
@@ -729,6 +847,9 @@ pub struct NodeConfig {
     pub seeds: Vec<SocketAddr>,
     #[serde(skip)]
     pub secret: String,
+    /// Earlier secrets still accepted on gossip (key rotation).
+    #[serde(skip)]
+    pub previous_secrets: Vec<String>,
     pub data_dir: PathBuf,
     pub roles: Vec<String>,
     /// Relative weight of this node in placement (virtual nodes on the ring).
@@ -746,6 +867,7 @@ pub struct NodeConfig {
     pub handoff: HandoffConfig,
     pub fault: FaultConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -791,6 +913,7 @@ impl RawNodeConfig {
             // A secret given one way replaces one given the other way.
             secret: over.secret.clone().or(self.secret.filter(|_| over.secret_file.is_none())),
             secret_file: over.secret_file.or(self.secret_file.filter(|_| over.secret.is_none())),
+            previous_secret_file: over.previous_secret_file.or(self.previous_secret_file),
             data_dir: over.data_dir.or(self.data_dir),
             roles: over.roles.or(self.roles),
             capacity: over.capacity.or(self.capacity),
@@ -807,6 +930,7 @@ impl RawNodeConfig {
             handoff: over.handoff.or(self.handoff),
             fault: over.fault.or(self.fault),
             admin: over.admin.or(self.admin),
+            tls: over.tls.or(self.tls),
         }
     }
 
@@ -861,6 +985,12 @@ impl RawNodeConfig {
                 format!("must be at least {SECRET_BYTES_MIN} bytes long"),
             ));
         }
+        let previous_secrets = match &self.previous_secret_file {
+            None => Vec::new(),
+            Some(path) => read_previous_secrets(path)?,
+        };
+        let tls = self.tls.unwrap_or_default();
+        tls.validate(cluster_addr)?;
         let gossip = self.gossip.unwrap_or_default();
         gossip.validate()?;
         let link = self.link.unwrap_or_default();
@@ -960,6 +1090,7 @@ impl RawNodeConfig {
             admin_addr,
             seeds,
             secret,
+            previous_secrets,
             data_dir,
             roles,
             capacity,
@@ -976,6 +1107,7 @@ impl RawNodeConfig {
             handoff,
             fault: self.fault.unwrap_or_default(),
             admin: admin_cfg,
+            tls,
         })
     }
 }

@@ -36,11 +36,34 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Run a deterministic simulation scenario (same core code, simulated time and network).
     Sim(crate::sim::SimArgs),
+    /// TLS certificates for the cluster.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// The bench's baseline: a minimal tokio server speaking the same framing.
     #[command(hide = true)]
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TlsCommand {
+    /// Write a cluster CA and one certificate per node (for [tls] ca_file, cert_file,
+    /// key_file). Production clusters may use their own PKI instead.
+    Init {
+        /// Directory to write ca.pem, ca-key.pem, NAME.pem and NAME-key.pem into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node name to issue a certificate for (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Name every node certificate carries and peers check ([tls] server_name).
+        #[arg(long, default_value = "botclaw-node")]
+        server_name: String,
+        /// IP address to add to every node certificate (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
     },
 }
 
@@ -76,6 +99,10 @@ pub struct NodeArgs {
     /// --secret and BOTCLAW_SECRET.
     #[arg(long, env = "BOTCLAW_SECRET_FILE")]
     secret_file: Option<PathBuf>,
+    /// File of earlier cluster secrets, one per line, still accepted on gossip during a
+    /// key rotation.
+    #[arg(long, env = "BOTCLAW_PREVIOUS_SECRET_FILE")]
+    previous_secret_file: Option<PathBuf>,
     /// Data directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -99,6 +126,7 @@ impl NodeArgs {
             seeds: non_empty(&self.seeds),
             secret: self.secret.clone().filter(|_| self.secret_file.is_none()),
             secret_file: self.secret_file.clone(),
+            previous_secret_file: self.previous_secret_file.clone(),
             data_dir: self.data_dir.clone(),
             roles: non_empty(&self.roles),
             ..RawNodeConfig::default()
@@ -236,6 +264,22 @@ pub fn main() -> ExitCode {
         }
         Command::Node(args) => run_node(args),
         Command::Sim(args) => crate::sim::run(args),
+        Command::Tls(TlsCommand::Init { dir, names, server_name, ips }) => {
+            match crate::tls::init(&dir, &names, &server_name, &ips) {
+                Ok(()) => {
+                    println!(
+                        "wrote {}/ca.pem and a certificate per node; keep ca-key.pem and the \
+                         *-key.pem files private (mode 0600)",
+                        dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("botclaw tls init: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Up(args) => match crate::up::run(args) {
             Ok(code) => code,
             Err(e) => {

@@ -122,7 +122,17 @@ impl GossipDriver {
         (driver, rx)
     }
 
+    /// Gives the membership machine the wall clock before an input (datagrams are stamped
+    /// with it and judged against it for replays).
+    fn clock(&mut self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.membership.set_clock(now);
+    }
+
     pub async fn run(mut self, mut commands: mpsc::Receiver<GossipCommand>) {
+        self.clock();
         self.membership.start();
         self.execute().await;
         // One byte more than the limit, so an oversized datagram is seen as such instead
@@ -139,6 +149,7 @@ impl GossipDriver {
                     Err(e) => tracing::debug!(error = %e, "gossip recv error"),
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.clock();
                     let now = Instant::now();
                     while let Some(timer) = self.timers.pop_due(now) {
                         if let Err(e) = self.membership.handle_timer(timer) {
@@ -148,17 +159,20 @@ impl GossipDriver {
                 }
                 command = commands.recv() => match command {
                     Some(GossipCommand::Leave(done)) => {
+                        self.clock();
                         self.membership.leave();
                         self.execute().await;
                         let _ = done.send(());
                         return;
                     }
                     Some(GossipCommand::PublishLoad(summary)) => {
+                        self.clock();
                         if let Err(e) = self.membership.publish_load(&summary) {
                             tracing::warn!(error = %e, "load summary not published");
                         }
                     }
                     Some(GossipCommand::DropRole(role, done)) => {
+                        self.clock();
                         let dropped = self.membership.drop_role(&role);
                         let _ = done.send(dropped);
                     }
@@ -171,6 +185,7 @@ impl GossipDriver {
 
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
         self.metrics.gossip_received.inc();
+        self.clock();
         if let Err(e) = self.membership.handle_packet(datagram) {
             self.metrics.reject(e.label());
             tracing::debug!(%from, error = %e, len = datagram.len(), "gossip datagram rejected");

@@ -32,4 +32,5 @@ pub mod routing;
 pub mod shards;
 pub mod sim;
 pub mod status;
+pub mod tls;
 pub mod up;

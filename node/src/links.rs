@@ -38,6 +38,7 @@ pub async fn run(
     server: ActorRef<NodeServerMessage>,
     mut view: watch::Receiver<ClusterView>,
     metrics: Metrics,
+    tls: Option<std::sync::Arc<crate::tls::NodeTls>>,
     interval: Duration,
     dial_timeout: Duration,
 ) {
@@ -74,13 +75,19 @@ pub async fn run(
             match action {
                 LinkAction::Dial(peer) => {
                     metrics.link_dials.inc();
-                    let server = server.clone();
+                    let (server, tls) = (server.clone(), tls.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = ractor_cluster::client_connect(&server, peer.cluster).await
-                        {
-                            tracing::debug!(peer = %peer.link_name, error = %e, "link dial failed");
-                        } else {
-                            tracing::info!(peer = %peer.link_name, addr = %peer.cluster, "link dialed");
+                        let dial = crate::tls::dial(&server, peer.cluster, tls.as_deref());
+                        match tokio::time::timeout(dial_timeout, dial).await {
+                            Ok(Ok(())) => {
+                                tracing::info!(peer = %peer.link_name, addr = %peer.cluster, "link dialed")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer.link_name, error = %e, "link dial failed")
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer.link_name, "link dial timed out")
+                            }
                         }
                     });
                 }

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub gossip_received: Counter,
     pub gossip_rejected: Family<ReasonLabel, Counter>,
     pub admin_refused: Family<ReasonLabel, Counter>,
+    /// Cluster-port connections closed before they reached ractor_cluster, by reason.
+    pub cluster_refused: Family<ReasonLabel, Counter>,
     pub gossip_send_errors: Counter,
     pub gossip_updates_backlog: Gauge,
     pub member_events: Family<EventLabel, Counter>,
@@ -111,6 +113,7 @@ impl Default for Metrics {
             gossip_received: Default::default(),
             gossip_rejected: Default::default(),
             admin_refused: Default::default(),
+            cluster_refused: Default::default(),
             gossip_send_errors: Default::default(),
             gossip_updates_backlog: Default::default(),
             member_events: Default::default(),
@@ -149,6 +152,11 @@ impl Metrics {
             "admin_requests_refused",
             "Mutating admin requests refused (cross-origin, missing or unknown token)",
             self.admin_refused.clone(),
+        );
+        r.register(
+            "cluster_connections_refused",
+            "Cluster-port connections closed before reaching the link layer, by reason",
+            self.cluster_refused.clone(),
         );
         r.register(
             "gossip_send_errors",
@@ -257,6 +265,10 @@ impl Metrics {
 
     pub fn connection_timed_out(&self, reason: &str) {
         self.connections_timed_out.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn cluster_refused(&self, reason: &str) {
+        self.cluster_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn admin_refused(&self, reason: &str) {

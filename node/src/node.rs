@@ -17,7 +17,7 @@ use botclaw_actors::store::redb::{RedbStore, STATE_FILE as REDB_FILE};
 use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
-use botclaw_core::auth::derive_key;
+use botclaw_core::auth::{ClusterKeys, Keyring};
 use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX, MOVES_MAX};
 use botclaw_core::ownership::OwnershipConfig;
 use botclaw_core::placement::Placement;
@@ -36,25 +36,20 @@ use crate::metrics::Metrics;
 use crate::modules::NodeModules;
 use crate::routing::{self, Dispatcher, Maintained, NodePeers, PlacementView};
 
-/// The inter-node cookie: derived from the cluster secret, never equal to the gossip key.
-pub fn cluster_cookie(secret: &str) -> String {
-    hex::encode(derive_key(secret.as_bytes(), "cluster-cookie"))
+/// The inter-node cookie (ractor_cluster's handshake). Without TLS it is derived from the
+/// cluster secret (never equal to the gossip key) and is what keeps strangers off the
+/// cluster port. With TLS the CA's certificates authenticate peers, and the cookie is a
+/// constant, so a secret rotation never breaks a link.
+pub fn cluster_cookie(keys: &ClusterKeys, tls: bool) -> String {
+    if tls {
+        "botclaw-mutual-tls".into()
+    } else {
+        keys.cookie_hex()
+    }
 }
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn probe_tcp(addr: std::net::SocketAddr) -> std::io::Result<()> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    drop(socket.listen(1)?);
-    Ok(())
 }
 
 /// Refuses to start on an empty store of one engine while the data directory holds the
@@ -363,10 +358,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let client_listener = TcpListener::bind(cfg.client_addr)
         .await
         .with_context(|| format!("cannot bind client_addr {}", cfg.client_addr))?;
-    // ractor_cluster binds its own listener; probe the port (as a listener would bind it,
-    // with SO_REUSEADDR) so a conflict is reported here, naming the field.
-    probe_tcp(cfg.cluster_addr)
+    // The node's own listener on the cluster port (see `tls`); ractor_cluster's listens on
+    // an ephemeral loopback port.
+    let cluster_listener = TcpListener::bind(cfg.cluster_addr)
+        .await
         .with_context(|| format!("cannot bind cluster_addr {}", cfg.cluster_addr))?;
+    let tls = crate::tls::NodeTls::load(&cfg.tls).context("cannot load [tls] certificates")?;
+    let tls = tls.map(Arc::new);
+    // Derived once per process: Argon2id is slow on purpose.
+    let keys = ClusterKeys::derive(cfg.secret.as_bytes());
+    let previous: Vec<ClusterKeys> =
+        cfg.previous_secrets.iter().map(|s| ClusterKeys::derive(s.as_bytes())).collect();
 
     let identity = NodeId {
         name: cfg.name.clone(),
@@ -403,15 +405,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         (false, StoreEngine::Fjall) => Arc::new(FjallStore::open(dir, limits, m)?),
         (false, StoreEngine::Redb) => Arc::new(RedbStore::open(dir, limits, m)?),
     };
+    let unused_listener = tls
+        .as_ref()
+        .map(|t| ractor_cluster::IncomingEncryptionMode::Tls(t.cluster_acceptor.clone()));
     let server = NodeServer::new(
-        cfg.cluster_addr.port(),
-        cluster_cookie(&cfg.secret),
+        0,
+        cluster_cookie(&keys, tls.is_some()),
         link_name.clone(),
         cfg.cluster_addr.ip().to_string(),
-        None,
+        unused_listener,
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
     )
-    .with_listen_addr(cfg.cluster_addr.ip())
+    .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
     .with_max_inbound_frame_size(cfg.link.frame_bytes_max);
     let (server_ref, server_task) =
         Actor::spawn(None, server, ()).await.context("cannot start the inter-node server")?;
@@ -440,8 +445,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cfg.replication.incoming_max,
         conv_metrics.clone(),
     );
-    let membership =
-        Membership::new(identity, &cfg.seeds, cfg.secret.as_bytes(), &cfg.gossip, rand::random());
+    let membership = Membership::new(
+        identity,
+        &cfg.seeds,
+        Keyring::new(&keys, &previous),
+        &cfg.gossip,
+        rand::random(),
+    );
     let (driver, view) =
         GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
     let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
@@ -555,10 +565,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));
     let controller_task = tokio::spawn(controller.run());
+    let cluster_port_task = tokio::spawn(crate::tls::serve_cluster(
+        cluster_listener,
+        server_ref.clone(),
+        tls.clone(),
+        cfg.tls.clone(),
+        metrics.clone(),
+    ));
     let links_task = tokio::spawn(crate::links::run(
         server_ref.clone(),
         view.clone(),
         metrics.clone(),
+        tls.clone(),
         Duration::from_millis(cfg.link.reconcile_interval_ms),
         Duration::from_millis(cfg.link.dial_timeout_ms),
     ));
@@ -660,6 +678,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     placement_task.abort();
     hold_task.abort();
     links_task.abort();
+    cluster_port_task.abort();
     admin_task.abort();
     gossip_task.abort();
     controller_task.abort();

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use botclaw_config::{
-    local_ports, ControllerConfig, RawNodeConfig, StoreConfig, StoreEngine, DEFAULT_BASE_PORT,
+    local_ports, ControllerConfig, RawNodeConfig, StoreConfig, StoreEngine, TlsConfig,
+    DEFAULT_BASE_PORT,
 };
 use clap::Args;
 
@@ -40,6 +41,10 @@ pub struct UpArgs {
     /// Keep conversation state in memory only (no state files; nothing survives a stop).
     #[arg(long)]
     ephemeral: bool,
+    /// Links between nodes in clear (by default `up` writes a cluster CA and node
+    /// certificates under DATA/tls and the nodes talk mutual TLS).
+    #[arg(long)]
+    plaintext: bool,
     /// Storage engine of durable state: fjall or redb.
     #[arg(long, default_value = "fjall", value_parser = ["fjall", "redb"])]
     store_engine: String,
@@ -205,6 +210,17 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
+    let names: Vec<String> = (0..args.nodes).map(|i| format!("node-{i}")).collect();
+    let tls_dir = data_dir.join("tls");
+    if !args.plaintext {
+        let have = names.iter().all(|n| crate::tls::node_files(&tls_dir, n).2.exists());
+        if !have {
+            let local = [std::net::IpAddr::from([127, 0, 0, 1])];
+            crate::tls::init(&tls_dir, &names, "botclaw-node", &local)
+                .context("writing the cluster's TLS certificates")?;
+            println!("wrote a cluster CA and node certificates to {}", tls_dir.display());
+        }
+    }
     let mut nodes = Vec::new();
     println!(
         "{:<8} {:<16} {:<16} {:<16} {:<16} LOG",
@@ -218,6 +234,15 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             if args.store_engine == "redb" { StoreEngine::Redb } else { StoreEngine::Fjall };
         raw.store =
             Some(StoreConfig { ephemeral: args.ephemeral, engine, ..StoreConfig::default() });
+        if !args.plaintext {
+            let (ca, cert, key) = crate::tls::node_files(&tls_dir, &names[i as usize]);
+            raw.tls = Some(TlsConfig {
+                ca_file: Some(ca),
+                cert_file: Some(cert),
+                key_file: Some(key),
+                ..TlsConfig::default()
+            });
+        }
         let config = dir.join("botclaw.toml");
         fs::write(&config, raw.to_toml())?;
         let log = dir.join("node.log");

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use botclaw_config::GossipConfig;
+use botclaw_core::auth::Keyring;
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberView, Membership, NodeId};
 
@@ -82,6 +83,8 @@ pub struct SimNet {
     record_trace: bool,
     notices: Vec<Notice>,
     cfg: GossipConfig,
+    /// Gossip keys by secret, derived once (the KDF is slow on purpose).
+    keyrings: BTreeMap<Vec<u8>, Keyring>,
     /// Datagrams sent, dropped (loss, partition, dead or frozen receiver), duplicated.
     pub sent: u64,
     pub dropped: u64,
@@ -111,6 +114,7 @@ impl SimNet {
             record_trace: true,
             notices: Vec::new(),
             cfg,
+            keyrings: BTreeMap::new(),
             sent: 0,
             dropped: 0,
             duplicated: 0,
@@ -198,7 +202,13 @@ impl SimNet {
     /// Starts a node (replacing any process at the same address, as a restart does).
     pub fn start(&mut self, id: NodeId, seeds: &[SocketAddr], secret: &[u8], rng_seed: u64) {
         let addr = id.gossip;
-        let mut membership = Membership::new(id, seeds, secret, &self.cfg, rng_seed);
+        let keys = self
+            .keyrings
+            .entry(secret.to_vec())
+            .or_insert_with(|| Keyring::from_secrets(secret, &[]))
+            .clone();
+        let mut membership = Membership::new(id, seeds, keys, &self.cfg, rng_seed);
+        membership.set_clock(self.now_ms);
         membership.start();
         self.generations += 1;
         let node = SimNode { membership, generation: self.generations, frozen: false };
@@ -221,6 +231,7 @@ impl SimNet {
     /// The node at `addr` leaves gracefully, then its process exits.
     pub fn leave(&mut self, addr: SocketAddr) {
         if let Some(node) = self.nodes.get_mut(&addr) {
+            node.membership.set_clock(self.now_ms);
             node.membership.leave();
             self.drain(addr);
         }
@@ -229,7 +240,11 @@ impl SimNet {
 
     /// The node at `addr` announces itself again without `role` (a draining node).
     pub fn drop_role(&mut self, addr: SocketAddr, role: &str) -> bool {
-        let dropped = self.nodes.get_mut(&addr).is_some_and(|node| node.membership.drop_role(role));
+        let now_ms = self.now_ms;
+        let dropped = self.nodes.get_mut(&addr).is_some_and(|node| {
+            node.membership.set_clock(now_ms);
+            node.membership.drop_role(role)
+        });
         self.drain(addr);
         dropped
     }
@@ -311,6 +326,7 @@ impl SimNet {
                         continue;
                     }
                     // Rejected datagrams leave state unchanged; the real node counts them.
+                    node.membership.set_clock(self.now_ms);
                     let _ = node.membership.handle_packet(&data);
                     self.drain(to);
                 }
@@ -325,6 +341,7 @@ impl SimNet {
                         continue;
                     }
                     // Stale timers are reported by foca and ignored, as the node does.
+                    n.membership.set_clock(self.now_ms);
                     let _ = n.membership.handle_timer(timer);
                     self.drain(node);
                 }

@@ -1,25 +1,52 @@
-//! Authentication of gossip datagrams with the cluster secret.
+//! Gossip datagrams encrypted and authenticated with the cluster secret.
 //!
-//! A sealed packet is `VERSION || payload || HMAC-SHA256(key, VERSION || payload)`.
-//! [`PacketAuth::open`] checks size and tag (in constant time) before anything parses the
-//! payload, so a peer without the secret can never get a packet into foca. The key is
-//! derived from the secret with a domain label, so the same secret can key other uses
-//! (the inter-node cookie) without the two ever being equal.
+//! Keys: the cluster secret goes through Argon2id (memory-hard, ~19 MiB and 2 passes per
+//! guess) once per process, and the result is split by purpose (the gossip key, the
+//! inter-node cookie), so a captured datagram does not let a weak secret be brute-forced at
+//! the speed of SHA-256, and no two uses share a key.
 //!
-//! Replay is not prevented: a captured packet can be re-sent. SWIM tolerates duplicates and
-//! stale updates (incarnations only move forward), which bounds what a replay can do.
+//! A sealed packet is
+//! `VERSION || key_id (4) || nonce (24) || XChaCha20-Poly1305(key, ts_ms (8) || payload)`
+//! with `VERSION || key_id` as associated data. The nonce is random (192 bits: collisions
+//! are negligible without a counter); `key_id` names the key without revealing it, so a
+//! receiver holding several keys tries only the right one.
+//!
+//! Rotation, as memberlist's keyring: a [`Keyring`] seals with its primary key and opens
+//! with the primary or any previous key. Roll a new secret out as a previous key on every
+//! node, then make it primary everywhere, then drop the old one: at every step every pair
+//! of nodes understands each other.
+//!
+//! Replay: the sealed timestamp must be within `window_ms` of the receiver's clock, and a
+//! packet opened once is refused again within that window ([`ReplayGuard`] remembers the
+//! nonces it saw, bounded in count; once full it forgets the oldest and refuses anything
+//! not newer than what it forgot). Clocks of nodes must agree within the window.
+//!
+//! [`PacketAuth::open`] checks size, key and tag (in constant time) before anything parses
+//! the payload, so a peer without the secret can never get a packet into foca.
 
-use hmac::{Hmac, Mac};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Wire format version, the first byte of every datagram.
-pub const PACKET_VERSION: u8 = 1;
-/// Length of the authentication tag.
-pub const TAG_BYTES: usize = 32;
+/// Wire format version, the first byte of every datagram (1 was HMAC-only).
+pub const PACKET_VERSION: u8 = 2;
+const KEY_ID_BYTES: usize = 4;
+const NONCE_BYTES: usize = 24;
+const TS_BYTES: usize = 8;
+const TAG_BYTES: usize = 16;
+const HEADER_BYTES: usize = 1 + KEY_ID_BYTES + NONCE_BYTES;
 /// Bytes a sealed packet adds to its payload.
-pub const OVERHEAD_BYTES: usize = 1 + TAG_BYTES;
+pub const OVERHEAD_BYTES: usize = HEADER_BYTES + TS_BYTES + TAG_BYTES;
+/// Fixed salt of the key derivation: every node must derive the same keys from the same
+/// secret, so the salt cannot be random; it separates botclaw's keys from other uses of a
+/// reused password.
+const KDF_SALT: &[u8] = b"botclaw/v2/cluster-secret-kdf";
+/// Argon2id cost: OWASP's minimum recommendation (19 MiB, 2 passes, 1 lane).
+const KDF_MEMORY_KIB: u32 = 19 * 1024;
+const KDF_PASSES: u32 = 2;
 
 /// Why a datagram was rejected. The driver counts each reason separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -30,8 +57,14 @@ pub enum AuthError {
     TooLarge,
     #[error("unknown packet version")]
     BadVersion,
+    #[error("sealed with a key this node does not hold")]
+    UnknownKey,
     #[error("authentication tag does not match the cluster secret")]
     BadTag,
+    #[error("timestamp outside the replay window (clock skew or an old packet)")]
+    Stale,
+    #[error("packet already received (replayed)")]
+    Replayed,
 }
 
 impl AuthError {
@@ -41,39 +74,187 @@ impl AuthError {
             AuthError::TooShort => "too_short",
             AuthError::TooLarge => "too_large",
             AuthError::BadVersion => "bad_version",
+            AuthError::UnknownKey => "unknown_key",
             AuthError::BadTag => "bad_tag",
+            AuthError::Stale => "stale",
+            AuthError::Replayed => "replayed",
         }
     }
 }
 
-/// Seals and opens datagrams with a key derived from the cluster secret.
+/// The keys derived from one cluster secret.
+#[derive(Clone)]
+pub struct ClusterKeys {
+    gossip: [u8; 32],
+    cookie: [u8; 32],
+}
+
+impl std::fmt::Debug for ClusterKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKeys(..)")
+    }
+}
+
+impl ClusterKeys {
+    /// Argon2id of the secret, split by purpose. Costs tens of milliseconds (optimised):
+    /// derive once per process and secret.
+    pub fn derive(secret: &[u8]) -> ClusterKeys {
+        let params = argon2::Params::new(KDF_MEMORY_KIB, KDF_PASSES, 1, Some(64))
+            .expect("constant argon2 parameters are valid");
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = [0u8; 64];
+        argon
+            .hash_password_into(secret, KDF_SALT, &mut out)
+            .expect("any secret length and the fixed salt are accepted");
+        let (mut gossip, mut cookie) = ([0u8; 32], [0u8; 32]);
+        gossip.copy_from_slice(&out[..32]);
+        cookie.copy_from_slice(&out[32..]);
+        ClusterKeys { gossip, cookie }
+    }
+
+    /// The inter-node link cookie (ractor_cluster's handshake), hex.
+    pub fn cookie_hex(&self) -> String {
+        self.cookie.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// One gossip key and its public id.
+#[derive(Clone)]
+struct GossipKey {
+    id: [u8; KEY_ID_BYTES],
+    cipher: Arc<XChaCha20Poly1305>,
+}
+
+impl GossipKey {
+    fn new(keys: &ClusterKeys) -> GossipKey {
+        let mut h = Sha256::new();
+        h.update(b"botclaw/v2/gossip-key-id");
+        h.update(keys.gossip);
+        let digest = h.finalize();
+        let mut id = [0u8; KEY_ID_BYTES];
+        id.copy_from_slice(&digest[..KEY_ID_BYTES]);
+        let cipher = Arc::new(XChaCha20Poly1305::new((&keys.gossip).into()));
+        GossipKey { id, cipher }
+    }
+}
+
+/// The gossip keys a node holds: it seals with the primary and opens with any.
+#[derive(Clone)]
+pub struct Keyring {
+    primary: GossipKey,
+    previous: Vec<GossipKey>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring").field("keys", &(1 + self.previous.len())).finish()
+    }
+}
+
+impl Keyring {
+    pub fn new(primary: &ClusterKeys, previous: &[ClusterKeys]) -> Keyring {
+        Keyring {
+            primary: GossipKey::new(primary),
+            previous: previous.iter().map(GossipKey::new).collect(),
+        }
+    }
+
+    /// Derives the keys of `primary` and `previous` secrets (see [`ClusterKeys::derive`]).
+    pub fn from_secrets(primary: &[u8], previous: &[&[u8]]) -> Keyring {
+        let previous: Vec<ClusterKeys> = previous.iter().map(|s| ClusterKeys::derive(s)).collect();
+        Keyring::new(&ClusterKeys::derive(primary), &previous)
+    }
+
+    fn key(&self, id: &[u8]) -> Option<&GossipKey> {
+        std::iter::once(&self.primary).chain(&self.previous).find(|k| k.id == id)
+    }
+}
+
+/// Nonces of packets opened within the replay window, bounded in count.
+#[derive(Debug, Clone)]
+pub struct ReplayGuard {
+    window_ms: u64,
+    max: usize,
+    /// (timestamp, nonce prefix), oldest first, and the prefixes alone for lookups.
+    by_time: BTreeSet<(u64, u128)>,
+    seen: HashSet<u128>,
+    /// Packets sealed at or before this were forgotten for room: refused.
+    floor_ms: Option<u64>,
+}
+
+impl ReplayGuard {
+    pub fn new(window_ms: u64, max: usize) -> ReplayGuard {
+        ReplayGuard {
+            window_ms,
+            max: max.max(1),
+            by_time: BTreeSet::new(),
+            seen: HashSet::new(),
+            floor_ms: None,
+        }
+    }
+
+    /// Whether a packet sealed at `ts_ms` with `nonce` may be accepted at `now_ms`
+    /// (remembering it if so).
+    fn admit(&mut self, ts_ms: u64, nonce: &[u8], now_ms: u64) -> Result<(), AuthError> {
+        if ts_ms.saturating_add(self.window_ms) < now_ms
+            || ts_ms > now_ms.saturating_add(self.window_ms)
+            || self.floor_ms.is_some_and(|f| ts_ms <= f)
+        {
+            return Err(AuthError::Stale);
+        }
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&nonce[..16]);
+        let id = u128::from_le_bytes(prefix);
+        if self.seen.contains(&id) {
+            return Err(AuthError::Replayed);
+        }
+        // Forget what fell out of the window, then the oldest if still full.
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        while let Some(&(t, n)) = self.by_time.first() {
+            if t >= horizon && self.by_time.len() < self.max {
+                break;
+            }
+            self.by_time.pop_first();
+            self.seen.remove(&n);
+            if t >= horizon {
+                self.floor_ms = Some(self.floor_ms.map_or(t, |f| f.max(t)));
+            }
+        }
+        self.by_time.insert((ts_ms, id));
+        self.seen.insert(id);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// Seals and opens datagrams with a [`Keyring`], refusing replays.
 #[derive(Clone)]
 pub struct PacketAuth {
-    mac: HmacSha256,
+    keys: Keyring,
     packet_bytes_max: usize,
+    replay: ReplayGuard,
 }
 
 impl std::fmt::Debug for PacketAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PacketAuth").field("packet_bytes_max", &self.packet_bytes_max).finish()
+        f.debug_struct("PacketAuth")
+            .field("packet_bytes_max", &self.packet_bytes_max)
+            .field("keys", &self.keys)
+            .finish()
     }
 }
 
-/// Derives a purpose-specific key from the cluster secret.
-pub fn derive_key(secret: &[u8], purpose: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"botclaw/v1/");
-    h.update(purpose.as_bytes());
-    h.update([0u8]);
-    h.update(secret);
-    h.finalize().into()
-}
-
 impl PacketAuth {
-    pub fn new(secret: &[u8], packet_bytes_max: usize) -> Self {
-        let key = derive_key(secret, "gossip-hmac");
-        let mac = HmacSha256::new_from_slice(&key).expect("hmac takes keys of any length");
-        PacketAuth { mac, packet_bytes_max }
+    pub fn new(keys: Keyring, packet_bytes_max: usize, replay: ReplayGuard) -> Self {
+        PacketAuth { keys, packet_bytes_max, replay }
     }
 
     /// Largest payload that still fits in `packet_bytes_max` once sealed.
@@ -81,18 +262,37 @@ impl PacketAuth {
         self.packet_bytes_max - OVERHEAD_BYTES
     }
 
-    pub fn seal(&self, payload: &[u8]) -> Vec<u8> {
+    /// Encrypts `payload` under the primary key, stamped `now_ms`, with the random `nonce`.
+    pub fn seal(&self, payload: &[u8], now_ms: u64, nonce: [u8; NONCE_BYTES]) -> Vec<u8> {
+        let key = &self.keys.primary;
         let mut out = Vec::with_capacity(payload.len() + OVERHEAD_BYTES);
         out.push(PACKET_VERSION);
-        out.extend_from_slice(payload);
-        let mut mac = self.mac.clone();
-        mac.update(&out);
-        out.extend_from_slice(&mac.finalize().into_bytes());
+        out.extend_from_slice(&key.id);
+        out.extend_from_slice(&nonce);
+        let mut plain = Vec::with_capacity(TS_BYTES + payload.len());
+        plain.extend_from_slice(&now_ms.to_le_bytes());
+        plain.extend_from_slice(payload);
+        let sealed = key
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload { msg: &plain, aad: &out[..1 + KEY_ID_BYTES] },
+            )
+            .expect("XChaCha20-Poly1305 encrypts any datagram-sized message");
+        out.extend_from_slice(&sealed);
         out
     }
 
-    /// Returns the payload of an authentic datagram.
-    pub fn open<'a>(&self, packet: &'a [u8]) -> Result<&'a [u8], AuthError> {
+    /// Returns the payload of an authentic datagram received at `now_ms` that was not
+    /// received before.
+    pub fn open(&mut self, packet: &[u8], now_ms: u64) -> Result<Vec<u8>, AuthError> {
+        let (payload, ts, nonce) = self.decrypt(packet)?;
+        self.replay.admit(ts, &nonce, now_ms)?;
+        Ok(payload)
+    }
+
+    /// Checks and decrypts, without the replay guard: (payload, timestamp, nonce).
+    fn decrypt(&self, packet: &[u8]) -> Result<(Vec<u8>, u64, [u8; NONCE_BYTES]), AuthError> {
         if packet.len() > self.packet_bytes_max {
             return Err(AuthError::TooLarge);
         }
@@ -102,63 +302,19 @@ impl PacketAuth {
         if packet[0] != PACKET_VERSION {
             return Err(AuthError::BadVersion);
         }
-        let (signed, tag) = packet.split_at(packet.len() - TAG_BYTES);
-        let mut mac = self.mac.clone();
-        mac.update(signed);
-        mac.verify_slice(tag).map_err(|_| AuthError::BadTag)?;
-        Ok(&signed[1..])
+        let key = self.keys.key(&packet[1..1 + KEY_ID_BYTES]).ok_or(AuthError::UnknownKey)?;
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&packet[1 + KEY_ID_BYTES..HEADER_BYTES]);
+        let aad = &packet[..1 + KEY_ID_BYTES];
+        let plain = key
+            .cipher
+            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &packet[HEADER_BYTES..], aad })
+            .map_err(|_| AuthError::BadTag)?;
+        let mut ts = [0u8; TS_BYTES];
+        ts.copy_from_slice(&plain[..TS_BYTES]);
+        Ok((plain[TS_BYTES..].to_vec(), u64::from_le_bytes(ts), nonce))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn round_trip() {
-        let auth = PacketAuth::new(b"secret-one", 1400);
-        let sealed = auth.seal(b"hello");
-        assert_eq!(auth.open(&sealed).unwrap(), b"hello");
-    }
-
-    #[test]
-    fn wrong_secret_rejected() {
-        let a = PacketAuth::new(b"secret-one", 1400);
-        let b = PacketAuth::new(b"secret-two", 1400);
-        assert_eq!(b.open(&a.seal(b"hello")), Err(AuthError::BadTag));
-    }
-
-    #[test]
-    fn any_flipped_bit_rejected() {
-        let auth = PacketAuth::new(b"secret-one", 1400);
-        let sealed = auth.seal(b"payload bytes");
-        for i in 0..sealed.len() * 8 {
-            let mut bad = sealed.clone();
-            bad[i / 8] ^= 1 << (i % 8);
-            assert!(auth.open(&bad).is_err(), "bit {i} flip accepted");
-        }
-    }
-
-    #[test]
-    fn truncated_and_oversized_rejected() {
-        let auth = PacketAuth::new(b"secret-one", 100);
-        let sealed = auth.seal(b"0123456789");
-        assert_eq!(auth.open(&sealed[..sealed.len() - 1]), Err(AuthError::BadTag));
-        assert_eq!(auth.open(&sealed[..10]), Err(AuthError::TooShort));
-        assert_eq!(auth.open(&[1u8; 101]), Err(AuthError::TooLarge));
-    }
-
-    #[test]
-    fn keys_differ_by_purpose() {
-        assert_ne!(derive_key(b"s", "gossip-hmac"), derive_key(b"s", "cluster-cookie"));
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_bytes_never_open(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let auth = PacketAuth::new(b"secret-one", 1400);
-            prop_assert!(auth.open(&bytes).is_err());
-        }
-    }
-}
+mod tests;

@@ -22,10 +22,10 @@ use botclaw_config::GossipConfig;
 use foca::{Foca, Identity, Notification, PeriodicParams, PostcardCodec, State};
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::auth::{AuthError, PacketAuth};
+use crate::auth::{AuthError, Keyring, PacketAuth, ReplayGuard};
 use crate::load::{LoadGossip, LoadSummary, LoadTable};
 use crate::NodeId;
 
@@ -161,6 +161,11 @@ pub struct Membership {
     /// Picks catch-up targets (seeded: runs stay deterministic).
     rng: StdRng,
     catch_up: CatchUp,
+    /// Draws the nonces of sealed datagrams.
+    nonces: StdRng,
+    /// The driver's clock (milliseconds since the Unix epoch on a node; simulated time in
+    /// the simulator), set before each input: stamps sealed datagrams and judges replays.
+    now_ms: u64,
 }
 
 /// A joining node asks random members for more members (foca answers an announce with a
@@ -190,6 +195,8 @@ impl std::fmt::Debug for Membership {
 struct Outbox<'a> {
     effects: &'a mut VecDeque<Effect>,
     auth: &'a PacketAuth,
+    nonces: &'a mut StdRng,
+    now_ms: u64,
     /// Set when foca reports that this node rejoined (it was declared down).
     rejoined: &'a mut bool,
 }
@@ -214,7 +221,10 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
     }
 
     fn send_to(&mut self, to: NodeId, data: &[u8]) {
-        self.effects.push_back(Effect::Send { to: to.addr(), packet: self.auth.seal(data) });
+        let mut nonce = [0u8; 24];
+        self.nonces.fill_bytes(&mut nonce);
+        let packet = self.auth.seal(data, self.now_ms, nonce);
+        self.effects.push_back(Effect::Send { to: to.addr(), packet });
     }
 
     fn submit_after(&mut self, timer: foca::Timer<NodeId>, after: Duration) {
@@ -224,15 +234,17 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
 
 impl Membership {
     /// Creates the state machine. `seed` drives every random choice (probe order, gossip
-    /// targets); the same seed and the same inputs give the same outputs.
+    /// targets, nonces); the same seed and the same inputs give the same outputs. `keys`
+    /// seal and open datagrams (derive them once per process: see [`Keyring`]).
     pub fn new(
         identity: NodeId,
         seeds: &[SocketAddr],
-        secret: &[u8],
+        keys: Keyring,
         cfg: &GossipConfig,
         seed: u64,
     ) -> Self {
-        let auth = PacketAuth::new(secret, cfg.packet_bytes_max);
+        let replay = ReplayGuard::new(cfg.replay_window_ms, cfg.replay_cache_max);
+        let auth = PacketAuth::new(keys, cfg.packet_bytes_max, replay);
         let config = foca_config(cfg, auth.payload_bytes_max());
         let own = identity.gossip;
         let gossip = LoadGossip::default();
@@ -258,12 +270,24 @@ impl Membership {
             rejoined: false,
             rng: catch_up_rng,
             catch_up: CatchUp::default(),
+            nonces: StdRng::seed_from_u64(seed ^ 0x6e6f_6e63_6573_2121),
+            now_ms: 0,
         }
     }
 
+    /// Sets the clock the next inputs are handled at (see the `now_ms` field).
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
     fn outbox(&mut self) -> (&mut Swim, Outbox<'_>) {
-        let outbox =
-            Outbox { effects: &mut self.effects, auth: &self.auth, rejoined: &mut self.rejoined };
+        let outbox = Outbox {
+            effects: &mut self.effects,
+            auth: &self.auth,
+            nonces: &mut self.nonces,
+            now_ms: self.now_ms,
+            rejoined: &mut self.rejoined,
+        };
         (&mut self.foca, outbox)
     }
 
@@ -339,9 +363,9 @@ impl Membership {
     /// Feeds a datagram received on the gossip socket. Errors say why it was dropped;
     /// state is unchanged by a rejected datagram.
     pub fn handle_packet(&mut self, datagram: &[u8]) -> Result<(), PacketError> {
-        let payload = self.auth.open(datagram)?;
+        let payload = self.auth.open(datagram, self.now_ms)?;
         let (foca, outbox) = self.outbox();
-        foca.handle_data(payload, outbox).map_err(PacketError::Protocol)?;
+        foca.handle_data(&payload, outbox).map_err(PacketError::Protocol)?;
         self.track_join();
         Ok(())
     }

@@ -5,7 +5,11 @@ use std::net::SocketAddr;
 
 use super::*;
 
-const SECRET: &[u8] = b"test-cluster-secret";
+/// The test secret's keys, derived once.
+fn keys() -> Keyring {
+    static KEYS: std::sync::OnceLock<Keyring> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| Keyring::from_secrets(b"test-cluster-secret", &[])).clone()
+}
 
 fn node_id(port: u16) -> NodeId {
     NodeId { name: format!("n{port}"), ..NodeId::seed(SocketAddr::from(([127, 0, 0, 1], port))) }
@@ -13,15 +17,17 @@ fn node_id(port: u16) -> NodeId {
 
 #[test]
 fn garbage_is_rejected_without_state_change() {
-    let mut m = Membership::new(node_id(1), &[], SECRET, &GossipConfig::default(), 1);
+    let mut m = Membership::new(node_id(1), &[], keys(), &GossipConfig::default(), 1);
     m.start();
     while m.poll_effect().is_some() {}
     let before = m.members();
     assert!(matches!(m.handle_packet(&[]), Err(PacketError::Auth(AuthError::TooShort))));
     assert!(matches!(m.handle_packet(&[0u8; 5000]), Err(PacketError::Auth(AuthError::TooLarge))));
-    assert!(matches!(m.handle_packet(&[1u8; 100]), Err(PacketError::Auth(AuthError::BadTag))));
+    let unknown = m.handle_packet(&[crate::auth::PACKET_VERSION; 100]);
+    assert!(matches!(unknown, Err(PacketError::Auth(AuthError::UnknownKey))));
     // Authentic but not a foca message: rejected by foca's decoder.
-    let sealed = PacketAuth::new(SECRET, 1400).seal(b"\xff\xff\xff\xff");
+    let auth = PacketAuth::new(keys(), 1400, ReplayGuard::new(1000, 16));
+    let sealed = auth.seal(b"\xff\xff\xff\xff", 0, [7; 24]);
     assert!(matches!(m.handle_packet(&sealed), Err(PacketError::Protocol(_))));
     assert_eq!(m.members(), before);
     assert_eq!(m.poll_effect(), None, "a rejected datagram produced output");
@@ -29,11 +35,11 @@ fn garbage_is_rejected_without_state_change() {
 
 #[test]
 fn founder_is_joined_and_seeker_is_not() {
-    let mut founder = Membership::new(node_id(1), &[], SECRET, &GossipConfig::default(), 1);
+    let mut founder = Membership::new(node_id(1), &[], keys(), &GossipConfig::default(), 1);
     founder.start();
     assert!(founder.is_joined());
     let seed = SocketAddr::from(([127, 0, 0, 1], 1));
-    let mut seeker = Membership::new(node_id(2), &[seed], SECRET, &GossipConfig::default(), 2);
+    let mut seeker = Membership::new(node_id(2), &[seed], keys(), &GossipConfig::default(), 2);
     seeker.start();
     assert!(!seeker.is_joined());
     let first = seeker.poll_effect();
@@ -43,7 +49,7 @@ fn founder_is_joined_and_seeker_is_not() {
 #[test]
 fn own_address_is_not_a_seed() {
     let me = SocketAddr::from(([127, 0, 0, 1], 1));
-    let mut m = Membership::new(node_id(1), &[me], SECRET, &GossipConfig::default(), 1);
+    let mut m = Membership::new(node_id(1), &[me], keys(), &GossipConfig::default(), 1);
     m.start();
     assert!(m.is_joined(), "a node whose only seed is itself founds the cluster");
 }
@@ -65,8 +71,8 @@ fn largest_identities_fit_the_smallest_packet() {
         capacity: u32::MAX,
     };
     let cfg = GossipConfig { packet_bytes_max: PACKET_BYTES_MIN, ..GossipConfig::default() };
-    let mut a = Membership::new(big(60000), &[v6(50000)], SECRET, &cfg, 1);
-    let mut b = Membership::new(big(50000), &[], SECRET, &cfg, 2);
+    let mut a = Membership::new(big(60000), &[v6(50000)], keys(), &cfg, 1);
+    let mut b = Membership::new(big(50000), &[], keys(), &cfg, 2);
     a.start();
     b.start();
     // Shuttle datagrams between the two (timers ignored): announce, feed, gossip. Every
@@ -89,7 +95,7 @@ fn largest_identities_fit_the_smallest_packet() {
 
 #[test]
 fn a_founder_alone_stops_catching_up() {
-    let mut m = Membership::new(node_id(1), &[], SECRET, &GossipConfig::default(), 1);
+    let mut m = Membership::new(node_id(1), &[], keys(), &GossipConfig::default(), 1);
     m.start();
     let mut rounds = 0;
     loop {
