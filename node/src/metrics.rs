@@ -145,7 +145,7 @@ impl Metrics {
         );
         r.register(
             "gossip_packets_rejected",
-            "Gossip datagrams dropped (bad tag, size, version or protocol)",
+            "Gossip datagrams dropped (size, version, unknown key, bad tag, stale, replayed or protocol)",
             self.gossip_rejected.clone(),
         );
         r.register(

@@ -342,6 +342,29 @@ impl Cluster {
         i
     }
 
+    /// Mutual TLS between the nodes: a CA and a certificate per node written with
+    /// `botclaw tls init` under the cluster's directory, and a `[tls]` section added to each
+    /// node's config (call after `with_config`), with `extra` lines in that section.
+    pub fn with_tls(mut self, extra: &str) -> Cluster {
+        let dir = self.dir.path().join("tls");
+        let mut cmd = Command::new(botclaw_bin());
+        cmd.args(["tls", "init", "--dir"]).arg(&dir);
+        for node in &self.nodes {
+            cmd.args(["--name", &node.name]);
+        }
+        let out = cmd.output().expect("running botclaw tls init");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for node in &mut self.nodes {
+            let d = dir.display();
+            let tls = format!(
+                "[tls]\nca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/{n}.pem\"\nkey_file = \"{d}/{n}-key.pem\"\n{extra}",
+                n = node.name
+            );
+            node.config = Some(format!("{}\n{tls}", node.config.clone().unwrap_or_default()));
+        }
+        self
+    }
+
     /// Gives every node the same extra config (TOML sections).
     pub fn with_config(mut self, toml: &str) -> Cluster {
         for node in &mut self.nodes {

@@ -357,3 +357,143 @@ fn the_conversation_memory_budget_refuses_new_conversations_then_recovers() {
     assert!(admitted.is_some(), "no new conversation admitted after passivation");
     assert!(metric(&c.nodes[0].metrics(), "botclaw_passivations_total") > 0.0);
 }
+
+/// Sum of a metric over every running node of `c`.
+fn metric_sum(c: &Cluster, sample: &str) -> f64 {
+    c.nodes.iter().filter(|n| n.child.is_some()).map(|n| metric(&n.metrics(), sample)).sum()
+}
+
+/// Mutual TLS between nodes: turns cross the links; silent sockets on the cluster port are
+/// limited and timed out; bytes that are not TLS are refused; a node whose certificate is
+/// from another CA never links (though it knows the secret), and the cluster keeps serving.
+#[test]
+fn tls_links_carry_turns_and_keep_strangers_out() {
+    use std::io::Write;
+    let tls = "handshake_timeout_ms = 1000\nunauthenticated_connections_max = 8\n";
+    let mut c = Cluster::new(3).with_tls(tls);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = rt.unwrap();
+    let say_everywhere = |c: &Cluster, round: &str| {
+        for (i, node) in c.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some()).take(3) {
+            let client = rt.block_on(Client::connect(node.ports.client, ClientOptions::default()));
+            let client = client.unwrap();
+            for k in 0..20 {
+                let conv = format!("tls-{k}");
+                let r = rt.block_on(client.say(&conv, &format!("{round}-{i}"), "hi", Some("echo")));
+                assert!(r.is_ok(), "{conv} through n{i}: {r:?}");
+            }
+        }
+    };
+    say_everywhere(&c, "a");
+    assert!(metric_sum(&c, "botclaw_forwards_total") > 0.0, "no turn crossed a link");
+    // 20 silent sockets: 8 may start a handshake, the rest are closed at once; the 8 are
+    // closed after handshake_timeout_ms.
+    let cluster0 = c.nodes[0].ports.cluster;
+    let silent: Vec<std::net::TcpStream> =
+        (0..20).map(|_| std::net::TcpStream::connect(cluster0).unwrap()).collect();
+    let refused = |reason: &str| {
+        metric(
+            &c.nodes[0].metrics(),
+            &format!("botclaw_cluster_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let limited = poll(Duration::from_secs(20), || {
+        (refused("handshakes_full") >= 12.0 && refused("handshake_timeout") >= 8.0).then_some(())
+    });
+    assert!(
+        limited.is_some(),
+        "full {}, timed out {}",
+        refused("handshakes_full"),
+        refused("handshake_timeout")
+    );
+    drop(silent);
+    // Bytes that are not TLS (ractor_cluster's plain handshake, junk) are refused.
+    let before = refused("handshake");
+    let mut plain = std::net::TcpStream::connect(cluster0).unwrap();
+    let _ = plain.write_all(&[0, 0, 0, 0, 0, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    let junk = poll(Duration::from_secs(10), || (refused("handshake") > before).then_some(()));
+    assert!(junk.is_some(), "plain bytes on the TLS cluster port were not refused");
+    // A node with the secret but a certificate of another CA.
+    let rogue_dir = c.dir.path().join("rogue-tls");
+    let out = std::process::Command::new(botclaw_bin())
+        .args(["tls", "init", "--dir"])
+        .arg(&rogue_dir)
+        .args(["--name", "n3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r = c.add_node(SECRET);
+    let d = rogue_dir.display();
+    c.nodes[r].config = Some(format!(
+        "[tls]\nca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/n3.pem\"\nkey_file = \"{d}/n3-key.pem\"\n"
+    ));
+    c.nodes[r].start();
+    let handshakes_before =
+        metric_sum(&c, "botclaw_cluster_connections_refused_total{reason=\"handshake\"}");
+    // It gossips (it has the secret), so the others see it; its links never form.
+    let refused_rogue = poll(Duration::from_secs(30), || {
+        let n = metric_sum(&c, "botclaw_cluster_connections_refused_total{reason=\"handshake\"}");
+        (n >= handshakes_before + 2.0).then_some(())
+    });
+    assert!(refused_rogue.is_some(), "the rogue node's links were never refused\n{}", c.logs());
+    for i in 0..3 {
+        let status = c.nodes[i].status().unwrap();
+        let rogue =
+            status["members"].as_array().unwrap().iter().find(|m| m["name"] == "n3").cloned();
+        if let Some(m) = rogue {
+            assert_ne!(m["linked"], true, "n{i} linked to a node of another CA");
+        }
+    }
+    say_everywhere(&c, "b");
+}
+
+/// Gossip is sealed: a datagram captured on the wire and sent again is refused as a replay,
+/// a tampered one fails its tag, one under an unknown key is refused, each counted; the
+/// cluster is unaffected.
+#[test]
+fn replayed_tampered_and_foreign_gossip_is_refused() {
+    let mut c = Cluster::new(2);
+    // n1 also lists a "seed" that only records what n1 sends it: a captured datagram.
+    let tap = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    tap.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.nodes[1].seeds.push(tap.local_addr().unwrap());
+    let n0 = c.nodes[0].ports.gossip;
+    c.start_all();
+    let mut buf = [0u8; 2048];
+    let (len, _) = tap.recv_from(&mut buf).expect("n1 never announced to the tap");
+    let captured = buf[..len].to_vec();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let rejected = |reason: &str| {
+        metric(
+            &c.nodes[0].metrics(),
+            &format!("botclaw_gossip_packets_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // Authentic (it opens; foca refuses an announce addressed to another node), then the
+    // same bytes again: a replay.
+    tap.send_to(&captured, n0).unwrap();
+    tap.send_to(&captured, n0).unwrap();
+    let mut tampered = captured.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    tap.send_to(&tampered, n0).unwrap();
+    let mut foreign = captured.clone();
+    foreign[1] ^= 0xff;
+    tap.send_to(&foreign, n0).unwrap();
+    let seen = poll(Duration::from_secs(10), || {
+        (rejected("replayed") >= 1.0
+            && rejected("bad_tag") >= 1.0
+            && rejected("unknown_key") >= 1.0)
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "replayed {}, bad_tag {}, unknown_key {}",
+        rejected("replayed"),
+        rejected("bad_tag"),
+        rejected("unknown_key")
+    );
+    c.wait_converged(&[0, 1], CONVERGE);
+}
