@@ -22,6 +22,13 @@ pub struct ChatArgs {
     /// Client token, if the node requires one.
     #[arg(long, env = "BOTCLAW_CLIENT_TOKEN")]
     pub token: Option<String>,
+    /// Talk TLS, trusting the CA certificate(s) in this PEM file (nodes with
+    /// `[tls] client_port = true`).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the nodes' certificates carry.
+    #[arg(long, default_value = "botclaw-node")]
+    pub tls_server_name: String,
 }
 
 const HELP: &str = "commands: /history [N], /topology, /ping, /conv ID, /bot NAME, /quit; anything else is said to the bot";
@@ -35,6 +42,10 @@ pub async fn run(args: ChatArgs) -> Result<()> {
         client: ClientOptions {
             client_name: "botclaw-chat".into(),
             token: args.token.clone(),
+            tls: match &args.tls_ca {
+                Some(ca) => Some(botclaw_client::ClientTls::from_ca_file(ca, &args.tls_server_name)?),
+                None => None,
+            },
             ..FailoverOptions::default().client
         },
         ..Default::default()

@@ -23,8 +23,8 @@ use botclaw_client::protocol::{
 use botclaw_config::FrontendConfig;
 use botclaw_core::MemberState;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::gossip::ClusterView;
@@ -94,7 +94,11 @@ impl HelloFailures {
     }
 }
 
-pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
+pub async fn serve(
+    listener: TcpListener,
+    fe: Arc<Frontend>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let permits = Arc::new(Semaphore::new(fe.cfg.connections_max));
     // With tokens, a connection first holds a place among the unauthenticated ones and
     // takes one of `permits` when its `hello` succeeds.
@@ -122,10 +126,25 @@ pub async fn serve(listener: TcpListener, fe: Arc<Frontend>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (fe, permits) = (fe.clone(), permits.clone());
+        let (fe, permits, tls) = (fe.clone(), permits.clone(), tls.clone());
         tokio::spawn(async move {
             fe.metrics.connections.inc();
-            Connection::new(fe.clone(), peer.ip(), permit, permits).run(stream).await;
+            let connection = Connection::new(fe.clone(), peer.ip(), permit, permits);
+            match tls {
+                None => connection.run(stream).await,
+                Some(tls) => {
+                    // The handshake counts against the hello deadline.
+                    let within = Duration::from_millis(fe.cfg.hello_timeout_ms);
+                    match tokio::time::timeout(within, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.run(stream).await,
+                        Ok(Err(e)) => {
+                            fe.metrics.connection_timed_out("tls");
+                            tracing::debug!(%peer, error = %e, "client TLS handshake failed");
+                        }
+                        Err(_) => fe.metrics.connection_timed_out("hello"),
+                    }
+                }
+            }
             fe.metrics.connections.dec();
         });
     }
@@ -205,7 +224,7 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, mut stream: TcpStream) {
+    async fn run(mut self, mut stream: impl AsyncRead + AsyncWrite + Unpin) {
         let mut framer = LineFramer::new(self.fe.cfg.frame_bytes_max);
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);

@@ -622,7 +622,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view: view.clone(),
         rebalance: cfg.rebalance.clone(),
     }));
-    let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend));
+    let client_tls = tls.as_ref().and_then(|t| t.client_acceptor.clone());
+    let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend, client_tls));
     let drain_dispatcher = dispatcher.clone();
     let admin_state = Arc::new(AdminState {
         view: view.clone(),

@@ -497,3 +497,33 @@ fn replayed_tampered_and_foreign_gossip_is_refused() {
     );
     c.wait_converged(&[0, 1], CONVERGE);
 }
+
+/// `[tls] client_port = true`: a client that trusts the cluster CA talks TLS to the chat
+/// port; a plain-text client gets no answer and is counted.
+#[test]
+fn the_client_port_speaks_tls_when_asked() {
+    use std::io::{Read, Write};
+    let mut c = Cluster::new(1).with_tls("client_port = true\n");
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = rt.unwrap();
+    let ca = c.dir.path().join("tls").join("ca.pem");
+    let tls = botclaw_client::ClientTls::from_ca_file(&ca, "botclaw-node").unwrap();
+    let opts = ClientOptions { tls: Some(tls), ..ClientOptions::default() };
+    let client = rt.block_on(Client::connect(c.nodes[0].ports.client, opts)).unwrap();
+    let r = rt.block_on(client.say("tls-chat", "1", "over tls", Some("echo"))).unwrap();
+    assert_eq!(r.turn, 1);
+    // Plain text: the node answers nothing readable and closes.
+    let mut plain = std::net::TcpStream::connect(c.nodes[0].ports.client).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    plain.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("pong"), "plain text was served");
+    let failed = poll(Duration::from_secs(10), || {
+        let m = c.nodes[0].metrics();
+        (metric(&m, "botclaw_client_connections_timed_out_total{reason=\"tls\"}") >= 1.0).then_some(())
+    });
+    assert!(failed.is_some());
+}

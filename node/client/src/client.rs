@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -47,6 +46,46 @@ pub struct ClientOptions {
     pub attempts_max: u32,
     /// First back-off when the node suggests none; doubles per attempt.
     pub backoff: Duration,
+    /// Talk TLS to the node's client port (`[tls] client_port = true`).
+    pub tls: Option<ClientTls>,
+}
+
+/// How a client checks a node's certificate: the CA that signed it and the name it carries.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in the PEM file `ca` and expects nodes to carry
+    /// `server_name` (by default `botclaw-node`).
+    pub fn from_ca_file(ca: &std::path::Path, server_name: &str) -> Result<ClientTls, ClientError> {
+        use rustls_pki_types::pem::PemObject;
+        let bad = |what: String| ClientError::Protocol(what);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| bad(format!("{}: {e}", ca.display())))?
+        {
+            let cert = cert.map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+            roots.add(cert).map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| bad(format!("server name {server_name:?}: {e}")))?;
+        Ok(ClientTls { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name })
+    }
 }
 
 impl Default for ClientOptions {
@@ -57,6 +96,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(15),
             attempts_max: 8,
             backoff: Duration::from_millis(50),
+            tls: None,
         }
     }
 }
@@ -78,8 +118,10 @@ struct Pending {
     closed: bool,
 }
 
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 pub struct Client {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Arc<Mutex<Pending>>,
     node: String,
     opts: ClientOptions,
@@ -116,7 +158,7 @@ fn dispatch(pending: &Mutex<Pending>, response: Response) {
     }
 }
 
-async fn read_loop(mut stream: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mutex<Pending>>) {
+async fn read_loop(mut stream: impl AsyncRead + Unpin, pending: Arc<Mutex<Pending>>) {
     let mut framer = LineFramer::new(RESPONSE_BYTES_MAX);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -144,9 +186,18 @@ impl Client {
     pub async fn connect(addr: SocketAddr, opts: ClientOptions) -> Result<Client, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (read, write) = stream.into_split();
         let pending = Arc::new(Mutex::new(Pending::default()));
-        let reader = tokio::spawn(read_loop(read, pending.clone()));
+        let (reader, write): (_, Writer) = match &opts.tls {
+            None => {
+                let (read, write) = stream.into_split();
+                (tokio::spawn(read_loop(read, pending.clone())), Box::new(write))
+            }
+            Some(tls) => {
+                let stream = tls.connector.connect(tls.server_name.clone(), stream).await?;
+                let (read, write) = tokio::io::split(stream);
+                (tokio::spawn(read_loop(read, pending.clone())), Box::new(write))
+            }
+        };
         let mut client = Client {
             writer: tokio::sync::Mutex::new(write),
             pending,

@@ -17,7 +17,7 @@ pub mod cluster;
 pub mod codec;
 pub mod protocol;
 
-pub use client::{Client, ClientError, ClientOptions, SayReply};
+pub use client::{Client, ClientError, ClientOptions, ClientTls, SayReply};
 pub use cluster::{FailoverClient, FailoverOptions};
 pub use protocol::{ErrorCode, Request, Response};
 
