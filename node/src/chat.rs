@@ -43,7 +43,9 @@ pub async fn run(args: ChatArgs) -> Result<()> {
             client_name: "botclaw-chat".into(),
             token: args.token.clone(),
             tls: match &args.tls_ca {
-                Some(ca) => Some(botclaw_client::ClientTls::from_ca_file(ca, &args.tls_server_name)?),
+                Some(ca) => {
+                    Some(botclaw_client::ClientTls::from_ca_file(ca, &args.tls_server_name)?)
+                }
                 None => None,
             },
             ..FailoverOptions::default().client

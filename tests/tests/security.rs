@@ -523,7 +523,8 @@ fn the_client_port_speaks_tls_when_asked() {
     assert!(!String::from_utf8_lossy(&answer).contains("pong"), "plain text was served");
     let failed = poll(Duration::from_secs(10), || {
         let m = c.nodes[0].metrics();
-        (metric(&m, "botclaw_client_connections_timed_out_total{reason=\"tls\"}") >= 1.0).then_some(())
+        (metric(&m, "botclaw_client_connections_timed_out_total{reason=\"tls\"}") >= 1.0)
+            .then_some(())
     });
     assert!(failed.is_some());
 }

@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod controller;
 pub mod conversation;
+pub mod fuzz;
 pub mod handoff;
 pub mod identity;
 pub mod links;

@@ -35,4 +35,7 @@ pub mod shards;
 pub mod shared_cache;
 pub mod store;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use router::{RouterActor, RouterArgs, RouterMessage};

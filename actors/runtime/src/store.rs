@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3Builder;
 
-mod durable;
+pub(crate) mod durable;
 pub use durable::StoreLimits;
 pub mod fjall;
 pub mod redb;

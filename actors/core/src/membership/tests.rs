@@ -112,3 +112,58 @@ fn a_founder_alone_stops_catching_up() {
     }
     assert_eq!(rounds, CATCH_UP_QUIET_ROUNDS);
 }
+
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{cases, mutate};
+    use proptest::prelude::*;
+
+    /// Authentic datagrams a seeker sends its seed (announces), opened to their payloads.
+    fn valid_payloads() -> Vec<Vec<u8>> {
+        let seed = SocketAddr::from(([127, 0, 0, 1], 1));
+        let mut seeker = Membership::new(node_id(2), &[seed], keys(), &GossipConfig::default(), 2);
+        seeker.set_clock(1_000);
+        seeker.start();
+        let mut opener = PacketAuth::new(keys(), 1400, ReplayGuard::new(60_000, 1024));
+        let mut out = Vec::new();
+        while let Some(effect) = seeker.poll_effect() {
+            if let Effect::Send { packet, .. } = effect {
+                out.push(opener.open(&packet, 1_000).unwrap());
+            }
+        }
+        assert!(!out.is_empty());
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Damaged foca messages that pass authentication (a peer holding the secret, or a
+        /// bug) never panic the membership machine.
+        #[test]
+        fn authentic_damaged_foca_messages_never_panic(seed in any::<u64>(), pick in any::<usize>()) {
+            let payloads = valid_payloads();
+            let payload = mutate(&payloads[pick % payloads.len()], seed);
+            let mut m = Membership::new(node_id(1), &[], keys(), &GossipConfig::default(), 1);
+            m.set_clock(1_000);
+            m.start();
+            let sealer = PacketAuth::new(keys(), 1400, ReplayGuard::new(60_000, 16));
+            let mut nonce = [0u8; 24];
+            nonce[..8].copy_from_slice(&seed.to_le_bytes());
+            if payload.len() <= sealer.payload_bytes_max() {
+                let _ = m.handle_packet(&sealer.seal(&payload, 1_000, nonce));
+            }
+            while m.poll_effect().is_some() {}
+        }
+
+        #[test]
+        fn authentic_arbitrary_bytes_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..1300)) {
+            let mut m = Membership::new(node_id(1), &[], keys(), &GossipConfig::default(), 1);
+            m.set_clock(1_000);
+            m.start();
+            let sealer = PacketAuth::new(keys(), 1400, ReplayGuard::new(60_000, 16));
+            let _ = m.handle_packet(&sealer.seal(&payload, 1_000, [3; 24]));
+            while m.poll_effect().is_some() {}
+        }
+    }
+}

@@ -145,3 +145,38 @@ fn a_controller_restarts_from_its_log() {
     }
     assert_eq!(again.map(), ctl.map());
 }
+
+mod fuzz {
+    use super::*;
+    use botclaw_core::fuzz::{cases, mutate};
+    use proptest::prelude::*;
+
+    fn valid_log() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for b in [batch(1, 3, 1), batch(4, 2, 2)] {
+            bytes.extend(frame(&b.to_bytes()).unwrap());
+        }
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// A damaged log file: an error or a good prefix, never a panic.
+        #[test]
+        fn damaged_logs_never_panic(seed in any::<u64>()) {
+            let bytes = mutate(&valid_log(), seed);
+            if let Ok((_, _, good)) = replay(Path::new("fuzz"), &bytes) {
+                prop_assert!(good <= bytes.len());
+            }
+        }
+
+        /// A record whose checksum holds but whose payload is damaged (a bug, or a file
+        /// edited by hand): refused, never a panic.
+        #[test]
+        fn checksummed_damaged_records_never_panic(seed in any::<u64>()) {
+            let payload = mutate(&batch(1, 3, 1).to_bytes(), seed);
+            let _ = replay(Path::new("fuzz"), &frame(&payload).unwrap());
+        }
+    }
+}

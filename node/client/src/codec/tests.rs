@@ -47,6 +47,7 @@ fn line_of_exactly_the_limit_passes() {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(botclaw_core::fuzz::cases()))]
     /// Whatever the bytes and however they are split into reads, the framer never holds
     /// more than the limit plus one read, and every line it returns is within the limit.
     #[test]
