@@ -206,6 +206,9 @@ pub struct LinkConfig {
     pub dial_timeout_ms: u64,
     /// Largest inbound inter-node frame accepted.
     pub frame_bytes_max: u64,
+    /// TCP keepalive on cluster-port connections (accepted ones; gossip decides when a
+    /// peer is gone, this only frees sockets of peers that vanished).
+    pub keepalive_ms: u64,
     /// Timeout of a cross-node call such as the link ping.
     pub call_timeout_ms: u64,
 }
@@ -216,6 +219,7 @@ impl Default for LinkConfig {
             reconcile_interval_ms: 250,
             dial_timeout_ms: 2000,
             frame_bytes_max: 4 * 1024 * 1024,
+            keepalive_ms: 60_000,
             call_timeout_ms: 1000,
         }
     }
@@ -226,6 +230,7 @@ impl LinkConfig {
         for (field, value) in [
             ("link.reconcile_interval_ms", self.reconcile_interval_ms),
             ("link.dial_timeout_ms", self.dial_timeout_ms),
+            ("link.keepalive_ms", self.keepalive_ms),
             ("link.frame_bytes_max", self.frame_bytes_max),
             ("link.call_timeout_ms", self.call_timeout_ms),
         ] {
@@ -380,6 +385,9 @@ pub struct FrontendConfig {
     /// requests in flight); past it the node stops reading that connection's requests until
     /// the client reads, and a client that reads nothing for `write_timeout_ms` is cut off.
     pub output_buffer_bytes_max: usize,
+    /// TCP keepalive on client connections: probes start after this long without traffic
+    /// (a peer that vanished without a FIN is found and its connection closed).
+    pub keepalive_ms: u64,
     /// How long a request may wait for its turn before the client gets `timeout`.
     pub turn_timeout_ms: u64,
     /// Back-off suggested to clients with `busy` and `unavailable`.
@@ -406,6 +414,7 @@ impl Default for FrontendConfig {
             idle_timeout_ms: 300_000,
             write_timeout_ms: 10_000,
             output_buffer_bytes_max: 8 * 1024 * 1024,
+            keepalive_ms: 60_000,
             turn_timeout_ms: 10_000,
             retry_after_ms: 50,
             client_tokens: Vec::new(),
@@ -1130,6 +1139,7 @@ fn validate_runtime(
         ("frontend.hello_timeout_ms", f.hello_timeout_ms),
         ("frontend.idle_timeout_ms", f.idle_timeout_ms),
         ("frontend.write_timeout_ms", f.write_timeout_ms),
+        ("frontend.keepalive_ms", f.keepalive_ms),
         ("frontend.hello_failures_max", u64::from(f.hello_failures_max)),
         ("frontend.hello_failure_window_ms", f.hello_failure_window_ms),
         ("frontend.hello_failure_addresses_max", f.hello_failure_addresses_max),

@@ -126,6 +126,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        crate::node::set_keepalive(&stream, Duration::from_millis(fe.cfg.keepalive_ms));
         let (fe, permits, tls) = (fe.clone(), permits.clone(), tls.clone());
         tokio::spawn(async move {
             fe.metrics.connections.inc();

@@ -336,6 +336,15 @@ async fn load_loop(l: LoadLoop) {
 /// Creates `dir` and its missing parents readable by this user only (mode 0700): the
 /// conversations, the controller's log and the secret live there. An existing directory
 /// keeps its mode.
+/// Turns on TCP keepalive: probes after `idle` without traffic, then every 10 s, 3 times.
+pub fn set_keepalive(stream: &tokio::net::TcpStream, idle: Duration) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
 pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -570,6 +579,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         server_ref.clone(),
         tls.clone(),
         cfg.tls.clone(),
+        Duration::from_millis(cfg.link.keepalive_ms),
         metrics.clone(),
     ));
     let links_task = tokio::spawn(crate::links::run(

@@ -254,6 +254,7 @@ pub async fn serve_cluster(
     server: ActorRef<NodeServerMessage>,
     tls: Option<Arc<NodeTls>>,
     cfg: TlsConfig,
+    keepalive: Duration,
     metrics: Metrics,
 ) {
     let all = Arc::new(Semaphore::new(cfg.connections_max));
@@ -286,6 +287,7 @@ pub async fn serve_cluster(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        crate::node::set_keepalive(&stream, keepalive);
         let Some(tls) = tls.clone() else {
             hand_over(&server, Box::new(Held { stream, peer, permit: place }));
             continue;

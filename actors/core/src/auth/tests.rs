@@ -137,21 +137,25 @@ fn derivation_is_deterministic_and_keys_differ_by_purpose() {
     assert_ne!(keys(1).cookie_hex(), k.cookie_hex());
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
-    #[test]
-    fn arbitrary_bytes_never_open(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
-        let mut a = auth(0, &[], 1400);
-        prop_assert!(a.open(&bytes, NOW).is_err());
-    }
+mod fuzz {
+    use super::*;
 
-    #[test]
-    fn arbitrary_bytes_behind_a_valid_header_never_open(
-        body in proptest::collection::vec(any::<u8>(), 0..1300),
-    ) {
-        let mut a = auth(0, &[], 1400);
-        let mut packet = a.seal(b"", NOW, nonce(9))[..HEADER_BYTES].to_vec();
-        packet.extend_from_slice(&body);
-        prop_assert!(a.open(&packet, NOW).is_err());
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn arbitrary_bytes_never_open(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut a = auth(0, &[], 1400);
+            prop_assert!(a.open(&bytes, NOW).is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_behind_a_valid_header_never_open(
+            body in proptest::collection::vec(any::<u8>(), 0..1300),
+        ) {
+            let mut a = auth(0, &[], 1400);
+            let mut packet = a.seal(b"", NOW, nonce(9))[..HEADER_BYTES].to_vec();
+            packet.extend_from_slice(&body);
+            prop_assert!(a.open(&packet, NOW).is_err());
+        }
     }
 }

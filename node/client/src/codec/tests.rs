@@ -46,51 +46,55 @@ fn line_of_exactly_the_limit_passes() {
     assert_eq!(frames(&mut f, &mut buf), vec![line("1234")]);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(botclaw_core::fuzz::cases()))]
-    /// Whatever the bytes and however they are split into reads, the framer never holds
-    /// more than the limit plus one read, and every line it returns is within the limit.
-    #[test]
-    fn arbitrary_bytes_in_arbitrary_chunks(
-        bytes in proptest::collection::vec(any::<u8>(), 0..4096),
-        cuts in proptest::collection::vec(1usize..300, 1..40),
-    ) {
-        let max = 64;
-        let mut f = LineFramer::new(max);
-        let mut buf = BytesMut::new();
-        let mut rest = &bytes[..];
-        let mut cut = cuts.iter().cycle();
-        while !rest.is_empty() {
-            let n = (*cut.next().unwrap()).min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
-            while let Some(frame) = f.next_frame(&mut buf) {
-                if let Frame::Line(l) = frame {
-                    prop_assert!(l.len() <= max);
-                    prop_assert!(!l.contains(&b'\n'));
+mod fuzz {
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(botclaw_core::fuzz::cases()))]
+        /// Whatever the bytes and however they are split into reads, the framer never holds
+        /// more than the limit plus one read, and every line it returns is within the limit.
+        #[test]
+        fn arbitrary_bytes_in_arbitrary_chunks(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            cuts in proptest::collection::vec(1usize..300, 1..40),
+        ) {
+            let max = 64;
+            let mut f = LineFramer::new(max);
+            let mut buf = BytesMut::new();
+            let mut rest = &bytes[..];
+            let mut cut = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*cut.next().unwrap()).min(rest.len());
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                while let Some(frame) = f.next_frame(&mut buf) {
+                    if let Frame::Line(l) = frame {
+                        prop_assert!(l.len() <= max);
+                        prop_assert!(!l.contains(&b'\n'));
+                    }
+                }
+                prop_assert!(buf.len() <= max + 300);
+            }
+        }
+
+        /// Lines within the limit come out exactly as they went in, whatever the chunking.
+        #[test]
+        fn well_formed_lines_round_trip(
+            lines in proptest::collection::vec("[a-z0-9 {}:\",]{1,60}", 0..30),
+            chunk in 1usize..50,
+        ) {
+            let mut f = LineFramer::new(64);
+            let joined: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\n").into_bytes()).collect();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for piece in joined.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(frame) = f.next_frame(&mut buf) {
+                    out.push(frame);
                 }
             }
-            prop_assert!(buf.len() <= max + 300);
+            let want: Vec<Frame> = lines.iter().map(|l| line(l)).collect();
+            prop_assert_eq!(out, want);
         }
-    }
-
-    /// Lines within the limit come out exactly as they went in, whatever the chunking.
-    #[test]
-    fn well_formed_lines_round_trip(
-        lines in proptest::collection::vec("[a-z0-9 {}:\",]{1,60}", 0..30),
-        chunk in 1usize..50,
-    ) {
-        let mut f = LineFramer::new(64);
-        let joined: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\n").into_bytes()).collect();
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for piece in joined.chunks(chunk) {
-            buf.extend_from_slice(piece);
-            while let Some(frame) = f.next_frame(&mut buf) {
-                out.push(frame);
-            }
-        }
-        let want: Vec<Frame> = lines.iter().map(|l| line(l)).collect();
-        prop_assert_eq!(out, want);
     }
 }

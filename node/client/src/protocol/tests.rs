@@ -149,54 +149,58 @@ fn escaped_strings_are_decoded() {
     );
 }
 
-/// Request and response lines of every kind, to damage.
-fn valid_lines() -> Vec<Vec<u8>> {
-    let requests = [
-        r#"{"op":"hello","token":"t","client":"c"}"#,
-        r#"{"op":"say","conv":"c-42","id":"m-1","text":"hi \u00e9\n","bot":"shop","user":"u-7"}"#,
-        r#"{"op":"history","conv":"c-42","limit":20,"before":7}"#,
-        r#"{"op":"topology"}"#,
-        r#"{"op":"reply","conv":"c","id":"i","messages":["m"],"turn":2,"node":"n"}"#,
-        r#"{"op":"history","conv":"c","turns":[{"turn":1,"id":"i","text":"t","messages":[]}],"more":true,"node":"n"}"#,
-        r#"{"op":"error","id":"i","conv":"c","code":"busy","message":"m","retry_after_ms":5}"#,
-        r#"{"op":"topology","nodes":[{"name":"n","client_addr":"127.0.0.1:1"}]}"#,
-    ];
-    requests.iter().map(|r| r.as_bytes().to_vec()).collect()
-}
+mod fuzz {
+    use super::*;
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(botclaw_core::fuzz::cases()))]
-
-    #[test]
-    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = parse_request(&bytes);
-        let _ = parse_response(&bytes);
+    /// Request and response lines of every kind, to damage.
+    fn valid_lines() -> Vec<Vec<u8>> {
+        let requests = [
+            r#"{"op":"hello","token":"t","client":"c"}"#,
+            r#"{"op":"say","conv":"c-42","id":"m-1","text":"hi \u00e9\n","bot":"shop","user":"u-7"}"#,
+            r#"{"op":"history","conv":"c-42","limit":20,"before":7}"#,
+            r#"{"op":"topology"}"#,
+            r#"{"op":"reply","conv":"c","id":"i","messages":["m"],"turn":2,"node":"n"}"#,
+            r#"{"op":"history","conv":"c","turns":[{"turn":1,"id":"i","text":"t","messages":[]}],"more":true,"node":"n"}"#,
+            r#"{"op":"error","id":"i","conv":"c","code":"busy","message":"m","retry_after_ms":5}"#,
+            r#"{"op":"topology","nodes":[{"name":"n","client_addr":"127.0.0.1:1"}]}"#,
+        ];
+        requests.iter().map(|r| r.as_bytes().to_vec()).collect()
     }
 
-    /// Valid lines damaged: an error (or a request that passes every check), never a panic;
-    /// whatever parses keeps ids within their limits.
-    #[test]
-    fn damaged_valid_lines_never_panic(seed in any::<u64>(), pick in any::<usize>()) {
-        let lines = valid_lines();
-        let line = botclaw_core::fuzz::mutate(&lines[pick % lines.len()], seed);
-        if let Ok(Request::Say { conv, id, .. }) = parse_request(&line) {
-            prop_assert!(conv.len() <= ID_BYTES_MAX && id.len() <= ID_BYTES_MAX);
-            prop_assert!(!conv.chars().any(char::is_control));
-        }
-        let _ = parse_response(&line);
-    }
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(botclaw_core::fuzz::cases()))]
 
-    #[test]
-    fn arbitrary_json_objects_never_panic(
-        op in "(say|history|hello|ping|topology|x)",
-        fields in proptest::collection::btree_map("[a-z]{1,6}", "[a-z0-9]{0,8}", 0..6),
-    ) {
-        let mut obj = serde_json::Map::new();
-        obj.insert("op".into(), op.into());
-        for (k, v) in fields {
-            obj.insert(k, v.into());
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+            let _ = parse_response(&bytes);
         }
-        let line = serde_json::to_vec(&obj).unwrap();
-        let _ = parse_request(&line);
+
+        /// Valid lines damaged: an error (or a request that passes every check), never a panic;
+        /// whatever parses keeps ids within their limits.
+        #[test]
+        fn damaged_valid_lines_never_panic(seed in any::<u64>(), pick in any::<usize>()) {
+            let lines = valid_lines();
+            let line = botclaw_core::fuzz::mutate(&lines[pick % lines.len()], seed);
+            if let Ok(Request::Say { conv, id, .. }) = parse_request(&line) {
+                prop_assert!(conv.len() <= ID_BYTES_MAX && id.len() <= ID_BYTES_MAX);
+                prop_assert!(!conv.chars().any(char::is_control));
+            }
+            let _ = parse_response(&line);
+        }
+
+        #[test]
+        fn arbitrary_json_objects_never_panic(
+            op in "(say|history|hello|ping|topology|x)",
+            fields in proptest::collection::btree_map("[a-z]{1,6}", "[a-z0-9]{0,8}", 0..6),
+        ) {
+            let mut obj = serde_json::Map::new();
+            obj.insert("op".into(), op.into());
+            for (k, v) in fields {
+                obj.insert(k, v.into());
+            }
+            let line = serde_json::to_vec(&obj).unwrap();
+            let _ = parse_request(&line);
+        }
     }
 }
