@@ -113,9 +113,11 @@ impl NodeTls {
 }
 
 /// Writes a cluster CA and one certificate per node name into `dir` (for a quick start and
-/// the local demo; production clusters bring their own PKI). Node certificates carry
-/// `server_name`, the node's name, `localhost` and `ips` as subject alternative names and
-/// may act as TLS server and client. Keys are written mode 0600.
+/// the local demo; production clusters bring their own PKI). If `dir` already holds a CA
+/// (`ca.pem` and `ca-key.pem`), its key signs the new certificates and the CA is kept, so a
+/// node can be added to a running cluster. Node certificates carry `server_name`, the
+/// node's name, `localhost` and `ips` as subject alternative names and may act as TLS
+/// server and client. Keys are written mode 0600.
 pub fn init(dir: &Path, names: &[String], server_name: &str, ips: &[IpAddr]) -> anyhow::Result<()> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -126,10 +128,23 @@ pub fn init(dir: &Path, names: &[String], server_name: &str, ips: &[IpAddr]) -> 
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "botclaw cluster CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
+    let (ca_file, ca_key_file) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let existing = ca_file.exists() && ca_key_file.exists();
+    let ca_key = if existing {
+        let pem = std::fs::read_to_string(&ca_key_file)
+            .with_context(|| format!("cannot read {}", ca_key_file.display()))?;
+        KeyPair::from_pem(&pem)
+            .with_context(|| format!("{} is not a key", ca_key_file.display()))?
+    } else {
+        KeyPair::generate()?
+    };
+    // With an existing key this is the same issuer (name and key) as the CA on disk, so
+    // what it signs verifies against that CA.
     let ca = ca_params.self_signed(&ca_key)?;
-    write_file(&dir.join("ca.pem"), ca.pem().as_bytes(), 0o644)?;
-    write_file(&dir.join("ca-key.pem"), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    if !existing {
+        write_file(&ca_file, ca.pem().as_bytes(), 0o644)?;
+        write_file(&ca_key_file, ca_key.serialize_pem().as_bytes(), 0o600)?;
+    }
     for name in names {
         let mut sans = vec![server_name.to_string(), name.clone(), "localhost".into()];
         sans.dedup();

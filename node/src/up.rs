@@ -281,8 +281,22 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let seeds = nodes.first().map(|_| format!("127.0.0.1:{}", local_ports(args.base_port, 0)[2]));
+    let secret_file = data_dir.join("secret");
+    let secret = if args.secret.is_none() && secret_file.exists() {
+        format!("--secret-file {}", secret_file.display())
+    } else {
+        "--secret-file FILE".to_string()
+    };
+    let certs = if args.plaintext {
+        String::new()
+    } else {
+        format!(
+            "\n  (its certificate: botclaw tls init --dir {} --name extra, and a [tls] section naming it)",
+            tls_dir.display()
+        )
+    };
     println!(
-        "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  add one:  BOTCLAW_SECRET=... botclaw node --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}\n  stop:     Ctrl-C\n",
+        "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  add one:  botclaw node {secret} --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}{certs}\n  stop:     Ctrl-C\n",
         nodes.len(),
         start.elapsed().as_millis(),
         nodes[0].admin,
