@@ -164,3 +164,33 @@ fn up_launches_converges_and_stops_cleanly() {
         }
     }
 }
+
+/// `botclaw tls init` writes a CA and node certificates, keys mode 0600; run again on the
+/// same directory it keeps the CA and signs the new names with it.
+#[test]
+fn tls_init_writes_private_keys_and_reuses_its_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let init = |name: &str| {
+        let out = Command::new(botclaw_bin())
+            .args(["tls", "init", "--dir"])
+            .arg(&certs)
+            .args(["--name", name, "--ip", "10.0.0.5"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    init("a");
+    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+    init("b");
+    assert_eq!(std::fs::read(certs.join("ca.pem")).unwrap(), ca, "the CA was replaced");
+    for (file, mode) in
+        [("ca-key.pem", 0o600), ("a-key.pem", 0o600), ("b-key.pem", 0o600), ("b.pem", 0o644)]
+    {
+        let m = std::fs::metadata(certs.join(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, mode, "{file}");
+    }
+    let b = std::fs::read_to_string(certs.join("b.pem")).unwrap();
+    assert!(b.starts_with("-----BEGIN CERTIFICATE-----"), "{b}");
+}
