@@ -479,6 +479,11 @@ pub struct StoreConfig {
     pub group_commit_max: usize,
     /// Commits waiting for the writer; senders wait when it is full.
     pub queue_max: usize,
+    /// A node whose store has not been able to write for this long (a full disk, an I/O
+    /// error) hands its conversations over, leaves the cluster and exits with status 75,
+    /// for its supervisor to restart it once the disk is fixed; it reopens from what was
+    /// durable. 0 keeps it running, not ready, until the store writes again.
+    pub unwritable_exit_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -488,6 +493,7 @@ impl Default for StoreConfig {
             engine: StoreEngine::default(),
             group_commit_max: 256,
             queue_max: 4096,
+            unwritable_exit_ms: 10_000,
         }
     }
 }

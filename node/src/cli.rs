@@ -377,6 +377,10 @@ fn run_node(args: NodeArgs) -> ExitCode {
     };
     match runtime.block_on(crate::node::run(cfg, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<crate::node::StoreUnwritable>() => {
+            eprintln!("botclaw node: {e:#}");
+            ExitCode::from(crate::node::EXIT_STORE_UNWRITABLE)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("botclaw node: {e:#}");

@@ -353,6 +353,36 @@ pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
+/// Why a node stopped on its own: its store could not write for `unwritable_exit_ms`. The
+/// CLI exits with [`EXIT_STORE_UNWRITABLE`] for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the state store could not write for {0} ms (a full disk or an I/O error; see the log): left the cluster for a restart")]
+pub struct StoreUnwritable(pub u64);
+
+/// How long a node whose store failed tries to hand its conversations over before leaving.
+const STORE_FAILED_DRAIN: Duration = Duration::from_secs(5);
+
+/// Exit status of a node that stopped because its store could not write (EX_TEMPFAIL).
+pub const EXIT_STORE_UNWRITABLE: u8 = 75;
+
+/// Resolves once `store` has been unable to write for `after` without a break (never when
+/// `after` is zero).
+async fn store_unwritable_for(store: Arc<dyn StateStore>, after: Duration) {
+    if after.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut since: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        if store.writable() {
+            since = None;
+        } else if since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= after {
+            return;
+        }
+    }
+}
+
 /// Runs a node until `shutdown` resolves, then leaves the cluster and stops.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     create_private_dir(&cfg.data_dir)
@@ -659,6 +689,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 
     // SIGTERM is a restart (ownership handed over, no data moved); an operator's drain
     // decommissions (every copy moved away first).
+    let unwritable_after = Duration::from_millis(cfg.store.unwritable_exit_ms);
+    let mut store_failed = false;
     let mode = tokio::select! {
         () = shutdown => {
             tracing::info!("shutting down");
@@ -668,6 +700,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             tracing::info!("drain requested");
             LeaveMode::Decommission
         }
+        () = store_unwritable_for(store.clone(), unwritable_after) => {
+            tracing::error!(
+                after_ms = cfg.store.unwritable_exit_ms,
+                "the state store cannot write: handing conversations over and leaving for a restart"
+            );
+            store_failed = true;
+            LeaveMode::Restart
+        }
     };
     drain(Leaving {
         gossip: &gossip_tx,
@@ -676,7 +716,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         controller: &leave_controller,
         incarnation,
         mode,
-        timeout: Duration::from_millis(cfg.replication.drain_timeout_ms),
+        // A node whose store cannot write gains nothing by waiting long: its controller
+        // member may have stopped too (its log is on the same disk); the failure detector
+        // and the others take over once it is gone.
+        timeout: if store_failed {
+            STORE_FAILED_DRAIN
+        } else {
+            Duration::from_millis(cfg.replication.drain_timeout_ms)
+        },
     })
     .await;
     tracing::info!("leaving the cluster");
@@ -701,5 +748,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     })
     .await;
     tracing::info!("stopped");
+    if store_failed {
+        return Err(StoreUnwritable(cfg.store.unwritable_exit_ms).into());
+    }
     Ok(())
 }

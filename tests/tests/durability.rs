@@ -150,3 +150,131 @@ fn state_of_the_other_engine_is_not_silently_ignored() {
     assert!(log.contains("holds redb state") && log.contains("engine = \"redb\""), "{log}");
     assert!(!c.nodes[0].data_dir.join("state.fjall").exists(), "an empty store was created");
 }
+
+/// A small tmpfs at `path`, unmounted on drop (declare it before the cluster, so the nodes
+/// are killed first). `None` when this process may not mount (not root): the caller skips.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, megabytes: u32) -> Option<SmallDisk> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(path.to_path_buf()))
+    }
+
+    /// Writes a filler file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk under one node: no acknowledged turn is lost; that node reports not ready,
+/// hands its conversations over, leaves and exits with status 75; the others serve every
+/// conversation; with space back, the node starts again and rejoins.
+#[test]
+fn a_full_disk_loses_nothing_and_the_node_leaves_for_a_restart() {
+    let base = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&base.path().join("n2-disk"), 48) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let mut c = Cluster::new(3).with_config("[store]\nunwritable_exit_ms = 3000\n");
+    c.nodes[2].data_dir = disk.0.join("data");
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    if by_map() {
+        c.wait_placed(&[0, 1, 2], Duration::from_secs(60));
+    }
+    const CONVS: usize = 40;
+    round(&c, CONVS, 1);
+    let filler = disk.fill();
+    // Turns go on through n0 and n1; those that fail are retried by the client (same id);
+    // every acknowledged one is kept.
+    let rt = runtime();
+    let acked: Vec<u64> = rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &c.nodes[..2] {
+            clients
+                .push(Client::connect(node.ports.client, ClientOptions::default()).await.unwrap());
+        }
+        let mut acked = vec![1u64; CONVS];
+        for turn in 2..=4u64 {
+            for (k, last) in acked.iter_mut().enumerate() {
+                let conv = format!("durable-{k}");
+                let client = &clients[k % 2];
+                // Retried with the same id until answered: a turn is applied once.
+                let mut tries = 0;
+                let r = loop {
+                    match client.say(&conv, &format!("m-{turn}"), "after", Some("echo")).await {
+                        Ok(r) => break r,
+                        Err(e) if tries < 100 => {
+                            tries += 1;
+                            eprintln!("{conv} turn {turn}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => panic!("{conv} turn {turn} never answered: {e}"),
+                    }
+                };
+                assert_eq!(r.turn, *last + 1, "{conv}");
+                *last = r.turn;
+            }
+        }
+        acked
+    });
+    let status = c.nodes[2].wait_exit(Duration::from_secs(90)).expect("n2 kept running");
+    assert_eq!(status.code(), Some(75), "n2 exited with {status}");
+    assert!(c.logs().contains("cannot write"), "no word of the failed store in the log");
+    // The two others serve every conversation from the next turn on.
+    c.wait_converged(&[0, 1], CONVERGE);
+    rt.block_on(async {
+        let client =
+            Client::connect(c.nodes[0].ports.client, ClientOptions::default()).await.unwrap();
+        for (k, last) in acked.iter().enumerate() {
+            let conv = format!("durable-{k}");
+            let r = client.say(&conv, "m-5", "after the exit", None).await.unwrap();
+            assert_eq!(r.turn, last + 1, "{conv}: an acknowledged turn was lost or replayed");
+        }
+    });
+    // Space back: n2 starts from what was durable and rejoins.
+    std::fs::remove_file(filler).unwrap();
+    c.nodes[2].start();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    round_from(&c, CONVS, &acked.iter().map(|t| t + 2).collect::<Vec<_>>());
+}
+
+/// Sends, through every node, the next turn of each conversation, expecting `turns[k]`.
+fn round_from(c: &Cluster, convs: usize, turns: &[u64]) {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &c.nodes {
+            clients
+                .push(Client::connect(node.ports.client, ClientOptions::default()).await.unwrap());
+        }
+        for k in 0..convs {
+            let conv = format!("durable-{k}");
+            let turn = turns[k];
+            let reply = clients[k % clients.len()]
+                .say(&conv, &format!("m-{turn}"), "back", None)
+                .await
+                .unwrap();
+            assert_eq!(reply.turn, turn, "{conv}");
+        }
+    });
+}

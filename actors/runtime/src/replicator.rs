@@ -113,8 +113,9 @@ impl Refusal {
         Refusal { moved: true, ..Refusal::unavailable(message) }
     }
 
+    /// A store that failed a write committed nothing: retrying (same id) is safe.
     fn store(e: StoreError) -> Refusal {
-        Refusal { kind: FailKind::Internal, message: e.to_string(), moved: false }
+        Refusal::unavailable(e.to_string())
     }
 }
 

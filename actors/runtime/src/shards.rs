@@ -185,11 +185,9 @@ fn refusal(why: Failure) -> Refusal {
         Failure::Fenced => Refusal::unavailable(
             "this node has not heard from the placement controller within its lease",
         ),
-        Failure::Store => Refusal {
-            kind: FailKind::Internal,
-            message: "the local store refused the write".into(),
-            moved: false,
-        },
+        // Nothing was committed: a retry (same id) is safe, and is served elsewhere once this
+        // node leaves (see `store.unwritable_exit_ms`).
+        Failure::Store => Refusal::unavailable("the local store refused the write"),
     }
 }
 
@@ -275,7 +273,14 @@ impl ShardReplicator {
             .load(conv)
             .await
             .map_err(|e| Refusal {
-                kind: FailKind::Internal,
+                // A store that failed a commit refuses until the node restarts (it leaves
+                // for that: see `store.unwritable_exit_ms`): retry, elsewhere soon. Anything
+                // else (a damaged row) is not cured by retrying.
+                kind: if self.store.writable() {
+                    FailKind::Internal
+                } else {
+                    FailKind::Unavailable
+                },
                 message: e.to_string(),
                 moved: false,
             })?

@@ -146,10 +146,11 @@ async fn a_refused_commit_fails_what_waits_and_restarts_from_the_store() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     match next(&mut rx).await.1 {
-        ConvOutcome::Failed { kind: FailKind::Internal, message, .. } => {
+        // Nothing was acknowledged: retryable, with the same id.
+        ConvOutcome::Failed { kind: FailKind::Unavailable, message, .. } => {
             assert!(message.contains("disk on fire"), "{message}")
         }
-        other => panic!("expected internal, got {other:?}"),
+        other => panic!("expected unavailable, got {other:?}"),
     }
     // The memory store did apply turn 2 before the ticket failed; the restarted
     // conversation reloads what the store holds and continues from there.
