@@ -392,14 +392,28 @@ pub struct FrontendConfig {
     pub turn_timeout_ms: u64,
     /// Back-off suggested to clients with `busy` and `unavailable`.
     pub retry_after_ms: u64,
-    /// If non-empty, a connection must say `hello` with one of these tokens first.
+    /// If non-empty, a connection must say `hello` with one of these tokens first. Holders
+    /// of these tokens share one space of conversation ids.
     pub client_tokens: Vec<String>,
+    /// Tokens by principal (`web = ["tok-1", "tok-2"]`): a connection that says `hello`
+    /// with one of a principal's tokens sees only that principal's conversations (a
+    /// conversation id names a different conversation under each principal, so no other
+    /// token holder can read or continue it). Rotate a principal's token by listing the new
+    /// one beside the old; its conversations stay reachable.
+    pub principals: std::collections::BTreeMap<String, Vec<String>>,
     /// Failed `hello`s one address may make per `hello_failure_window_ms`; past it, its
     /// new connections are closed at once until the window (from its first failure) ends.
     pub hello_failures_max: u32,
     pub hello_failure_window_ms: u64,
     /// Addresses whose failed `hello`s are counted at once (the oldest go first).
     pub hello_failure_addresses_max: u64,
+}
+
+impl FrontendConfig {
+    /// No tokens of any kind: every connection is served without `hello`.
+    pub fn open(&self) -> bool {
+        self.client_tokens.is_empty() && self.principals.is_empty()
+    }
 }
 
 impl Default for FrontendConfig {
@@ -418,6 +432,7 @@ impl Default for FrontendConfig {
             turn_timeout_ms: 10_000,
             retry_after_ms: 50,
             client_tokens: Vec::new(),
+            principals: std::collections::BTreeMap::new(),
             hello_failures_max: 10,
             hello_failure_window_ms: 60_000,
             hello_failure_addresses_max: 100_000,
@@ -1165,6 +1180,32 @@ fn validate_runtime(
     }
     if c.default_bot.is_empty() {
         return Err(ConfigError::invalid("conversations.default_bot", "must not be empty"));
+    }
+    let mut seen: std::collections::BTreeSet<&str> =
+        f.client_tokens.iter().map(String::as_str).collect();
+    for (name, tokens) in &f.principals {
+        if let Some(t) = tokens.iter().find(|t| !seen.insert(t.as_str())) {
+            let shown: String = t.chars().take(4).collect();
+            return Err(ConfigError::invalid(
+                "frontend.principals",
+                format!("a token ({shown}...) is listed twice: each token names one principal"),
+            ));
+        }
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+        if !ok {
+            return Err(ConfigError::invalid(
+                "frontend.principals",
+                format!("{name:?}: a principal is 1-64 letters, digits, '-' or '_'"),
+            ));
+        }
+        if tokens.is_empty() || tokens.iter().any(String::is_empty) {
+            return Err(ConfigError::invalid(
+                "frontend.principals",
+                format!("{name:?} needs at least one non-empty token"),
+            ));
+        }
     }
     Ok(())
 }

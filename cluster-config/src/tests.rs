@@ -175,3 +175,16 @@ fn a_conversation_must_fit_half_a_link_frame() {
     let ok = with_secret("[conversations]\nturns_kept_max = 200\nturn_bytes_max = 8192");
     assert_eq!(ok.validate().unwrap().conversations.turns_kept_max, 200);
 }
+
+#[test]
+fn principals_are_checked() {
+    let err = |text: &str| with_secret(text).validate().unwrap_err().to_string();
+    assert!(err("[frontend.principals]\n\"a/b\" = [\"t1\"]").contains("frontend.principals"));
+    assert!(err("[frontend.principals]\nweb = []").contains("at least one"));
+    let twice = "[frontend]\nclient_tokens = [\"tok-1\"]\n[frontend.principals]\nweb = [\"tok-1\"]";
+    assert!(err(twice).contains("listed twice"), "{}", err(twice));
+    let ok = with_secret("[frontend.principals]\nweb = [\"a\", \"b\"]\napp = [\"c\"]");
+    let cfg = ok.validate().unwrap();
+    assert!(!cfg.frontend.open());
+    assert_eq!(cfg.frontend.principals["web"], ["a", "b"]);
+}

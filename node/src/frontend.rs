@@ -103,7 +103,7 @@ pub async fn serve(
     // With tokens, a connection first holds a place among the unauthenticated ones and
     // takes one of `permits` when its `hello` succeeds.
     let anonymous = Arc::new(Semaphore::new(fe.cfg.unauthenticated_connections_max));
-    let open = fe.cfg.client_tokens.is_empty();
+    let open = fe.cfg.open();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -184,6 +184,8 @@ struct Connection {
     reserved: usize,
     /// Requests are held back for room in the output buffer (counted once per episode).
     held: bool,
+    /// The principal whose token said `hello` (see `frontend.principals`).
+    principal: Option<Arc<str>>,
     out: Vec<u8>,
     /// The connection's place: among the unauthenticated ones until `hello`, then among
     /// `permits` (dropped with the connection).
@@ -204,7 +206,7 @@ impl Connection {
         permits: Arc<Semaphore>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let authed = fe.cfg.client_tokens.is_empty();
+        let authed = fe.cfg.open();
         Connection {
             fe,
             tx,
@@ -216,6 +218,7 @@ impl Connection {
             inflight: 0,
             reserved: 0,
             held: false,
+            principal: None,
             out: Vec::with_capacity(16 * 1024),
             permit,
             permits,
@@ -358,8 +361,12 @@ impl Connection {
         }
         match request {
             Request::Hello { token, .. } => {
-                let tokens = &self.fe.cfg.client_tokens;
-                let known = tokens.is_empty() || token.is_some_and(|t| known_token(tokens, &t));
+                let open = self.fe.cfg.open();
+                let holder = token.and_then(|t| token_holder(&self.fe.cfg, &t));
+                let known = open || holder.is_some();
+                if let Some(Some(principal)) = holder {
+                    self.principal = Some(Arc::from(principal));
+                }
                 if known && !self.authed {
                     // From the unauthenticated places to the authenticated ones.
                     match self.permits.clone().try_acquire_owned() {
@@ -439,7 +446,12 @@ impl Connection {
             // The connection may be gone; its requests then need no answer.
             let _ = tx.send(Done { conv: reply_conv, seq, outcome });
         });
-        self.fe.dispatcher.submit(&conv, request, 0, reply);
+        match &self.principal {
+            // The principal's own space of conversation ids: names cannot hold '/', so
+            // `name/conv` never equals another principal's id.
+            Some(p) => self.fe.dispatcher.submit(&format!("{p}/{conv}"), request, 0, reply),
+            None => self.fe.dispatcher.submit(&conv, request, 0, reply),
+        }
     }
 
     fn finish_one(&mut self) {
@@ -579,6 +591,18 @@ pub fn topology(view: &ClusterView) -> Vec<TopologyNode> {
         .filter(|m| m.state == MemberState::Up)
         .map(|m| TopologyNode { name: m.id.name.clone(), client_addr: m.id.client.to_string() })
         .collect()
+}
+
+/// Who holds `token`: `Some(None)` for one of `client_tokens`, `Some(Some(name))` for one
+/// of principal `name`'s tokens, `None` for an unknown token. Every token is compared, in
+/// constant time (see [`known_token`]).
+fn token_holder<'a>(cfg: &'a FrontendConfig, token: &str) -> Option<Option<&'a str>> {
+    let shared = known_token(&cfg.client_tokens, token).then_some(None);
+    let named = cfg.principals.iter().fold(None, |found, (name, tokens)| {
+        let hit = known_token(tokens, token);
+        found.or(hit.then_some(Some(name.as_str())))
+    });
+    shared.or(named)
 }
 
 /// Whether `token` is one of `tokens`, compared in constant time (a comparison that stops

@@ -528,3 +528,43 @@ fn the_client_port_speaks_tls_when_asked() {
     });
     assert!(failed.is_some());
 }
+
+/// `[frontend.principals]`: a conversation belongs to the principal whose token created it.
+/// Another principal using the same id gets a conversation of its own (it can neither read
+/// nor continue the first); a principal's second token (a rotation) reaches its own.
+#[test]
+fn a_principal_sees_only_its_own_conversations() {
+    let config = "[frontend.principals]\nweb = [\"tok-web-0001\", \"tok-web-0002\"]\n\
+                  app = [\"tok-app-0001\"]\n";
+    let mut c = Cluster::new(1).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = rt.unwrap();
+    let addr = c.nodes[0].ports.client;
+    let as_token = |token: &str| {
+        let opts = ClientOptions { token: Some(token.into()), ..ClientOptions::default() };
+        rt.block_on(Client::connect(addr, opts)).unwrap()
+    };
+    let web = as_token("tok-web-0001");
+    for (id, turn) in [("w1", 1), ("w2", 2)] {
+        let r = rt.block_on(web.say("shared", id, "web's secret", Some("echo"))).unwrap();
+        assert_eq!(r.turn, turn);
+    }
+    let app = as_token("tok-app-0001");
+    let r = rt.block_on(app.say("shared", "a1", "app's turn", Some("echo"))).unwrap();
+    assert_eq!(r.turn, 1, "app continued web's conversation");
+    let seen = rt.block_on(app.history("shared", None)).unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(seen.iter().all(|t| !t.text.contains("web")), "app read web's turns: {seen:?}");
+    // A retry of web's id under app is a new turn of app's conversation, not web's reply.
+    let r = rt.block_on(app.say("shared", "w1", "replayed id", None)).unwrap();
+    assert_eq!(r.turn, 2);
+    // web's other token (a rotation) reaches web's conversation.
+    let web2 = as_token("tok-web-0002");
+    let r = rt.block_on(web2.say("shared", "w3", "after rotation", None)).unwrap();
+    assert_eq!(r.turn, 3);
+    // An unknown token is refused.
+    let opts = ClientOptions { token: Some("tok-web-0003".into()), ..ClientOptions::default() };
+    assert!(rt.block_on(Client::connect(addr, opts)).is_err());
+}
