@@ -262,8 +262,9 @@ fn load_imbalance(c: &Cluster) -> Option<f64> {
 #[test]
 fn skewed_load_is_rebalanced_without_losing_turns() {
     let rebalance = "[rebalance]\ninterval_ms = 1000\nmin_turns_per_s = 5\ncooldown_rounds = 2\n";
-    // Conversations of up to 256 turns, so that the load lasts (see below).
-    let window = "[conversations]\nturns_kept_max = 256\n";
+    // Conversations of up to 256 turns, so that the load lasts (see below); turns of at most
+    // 4 KiB, so that a conversation still fits half an inter-node frame.
+    let window = "[conversations]\nturns_kept_max = 256\nturn_bytes_max = 4096\n";
     let mut c = Cluster::new(3).with_config(&format!("{CONFIG}\n{rebalance}\n{window}"));
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
