@@ -128,11 +128,11 @@ fn wrong_secret_never_appears() {
         .map(|&i| {
             metric(
                 &c.nodes[i].metrics(),
-                "botclaw_gossip_packets_rejected_total{reason=\"bad_tag\"}",
+                "botclaw_gossip_packets_rejected_total{reason=\"unknown_key\"}",
             )
         })
         .sum();
-    assert!(rejected > 0.0, "no bad_tag rejections counted");
+    assert!(rejected > 0.0, "no unknown_key rejections counted");
     let status = c.nodes[intruder].status().unwrap();
     assert_eq!(status["joined"], false);
     for i in [0, 1] {
@@ -161,7 +161,9 @@ fn junk_datagrams_are_rejected_and_counted() {
         (vec![1u8; 10], "too_short"),
         (vec![0xAB; 2000], "too_large"),
         (vec![9u8; 100], "bad_version"),
-        (vec![1u8; 100], "bad_tag"),
+        // The HMAC-only format of earlier versions.
+        (vec![1u8; 100], "bad_version"),
+        (vec![2u8; 100], "unknown_key"),
         (genuine[..genuine.len() - 1].to_vec(), "bad_tag"),
         (genuine[..genuine.len() / 2].to_vec(), "bad_tag"),
         // Authentic, but the node's own announce: foca refuses data from itself.
@@ -170,13 +172,13 @@ fn junk_datagrams_are_rejected_and_counted() {
     let mut random = 0x9E37_79B9_7F4A_7C15u64;
     let mut datagrams: Vec<Vec<u8>> = (0..200)
         .map(|_| {
-            let len = (random % 1300) as usize + 40; // under packet_bytes_max
+            let len = (random % 1300) as usize + 60; // over the header, under packet_bytes_max
             (0..len)
                 .map(|_| {
                     random ^= random << 13;
                     random ^= random >> 7;
                     random ^= random << 17;
-                    (random & 0xFE) as u8 // never 1: the version byte is always wrong
+                    ((random & 0xFE) | 1) as u8 // odd, never 2: the version byte is always wrong
                 })
                 .collect()
         })
@@ -204,6 +206,7 @@ fn junk_datagrams_are_rejected_and_counted() {
         let ok = get("too_short") == expect("too_short")
             && get("too_large") == expect("too_large")
             && get("bad_tag") >= expect("bad_tag")
+            && get("unknown_key") >= expect("unknown_key")
             && get("protocol") >= expect("protocol")
             && get("bad_version") >= expect("bad_version") + randoms as f64;
         ok.then_some(())
