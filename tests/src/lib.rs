@@ -17,6 +17,8 @@ use serde_json::Value;
 
 pub mod checker;
 
+pub use checker::runtime;
+
 pub const SECRET: &str = "test-cluster-secret";
 
 /// Path of a fresh `botclaw` binary.
