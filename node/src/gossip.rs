@@ -91,13 +91,6 @@ pub struct GossipDriver {
     isolated: Arc<AtomicBool>,
 }
 
-/// What woke the gossip driver.
-enum Wake {
-    Datagram(std::io::Result<(usize, SocketAddr)>),
-    Timers,
-    Command(Option<GossipCommand>),
-}
-
 impl GossipDriver {
     /// The switch that cuts this node off from gossip (fault injection for tests).
     pub fn isolation(&self) -> Arc<AtomicBool> {
@@ -147,20 +140,16 @@ impl GossipDriver {
         let mut buf = vec![0u8; self.packet_bytes_max + 1];
         loop {
             let deadline = self.timers.next_deadline();
-            let wake = tokio::select! {
-                received = self.socket.recv_from(&mut buf) => Wake::Datagram(received),
-                _ = sleep_until(deadline), if deadline.is_some() => Wake::Timers,
-                command = commands.recv() => Wake::Command(command),
-            };
-            // Every input is handled at the wall clock of its arrival.
-            self.clock();
-            match wake {
-                Wake::Datagram(Ok(_)) if self.isolated.load(Ordering::Relaxed) => {}
-                Wake::Datagram(Ok((n, from))) => self.on_datagram(&buf[..n], from),
-                // Linux reports ICMP errors from earlier sends on the socket; they say
-                // nothing about this read.
-                Wake::Datagram(Err(e)) => tracing::debug!(error = %e, "gossip recv error"),
-                Wake::Timers => {
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok(_) if self.isolated.load(Ordering::Relaxed) => {}
+                    Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                    // Linux reports ICMP errors from earlier sends on the socket; they say
+                    // nothing about this read.
+                    Err(e) => tracing::debug!(error = %e, "gossip recv error"),
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.clock();
                     let now = Instant::now();
                     while let Some(timer) = self.timers.pop_due(now) {
                         if let Err(e) = self.membership.handle_timer(timer) {
@@ -168,22 +157,27 @@ impl GossipDriver {
                         }
                     }
                 }
-                Wake::Command(Some(GossipCommand::Leave(done))) => {
-                    self.membership.leave();
-                    self.execute().await;
-                    let _ = done.send(());
-                    return;
-                }
-                Wake::Command(Some(GossipCommand::PublishLoad(summary))) => {
-                    if let Err(e) = self.membership.publish_load(&summary) {
-                        tracing::warn!(error = %e, "load summary not published");
+                command = commands.recv() => match command {
+                    Some(GossipCommand::Leave(done)) => {
+                        self.clock();
+                        self.membership.leave();
+                        self.execute().await;
+                        let _ = done.send(());
+                        return;
                     }
-                }
-                Wake::Command(Some(GossipCommand::DropRole(role, done))) => {
-                    let dropped = self.membership.drop_role(&role);
-                    let _ = done.send(dropped);
-                }
-                Wake::Command(None) => return,
+                    Some(GossipCommand::PublishLoad(summary)) => {
+                        self.clock();
+                        if let Err(e) = self.membership.publish_load(&summary) {
+                            tracing::warn!(error = %e, "load summary not published");
+                        }
+                    }
+                    Some(GossipCommand::DropRole(role, done)) => {
+                        self.clock();
+                        let dropped = self.membership.drop_role(&role);
+                        let _ = done.send(dropped);
+                    }
+                    None => return,
+                },
             }
             self.execute().await;
         }
@@ -191,6 +185,7 @@ impl GossipDriver {
 
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
         self.metrics.gossip_received.inc();
+        self.clock();
         if let Err(e) = self.membership.handle_packet(datagram) {
             self.metrics.reject(e.label());
             tracing::debug!(%from, error = %e, len = datagram.len(), "gossip datagram rejected");

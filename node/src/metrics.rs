@@ -251,7 +251,7 @@ impl Metrics {
         );
         r.register(
             "client_connections_timed_out",
-            "Client connections the node closed, by reason: hello, idle or write timeout, failed TLS handshake",
+            "Client connections closed for a timeout (hello, idle, write)",
             self.connections_timed_out.clone(),
         );
         self.conversations.register(&mut r);
@@ -260,19 +260,19 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: &str) {
-        by_reason(&self.gossip_rejected, reason);
+        self.gossip_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn connection_timed_out(&self, reason: &str) {
-        by_reason(&self.connections_timed_out, reason);
+        self.connections_timed_out.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn cluster_refused(&self, reason: &str) {
-        by_reason(&self.cluster_refused, reason);
+        self.cluster_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn admin_refused(&self, reason: &str) {
-        by_reason(&self.admin_refused, reason);
+        self.admin_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn member_event(&self, event: &str) {
@@ -284,9 +284,4 @@ impl Metrics {
             self.members.get_or_create(&StateLabel { state: state.to_string() }).set(n as i64);
         }
     }
-}
-
-/// Counts one event of `reason` in a family labelled by reason.
-fn by_reason(family: &Family<ReasonLabel, Counter>, reason: &str) {
-    family.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
 }

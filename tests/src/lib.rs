@@ -17,8 +17,6 @@ use serde_json::Value;
 
 pub mod checker;
 
-pub use checker::runtime;
-
 pub const SECRET: &str = "test-cluster-secret";
 
 /// Path of a fresh `botclaw` binary.

@@ -65,10 +65,6 @@ pub struct ConversationState {
     /// it is out of step (just decoded), lookups fall back to comparing ids.
     #[serde(skip)]
     id_hashes: VecDeque<u64>,
-    /// Bytes of `turns`, kept in step with `id_hashes` (same rule), so that the memory
-    /// budget's measure costs nothing per turn.
-    #[serde(skip)]
-    turns_bytes: usize,
 }
 
 impl PartialEq for ConversationState {
@@ -84,7 +80,6 @@ impl ConversationState {
     /// Rebuilds the id index (after decoding a stored state).
     pub fn reindex(&mut self) {
         self.id_hashes = self.turns.iter().map(|t| xxh3_64(t.id.as_bytes())).collect();
-        self.turns_bytes = self.turns.iter().map(|t| t.size_bytes()).sum();
     }
 
     /// The earlier turn with this message id, if it is still in the window.
@@ -140,14 +135,12 @@ impl ConversationState {
         let indexed = self.id_hashes.len() == self.turns.len();
         if indexed {
             self.id_hashes.push_back(xxh3_64(commit.record.id.as_bytes()));
-            self.turns_bytes += commit.record.size_bytes();
         }
         self.turns.push_back(commit.record);
         while self.turns.len() > turns_kept_max.max(1) {
-            let dropped = self.turns.pop_front();
+            self.turns.pop_front();
             if indexed {
                 self.id_hashes.pop_front();
-                self.turns_bytes -= dropped.map_or(0, |t| t.size_bytes());
             }
         }
         true
@@ -186,12 +179,9 @@ impl ConversationState {
 
     /// Bytes this conversation holds: kept turns, bot state and bot name.
     pub fn size_bytes(&self) -> usize {
-        let turns = if self.id_hashes.len() == self.turns.len() {
-            self.turns_bytes
-        } else {
-            self.turns.iter().map(|t| t.size_bytes()).sum()
-        };
-        self.bot.len() + self.bot_state.len() + turns
+        self.bot.len()
+            + self.bot_state.len()
+            + self.turns.iter().map(|t| t.size_bytes()).sum::<usize>()
     }
 }
 
@@ -212,16 +202,6 @@ mod tests {
         state.next_commit("echo", id.into(), "hi".into(), None, vec![format!("re {id}")], vec![])
     }
 
-    /// A conversation of `n` turns `m0..` with the last `kept` of them kept.
-    fn with_turns(n: usize, kept: usize) -> ConversationState {
-        let mut s = ConversationState::default();
-        for i in 0..n {
-            let c = commit(&s, &format!("m{i}"));
-            assert!(s.apply(c, kept));
-        }
-        s
-    }
-
     #[test]
     fn turns_number_from_one_and_bind_the_bot() {
         let mut s = ConversationState::default();
@@ -236,7 +216,11 @@ mod tests {
 
     #[test]
     fn window_finds_retries_and_is_bounded() {
-        let s = with_turns(10, 4);
+        let mut s = ConversationState::default();
+        for i in 0..10 {
+            let c = commit(&s, &format!("m{i}"));
+            assert!(s.apply(c, 4));
+        }
         assert_eq!(s.turn, 10);
         assert_eq!(s.turns.len(), 4);
         assert_eq!(s.find("m9").unwrap().messages, vec!["re m9"]);
@@ -247,12 +231,14 @@ mod tests {
 
     #[test]
     fn index_survives_encoding_and_window_eviction() {
-        let s = with_turns(10, 4);
+        let mut s = ConversationState::default();
+        for i in 0..10 {
+            let c = commit(&s, &format!("m{i}"));
+            s.apply(c, 4);
+        }
         let mut decoded: ConversationState =
             postcard::from_bytes(&postcard::to_allocvec(&s).unwrap()).unwrap();
         assert_eq!(decoded, s);
-        // The kept size: counted while applying, computed when out of step.
-        assert_eq!(decoded.size_bytes(), s.size_bytes());
         // Out of step after decoding: still correct, by comparing ids.
         assert_eq!(decoded.find("m8").unwrap().turn, 9);
         decoded.reindex();
@@ -262,14 +248,15 @@ mod tests {
         decoded.apply(c, 4);
         assert!(decoded.find("m6").is_none());
         assert_eq!(decoded.find("m10").unwrap().turn, 11);
-        let counted = decoded.size_bytes();
-        decoded.reindex();
-        assert_eq!(decoded.size_bytes(), counted);
     }
 
     #[test]
     fn history_pages_by_count_and_bytes() {
-        let s = with_turns(10, 8);
+        let mut s = ConversationState::default();
+        for i in 0..10 {
+            let c = commit(&s, &format!("m{i}"));
+            s.apply(c, 8);
+        }
         // Kept: turns 3..=10.
         let turns = |page: &[&Arc<TurnRecord>]| page.iter().map(|t| t.turn).collect::<Vec<_>>();
         let (page, more) = s.history_page(None, 3, usize::MAX);
