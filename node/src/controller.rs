@@ -82,6 +82,10 @@ pub struct ControllerStatus {
     /// Shards each live map member owns.
     #[serde(default)]
     pub owned: BTreeMap<String, u32>,
+    /// On the leader: its last planning round on this map proposed nothing (no move is
+    /// pending, not only none in flight). False elsewhere.
+    #[serde(default)]
+    pub plan_settled: bool,
 }
 
 /// Unavailable shards `/status` lists by number.
@@ -498,8 +502,13 @@ impl ControllerTask {
         let moves = self.args.gossip.borrow().moves();
         let pins = moves.iter().map(|r| (r.shard, r.to.as_str()));
         let (planner, c) = (&mut self.planner, &self.controller);
+        let version = c.map().version;
+        let was_settled = planner.settled(version);
         let Round { group, commands } =
             tokio::task::block_in_place(|| planner.round(now, c, &up, pins));
+        if planner.settled(version) != was_settled {
+            self.dirty = true;
+        }
         if let Some(changes) = group {
             let named: Vec<(String, GroupChange)> = changes
                 .iter()
@@ -626,6 +635,7 @@ impl ControllerTask {
             map_version: map.version,
             voters: c.voters().into_iter().map(name).collect(),
             learners: c.learners().len(),
+            plan_settled: c.is_leader() && self.planner.settled(map.version),
             ..ControllerStatus::default()
         };
         status.voters.sort();

@@ -419,11 +419,15 @@ impl Cluster {
     /// owned with its full replica set, no move in flight.
     pub fn wait_placed(&self, which: &[usize], timeout: Duration) {
         let ok = poll(timeout, || {
+            // No move in flight is not enough (the next step of a move is proposed a round
+            // after the last committed): the leader's last round must have proposed nothing.
+            let mut planned = false;
             let versions: Option<Vec<u64>> = which
                 .iter()
                 .map(|&i| {
                     let s = self.nodes[i].status()?;
                     let c = &s["controller"];
+                    planned |= c["plan_settled"] == true;
                     let settled = !c["leader"].is_null()
                         && [
                             "moves_in_flight",
@@ -436,7 +440,7 @@ impl Cluster {
                     settled.then(|| c["map_version"].as_u64()).flatten()
                 })
                 .collect();
-            versions.filter(|v| v.windows(2).all(|w| w[0] == w[1])).map(|_| ())
+            versions.filter(|v| planned && v.windows(2).all(|w| w[0] == w[1])).map(|_| ())
         });
         assert!(
             ok.is_some(),

@@ -78,6 +78,12 @@ impl LeaderPlanner {
         }
     }
 
+    /// The last round ran on `map_version` and proposed nothing: the map is where the ring
+    /// and the pins want it (no move is pending, not only none in flight).
+    pub fn settled(&self, map_version: u64) -> bool {
+        self.quiet.is_some_and(|(v, _)| v == map_version)
+    }
+
     pub fn due(&self, now_ms: u64, map_version: u64) -> bool {
         now_ms >= self.next_round_ms(map_version)
     }
