@@ -110,6 +110,9 @@ pub struct GossipConfig {
     pub transmissions_log_factor: u8,
     /// How often a node that has no members re-announces itself to its seeds.
     pub reannounce_interval_ms: u64,
+    /// How often seed names are resolved again (DNS: a headless Service's records follow
+    /// its pods).
+    pub seed_resolve_interval_ms: u64,
     /// How long a down member is remembered (prevents a stale identity from coming back).
     pub remove_down_after_ms: u64,
     /// Largest datagram sent or accepted, authentication tag included.
@@ -135,6 +138,7 @@ impl Default for GossipConfig {
             transmissions_min: 8,
             transmissions_log_factor: 4,
             reannounce_interval_ms: 500,
+            seed_resolve_interval_ms: 5_000,
             remove_down_after_ms: 24 * 3600 * 1000,
             packet_bytes_max: 1400,
             replay_window_ms: 60_000,
@@ -165,6 +169,7 @@ impl GossipConfig {
             ("gossip.suspect_to_down_ms", self.suspect_to_down_ms),
             ("gossip.gossip_interval_ms", self.gossip_interval_ms),
             ("gossip.reannounce_interval_ms", self.reannounce_interval_ms),
+            ("gossip.seed_resolve_interval_ms", self.seed_resolve_interval_ms),
             ("gossip.remove_down_after_ms", self.remove_down_after_ms),
             ("gossip.replay_window_ms", self.replay_window_ms),
             ("gossip.replay_cache_max", self.replay_cache_max as u64),
@@ -840,6 +845,15 @@ pub struct RawNodeConfig {
     pub gossip_addr: Option<String>,
     pub admin_addr: Option<String>,
     pub seeds: Option<Vec<String>>,
+    /// The host (IP address or DNS name) peers and clients reach this node at, for every
+    /// port: required in effect when a port binds a wildcard address (`0.0.0.0`, `::`)
+    /// behind NAT or in a container; derived otherwise (see README, "Deploying").
+    pub advertise_host: Option<String>,
+    /// Full `host:port` overrides per port, for port mappings (NAT, container ports).
+    pub advertise_client_addr: Option<String>,
+    pub advertise_cluster_addr: Option<String>,
+    pub advertise_gossip_addr: Option<String>,
+    pub advertise_admin_addr: Option<String>,
     pub secret: Option<String>,
     /// A file holding the secret (first line; keep it mode 0600): keeps it out of config
     /// files, the environment and `ps`.
@@ -874,7 +888,11 @@ pub struct NodeConfig {
     pub cluster_addr: SocketAddr,
     pub gossip_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub seeds: Vec<SocketAddr>,
+    /// Members to join through, by `host:port` (a name is resolved again and again: every
+    /// address it has is a seed).
+    pub seeds: Vec<HostPort>,
+    /// What this node announces instead of its bind addresses.
+    pub advertise: Advertise,
     #[serde(skip)]
     pub secret: String,
     /// Earlier secrets still accepted on gossip (key rotation).
@@ -921,6 +939,57 @@ impl RawNodeConfig {
             .map_err(|reason| ConfigError::Parse { path: path.display().to_string(), reason })
     }
 
+    /// The file at `path` (if any) with the `BOTCLAW_*` variables of `vars` laid over it,
+    /// field by field: `BOTCLAW_NAME` sets `name`, `BOTCLAW_GOSSIP__PROBE_PERIOD_MS` sets
+    /// `[gossip] probe_period_ms` (a double underscore descends into a section). A value
+    /// is read as TOML if it is one (numbers, booleans, `[...]` arrays), as a list if it
+    /// holds commas (`BOTCLAW_SEEDS=a:7002,b:7002`), else as a string. A variable that
+    /// names no field is an error, except those in [`ENV_NOT_FIELDS`].
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = match path {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    reason: e.to_string().trim_end().to_string(),
+                })?
+            }
+        };
+        let mut from_env = Vec::new();
+        for (key, value) in vars {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
+            if ENV_NOT_FIELDS.iter().any(|n| key == *n || (n.ends_with('_') && key.starts_with(n)))
+            {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::Parse {
+                    path: format!("environment variable {key}"),
+                    reason: "empty field name".into(),
+                });
+            }
+            insert_path(&mut table, &path, env_value(&value));
+            from_env.push(key);
+        }
+        let source = match (path, from_env.is_empty()) {
+            (Some(p), true) => p.display().to_string(),
+            (Some(p), false) => format!("{} with {}", p.display(), from_env.join(", ")),
+            (None, _) => format!("environment ({})", from_env.join(", ")),
+        };
+        // Through text: the parser's errors name the key.
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::Parse { path: source.clone(), reason: e.to_string() })?;
+        Self::from_toml(&text).map_err(|reason| ConfigError::Parse { path: source, reason })
+    }
+
     /// Parses TOML text; the error text names the offending key.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
@@ -940,6 +1009,11 @@ impl RawNodeConfig {
             gossip_addr: over.gossip_addr.or(self.gossip_addr),
             admin_addr: over.admin_addr.or(self.admin_addr),
             seeds: over.seeds.or(self.seeds),
+            advertise_host: over.advertise_host.or(self.advertise_host),
+            advertise_client_addr: over.advertise_client_addr.or(self.advertise_client_addr),
+            advertise_cluster_addr: over.advertise_cluster_addr.or(self.advertise_cluster_addr),
+            advertise_gossip_addr: over.advertise_gossip_addr.or(self.advertise_gossip_addr),
+            advertise_admin_addr: over.advertise_admin_addr.or(self.advertise_admin_addr),
             // A secret given one way replaces one given the other way.
             secret: over.secret.clone().or(self.secret.filter(|_| over.secret_file.is_none())),
             secret_file: over.secret_file.or(self.secret_file.filter(|_| over.secret.is_none())),
@@ -990,11 +1064,42 @@ impl RawNodeConfig {
         validate_name(&name)?;
         let mut seeds = Vec::new();
         for seed in self.seeds.unwrap_or_default() {
-            let addr: SocketAddr = seed.parse().map_err(|_| {
-                ConfigError::invalid("seeds", format!("{seed:?} is not an ip:port address"))
-            })?;
-            seeds.push(addr);
+            seeds.push(seed.parse::<HostPort>().map_err(|e| ConfigError::invalid("seeds", e))?);
         }
+        let advertised = |field: &'static str, value: Option<String>| {
+            value
+                .map(|v| {
+                    let hp = v.parse::<HostPort>().map_err(|e| ConfigError::invalid(field, e))?;
+                    if hp.ip().is_some_and(|ip| ip.is_unspecified()) {
+                        return Err(ConfigError::invalid(
+                            field,
+                            format!("{hp} is a wildcard: peers cannot reach it"),
+                        ));
+                    }
+                    Ok(hp)
+                })
+                .transpose()
+        };
+        let advertise = Advertise {
+            host: match self.advertise_host {
+                None => None,
+                Some(host) => {
+                    let hp = HostPort::from_host(&host, 1)
+                        .map_err(|e| ConfigError::invalid("advertise_host", e))?;
+                    if hp.ip().is_some_and(|ip| ip.is_unspecified()) {
+                        return Err(ConfigError::invalid(
+                            "advertise_host",
+                            format!("{host} is a wildcard: peers cannot reach it"),
+                        ));
+                    }
+                    Some(hp.host)
+                }
+            },
+            client: advertised("advertise_client_addr", self.advertise_client_addr)?,
+            cluster: advertised("advertise_cluster_addr", self.advertise_cluster_addr)?,
+            gossip: advertised("advertise_gossip_addr", self.advertise_gossip_addr)?,
+            admin: advertised("advertise_admin_addr", self.advertise_admin_addr)?,
+        };
         let secret = match (self.secret, self.secret_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid("secret_file", "set either secret or secret_file"))
@@ -1119,6 +1224,7 @@ impl RawNodeConfig {
             gossip_addr,
             admin_addr,
             seeds,
+            advertise,
             secret,
             previous_secrets,
             data_dir,
@@ -1266,6 +1372,172 @@ fn validate_sizes(
     Ok(())
 }
 
+/// Prefix of the environment variables that set config fields.
+pub const ENV_PREFIX: &str = "BOTCLAW_";
+
+/// `BOTCLAW_*` variables that are not config fields: the secret ones (read by the command
+/// line, where a file wins over a value) and, by prefix (a trailing `_`), the test suite's.
+pub const ENV_NOT_FIELDS: [&str; 6] = [
+    "BOTCLAW_SECRET",
+    "BOTCLAW_SECRET_FILE",
+    "BOTCLAW_PREVIOUS_SECRET_FILE",
+    "BOTCLAW_LOG_FORMAT",
+    "BOTCLAW_TEST_",
+    "BOTCLAW_FUZZ_",
+];
+
+/// An environment value as a TOML value: TOML if it parses as one, a list of strings if it
+/// holds commas, else a string.
+fn env_value(text: &str) -> toml::Value {
+    if let Ok(t) = format!("v = {text}").parse::<toml::Table>() {
+        if let Some(v) = t.get("v") {
+            return v.clone();
+        }
+    }
+    if text.contains(',') {
+        let items = text.split(',').map(str::trim).filter(|s| !s.is_empty());
+        return toml::Value::Array(items.map(|s| toml::Value::String(s.into())).collect());
+    }
+    toml::Value::String(text.to_string())
+}
+
+/// Sets `table.a.b.c = value` for `path` `[a, b, c]`, creating sections on the way (a
+/// value already at a section's place is replaced).
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            insert_path(entry.as_table_mut().expect("made a table above"), rest, value);
+        }
+    }
+}
+
+/// A `host:port` address: an IP address or a DNS name. The node resolves names (seeds
+/// again and again, so discovery by DNS follows the records as they change).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    /// An IP address (IPv6 without brackets) or a DNS name.
+    pub host: String,
+    pub port: u16,
+}
+
+/// Longest DNS name accepted.
+pub const HOST_BYTES_MAX: usize = 253;
+
+impl HostPort {
+    /// `host` with `port`; the host must be an IP address or a DNS name.
+    pub fn from_host(host: &str, port: u16) -> Result<HostPort, String> {
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if bare.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(HostPort { host: bare.to_string(), port });
+        }
+        let name_ok = !bare.is_empty()
+            && bare.len() <= HOST_BYTES_MAX
+            && bare.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !name_ok {
+            return Err(format!("{host:?} is neither an IP address nor a DNS name"));
+        }
+        Ok(HostPort { host: bare.to_ascii_lowercase(), port })
+    }
+
+    /// The IP address, if the host is one (not a name).
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.host.parse().ok()
+    }
+
+    /// The socket address, if the host is an IP address.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.ip().map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostPort, String> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(HostPort { host: addr.ip().to_string(), port: addr.port() });
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} is not a host:port address (no port)"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{text:?} is not a host:port address (port 1..=65535)"))?;
+        HostPort::from_host(host, port)
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+    fn try_from(text: String) -> Result<HostPort, String> {
+        text.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(hp: HostPort) -> String {
+        hp.to_string()
+    }
+}
+
+/// What a node announces to peers and clients instead of its bind addresses. A port
+/// without an override is advertised at `host` (or, with no host, at its bind address if
+/// that is specific, else at an address the node derives and logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Advertise {
+    pub host: Option<String>,
+    pub client: Option<HostPort>,
+    pub cluster: Option<HostPort>,
+    pub gossip: Option<HostPort>,
+    pub admin: Option<HostPort>,
+}
+
+/// The default node name: unique per host (its hostname) and per node on a host (the
+/// gossip port unless it is the default one). `None` if the hostname has nothing usable.
+pub fn default_node_name(hostname: &str, gossip_port: u16) -> Option<String> {
+    let host: String = hostname
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(NAME_BYTES_MAX - 6)
+        .collect();
+    if host.is_empty() || host == "localhost" {
+        return None;
+    }
+    let default_gossip = local_ports(DEFAULT_BASE_PORT, 0)[2];
+    Some(if gossip_port == default_gossip { host } else { format!("{host}-{gossip_port}") })
+}
+
 fn parse_addr(
     field: &'static str,
     value: Option<String>,
@@ -1274,7 +1546,13 @@ fn parse_addr(
     match value {
         None => Ok(SocketAddr::from(([127, 0, 0, 1], default_port))),
         Some(text) => text.parse().map_err(|_| {
-            ConfigError::invalid(field, format!("{text:?} is not an ip:port address"))
+            ConfigError::invalid(
+                field,
+                format!(
+                    "{text:?} is not an ip:port address (a node binds IP addresses; 0.0.0.0 \
+                     listens on every interface: give the name peers use as advertise_host)"
+                ),
+            )
         }),
     }
 }

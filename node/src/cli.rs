@@ -73,22 +73,28 @@ pub struct NodeArgs {
     /// TOML config file (see cluster-config/examples/).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Unique node name.
+    /// Unique node name (default: this host's name, plus the gossip port unless it is
+    /// 7002).
     #[arg(long)]
     name: Option<String>,
-    /// Chat protocol listener (ip:port).
+    /// Chat protocol listener (ip:port; 0.0.0.0 listens on every interface).
     #[arg(long)]
     client_addr: Option<String>,
     /// Inter-node link listener (ip:port).
     #[arg(long)]
     cluster_addr: Option<String>,
-    /// Gossip UDP address (ip:port); the node's identity in the cluster.
+    /// Gossip UDP listener (ip:port).
     #[arg(long)]
     gossip_addr: Option<String>,
     /// Admin HTTP listener (ip:port).
     #[arg(long)]
     admin_addr: Option<String>,
-    /// Gossip address of a member to join through (repeatable).
+    /// The address (IP or DNS name) peers and clients reach this node at, for every port
+    /// (derived and logged when a port binds 0.0.0.0 and this is not set).
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// Gossip address (host:port) of a member to join through (repeatable). A name is
+    /// resolved again and again and each of its addresses is a seed (a headless Service).
     #[arg(long = "seed")]
     seeds: Vec<String>,
     /// Cluster secret shared by all nodes (a flag's value shows in `ps`: prefer
@@ -112,6 +118,18 @@ pub struct NodeArgs {
     /// Keep conversation state in memory only (lost when the process exits).
     #[arg(long)]
     ephemeral: bool,
+    /// Log lines as text (colours only on a terminal) or one JSON object per line.
+    #[arg(long, env = "BOTCLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Check the configuration (file, BOTCLAW_* environment, flags), print it and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl NodeArgs {
@@ -123,6 +141,7 @@ impl NodeArgs {
             cluster_addr: self.cluster_addr.clone(),
             gossip_addr: self.gossip_addr.clone(),
             admin_addr: self.admin_addr.clone(),
+            advertise_host: self.advertise_host.clone(),
             seeds: non_empty(&self.seeds),
             secret: self.secret.clone().filter(|_| self.secret_file.is_none()),
             secret_file: self.secret_file.clone(),
@@ -194,13 +213,17 @@ enum ShardCommand {
     },
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
     });
     // Colours only on a terminal: a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match format {
+        LogFormat::Text => fmt.with_ansi(ansi).init(),
+        LogFormat::Json => fmt.json().with_current_span(false).init(),
+    }
     // Panics go to the log as one line with their text escaped: a panic message can hold
     // what a client sent (a conversation id, a turn's text), and newlines or escape
     // sequences in it would forge log lines.
@@ -349,25 +372,46 @@ pub fn main() -> ExitCode {
 /// Exit code for configuration errors, as for command-line usage errors.
 const EXIT_CONFIG: u8 = 2;
 
+/// The node's configuration: the file, the `BOTCLAW_*` environment over it, the flags over
+/// both; then the defaults that depend on this machine (name from the hostname, data
+/// directory absolute).
+fn node_config(args: &NodeArgs) -> Result<botclaw_config::NodeConfig, String> {
+    let file =
+        RawNodeConfig::load(args.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let mut raw = args.apply_flags(file.merge(args.overrides()));
+    if raw.name.is_none() {
+        let port =
+            raw.gossip_addr.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()).map_or(
+                botclaw_config::local_ports(botclaw_config::DEFAULT_BASE_PORT, 0)[2],
+                |a| a.port(),
+            );
+        let host = crate::addrs::hostname().unwrap_or_default();
+        raw.name = Some(botclaw_config::default_node_name(&host, port).ok_or_else(|| {
+            format!("no --name given and the hostname {host:?} cannot name a node: set --name or BOTCLAW_NAME")
+        })?);
+    }
+    let mut cfg = raw.validate().map_err(|e| e.to_string())?;
+    if cfg.data_dir.is_relative() {
+        let cwd = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+        cfg.data_dir = cwd.join(&cfg.data_dir);
+    }
+    Ok(cfg)
+}
+
 fn run_node(args: NodeArgs) -> ExitCode {
-    let file = match &args.config {
-        Some(path) => match RawNodeConfig::from_file(path) {
-            Ok(raw) => raw,
-            Err(e) => {
-                eprintln!("botclaw node: config error: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => RawNodeConfig::default(),
-    };
-    let cfg = match args.apply_flags(file.merge(args.overrides())).validate() {
+    let cfg = match node_config(&args) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("botclaw node: config error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing();
+    if args.check_config {
+        println!("# botclaw node: configuration is valid (the secret is not shown)");
+        print!("{}", toml::to_string_pretty(&cfg).expect("config serializes"));
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -380,6 +424,10 @@ fn run_node(args: NodeArgs) -> ExitCode {
         Err(e) if e.is::<crate::node::StoreUnwritable>() => {
             eprintln!("botclaw node: {e:#}");
             ExitCode::from(crate::node::EXIT_STORE_UNWRITABLE)
+        }
+        Err(e) if e.is::<crate::node::NameTaken>() => {
+            eprintln!("botclaw node: {e:#}");
+            ExitCode::from(crate::node::EXIT_NAME_TAKEN)
         }
         Err(e) => {
             tracing::error!("{e:#}");

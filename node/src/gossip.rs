@@ -7,8 +7,12 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use botclaw_config::HostPort;
 
 use botclaw_core::load::LoadSummary;
 use botclaw_core::membership::MembershipTimer;
@@ -80,8 +84,29 @@ impl TimerQueue {
     }
 }
 
+/// Where the seeds come from: names resolved again and again, and the members remembered
+/// from the last run (written to `peers_dir` as members come and go).
+#[derive(Debug, Clone, Default)]
+pub struct Seeds {
+    pub names: Vec<HostPort>,
+    pub remembered: Vec<SocketAddr>,
+    pub resolve_every: Duration,
+    pub peers_dir: Option<PathBuf>,
+}
+
+/// Least time between two warnings of failed gossip sends.
+const SEND_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 pub struct GossipDriver {
     membership: Membership,
+    seeds: Seeds,
+    /// The seed names that failed at the last lookup (warned once per change).
+    unresolved: Vec<String>,
+    /// The up members' gossip addresses last written to the peers file.
+    remembered_written: Vec<SocketAddr>,
+    /// Told when a namesake started earlier: this node must stop.
+    name_taken: Option<oneshot::Sender<NodeId>>,
+    send_warned_at: Option<Instant>,
     socket: Arc<UdpSocket>,
     timers: TimerQueue,
     view: watch::Sender<ClusterView>,
@@ -97,8 +122,17 @@ impl GossipDriver {
         self.isolated.clone()
     }
 
+    /// Resolves once a live member with this node's name started before it (this node
+    /// must stop: names are unique).
+    pub fn name_taken(&mut self) -> oneshot::Receiver<NodeId> {
+        let (tx, rx) = oneshot::channel();
+        self.name_taken = Some(tx);
+        rx
+    }
+
     pub fn new(
         membership: Membership,
+        seeds: Seeds,
         socket: UdpSocket,
         metrics: Metrics,
         packet_bytes_max: usize,
@@ -110,8 +144,14 @@ impl GossipDriver {
             loads: membership.loads(),
         };
         let (tx, rx) = watch::channel(view);
+        let remembered_written = seeds.remembered.clone();
         let driver = GossipDriver {
             membership,
+            seeds,
+            unresolved: Vec::new(),
+            remembered_written,
+            name_taken: None,
+            send_warned_at: None,
             socket: Arc::new(socket),
             timers: TimerQueue::default(),
             view: tx,
@@ -138,9 +178,14 @@ impl GossipDriver {
         // One byte more than the limit, so an oversized datagram is seen as such instead
         // of being silently truncated to a valid-looking length.
         let mut buf = vec![0u8; self.packet_bytes_max + 1];
+        let resolve_every = self.seeds.resolve_every.max(Duration::from_millis(100));
+        let mut resolve = tokio::time::interval_at(Instant::now() + resolve_every, resolve_every);
+        resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let has_names = !self.seeds.names.is_empty();
         loop {
             let deadline = self.timers.next_deadline();
             tokio::select! {
+                _ = resolve.tick(), if has_names => self.resolve_seeds().await,
                 received = self.socket.recv_from(&mut buf) => match received {
                     Ok(_) if self.isolated.load(Ordering::Relaxed) => {}
                     Ok((n, from)) => self.on_datagram(&buf[..n], from),
@@ -183,6 +228,24 @@ impl GossipDriver {
         }
     }
 
+    /// Resolves the seed names again; the seeds are what they resolve to plus the members
+    /// remembered from the last run.
+    pub async fn resolve_seeds(&mut self) {
+        let (mut addrs, failed) = crate::addrs::resolve_all(&self.seeds.names).await;
+        let unresolved: Vec<String> =
+            failed.iter().map(|(hp, why)| format!("{hp} ({why})")).collect();
+        if !unresolved.is_empty() {
+            self.metrics.cluster_warning("seed_unresolved");
+            if unresolved != self.unresolved {
+                tracing::warn!(seeds = ?unresolved, "seed names that did not resolve (tried again every {:?})", self.seeds.resolve_every);
+            }
+        }
+        self.unresolved = unresolved;
+        self.metrics.seed_addresses.set(addrs.len() as i64);
+        addrs.extend(&self.seeds.remembered);
+        self.membership.set_seeds(&addrs);
+    }
+
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
         self.metrics.gossip_received.inc();
         self.clock();
@@ -203,7 +266,13 @@ impl GossipDriver {
                     }
                     Err(e) => {
                         self.metrics.gossip_send_errors.inc();
-                        tracing::debug!(%to, error = %e, "gossip send failed");
+                        let due =
+                            self.send_warned_at.is_none_or(|at| at.elapsed() >= SEND_WARNING_EVERY);
+                        if due {
+                            self.send_warned_at = Some(Instant::now());
+                            self.metrics.cluster_warning("gossip_send_failed");
+                            tracing::warn!(%to, error = %e, "gossip send failed (one warning per {SEND_WARNING_EVERY:?}; see botclaw_gossip_send_errors)");
+                        }
                     }
                 },
                 Effect::Schedule { after, timer } => self.timers.push(now + after, timer),
@@ -223,13 +292,31 @@ impl GossipDriver {
                 Effect::MemberChanged(id) => {
                     tracing::info!(member = %id.name, bump = id.bump, roles = ?id.roles, "member changed identity");
                 }
+                Effect::NameTaken { other, this_node_yields: true } => {
+                    self.metrics.cluster_warning("name_taken");
+                    tracing::error!(name = %other.name, other = %other.gossip, "another live member, started earlier, has this node's name: names must be unique (set --name or BOTCLAW_NAME); stopping");
+                    if let Some(tx) = self.name_taken.take() {
+                        let _ = tx.send(other);
+                    }
+                }
+                Effect::NameTaken { other, this_node_yields: false } => {
+                    self.metrics.cluster_warning("name_taken");
+                    tracing::warn!(name = %other.name, other = %other.gossip, "a member started later claims this node's name; it should stop");
+                }
+                Effect::SeedsUnanswered { attempts, seeds } => {
+                    self.metrics.cluster_warning("seeds_unanswered");
+                    let names: Vec<String> =
+                        self.seeds.names.iter().map(ToString::to_string).collect();
+                    tracing::warn!(attempts, seeds = ?names, addresses = ?seeds, remembered = ?self.seeds.remembered, "no member answered: not joined, not ready (check the seeds, the secret, and that UDP reaches them)");
+                }
             }
         }
         self.publish();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let members = self.membership.members();
+        self.remember(&members);
         let count = |s| members.iter().filter(|m| m.state == s).count();
         self.metrics.set_members(
             count(MemberState::Up),
@@ -250,6 +337,27 @@ impl GossipDriver {
             }
             changed
         });
+    }
+}
+
+impl GossipDriver {
+    /// Writes the up members' gossip addresses to the peers file when they changed (never
+    /// an empty list: a node alone keeps what it knew).
+    fn remember(&mut self, members: &[MemberView]) {
+        let Some(dir) = &self.seeds.peers_dir else { return };
+        let mut up: Vec<SocketAddr> = members
+            .iter()
+            .filter(|m| !m.is_self && m.state == MemberState::Up)
+            .map(|m| m.id.gossip)
+            .collect();
+        up.sort();
+        if up.is_empty() || up == self.remembered_written {
+            return;
+        }
+        match crate::addrs::remember_peers(dir, &up) {
+            Ok(()) => self.remembered_written = up,
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot remember the members"),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`chat`]: the REPL; [`bench`]: the load generator with its baseline echo server;
 //! - [`node`]: `run(config, shutdown)`, one node's lifetime;
 //! - [`gossip`]: the UDP driver of the membership state machine;
+//! - [`addrs`]: names resolved, advertised addresses, incarnation, remembered members;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
 //! - [`controller`]: the placement controller's Raft member, its log and the leader's round;
 //! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
@@ -16,6 +17,7 @@
 //! - [`up`]: the local N-node launcher; [`status`]: the status table;
 //! - [`sim`]: `botclaw sim`, the simulation scenarios' runner.
 
+pub mod addrs;
 pub mod admin;
 pub mod bench;
 pub mod chat;

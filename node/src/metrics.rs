@@ -77,6 +77,10 @@ pub struct Metrics {
     /// Cluster-port connections closed before they reached ractor_cluster, by reason.
     pub cluster_refused: Family<ReasonLabel, Counter>,
     pub gossip_send_errors: Counter,
+    /// Problems joining or staying in the cluster, by reason (each also logged).
+    pub cluster_warnings: Family<ReasonLabel, Counter>,
+    /// Addresses the seeds resolved to at the last lookup.
+    pub seed_addresses: Gauge,
     pub gossip_updates_backlog: Gauge,
     pub member_events: Family<EventLabel, Counter>,
     pub cluster_sessions: Gauge,
@@ -115,6 +119,8 @@ impl Default for Metrics {
             admin_refused: Default::default(),
             cluster_refused: Default::default(),
             gossip_send_errors: Default::default(),
+            cluster_warnings: Default::default(),
+            seed_addresses: Default::default(),
             gossip_updates_backlog: Default::default(),
             member_events: Default::default(),
             cluster_sessions: Default::default(),
@@ -162,6 +168,17 @@ impl Metrics {
             "gossip_send_errors",
             "Gossip datagrams the socket failed to send",
             self.gossip_send_errors.clone(),
+        );
+        r.register(
+            "cluster_warnings",
+            "Problems joining or staying in the cluster, by reason (seeds_unanswered, \
+             seed_unresolved, name_taken, gossip_send_failed), each also logged",
+            self.cluster_warnings.clone(),
+        );
+        r.register(
+            "seed_addresses",
+            "Addresses the configured seeds resolved to at the last lookup",
+            self.seed_addresses.clone(),
         );
         r.register(
             "gossip_updates_backlog",
@@ -257,6 +274,10 @@ impl Metrics {
         self.conversations.register(&mut r);
         self.controller.register(&mut r);
         r
+    }
+
+    pub fn cluster_warning(&self, reason: &str) {
+        self.cluster_warnings.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn reject(&self, reason: &str) {

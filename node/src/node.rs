@@ -359,6 +359,17 @@ pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 #[error("the state store could not write for {0} ms (a full disk or an I/O error; see the log): left the cluster for a restart")]
 pub struct StoreUnwritable(pub u64);
 
+/// Why a node refused to run: a live member that started earlier has its name.
+#[derive(Debug, thiserror::Error)]
+#[error("a live member at {other} (started earlier) is named {name:?}: node names must be unique; give this node another --name (or BOTCLAW_NAME)")]
+pub struct NameTaken {
+    pub name: String,
+    pub other: std::net::SocketAddr,
+}
+
+/// Exit status of a node that refused to run under a taken name (EX_CONFIG).
+pub const EXIT_NAME_TAKEN: u8 = 78;
+
 /// How long a node whose store failed tries to hand its conversations over before leaving.
 const STORE_FAILED_DRAIN: Duration = Duration::from_secs(5);
 
@@ -409,20 +420,45 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let previous: Vec<ClusterKeys> =
         cfg.previous_secrets.iter().map(|s| ClusterKeys::derive(s.as_bytes())).collect();
 
+    // Seeds: what their names resolve to now (again every seed_resolve_interval_ms), and
+    // the members this data directory remembers from its last run.
+    let (resolved, unresolved) = crate::addrs::resolve_all(&cfg.seeds).await;
+    for (seed, why) in &unresolved {
+        tracing::warn!(%seed, %why, "seed does not resolve (yet): tried again every {} ms", cfg.gossip.seed_resolve_interval_ms);
+    }
+    let (advertised, how) = crate::addrs::advertised(&cfg, &resolved).await?;
+    crate::addrs::check_reachable(&advertised, &resolved)?;
+    if let Some(how) = how {
+        tracing::info!(?how, client = %advertised.client, cluster = %advertised.cluster, gossip = %advertised.gossip, admin = %advertised.admin, "advertising");
+    }
+    let remembered: Vec<std::net::SocketAddr> = crate::addrs::remembered_peers(&cfg.data_dir)
+        .into_iter()
+        .filter(|p| *p != advertised.gossip)
+        .collect();
+    // A node founds a cluster only if nothing names or remembers one: a node restarted
+    // with its first command joins the members it knew instead of serving alone.
+    let founds = cfg.seeds.is_empty() && remembered.is_empty();
+    if cfg.seeds.is_empty() && !founds {
+        tracing::info!(members = ?remembered, "no seeds given: joining the members remembered from the last run");
+    }
+    let incarnation = if cfg.store.ephemeral {
+        now_ms()
+    } else {
+        crate::addrs::take_incarnation(&cfg.data_dir, now_ms())?
+    };
     let identity = NodeId {
         name: cfg.name.clone(),
-        gossip: cfg.gossip_addr,
-        cluster: cfg.cluster_addr,
-        client: cfg.client_addr,
-        admin: cfg.admin_addr,
-        incarnation: now_ms(),
+        gossip: advertised.gossip,
+        cluster: advertised.cluster,
+        client: advertised.client,
+        admin: advertised.admin,
+        incarnation,
         bump: 0,
         roles: cfg.roles.clone(),
         capacity: cfg.capacity,
     };
     let link_name = identity.link_name();
-    let incarnation = identity.incarnation;
-    tracing::info!(node = %cfg.name, link = %link_name, gossip = %cfg.gossip_addr, "starting");
+    tracing::info!(node = %cfg.name, link = %link_name, gossip = %advertised.gossip, data_dir = %cfg.data_dir.display(), "starting");
 
     let metrics = Metrics::default();
     // The store first: a bad state file stops the node before anything else starts.
@@ -451,7 +487,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         0,
         cluster_cookie(&keys, tls.is_some()),
         link_name.clone(),
-        cfg.cluster_addr.ip().to_string(),
+        advertised.cluster.ip().to_string(),
         unused_listener,
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
     )
@@ -484,15 +520,30 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cfg.replication.incoming_max,
         conv_metrics.clone(),
     );
+    let seed_addrs: Vec<std::net::SocketAddr> =
+        resolved.iter().chain(&remembered).copied().collect();
     let membership = Membership::new(
         identity,
-        &cfg.seeds,
+        &seed_addrs,
         Keyring::new(&keys, &previous),
         &cfg.gossip,
         rand::random(),
+    )
+    .founding(founds);
+    let seeds = crate::gossip::Seeds {
+        names: cfg.seeds.clone(),
+        remembered,
+        resolve_every: Duration::from_millis(cfg.gossip.seed_resolve_interval_ms),
+        peers_dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.clone()),
+    };
+    let (mut driver, view) = GossipDriver::new(
+        membership,
+        seeds,
+        gossip_socket,
+        metrics.clone(),
+        cfg.gossip.packet_bytes_max,
     );
-    let (driver, view) =
-        GossipDriver::new(membership, gossip_socket, metrics.clone(), cfg.gossip.packet_bytes_max);
+    let name_taken = driver.name_taken();
     let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
     let heard = Arc::new(crate::controller::ControllerContact::default());
     let (controller, map_view) = crate::controller::open(crate::controller::ControllerArgs {
@@ -501,7 +552,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         placement: cfg.placement.clone(),
         replication_factor: cfg.replication.factor,
         dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.join("controller")),
-        founder_by_default: cfg.seeds.is_empty(),
+        founder_by_default: founds,
         frame_bytes_max: cfg.link.frame_bytes_max,
         gossip: view.clone(),
         inbox: controller_rx,
@@ -691,7 +742,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     // decommissions (every copy moved away first).
     let unwritable_after = Duration::from_millis(cfg.store.unwritable_exit_ms);
     let mut store_failed = false;
+    let mut name_taken = name_taken;
     let mode = tokio::select! {
+        Ok(other) = &mut name_taken => {
+            // Nothing to hand over: this process is the impostor. Leave and stop.
+            let (done_tx, done_rx) = oneshot::channel();
+            if gossip_tx.send(GossipCommand::Leave(done_tx)).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+            }
+            return Err(NameTaken { name: other.name, other: other.gossip }.into());
+        }
         () = shutdown => {
             tracing::info!("shutting down");
             LeaveMode::Restart

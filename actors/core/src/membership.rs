@@ -63,7 +63,18 @@ pub enum Effect {
     /// A member announced a new identity for its address (roles dropped at a drain, a
     /// rejoin, a restart) while its state stayed the same: this is the new one.
     MemberChanged(NodeId),
+    /// Another live member has this node's name at another address. Names must be unique
+    /// (they name controller members, shard replicas and links): the process that started
+    /// later (`this_node_yields`) must stop; the other one only warns.
+    NameTaken { other: NodeId, this_node_yields: bool },
+    /// Still alone after `attempts` announces to the seeds (every
+    /// `SEEDS_UNANSWERED_EVERY` attempts while it lasts); `seeds` are the addresses tried
+    /// (empty: none resolved).
+    SeedsUnanswered { attempts: u32, seeds: Vec<SocketAddr> },
 }
+
+/// Announces to silent seeds between two [`Effect::SeedsUnanswered`].
+pub const SEEDS_UNANSWERED_EVERY: u32 = 20;
 
 /// Why an incoming datagram was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +163,12 @@ pub struct Membership {
     loads: LoadTable,
     auth: PacketAuth,
     seeds: Vec<SocketAddr>,
+    /// Alone and without seeds at start, it founds a cluster (see [`Membership::founding`]).
+    founds: bool,
+    /// Announces to the seeds while alone, since the last member was seen.
+    unanswered: u32,
+    /// This node's name and (incarnation, bump), for telling a namesake.
+    own: (String, SocketAddr, (u64, u16)),
     reannounce_after: Duration,
     effects: VecDeque<Effect>,
     joined: bool,
@@ -199,12 +216,21 @@ struct Outbox<'a> {
     now_ms: u64,
     /// Set when foca reports that this node rejoined (it was declared down).
     rejoined: &'a mut bool,
+    own: &'a (String, SocketAddr, (u64, u16)),
 }
 
 impl foca::Runtime<NodeId> for Outbox<'_> {
     fn notify(&mut self, notification: Notification<'_, NodeId>) {
         let effect = match notification {
-            Notification::MemberUp(id) => Effect::MemberUp(id.clone()),
+            Notification::MemberUp(id) => {
+                let (name, gossip, age) = self.own;
+                if id.name == *name && id.gossip != *gossip {
+                    let this_node_yields = (id.incarnation, id.bump) < *age;
+                    self.effects
+                        .push_back(Effect::NameTaken { other: id.clone(), this_node_yields });
+                }
+                Effect::MemberUp(id.clone())
+            }
             Notification::MemberDown(id) => Effect::MemberDown(id.clone()),
             Notification::Active => Effect::Joined,
             Notification::Idle => Effect::Isolated,
@@ -247,6 +273,7 @@ impl Membership {
         let auth = PacketAuth::new(keys, cfg.packet_bytes_max, replay);
         let config = foca_config(cfg, auth.payload_bytes_max());
         let own = identity.gossip;
+        let own_id = (identity.name.clone(), own, (identity.incarnation, identity.bump));
         let gossip = LoadGossip::default();
         let loads = gossip.table();
         let rng = StdRng::seed_from_u64(seed);
@@ -262,7 +289,10 @@ impl Membership {
             gossip: cfg.clone(),
             loads,
             auth,
+            founds: seeds.is_empty(),
             seeds,
+            unanswered: 0,
+            own: own_id,
             reannounce_after: Duration::from_millis(cfg.reannounce_interval_ms),
             effects: VecDeque::new(),
             joined: false,
@@ -273,6 +303,29 @@ impl Membership {
             nonces: StdRng::seed_from_u64(seed ^ 0x6e6f_6e63_6573_2121),
             now_ms: 0,
         }
+    }
+
+    /// Whether a node alone at [`Membership::start`] founds a cluster (joined at once) or
+    /// waits for its seeds. By default it founds only when created without seeds; a node
+    /// whose seeds are names that did not resolve yet, or that remembers members from an
+    /// earlier run, must not (it would serve alone while the cluster it belongs to runs).
+    pub fn founding(mut self, founds: bool) -> Self {
+        self.founds = founds;
+        self
+    }
+
+    /// Replaces the seeds' addresses (the driver resolves seed names again and again).
+    pub fn set_seeds(&mut self, seeds: &[SocketAddr]) {
+        let own = self.own.1;
+        let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
+        seeds.sort();
+        seeds.dedup();
+        self.seeds = seeds;
+    }
+
+    /// The seeds' addresses now.
+    pub fn seeds(&self) -> &[SocketAddr] {
+        &self.seeds
     }
 
     /// Sets the clock the next inputs are handled at (see the `now_ms` field).
@@ -287,15 +340,15 @@ impl Membership {
             nonces: &mut self.nonces,
             now_ms: self.now_ms,
             rejoined: &mut self.rejoined,
+            own: &self.own,
         };
         (&mut self.foca, outbox)
     }
 
-    /// Starts the protocol: a node without seeds founds a cluster and is joined at once;
-    /// a node with seeds announces to all of them and keeps re-announcing until it has
-    /// members.
+    /// Starts the protocol: a founding node (see [`Membership::founding`]) is joined at
+    /// once; any other announces to its seeds and keeps re-announcing until it has members.
     pub fn start(&mut self) {
-        if self.seeds.is_empty() {
+        if self.founds {
             self.joined = true;
             self.effects.push_back(Effect::Joined);
         }
@@ -327,7 +380,7 @@ impl Membership {
         let known = self.foca.num_members();
         // Alone with seeds that did not answer yet: nothing to ask, not quiet either. A
         // founder alone is quiet: members come to it.
-        if known <= self.catch_up.known && (known > 0 || self.seeds.is_empty()) {
+        if known <= self.catch_up.known && (known > 0 || self.founds) {
             self.catch_up.quiet_rounds += 1;
         } else {
             self.catch_up.quiet_rounds = 0;
@@ -382,6 +435,17 @@ impl Membership {
                 if !self.left {
                     if self.foca.num_members() == 0 {
                         self.announce_to_seeds();
+                        if !self.founds {
+                            self.unanswered += 1;
+                            if self.unanswered.is_multiple_of(SEEDS_UNANSWERED_EVERY) {
+                                self.effects.push_back(Effect::SeedsUnanswered {
+                                    attempts: self.unanswered,
+                                    seeds: self.seeds.clone(),
+                                });
+                            }
+                        }
+                    } else {
+                        self.unanswered = 0;
                     }
                     self.effects.push_back(Effect::Schedule {
                         after: self.reannounce_after,

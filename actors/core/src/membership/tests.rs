@@ -167,3 +167,80 @@ mod fuzz {
         }
     }
 }
+
+/// Delivers every datagram `from` wants to send to `to` (timers ignored); returns the
+/// other effects.
+fn deliver(from: &mut Membership, to: &mut Membership) -> Vec<Effect> {
+    let mut rest = Vec::new();
+    while let Some(effect) = from.poll_effect() {
+        match effect {
+            Effect::Send { to: addr, packet } if addr == to.identity().gossip => {
+                let _ = to.handle_packet(&packet);
+            }
+            Effect::Send { .. } | Effect::Schedule { .. } => {}
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
+#[test]
+fn a_namesake_is_reported_and_the_later_process_yields() {
+    let (first_addr, second_addr) =
+        (SocketAddr::from(([10, 0, 0, 1], 7002)), SocketAddr::from(([10, 0, 0, 2], 7002)));
+    let id = |gossip, incarnation| NodeId {
+        name: "botclaw".into(),
+        incarnation,
+        ..NodeId::seed(gossip)
+    };
+    let cfg = GossipConfig::default();
+    let mut first = Membership::new(id(first_addr, 100), &[], keys(), &cfg, 1);
+    let mut second = Membership::new(id(second_addr, 200), &[first_addr], keys(), &cfg, 2);
+    first.start();
+    second.start();
+    let (mut seen_first, mut seen_second) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        seen_second.extend(deliver(&mut second, &mut first));
+        seen_first.extend(deliver(&mut first, &mut second));
+    }
+    let taken = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::NameTaken { other, this_node_yields } => {
+                Some((other.gossip, *this_node_yields))
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(taken(&seen_second), Some((first_addr, true)), "the later process yields");
+    assert_eq!(taken(&seen_first), Some((second_addr, false)), "the earlier one only warns");
+}
+
+#[test]
+fn a_node_told_not_to_found_waits_for_seeds_and_says_so() {
+    let cfg = GossipConfig::default();
+    let mut m = Membership::new(node_id(1), &[], keys(), &cfg, 1).founding(false);
+    m.start();
+    assert!(!m.is_joined(), "a node with existing state or unresolved seeds must not found");
+    let mut reports = Vec::new();
+    for _ in 0..SEEDS_UNANSWERED_EVERY * 2 {
+        m.handle_timer(MembershipTimer::Reannounce).unwrap();
+        while let Some(e) = m.poll_effect() {
+            if let Effect::SeedsUnanswered { attempts, seeds } = e {
+                reports.push((attempts, seeds.len()));
+            }
+        }
+    }
+    assert_eq!(reports, [(SEEDS_UNANSWERED_EVERY, 0), (SEEDS_UNANSWERED_EVERY * 2, 0)]);
+    // Seeds resolved later are announced to at the next re-announce.
+    let seed = SocketAddr::from(([127, 0, 0, 1], 9));
+    m.set_seeds(&[seed, node_id(1).gossip]);
+    assert_eq!(m.seeds(), [seed], "its own address is never a seed");
+    m.handle_timer(MembershipTimer::Reannounce).unwrap();
+    let sent: Vec<SocketAddr> = std::iter::from_fn(|| m.poll_effect())
+        .filter_map(|e| match e {
+            Effect::Send { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [seed]);
+}
