@@ -23,6 +23,22 @@ pub async fn resolve(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
+/// A command-line address: `ip:port` or `host:port`, resolved at once (the first address;
+/// IPv4 preferred).
+pub fn socket_addr_arg(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let hp: HostPort = text.parse()?;
+    if let Some(addr) = hp.socket_addr() {
+        return Ok(addr);
+    }
+    let mut addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {hp}: {e}"))?
+        .collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs.first().copied().ok_or_else(|| format!("{hp} has no address"))
+}
+
 /// The addresses of every seed that resolves, and the ones that did not with why.
 pub async fn resolve_all(seeds: &[HostPort]) -> (Vec<SocketAddr>, Vec<(HostPort, String)>) {
     let (mut addrs, mut failed) = (Vec::new(), Vec::new());

@@ -186,29 +186,52 @@ async fn guard(
     next.run(request).await
 }
 
-/// Ready once joined, once the placement reflects it and while a majority is in sight, so
-/// a client sent here is served.
+/// Ready once joined, once the placement reflects it, while it can reach its peers and
+/// while a majority is in sight, so a client sent here is served. The body says why not.
 async fn ready(State(s): State<Arc<AdminState>>) -> Response {
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     let placement = s.dispatcher.view.load();
-    let placed = match &placement.map {
-        // By the controller's map: every shard has its first owners.
-        Some(_) => placement.joined && s.map.borrow().status.shards_unassigned == 0,
-        None => placement.joined && !placement.placement.is_empty(),
-    };
-    if !(s.view.borrow().joined && placed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not joined\n").into_response()
-    } else if !s.store.writable() {
-        (StatusCode::SERVICE_UNAVAILABLE, "the state store cannot write (see the log)\n")
-            .into_response()
-    } else if !s.dispatcher.serving.load(Ordering::Acquire) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "minority: less than a majority of the cluster in sight\n",
-        )
-            .into_response()
-    } else {
-        (StatusCode::OK, "ready\n").into_response()
+    let view = s.view.borrow().clone();
+    if !view.joined {
+        return unavailable(
+            "not joined: no member answered yet (botclaw_cluster_warnings{reason=\"seeds_unanswered\"} \
+             and the log name the seeds tried)\n"
+                .into(),
+        );
     }
+    let by_map = placement.map.is_some();
+    let placed = match by_map {
+        // By the controller's map: every shard has its first owners.
+        true => placement.joined && s.map.borrow().status.shards_unassigned == 0,
+        false => placement.joined && !placement.placement.is_empty(),
+    };
+    if !placed {
+        let leader = s.map.borrow().status.leader.clone();
+        return unavailable(format!(
+            "joined, waiting for the placement (controller leader: {})\n",
+            leader.as_deref().unwrap_or("none yet")
+        ));
+    }
+    let peers = view.up_peers().count();
+    if peers > 0 && s.metrics.cluster_sessions.get() == 0 {
+        return unavailable(format!(
+            "{peers} members up but no link to any of them: their cluster ports cannot be \
+             reached (advertised addresses, firewalls, TLS; see the log)\n"
+        ));
+    }
+    if !s.store.writable() {
+        return unavailable("the state store cannot write (see the log)\n".into());
+    }
+    if !s.dispatcher.serving.load(Ordering::Acquire) {
+        return unavailable(if by_map {
+            "no word from the placement controller's leader: a majority of its voters must be \
+             up and linked\n"
+                .into()
+        } else {
+            "minority: less than a majority of the cluster in sight\n".into()
+        });
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 /// Starts a drain: the node moves its conversations to others, leaves, and exits.

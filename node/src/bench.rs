@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Gateway client address (repeatable; connections are spread over them).
-    #[arg(long = "connect", default_value = "127.0.0.1:7000")]
+    #[arg(long = "connect", default_value = "127.0.0.1:7000", value_parser = crate::addrs::socket_addr_arg)]
     pub connect: Vec<SocketAddr>,
     /// Client connections.
     #[arg(long, default_value_t = 50)]
@@ -65,7 +65,7 @@ pub struct BenchArgs {
     pub baseline_echo: bool,
     /// Admin address of a node to read its memory and active conversations before and
     /// after (memory per conversation).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::addrs::socket_addr_arg)]
     pub admin: Option<SocketAddr>,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -11,7 +11,7 @@ use clap::Args;
 #[derive(Debug, Args)]
 pub struct ChatArgs {
     /// Client address of any node.
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    #[arg(long, default_value = "127.0.0.1:7000", value_parser = crate::addrs::socket_addr_arg)]
     pub connect: SocketAddr,
     /// Conversation id (default: a new one).
     #[arg(long)]

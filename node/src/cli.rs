@@ -167,7 +167,7 @@ impl NodeArgs {
 #[derive(Debug, Args)]
 struct StatusArgs {
     /// Admin address of any node.
-    #[arg(long, default_value = "127.0.0.1:7003")]
+    #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
     admin: SocketAddr,
     /// Print the raw JSON.
     #[arg(long)]
@@ -177,7 +177,7 @@ struct StatusArgs {
 #[derive(Debug, Args)]
 struct DrainArgs {
     /// Admin address of the node to drain.
-    #[arg(long, default_value = "127.0.0.1:7003")]
+    #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
     admin: SocketAddr,
     /// How long to wait for the node to finish and exit.
     #[arg(long, default_value_t = 60)]
@@ -187,7 +187,7 @@ struct DrainArgs {
 #[derive(Debug, Args)]
 struct PlacementArgs {
     /// Admin address of any node.
-    #[arg(long, default_value = "127.0.0.1:7003")]
+    #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
     admin: SocketAddr,
     /// Conversation id.
     #[arg(long)]
@@ -200,7 +200,7 @@ enum ShardCommand {
     /// it holds: turns the shard's last in-sync members acknowledged may be lost.
     Force {
         /// Admin address of any node.
-        #[arg(long, default_value = "127.0.0.1:7003")]
+        #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
         admin: SocketAddr,
         #[arg(long)]
         shard: u32,

@@ -15,6 +15,9 @@ use ractor_cluster::NodeId as SessionId;
 use tokio::sync::watch;
 
 use crate::gossip::ClusterView;
+
+/// Least time between two warnings of failed dials to one peer.
+const DIAL_WARNING_EVERY: Duration = Duration::from_secs(30);
 use crate::metrics::Metrics;
 
 /// Open sessions by peer link name (sessions still authenticating have no name yet).
@@ -45,6 +48,10 @@ pub async fn run(
     let me = view.borrow().me.cluster;
     let ticks = (dial_timeout.as_millis() / interval.as_millis().max(1)).max(1) as u32;
     let mut planner = LinkPlanner::new(me, ticks);
+    // When a failed dial to each peer was last warned of (one warning per peer per
+    // DIAL_WARNING_EVERY; every failure is counted).
+    let warned: std::sync::Arc<std::sync::Mutex<HashMap<String, tokio::time::Instant>>> =
+        Default::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,18 +83,26 @@ pub async fn run(
                 LinkAction::Dial(peer) => {
                     metrics.link_dials.inc();
                     let (server, tls) = (server.clone(), tls.clone());
+                    let (warned, metrics) = (warned.clone(), metrics.clone());
                     tokio::spawn(async move {
                         let dial = crate::tls::dial(&server, peer.cluster, tls.as_deref());
-                        match tokio::time::timeout(dial_timeout, dial).await {
+                        let error = match tokio::time::timeout(dial_timeout, dial).await {
                             Ok(Ok(())) => {
-                                tracing::info!(peer = %peer.link_name, addr = %peer.cluster, "link dialed")
+                                tracing::info!(peer = %peer.link_name, addr = %peer.cluster, "link dialed");
+                                return;
                             }
-                            Ok(Err(e)) => {
-                                tracing::debug!(peer = %peer.link_name, error = %e, "link dial failed")
-                            }
-                            Err(_) => {
-                                tracing::debug!(peer = %peer.link_name, "link dial timed out")
-                            }
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => format!("no session within {dial_timeout:?}"),
+                        };
+                        metrics.cluster_warning("link_dial_failed");
+                        let now = tokio::time::Instant::now();
+                        let due = {
+                            let mut w = warned.lock().expect("warned lock");
+                            w.retain(|_, at| now.duration_since(*at) < DIAL_WARNING_EVERY);
+                            w.insert(peer.link_name.clone(), now).is_none()
+                        };
+                        if due {
+                            tracing::warn!(peer = %peer.link_name, addr = %peer.cluster, %error, "cannot link to a member: turns it owns cannot be forwarded (its advertised cluster address, a firewall or TLS; one warning per peer per {DIAL_WARNING_EVERY:?})");
                         }
                     });
                 }
