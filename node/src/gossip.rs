@@ -92,6 +92,8 @@ pub struct Seeds {
     pub remembered: Vec<SocketAddr>,
     pub resolve_every: Duration,
     pub peers_dir: Option<PathBuf>,
+    /// Seed names that did not resolve at start (already warned of).
+    pub unresolved: Vec<String>,
 }
 
 /// Least time between two warnings of failed gossip sends.
@@ -145,10 +147,11 @@ impl GossipDriver {
         };
         let (tx, rx) = watch::channel(view);
         let remembered_written = seeds.remembered.clone();
+        let unresolved = seeds.unresolved.clone();
         let driver = GossipDriver {
             membership,
             seeds,
-            unresolved: Vec::new(),
+            unresolved,
             remembered_written,
             name_taken: None,
             send_warned_at: None,

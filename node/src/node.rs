@@ -535,6 +535,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         remembered,
         resolve_every: Duration::from_millis(cfg.gossip.seed_resolve_interval_ms),
         peers_dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.clone()),
+        unresolved: unresolved.iter().map(|(hp, why)| format!("{hp} ({why})")).collect(),
     };
     let (mut driver, view) = GossipDriver::new(
         membership,

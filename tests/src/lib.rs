@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod checker;
+pub mod hosts;
 
 pub const SECRET: &str = "test-cluster-secret";
 

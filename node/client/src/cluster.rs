@@ -1,5 +1,6 @@
-//! A client that fails over: it talks to one node at a time and, when that node goes away
-//! or keeps answering `unavailable` (it died, is in a minority, or is shutting down),
+//! A client that fails over: it talks to one node at a time and, when that node goes away,
+//! stops answering within the request timeout, or keeps answering `unavailable` (it died,
+//! is cut off, is in a minority, or is shutting down),
 //! moves to another node it learned from `topology`, backs off, and resends every
 //! unacknowledged `say` with its original id, so each turn is applied once.
 
@@ -156,7 +157,12 @@ impl FailoverClient {
                 Err(e) => e,
             };
             let (wait, move_on) = match &error {
-                ClientError::ConnectionLost | ClientError::Io(_) => (backoff, true),
+                // No answer in time: the node may be cut off (a pulled cable leaves the
+                // connection open, silent). Moving on is safe: a `say` is resent with its
+                // id, and the conversation applies it once.
+                ClientError::ConnectionLost | ClientError::Io(_) | ClientError::Timeout(_) => {
+                    (backoff, true)
+                }
                 ClientError::Server { code: ErrorCode::Unavailable, .. } => {
                     unavailable += 1;
                     let wait = retry_wait(&error, backoff).unwrap_or(backoff);
