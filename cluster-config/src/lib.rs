@@ -399,6 +399,7 @@ pub struct FrontendConfig {
     pub retry_after_ms: u64,
     /// If non-empty, a connection must say `hello` with one of these tokens first. Holders
     /// of these tokens share one space of conversation ids.
+    #[serde(deserialize_with = "one_or_many")]
     pub client_tokens: Vec<String>,
     /// Tokens by principal (`web = ["tok-1", "tok-2"]`): a connection that says `hello`
     /// with one of a principal's tokens sees only that principal's conversations (a
@@ -564,6 +565,7 @@ pub struct ControllerConfig {
     /// first three nodes). Empty: a node started without seeds founds the group alone. A
     /// node founds only on its first start (an empty controller log); every other node
     /// joins as a learner, and the leader makes learners voters up to `voters_target`.
+    #[serde(deserialize_with = "one_or_many")]
     pub voters: Vec<String>,
     /// Voters the leader keeps: it promotes caught-up learners while there are fewer, and
     /// replaces a voter the failure detector declared dead for `voter_replace_after_ms`.
@@ -807,6 +809,7 @@ pub struct AdminConfig {
     /// If non-empty, every mutating endpoint (`POST /drain`, `/shard/force`,
     /// `/fault/isolate`) needs `Authorization: Bearer <one of these>` (the CLI sends
     /// `BOTCLAW_ADMIN_TOKEN`). Read-only endpoints stay open.
+    #[serde(deserialize_with = "one_or_many")]
     pub tokens: Vec<String>,
     /// Allow `admin_addr` on a non-loopback address without `tokens` (anyone who reaches
     /// the port can then stop the node).
@@ -844,6 +847,7 @@ pub struct RawNodeConfig {
     pub cluster_addr: Option<String>,
     pub gossip_addr: Option<String>,
     pub admin_addr: Option<String>,
+    #[serde(default, deserialize_with = "opt_one_or_many")]
     pub seeds: Option<Vec<String>>,
     /// The host (IP address or DNS name) peers and clients reach this node at, for every
     /// port: required in effect when a port binds a wildcard address (`0.0.0.0`, `::`)
@@ -862,6 +866,7 @@ pub struct RawNodeConfig {
     /// new secret rolls out (see the README's key rotation).
     pub previous_secret_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_one_or_many")]
     pub roles: Option<Vec<String>>,
     pub capacity: Option<u32>,
     pub gossip: Option<GossipConfig>,
@@ -1377,14 +1382,47 @@ pub const ENV_PREFIX: &str = "BOTCLAW_";
 
 /// `BOTCLAW_*` variables that are not config fields: the secret ones (read by the command
 /// line, where a file wins over a value) and, by prefix (a trailing `_`), the test suite's.
-pub const ENV_NOT_FIELDS: [&str; 6] = [
+pub const ENV_NOT_FIELDS: [&str; 9] = [
     "BOTCLAW_SECRET",
     "BOTCLAW_SECRET_FILE",
     "BOTCLAW_PREVIOUS_SECRET_FILE",
     "BOTCLAW_LOG_FORMAT",
+    // The CLI's credentials (`drain`, `shard force`; `chat`, `bench`).
+    "BOTCLAW_ADMIN_TOKEN",
+    "BOTCLAW_CLIENT_TOKEN",
+    // The test suite's.
+    "BOTCLAW_BIN",
     "BOTCLAW_TEST_",
     "BOTCLAW_FUZZ_",
 ];
+
+/// A list of strings, also given as one string (an environment variable holding one
+/// seed or one token).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for Vec<String> {
+    fn from(v: OneOrMany) -> Vec<String> {
+        match v {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    OneOrMany::deserialize(d).map(Into::into)
+}
+
+fn opt_one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    Option::<OneOrMany>::deserialize(d).map(|v| v.map(Into::into))
+}
 
 /// An environment value as a TOML value: TOML if it parses as one, a list of strings if it
 /// holds commas, else a string.

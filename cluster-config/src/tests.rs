@@ -209,6 +209,8 @@ fn environment_sets_fields_over_the_file() {
             ("BOTCLAW_GOSSIP__PROBE_RTT_MS", "250"),
             ("BOTCLAW_ADVERTISE_HOST", "botclaw-1.botclaw"),
             ("BOTCLAW_TEST_BY_RING", "1"),
+            ("BOTCLAW_ADMIN__TOKENS", "one-token"),
+            ("BOTCLAW_ADMIN_TOKEN", "the CLI's, not a field"),
             ("BOTCLAW_SECRET", "not read here"),
             ("OTHER", "x"),
         ]),
@@ -226,6 +228,7 @@ fn environment_sets_fields_over_the_file() {
         ["botclaw-0.botclaw:7002", "10.0.0.2:7002"]
     );
     assert_eq!(cfg.advertise.host.as_deref(), Some("botclaw-1.botclaw"));
+    assert_eq!(cfg.admin.tokens, ["one-token"], "one string is a list of one");
 
     let err = RawNodeConfig::load(None, vars(&[("BOTCLAW_GOSIP__PROBE_RTT_MS", "250")]))
         .unwrap_err()
