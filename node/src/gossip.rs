@@ -96,6 +96,9 @@ pub struct Seeds {
     pub unresolved: Vec<String>,
 }
 
+/// Least time between two warnings of rejected datagrams.
+const REJECT_WARNING_EVERY: Duration = Duration::from_secs(30);
+
 /// Least time between two warnings of failed gossip sends.
 const SEND_WARNING_EVERY: Duration = Duration::from_secs(10);
 
@@ -109,6 +112,7 @@ pub struct GossipDriver {
     /// Told when a namesake started earlier: this node must stop.
     name_taken: Option<oneshot::Sender<NodeId>>,
     send_warned_at: Option<Instant>,
+    reject_warned_at: Option<Instant>,
     socket: Arc<UdpSocket>,
     timers: TimerQueue,
     view: watch::Sender<ClusterView>,
@@ -155,6 +159,7 @@ impl GossipDriver {
             remembered_written,
             name_taken: None,
             send_warned_at: None,
+            reject_warned_at: None,
             socket: Arc::new(socket),
             timers: TimerQueue::default(),
             view: tx,
@@ -254,7 +259,16 @@ impl GossipDriver {
         self.clock();
         if let Err(e) = self.membership.handle_packet(datagram) {
             self.metrics.reject(e.label());
-            tracing::debug!(%from, error = %e, len = datagram.len(), "gossip datagram rejected");
+            // Junk from the network is routine (debug); a peer whose datagrams keep being
+            // refused is a misconfiguration (another secret, two nodes advertising one
+            // address, clocks apart): one warning per REJECT_WARNING_EVERY.
+            let due = self.reject_warned_at.is_none_or(|at| at.elapsed() >= REJECT_WARNING_EVERY);
+            if due {
+                self.reject_warned_at = Some(Instant::now());
+                tracing::warn!(%from, error = %e, len = datagram.len(), "gossip datagram rejected (one warning per {REJECT_WARNING_EVERY:?}; all counted in botclaw_gossip_packets_rejected)");
+            } else {
+                tracing::debug!(%from, error = %e, len = datagram.len(), "gossip datagram rejected");
+            }
         }
     }
 
