@@ -41,6 +41,44 @@ fn bad_config_exits_2_naming_the_field() {
     let (code, err) = node_with(&["--secret-file", "/nonexistent/secret"], None);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("secret_file") && err.contains("/nonexistent/secret"), "{err}");
+
+    // A misspelt setting in the environment is named, not ignored.
+    let out = Command::new(botclaw_bin())
+        .args(["node", "--check-config"])
+        .env("BOTCLAW_SECRET", "0123456789")
+        .env("BOTCLAW_GOSIP__PROBE_RTT_MS", "100")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("BOTCLAW_GOSIP__PROBE_RTT_MS"), "{err}");
+}
+
+#[test]
+fn a_node_refuses_to_advertise_loopback_to_a_seed_on_another_host() {
+    // Default binds are loopback; a seed on another host could never reach this node.
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_port_block(4);
+    let addr = |k: u16| format!("127.0.0.1:{}", base + k);
+    let (code, err) = node_with(
+        &[
+            "--client-addr",
+            &addr(0),
+            "--cluster-addr",
+            &addr(1),
+            "--gossip-addr",
+            &addr(2),
+            "--admin-addr",
+            &addr(3),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--seed",
+            "192.0.2.10:7002",
+        ],
+        Some("0123456789abcdef"),
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("loopback") && err.contains("192.0.2.10:7002"), "{err}");
 }
 
 /// Kills `pids` on drop, so a failing test leaves nothing running.
