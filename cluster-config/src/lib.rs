@@ -715,6 +715,9 @@ pub struct HandoffConfig {
     pub held_requests_max: usize,
 }
 
+/// The name node certificates carry and peers check, unless `tls.server_name` says otherwise.
+pub const DEFAULT_TLS_SERVER_NAME: &str = "botclaw-node";
+
 /// TLS on the cluster port (mutual: every node presents a certificate of the cluster CA and
 /// checks its peer's) and, optionally, on the client port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -748,7 +751,7 @@ impl Default for TlsConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
-            server_name: "botclaw-node".into(),
+            server_name: DEFAULT_TLS_SERVER_NAME.into(),
             client_port: false,
             handshake_timeout_ms: 5_000,
             unauthenticated_connections_max: 64,

@@ -27,7 +27,7 @@ pub struct ChatArgs {
     #[arg(long)]
     pub tls_ca: Option<std::path::PathBuf>,
     /// The name the nodes' certificates carry.
-    #[arg(long, default_value = "botclaw-node")]
+    #[arg(long, default_value = botclaw_config::DEFAULT_TLS_SERVER_NAME)]
     pub tls_server_name: String,
 }
 

@@ -59,7 +59,7 @@ enum TlsCommand {
         #[arg(long = "name", required = true)]
         names: Vec<String>,
         /// Name every node certificate carries and peers check ([tls] server_name).
-        #[arg(long, default_value = "botclaw-node")]
+        #[arg(long, default_value = botclaw_config::DEFAULT_TLS_SERVER_NAME)]
         server_name: String,
         /// IP address to add to every node certificate (repeatable).
         #[arg(long = "ip")]

@@ -268,7 +268,7 @@ impl Metrics {
         );
         r.register(
             "client_connections_timed_out",
-            "Client connections closed for a timeout (hello, idle, write)",
+            "Client connections the node closed, by reason: hello, idle or write timeout, failed TLS handshake",
             self.connections_timed_out.clone(),
         );
         self.conversations.register(&mut r);
@@ -281,19 +281,19 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: &str) {
-        self.gossip_rejected.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        by_reason(&self.gossip_rejected, reason);
     }
 
     pub fn connection_timed_out(&self, reason: &str) {
-        self.connections_timed_out.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        by_reason(&self.connections_timed_out, reason);
     }
 
     pub fn cluster_refused(&self, reason: &str) {
-        self.cluster_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        by_reason(&self.cluster_refused, reason);
     }
 
     pub fn admin_refused(&self, reason: &str) {
-        self.admin_refused.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+        by_reason(&self.admin_refused, reason);
     }
 
     pub fn member_event(&self, event: &str) {
@@ -305,4 +305,9 @@ impl Metrics {
             self.members.get_or_create(&StateLabel { state: state.to_string() }).set(n as i64);
         }
     }
+}
+
+/// Counts one event of `reason` in a family labelled by reason.
+fn by_reason(family: &Family<ReasonLabel, Counter>, reason: &str) {
+    family.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
 }

@@ -216,7 +216,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         let have = names.iter().all(|n| crate::tls::node_files(&tls_dir, n).2.exists());
         if !have {
             let local = [std::net::IpAddr::from([127, 0, 0, 1])];
-            crate::tls::init(&tls_dir, &names, "botclaw-node", &local)
+            crate::tls::init(&tls_dir, &names, botclaw_config::DEFAULT_TLS_SERVER_NAME, &local)
                 .context("writing the cluster's TLS certificates")?;
             println!("wrote a cluster CA and node certificates to {}", tls_dir.display());
         }

@@ -18,6 +18,8 @@ use serde_json::Value;
 pub mod checker;
 pub mod hosts;
 
+pub use checker::runtime;
+
 pub const SECRET: &str = "test-cluster-secret";
 
 /// Path of a fresh `botclaw` binary.

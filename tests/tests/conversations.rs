@@ -17,10 +17,6 @@ const CONVERGE: Duration = Duration::from_secs(20);
 /// Fault injection on: the `chaos` bot is offered.
 const DIAGNOSTIC: &str = "[fault]\ninjection = true\n";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 async fn clients(c: &Cluster) -> Vec<Arc<Client>> {
     let mut out = Vec::new();
     for node in &c.nodes {

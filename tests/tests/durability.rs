@@ -8,10 +8,6 @@ use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 fn stop_all(c: &mut Cluster) {
     for node in &c.nodes {
         node.signal(libc::SIGTERM);
@@ -27,23 +23,7 @@ fn stop_all(c: &mut Cluster) {
 
 /// Sends turn `turn` of every conversation and checks its number.
 fn round(c: &Cluster, convs: usize, turn: u64) {
-    let rt = runtime();
-    rt.block_on(async {
-        let mut clients = Vec::new();
-        for node in &c.nodes {
-            clients
-                .push(Client::connect(node.ports.client, ClientOptions::default()).await.unwrap());
-        }
-        for k in 0..convs {
-            let client = &clients[k % clients.len()];
-            let conv = format!("durable-{k}");
-            let reply = client
-                .say(&conv, &format!("m-{turn}"), &format!("turn {turn}"), Some("echo"))
-                .await
-                .unwrap();
-            assert_eq!(reply.turn, turn, "{conv}");
-        }
-    });
+    round_from(c, &vec![turn; convs]);
 }
 
 #[test]
@@ -255,11 +235,12 @@ fn a_full_disk_loses_nothing_and_the_node_leaves_for_a_restart() {
     std::fs::remove_file(filler).unwrap();
     c.nodes[2].start();
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    round_from(&c, CONVS, &acked.iter().map(|t| t + 2).collect::<Vec<_>>());
+    round_from(&c, &acked.iter().map(|t| t + 2).collect::<Vec<_>>());
 }
 
-/// Sends, through every node, the next turn of each conversation, expecting `turns[k]`.
-fn round_from(c: &Cluster, convs: usize, turns: &[u64]) {
+/// Sends, through every node, the next turn of each conversation (`m-T`, bot `echo` for a
+/// new one), expecting turn `turns[k]` of conversation `durable-k`.
+fn round_from(c: &Cluster, turns: &[u64]) {
     let rt = runtime();
     rt.block_on(async {
         let mut clients = Vec::new();
@@ -267,11 +248,10 @@ fn round_from(c: &Cluster, convs: usize, turns: &[u64]) {
             clients
                 .push(Client::connect(node.ports.client, ClientOptions::default()).await.unwrap());
         }
-        for k in 0..convs {
+        for (k, &turn) in turns.iter().enumerate() {
             let conv = format!("durable-{k}");
-            let turn = turns[k];
             let reply = clients[k % clients.len()]
-                .say(&conv, &format!("m-{turn}"), "back", None)
+                .say(&conv, &format!("m-{turn}"), &format!("turn {turn}"), Some("echo"))
                 .await
                 .unwrap();
             assert_eq!(reply.turn, turn, "{conv}");

@@ -8,10 +8,6 @@ use botclaw_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
 fn roles(list: &[&str]) -> String {
     let quoted: Vec<String> = list.iter().map(|r| format!("{r:?}")).collect();
     format!("roles = [{}]\n", quoted.join(", "))

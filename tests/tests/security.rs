@@ -255,8 +255,7 @@ fn a_conversation_at_its_limits_moves_and_is_read_through_every_node() {
     let mut c = Cluster::new(3);
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let rt = rt.unwrap();
+    let rt = runtime();
     let addrs: Vec<_> = c.nodes.iter().map(|n| n.ports.client).collect();
     let connect =
         |i: usize| rt.block_on(Client::connect(addrs[i], ClientOptions::default())).unwrap();
@@ -373,8 +372,7 @@ fn tls_links_carry_turns_and_keep_strangers_out() {
     let mut c = Cluster::new(3).with_tls(tls);
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let rt = rt.unwrap();
+    let rt = runtime();
     let say_everywhere = |c: &Cluster, round: &str| {
         for (i, node) in c.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some()).take(3) {
             let client = rt.block_on(Client::connect(node.ports.client, ClientOptions::default()));
@@ -512,8 +510,7 @@ fn the_client_port_speaks_tls_when_asked() {
     let mut c = Cluster::new(1).with_tls("client_port = true\n");
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let rt = rt.unwrap();
+    let rt = runtime();
     let ca = c.dir.path().join("tls").join("ca.pem");
     let tls = botclaw_client::ClientTls::from_ca_file(&ca, "botclaw-node").unwrap();
     let opts = ClientOptions { tls: Some(tls), ..ClientOptions::default() };
@@ -545,8 +542,7 @@ fn a_principal_sees_only_its_own_conversations() {
     let mut c = Cluster::new(1).with_config(config);
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let rt = rt.unwrap();
+    let rt = runtime();
     let addr = c.nodes[0].ports.client;
     let as_token = |token: &str| {
         let opts = ClientOptions { token: Some(token.into()), ..ClientOptions::default() };

@@ -24,11 +24,11 @@
 //! [`PacketAuth::open`] checks size, key and tag (in constant time) before anything parses
 //! the payload, so a peer without the secret can never get a packet into foca.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
 /// Wire format version, the first byte of every datagram (1 was HMAC-only).
@@ -176,22 +176,16 @@ impl Keyring {
 pub struct ReplayGuard {
     window_ms: u64,
     max: usize,
-    /// (timestamp, nonce prefix), oldest first, and the prefixes alone for lookups.
-    by_time: BTreeSet<(u64, u128)>,
-    seen: HashSet<u128>,
+    /// (timestamp, nonce prefix) of the packets opened, oldest first. A replay carries the
+    /// same pair (the timestamp is inside the authenticated plaintext).
+    seen: BTreeSet<(u64, u128)>,
     /// Packets sealed at or before this were forgotten for room: refused.
     floor_ms: Option<u64>,
 }
 
 impl ReplayGuard {
     pub fn new(window_ms: u64, max: usize) -> ReplayGuard {
-        ReplayGuard {
-            window_ms,
-            max: max.max(1),
-            by_time: BTreeSet::new(),
-            seen: HashSet::new(),
-            floor_ms: None,
-        }
+        ReplayGuard { window_ms, max: max.max(1), seen: BTreeSet::new(), floor_ms: None }
     }
 
     /// Whether a packet sealed at `ts_ms` with `nonce` may be accepted at `now_ms`
@@ -206,23 +200,21 @@ impl ReplayGuard {
         let mut prefix = [0u8; 16];
         prefix.copy_from_slice(&nonce[..16]);
         let id = u128::from_le_bytes(prefix);
-        if self.seen.contains(&id) {
+        if self.seen.contains(&(ts_ms, id)) {
             return Err(AuthError::Replayed);
         }
         // Forget what fell out of the window, then the oldest if still full.
         let horizon = now_ms.saturating_sub(self.window_ms);
-        while let Some(&(t, n)) = self.by_time.first() {
-            if t >= horizon && self.by_time.len() < self.max {
+        while let Some(&(t, _)) = self.seen.first() {
+            if t >= horizon && self.seen.len() < self.max {
                 break;
             }
-            self.by_time.pop_first();
-            self.seen.remove(&n);
+            self.seen.pop_first();
             if t >= horizon {
                 self.floor_ms = Some(self.floor_ms.map_or(t, |f| f.max(t)));
             }
         }
-        self.by_time.insert((ts_ms, id));
-        self.seen.insert(id);
+        self.seen.insert((ts_ms, id));
         Ok(())
     }
 
@@ -265,21 +257,23 @@ impl PacketAuth {
     /// Encrypts `payload` under the primary key, stamped `now_ms`, with the random `nonce`.
     pub fn seal(&self, payload: &[u8], now_ms: u64, nonce: [u8; NONCE_BYTES]) -> Vec<u8> {
         let key = &self.keys.primary;
+        // One buffer: header, then the plaintext encrypted in place, then the tag.
         let mut out = Vec::with_capacity(payload.len() + OVERHEAD_BYTES);
         out.push(PACKET_VERSION);
         out.extend_from_slice(&key.id);
         out.extend_from_slice(&nonce);
-        let mut plain = Vec::with_capacity(TS_BYTES + payload.len());
-        plain.extend_from_slice(&now_ms.to_le_bytes());
-        plain.extend_from_slice(payload);
-        let sealed = key
+        out.extend_from_slice(&now_ms.to_le_bytes());
+        out.extend_from_slice(payload);
+        let (header, body) = out.split_at_mut(HEADER_BYTES);
+        let tag = key
             .cipher
-            .encrypt(
+            .encrypt_in_place_detached(
                 XNonce::from_slice(&nonce),
-                Payload { msg: &plain, aad: &out[..1 + KEY_ID_BYTES] },
+                &header[..1 + KEY_ID_BYTES],
+                body,
             )
             .expect("XChaCha20-Poly1305 encrypts any datagram-sized message");
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(&tag);
         out
     }
 
@@ -306,13 +300,21 @@ impl PacketAuth {
         let mut nonce = [0u8; NONCE_BYTES];
         nonce.copy_from_slice(&packet[1 + KEY_ID_BYTES..HEADER_BYTES]);
         let aad = &packet[..1 + KEY_ID_BYTES];
-        let plain = key
-            .cipher
-            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &packet[HEADER_BYTES..], aad })
+        let (sealed, tag) =
+            packet[HEADER_BYTES..].split_at(packet.len() - HEADER_BYTES - TAG_BYTES);
+        let mut plain = sealed.to_vec();
+        key.cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                aad,
+                &mut plain,
+                Tag::from_slice(tag),
+            )
             .map_err(|_| AuthError::BadTag)?;
         let mut ts = [0u8; TS_BYTES];
         ts.copy_from_slice(&plain[..TS_BYTES]);
-        Ok((plain[TS_BYTES..].to_vec(), u64::from_le_bytes(ts), nonce))
+        plain.drain(..TS_BYTES);
+        Ok((plain, u64::from_le_bytes(ts), nonce))
     }
 }
 
