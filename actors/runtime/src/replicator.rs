@@ -117,6 +117,15 @@ impl Refusal {
     fn store(e: StoreError) -> Refusal {
         Refusal::unavailable(e.to_string())
     }
+
+    /// A conversation the store could not load. While the store cannot write (a failed
+    /// commit: it refuses until the node restarts, which it leaves for, see
+    /// `store.unwritable_exit_ms`) a retry is served elsewhere soon: `unavailable`. Anything
+    /// else (a damaged row) is not cured by retrying: `internal`.
+    pub(crate) fn store_load(e: StoreError, store: &dyn StateStore) -> Refusal {
+        let kind = if store.writable() { FailKind::Internal } else { FailKind::Unavailable };
+        Refusal { kind, message: e.to_string(), moved: false }
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -257,7 +266,7 @@ impl Replicator {
             .store
             .load(conv)
             .await
-            .map_err(|e| Attempt::Refused(Refusal::store(e)))?
+            .map_err(|e| Attempt::Refused(Refusal::store_load(e, &*self.store)))?
             .unwrap_or_default();
         let mut highest = local.replica.promised.max(local.replica.version.epoch);
         for _ in 0..ACQUIRE_ATTEMPTS {

@@ -272,18 +272,7 @@ impl ShardReplicator {
             .store
             .load(conv)
             .await
-            .map_err(|e| Refusal {
-                // A store that failed a commit refuses until the node restarts (it leaves
-                // for that: see `store.unwritable_exit_ms`): retry, elsewhere soon. Anything
-                // else (a damaged row) is not cured by retrying.
-                kind: if self.store.writable() {
-                    FailKind::Internal
-                } else {
-                    FailKind::Unavailable
-                },
-                message: e.to_string(),
-                moved: false,
-            })?
+            .map_err(|e| Refusal::store_load(e, &*self.store))?
             .unwrap_or_default();
         let mut state = stored.state;
         state.reindex();
