@@ -93,6 +93,15 @@ pub struct NodeArgs {
     /// (derived and logged when a port binds 0.0.0.0 and this is not set).
     #[arg(long)]
     advertise_host: Option<String>,
+    /// What to advertise for one port (host:port), for NAT and port mappings.
+    #[arg(long)]
+    advertise_client_addr: Option<String>,
+    #[arg(long)]
+    advertise_cluster_addr: Option<String>,
+    #[arg(long)]
+    advertise_gossip_addr: Option<String>,
+    #[arg(long)]
+    advertise_admin_addr: Option<String>,
     /// Gossip address (host:port) of a member to join through (repeatable). A name is
     /// resolved again and again and each of its addresses is a seed (a headless Service).
     #[arg(long = "seed")]
@@ -142,6 +151,10 @@ impl NodeArgs {
             gossip_addr: self.gossip_addr.clone(),
             admin_addr: self.admin_addr.clone(),
             advertise_host: self.advertise_host.clone(),
+            advertise_client_addr: self.advertise_client_addr.clone(),
+            advertise_cluster_addr: self.advertise_cluster_addr.clone(),
+            advertise_gossip_addr: self.advertise_gossip_addr.clone(),
+            advertise_admin_addr: self.advertise_admin_addr.clone(),
             seeds: non_empty(&self.seeds),
             secret: self.secret.clone().filter(|_| self.secret_file.is_none()),
             secret_file: self.secret_file.clone(),
