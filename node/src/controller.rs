@@ -350,6 +350,12 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 const INBOX_BATCH_MAX: usize = 256;
 
 impl ControllerTask {
+    /// This member is the controller's only voter (a cluster of one, or what is left of
+    /// one after the others left): alone, it may lead, so its node may found again.
+    pub fn sole_voter(&self) -> bool {
+        self.controller.voters() == [self.controller.id()]
+    }
+
     /// Runs until the node stops (or the log cannot be written: a member that cannot
     /// persist must not go on).
     pub async fn run(mut self) {

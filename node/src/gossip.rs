@@ -53,6 +53,8 @@ pub enum GossipCommand {
     DropRole(String, oneshot::Sender<bool>),
     /// Spread this node's load summary.
     PublishLoad(LoadSummary),
+    /// Found a cluster after all (see `Membership::found`).
+    Found,
 }
 
 /// Timers in deadline order; equal deadlines keep submission order.
@@ -224,6 +226,7 @@ impl GossipDriver {
                             tracing::warn!(error = %e, "load summary not published");
                         }
                     }
+                    Some(GossipCommand::Found) => self.membership.found(),
                     Some(GossipCommand::DropRole(role, done)) => {
                         self.clock();
                         let dropped = self.membership.drop_role(&role);

@@ -655,6 +655,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let isolation = cfg.fault.injection.then(|| driver.isolation());
     let (gossip_tx, gossip_rx) = mpsc::channel(4);
     let gossip_task = tokio::spawn(driver.run(gossip_rx));
+    // A node that remembers members but is its controller's only voter (the others left)
+    // is a cluster of one: it founds again rather than wait for members that are gone.
+    if !founds && cfg.seeds.is_empty() && authoritative && controller.sole_voter() {
+        tracing::info!("the placement controller's only voter: founding again, still announcing to the remembered members");
+        let _ = gossip_tx.send(GossipCommand::Found).await;
+    }
     let controller_task = tokio::spawn(controller.run());
     let cluster_port_task = tokio::spawn(crate::tls::serve_cluster(
         cluster_listener,

@@ -314,6 +314,16 @@ impl Membership {
         self
     }
 
+    /// Founds after all: a node that waited for its seeds learned it may serve alone (its
+    /// placement controller has no other voter). Joined at once; the seeds still hear it.
+    pub fn found(&mut self) {
+        self.founds = true;
+        if !self.joined && !self.left {
+            self.joined = true;
+            self.effects.push_back(Effect::Joined);
+        }
+    }
+
     /// Replaces the seeds' addresses (the driver resolves seed names again and again).
     pub fn set_seeds(&mut self, seeds: &[SocketAddr]) {
         let own = self.own.1;

@@ -231,6 +231,19 @@ fn a_node_told_not_to_found_waits_for_seeds_and_says_so() {
         }
     }
     assert_eq!(reports, [(SEEDS_UNANSWERED_EVERY, 0), (SEEDS_UNANSWERED_EVERY * 2, 0)]);
+    // Told it may serve alone after all, it founds (once) and stops reporting.
+    m.found();
+    m.found();
+    let joined: Vec<Effect> =
+        std::iter::from_fn(|| m.poll_effect()).filter(|e| *e == Effect::Joined).collect();
+    assert_eq!(joined.len(), 1);
+    assert!(m.is_joined());
+    for _ in 0..SEEDS_UNANSWERED_EVERY {
+        m.handle_timer(MembershipTimer::Reannounce).unwrap();
+    }
+    let silent =
+        std::iter::from_fn(|| m.poll_effect()).any(|e| matches!(e, Effect::SeedsUnanswered { .. }));
+    assert!(!silent, "a founder alone has nothing to report");
     // Seeds resolved later are announced to at the next re-announce.
     let seed = SocketAddr::from(([127, 0, 0, 1], 9));
     m.set_seeds(&[seed, node_id(1).gossip]);
