@@ -248,7 +248,7 @@ fn defaults_on_three_hosts_form_one_cluster_that_survives_a_restart_and_a_pulled
     });
     assert!(rejoined.is_some(), "h3 did not come back once its cable was plugged in");
     eprintln!(
-        "converged and ready {converged_after:?}; h1 back and ready {back_after:?} after its \
+        "converged {converged_after:?}; h1 back and ready {back_after:?} after its \
          restart; cable pulled: 30 turns served elsewhere after {served_after:?}, h3 down at \
          h1 after {down_after:?}; plugged: h3 up and ready after {:?}",
         plugged.elapsed()
