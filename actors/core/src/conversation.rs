@@ -177,6 +177,21 @@ impl ConversationState {
         (page, more)
     }
 
+    /// [`ConversationState::size_bytes`] once `commit` is applied, from `size_now` (this
+    /// state's `size_bytes`): the turn's bytes, the bot state's change and the turns that
+    /// fall out of the window, without summing every kept turn (an actor keeps its size
+    /// this way, turn by turn).
+    pub fn size_after(&self, size_now: usize, commit: &TurnCommit, turns_kept_max: usize) -> usize {
+        if commit.record.turn != self.turn + 1 {
+            return size_now;
+        }
+        let falling = (self.turns.len() + 1).saturating_sub(turns_kept_max.max(1));
+        let dropped: usize = self.turns.iter().take(falling).map(|t| t.size_bytes()).sum();
+        let bound = if self.bot.is_empty() { commit.bot.len() } else { 0 };
+        let grown = bound + commit.bot_state.len() + commit.record.size_bytes();
+        (size_now + grown).saturating_sub(dropped + self.bot_state.len())
+    }
+
     /// Bytes this conversation holds: kept turns, bot state and bot name.
     pub fn size_bytes(&self) -> usize {
         self.bot.len()
@@ -200,6 +215,30 @@ mod tests {
 
     fn commit(state: &ConversationState, id: &str) -> TurnCommit {
         state.next_commit("echo", id.into(), "hi".into(), None, vec![format!("re {id}")], vec![])
+    }
+
+    #[test]
+    fn the_size_kept_turn_by_turn_matches_the_sum() {
+        for kept in [1, 3, 8] {
+            let mut s = ConversationState::default();
+            let mut size = s.size_bytes();
+            for k in 0..40usize {
+                let text = "x".repeat(k * 7 % 50);
+                let c = s.next_commit(
+                    "echo",
+                    format!("id-{k}"),
+                    text,
+                    (k % 3 == 0).then(|| "u".repeat(k)),
+                    vec!["m".repeat(k % 11); k % 4],
+                    vec![7; k * 13 % 90],
+                );
+                size = s.size_after(size, &c, kept);
+                assert!(s.apply(c.clone(), kept));
+                assert_eq!(size, s.size_bytes(), "kept {kept}, turn {k}");
+                // A repeated commit changes nothing.
+                assert_eq!(s.size_after(size, &c, kept), size);
+            }
+        }
     }
 
     #[test]

@@ -402,8 +402,10 @@ impl ConvActorState {
                     Ok(ticket) => {
                         let turn = commit.record.turn;
                         let messages = commit.record.messages.clone();
-                        self.state.apply(commit, self.shared.turns_kept_max);
-                        self.charge.set(self.state.size_bytes());
+                        let kept = self.shared.turns_kept_max;
+                        let size = self.state.size_after(self.charge.state_bytes(), &commit, kept);
+                        self.state.apply(commit, kept);
+                        self.charge.set(size);
                         self.version = Version { epoch: self.epoch, turn };
                         self.shared.metrics.turns.inc();
                         self.reply_when_durable(

@@ -108,6 +108,11 @@ impl MemoryCharge {
         charge
     }
 
+    /// What the actor's state holds, as last set.
+    pub fn state_bytes(&self) -> usize {
+        self.bytes.saturating_sub(ACTOR_BYTES)
+    }
+
     /// The actor's state now holds `state_bytes`.
     pub fn set(&mut self, state_bytes: usize) {
         let bytes = state_bytes + ACTOR_BYTES;
