@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one cluster node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Launch a local N-node cluster (the demo), wait until it converges, stop it on Ctrl-C.
     Up(crate::up::UpArgs),
     /// Show the cluster's members as one node sees them.
@@ -298,7 +298,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => run_node(*args),
         Command::Sim(args) => crate::sim::run(args),
         Command::Tls(TlsCommand::Init { dir, names, server_name, ips }) => {
             match crate::tls::init(&dir, &names, &server_name, &ips) {
