@@ -939,12 +939,7 @@ pub fn local_ports(base: u16, index: u16) -> [u16; 4] {
 impl RawNodeConfig {
     /// Reads and parses a TOML file; unknown fields are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::from_toml(&text)
-            .map_err(|reason| ConfigError::Parse { path: path.display().to_string(), reason })
+        Self::load(Some(path), std::iter::empty())
     }
 
     /// The file at `path` (if any) with the `BOTCLAW_*` variables of `vars` laid over it,
@@ -957,19 +952,18 @@ impl RawNodeConfig {
         path: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = match path {
-            None => toml::Table::new(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    reason: e.to_string().trim_end().to_string(),
-                })?
-            }
+        let file_text = match path {
+            None => String::new(),
+            Some(path) => std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?,
         };
+        let mut table: toml::Table =
+            file_text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.map_or("(no file)".into(), |p| p.display().to_string()),
+                reason: e.to_string().trim_end().to_string(),
+            })?;
         let mut from_env = Vec::new();
         for (key, value) in vars {
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
@@ -992,9 +986,14 @@ impl RawNodeConfig {
             (Some(p), false) => format!("{} with {}", p.display(), from_env.join(", ")),
             (None, _) => format!("environment ({})", from_env.join(", ")),
         };
-        // Through text: the parser's errors name the key.
-        let text = toml::to_string(&table)
-            .map_err(|e| ConfigError::Parse { path: source.clone(), reason: e.to_string() })?;
+        // Through text: the parser's errors name the key (and, with nothing from the
+        // environment, the file's own line).
+        let text = if from_env.is_empty() {
+            file_text
+        } else {
+            toml::to_string(&table)
+                .map_err(|e| ConfigError::Parse { path: source.clone(), reason: e.to_string() })?
+        };
         Self::from_toml(&text).map_err(|reason| ConfigError::Parse { path: source, reason })
     }
 

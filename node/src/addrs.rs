@@ -23,20 +23,23 @@ pub async fn resolve(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// A command-line address: `ip:port` or `host:port`, resolved at once (the first address;
-/// IPv4 preferred).
+/// The first of `addrs` of the family wanted (IPv4 or not), else the first.
+fn prefer(addrs: &[SocketAddr], v4: bool) -> Option<SocketAddr> {
+    addrs.iter().find(|a| a.is_ipv4() == v4).or(addrs.first()).copied()
+}
+
+/// A command-line address: `ip:port` or `host:port`, resolved at once (IPv4 preferred).
 pub fn socket_addr_arg(text: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     let hp: HostPort = text.parse()?;
     if let Some(addr) = hp.socket_addr() {
         return Ok(addr);
     }
-    let mut addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port)
+    let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {hp}: {e}"))?
         .collect();
-    addrs.sort_by_key(|a| !a.is_ipv4());
-    addrs.first().copied().ok_or_else(|| format!("{hp} has no address"))
+    prefer(&addrs, true).ok_or_else(|| format!("{hp} has no address"))
 }
 
 /// The addresses of every seed that resolves, and the ones that did not with why.
@@ -108,12 +111,7 @@ pub fn check_reachable(advertised: &Advertised, seeds: &[SocketAddr]) -> Result<
 /// Resolves one `host:port` to a single address, preferring one of `family_of`'s family.
 async fn resolve_one(hp: &HostPort, family_of: SocketAddr) -> Result<SocketAddr> {
     let addrs = resolve(hp).await.with_context(|| format!("cannot resolve {hp}"))?;
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4() == family_of.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .with_context(|| format!("{hp} has no address"))
+    prefer(&addrs, family_of.is_ipv4()).with_context(|| format!("{hp} has no address"))
 }
 
 /// The address this machine sends from toward `seed` (no packet is sent).
@@ -155,37 +153,25 @@ pub async fn advertised(
     seeds: &[SocketAddr],
 ) -> Result<(Advertised, Option<HostSource>)> {
     let a = &cfg.advertise;
-    let mut source = None;
-    let host = match &a.host {
-        Some(host) => {
-            let hp = HostPort { host: host.clone(), port: cfg.gossip_addr.port() };
-            let ip = resolve_one(&hp, cfg.gossip_addr).await.context("advertise_host")?.ip();
-            source = Some(HostSource::Configured(host.clone()));
-            Some(ip)
-        }
-        None => None,
-    };
     let binds = [cfg.client_addr, cfg.cluster_addr, cfg.gossip_addr, cfg.admin_addr];
     let overrides = [&a.client, &a.cluster, &a.gossip, &a.admin];
-    let needs_host = binds
-        .iter()
-        .zip(overrides)
-        .any(|(bind, o)| o.is_none() && host.is_none() && bind.ip().is_unspecified());
-    let host = match (host, needs_host) {
-        (Some(ip), _) => Some(ip),
-        (None, false) => None,
-        (None, true) => match derive_host(seeds).await {
-            Some((ip, how)) => {
-                source = Some(how);
-                Some(ip)
-            }
-            None => bail!(
+    let wildcard = binds.iter().zip(overrides).any(|(b, o)| o.is_none() && b.ip().is_unspecified());
+    let (host, source) = if let Some(host) = &a.host {
+        let hp = HostPort { host: host.clone(), port: cfg.gossip_addr.port() };
+        let ip = resolve_one(&hp, cfg.gossip_addr).await.context("advertise_host")?.ip();
+        (Some(ip), Some(HostSource::Configured(host.clone())))
+    } else if wildcard {
+        let Some((ip, how)) = derive_host(seeds).await else {
+            bail!(
                 "a port binds a wildcard address (0.0.0.0 or ::) and no address to advertise \
                  could be derived (no seed on another host, no address for this host's name): \
                  set advertise_host (BOTCLAW_ADVERTISE_HOST) to the address peers reach this \
                  node at"
-            ),
-        },
+            )
+        };
+        (Some(ip), Some(how))
+    } else {
+        (None, None)
     };
     let names = [
         "advertise_client_addr",

@@ -94,8 +94,33 @@ pub struct Seeds {
     pub remembered: Vec<SocketAddr>,
     pub resolve_every: Duration,
     pub peers_dir: Option<PathBuf>,
-    /// Seed names that did not resolve at start (already warned of).
+    /// The names that failed at the last lookup, with why (warned of once per change).
     pub unresolved: Vec<String>,
+}
+
+impl Seeds {
+    /// Resolves the names: the addresses they stand for now. Names that fail are counted
+    /// every time and warned of when the set of them changes.
+    pub async fn resolve_names(&mut self, metrics: &Metrics) -> Vec<SocketAddr> {
+        let (addrs, failed) = crate::addrs::resolve_all(&self.names).await;
+        let unresolved: Vec<String> =
+            failed.iter().map(|(hp, why)| format!("{hp} ({why})")).collect();
+        if !unresolved.is_empty() {
+            metrics.cluster_warning("seed_unresolved");
+            if unresolved != self.unresolved {
+                tracing::warn!(seeds = ?unresolved, "seed names that do not resolve (yet): tried again every {:?}", self.resolve_every);
+            }
+        }
+        self.unresolved = unresolved;
+        metrics.seed_addresses.set(addrs.len() as i64);
+        addrs
+    }
+
+    /// Every seed address: the names' `addrs` and the remembered members.
+    pub fn with_remembered(&self, mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        addrs.extend(&self.remembered);
+        addrs
+    }
 }
 
 /// Least time between two warnings of rejected datagrams.
@@ -107,8 +132,6 @@ const SEND_WARNING_EVERY: Duration = Duration::from_secs(10);
 pub struct GossipDriver {
     membership: Membership,
     seeds: Seeds,
-    /// The seed names that failed at the last lookup (warned once per change).
-    unresolved: Vec<String>,
     /// The up members' gossip addresses last written to the peers file.
     remembered_written: Vec<SocketAddr>,
     /// Told when a namesake started earlier: this node must stop.
@@ -153,11 +176,9 @@ impl GossipDriver {
         };
         let (tx, rx) = watch::channel(view);
         let remembered_written = seeds.remembered.clone();
-        let unresolved = seeds.unresolved.clone();
         let driver = GossipDriver {
             membership,
             seeds,
-            unresolved,
             remembered_written,
             name_taken: None,
             send_warned_at: None,
@@ -241,20 +262,9 @@ impl GossipDriver {
 
     /// Resolves the seed names again; the seeds are what they resolve to plus the members
     /// remembered from the last run.
-    pub async fn resolve_seeds(&mut self) {
-        let (mut addrs, failed) = crate::addrs::resolve_all(&self.seeds.names).await;
-        let unresolved: Vec<String> =
-            failed.iter().map(|(hp, why)| format!("{hp} ({why})")).collect();
-        if !unresolved.is_empty() {
-            self.metrics.cluster_warning("seed_unresolved");
-            if unresolved != self.unresolved {
-                tracing::warn!(seeds = ?unresolved, "seed names that did not resolve (tried again every {:?})", self.seeds.resolve_every);
-            }
-        }
-        self.unresolved = unresolved;
-        self.metrics.seed_addresses.set(addrs.len() as i64);
-        addrs.extend(&self.seeds.remembered);
-        self.membership.set_seeds(&addrs);
+    async fn resolve_seeds(&mut self) {
+        let addrs = self.seeds.resolve_names(&self.metrics).await;
+        self.membership.set_seeds(&self.seeds.with_remembered(addrs));
     }
 
     fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr) {

@@ -420,26 +420,30 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let previous: Vec<ClusterKeys> =
         cfg.previous_secrets.iter().map(|s| ClusterKeys::derive(s.as_bytes())).collect();
 
+    let metrics = Metrics::default();
     // Seeds: what their names resolve to now (again every seed_resolve_interval_ms), and
     // the members this data directory remembers from its last run.
-    let (resolved, unresolved) = crate::addrs::resolve_all(&cfg.seeds).await;
-    for (seed, why) in &unresolved {
-        tracing::warn!(%seed, %why, "seed does not resolve (yet): tried again every {} ms", cfg.gossip.seed_resolve_interval_ms);
-    }
+    let mut seeds = crate::gossip::Seeds {
+        names: cfg.seeds.clone(),
+        resolve_every: Duration::from_millis(cfg.gossip.seed_resolve_interval_ms),
+        peers_dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.clone()),
+        ..Default::default()
+    };
+    let resolved = seeds.resolve_names(&metrics).await;
     let (advertised, how) = crate::addrs::advertised(&cfg, &resolved).await?;
     crate::addrs::check_reachable(&advertised, &resolved)?;
     if let Some(how) = how {
         tracing::info!(?how, client = %advertised.client, cluster = %advertised.cluster, gossip = %advertised.gossip, admin = %advertised.admin, "advertising");
     }
-    let remembered: Vec<std::net::SocketAddr> = crate::addrs::remembered_peers(&cfg.data_dir)
+    seeds.remembered = crate::addrs::remembered_peers(&cfg.data_dir)
         .into_iter()
         .filter(|p| *p != advertised.gossip)
         .collect();
     // A node founds a cluster only if nothing names or remembers one: a node restarted
     // with its first command joins the members it knew instead of serving alone.
-    let founds = cfg.seeds.is_empty() && remembered.is_empty();
+    let founds = cfg.seeds.is_empty() && seeds.remembered.is_empty();
     if cfg.seeds.is_empty() && !founds {
-        tracing::info!(members = ?remembered, "no seeds given: joining the members remembered from the last run");
+        tracing::info!(members = ?seeds.remembered, "no seeds given: joining the members remembered from the last run");
     }
     let incarnation = if cfg.store.ephemeral {
         now_ms()
@@ -460,7 +464,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let link_name = identity.link_name();
     tracing::info!(node = %cfg.name, link = %link_name, gossip = %advertised.gossip, data_dir = %cfg.data_dir.display(), "starting");
 
-    let metrics = Metrics::default();
     // The store first: a bad state file stops the node before anything else starts.
     let conv_metrics = metrics.conversations.clone();
     let limits = StoreLimits {
@@ -520,23 +523,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cfg.replication.incoming_max,
         conv_metrics.clone(),
     );
-    let seed_addrs: Vec<std::net::SocketAddr> =
-        resolved.iter().chain(&remembered).copied().collect();
     let membership = Membership::new(
         identity,
-        &seed_addrs,
+        &seeds.with_remembered(resolved),
         Keyring::new(&keys, &previous),
         &cfg.gossip,
         rand::random(),
     )
     .founding(founds);
-    let seeds = crate::gossip::Seeds {
-        names: cfg.seeds.clone(),
-        remembered,
-        resolve_every: Duration::from_millis(cfg.gossip.seed_resolve_interval_ms),
-        peers_dir: (!cfg.store.ephemeral).then(|| cfg.data_dir.clone()),
-        unresolved: unresolved.iter().map(|(hp, why)| format!("{hp} ({why})")).collect(),
-    };
     let (mut driver, view) = GossipDriver::new(
         membership,
         seeds,
@@ -544,7 +538,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics.clone(),
         cfg.gossip.packet_bytes_max,
     );
-    let name_taken = driver.name_taken();
+    let mut name_taken = driver.name_taken();
     let (controller_tx, controller_rx) = mpsc::channel(cfg.controller.inbound_queue_max);
     let heard = Arc::new(crate::controller::ControllerContact::default());
     let (controller, map_view) = crate::controller::open(crate::controller::ControllerArgs {
@@ -749,7 +743,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     // decommissions (every copy moved away first).
     let unwritable_after = Duration::from_millis(cfg.store.unwritable_exit_ms);
     let mut store_failed = false;
-    let mut name_taken = name_taken;
     let mode = tokio::select! {
         Ok(other) = &mut name_taken => {
             // Nothing to hand over: this process is the impostor. Leave and stop.
