@@ -371,7 +371,9 @@ pub struct FrontendConfig {
     pub frame_bytes_max: usize,
     /// Requests in flight on one connection; past it, `busy`.
     pub conn_inflight_max: usize,
-    /// Requests in flight on the whole node; past it, `busy`.
+    /// Requests in flight on the whole node, of every kind: from this node's clients,
+    /// forwarded by other gateways, replica writes and module calls from peers; past it,
+    /// `busy` with `retry_after_ms`.
     pub node_inflight_max: usize,
     /// Open client connections; past it, new connections are closed at once. With
     /// `client_tokens`, only connections that said `hello` count here...

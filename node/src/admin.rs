@@ -120,6 +120,9 @@ pub struct Status {
     pub uptime_s: f64,
     /// Resident memory of the process.
     pub rss_bytes: u64,
+    /// CPU time the process used so far, user and system (what `bench` reads per node).
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub active_conversations: u64,
     pub members: Vec<MemberStatus>,
     /// The placement controller as this node sees it.
@@ -306,6 +309,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         baseline: s.baseline.lock().expect("baseline lock").clone(),
         uptime_s: uptime_s(view.me.incarnation),
         rss_bytes: rss_bytes(),
+        cpu_seconds: cpu_seconds(),
         active_conversations: s.host.active() as u64,
         members,
         controller: s.map.borrow().status.clone(),
@@ -317,6 +321,21 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         s.metrics.cluster_sessions.set(sessions.len() as i64);
     }
     s.metrics.conversations.active.set(s.host.active() as i64);
+    // Counters brought up to date from their sources by difference: one scrape at a time,
+    // or two would both add the same difference.
+    static UPDATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let updating = UPDATING.lock().unwrap_or_else(|e| e.into_inner());
+    let admission = &s.dispatcher.admission;
+    for kind in crate::admission::Work::ALL {
+        let label = crate::metrics::KindLabel { kind: kind.as_str().to_string() };
+        s.metrics.work_inflight.get_or_create(&label).set(admission.inflight_of(kind) as i64);
+        let refused = s.metrics.work_refused.get_or_create(&label);
+        refused.inc_by((admission.refused_of(kind) as u64).saturating_sub(refused.get()));
+    }
+    s.metrics.work_inflight_peak.set(admission.peak() as i64);
+    let cpu = &s.metrics.process_cpu_seconds;
+    cpu.inc_by((cpu_seconds() - cpu.get()).max(0.0));
+    drop(updating);
     s.metrics.conversations.active_bytes.set(s.host.shared().active_bytes() as i64);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
@@ -487,6 +506,19 @@ async fn force(State(s): State<Arc<AdminState>>, Query(q): Query<ForceQuery>) ->
         format!("shard {} forced onto {}: proposed to the controller\n", q.shard, q.to),
     )
         .into_response()
+}
+
+/// User plus system CPU time of this process so far (`getrusage`).
+#[allow(unsafe_code)]
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain integers (all-zero is valid), and getrusage only writes the
+    // struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// Resident set size from /proc (0 where unavailable).

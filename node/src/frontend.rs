@@ -11,10 +11,11 @@
 //! `timeout`; a late answer is dropped). Nothing a client sends can panic the task.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::admission::Work;
 use botclaw_actors::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use botclaw_client::codec::{Frame, LineFramer};
 use botclaw_client::protocol::{
@@ -46,7 +47,6 @@ pub struct Frontend {
     pub node: Arc<str>,
     pub view: watch::Receiver<ClusterView>,
     pub metrics: Metrics,
-    pub node_inflight: AtomicUsize,
     /// Failed `hello`s per client address within `hello_failure_window_ms`.
     pub hello_failures: HelloFailures,
     /// The largest answer to a turn and to a history request, in bytes (the conversations'
@@ -297,7 +297,7 @@ impl Connection {
             }
         }
         // Requests still in flight stop counting against the node.
-        self.fe.node_inflight.fetch_sub(self.inflight, Ordering::AcqRel);
+        self.fe.dispatcher.admission.release_many(Work::Client, self.inflight);
     }
 
     /// Whether reserved and unwritten answers fill the output buffer (then no request is
@@ -414,8 +414,9 @@ impl Connection {
         self.seq += 1;
         let seq = self.seq;
         let cfg = &self.fe.cfg;
-        let over_node = self.fe.node_inflight.load(Ordering::Acquire) >= cfg.node_inflight_max;
-        if self.inflight >= cfg.conn_inflight_max || over_node {
+        let over_conn = self.inflight >= cfg.conn_inflight_max;
+        let over_node = !over_conn && !self.fe.dispatcher.admission.try_admit(Work::Client);
+        if over_conn || over_node {
             let busy = Response::Error {
                 id,
                 conv: Some(conv.to_string()),
@@ -434,7 +435,6 @@ impl Connection {
         let reserve = answer + ANSWER_ENVELOPE_BYTES;
         self.reserved += reserve;
         self.inflight += 1;
-        self.fe.node_inflight.fetch_add(1, Ordering::AcqRel);
         self.queues
             .entry(conv.clone())
             .or_default()
@@ -456,7 +456,7 @@ impl Connection {
 
     fn finish_one(&mut self) {
         self.inflight -= 1;
-        self.fe.node_inflight.fetch_sub(1, Ordering::AcqRel);
+        self.fe.dispatcher.admission.release(Work::Client);
     }
 
     fn on_done(&mut self, done: Done) {

@@ -10,6 +10,7 @@
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
 //! - [`controller`]: the placement controller's Raft member, its log and the leader's round;
 //! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
+//! - [`admission`]: one bound on every kind of work in flight on the node;
 //! - [`shards`]: routing and replication by the controller's map;
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
@@ -19,6 +20,7 @@
 
 pub mod addrs;
 pub mod admin;
+pub mod admission;
 pub mod bench;
 pub mod chat;
 pub mod cli;

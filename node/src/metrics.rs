@@ -35,6 +35,11 @@ pub struct EventLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     pub code: String,
 }
@@ -84,6 +89,13 @@ pub struct Metrics {
     pub gossip_updates_backlog: Gauge,
     pub member_events: Family<EventLabel, Counter>,
     pub cluster_sessions: Gauge,
+    /// Work in flight by kind, the most at once, and refusals (see `admission`), brought
+    /// up to date on each scrape.
+    pub work_inflight: Family<KindLabel, Gauge>,
+    pub work_inflight_peak: Gauge,
+    pub work_refused: Family<KindLabel, Counter>,
+    /// CPU time of the process, brought up to date on each scrape.
+    pub process_cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub link_dials: Counter,
     pub link_drops: Counter,
     pub controller: crate::controller::ControllerMetrics,
@@ -124,6 +136,10 @@ impl Default for Metrics {
             gossip_updates_backlog: Default::default(),
             member_events: Default::default(),
             cluster_sessions: Default::default(),
+            process_cpu_seconds: Default::default(),
+            work_inflight: Default::default(),
+            work_inflight_peak: Default::default(),
+            work_refused: Default::default(),
             link_dials: Default::default(),
             link_drops: Default::default(),
             controller: Default::default(),
@@ -190,6 +206,26 @@ impl Metrics {
             "cluster_sessions",
             "Open inter-node (ractor_cluster) sessions",
             self.cluster_sessions.clone(),
+        );
+        r.register(
+            "work_inflight",
+            "Requests in flight on this node by kind (client, forwarded, replica, module)",
+            self.work_inflight.clone(),
+        );
+        r.register(
+            "work_inflight_peak",
+            "The most requests in flight at once since the node started",
+            self.work_inflight_peak.clone(),
+        );
+        r.register(
+            "work_refused",
+            "Requests refused with busy at the node's in-flight bound, by kind",
+            self.work_refused.clone(),
+        );
+        r.register(
+            "process_cpu_seconds",
+            "User and system CPU time of the node process",
+            self.process_cpu_seconds.clone(),
         );
         r.register("link_dials", "Inter-node sessions dialed", self.link_dials.clone());
         r.register(

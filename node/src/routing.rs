@@ -363,6 +363,8 @@ pub struct Dispatcher {
     pub view: Arc<ArcSwap<PlacementView>>,
     pub me: Arc<str>,
     pub retry_after_ms: u64,
+    /// The bound on all work in flight here (client, forwarded, replica, module).
+    pub admission: Arc<crate::admission::Admission>,
     pub metrics: Metrics,
     pub holding: Holding,
     pub modules: Arc<NodeModules>,
@@ -554,6 +556,24 @@ pub async fn release_held_loop(dispatcher: Arc<Dispatcher>) {
 
 impl Inbound for Dispatcher {
     fn handle(&self, envelope: Envelope, reply: Reply) {
+        use crate::admission::Work;
+        let kind = match &envelope.request {
+            ConvRequest::Replica(_) => Work::Replica,
+            ConvRequest::Module(_) => Work::Module,
+            _ => Work::Forwarded,
+        };
+        // Work from peers counts against the same bound as this node's own clients.
+        let Some(permit) = self.admission.admit(kind) else {
+            return reply.send(ConvOutcome::Failed {
+                kind: FailKind::Busy,
+                message: format!("{} is at its in-flight limit", self.me),
+                retry_after_ms: Some(self.retry_after_ms),
+            });
+        };
+        let reply = Reply::new(move |outcome| {
+            drop(permit);
+            reply.send(outcome)
+        });
         match envelope.request {
             ConvRequest::Replica(op) => self.replicator.serve(envelope.conv, op, move |r| {
                 reply.send(match r {

@@ -316,6 +316,24 @@ pub struct Cluster {
 /// in the seconds a test waits). Ring-mode clusters still run side by side.
 static MAP_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Holds the one-map-cluster-at-a-time lock for clusters a test starts some other way (a
+/// script).
+pub fn map_cluster_exclusive() -> std::sync::MutexGuard<'static, ()> {
+    MAP_CLUSTER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `tool` runs (`tool args` exits 0); in CI it must (see `.ci/run`).
+pub fn have_tool(tool: &str, args: &[&str]) -> bool {
+    let ok = Command::new(tool).args(args).output().is_ok_and(|o| o.status.success());
+    if !ok && std::env::var_os("CI").is_some() {
+        panic!("{tool} is needed in CI (see .ci/run)");
+    }
+    if !ok {
+        eprintln!("skipped: {tool} is not installed");
+    }
+    ok
+}
+
 impl Cluster {
     /// `n` nodes with the shared test secret; node 0 founds the cluster, the others seed
     /// from node 0. Nothing is started yet.
@@ -383,7 +401,7 @@ impl Cluster {
         let map = !self.nodes.iter().all(by_ring);
         if map && self.exclusive.is_none() {
             // A test that failed while holding it poisoned it; the next may go on.
-            self.exclusive = Some(MAP_CLUSTER.lock().unwrap_or_else(|e| e.into_inner()));
+            self.exclusive = Some(map_cluster_exclusive());
         }
         for node in &mut self.nodes {
             node.start();

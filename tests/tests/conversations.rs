@@ -209,7 +209,11 @@ fn idle_conversation_passivates_and_resumes() {
 }
 
 fn raw(c: &Cluster) -> (BufReader<TcpStream>, TcpStream) {
-    let s = TcpStream::connect(c.nodes[0].ports.client).unwrap();
+    raw_to(c, 0)
+}
+
+fn raw_to(c: &Cluster, node: usize) -> (BufReader<TcpStream>, TcpStream) {
+    let s = TcpStream::connect(c.nodes[node].ports.client).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     (BufReader::new(s.try_clone().unwrap()), s)
 }
@@ -449,4 +453,153 @@ fn history_pipelined_after_say_shows_that_turn() {
             );
         }
     }
+}
+
+/// Placement-aware clients: once a reply named a conversation's owner, the client sends
+/// the conversation's turns straight to it, so a settled cluster forwards none of them
+/// (a client that is not placement-aware, talking to one gateway, has two in three
+/// forwarded). When a node joins and takes shards, the first turn of a moved conversation
+/// is forwarded by its old owner, the reply names the newcomer (whose address the client
+/// learns from `topology`), and the next turns go to it directly.
+#[test]
+fn placement_aware_client_sends_turns_to_owners() {
+    use botclaw_client::{FailoverClient, FailoverOptions};
+    let mut c = Cluster::new(4);
+    for i in 0..3 {
+        c.nodes[i].start();
+    }
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], CONVERGE);
+    let forwards = |c: &Cluster| -> f64 {
+        c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_forwards_total")).sum()
+    };
+    let seed = [c.nodes[0].ports.client];
+    const CONVS: usize = 60;
+    let rt = runtime();
+    let connect = |direct: bool| {
+        let opts = FailoverOptions { direct, ..FailoverOptions::default() };
+        rt.block_on(FailoverClient::connect(&seed, opts)).unwrap()
+    };
+    // One round: turn `t` of every conversation `{prefix}-k`; the node of each reply.
+    let round = |client: &FailoverClient, prefix: &str, t: u64| -> Vec<String> {
+        rt.block_on(async {
+            let mut nodes = Vec::new();
+            for k in 0..CONVS {
+                let (conv, text) = (format!("{prefix}-{k}"), format!("turn {t}"));
+                let reply = client.say(&conv, &format!("m-{t}"), &text, Some("echo")).await;
+                let reply = reply.unwrap_or_else(|e| panic!("{conv} turn {t}: {e}"));
+                assert_eq!((reply.turn, reply.messages), (t, vec![text]), "{conv}");
+                nodes.push(reply.node);
+            }
+            nodes
+        })
+    };
+
+    let plain = connect(false);
+    round(&plain, "plain", 1);
+    let before = forwards(&c);
+    round(&plain, "plain", 2);
+    let plain_forwards = forwards(&c) - before;
+    assert!(plain_forwards >= CONVS as f64 / 3.0, "a one-gateway client: {plain_forwards}");
+
+    let direct = connect(true);
+    let first = round(&direct, "direct", 1);
+    let before = forwards(&c);
+    let second = round(&direct, "direct", 2);
+    assert_eq!(forwards(&c) - before, 0.0, "turns to known owners are not forwarded");
+    assert_eq!(first, second, "the owners did not change");
+    let owners: std::collections::BTreeSet<&String> = second.iter().collect();
+    assert_eq!(owners.len(), 3, "every node owns some of the conversations: {owners:?}");
+
+    // n3 joins and takes a share.
+    c.nodes[3].start();
+    c.wait_converged(&[0, 1, 2, 3], CONVERGE);
+    c.wait_placed(&[0, 1, 2, 3], Duration::from_secs(60));
+    let third = round(&direct, "direct", 3);
+    let moved = third.iter().filter(|n| *n == "n3").count();
+    assert!(moved > 0, "n3 owns none of {CONVS} conversations: {third:?}");
+    let before = forwards(&c);
+    let fourth = round(&direct, "direct", 4);
+    assert_eq!(forwards(&c) - before, 0.0, "turns of moved conversations go to the new owner");
+    assert_eq!(third, fourth);
+}
+
+/// Ten times the work a cluster may hold, aimed at one owner: n1 owns every conversation,
+/// and each node's clients pipeline slow turns for them, so n1 gets its own clients' turns
+/// and both other gateways' forwarded ones. Every request is answered (a reply, or `busy`
+/// with a retry hint: never a hang); no node ever has more than `node_inflight_max`
+/// requests in flight of any kind, forwarded ones included; n1 refuses the excess.
+#[test]
+fn overload_from_every_gateway_is_refused_at_the_owner_not_queued() {
+    const MAX: usize = 24;
+    let config = format!("[frontend]\nnode_inflight_max = {MAX}\n{DIAGNOSTIC}");
+    let mut c = Cluster::new(3).with_config(&config);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], CONVERGE);
+    // 240 conversations that n1 owns: 10x the places of one node.
+    let mut convs = Vec::new();
+    for k in 0.. {
+        let conv = format!("over-{k}");
+        let p = get_json(c.nodes[0].ports.admin, &format!("/placement?conv={conv}")).unwrap();
+        if p["routed_owner"] == "n1" {
+            convs.push(conv);
+        }
+        if convs.len() == 10 * MAX {
+            break;
+        }
+    }
+    let rss = |c: &Cluster| c.nodes[1].status().unwrap()["rss_bytes"].as_u64().unwrap();
+    let rss_before = rss(&c);
+    // 4 connections per node, 20 slow turns pipelined on each.
+    let mut conns = Vec::new();
+    for (i, chunk) in convs.chunks(20).enumerate() {
+        let (r, mut w) = raw_to(&c, i % 3);
+        let mut batch = Vec::new();
+        for conv in chunk {
+            let say = Request::Say {
+                conv: conv.clone(),
+                id: "1".into(),
+                text: "sleep 3000".into(),
+                bot: Some("chaos".into()),
+                user: None,
+            };
+            batch.extend(say.to_line());
+        }
+        w.write_all(&batch).unwrap();
+        conns.push((r, w, chunk.len()));
+    }
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for (r, _w, n) in &mut conns {
+        for _ in 0..*n {
+            // Each read waits at most the socket's 10 s timeout: a hang fails here.
+            let answer = read_json(r);
+            let code = match answer["op"].as_str() {
+                Some("reply") => "reply".to_string(),
+                _ => {
+                    assert!(answer["retry_after_ms"].is_u64(), "{answer}");
+                    answer["code"].as_str().unwrap().to_string()
+                }
+            };
+            *codes.entry(code).or_default() += 1;
+        }
+    }
+    assert_eq!(codes.values().sum::<usize>(), 10 * MAX, "{codes:?}");
+    // Every turn sleeps 3 s and all were sent at once: had n1 run more than its places'
+    // worth at once (forwarded turns not counted), more would have been answered.
+    assert!(codes.get("reply").is_some_and(|&n| n > 0 && n <= MAX), "{codes:?}");
+    assert!(codes.keys().all(|k| k == "reply" || k == "busy"), "{codes:?}");
+    for n in &c.nodes {
+        let m = n.metrics();
+        let peak = metric(&m, "botclaw_work_inflight_peak");
+        assert!(peak > 0.0 && peak <= MAX as f64, "{}: peak {peak}", n.name);
+    }
+    let m = c.nodes[1].metrics();
+    let refused: f64 = ["client", "forwarded"]
+        .iter()
+        .map(|k| metric(&m, &format!("botclaw_work_refused_total{{kind=\"{k}\"}}")))
+        .sum();
+    assert!(refused > 0.0, "the owner refused nothing");
+    let grew = rss(&c).saturating_sub(rss_before);
+    assert!(grew < 64 << 20, "n1 grew by {grew} bytes");
 }

@@ -9,23 +9,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use botclaw_tests::{botclaw_bin, SECRET};
+use botclaw_tests::{botclaw_bin, have_tool as have, SECRET};
 use serde_json::Value;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster-config/deploy")
-}
-
-/// Whether `tool` runs; in CI it must.
-fn have(tool: &str, args: &[&str]) -> bool {
-    let ok = Command::new(tool).args(args).output().is_ok_and(|o| o.status.success());
-    if !ok && std::env::var_os("CI").is_some() {
-        panic!("{tool} is needed in CI (see .ci/run)");
-    }
-    if !ok {
-        eprintln!("skipped: {tool} is not installed");
-    }
-    ok
 }
 
 /// Files an artifact refers to, made for real in a temporary directory: the secret, the

@@ -127,3 +127,72 @@ fn sim_reports_are_deterministic() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("turns_per_sec"), "{err}");
 }
+
+/// `bench --direct` against three nodes: each connection sends a conversation's turns to
+/// the node that answered the last one, so only first turns are forwarded; `--admin` for
+/// every node gives the cluster's CPU seconds per 1000 turns.
+#[test]
+fn bench_direct_sends_turns_to_owners_and_reports_cpu() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(30));
+    let mut cmd = Command::new(botclaw_bin());
+    cmd.args(["bench", "--json", "--direct", "--connections", "2", "--conversations", "20"])
+        .args(["--turns", "2000", "--pipeline", "4", "--connect"])
+        .arg(c.nodes[1].ports.client.to_string());
+    for n in &c.nodes {
+        cmd.args(["--admin", &n.ports.admin.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &report["cluster"];
+    assert_eq!(run["turns"], 2000, "{report:#}");
+    assert!(run["errors"].as_object().unwrap().is_empty(), "{report:#}");
+    // At most the first turn of each conversation on each connection is forwarded.
+    let forwarded = run["forwarded_us"]["count"].as_u64().unwrap_or(0);
+    assert!(forwarded <= 2 * 20, "{forwarded} forwarded: {report:#}");
+    let forwards: f64 =
+        c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_forwards_total")).sum();
+    assert!(forwards <= 40.0, "the nodes forwarded {forwards}");
+    let cpu = run["cpu_seconds"].as_f64().unwrap();
+    let per = run["cpu_s_per_1000_turns"].as_f64().unwrap();
+    assert!(cpu > 0.0 && (per - cpu / 2.0).abs() < 1e-9, "{report:#}");
+    // The nodes export the same CPU time to Prometheus.
+    assert!(metric(&c.nodes[0].metrics(), "botclaw_process_cpu_seconds_total") > 0.0);
+}
+
+/// `tests/bench/side_by_side.py`, the script behind README's performance table, runs end
+/// to end at a small size (Redis from Debian's `redis-server`, the debug binary) and prints
+/// every row with figures.
+#[test]
+fn side_by_side_script_prints_the_table() {
+    if std::env::var_os("BOTCLAW_TEST_BY_RING").is_some() {
+        // The script starts its own nodes, in the default mode: nothing to run again.
+        return;
+    }
+    if !have_tool("redis-server", &["--version"]) || !have_tool("python3", &["--version"]) {
+        return;
+    }
+    let _one_map_cluster = map_cluster_exclusive();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/side_by_side.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--bin", &botclaw_bin().display().to_string()])
+        .args(["--turns", "1500", "--latency-turns", "200", "--connections", "4"])
+        .args(["--pipeline", "4", "--conversations", "100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> =
+        stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| setup")).collect();
+    assert_eq!(rows.len(), 8, "{stdout}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let tps: f64 = cells[2].replace(',', "").parse().unwrap_or(0.0);
+        assert!(tps > 0.0, "{row}");
+        assert!(cells[6].parse::<u64>().is_ok_and(|p| p > 0), "p50 of {row}");
+    }
+}

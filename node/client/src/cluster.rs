@@ -3,7 +3,16 @@
 //! is cut off, is in a minority, or is shutting down),
 //! moves to another node it learned from `topology`, backs off, and resends every
 //! unacknowledged `say` with its original id, so each turn is applied once.
+//!
+//! It is placement-aware (`FailoverOptions::direct`): a reply's `node` is the node that owns
+//! the conversation, so the client remembers it per conversation (a bounded cache) and
+//! sends the conversation's next turns straight to that node over a connection of their
+//! own, as Redis Cluster clients do with slots. A conversation whose owner changed is
+//! forwarded by the node that receives it, and the reply names the new owner: that is the
+//! "moved" answer, and costs no extra round trip. Any failure of a direct send falls back
+//! to the failover path with the same id.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +32,10 @@ pub struct FailoverOptions {
     pub retry_for: Duration,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
+    /// Send each `say` straight to its conversation's owner once a reply named it.
+    pub direct: bool,
+    /// Conversations whose owner the client remembers (least recently used forgotten).
+    pub owners_cached_max: u64,
 }
 
 impl Default for FailoverOptions {
@@ -31,6 +44,8 @@ impl Default for FailoverOptions {
             client: ClientOptions { request_timeout: Duration::from_secs(5), ..Default::default() },
             retry_for: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
+            direct: true,
+            owners_cached_max: 100_000,
         }
     }
 }
@@ -48,6 +63,50 @@ pub struct FailoverClient {
     /// Every node address known (seeds, then topology), tried in turn.
     known: std::sync::Mutex<Vec<SocketAddr>>,
     opts: FailoverOptions,
+    direct: Option<Direct>,
+}
+
+/// What a placement-aware client knows: owners of conversations, node addresses, and its
+/// connections to owners.
+struct Direct {
+    /// The node that ran each conversation's last turn (its owner then).
+    owners: mini_moka::sync::Cache<String, Arc<str>>,
+    /// Client address of each live node, by name (from `topology`).
+    addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
+    /// One connection per owner talked to directly; at most one per node in `addrs`.
+    conns: Mutex<HashMap<String, Arc<Client>>>,
+    /// When `topology` was last asked because a reply named a node not in `addrs`.
+    topology_asked: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How often a client asks for the topology when replies name nodes it does not know.
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(1);
+
+impl Direct {
+    fn new(opts: &FailoverOptions, nodes: &[crate::protocol::TopologyNode]) -> Direct {
+        let d = Direct {
+            owners: mini_moka::sync::Cache::new(opts.owners_cached_max),
+            addrs: Default::default(),
+            conns: Default::default(),
+            topology_asked: Default::default(),
+        };
+        d.set_nodes(nodes);
+        d
+    }
+
+    fn set_nodes(&self, nodes: &[crate::protocol::TopologyNode]) {
+        let addrs = nodes
+            .iter()
+            .filter_map(|n| Some((n.name.clone(), n.client_addr.parse().ok()?)))
+            .collect();
+        *self.addrs.lock().expect("addrs lock") = addrs;
+    }
+
+    fn learn(&self, conv: &str, node: &str) {
+        if self.owners.get(&conv.to_string()).is_none_or(|n| &*n != node) {
+            self.owners.insert(conv.to_string(), Arc::from(node));
+        }
+    }
 }
 
 impl std::fmt::Debug for FailoverClient {
@@ -66,12 +125,15 @@ impl FailoverClient {
         for &addr in seeds {
             match open(addr, &opts).await {
                 Ok(client) => {
-                    let known = learn(&client, seeds).await;
+                    let nodes = client.topology().await.unwrap_or_default();
+                    let known = learn(&nodes, seeds);
+                    let direct = opts.direct.then(|| Direct::new(&opts, &nodes));
                     let current = Connection { client: Arc::new(client), addr, generation: 0 };
                     return Ok(FailoverClient {
                         current: Mutex::new(current),
                         known: std::sync::Mutex::new(known),
                         opts,
+                        direct,
                     });
                 }
                 Err(e) => last = e,
@@ -103,8 +165,11 @@ impl FailoverClient {
             let addr = known[(start + i) % known.len()];
             match open(addr, &self.opts).await {
                 Ok(client) => {
-                    let learned = learn(&client, &known).await;
-                    *self.known.lock().expect("known lock") = learned;
+                    let nodes = client.topology().await.unwrap_or_default();
+                    *self.known.lock().expect("known lock") = learn(&nodes, &known);
+                    if let Some(d) = &self.direct {
+                        d.set_nodes(&nodes);
+                    }
                     *c = Connection { client: Arc::new(client), addr, generation: seen + 1 };
                     return Ok(());
                 }
@@ -115,7 +180,8 @@ impl FailoverClient {
     }
 
     /// Sends a turn until some node answers it, failing over as needed; the same id on
-    /// every attempt, so the turn is applied once.
+    /// every attempt, so the turn is applied once. Placement-aware, it goes first to the
+    /// node that owned the conversation at its last reply.
     pub async fn say(
         &self,
         conv: &str,
@@ -123,7 +189,88 @@ impl FailoverClient {
         text: &str,
         bot: Option<&str>,
     ) -> Result<SayReply, ClientError> {
-        self.with_failover(|client| async move { client.say_once(conv, id, text, bot).await }).await
+        if let Some(owner) = self.owner_connection(conv).await {
+            match owner.say_once(conv, id, text, bot).await {
+                Ok(reply) => {
+                    self.learn_owner(conv, &reply.node);
+                    return Ok(reply);
+                }
+                Err(e) => {
+                    let direct = self.direct.as_ref().expect("an owner connection is direct");
+                    direct.owners.invalidate(&conv.to_string());
+                    match e {
+                        ClientError::Server { code, .. } if !code.is_retryable() => return Err(e),
+                        ClientError::Server { .. } => {}
+                        // The owner's connection failed: the next turn opens a new one.
+                        _ => {
+                            direct.conns.lock().await.retain(|_, c| !Arc::ptr_eq(c, &owner));
+                        }
+                    }
+                }
+            }
+        }
+        let reply = self
+            .with_failover(|client| async move { client.say_once(conv, id, text, bot).await })
+            .await?;
+        self.learn_owner(conv, &reply.node);
+        Ok(reply)
+    }
+
+    fn learn_owner(&self, conv: &str, node: &str) {
+        if let Some(d) = &self.direct {
+            d.learn(conv, node);
+        }
+    }
+
+    /// A connection to the conversation's owner, when it is known and is not the node this
+    /// client talks to anyway. An owner that cannot be reached is forgotten (the turn goes
+    /// through the failover path, whose reply names the owner again).
+    async fn owner_connection(&self, conv: &str) -> Option<Arc<Client>> {
+        let direct = self.direct.as_ref()?;
+        let owner = direct.owners.get(&conv.to_string())?;
+        let (current, _) = self.connection().await;
+        if current.node() == &*owner {
+            return Some(current);
+        }
+        let mut conns = direct.conns.lock().await;
+        if let Some(c) = conns.get(&*owner) {
+            return Some(c.clone());
+        }
+        let addr = direct.addrs.lock().expect("addrs lock").get(&*owner).copied();
+        let addr = match addr {
+            Some(addr) => Some(addr),
+            None => {
+                // A node this client has not heard of (it joined since): ask for the
+                // topology again, at most once a second.
+                let now = Instant::now();
+                let due = {
+                    let mut asked = direct.topology_asked.lock().expect("asked lock");
+                    let due = asked.is_none_or(|t| now.duration_since(t) >= TOPOLOGY_REFRESH);
+                    if due {
+                        *asked = Some(now);
+                    }
+                    due
+                };
+                if due {
+                    if let Ok(nodes) = current.topology().await {
+                        direct.set_nodes(&nodes);
+                    }
+                }
+                direct.addrs.lock().expect("addrs lock").get(&*owner).copied()
+            }
+        };
+        let client = match addr {
+            Some(addr) => open(addr, &self.opts).await.ok().filter(|c| c.node() == &*owner),
+            None => None,
+        };
+        let Some(client) = client.map(Arc::new) else {
+            direct.owners.invalidate(&conv.to_string());
+            return None;
+        };
+        let live: Vec<String> = direct.addrs.lock().expect("addrs lock").keys().cloned().collect();
+        conns.retain(|name, _| live.contains(name));
+        conns.insert(owner.to_string(), client.clone());
+        Some(client)
     }
 
     pub async fn history(
@@ -196,11 +343,9 @@ async fn open(addr: SocketAddr, opts: &FailoverOptions) -> Result<Client, Client
 }
 
 /// The addresses to fail over to: what the node reports, then what was known before.
-async fn learn(client: &Client, known: &[SocketAddr]) -> Vec<SocketAddr> {
+fn learn(nodes: &[crate::protocol::TopologyNode], known: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
-    if let Ok(nodes) = client.topology().await {
-        out.extend(nodes.iter().filter_map(|n| n.client_addr.parse::<SocketAddr>().ok()));
-    }
+    out.extend(nodes.iter().filter_map(|n| n.client_addr.parse::<SocketAddr>().ok()));
     for addr in known {
         if !out.contains(addr) {
             out.push(*addr);
