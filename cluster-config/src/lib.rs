@@ -375,6 +375,9 @@ pub struct FrontendConfig {
     /// forwarded by other gateways, replica writes and module calls from peers; past it,
     /// `busy` with `retry_after_ms`.
     pub node_inflight_max: usize,
+    /// Bytes of those requests (their text, ids and payloads) in flight on the node; past
+    /// it, `busy` likewise.
+    pub node_inflight_bytes_max: usize,
     /// Open client connections; past it, new connections are closed at once. With
     /// `client_tokens`, only connections that said `hello` count here...
     pub connections_max: usize,
@@ -430,6 +433,7 @@ impl Default for FrontendConfig {
             frame_bytes_max: 64 * 1024,
             conn_inflight_max: 1024,
             node_inflight_max: 16_384,
+            node_inflight_bytes_max: 64 << 20,
             connections_max: 4096,
             unauthenticated_connections_max: 256,
             hello_timeout_ms: 5_000,
@@ -1270,6 +1274,7 @@ fn validate_runtime(
         ("conversations.cache_ttl_ms", c.cache_ttl_ms),
         ("frontend.conn_inflight_max", f.conn_inflight_max as u64),
         ("frontend.node_inflight_max", f.node_inflight_max as u64),
+        ("frontend.node_inflight_bytes_max", f.node_inflight_bytes_max as u64),
         ("frontend.connections_max", f.connections_max as u64),
         ("frontend.unauthenticated_connections_max", f.unauthenticated_connections_max as u64),
         ("frontend.hello_timeout_ms", f.hello_timeout_ms),

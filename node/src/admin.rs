@@ -333,6 +333,7 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         refused.inc_by((admission.refused_of(kind) as u64).saturating_sub(refused.get()));
     }
     s.metrics.work_inflight_peak.set(admission.peak() as i64);
+    s.metrics.work_inflight_bytes.set(admission.bytes() as i64);
     let cpu = &s.metrics.process_cpu_seconds;
     cpu.inc_by((cpu_seconds() - cpu.get()).max(0.0));
     drop(updating);

@@ -1,7 +1,7 @@
 //! Admission: one bound on all the work in flight on a node.
 //!
 //! Every kind of request that makes a node work counts against `frontend.node_inflight_max`
-//! while it runs: turns and history requests from this node's clients, the same from
+//! requests and `frontend.node_inflight_bytes_max` bytes of requests while it runs: turns and history requests from this node's clients, the same from
 //! other gateways (forwarded here because this node owns the conversation), replica writes
 //! (by the ring) and module calls from peers. Past the bound a request is refused at once
 //! with `busy` and a retry hint instead of queueing, so memory does not grow with the
@@ -47,7 +47,9 @@ impl Work {
 #[derive(Debug)]
 pub struct Admission {
     max: usize,
+    bytes_max: usize,
     inflight: AtomicUsize,
+    bytes: AtomicUsize,
     /// The most in flight at once since the node started.
     peak: AtomicUsize,
     by_kind: [AtomicUsize; 4],
@@ -55,48 +57,63 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(max: usize) -> Admission {
+    pub fn new(max: usize, bytes_max: usize) -> Admission {
         Admission {
             max,
+            bytes_max,
             inflight: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             by_kind: Default::default(),
             refused: Default::default(),
         }
     }
 
-    /// Takes a place for `kind`, or counts a refusal and says no.
-    pub fn try_admit(&self, kind: Work) -> bool {
-        let admitted = self
+    /// Takes a place for a request of `kind` holding `bytes`, or counts a refusal and says
+    /// no. A request bigger than the byte bound is admitted when nothing else is in flight
+    /// (it fits a frame, so it is bounded too).
+    pub fn try_admit(&self, kind: Work, bytes: usize) -> bool {
+        let counted = self
             .inflight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
-        match admitted {
-            Ok(before) => {
-                self.peak.fetch_max(before + 1, Ordering::AcqRel);
-                self.by_kind[kind.ix()].fetch_add(1, Ordering::AcqRel);
-                true
+        let admitted = counted.is_ok_and(|_| {
+            let fits = |b: usize| (b == 0 || b + bytes <= self.bytes_max).then_some(b + bytes);
+            let taken = self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits);
+            if taken.is_err() {
+                self.inflight.fetch_sub(1, Ordering::AcqRel);
             }
-            Err(_) => {
-                self.refused[kind.ix()].fetch_add(1, Ordering::Relaxed);
-                false
-            }
+            taken.is_ok()
+        });
+        if admitted {
+            let before = counted.expect("admitted");
+            self.peak.fetch_max(before + 1, Ordering::AcqRel);
+            self.by_kind[kind.ix()].fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.refused[kind.ix()].fetch_add(1, Ordering::Relaxed);
         }
+        admitted
     }
 
-    /// Gives back a place taken for `kind`.
-    pub fn release(&self, kind: Work) {
-        self.release_many(kind, 1);
+    /// Gives back a place taken for `kind` with `bytes`.
+    pub fn release(&self, kind: Work, bytes: usize) {
+        self.release_many(kind, 1, bytes);
     }
 
-    /// Gives back `n` places taken for `kind`.
-    pub fn release_many(&self, kind: Work, n: usize) {
+    /// Gives back `n` places taken for `kind`, holding `bytes` in all.
+    pub fn release_many(&self, kind: Work, n: usize, bytes: usize) {
         self.by_kind[kind.ix()].fetch_sub(n, Ordering::AcqRel);
         self.inflight.fetch_sub(n, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// A place for `kind` that is given back when the permit is dropped.
-    pub fn admit(self: &Arc<Self>, kind: Work) -> Option<Permit> {
-        self.try_admit(kind).then(|| Permit { admission: self.clone(), kind })
+    pub fn admit(self: &Arc<Self>, kind: Work, bytes: usize) -> Option<Permit> {
+        self.try_admit(kind, bytes).then(|| Permit { admission: self.clone(), kind, bytes })
+    }
+
+    /// Bytes of the requests in flight.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 
     pub fn inflight(&self) -> usize {
@@ -126,11 +143,12 @@ impl Admission {
 pub struct Permit {
     admission: Arc<Admission>,
     kind: Work,
+    bytes: usize,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release(self.kind);
+        self.admission.release(self.kind, self.bytes);
     }
 }
 
@@ -140,32 +158,48 @@ mod tests {
 
     #[test]
     fn admits_up_to_the_bound_across_kinds_and_gives_places_back() {
-        let a = Arc::new(Admission::new(3));
-        let p1 = a.admit(Work::Client).unwrap();
-        let p2 = a.admit(Work::Forwarded).unwrap();
-        assert!(a.try_admit(Work::Module));
-        assert!(a.admit(Work::Replica).is_none(), "every kind counts against one bound");
-        assert!(!a.try_admit(Work::Client));
-        assert_eq!((a.inflight(), a.peak()), (3, 3));
+        let a = Arc::new(Admission::new(3, 1 << 20));
+        let p1 = a.admit(Work::Client, 10).unwrap();
+        let p2 = a.admit(Work::Forwarded, 10).unwrap();
+        assert!(a.try_admit(Work::Module, 10));
+        assert!(a.admit(Work::Replica, 10).is_none(), "every kind counts against one bound");
+        assert!(!a.try_admit(Work::Client, 10));
+        assert_eq!((a.inflight(), a.peak(), a.bytes()), (3, 3, 30));
         assert_eq!((a.refused_of(Work::Replica), a.refused_of(Work::Client)), (1, 1));
         drop(p1);
         assert_eq!(a.inflight_of(Work::Client), 0);
-        assert!(a.admit(Work::Replica).is_some(), "a dropped permit frees its place");
-        a.release(Work::Module);
+        assert!(a.admit(Work::Replica, 10).is_some(), "a dropped permit frees its place");
+        a.release(Work::Module, 10);
         drop(p2);
-        assert_eq!((a.inflight(), a.peak()), (0, 3));
+        assert_eq!((a.inflight(), a.peak(), a.bytes()), (0, 3, 0));
+    }
+
+    #[test]
+    fn bytes_are_bounded_too_and_a_refusal_takes_no_place() {
+        let a = Arc::new(Admission::new(100, 1000));
+        let big = a.admit(Work::Client, 600).unwrap();
+        assert!(a.admit(Work::Forwarded, 500).is_none(), "600 + 500 bytes > 1000");
+        assert_eq!((a.inflight(), a.bytes()), (1, 600), "the refused request holds nothing");
+        let small = a.admit(Work::Forwarded, 400).unwrap();
+        drop(big);
+        drop(small);
+        // Alone, a request over the byte bound still goes (a frame bounds it).
+        let huge = a.admit(Work::Client, 5000).unwrap();
+        assert!(a.admit(Work::Client, 1).is_none());
+        drop(huge);
+        assert_eq!((a.inflight(), a.bytes()), (0, 0));
     }
 
     #[test]
     fn concurrent_admissions_never_exceed_the_bound() {
-        let a = Arc::new(Admission::new(8));
+        let a = Arc::new(Admission::new(8, 800));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let a = a.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        if let Some(p) = a.admit(Work::Forwarded) {
-                            assert!(a.inflight() <= 8);
+                        if let Some(p) = a.admit(Work::Forwarded, 100) {
+                            assert!(a.inflight() <= 8 && a.bytes() <= 800);
                             drop(p);
                         }
                     }

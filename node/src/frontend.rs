@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::Work;
 use botclaw_actors::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
+use botclaw_actors::forwarder::Weight;
 use botclaw_client::codec::{Frame, LineFramer};
 use botclaw_client::protocol::{
     parse_request, ErrorCode, HistoryTurn, Request, Response, TopologyNode, PROTOCOL_VERSION,
@@ -296,8 +297,6 @@ impl Connection {
                 break;
             }
         }
-        // Requests still in flight stop counting against the node.
-        self.fe.dispatcher.admission.release_many(Work::Client, self.inflight);
     }
 
     /// Whether reserved and unwritten answers fill the output buffer (then no request is
@@ -414,8 +413,13 @@ impl Connection {
         self.seq += 1;
         let seq = self.seq;
         let cfg = &self.fe.cfg;
+        let bytes = 64 + conv.len() + request.weight();
         let over_conn = self.inflight >= cfg.conn_inflight_max;
-        let over_node = !over_conn && !self.fe.dispatcher.admission.try_admit(Work::Client);
+        // The place is held until the work is answered (not until the client gives up on
+        // it: a turn that timed out may still be running).
+        let permit =
+            if over_conn { None } else { self.fe.dispatcher.admission.admit(Work::Client, bytes) };
+        let over_node = !over_conn && permit.is_none();
         if over_conn || over_node {
             let busy = Response::Error {
                 id,
@@ -443,6 +447,7 @@ impl Connection {
         let tx = self.tx.clone();
         let reply_conv = conv.clone();
         let reply = Reply::new(move |outcome| {
+            drop(permit);
             // The connection may be gone; its requests then need no answer.
             let _ = tx.send(Done { conv: reply_conv, seq, outcome });
         });
@@ -456,7 +461,6 @@ impl Connection {
 
     fn finish_one(&mut self) {
         self.inflight -= 1;
-        self.fe.dispatcher.admission.release(Work::Client);
     }
 
     fn on_done(&mut self, done: Done) {

@@ -93,6 +93,7 @@ pub struct Metrics {
     /// up to date on each scrape.
     pub work_inflight: Family<KindLabel, Gauge>,
     pub work_inflight_peak: Gauge,
+    pub work_inflight_bytes: Gauge,
     pub work_refused: Family<KindLabel, Counter>,
     /// CPU time of the process, brought up to date on each scrape.
     pub process_cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -139,6 +140,7 @@ impl Default for Metrics {
             process_cpu_seconds: Default::default(),
             work_inflight: Default::default(),
             work_inflight_peak: Default::default(),
+            work_inflight_bytes: Default::default(),
             work_refused: Default::default(),
             link_dials: Default::default(),
             link_drops: Default::default(),
@@ -216,6 +218,11 @@ impl Metrics {
             "work_inflight_peak",
             "The most requests in flight at once since the node started",
             self.work_inflight_peak.clone(),
+        );
+        r.register(
+            "work_inflight_bytes",
+            "Bytes of the requests in flight on this node",
+            self.work_inflight_bytes.clone(),
         );
         r.register(
             "work_refused",

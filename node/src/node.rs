@@ -615,7 +615,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view: placement.clone(),
         me: node.clone(),
         retry_after_ms: cfg.frontend.retry_after_ms,
-        admission: Arc::new(crate::admission::Admission::new(cfg.frontend.node_inflight_max)),
+        admission: Arc::new(crate::admission::Admission::new(
+            cfg.frontend.node_inflight_max,
+            cfg.frontend.node_inflight_bytes_max,
+        )),
         metrics: metrics.clone(),
         holding: routing::Holding::new(&cfg.handoff),
         modules: modules.clone(),

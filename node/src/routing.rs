@@ -563,7 +563,8 @@ impl Inbound for Dispatcher {
             _ => Work::Forwarded,
         };
         // Work from peers counts against the same bound as this node's own clients.
-        let Some(permit) = self.admission.admit(kind) else {
+        use botclaw_actors::forwarder::Weight;
+        let Some(permit) = self.admission.admit(kind, envelope.weight()) else {
             return reply.send(ConvOutcome::Failed {
                 kind: FailKind::Busy,
                 message: format!("{} is at its in-flight limit", self.me),

@@ -364,6 +364,37 @@ fn overload_gets_busy_with_a_retry_hint() {
     assert_eq!(ids, vec!["0", "1", "2"]);
 }
 
+/// The node's bound holds bytes too: with room for 1000 bytes of requests, 20 pipelined
+/// slow turns of about 290 bytes each (a 200-byte user name, ids, envelope) get 3 places, and the other
+/// 17 get `busy` at once.
+#[test]
+fn requests_in_flight_are_bounded_in_bytes() {
+    let config = format!("[frontend]\nnode_inflight_bytes_max = 1000\n{DIAGNOSTIC}");
+    let mut c = Cluster::new(1).with_config(&config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let (mut r, mut w) = raw(&c);
+    let mut batch = Vec::new();
+    for i in 0..20 {
+        let say = Request::Say {
+            conv: format!("bytes-{i:02}"),
+            id: "1".into(),
+            text: "sleep 500".into(),
+            bot: Some("chaos".into()),
+            user: Some("u".repeat(200)),
+        };
+        batch.extend(say.to_line());
+    }
+    w.write_all(&batch).unwrap();
+    let answers: Vec<Value> = (0..20).map(|_| read_json(&mut r)).collect();
+    let busy = answers.iter().filter(|v| v["code"] == "busy").count();
+    let ok = answers.iter().filter(|v| v["op"] == "reply").count();
+    assert_eq!((busy, ok), (17, 3), "{answers:#?}");
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "botclaw_work_refused_total{kind=\"client\"}"), 17.0);
+    assert_eq!(metric(&m, "botclaw_work_inflight_bytes"), 0.0, "every place was given back");
+}
+
 /// 60 conversations ask about 3 cities at once: with the node-wide cache, one backend call
 /// per city; without it, one per conversation.
 #[test]

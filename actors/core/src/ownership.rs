@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ShardId;
@@ -234,11 +235,15 @@ pub struct Ownership<P> {
     cfg: OwnershipConfig,
     /// Write numbers are unique for the life of the process (across shards and epochs).
     next: Seq,
-    owned: BTreeMap<ShardId, Owned>,
+    /// Keyed access only (never iterated, so the hash order cannot leak into effects): a
+    /// node owns tens of thousands of shards, and a hash lookup per write and
+    /// acknowledgement costs less than a walk down a B-tree of that size.
+    owned: FxHashMap<ShardId, Owned>,
     /// Owned shards with writes or reads waiting or learners catching up: the only ones a
     /// tick looks at (a node owns tens of thousands of shards, most of them idle).
     attention: BTreeSet<ShardId>,
-    followed: BTreeMap<ShardId, Followed>,
+    /// Keyed access only, as `owned`.
+    followed: FxHashMap<ShardId, Followed>,
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
     heard_at: Option<u64>,
@@ -252,9 +257,9 @@ impl<P: Clone> Ownership<P> {
             incarnation,
             cfg,
             next: 0,
-            owned: BTreeMap::new(),
+            owned: FxHashMap::default(),
             attention: BTreeSet::new(),
-            followed: BTreeMap::new(),
+            followed: FxHashMap::default(),
             ticks: 0,
             heard_at: None,
             out: VecDeque::new(),

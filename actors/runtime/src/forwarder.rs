@@ -54,18 +54,23 @@ pub trait Weight {
 
 impl Weight for Envelope {
     fn weight(&self) -> usize {
-        64 + self.conv.len()
-            + match &self.request {
-                crate::envelope::ConvRequest::Say { id, text, bot, user } => {
-                    id.len()
-                        + text.len()
-                        + bot.as_ref().map_or(0, String::len)
-                        + user.as_ref().map_or(0, String::len)
-                }
-                crate::envelope::ConvRequest::History { .. } => 8,
-                crate::envelope::ConvRequest::Replica(op) => op_weight(op),
-                crate::envelope::ConvRequest::Module(request) => request.weight(),
+        64 + self.conv.len() + self.request.weight()
+    }
+}
+
+impl Weight for crate::envelope::ConvRequest {
+    fn weight(&self) -> usize {
+        match self {
+            crate::envelope::ConvRequest::Say { id, text, bot, user } => {
+                id.len()
+                    + text.len()
+                    + bot.as_ref().map_or(0, String::len)
+                    + user.as_ref().map_or(0, String::len)
             }
+            crate::envelope::ConvRequest::History { .. } => 8,
+            crate::envelope::ConvRequest::Replica(op) => op_weight(op),
+            crate::envelope::ConvRequest::Module(request) => request.weight(),
+        }
     }
 }
 

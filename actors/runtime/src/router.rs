@@ -149,11 +149,31 @@ impl std::fmt::Display for CallError {
 }
 
 /// The router of `node_name` on a linked peer, if the link is up and its groups synced.
+///
+/// Looked up in `ractor::pg` once per link, not per message (a lookup formats the group
+/// name and clones the group under pg's global lock): the reference is kept until the
+/// session it came over stops.
 pub fn remote_router(node_name: &str) -> Option<ActorRef<RouterMessage>> {
-    ractor::pg::get_members(&router_group(node_name))
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, RwLock};
+    static KNOWN: LazyLock<RwLock<HashMap<String, ActorRef<RouterMessage>>>> =
+        LazyLock::new(Default::default);
+    let live = |r: &ActorRef<RouterMessage>| {
+        !matches!(r.get_status(), ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped)
+    };
+    if let Some(r) = KNOWN.read().expect("routers lock").get(node_name).filter(|r| live(r)) {
+        return Some(r.clone());
+    }
+    let found: Option<ActorRef<RouterMessage>> = ractor::pg::get_members(&router_group(node_name))
         .into_iter()
-        .find(|cell: &ActorCell| !cell.get_id().is_local())
-        .map(ActorRef::from)
+        .find(|cell: &ActorCell| !cell.get_id().is_local() && live(&ActorRef::from(cell.clone())))
+        .map(ActorRef::from);
+    let mut known = KNOWN.write().expect("routers lock");
+    match &found {
+        Some(r) => drop(known.insert(node_name.to_string(), r.clone())),
+        None => drop(known.remove(node_name)),
+    }
+    found
 }
 
 /// Calls the router of `node_name` across the link and returns the link name it reports.

@@ -68,6 +68,54 @@ impl PeerBatch {
     }
 }
 
+/// Encodes messages from one sender into [`PeerBatch`]es of at most `max` bytes (a
+/// message larger than that alone in its batch), each message encoded once: the bytes are
+/// those of `PeerBatch::to_bytes` (postcard: the sender's name, then the count and the
+/// messages), without first measuring each message with a separate pass.
+struct BatchWriter {
+    /// The encoded sender name, the start of every batch.
+    head: Vec<u8>,
+    body: Vec<u8>,
+    count: usize,
+    max: usize,
+}
+
+impl BatchWriter {
+    fn new(from: &str, max: usize) -> BatchWriter {
+        let head = postcard::to_allocvec(from).expect("names encode");
+        BatchWriter { head, body: Vec::new(), count: 0, max }
+    }
+
+    /// Adds `msg`; returns the batch it closed, if adding it went over the bound.
+    fn push(&mut self, msg: &PeerMsg) -> Option<Vec<u8>> {
+        let start = self.body.len();
+        self.body =
+            postcard::to_extend(msg, std::mem::take(&mut self.body)).expect("peer messages encode");
+        let mut closed = None;
+        if self.count > 0 && self.head.len() + self.body.len() > self.max {
+            let rest = self.body.split_off(start);
+            closed = self.finish();
+            self.body = rest;
+        }
+        self.count += 1;
+        closed
+    }
+
+    /// The batch of the messages pushed since the last one, if any.
+    fn finish(&mut self) -> Option<Vec<u8>> {
+        if self.count == 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.head.len() + 10 + self.body.len());
+        out.extend_from_slice(&self.head);
+        let mut out = postcard::to_extend(&self.count, out).expect("counts encode");
+        out.extend_from_slice(&self.body);
+        self.body.clear();
+        self.count = 0;
+        Some(out)
+    }
+}
+
 /// What the driver needs from the node.
 pub trait ShardLinks: Send + Sync + 'static {
     /// Sends one encoded [`PeerBatch`] to `peer` (a batch that cannot be delivered is lost;
@@ -722,20 +770,14 @@ impl Driver {
         }
         for (to, msgs) in std::mem::take(&mut self.outbound) {
             let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { continue };
-            let mut batch = PeerBatch { from: self.me.clone(), msgs: Vec::new() };
-            let mut bytes = 0;
-            for msg in msgs {
-                let size = postcard::experimental::serialized_size(&msg).unwrap_or(0);
-                if !batch.msgs.is_empty() && bytes + size > self.limits.batch_bytes_max {
-                    self.links.send(&peer, batch.to_bytes());
-                    batch.msgs.clear();
-                    bytes = 0;
+            let mut batches = BatchWriter::new(&self.me, self.limits.batch_bytes_max);
+            for msg in &msgs {
+                if let Some(bytes) = batches.push(msg) {
+                    self.links.send(&peer, bytes);
                 }
-                bytes += size;
-                batch.msgs.push(msg);
             }
-            if !batch.msgs.is_empty() {
-                self.links.send(&peer, batch.to_bytes());
+            if let Some(bytes) = batches.finish() {
+                self.links.send(&peer, bytes);
             }
         }
     }

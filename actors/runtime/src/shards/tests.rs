@@ -351,3 +351,35 @@ async fn a_shard_larger_than_a_batch_streams_in_chunks_and_promotes_after_the_la
     assert_eq!(learned.len(), convs.len(), "{chunks} chunks");
     assert!(chunks >= 3, "about 300 KiB in 64 KiB batches came in {chunks} chunks");
 }
+
+/// Batches written message by message are byte for byte what `PeerBatch::to_bytes` gives
+/// for the same cuts, decode back to the messages in order, and stay within the bound
+/// (a message larger than the bound travels alone).
+#[test]
+fn batch_writer_encodes_once_what_peer_batch_encodes() {
+    use botclaw_core::ownership::Msg;
+    let msgs: Vec<PeerMsg> = (0..500u64)
+        .map(|i| PeerMsg::Own(Msg::Ack { shard: (i * 7919) as u32, epoch: i, seq: i * i }))
+        .chain(std::iter::once(PeerMsg::Stream {
+            shard: 1,
+            attempt: 2,
+            convs: vec![("a-long-conversation-name".to_string(), Stored::default()); 40],
+            last: true,
+        }))
+        .collect();
+    for max in [64, 300, 1 << 20] {
+        let mut w = BatchWriter::new("node-a", max);
+        let mut out: Vec<Vec<u8>> = msgs.iter().filter_map(|m| w.push(m)).collect();
+        out.extend(w.finish());
+        let mut decoded = Vec::new();
+        for bytes in &out {
+            let batch: PeerBatch = postcard::from_bytes(bytes).unwrap();
+            assert_eq!(batch.from, "node-a");
+            assert_eq!(&batch.to_bytes(), bytes, "the same bytes as PeerBatch's encoding");
+            assert!(bytes.len() <= max || batch.msgs.len() == 1, "{} > {max}", bytes.len());
+            decoded.extend(batch.msgs);
+        }
+        assert_eq!(decoded, msgs, "max {max}: every message once, in order");
+        assert!(w.finish().is_none());
+    }
+}
