@@ -500,7 +500,9 @@ fn placement_aware_client_sends_turns_to_owners() {
         c.nodes[i].start();
     }
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], CONVERGE);
+    if by_map() {
+        c.wait_placed(&[0, 1, 2], CONVERGE);
+    }
     let forwards = |c: &Cluster| -> f64 {
         c.nodes.iter().map(|n| metric(&n.metrics(), "botclaw_forwards_total")).sum()
     };
@@ -545,7 +547,10 @@ fn placement_aware_client_sends_turns_to_owners() {
     // n3 joins and takes a share.
     c.nodes[3].start();
     c.wait_converged(&[0, 1, 2, 3], CONVERGE);
-    c.wait_placed(&[0, 1, 2, 3], Duration::from_secs(60));
+    // By the ring, owners follow membership at once; by the map, once the moves settle.
+    if by_map() {
+        c.wait_placed(&[0, 1, 2, 3], Duration::from_secs(60));
+    }
     let third = round(&direct, "direct", 3);
     let moved = third.iter().filter(|n| *n == "n3").count();
     assert!(moved > 0, "n3 owns none of {CONVS} conversations: {third:?}");
@@ -567,7 +572,9 @@ fn overload_from_every_gateway_is_refused_at_the_owner_not_queued() {
     let mut c = Cluster::new(3).with_config(&config);
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
-    c.wait_placed(&[0, 1, 2], CONVERGE);
+    if by_map() {
+        c.wait_placed(&[0, 1, 2], CONVERGE);
+    }
     // 240 conversations that n1 owns: 10x the places of one node.
     let mut convs = Vec::new();
     for k in 0.. {
