@@ -259,6 +259,7 @@ async fn load_loop(l: LoadLoop) {
     let mut tick = tokio::time::interval(LOAD_PERIOD);
     let mut last = (std::time::Instant::now(), l.metrics.conversations.turns.get());
     let mut last_served = l.dispatcher.modules.served();
+    let mut members_before: Vec<String> = Vec::new();
     for seq in 1u64.. {
         tick.tick().await;
         let (now, turns) = (std::time::Instant::now(), l.metrics.conversations.turns.get());
@@ -276,6 +277,15 @@ async fn load_loop(l: LoadLoop) {
         let mut hot = l.dispatcher.take_hot_shards(core_cfg.shards_considered(), period);
         if l.rebalance.enabled && seq % rounds_every == 0 {
             let nodes = cluster_loads(&l);
+            // Members came or went, or shards are moving to new owners (learners in the
+            // map): the loads do not show the new placement yet.
+            let members: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+            let moving =
+                l.dispatcher.view.load().map.as_ref().is_some_and(|m| m.tally().learning > 0);
+            if members != members_before || moving {
+                rebalancer.hold();
+            }
+            members_before = members;
             let avg = nodes.iter().map(|n| n.load).sum::<f64>() / nodes.len().max(1) as f64;
             let mine = nodes.iter().find(|n| n.name == l.node);
             let overloaded = mine.is_some_and(|m| {

@@ -10,6 +10,10 @@
 //!   under constant load the decisions stop (hysteresis);
 //! - the giver sheds down to `target_ratio`, hottest shards first, never a shard hotter
 //!   than what is left to shed (no overshoot), at most `moves_per_round_max` per round;
+//! - overloaded nodes decide at the same time from the same loads, so each fills only its
+//!   share of a receiver's room (its excess over all overloaded nodes' excess): together
+//!   they never push a receiver over the target (three hot nodes each filling a newcomer's
+//!   whole room gave it three times its share);
 //! - a node receives at most `moves_per_target_max` moved shards: a move lasts only as long
 //!   as its target vouches for it in its load summary, which carries a bounded number of
 //!   records (a move past that bound would be forgotten and decided again, forever).
@@ -18,7 +22,10 @@
 //! - after a round with moves, the node decides nothing for `cooldown_rounds` rounds, so
 //!   the loads its moves change are measured before it decides again (loads travel by
 //!   gossip and lag a round or two; deciding on stale loads overshoots and can oscillate);
-//!   a moved shard stays put as long.
+//!   a moved shard stays put as long;
+//! - likewise after the placement changed under it ([`Rebalancer::hold`]: a member joined
+//!   or left, shards are moving to new owners): a newcomer measured before its new shards
+//!   carried load looks idle, and every hot node would fill it on top of its share.
 //!
 //! Iteration is ordered (rates, then names and shard ids), so a decision is a pure
 //! function of its inputs.
@@ -113,6 +120,12 @@ impl Rebalancer {
         Rebalancer { cfg, round: 0, moved_at: BTreeMap::new(), last_moves: None }
     }
 
+    /// The placement is changing (members joined or left, shards are moving): the loads
+    /// measured now do not show it, so no moves for `cooldown_rounds` rounds from here.
+    pub fn hold(&mut self) {
+        self.last_moves = Some(self.round);
+    }
+
     /// One round: the moves node `me` makes, given every node's load and `me`'s shards.
     pub fn decide(&mut self, me: &str, nodes: &[NodeLoad], mine: &[ShardLoad]) -> Vec<Move> {
         self.round += 1;
@@ -168,15 +181,21 @@ pub fn decide(
     if my.load / cap(my) <= cfg.overload_ratio * avg {
         return Vec::new();
     }
-    let mut excess = my.load - cfg.target_ratio * avg * cap(my);
-    // Receivers: below average, least loaded first; their room up to the target, and the
-    // moved shards they can still take.
+    let excess_of = |n: &NodeLoad| n.load - cfg.target_ratio * avg * cap(n);
+    let mut excess = excess_of(my);
+    // This node's share of every overloaded node's excess (it is one of them).
+    let all_excess: f64 =
+        nodes.iter().filter(|n| n.load / cap(n) > cfg.overload_ratio * avg).map(excess_of).sum();
+    let share = (excess / all_excess).clamp(0.0, 1.0);
+    // Receivers: below average, least loaded first; this node's share of their room up to
+    // the target, and the moved shards they can still take (shared likewise).
     let mut receivers: Vec<(String, f64, usize)> = nodes
         .iter()
         .filter(|n| n.name != me && n.load / cap(n) < avg)
         .map(|n| {
             let slots = cfg.moves_per_target_max.saturating_sub(n.moved_in);
-            (n.name.clone(), cfg.target_ratio * avg * cap(n) - n.load, slots)
+            let slots = (slots as f64 * share).floor() as usize;
+            (n.name.clone(), (cfg.target_ratio * avg * cap(n) - n.load) * share, slots)
         })
         .collect();
     let mut shards: Vec<ShardLoad> =

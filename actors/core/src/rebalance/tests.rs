@@ -53,6 +53,17 @@ fn a_moved_shard_cools_down() {
 }
 
 #[test]
+fn a_placement_change_holds_decisions_for_the_cooldown() {
+    let mut r = Rebalancer::new(RebalanceConfig { cooldown_rounds: 3, ..Default::default() });
+    let nodes = [node("a", 500.0), node("b", 0.0)];
+    let mine = [ShardLoad { shard: 1, rate: 50.0 }];
+    r.hold();
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert!(r.decide("a", &nodes, &mine).is_empty());
+    assert_eq!(r.decide("a", &nodes, &mine).len(), 1, "held for 3 rounds from the change");
+}
+
+#[test]
 fn a_node_waits_for_its_moves_to_show_before_moving_again() {
     let cfg = RebalanceConfig { cooldown_rounds: 3, moves_per_round_max: 1, ..Default::default() };
     let mut r = Rebalancer::new(cfg);
@@ -172,4 +183,58 @@ fn move_tables_merge_to_the_newest_record_whatever_the_order() {
     let mut pruned = one.clone();
     pruned.retain_targets(|n| n != "c");
     assert_eq!((pruned.target(1), pruned.len()), (None, 1));
+}
+
+proptest! {
+    /// Every overloaded node decides in the same round from the same loads: together their
+    /// moves never push a receiver over the target, nor give it more moved shards than it
+    /// can vouch for.
+    #[test]
+    fn overloaded_nodes_deciding_at_once_do_not_overfill_a_receiver(
+        loads in proptest::collection::vec((0.0f64..1000.0, 0usize..30), 2..8),
+        rates in proptest::collection::vec(0.0f64..200.0, 0..40),
+    ) {
+        let cfg = RebalanceConfig { moves_per_target_max: 24, ..Default::default() };
+        let nodes: Vec<NodeLoad> = loads
+            .iter()
+            .enumerate()
+            .map(|(i, (l, moved_in))| NodeLoad { moved_in: *moved_in, ..node(&format!("n{i}"), *l) })
+            .collect();
+        let mine: Vec<ShardLoad> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ShardLoad { shard: i as u32, rate: *r })
+            .collect();
+        let avg = average(&nodes);
+        let mut got: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for giver in &nodes {
+            for m in decide(&cfg, &giver.name, &nodes, &mine, |_| false) {
+                let e = got.entry(m.to).or_default();
+                e.0 += rates[m.shard as usize];
+                e.1 += 1;
+            }
+        }
+        for n in &nodes {
+            let Some((load, count)) = got.get(&n.name) else { continue };
+            prop_assert!(n.load + load <= cfg.target_ratio * avg * 100.0 + 1e-6, "{} pushed over the target", n.name);
+            prop_assert!(n.moved_in + count <= cfg.moves_per_target_max.max(n.moved_in));
+        }
+    }
+}
+
+/// The case the join test met: three nodes equally overloaded and a newcomer with no load
+/// yet. Each fills a third of the newcomer's room and of the moved shards it can vouch
+/// for (each alone would have moved 12 shards: 36 in all, over the newcomer's 24).
+#[test]
+fn three_hot_nodes_share_one_cold_newcomer() {
+    let cfg = RebalanceConfig::default();
+    let nodes = [node("a", 300.0), node("b", 300.0), node("c", 300.0), node("d", 0.0)];
+    let mine: Vec<ShardLoad> = (0..40).map(|i| ShardLoad { shard: i, rate: 5.0 }).collect();
+    let each: Vec<usize> =
+        ["a", "b", "c"].iter().map(|me| decide(&cfg, me, &nodes, &mine, |_| false).len()).collect();
+    assert_eq!(cfg.moves_per_target_max, 24);
+    assert_eq!(each, vec![8, 8, 8]);
+    // A lone hot node is bounded by its excess and moves_per_round_max only.
+    let alone = decide(&cfg, "a", &[node("a", 300.0), node("d", 0.0)], &mine, |_| false);
+    assert_eq!(alone.len(), 16);
 }
