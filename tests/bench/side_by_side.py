@@ -188,8 +188,11 @@ def main():
                      one.get("cpu_s_per_1000_turns"), p50(lat["cluster"]), ""))
         stop_all()
         for durable, label in [(False, "in memory"), (True, "fjall")]:
-            clients, admins = start_cluster(args.bin, 3, durable, os.path.join(work, label))
             for direct in [False, True]:
+                # A fresh cluster per run: fjall compacts the previous run's writes in the
+                # background, which would land in the next run's CPU.
+                where = os.path.join(work, f"{label}-{'direct' if direct else 'gateway'}")
+                clients, admins = start_cluster(args.bin, 3, durable, where)
                 extra = ["--direct"] if direct else []
                 prefix = f"{'d' if direct else 'g'}-"
                 r = bench(args.bin, args, clients, admins, extra + ["--prefix", prefix + "t"])
@@ -202,7 +205,7 @@ def main():
                 note = f"forwarded p50 {fwd} us" if fwd and not direct else ""
                 rows.append((name, c["turns_per_s"], c.get("cpu_s_per_1000_turns"),
                              p50(lat["cluster"]), note))
-            stop_all()
+                stop_all()
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
