@@ -54,6 +54,7 @@ pub struct Admission {
     peak: AtomicUsize,
     by_kind: [AtomicUsize; 4],
     refused: [AtomicUsize; 4],
+    admitted: [AtomicUsize; 4],
 }
 
 impl Admission {
@@ -66,6 +67,7 @@ impl Admission {
             peak: AtomicUsize::new(0),
             by_kind: Default::default(),
             refused: Default::default(),
+            admitted: Default::default(),
         }
     }
 
@@ -88,6 +90,7 @@ impl Admission {
             let before = counted.expect("admitted");
             self.peak.fetch_max(before + 1, Ordering::AcqRel);
             self.by_kind[kind.ix()].fetch_add(1, Ordering::AcqRel);
+            self.admitted[kind.ix()].fetch_add(1, Ordering::Relaxed);
         } else {
             self.refused[kind.ix()].fetch_add(1, Ordering::Relaxed);
         }
@@ -126,6 +129,11 @@ impl Admission {
 
     pub fn inflight_of(&self, kind: Work) -> usize {
         self.by_kind[kind.ix()].load(Ordering::Acquire)
+    }
+
+    /// Requests of `kind` admitted since the node started.
+    pub fn admitted_of(&self, kind: Work) -> usize {
+        self.admitted[kind.ix()].load(Ordering::Relaxed)
     }
 
     /// Requests of `kind` refused since the node started.

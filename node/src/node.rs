@@ -93,7 +93,9 @@ struct Leaving<'a> {
 /// excludes it. By the controller's map: the steps of [`leave_step`] (a restart hands
 /// ownership to the other in-sync members; a decommission moves every copy away). Then it
 /// lingers (at most [`DRAIN_LINGER`]) until no request is held here or waiting for an
-/// answer it relays: peers that had not heard of the drain yet sent some here.
+/// answer it relays, and no peer has sent it work for [`DRAIN_QUIET`]: peers that had not
+/// heard of the drain yet send it turns and (by the ring) replica writes, which fail if
+/// it is gone when they arrive.
 async fn drain(l: Leaving<'_>) {
     let (host, placement) = (&l.dispatcher.host, &l.dispatcher.view);
     // From now on a request held here goes to the owner this node sees at once.
@@ -169,8 +171,26 @@ async fn drain(l: Leaving<'_>) {
         Err(_) => tracing::warn!(active = host.active(), "drain timed out; leaving anyway"),
     }
     let settled = async {
-        while l.dispatcher.held() > 0 || l.dispatcher.forwarder.pending_len() > 0 {
+        use crate::admission::Work;
+        let admission = &l.dispatcher.admission;
+        let from_peers =
+            || [Work::Forwarded, Work::Replica, Work::Module].map(|k| admission.admitted_of(k));
+        let busy = || {
+            [Work::Forwarded, Work::Replica, Work::Module]
+                .iter()
+                .any(|&k| admission.inflight_of(k) > 0)
+        };
+        let mut last = (from_peers(), std::time::Instant::now());
+        while l.dispatcher.held() > 0
+            || l.dispatcher.forwarder.pending_len() > 0
+            || busy()
+            || last.1.elapsed() < DRAIN_QUIET
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = from_peers();
+            if now != last.0 {
+                last = (now, std::time::Instant::now());
+            }
         }
     };
     let _ = tokio::time::timeout(DRAIN_LINGER, settled).await;
@@ -200,7 +220,11 @@ fn someone_takes(map: &botclaw_core::shardmap::ShardMap, me: &str, view: &Cluste
 }
 
 /// Longest a drained node waits for requests it holds or relays before it leaves.
-const DRAIN_LINGER: Duration = Duration::from_secs(1);
+const DRAIN_LINGER: Duration = Duration::from_secs(2);
+
+/// How long no work from peers must have arrived before a drained node leaves (a few
+/// gossip rounds: the time its peers take to hear that it gave up its role).
+const DRAIN_QUIET: Duration = Duration::from_millis(600);
 
 /// How often a node measures and spreads its load.
 const LOAD_PERIOD: Duration = Duration::from_secs(1);
