@@ -371,9 +371,9 @@ pub struct FrontendConfig {
     pub frame_bytes_max: usize,
     /// Requests in flight on one connection; past it, `busy`.
     pub conn_inflight_max: usize,
-    /// Requests in flight on the whole node, of every kind: from this node's clients,
-    /// forwarded by other gateways, replica writes and module calls from peers; past it,
-    /// `busy` with `retry_after_ms`.
+    /// Requests in flight on the whole node, from this node's clients and forwarded by
+    /// other gateways; past it, `busy` with `retry_after_ms`. (Replica writes and module
+    /// calls from peers complete turns admitted elsewhere: counted, never refused.)
     pub node_inflight_max: usize,
     /// Bytes of those requests (their text, ids and payloads) in flight on the node; past
     /// it, `busy` likewise.

@@ -1,11 +1,15 @@
 //! Admission: one bound on all the work in flight on a node.
 //!
 //! Every kind of request that makes a node work counts against `frontend.node_inflight_max`
-//! requests and `frontend.node_inflight_bytes_max` bytes of requests while it runs: turns and history requests from this node's clients, the same from
-//! other gateways (forwarded here because this node owns the conversation), replica writes
-//! (by the ring) and module calls from peers. Past the bound a request is refused at once
-//! with `busy` and a retry hint instead of queueing, so memory does not grow with the
-//! offered load. A request keeps its place until it is answered, however long it waits
+//! requests and `frontend.node_inflight_bytes_max` bytes of requests while it runs:
+//! turns and history requests from this node's clients, and the same from other gateways
+//! (forwarded here because this node owns the conversation). Past the bound a request is
+//! refused at once with `busy` and a retry hint instead of queueing, so memory does not grow
+//! with the offered load. Replica writes (by the ring) and module calls from peers are
+//! counted too, by kind, but never refused and not held against the bound: each completes
+//! a turn its sender already admitted (the sender's bound bounds them), and refusing them
+//! failed those turns (`unavailable`) under overload instead of slowing new ones. A request
+//! keeps its place until it is answered, however long it waits
 //! (held during an ownership change, queued behind its conversation's earlier turns).
 //! Replication by the controller's map is bounded separately, by the shard replicator's
 //! queue (`replication.incoming_max`).
@@ -41,6 +45,12 @@ impl Work {
     fn ix(self) -> usize {
         self as usize
     }
+
+    /// Whether this work completes a turn another node admitted (replica writes, module
+    /// calls): counted, never refused.
+    pub fn completes_admitted(self) -> bool {
+        matches!(self, Work::Replica | Work::Module)
+    }
 }
 
 /// The node's count of work in flight against its bound.
@@ -73,8 +83,14 @@ impl Admission {
 
     /// Takes a place for a request of `kind` holding `bytes`, or counts a refusal and says
     /// no. A request bigger than the byte bound is admitted when nothing else is in flight
-    /// (it fits a frame, so it is bounded too).
+    /// (it fits a frame, so it is bounded too). Work that completes another node's admitted
+    /// turn ([`Work::completes_admitted`]) is only counted.
     pub fn try_admit(&self, kind: Work, bytes: usize) -> bool {
+        if kind.completes_admitted() {
+            self.by_kind[kind.ix()].fetch_add(1, Ordering::AcqRel);
+            self.admitted[kind.ix()].fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         let counted = self
             .inflight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
@@ -105,8 +121,10 @@ impl Admission {
     /// Gives back `n` places taken for `kind`, holding `bytes` in all.
     pub fn release_many(&self, kind: Work, n: usize, bytes: usize) {
         self.by_kind[kind.ix()].fetch_sub(n, Ordering::AcqRel);
-        self.inflight.fetch_sub(n, Ordering::AcqRel);
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if !kind.completes_admitted() {
+            self.inflight.fetch_sub(n, Ordering::AcqRel);
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
     /// A place for `kind` that is given back when the permit is dropped.
@@ -169,17 +187,25 @@ mod tests {
         let a = Arc::new(Admission::new(3, 1 << 20));
         let p1 = a.admit(Work::Client, 10).unwrap();
         let p2 = a.admit(Work::Forwarded, 10).unwrap();
-        assert!(a.try_admit(Work::Module, 10));
-        assert!(a.admit(Work::Replica, 10).is_none(), "every kind counts against one bound");
+        let p3 = a.admit(Work::Client, 10).unwrap();
+        assert!(a.admit(Work::Forwarded, 10).is_none(), "clients and peers share one bound");
         assert!(!a.try_admit(Work::Client, 10));
         assert_eq!((a.inflight(), a.peak(), a.bytes()), (3, 3, 30));
-        assert_eq!((a.refused_of(Work::Replica), a.refused_of(Work::Client)), (1, 1));
-        drop(p1);
-        assert_eq!(a.inflight_of(Work::Client), 0);
-        assert!(a.admit(Work::Replica, 10).is_some(), "a dropped permit frees its place");
+        assert_eq!((a.refused_of(Work::Forwarded), a.refused_of(Work::Client)), (1, 1));
+        // Replica writes and module calls complete turns admitted elsewhere: counted by
+        // kind, never refused, not held against the bound.
+        let r = a.admit(Work::Replica, 10).expect("a replica write is not refused when full");
+        assert!(a.try_admit(Work::Module, 10));
+        let counts = (a.inflight(), a.inflight_of(Work::Replica), a.inflight_of(Work::Module));
+        assert_eq!(counts, (3, 1, 1));
+        drop(r);
         a.release(Work::Module, 10);
-        drop(p2);
+        drop(p1);
+        assert_eq!(a.inflight_of(Work::Client), 1);
+        assert!(a.admit(Work::Forwarded, 10).is_some(), "a dropped permit frees its place");
+        drop((p2, p3));
         assert_eq!((a.inflight(), a.peak(), a.bytes()), (0, 3, 0));
+        assert_eq!((a.inflight_of(Work::Replica), a.inflight_of(Work::Module)), (0, 0));
     }
 
     #[test]
