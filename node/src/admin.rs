@@ -321,25 +321,22 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         s.metrics.cluster_sessions.set(sessions.len() as i64);
     }
     s.metrics.conversations.active.set(s.host.active() as i64);
-    // Counters brought up to date from their sources by difference: one scrape at a time,
-    // or two would both add the same difference.
-    static UPDATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let updating = UPDATING.lock().unwrap_or_else(|e| e.into_inner());
     let admission = &s.dispatcher.admission;
     for kind in crate::admission::Work::ALL {
         let label = crate::metrics::KindLabel { kind: kind.as_str().to_string() };
         s.metrics.work_inflight.get_or_create(&label).set(admission.inflight_of(kind) as i64);
-        let refused = s.metrics.work_refused.get_or_create(&label);
-        refused.inc_by((admission.refused_of(kind) as u64).saturating_sub(refused.get()));
     }
     s.metrics.work_inflight_peak.set(admission.peak() as i64);
     s.metrics.work_inflight_bytes.set(admission.bytes() as i64);
-    let cpu = &s.metrics.process_cpu_seconds;
-    cpu.inc_by((cpu_seconds() - cpu.get()).max(0.0));
-    drop(updating);
     s.metrics.conversations.active_bytes.set(s.host.shared().active_bytes() as i64);
+    let mut registry = s.metrics.registry();
+    registry.register(
+        "process_cpu_seconds",
+        "User and system CPU time of the node process",
+        prometheus_client::metrics::counter::ConstCounter::new(cpu_seconds()),
+    );
     let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &s.metrics.registry()).is_err() {
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)

@@ -17,6 +17,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::KindLabel;
+
 /// What a place in flight is taken for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -63,7 +68,8 @@ pub struct Admission {
     /// The most in flight at once since the node started.
     peak: AtomicUsize,
     by_kind: [AtomicUsize; 4],
-    refused: [AtomicUsize; 4],
+    /// Refusals by kind: the very counters `/metrics` exports (see [`Admission::exported`]).
+    refused: [Counter; 4],
     admitted: [AtomicUsize; 4],
 }
 
@@ -79,6 +85,15 @@ impl Admission {
             refused: Default::default(),
             admitted: Default::default(),
         }
+    }
+
+    /// Counts refusals in `family`'s counters (by `kind` label), so the exported counters
+    /// are the source, not copies brought up to date at each scrape.
+    pub fn exported(mut self, family: &Family<KindLabel, Counter>) -> Admission {
+        self.refused = Work::ALL.map(|kind| {
+            family.get_or_create(&KindLabel { kind: kind.as_str().to_string() }).clone()
+        });
+        self
     }
 
     /// Takes a place for a request of `kind` holding `bytes`, or counts a refusal and says
@@ -108,7 +123,7 @@ impl Admission {
             self.by_kind[kind.ix()].fetch_add(1, Ordering::AcqRel);
             self.admitted[kind.ix()].fetch_add(1, Ordering::Relaxed);
         } else {
-            self.refused[kind.ix()].fetch_add(1, Ordering::Relaxed);
+            self.refused[kind.ix()].inc();
         }
         admitted
     }
@@ -156,7 +171,7 @@ impl Admission {
 
     /// Requests of `kind` refused since the node started.
     pub fn refused_of(&self, kind: Work) -> usize {
-        self.refused[kind.ix()].load(Ordering::Relaxed)
+        self.refused[kind.ix()].get() as usize
     }
 
     pub fn max(&self) -> usize {

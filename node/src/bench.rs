@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone, Args)]
@@ -249,21 +249,42 @@ impl Workload {
         (k, text)
     }
 
-    fn conv(&self, k: usize) -> String {
-        format!("{}-{k}", self.args.prefix)
-    }
-
-    /// The `say` line of turn `id` (the connection's `seq`-th) to conversation `k`.
-    fn say_line(&self, k: usize, conn: usize, seq: u64, text: String) -> Vec<u8> {
-        Request::Say {
-            conv: self.conv(k),
-            id: format!("{conn}-{seq}"),
-            text,
-            bot: Some(self.args.bot.clone()),
-            user: None,
+    /// Draws turns while fewer than `pipeline` are in flight and the shared budget lasts,
+    /// handing each (conversation, text) to `start`.
+    fn top_up(&mut self, shared: &Shared, in_flight: usize, mut start: impl FnMut(usize, String)) {
+        for _ in in_flight..self.args.pipeline {
+            if !shared.take() {
+                break;
+            }
+            let (k, text) = self.next();
+            start(k, text);
         }
-        .to_line()
     }
+}
+
+fn conv_name(args: &BenchArgs, k: usize) -> String {
+    format!("{}-{k}", args.prefix)
+}
+
+/// The `say` line of turn `id` (the connection's `seq`-th) to conversation `k`.
+fn say_line(args: &BenchArgs, k: usize, conn: usize, seq: u64, text: String) -> Vec<u8> {
+    Request::Say {
+        conv: conv_name(args, k),
+        id: format!("{conn}-{seq}"),
+        text,
+        bot: Some(args.bot.clone()),
+        user: None,
+    }
+    .to_line()
+}
+
+/// Writes what `out` holds, if anything, and empties it.
+async fn flush(writer: &mut (impl AsyncWrite + Unpin), out: &mut Vec<u8>) -> Result<()> {
+    if !out.is_empty() {
+        writer.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
 }
 
 /// Connects and says hello; returns the stream and the name of the node.
@@ -315,16 +336,12 @@ async fn drive(
     let mut next_id = 0u64;
     let mut out = Vec::with_capacity(args.pipeline * 128);
     loop {
-        while started.len() < args.pipeline && shared.take() {
-            let (k, text) = work.next();
+        work.top_up(&shared, started.len(), |k, text| {
             next_id += 1;
-            out.extend_from_slice(&work.say_line(k, conn, next_id, text));
+            out.extend_from_slice(&say_line(&args, k, conn, next_id, text));
             started.insert(next_id, Instant::now());
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
-        }
+        });
+        flush(&mut stream, &mut out).await?;
         if started.is_empty() {
             return Ok(result);
         }
@@ -401,18 +418,14 @@ async fn drive_direct(
     let mut next_id = 0u64;
     let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(args.pipeline * 128); nodes.len()];
     loop {
-        while started.len() < args.pipeline && shared.take() {
-            let (k, text) = work.next();
+        work.top_up(&shared, started.len(), |k, text| {
             let to = owners.get(&k).copied().unwrap_or(home);
             next_id += 1;
-            outs[to].extend_from_slice(&work.say_line(k, conn, next_id, text));
+            outs[to].extend_from_slice(&say_line(&args, k, conn, next_id, text));
             started.insert(next_id, (Instant::now(), to, k));
-        }
+        });
         for (out, writer) in outs.iter_mut().zip(&mut writers) {
-            if !out.is_empty() {
-                writer.write_all(out).await?;
-                out.clear();
-            }
+            flush(writer, out).await?;
         }
         if started.is_empty() {
             return Ok(result);
@@ -457,15 +470,11 @@ async fn drive_redis(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = Vec::with_capacity(args.pipeline * 128);
     loop {
-        while started.len() < args.pipeline && shared.take() {
-            let (k, text) = work.next();
-            out.extend_from_slice(&resp_command(&["SET", &work.conv(k), &text]));
+        work.top_up(&shared, started.len(), |k, text| {
+            out.extend_from_slice(&resp_command(&["SET", &conv_name(&args, k), &text]));
             started.push_back(Instant::now());
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
-        }
+        });
+        flush(&mut stream, &mut out).await?;
         if started.is_empty() {
             return Ok(result);
         }

@@ -89,14 +89,12 @@ pub struct Metrics {
     pub gossip_updates_backlog: Gauge,
     pub member_events: Family<EventLabel, Counter>,
     pub cluster_sessions: Gauge,
-    /// Work in flight by kind, the most at once, and refusals (see `admission`), brought
-    /// up to date on each scrape.
+    /// Work in flight by kind and the most at once (set on each scrape), and refusals
+    /// (counted by `admission` itself). The process's CPU seconds are read at each scrape.
     pub work_inflight: Family<KindLabel, Gauge>,
     pub work_inflight_peak: Gauge,
     pub work_inflight_bytes: Gauge,
     pub work_refused: Family<KindLabel, Counter>,
-    /// CPU time of the process, brought up to date on each scrape.
-    pub process_cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub link_dials: Counter,
     pub link_drops: Counter,
     pub controller: crate::controller::ControllerMetrics,
@@ -137,7 +135,6 @@ impl Default for Metrics {
             gossip_updates_backlog: Default::default(),
             member_events: Default::default(),
             cluster_sessions: Default::default(),
-            process_cpu_seconds: Default::default(),
             work_inflight: Default::default(),
             work_inflight_peak: Default::default(),
             work_inflight_bytes: Default::default(),
@@ -228,11 +225,6 @@ impl Metrics {
             "work_refused",
             "Requests refused with busy at the node's in-flight bound, by kind",
             self.work_refused.clone(),
-        );
-        r.register(
-            "process_cpu_seconds",
-            "User and system CPU time of the node process",
-            self.process_cpu_seconds.clone(),
         );
         r.register("link_dials", "Inter-node sessions dialed", self.link_dials.clone());
         r.register(

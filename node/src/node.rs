@@ -649,10 +649,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         view: placement.clone(),
         me: node.clone(),
         retry_after_ms: cfg.frontend.retry_after_ms,
-        admission: Arc::new(crate::admission::Admission::new(
-            cfg.frontend.node_inflight_max,
-            cfg.frontend.node_inflight_bytes_max,
-        )),
+        admission: Arc::new(
+            crate::admission::Admission::new(
+                cfg.frontend.node_inflight_max,
+                cfg.frontend.node_inflight_bytes_max,
+            )
+            .exported(&metrics.work_refused),
+        ),
         metrics: metrics.clone(),
         holding: routing::Holding::new(&cfg.handoff),
         modules: modules.clone(),

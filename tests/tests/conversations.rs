@@ -322,6 +322,18 @@ fn client_tokens_are_enforced() {
     assert_eq!(rt.block_on(client.ping()).unwrap(), "n0");
 }
 
+/// One `say` line for the chaos bot (whose `sleep N` holds the turn N ms).
+fn chaos_line(conv: &str, id: &str, text: &str, user: Option<String>) -> Vec<u8> {
+    let say = Request::Say {
+        conv: conv.into(),
+        id: id.into(),
+        text: text.into(),
+        bot: Some("chaos".into()),
+        user,
+    };
+    say.to_line()
+}
+
 #[test]
 fn overload_gets_busy_with_a_retry_hint() {
     let mut c =
@@ -330,17 +342,8 @@ fn overload_gets_busy_with_a_retry_hint() {
     c.wait_converged(&[0], CONVERGE);
     let (mut r, mut w) = raw(&c);
     // 20 slow turns pipelined on distinct conversations: 4 run, 16 are refused at once.
-    let mut batch = Vec::new();
-    for i in 0..20 {
-        let say = Request::Say {
-            conv: format!("slow-{i}"),
-            id: "1".into(),
-            text: "sleep 300".into(),
-            bot: Some("chaos".into()),
-            user: None,
-        };
-        batch.extend(say.to_line());
-    }
+    let batch: Vec<u8> =
+        (0..20).flat_map(|i| chaos_line(&format!("slow-{i}"), "1", "sleep 300", None)).collect();
     w.write_all(&batch).unwrap();
     let answers: Vec<Value> = (0..20).map(|_| read_json(&mut r)).collect();
     let busy: Vec<&Value> = answers.iter().filter(|v| v["code"] == "busy").collect();
@@ -348,17 +351,11 @@ fn overload_gets_busy_with_a_retry_hint() {
     assert_eq!((busy.len(), ok), (16, 4), "{answers:#?}");
     assert!(busy.iter().all(|v| v["retry_after_ms"].as_u64().is_some()));
     // Replies for one conversation keep request order even when pipelined.
-    let mut batch = Vec::new();
-    for i in 0..3 {
-        let say = Request::Say {
-            conv: "ordered".into(),
-            id: format!("{i}"),
-            text: format!("sleep {}", 100 - 40 * i),
-            bot: Some("chaos".into()),
-            user: None,
-        };
-        batch.extend(say.to_line());
-    }
+    let batch: Vec<u8> = (0..3)
+        .flat_map(|i| {
+            chaos_line("ordered", &format!("{i}"), &format!("sleep {}", 100 - 40 * i), None)
+        })
+        .collect();
     w.write_all(&batch).unwrap();
     let ids: Vec<Value> = (0..3).map(|_| read_json(&mut r)["id"].clone()).collect();
     assert_eq!(ids, vec!["0", "1", "2"]);
@@ -374,17 +371,9 @@ fn requests_in_flight_are_bounded_in_bytes() {
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
     let (mut r, mut w) = raw(&c);
-    let mut batch = Vec::new();
-    for i in 0..20 {
-        let say = Request::Say {
-            conv: format!("bytes-{i:02}"),
-            id: "1".into(),
-            text: "sleep 500".into(),
-            bot: Some("chaos".into()),
-            user: Some("u".repeat(200)),
-        };
-        batch.extend(say.to_line());
-    }
+    let batch: Vec<u8> = (0..20)
+        .flat_map(|i| chaos_line(&format!("bytes-{i:02}"), "1", "sleep 500", Some("u".repeat(200))))
+        .collect();
     w.write_all(&batch).unwrap();
     let answers: Vec<Value> = (0..20).map(|_| read_json(&mut r)).collect();
     let busy = answers.iter().filter(|v| v["code"] == "busy").count();
@@ -593,17 +582,8 @@ fn overload_from_every_gateway_is_refused_at_the_owner_not_queued() {
     let mut conns = Vec::new();
     for (i, chunk) in convs.chunks(20).enumerate() {
         let (r, mut w) = raw_to(&c, i % 3);
-        let mut batch = Vec::new();
-        for conv in chunk {
-            let say = Request::Say {
-                conv: conv.clone(),
-                id: "1".into(),
-                text: "sleep 3000".into(),
-                bot: Some("chaos".into()),
-                user: None,
-            };
-            batch.extend(say.to_line());
-        }
+        let batch: Vec<u8> =
+            chunk.iter().flat_map(|conv| chaos_line(conv, "1", "sleep 3000", None)).collect();
         w.write_all(&batch).unwrap();
         conns.push((r, w, chunk.len()));
     }

@@ -74,7 +74,7 @@ struct Direct {
     /// Client address of each live node, by name (from `topology`).
     addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
     /// One connection per owner talked to directly; at most one per node in `addrs`.
-    conns: Mutex<HashMap<String, Arc<Client>>>,
+    conns: std::sync::Mutex<HashMap<String, Arc<Client>>>,
     /// When `topology` was last asked because a reply named a node not in `addrs`.
     topology_asked: std::sync::Mutex<Option<Instant>>,
 }
@@ -203,7 +203,11 @@ impl FailoverClient {
                         ClientError::Server { .. } => {}
                         // The owner's connection failed: the next turn opens a new one.
                         _ => {
-                            direct.conns.lock().await.retain(|_, c| !Arc::ptr_eq(c, &owner));
+                            direct
+                                .conns
+                                .lock()
+                                .expect("conns lock")
+                                .retain(|_, c| !Arc::ptr_eq(c, &owner));
                         }
                     }
                 }
@@ -232,8 +236,7 @@ impl FailoverClient {
         if current.node() == &*owner {
             return Some(current);
         }
-        let mut conns = direct.conns.lock().await;
-        if let Some(c) = conns.get(&*owner) {
+        if let Some(c) = direct.conns.lock().expect("conns lock").get(&*owner) {
             return Some(c.clone());
         }
         let addr = direct.addrs.lock().expect("addrs lock").get(&*owner).copied();
@@ -267,10 +270,12 @@ impl FailoverClient {
             direct.owners.invalidate(&conv.to_string());
             return None;
         };
+        // Connecting happens outside the lock, so a slow or dead owner does not hold up
+        // turns to the others; if two turns connected at once, the first one kept wins.
         let live: Vec<String> = direct.addrs.lock().expect("addrs lock").keys().cloned().collect();
+        let mut conns = direct.conns.lock().expect("conns lock");
         conns.retain(|name, _| live.contains(name));
-        conns.insert(owner.to_string(), client.clone());
-        Some(client)
+        Some(conns.entry(owner.to_string()).or_insert(client).clone())
     }
 
     pub async fn history(

@@ -131,6 +131,18 @@ fn constant_load_converges_without_oscillation() {
     assert!(history.values().all(|h| h.len() == 1), "a shard moved twice: {history:?}");
 }
 
+/// Nodes `n0..` with the given (load, moved_in) and shards `0..` with the given rates.
+fn inputs(loads: &[(f64, usize)], rates: &[f64]) -> (Vec<NodeLoad>, Vec<ShardLoad>) {
+    let nodes = loads
+        .iter()
+        .enumerate()
+        .map(|(i, (l, moved_in))| NodeLoad { moved_in: *moved_in, ..node(&format!("n{i}"), *l) })
+        .collect();
+    let mine =
+        rates.iter().enumerate().map(|(i, r)| ShardLoad { shard: i as u32, rate: *r }).collect();
+    (nodes, mine)
+}
+
 proptest! {
     #[test]
     fn decisions_respect_the_bounds(
@@ -138,16 +150,7 @@ proptest! {
         rates in proptest::collection::vec(0.0f64..200.0, 0..40),
     ) {
         let cfg = RebalanceConfig { moves_per_target_max: 24, ..Default::default() };
-        let nodes: Vec<NodeLoad> = loads
-            .iter()
-            .enumerate()
-            .map(|(i, (l, moved_in))| NodeLoad { moved_in: *moved_in, ..node(&format!("n{i}"), *l) })
-            .collect();
-        let mine: Vec<ShardLoad> = rates
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ShardLoad { shard: i as u32, rate: *r })
-            .collect();
+        let (nodes, mine) = inputs(&loads, &rates);
         let moves = decide(&cfg, "n0", &nodes, &mine, |_| false);
         let avg = average(&nodes);
         if nodes[0].load <= cfg.overload_ratio * avg * 100.0 {
@@ -195,16 +198,7 @@ proptest! {
         rates in proptest::collection::vec(0.0f64..200.0, 0..40),
     ) {
         let cfg = RebalanceConfig { moves_per_target_max: 24, ..Default::default() };
-        let nodes: Vec<NodeLoad> = loads
-            .iter()
-            .enumerate()
-            .map(|(i, (l, moved_in))| NodeLoad { moved_in: *moved_in, ..node(&format!("n{i}"), *l) })
-            .collect();
-        let mine: Vec<ShardLoad> = rates
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ShardLoad { shard: i as u32, rate: *r })
-            .collect();
+        let (nodes, mine) = inputs(&loads, &rates);
         let avg = average(&nodes);
         let mut got: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         for giver in &nodes {
