@@ -40,7 +40,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::bot::{TurnContext, TurnInput};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::host::{Activity, HostShared, MemoryCharge};
-use crate::replicator::Refusal;
+use crate::replicator::{Notify, Refusal};
 
 /// Messages of a conversation actor. Local-only: conversation actors are never mirrored
 /// on peers (only the router is remotable).
@@ -393,13 +393,19 @@ impl ConvActorState {
                     bot: Some(bot_name),
                     user: record.user.clone(),
                 };
+                // Told once the turn is replicated (the actor may have stopped by then; its
+                // waiting replies were answered when it did).
+                let (me_then, turn) = (me.clone(), commit.record.turn);
+                let notify = Notify::new(move |result| {
+                    let _ = me_then.cast(ConvMsg::Committed { turn, result });
+                });
                 let submitted = self
                     .shared
                     .replicator
-                    .submit(&self.conv, self.epoch, self.version, commit.clone())
+                    .submit(&self.conv, self.epoch, self.version, commit.clone(), notify)
                     .await;
                 match submitted {
-                    Ok(ticket) => {
+                    Ok(()) => {
                         let turn = commit.record.turn;
                         let messages = commit.record.messages.clone();
                         let kept = self.shared.turns_kept_max;
@@ -414,12 +420,6 @@ impl ConvActorState {
                             ConvOutcome::Reply { messages, turn, node },
                             request,
                         );
-                        let me = me.clone();
-                        tokio::spawn(async move {
-                            let result = ticket.await;
-                            // The actor may have stopped; its waiting replies answered then.
-                            let _ = me.cast(ConvMsg::Committed { turn, result });
-                        });
                         return;
                     }
                     Err(refusal) => {

@@ -152,19 +152,56 @@ pub struct Owned {
 /// Resolves when a turn is held by the write quorum (or can no longer be).
 pub type ReplicaTicket = BoxFuture<'static, Result<(), Refusal>>;
 
+/// Told once how an accepted turn ended: replicated as the mode requires, or why not. If
+/// it is dropped untold (whoever held it stopped), it is told the replicator is gone.
+pub struct Notify(Option<Box<dyn FnOnce(Result<(), Refusal>) + Send>>);
+
+impl Notify {
+    pub fn new(f: impl FnOnce(Result<(), Refusal>) + Send + 'static) -> Notify {
+        Notify(Some(Box::new(f)))
+    }
+
+    pub fn tell(mut self, result: Result<(), Refusal>) {
+        if let Some(f) = self.0.take() {
+            f(result);
+        }
+    }
+
+    /// For a turn that was refused (its submitter has the refusal): nothing to tell.
+    pub fn dismiss(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(Refusal::unavailable("the replicator stopped before the turn was replicated")));
+        }
+    }
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notify")
+    }
+}
+
 /// How a conversation actor owns and writes its conversation: by its node's view
 /// ([`Replicator`]) or by the controller's map ([`crate::shards::ShardReplicator`]).
 pub trait Replication: Send + Sync + 'static {
     /// Takes ownership of `conv`: its state, version and the epoch its writes carry.
     fn acquire<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<Owned, Refusal>>;
-    /// Queues one turn; the ticket resolves once it is replicated as the mode requires.
+    /// Queues one turn: `Ok` once accepted, and `notify` is told once it is replicated as
+    /// the mode requires (or why not). A refused turn is not told.
     fn submit<'a>(
         &'a self,
         conv: &'a str,
         epoch: Epoch,
         base: Version,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>>;
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>>;
     /// Resolves when this node may answer a read of `conv` (its lease holds).
     fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>>;
 }
@@ -180,8 +217,21 @@ impl Replication for Replicator {
         epoch: Epoch,
         base: Version,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>> {
-        Box::pin(Replicator::submit(self, conv, epoch, base, commit))
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(async move {
+            match Replicator::submit(self, conv, epoch, base, commit).await {
+                Ok(ticket) => {
+                    // The ticket drives the replication to peers: a task of its own.
+                    tokio::spawn(async move { notify.tell(ticket.await) });
+                    Ok(())
+                }
+                Err(refusal) => {
+                    notify.dismiss();
+                    Err(refusal)
+                }
+            }
+        })
     }
 
     /// Keep-majority guards reads here: a node that serves turns serves reads.

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::FailKind;
-use crate::replicator::{Owned, Refusal, ReplicaTicket};
+use crate::replicator::{Notify, Owned, Refusal, ReplicaTicket};
 use crate::store::{row_bytes, BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
 
 /// What the machine replicates: one store op of one conversation.
@@ -141,8 +141,9 @@ impl crate::replicator::Replication for ShardReplicator {
         epoch: Epoch,
         base: Version,
         commit: TurnCommit,
-    ) -> BoxFuture<'a, Result<ReplicaTicket, Refusal>> {
-        Box::pin(ShardReplicator::submit(self, conv, epoch, base, commit))
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(ShardReplicator::submit_then(self, conv, epoch, base, commit, notify))
     }
 
     fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
@@ -174,7 +175,7 @@ enum Input {
         shard: ShardId,
         payload: Payload,
         accepted: oneshot::Sender<Result<(), Failure>>,
-        done: oneshot::Sender<Result<(), Failure>>,
+        done: Notify,
     },
     Read {
         shard: ShardId,
@@ -331,17 +332,17 @@ impl ShardReplicator {
         Ok(Owned { state, version: stored.replica.version, epoch })
     }
 
-    /// Submits one turn; `Ok` once the owner accepted it (the ticket resolves when every
-    /// in-sync member holds it).
-    pub async fn submit(
+    /// Submits one turn; `Ok` once the owner accepted it, and `done` is told once every
+    /// in-sync member holds it (or why not), by the driver itself: no task per turn.
+    pub async fn submit_then(
         &self,
         conv: &str,
         epoch: Epoch,
         base: Version,
         commit: TurnCommit,
-    ) -> Result<ReplicaTicket, Refusal> {
+        done: Notify,
+    ) -> Result<(), Refusal> {
         let (accepted, accepted_rx) = oneshot::channel();
-        let (done, done_rx) = oneshot::channel();
         let payload =
             Payload { conv: conv.to_string(), op: StoreOp::Write { epoch, base, commit } };
         let shard = self.shard(conv);
@@ -349,8 +350,21 @@ impl ShardReplicator {
             .send(Input::Submit { shard, payload, accepted, done })
             .await
             .map_err(|_| gone())?;
-        accepted_rx.await.map_err(|_| gone())?.map_err(refusal)?;
-        Ok(Box::pin(async move { done_rx.await.map_err(|_| gone())?.map_err(refusal) }))
+        accepted_rx.await.map_err(|_| gone())?.map_err(refusal)
+    }
+
+    /// [`ShardReplicator::submit_then`] with a ticket that resolves when `done` would be told.
+    pub async fn submit(
+        &self,
+        conv: &str,
+        epoch: Epoch,
+        base: Version,
+        commit: TurnCommit,
+    ) -> Result<ReplicaTicket, Refusal> {
+        let (done, done_rx) = oneshot::channel();
+        let notify = Notify::new(move |result| drop(done.send(result)));
+        self.submit_then(conv, epoch, base, commit, notify).await?;
+        Ok(Box::pin(async move { done_rx.await.map_err(|_| gone())? }))
     }
 
     /// Resolves once every write submitted before on this conversation's shard is
@@ -412,7 +426,7 @@ struct Driver {
 }
 
 enum Waiting {
-    Write(oneshot::Sender<Result<(), Failure>>),
+    Write(Notify),
     Read(oneshot::Sender<Result<(), Failure>>),
 }
 
@@ -466,7 +480,10 @@ impl Driver {
                         self.waiting.insert(seq, Waiting::Write(done));
                         let _ = accepted.send(Ok(()));
                     }
-                    Err(why) => drop(accepted.send(Err(why))),
+                    Err(why) => {
+                        done.dismiss();
+                        let _ = accepted.send(Err(why));
+                    }
                 }
             }
             Input::Read { shard, done } => {
@@ -660,15 +677,21 @@ impl Driver {
                     self.outbound.entry(to).or_default().push(PeerMsg::Own(msg))
                 }
                 Effect::Release { seq, .. } | Effect::ReadReady { seq, .. } => {
-                    if let Some(Waiting::Write(w) | Waiting::Read(w)) = self.waiting.remove(&seq) {
-                        let _ = w.send(Ok(()));
+                    match self.waiting.remove(&seq) {
+                        Some(Waiting::Write(w)) => w.tell(Ok(())),
+                        Some(Waiting::Read(r)) => {
+                            let _ = r.send(Ok(()));
+                        }
+                        None => {}
                     }
                 }
-                Effect::Fail { seq, why, .. } => {
-                    if let Some(Waiting::Write(w) | Waiting::Read(w)) = self.waiting.remove(&seq) {
-                        let _ = w.send(Err(why));
+                Effect::Fail { seq, why, .. } => match self.waiting.remove(&seq) {
+                    Some(Waiting::Write(w)) => w.tell(Err(refusal(why))),
+                    Some(Waiting::Read(r)) => {
+                        let _ = r.send(Err(why));
                     }
-                }
+                    None => {}
+                },
                 Effect::Stream { shard, attempt, to } => {
                     self.streams_due.entry(to).or_default().push((shard, attempt))
                 }
