@@ -154,7 +154,9 @@ pub type ReplicaTicket = BoxFuture<'static, Result<(), Refusal>>;
 
 /// Told once how an accepted turn ended: replicated as the mode requires, or why not. If
 /// it is dropped untold (whoever held it stopped), it is told the replicator is gone.
-pub struct Notify(Option<Box<dyn FnOnce(Result<(), Refusal>) + Send>>);
+pub struct Notify(Option<Tell>);
+
+type Tell = Box<dyn FnOnce(Result<(), Refusal>) + Send>;
 
 impl Notify {
     pub fn new(f: impl FnOnce(Result<(), Refusal>) + Send + 'static) -> Notify {
