@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::gossip::ClusterView;
 use crate::metrics::Metrics;
 use crate::routing::Dispatcher;
+use crate::websocket::{self, Speaks};
 
 /// How often a connection looks for requests past their timeout.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -133,12 +134,12 @@ pub async fn serve(
             fe.metrics.connections.inc();
             let connection = Connection::new(fe.clone(), peer.ip(), permit, permits);
             match tls {
-                None => connection.run(stream).await,
+                None => connection.serve(stream).await,
                 Some(tls) => {
                     // The handshake counts against the hello deadline.
                     let within = Duration::from_millis(fe.cfg.hello_timeout_ms);
                     match tokio::time::timeout(within, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => connection.run(stream).await,
+                        Ok(Ok(stream)) => connection.serve(stream).await,
                         Ok(Err(e)) => {
                             fe.metrics.connection_timed_out("tls");
                             tracing::debug!(%peer, error = %e, "client TLS handshake failed");
@@ -229,12 +230,43 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, mut stream: impl AsyncRead + AsyncWrite + Unpin) {
+    /// Serves JSON lines or, if the client's first bytes are an HTTP `GET`, the same
+    /// protocol over WebSocket (see [`crate::websocket`]).
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(self, mut stream: S) {
+        let within = Duration::from_millis(self.fe.cfg.hello_timeout_ms);
+        let Some((speaks, buf)) = websocket::sniff(&mut stream, within).await else {
+            if self.opened.elapsed() >= within {
+                self.fe.metrics.connection_timed_out("hello");
+            }
+            return;
+        };
+        if speaks == Speaks::Lines {
+            return self.run(stream, buf).await;
+        }
+        let stream = websocket::Prefixed::new(buf.freeze(), stream);
+        let config = websocket::config(self.fe.cfg.frame_bytes_max);
+        let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(config));
+        let ws = match tokio::time::timeout(within, upgrade).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                self.fe.metrics.connection_timed_out("websocket");
+                tracing::debug!(peer = %self.peer, error = %e, "WebSocket upgrade failed");
+                return;
+            }
+            Err(_) => return self.fe.metrics.connection_timed_out("hello"),
+        };
+        self.fe.metrics.websocket_connections.inc();
+        let (pipe, theirs) = tokio::io::duplex(websocket::PIPE_BYTES);
+        tokio::join!(self.run(theirs, BytesMut::new()), websocket::pump(ws, pipe));
+    }
+
+    async fn run(mut self, mut stream: impl AsyncRead + AsyncWrite + Unpin, mut buf: BytesMut) {
         let mut framer = LineFramer::new(self.fe.cfg.frame_bytes_max);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut eof = false;
+        // Requests already read (with the bytes that told the protocol) are handled first.
+        self.on_frames(&mut framer, &mut buf);
         loop {
             if eof && self.queues.is_empty() {
                 // Requests held back for room in the output buffer still get their turn.
@@ -246,6 +278,8 @@ impl Connection {
             let full = self.output_full();
             tokio::select! {
                 biased;
+                // Answers written at once (the requests read with the first bytes).
+                _ = std::future::ready(()), if !self.out.is_empty() => {}
                 Some(done) = self.rx.recv() => {
                     self.on_done(done);
                     self.drain_done();

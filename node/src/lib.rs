@@ -9,7 +9,8 @@
 //! - [`addrs`]: names resolved, advertised addresses, incarnation, remembered members;
 //! - [`links`]: keeps ractor_cluster sessions in step with membership;
 //! - [`controller`]: the placement controller's Raft member, its log and the leader's round;
-//! - [`frontend`]: the chat protocol listener; [`routing`]: placement and dispatch;
+//! - [`frontend`]: the chat protocol listener (JSON lines, and WebSocket through
+//!   [`websocket`]); [`routing`]: placement and dispatch;
 //! - [`admission`]: one bound on every kind of work in flight on the node;
 //! - [`shards`]: routing and replication by the controller's map;
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
@@ -38,3 +39,4 @@ pub mod sim;
 pub mod status;
 pub mod tls;
 pub mod up;
+pub mod websocket;

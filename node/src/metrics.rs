@@ -73,6 +73,8 @@ pub struct Metrics {
     pub output_buffer_full: Counter,
     pub connections: Gauge,
     pub connections_rejected: Counter,
+    /// Client connections upgraded to WebSocket.
+    pub websocket_connections: Counter,
     pub connections_timed_out: Family<ReasonLabel, Counter>,
     pub members: Family<StateLabel, Gauge>,
     pub gossip_sent: Counter,
@@ -122,6 +124,7 @@ impl Default for Metrics {
             output_buffer_full: Default::default(),
             connections: Default::default(),
             connections_rejected: Default::default(),
+            websocket_connections: Default::default(),
             connections_timed_out: Default::default(),
             members: Default::default(),
             gossip_sent: Default::default(),
@@ -297,13 +300,18 @@ impl Metrics {
         );
         r.register("client_connections", "Open client connections", self.connections.clone());
         r.register(
+            "client_websocket_connections",
+            "Client connections upgraded to WebSocket",
+            self.websocket_connections.clone(),
+        );
+        r.register(
             "client_connections_rejected",
             "Connections closed at once: connections_max reached",
             self.connections_rejected.clone(),
         );
         r.register(
             "client_connections_timed_out",
-            "Client connections the node closed, by reason: hello, idle or write timeout, failed TLS handshake",
+            "Client connections the node closed, by reason: hello, idle or write timeout, failed TLS handshake or WebSocket upgrade",
             self.connections_timed_out.clone(),
         );
         self.conversations.register(&mut r);

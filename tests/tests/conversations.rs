@@ -621,3 +621,107 @@ fn overload_from_every_gateway_is_refused_at_the_owner_not_queued() {
     let grew = rss(&c).saturating_sub(rss_before);
     assert!(grew < 64 << 20, "n1 grew by {grew} bytes");
 }
+
+/// A WebSocket client of the chat protocol (one JSON object per text frame).
+struct Ws(tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>);
+
+impl Ws {
+    async fn connect(addr: std::net::SocketAddr) -> Ws {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp).await.unwrap();
+        Ws(ws)
+    }
+
+    async fn send_text(&mut self, text: String) {
+        use futures::SinkExt;
+        self.0.send(tokio_tungstenite::tungstenite::Message::text(text)).await.unwrap();
+    }
+
+    async fn send(&mut self, request: &Request) {
+        let line = request.to_line();
+        self.send_text(String::from_utf8(line).unwrap().trim_end().to_string()).await;
+    }
+
+    /// The next answer, or `None` once the node closed the connection.
+    async fn next(&mut self) -> Option<Value> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let within = tokio::time::timeout(Duration::from_secs(10), self.0.next());
+            match within.await.expect("an answer within 10 s") {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(_))) | None => return None,
+                Some(Err(e)) => {
+                    eprintln!("websocket error: {e}");
+                    return None;
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
+#[test]
+fn websocket_clients_get_the_same_answers_as_tcp() {
+    let config = "[frontend]\nclient_tokens = [\"sesame\"]\nframe_bytes_max = 4096\n";
+    let mut c = Cluster::new(3).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let addr = c.nodes[0].ports.client;
+    let rt = runtime();
+    let hello = Request::Hello { token: Some("sesame".into()), client: None };
+    rt.block_on(async {
+        // The same tokens: a request before `hello` is refused and the connection closed.
+        let mut ws = Ws::connect(addr).await;
+        ws.send(&Request::Ping).await;
+        assert_eq!(ws.next().await.unwrap()["code"], "unauthorized");
+        assert!(ws.next().await.is_none(), "closed after unauthorized");
+
+        let mut ws = Ws::connect(addr).await;
+        ws.send(&hello).await;
+        assert_eq!(ws.next().await.unwrap()["op"], "welcome");
+        let (mut r, mut w) = raw(&c);
+        w.write_all(&hello.to_line()).unwrap();
+        assert_eq!(read_json(&mut r)["op"], "welcome");
+        // Turns said over WebSocket, then the same ids over TCP: the same answers (the
+        // conversation applied each once), owners on every node.
+        for k in 0..12 {
+            let say = Request::Say {
+                conv: format!("ws-{k}"),
+                id: "a".into(),
+                text: format!("hello {k}"),
+                bot: None,
+                user: None,
+            };
+            ws.send(&say).await;
+            let over_ws = ws.next().await.unwrap();
+            assert_eq!(
+                (&over_ws["op"], &over_ws["turn"]),
+                (&Value::from("reply"), &Value::from(1))
+            );
+            w.write_all(&say.to_line()).unwrap();
+            assert_eq!(read_json(&mut r), over_ws);
+            let history = Request::History { conv: format!("ws-{k}"), limit: None, before: None };
+            ws.send(&history).await;
+            w.write_all(&history.to_line()).unwrap();
+            assert_eq!(read_json(&mut r), ws.next().await.unwrap());
+        }
+        // A pretty-printed request spans lines: still one request.
+        ws.send_text("{\n  \"op\": \"ping\"\n}".into()).await;
+        assert_eq!(ws.next().await.unwrap()["op"], "pong");
+        // Junk gets the same error as over TCP, and the connection stays usable.
+        ws.send_text("not json".into()).await;
+        w.write_all(b"not json\n").unwrap();
+        assert_eq!(ws.next().await.unwrap(), read_json(&mut r));
+        ws.send(&Request::Ping).await;
+        assert_eq!(ws.next().await.unwrap()["op"], "pong");
+        // A frame over the request bound closes that connection, and only that one.
+        ws.send_text("x".repeat(8192)).await;
+        assert!(ws.next().await.is_none(), "an oversized frame closes the connection");
+        w.write_all(&Request::Ping.to_line()).unwrap();
+        assert_eq!(read_json(&mut r)["op"], "pong");
+    });
+    let m = c.nodes[0].metrics();
+    assert_eq!(metric(&m, "botclaw_client_websocket_connections_total"), 2.0);
+}
