@@ -690,5 +690,9 @@ fn log_command(command: &MapCommand, applied: &botclaw_core::shardmap::Applied) 
         }
         MapCommand::Assign(_) => tracing::info!(shards = changed, "map: shards assigned"),
         MapCommand::Changes(_) => tracing::debug!(shards = changed, "map: shard changes"),
+        MapCommand::SetFlag { name, flag: Some(f) } => {
+            tracing::info!(%name, enabled = f.enabled, rollout_bp = f.rollout_bp, bot = ?f.bot, "map: flag set")
+        }
+        MapCommand::SetFlag { name, flag: None } => tracing::info!(%name, "map: flag removed"),
     }
 }

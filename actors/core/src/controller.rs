@@ -381,8 +381,7 @@ impl Controller {
         // A snapshot whose map does not decode (corruption, a peer of another version) is
         // refused before raft-rs accepts it: applying on from a wrong map would diverge.
         if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            postcard::from_bytes::<ShardMap>(&msg.get_snapshot().data)
-                .map_err(ControllerError::Snapshot)?;
+            ShardMap::decode(&msg.get_snapshot().data).map_err(ControllerError::Snapshot)?;
         }
         Ok(self.raw.step(msg)?)
     }
@@ -502,7 +501,7 @@ impl Controller {
 
     /// A snapshot from the leader replaces the map.
     fn install(&mut self, snapshot: Snapshot) {
-        let map = match postcard::from_bytes::<ShardMap>(&snapshot.data) {
+        let map = match ShardMap::decode(&snapshot.data) {
             Ok(map) => map,
             // `step` let only decodable snapshots through.
             Err(e) => unreachable!("a snapshot that was checked does not decode: {e}"),

@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod controller;
 pub mod conversation;
+pub mod flags;
 pub mod fuzz;
 pub mod handoff;
 pub mod identity;

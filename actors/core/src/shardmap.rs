@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::flags::{Flag, Flags};
 use crate::placement::ShardId;
 use table::Table;
 pub use table::Tally;
@@ -233,6 +234,8 @@ pub enum MapCommand {
     /// [`MemberState::Left`]. Skipped whole if it is the only in-sync member of a shard
     /// (that shard must move first) or not live at that incarnation.
     Leave { name: String, incarnation: u64 },
+    /// Sets feature flag `name` (see [`crate::flags`]), or removes it with `None`.
+    SetFlag { name: String, flag: Option<Flag> },
 }
 
 /// What applying a command did.
@@ -251,11 +254,46 @@ pub struct ShardMap {
     pub version: u64,
     members: Vec<MapMember>,
     shards: Table,
+    /// The cluster's feature flags (last: maps encoded before flags existed still decode,
+    /// see [`ShardMap::decode`]).
+    flags: Flags,
+}
+
+/// The map as encoded before it carried flags.
+#[derive(Deserialize)]
+struct ShardMapWithoutFlags {
+    version: u64,
+    members: Vec<MapMember>,
+    shards: Table,
 }
 
 impl ShardMap {
     pub fn new(shard_count: u32) -> ShardMap {
-        ShardMap { version: 0, members: Vec::new(), shards: Table::new(shard_count) }
+        ShardMap {
+            version: 0,
+            members: Vec::new(),
+            shards: Table::new(shard_count),
+            flags: Flags::default(),
+        }
+    }
+
+    /// A map from its encoding (postcard), also one written before maps carried flags
+    /// (a controller log or snapshot from an earlier version).
+    pub fn decode(bytes: &[u8]) -> Result<ShardMap, postcard::Error> {
+        postcard::from_bytes::<ShardMap>(bytes).or_else(|e| {
+            let old: ShardMapWithoutFlags = postcard::from_bytes(bytes).map_err(|_| e)?;
+            Ok(ShardMap {
+                version: old.version,
+                members: old.members,
+                shards: old.shards,
+                flags: Flags::default(),
+            })
+        })
+    }
+
+    /// The cluster's feature flags.
+    pub fn flags(&self) -> &Flags {
+        &self.flags
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -384,6 +422,11 @@ impl ShardMap {
                 }
             }
             MapCommand::Force { shard, member } => self.force(*shard, *member, &mut out),
+            MapCommand::SetFlag { name, flag } => {
+                if let Err(why) = self.flags.set(name, flag.clone()) {
+                    out.skipped.push(why);
+                }
+            }
         }
         out.changed.sort_unstable();
         out.changed.dedup();

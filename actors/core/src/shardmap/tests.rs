@@ -251,6 +251,11 @@ fn arb_command(members: u16, shards: u32) -> impl Strategy<Value = MapCommand> {
         )
         .prop_map(MapCommand::Changes),
         (shard, member).prop_map(|(shard, member)| MapCommand::Force { shard, member }),
+        ("[a-c]{1,2}", proptest::option::of(0u32..12_000)).prop_map(|(name, bp)| {
+            let flag =
+                bp.map(|rollout_bp| crate::flags::Flag { enabled: true, rollout_bp, bot: None });
+            MapCommand::SetFlag { name, flag }
+        }),
     ]
 }
 
@@ -286,10 +291,16 @@ fn a_large_map_shares_unchanged_parts_between_versions() {
     assert_eq!(map.unavailable().count(), 2000);
     let flat: Vec<ShardEntry> = map.shards().copied().collect();
     let bytes = postcard::to_stdvec(&map).unwrap();
-    let flat_bytes = postcard::to_stdvec(&(map.version, map.members(), &flat)).unwrap();
+    let flat_bytes =
+        postcard::to_stdvec(&(map.version, map.members(), &flat, map.flags())).unwrap();
     assert_eq!(bytes, flat_bytes, "encoded as a flat table");
     let back: ShardMap = postcard::from_bytes(&bytes).unwrap();
     assert_eq!(back, map);
+    // A map encoded before maps carried flags (an earlier version's snapshot) decodes.
+    let before_flags = postcard::to_stdvec(&(map.version, map.members(), &flat)).unwrap();
+    assert!(postcard::from_bytes::<ShardMap>(&before_flags).is_err());
+    assert_eq!(ShardMap::decode(&before_flags).unwrap(), map);
+    assert!(ShardMap::decode(&before_flags[..before_flags.len() - 1]).is_err());
     assert_eq!(back.tally(), map.tally());
     assert_eq!(back.check(), Vec::<String>::new());
 }
@@ -308,6 +319,22 @@ proptest! {
         }
         prop_assert_eq!(map, twin);
     }
+}
+
+#[test]
+fn flags_are_set_changed_and_removed_through_the_log() {
+    use crate::flags::Flag;
+    let mut map = three();
+    let flag = Flag { enabled: true, rollout_bp: 3000, bot: Some("shop".into()) };
+    let set = MapCommand::SetFlag { name: "returns-label".into(), flag: Some(flag.clone()) };
+    assert!(map.apply(&set).skipped.is_empty());
+    assert_eq!(map.flags().get("returns-label"), Some(&flag));
+    let bad = MapCommand::SetFlag { name: "Bad Name".into(), flag: Some(flag.clone()) };
+    assert_eq!(map.apply(&bad).skipped.len(), 1, "a bad name is skipped, not applied");
+    let back = ShardMap::decode(&postcard::to_stdvec(&map).unwrap()).unwrap();
+    assert_eq!(back.flags(), map.flags(), "flags travel in snapshots");
+    map.apply(&MapCommand::SetFlag { name: "returns-label".into(), flag: None });
+    assert!(map.flags().is_empty());
 }
 
 #[test]
