@@ -136,6 +136,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/fault/isolate", post(isolate))
         .route("/drain", post(drain))
         .route("/shard/force", post(force))
+        .route("/flags/set", post(flag_set))
+        .route("/flags/delete", post(flag_delete))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route("/health/live", get(|| async { "live\n" }))
@@ -144,6 +146,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/metrics", get(metrics))
         .route("/ping", get(ping))
         .route("/placement", get(placement))
+        .route("/flags", get(flags))
         .merge(mutating)
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
@@ -489,21 +492,76 @@ async fn force(State(s): State<Arc<AdminState>>, Query(q): Query<ForceQuery>) ->
             .into_response();
     };
     tracing::warn!(shard = q.shard, to = %q.to, "AUDIT operator forces an unavailable shard onto a member: acknowledged turns may be lost");
+    let command = botclaw_core::shardmap::MapCommand::Force { shard: q.shard, member };
+    propose(&s, command, format!("shard {} forced onto {}", q.shard, q.to))
+}
+
+/// Hands an operator's command to the placement controller (its leader logs it).
+fn propose(s: &AdminState, command: botclaw_core::shardmap::MapCommand, what: String) -> Response {
     let me = s.view.borrow().me.name.clone();
-    let wire = Wire::Propose {
-        from: me,
-        forwarded: false,
-        command: botclaw_core::shardmap::MapCommand::Force { shard: q.shard, member },
-    };
+    let wire = Wire::Propose { from: me, forwarded: false, command };
     if s.controller.try_send(wire.to_bytes()).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the controller is busy; try again\n")
             .into_response();
     }
-    (
-        StatusCode::ACCEPTED,
-        format!("shard {} forced onto {}: proposed to the controller\n", q.shard, q.to),
+    (StatusCode::ACCEPTED, format!("{what}: proposed to the controller\n")).into_response()
+}
+
+/// `GET /flags`: the feature flags of the map this node applied.
+async fn flags(State(s): State<Arc<AdminState>>) -> Json<crate::flags::FlagsStatus> {
+    let view = s.map.borrow().clone();
+    Json(crate::flags::FlagsStatus::of(&view.map))
+}
+
+#[derive(Deserialize)]
+struct FlagSetQuery {
+    name: String,
+    percent: f64,
+    #[serde(default = "yes")]
+    enabled: bool,
+    bot: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /flags/set?name=N&percent=P[&enabled=false][&bot=B]`.
+async fn flag_set(State(s): State<Arc<AdminState>>, Query(q): Query<FlagSetQuery>) -> Response {
+    let rollout_bp = match crate::flags::rollout_bp(q.percent) {
+        Ok(bp) => bp,
+        Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+    };
+    let flag = botclaw_core::flags::Flag { enabled: q.enabled, rollout_bp, bot: q.bot };
+    // Checked here too, so a bad request gets its answer (the log would only skip it).
+    if let Err(why) = botclaw_core::flags::Flags::default().set(&q.name, Some(flag.clone())) {
+        return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+    }
+    tracing::info!(name = %q.name, enabled = flag.enabled, rollout_bp, bot = ?flag.bot, "AUDIT operator sets a flag");
+    let what = format!("flag {}", q.name);
+    propose(
+        &s,
+        botclaw_core::shardmap::MapCommand::SetFlag { name: q.name, flag: Some(flag) },
+        what,
     )
-        .into_response()
+}
+
+#[derive(Deserialize)]
+struct FlagDeleteQuery {
+    name: String,
+}
+
+/// `POST /flags/delete?name=N`.
+async fn flag_delete(
+    State(s): State<Arc<AdminState>>,
+    Query(q): Query<FlagDeleteQuery>,
+) -> Response {
+    if let Err(why) = botclaw_core::flags::check_name(&q.name) {
+        return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
+    }
+    tracing::info!(name = %q.name, "AUDIT operator removes a flag");
+    let what = format!("flag {} removal", q.name);
+    propose(&s, botclaw_core::shardmap::MapCommand::SetFlag { name: q.name, flag: None }, what)
 }
 
 /// User plus system CPU time of this process so far (`getrusage`).

@@ -30,6 +30,9 @@ enum Command {
     /// Operator overrides of the shard map.
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// Cluster-wide feature flags: list, set (on for a share of conversations), delete.
+    #[command(subcommand)]
+    Flags(crate::flags::FlagsCommand),
     /// Talk to a bot (an interactive REPL over the chat protocol).
     Chat(crate::chat::ChatArgs),
     /// Generate chat load and report throughput and latency percentiles.
@@ -365,6 +368,16 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Flags(cmd) => match crate::flags::run(cmd) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("botclaw flags: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status(args) => match crate::status::fetch(args.admin) {
             Ok(status) if args.json => {
                 println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));

@@ -6,14 +6,28 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder().timeout_global(Some(timeout)).build().into()
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// The body of a 2xx answer; otherwise an error with the status and what the node said.
+fn body(mut resp: ureq::http::Response<ureq::Body>, what: &str) -> Result<String> {
+    let status = resp.status();
+    let text = resp.body_mut().read_to_string().with_context(|| format!("reading {what}"))?;
+    if !status.is_success() {
+        anyhow::bail!("{what}: {status}: {}", text.trim());
+    }
+    Ok(text)
 }
 
 /// `GET http://{addr}{path}`, returning the body of a 2xx answer.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     let url = format!("http://{addr}{path}");
-    let mut resp = agent(timeout).get(&url).call().with_context(|| format!("GET {url}"))?;
-    resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
+    let resp = agent(timeout).get(&url).call().with_context(|| format!("GET {url}"))?;
+    body(resp, &format!("GET {url}"))
 }
 
 /// `GET` and parse JSON.
@@ -37,6 +51,6 @@ pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
         req = req.header("Authorization", &format!("Bearer {token}"));
     }
-    let mut resp = req.send_empty().with_context(|| format!("POST {url}"))?;
-    resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
+    let resp = req.send_empty().with_context(|| format!("POST {url}"))?;
+    body(resp, &format!("POST {url}"))
 }

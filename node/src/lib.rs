@@ -14,6 +14,7 @@
 //! - [`admission`]: one bound on every kind of work in flight on the node;
 //! - [`shards`]: routing and replication by the controller's map;
 //! - [`modules`]: bot module services placed by node role (catalog, weather);
+//! - [`flags`]: `botclaw flags`, the cluster's feature flags through the admin port;
 //! - [`admin`]: the admin HTTP port (health, status, metrics, placement, link ping);
 //! - [`metrics`]: Prometheus metrics;
 //! - [`up`]: the local N-node launcher; [`status`]: the status table;
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod controller;
+pub mod flags;
 pub mod frontend;
 pub mod gossip;
 pub mod http;

@@ -210,6 +210,29 @@ fn propose_leave(controller: &mpsc::Sender<Vec<u8>>, me: &str, incarnation: u64)
 }
 
 /// Whether a member other than `me` is active in `map` and up in `view`.
+/// Hands the map's feature flags to the conversations whenever they change (by the map
+/// and by the ring alike: every node runs the controller).
+async fn follow_flags(
+    mut maps: tokio::sync::watch::Receiver<Arc<crate::controller::MapView>>,
+    host: ConversationHost,
+) {
+    let mut last = botclaw_core::flags::Flags::default();
+    loop {
+        let flags = {
+            let view = maps.borrow_and_update();
+            (view.map.flags() != &last).then(|| view.map.flags().clone())
+        };
+        if let Some(flags) = flags {
+            tracing::info!(flags = flags.len(), "feature flags changed");
+            host.set_flags(flags.clone());
+            last = flags;
+        }
+        if maps.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn someone_takes(map: &botclaw_core::shardmap::ShardMap, me: &str, view: &ClusterView) -> bool {
     let up = |name: &str| {
         view.members
@@ -731,6 +754,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             Maintained { dispatcher: dispatcher.clone(), baseline: baseline.clone() },
         )),
     };
+    tokio::spawn(follow_flags(map_view.clone(), host.clone()));
     let frontend = Arc::new(Frontend {
         dispatcher: dispatcher.clone(),
         cfg: cfg.frontend.clone(),

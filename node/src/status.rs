@@ -188,7 +188,7 @@ pub fn force(admin: SocketAddr, shard: u32, to: &str) -> Result<String> {
     crate::http::post(admin, &path, Duration::from_secs(5))
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

@@ -232,3 +232,122 @@ fn tls_init_writes_private_keys_and_reuses_its_ca() {
     let b = std::fs::read_to_string(certs.join("b.pem")).unwrap();
     assert!(b.starts_with("-----BEGIN CERTIFICATE-----"), "{b}");
 }
+
+/// Runs `botclaw flags ARGS` against `admin`; exit code and output.
+fn flags_cmd(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String) {
+    let out = Command::new(botclaw_bin())
+        .arg("flags")
+        .args(args)
+        .args(["--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Waits until every node's `/flags` shows `flag` as `expect` (`Value::Null`: absent), and
+/// prints how long that took.
+fn wait_flag_everywhere(c: &Cluster, flag: &str, expect: serde_json::Value) {
+    let t0 = std::time::Instant::now();
+    let seen = poll(Duration::from_secs(15), || {
+        c.nodes
+            .iter()
+            .all(|n| {
+                let flags = get_json(n.ports.admin, "/flags").unwrap_or_default();
+                let found = flags["flags"]
+                    .as_array()
+                    .and_then(|fs| fs.iter().find(|f| f["name"] == flag).cloned());
+                found.unwrap_or(serde_json::Value::Null) == expect
+            })
+            .then_some(())
+    });
+    assert!(seen.is_some(), "not every node shows {flag} as {expect}");
+    eprintln!("every node shows {flag} as {expect} after {} ms", t0.elapsed().as_millis());
+}
+
+/// The shop's returns flow to its confirmation on `convs` (through every node); which of
+/// them were refunded at once (the `shop.instant-refund` flag on for them).
+fn instant_refunds(c: &Cluster, convs: &[String], round: usize) -> Vec<bool> {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for n in &c.nodes {
+            let opts = botclaw_client::ClientOptions::default();
+            clients.push(std::sync::Arc::new(
+                botclaw_client::Client::connect(n.ports.client, opts).await.unwrap(),
+            ));
+        }
+        let mut tasks = Vec::new();
+        for (k, conv) in convs.iter().enumerate() {
+            let (client, conv) = (clients[k % clients.len()].clone(), conv.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut last = String::new();
+                for (i, text) in ["I want to return an order", "#4711", "yes"].iter().enumerate() {
+                    let id = format!("r{round}-{i}");
+                    let reply = client.say(&conv, &id, text, Some("shop")).await.unwrap();
+                    last = reply.messages.join(" ");
+                }
+                assert!(last.contains("confirmed"), "{conv}: {last}");
+                last.contains("refund is issued now")
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+#[test]
+fn feature_flags_roll_out_to_a_stable_share_of_conversations() {
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    c.wait_placed(&[0, 1, 2], Duration::from_secs(30));
+    let admin = c.nodes[0].ports.admin;
+    const FLAG: &str = "shop.instant-refund";
+    // Bad input is refused with a reason, and nothing is proposed.
+    let (code, out) = flags_cmd(admin, &["set", "Bad Name", "--percent", "10"]);
+    assert!(code != 0 && out.contains("flag name"), "{code}: {out}");
+    let (code, out) = flags_cmd(admin, &["set", FLAG, "--percent", "150"]);
+    assert!(code != 0 && out.contains("between 0 and 100"), "{code}: {out}");
+
+    let (code, out) = flags_cmd(admin, &["set", FLAG, "--percent", "30", "--bot", "shop"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("applied in"), "{out}");
+    eprint!("botclaw flags set: {out}");
+    let on30 = serde_json::json!({"name": FLAG, "enabled": true, "percent": 30.0, "bot": "shop"});
+    wait_flag_everywhere(&c, FLAG, on30);
+
+    // Every conversation lands in the cohort its stable bucket says, on whichever node
+    // owns it, and stays there on a later return.
+    let convs: Vec<String> = (0..240).map(|k| format!("flagged-{k}")).collect();
+    let expected: Vec<bool> =
+        convs.iter().map(|conv| botclaw_core::flags::bucket(FLAG, conv) < 3000).collect();
+    let first = instant_refunds(&c, &convs, 0);
+    assert_eq!(first, expected, "cohorts by bucket");
+    let share = first.iter().filter(|&&on| on).count();
+    assert!((40..=110).contains(&share), "{share} of 240 at 30%");
+    assert_eq!(instant_refunds(&c, &convs, 1), first, "a conversation never switches cohort");
+
+    // Off for everyone, then on for everyone: no restart, every node follows.
+    let (code, out) = flags_cmd(admin, &["set", FLAG, "--off"]);
+    assert_eq!(code, 0, "{out}");
+    let off = serde_json::json!({"name": FLAG, "enabled": false, "percent": 30.0, "bot": "shop"});
+    wait_flag_everywhere(&c, FLAG, off);
+    assert!(instant_refunds(&c, &convs, 2).iter().all(|on| !on));
+    let (code, out) = flags_cmd(c.nodes[2].ports.admin, &["set", FLAG, "--on", "--percent", "100"]);
+    assert_eq!(code, 0, "{out}");
+    let all = serde_json::json!({"name": FLAG, "enabled": true, "percent": 100.0, "bot": "shop"});
+    wait_flag_everywhere(&c, FLAG, all);
+    assert!(instant_refunds(&c, &convs, 3).iter().all(|&on| on));
+
+    let (code, out) = flags_cmd(admin, &["list"]);
+    assert!(code == 0 && out.contains(FLAG) && out.contains("100.00%"), "{out}");
+    let (code, out) = flags_cmd(admin, &["delete", FLAG]);
+    assert_eq!(code, 0, "{out}");
+    wait_flag_everywhere(&c, FLAG, serde_json::Value::Null);
+    assert!(instant_refunds(&c, &convs, 4).iter().all(|on| !on));
+}

@@ -30,6 +30,15 @@ pub struct TurnInput<'a> {
     pub user: Option<&'a str>,
     /// Number this turn will have.
     pub turn: u64,
+    /// The feature flags on for this conversation (see `botclaw_core::flags`), by name.
+    pub flags: &'a [String],
+}
+
+impl TurnInput<'_> {
+    /// Whether feature flag `name` is on for this conversation.
+    pub fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|f| f == name)
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -358,12 +358,14 @@ impl ConvActorState {
             return reply.send(ConvOutcome::failed(FailKind::BadRequest, message));
         };
         let mut bot_state = self.state.bot_state.clone();
+        let flags = self.shared.flags.load().on_for(&self.conv, &bot_name);
         let input = TurnInput {
             conv: &self.conv,
             id: &id,
             text: &text,
             user: user.as_deref(),
             turn: self.state.turn + 1,
+            flags: &flags,
         };
         let outcome =
             AssertUnwindSafe(runner.turn(&mut self.cx, &mut bot_state, input)).catch_unwind().await;

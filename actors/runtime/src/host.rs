@@ -69,6 +69,8 @@ pub struct HostShared {
     /// from clients).
     pub registry: DashMap<Arc<str>, Handle, Xxh3Builder>,
     pub default_bot: String,
+    /// The cluster's feature flags, as the node last applied them from the controller's map.
+    pub flags: arc_swap::ArcSwap<botclaw_core::flags::Flags>,
     /// Advised to clients on `unavailable`.
     pub retry_after_ms: u64,
     pub turns_kept_max: usize,
@@ -224,6 +226,7 @@ impl ConversationHost {
             metrics,
             registry: DashMap::with_hasher(Xxh3Builder::new().with_seed(random_seed())),
             default_bot: cfg.default_bot.clone(),
+            flags: Default::default(),
             turns_kept_max: cfg.turns_kept_max,
             idle_passivate: Duration::from_millis(cfg.idle_passivate_ms),
             redirect: OnceLock::new(),
@@ -245,6 +248,11 @@ impl ConversationHost {
 
     pub fn active(&self) -> usize {
         self.shared.registry.len()
+    }
+
+    /// The flags turns see from now on (the node calls it when the map's flags change).
+    pub fn set_flags(&self, flags: botclaw_core::flags::Flags) {
+        self.shared.flags.store(Arc::new(flags));
     }
 
     pub fn shared(&self) -> &Arc<HostShared> {

@@ -32,6 +32,11 @@ pub struct ShopState {
     pub rating: Option<u8>,
 }
 
+/// The feature flag of the returns flow's instant refund (`botclaw flags set
+/// shop.instant-refund --percent P --bot shop`): confirmed returns are refunded at once
+/// instead of when the parcel arrives.
+pub const INSTANT_REFUND_FLAG: &str = "shop.instant-refund";
+
 pub const HELP: &str =
     "I can help with products (\"price of the keyboard\"), returns (\"return an order\") and feedback (\"leave feedback\").";
 
@@ -48,7 +53,10 @@ impl TypedBot for Shop {
         let lower = text.to_lowercase();
         let reply = match state.step.clone() {
             Step::AwaitingOrderNumber => returns::on_order_number(state, text),
-            Step::ConfirmingReturn { order } => returns::on_confirmation(state, &order, &lower),
+            Step::ConfirmingReturn { order } => {
+                let instant_refund = input.flag(INSTANT_REFUND_FLAG);
+                returns::on_confirmation(state, &order, &lower, instant_refund)
+            }
             Step::AwaitingRating => feedback::on_rating(state, &lower),
             Step::Idle if lower.contains("return") => returns::start(state),
             Step::Idle if lower.contains("feedback") || lower.contains("rate") => {

@@ -14,6 +14,8 @@ struct Harness {
     state: Vec<u8>,
     turn: u64,
     metrics: ConversationMetrics,
+    /// Flags on for the conversation.
+    flags: Vec<String>,
 }
 
 impl Harness {
@@ -23,12 +25,14 @@ impl Harness {
             BackendConfig { catalog_latency_ms: 0, weather_latency_ms: 0, ..Default::default() };
         let backends = Backends::new(&cfg, metrics.clone());
         let cx = TurnContext::new(backends, metrics.clone(), 16, Duration::from_secs(900));
-        Harness { bots: builtin(true), cx, state: Vec::new(), turn: 0, metrics }
+        Harness { bots: builtin(true), cx, state: Vec::new(), turn: 0, metrics, flags: Vec::new() }
     }
 
     async fn say(&mut self, bot: &str, text: &str) -> String {
         self.turn += 1;
-        let input = TurnInput { conv: "c", id: "i", text, user: None, turn: self.turn };
+        let flags = self.flags.clone();
+        let input =
+            TurnInput { conv: "c", id: "i", text, user: None, turn: self.turn, flags: &flags };
         let bot: Arc<dyn crate::bot::Bot> = self.bots.get(bot).unwrap();
         let mut out = bot.turn(&mut self.cx, &mut self.state, input).await.unwrap();
         assert_eq!(out.len(), 1);
@@ -57,6 +61,19 @@ async fn shop_return_dialogue() {
     let state: shop::ShopState = postcard::from_bytes(&h.state).unwrap();
     assert_eq!(state.returns, vec!["4711"]);
     assert_eq!(state.step, shop::Step::Idle);
+}
+
+#[tokio::test]
+async fn shop_refunds_at_once_behind_its_flag() {
+    let mut h = Harness::new();
+    for flag in [false, true] {
+        h.flags = if flag { vec![shop::INSTANT_REFUND_FLAG.to_string()] } else { Vec::new() };
+        h.say("shop", "return please").await;
+        h.say("shop", "#123").await;
+        let confirmed = h.say("shop", "yes").await;
+        assert_eq!(confirmed.contains("refund is issued now"), flag, "{confirmed}");
+        assert_eq!(confirmed.contains("shipping label"), !flag, "{confirmed}");
+    }
 }
 
 #[tokio::test]
@@ -102,6 +119,6 @@ async fn chaos_fails_on_request() {
     let mut h = Harness::new();
     assert_eq!(h.say("chaos", "x").await, "ok #1: x");
     let bot = h.bots.get("chaos").unwrap();
-    let input = TurnInput { conv: "c", id: "e", text: "error", user: None, turn: 2 };
+    let input = TurnInput { conv: "c", id: "e", text: "error", user: None, turn: 2, flags: &[] };
     assert!(bot.turn(&mut h.cx, &mut h.state, input).await.is_err());
 }

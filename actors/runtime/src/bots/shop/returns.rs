@@ -1,4 +1,4 @@
-//! Returns: ask for the order number, then confirm.
+//! Returns: ask for the order number, then confirm (refunded at once behind a flag).
 
 use super::{ShopState, Step};
 
@@ -17,11 +17,22 @@ pub fn on_order_number(state: &mut ShopState, text: &str) -> String {
     reply
 }
 
-pub fn on_confirmation(state: &mut ShopState, order: &str, lower: &str) -> String {
+/// With `instant_refund` (the `shop.instant-refund` flag) a confirmed return is refunded
+/// at once.
+pub fn on_confirmation(
+    state: &mut ShopState,
+    order: &str,
+    lower: &str,
+    instant_refund: bool,
+) -> String {
     if lower.starts_with('y') {
         state.returns.push(order.to_string());
         state.step = Step::Idle;
-        format!("Return of order #{order} confirmed. A shipping label is on its way.")
+        if instant_refund {
+            format!("Return of order #{order} confirmed. Your refund is issued now; send the parcel when you can.")
+        } else {
+            format!("Return of order #{order} confirmed. A shipping label is on its way.")
+        }
     } else if lower.starts_with('n') {
         state.step = Step::Idle;
         format!("Return of order #{order} cancelled.")
