@@ -846,6 +846,104 @@ pub struct FaultConfig {
     pub injection: bool,
 }
 
+/// A bot that runs as an HTTP service (`[[bots]]`): for each turn the conversation's
+/// owner POSTs the turn and the bot's state to one of `urls` and keeps the state it gets
+/// back (see README, "Bot services").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotServiceConfig {
+    /// The bot's name, as clients ask for it (`say`'s `bot`).
+    pub name: String,
+    /// The protocol: `http` (the only one).
+    pub kind: String,
+    /// The service's instances, each `http://host:port/path`; turns are balanced over them
+    /// by the fewer calls outstanding of two drawn.
+    pub urls: Vec<String>,
+    /// A turn's whole call (every attempt) at most this long; then the turn fails with
+    /// `timeout` and nothing is applied.
+    pub timeout_ms: u64,
+    /// Calls in flight from this node to the service; past it a turn fails with
+    /// `unavailable` at once.
+    pub concurrency_max: usize,
+    /// Calls in flight from this node to one instance.
+    pub instance_concurrency_max: usize,
+    /// Attempts per turn (on another instance where there is one) after a refused
+    /// connection or a 5xx answer, within `timeout_ms`.
+    pub attempts_max: u32,
+    /// Failures in a row that open an instance's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before it lets one trial through.
+    pub breaker_open_ms: u64,
+    /// Largest answer read from the service.
+    pub answer_bytes_max: usize,
+}
+
+impl Default for BotServiceConfig {
+    fn default() -> Self {
+        BotServiceConfig {
+            name: String::new(),
+            kind: "http".into(),
+            urls: Vec::new(),
+            timeout_ms: 2_000,
+            concurrency_max: 256,
+            instance_concurrency_max: 64,
+            attempts_max: 2,
+            breaker_failures: 5,
+            breaker_open_ms: 2_000,
+            answer_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+impl BotServiceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+        let name = &self.name;
+        if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
+            return Err(ConfigError::invalid(
+                "bots.name",
+                format!("{name:?}: a bot name is 1-64 of a-z, 0-9, '-', '_'"),
+            ));
+        }
+        if self.kind != "http" {
+            return Err(ConfigError::invalid(
+                "bots.kind",
+                format!("bot {name}: {:?}: only \"http\"", self.kind),
+            ));
+        }
+        if self.urls.is_empty() {
+            return Err(ConfigError::invalid("bots.urls", format!("bot {name}: at least one URL")));
+        }
+        for url in &self.urls {
+            let host = url.strip_prefix("http://").and_then(|rest| rest.split('/').next());
+            if host.is_none_or(|h| h.is_empty() || h.contains('@')) {
+                return Err(ConfigError::invalid(
+                    "bots.urls",
+                    format!("bot {name}: {url:?} is not an http://host:port/path URL"),
+                ));
+            }
+        }
+        let positive = [
+            ("bots.timeout_ms", self.timeout_ms),
+            ("bots.concurrency_max", self.concurrency_max as u64),
+            ("bots.instance_concurrency_max", self.instance_concurrency_max as u64),
+            ("bots.attempts_max", u64::from(self.attempts_max)),
+            ("bots.breaker_failures", u64::from(self.breaker_failures)),
+            ("bots.breaker_open_ms", self.breaker_open_ms),
+            ("bots.answer_bytes_max", self.answer_bytes_max as u64),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("bot {name}: must be greater than 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A node configuration as written in a file or given by flags: everything optional, so
 /// that flags can override the file and validation can name what is missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -892,6 +990,8 @@ pub struct RawNodeConfig {
     pub fault: Option<FaultConfig>,
     pub admin: Option<AdminConfig>,
     pub tls: Option<TlsConfig>,
+    /// Bots that run as HTTP services.
+    pub bots: Option<Vec<BotServiceConfig>>,
 }
 
 /// A validated node configuration.
@@ -930,6 +1030,7 @@ pub struct NodeConfig {
     pub fault: FaultConfig,
     pub admin: AdminConfig,
     pub tls: TlsConfig,
+    pub bots: Vec<BotServiceConfig>,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -1048,6 +1149,7 @@ impl RawNodeConfig {
             fault: over.fault.or(self.fault),
             admin: over.admin.or(self.admin),
             tls: over.tls.or(self.tls),
+            bots: over.bots.or(self.bots),
         }
     }
 
@@ -1138,6 +1240,17 @@ impl RawNodeConfig {
             Some(path) => read_previous_secrets(path)?,
         };
         let tls = self.tls.unwrap_or_default();
+        let bots = self.bots.unwrap_or_default();
+        let mut names = std::collections::BTreeSet::new();
+        for bot in &bots {
+            bot.validate()?;
+            if !names.insert(bot.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    "bots.name",
+                    format!("bot {} is declared twice", bot.name),
+                ));
+            }
+        }
         tls.validate(cluster_addr)?;
         let gossip = self.gossip.unwrap_or_default();
         gossip.validate()?;
@@ -1257,6 +1370,7 @@ impl RawNodeConfig {
             fault: self.fault.unwrap_or_default(),
             admin: admin_cfg,
             tls,
+            bots,
         })
     }
 }

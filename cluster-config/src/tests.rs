@@ -270,3 +270,35 @@ fn default_names_differ_by_host_and_port() {
     let name = default_node_name(&long, 7012).unwrap();
     assert!(name.len() <= NAME_BYTES_MAX, "{name}");
 }
+
+#[test]
+fn bot_services_are_checked_and_named() {
+    let ok = with_secret(
+        "[[bots]]\nname = \"support\"\nurls = [\"http://127.0.0.1:8081/turn\", \"http://10.0.0.2:80/\"]\ntimeout_ms = 500\n",
+    )
+    .validate()
+    .unwrap();
+    assert_eq!(ok.bots.len(), 1);
+    assert_eq!((ok.bots[0].timeout_ms, ok.bots[0].attempts_max), (500, 2), "defaults filled");
+    let cases = [
+        ("[[bots]]\nname = \"Bad Name\"\nurls = [\"http://a:1/\"]\n", "bots.name"),
+        ("[[bots]]\nname = \"b\"\nurls = []\n", "bots.urls"),
+        ("[[bots]]\nname = \"b\"\nurls = [\"https://a:1/\"]\n", "bots.urls"),
+        ("[[bots]]\nname = \"b\"\nkind = \"grpc\"\nurls = [\"http://a:1/\"]\n", "bots.kind"),
+        ("[[bots]]\nname = \"b\"\nurls = [\"http://a:1/\"]\ntimeout_ms = 0\n", "bots.timeout_ms"),
+        (
+            "[[bots]]\nname = \"b\"\nurls = [\"http://a:1/\"]\n[[bots]]\nname = \"b\"\nurls = [\"http://a:2/\"]\n",
+            "bots.name",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = with_secret(text).validate().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+            "{text}: {err}"
+        );
+    }
+    let err =
+        RawNodeConfig::from_toml("[[bots]]\nname = \"b\"\nurl = \"http://a:1/\"\n").unwrap_err();
+    assert!(err.contains("url"), "{err}");
+}

@@ -657,7 +657,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             None => replicator.clone(),
         },
         cfg.frontend.retry_after_ms,
-        botclaw_actors::bots::builtin(cfg.fault.injection),
+        botclaw_actors::bots::with_services(cfg.fault.injection, &cfg.bots, &conv_metrics.services)
+            .map_err(anyhow::Error::msg)
+            .context("cannot start the bot services")?,
         backends,
         conv_metrics,
     )

@@ -41,6 +41,7 @@ pub mod placement;
 pub mod rebalance;
 pub mod replication;
 pub mod roles;
+pub mod services;
 pub mod shardmap;
 
 pub use identity::NodeId;

@@ -84,7 +84,7 @@ impl Backends {
 
     async fn call(&self, request: ModuleRequest) -> Result<ModuleAnswer, BotError> {
         match self.router.get() {
-            Some(router) => router.call(request).await.map_err(BotError),
+            Some(router) => router.call(request).await.map_err(BotError::new),
             None => Ok(self.serve(request).await),
         }
     }
@@ -116,7 +116,7 @@ impl Backends {
     pub async fn catalog_search(&self, query: &str) -> Result<Vec<Product>, BotError> {
         match self.call(ModuleRequest::CatalogSearch { query: query.to_string() }).await? {
             ModuleAnswer::Products(products) => Ok(products),
-            other => Err(BotError(format!("catalog answered {other:?}"))),
+            other => Err(BotError::new(format!("catalog answered {other:?}"))),
         }
     }
 
@@ -124,7 +124,7 @@ impl Backends {
     pub async fn weather(&self, city: &str) -> Result<Forecast, BotError> {
         match self.call(ModuleRequest::Weather { city: city.to_string() }).await? {
             ModuleAnswer::Forecast(forecast) => Ok(forecast),
-            other => Err(BotError(format!("weather answered {other:?}"))),
+            other => Err(BotError::new(format!("weather answered {other:?}"))),
         }
     }
 

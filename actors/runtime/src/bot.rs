@@ -41,9 +41,39 @@ impl TurnInput<'_> {
     }
 }
 
+/// Why a turn's bot failed; nothing of the turn is applied.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct BotError(pub String);
+#[error("{message}")]
+pub struct BotError {
+    pub message: String,
+    pub kind: BotFailure,
+}
+
+/// How a failed turn is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotFailure {
+    /// `internal`: the bot failed.
+    Failed,
+    /// `timeout`: a service the bot is did not answer in time (retryable with the same id).
+    Timeout,
+    /// `unavailable`: a service the bot is cannot be reached or is shedding load
+    /// (retryable with the same id).
+    Unavailable,
+}
+
+impl BotError {
+    pub fn new(message: impl Into<String>) -> BotError {
+        BotError { message: message.into(), kind: BotFailure::Failed }
+    }
+
+    pub fn timeout(message: impl Into<String>) -> BotError {
+        BotError { message: message.into(), kind: BotFailure::Timeout }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> BotError {
+        BotError { message: message.into(), kind: BotFailure::Unavailable }
+    }
+}
 
 /// What a bot can use during a turn: backends and the conversation's own cache.
 pub struct TurnContext {
@@ -137,11 +167,11 @@ where
                 B::State::default()
             } else {
                 postcard::from_bytes(state)
-                    .map_err(|e| BotError(format!("stored bot state does not decode: {e}")))?
+                    .map_err(|e| BotError::new(format!("stored bot state does not decode: {e}")))?
             };
             let messages = self.0.turn(cx, &mut typed, input).await?;
             *state = postcard::to_allocvec(&typed)
-                .map_err(|e| BotError(format!("bot state does not encode: {e}")))?;
+                .map_err(|e| BotError::new(format!("bot state does not encode: {e}")))?;
             Ok(messages)
         })
     }

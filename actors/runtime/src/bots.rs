@@ -7,9 +7,12 @@
 //! - `chaos`: a diagnostic bot for testing supervision: `panic` panics, `error` fails the
 //!   turn, `sleep <ms>` stalls, anything else is acknowledged. Only where fault injection
 //!   is on (`[fault] injection`): any client could otherwise stall or crash turns.
+//!
+//! Bots declared in `[[bots]]` run as HTTP services ([`service`]).
 
 pub mod chaos;
 pub mod echo;
+pub mod service;
 pub mod shop;
 pub mod weather;
 
@@ -25,6 +28,23 @@ pub fn builtin(diagnostic: bool) -> BotRegistry {
         r.add_typed("chaos", chaos::Chaos);
     }
     r
+}
+
+/// The built-in bots and the service bots of `services`; an error names a service bot
+/// whose name is a built-in bot's, or whose URL does not parse.
+pub fn with_services(
+    diagnostic: bool,
+    services: &[botclaw_config::BotServiceConfig],
+    metrics: &service::ServiceMetrics,
+) -> Result<BotRegistry, String> {
+    let mut r = builtin(diagnostic);
+    for cfg in services {
+        if r.get(&cfg.name).is_some() || cfg.name == "chaos" {
+            return Err(format!("bot {}: a built-in bot has that name", cfg.name));
+        }
+        r.add(&cfg.name, service::ServiceBot::new(cfg, metrics.clone())?);
+    }
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use botclaw_core::replication::{Epoch, Version};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::bot::{TurnContext, TurnInput};
+use crate::bot::{BotFailure, TurnContext, TurnInput};
 use crate::envelope::{ConvOutcome, ConvRequest, FailKind, Reply};
 use crate::host::{Activity, HostShared, MemoryCharge};
 use crate::replicator::{Notify, Refusal};
@@ -435,6 +435,18 @@ impl ConvActorState {
             }
             Ok(Err(e)) => {
                 self.shared.metrics.bot_errors.inc();
+                let kind = match e.kind {
+                    BotFailure::Failed => FailKind::Internal,
+                    BotFailure::Timeout => FailKind::Timeout,
+                    BotFailure::Unavailable => FailKind::Unavailable,
+                };
+                if kind != FailKind::Internal {
+                    // A service the bot is did not answer: the same id may be retried; the
+                    // conversation is untouched, so nothing restarts.
+                    let retry_after_ms = Some(self.shared.retry_after_ms);
+                    let message = format!("bot {bot_name}: {e}");
+                    return reply.send(ConvOutcome::Failed { kind, message, retry_after_ms });
+                }
                 format!("bot {bot_name} failed: {e}")
             }
             Err(panic) => {

@@ -29,6 +29,8 @@ pub struct ConversationMetrics {
     /// Conversation actors restarted after a failure (bot panics and actor crashes).
     pub restarts: Counter,
     pub bot_errors: Counter,
+    /// Calls to bot services by bot and outcome, and breakers opened.
+    pub services: crate::bots::service::ServiceMetrics,
     pub backend_calls: Family<BackendLabel, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
@@ -100,6 +102,16 @@ impl ConversationMetrics {
             self.bot_errors.clone(),
         );
         r.register("backend_calls", "Calls to backend services", self.backend_calls.clone());
+        r.register(
+            "bot_service_calls",
+            "Calls to bot services, by bot and outcome (ok, error, refused, timeout, breaker_open, busy)",
+            self.services.calls.clone(),
+        );
+        r.register(
+            "bot_service_breakers_opened",
+            "Times a bot service instance's circuit breaker opened, by bot",
+            self.services.breaker_opened.clone(),
+        );
         r.register(
             "conversation_cache_hits",
             "Lookups answered by a conversation's own cache",

@@ -25,7 +25,7 @@ impl TypedBot for Chaos {
         }
         if text == "error" {
             *acked += 1000;
-            return Err(BotError("chaos bot asked to fail".into()));
+            return Err(BotError::new("chaos bot asked to fail"));
         }
         if let Some(ms) = text.strip_prefix("sleep ").and_then(|n| n.trim().parse::<u64>().ok()) {
             tokio::time::sleep(Duration::from_millis(ms.min(SLEEP_MS_MAX))).await;

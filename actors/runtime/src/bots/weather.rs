@@ -51,7 +51,7 @@ impl TypedBot for Weather {
                     .shared()
                     .get_or_fetch(&key, fetch)
                     .await
-                    .map_err(|e| BotError(e.0.clone()))?
+                    .map_err(|e| (*e).clone())?
                     .to_string();
                 cx.cache(&key, answer.clone());
                 answer

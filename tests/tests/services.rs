@@ -1,0 +1,190 @@
+//! Bots as services: the reference Python bot service (`cluster-config/examples/services/`)
+//! behind real nodes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use botclaw_client::{FailoverClient, FailoverOptions};
+use botclaw_tests::*;
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The reference bot service, killed by pid when dropped.
+struct Service {
+    child: Child,
+    port: u16,
+}
+
+impl Service {
+    /// The service, or `None` (the test skipped) without `python3`.
+    fn start() -> Option<Service> {
+        if !have_tool("python3", &["--version"]) {
+            return None;
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../cluster-config/examples/services/bot_service.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3 runs the reference bot service");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("listening on ").and_then(|p| p.parse().ok());
+        let port = port.unwrap_or_else(|| panic!("bot service said {line:?}"));
+        Some(Service { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/turn", self.port)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Switches the service's behaviour: ok, error, hang, slow.
+    fn mode(&self, mode: &str) {
+        let (code, _) = http_post(self.addr(), &format!("/mode/{mode}")).unwrap();
+        assert_eq!(code, 200);
+    }
+
+    fn calls(&self) -> u64 {
+        get_json(self.addr(), "/stats").unwrap()["calls"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        send_signal(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn bot_config(service: &Service, extra: &str) -> String {
+    format!("[[bots]]\nname = \"support\"\nurls = [\"{}\"]\n{extra}", service.url())
+}
+
+#[test]
+fn a_python_bot_service_keeps_its_dialogue_when_the_owner_is_killed() {
+    let Some(service) = Service::start() else { return };
+    let mut c = Cluster::new(3).with_config(&bot_config(&service, ""));
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], CONVERGE);
+    let rt = runtime();
+    let seeds: Vec<SocketAddr> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let client = rt.block_on(FailoverClient::connect(&seeds, FailoverOptions::default())).unwrap();
+    let say = |id: &str, text: &str| {
+        let reply = rt.block_on(client.say("svc-dialogue", id, text, Some("support"))).unwrap();
+        (reply.messages.join(" "), reply.node)
+    };
+    assert!(say("m1", "hello").0.contains("What is your name"));
+    assert!(say("m2", "I am Ada").0.contains("Nice to meet you, Ada"));
+    let path = "/flags/set?name=support.beta&percent=100&bot=support";
+    assert_eq!(http_post(c.nodes[0].ports.admin, path).unwrap().0, 202);
+    let (ticket, owner) = say("m3", "the printer is broken");
+    assert_eq!(ticket, "Ticket #1 for Ada: the printer is broken");
+    // A retry of a turn already applied gets its answer, the service is not asked again.
+    let calls = service.calls();
+    assert_eq!(say("m3", "the printer is broken").0, ticket);
+    assert_eq!(service.calls(), calls, "a retried id does not reach the service");
+    // The owner dies; the state the service left lives on in the replicas.
+    let victim = c.nodes.iter().position(|n| n.name == owner).unwrap();
+    c.nodes[victim].kill9();
+    let (next, new_owner) = say("m4", "and the screen flickers");
+    assert_eq!(next, "Ticket #2 for Ada: and the screen flickers");
+    assert_ne!(new_owner, owner);
+    // Feature flags reach the service with each turn (set before the kill: a change needs
+    // a majority of the controller's voters, and a young cluster may have only two).
+    let mut asked = 0;
+    let shown = poll(Duration::from_secs(10), || {
+        asked += 1;
+        let (text, _) = say(&format!("f{asked}"), "flags");
+        text.contains("support.beta").then_some(text)
+    });
+    assert_eq!(shown.as_deref(), Some("flags: support.beta"));
+}
+
+/// One raw connection: `say` on the `support` bot, and the answer.
+fn say_raw(stream: &mut (BufReader<TcpStream>, TcpStream), conv: &str, id: &str) -> Value {
+    let line =
+        serde_json::json!({"op": "say", "conv": conv, "id": id, "text": "hi", "bot": "support"});
+    stream.1.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.0.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() {
+    let Some(service) = Service::start() else { return };
+    let extra =
+        "timeout_ms = 600\nattempts_max = 1\nbreaker_failures = 3\nbreaker_open_ms = 1500\n";
+    let mut c = Cluster::new(1).with_config(&bot_config(&service, extra));
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let s = TcpStream::connect(c.nodes[0].ports.client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut conn = (BufReader::new(s.try_clone().unwrap()), s);
+    assert_eq!(say_raw(&mut conn, "svc-a", "1")["op"], "reply");
+
+    // Errors: each turn fails at once with `unavailable` and a retry hint; three in a row
+    // open the breaker, and then the service is not called at all.
+    service.mode("error");
+    for i in 0..3 {
+        let t0 = Instant::now();
+        let answer = say_raw(&mut conn, "svc-a", &format!("e{i}"));
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(answer["retry_after_ms"].is_u64(), "{answer}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    let calls = service.calls();
+    let answer = say_raw(&mut conn, "svc-a", "e3");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("breakers open"), "{answer}");
+    assert_eq!(service.calls(), calls, "an open breaker does not call the service");
+    let opened = metric(
+        &c.nodes[0].metrics(),
+        "botclaw_bot_service_breakers_opened_total{bot=\"support\",outcome=\"opened\"}",
+    );
+    assert_eq!(opened, 1.0);
+
+    // It recovers: after the open time a trial call closes the breaker.
+    service.mode("ok");
+    let recovered = poll(Duration::from_secs(10), || {
+        let answer =
+            say_raw(&mut conn, "svc-a", &format!("r{}", Instant::now().elapsed().as_nanos()));
+        (answer["op"] == "reply").then_some(answer)
+    });
+    assert!(recovered.is_some(), "the breaker never closed");
+
+    // A hanging service: the turn fails with `timeout` at the deadline, and the
+    // conversation is untouched (the next turn continues from its state).
+    service.mode("hang");
+    let t0 = Instant::now();
+    let answer = say_raw(&mut conn, "svc-a", "h1");
+    assert_eq!(answer["code"], "timeout", "{answer}");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(3), "{took:?}");
+    service.mode("ok");
+    let answer = say_raw(&mut conn, "svc-a", "h1");
+    assert_eq!(answer["op"], "reply", "the same id, retried, runs once the service answers");
+    let history = {
+        let line = serde_json::json!({"op": "history", "conv": "svc-a"});
+        conn.1.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        conn.0.read_line(&mut answer).unwrap();
+        serde_json::from_str::<Value>(&answer).unwrap()
+    };
+    let ids: Vec<&str> =
+        history["turns"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.first(), Some(&"1"));
+    assert_eq!(ids.last(), Some(&"h1"));
+    assert!(!ids.iter().any(|id| id.starts_with('e')), "failed turns applied nothing: {ids:?}");
+}
