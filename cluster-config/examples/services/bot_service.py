@@ -49,6 +49,10 @@ def turn(req):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # One write per answer, sent at once: headers and body written apart, with Nagle's
+    # algorithm on, wait for the caller's delayed ACK (40 ms a turn).
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024
 
     def log_message(self, *args):
         pass
@@ -91,13 +95,18 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(200, {"messages": messages, "state": state})
 
 
+class Server(ThreadingHTTPServer):
+    # The default backlog (5) drops connections when botclaw opens many at once.
+    request_queue_size = 256
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--mode", default="ok", choices=["ok", "error", "hang", "slow"])
     args = ap.parse_args()
     MODE["mode"] = args.mode
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server = Server(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     print(f"listening on {server.server_address[1]}", flush=True)
     server.serve_forever()
