@@ -533,8 +533,10 @@ async fn flag_set(State(s): State<Arc<AdminState>>, Query(q): Query<FlagSetQuery
         Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
     };
     let flag = botclaw_core::flags::Flag { enabled: q.enabled, rollout_bp, bot: q.bot };
-    // Checked here too, so a bad request gets its answer (the log would only skip it).
-    if let Err(why) = botclaw_core::flags::Flags::default().set(&q.name, Some(flag.clone())) {
+    // Checked here too, against the flags this node applied, so a bad request gets its
+    // answer (the log would only skip it).
+    let mut flags = s.map.borrow().map.flags().clone();
+    if let Err(why) = flags.set(&q.name, Some(flag.clone())) {
         return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response();
     }
     tracing::info!(name = %q.name, enabled = flag.enabled, rollout_bp, bot = ?flag.bot, "AUDIT operator sets a flag");
