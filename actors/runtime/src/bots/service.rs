@@ -46,11 +46,16 @@ pub struct CallLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BotLabel {
+    pub bot: String,
+}
+
 /// Calls to bot services, and breakers opened, by bot.
 #[derive(Debug, Default, Clone)]
 pub struct ServiceMetrics {
     pub calls: Family<CallLabel, Counter>,
-    pub breaker_opened: Family<CallLabel, Counter>,
+    pub breaker_opened: Family<BotLabel, Counter>,
 }
 
 impl ServiceMetrics {
@@ -175,7 +180,7 @@ impl ServiceBot {
         if ok {
             breaker.success();
         } else if breaker.failure(self.now_ms()) {
-            let label = CallLabel { bot: self.name.clone(), outcome: "opened".into() };
+            let label = BotLabel { bot: self.name.clone() };
             self.metrics.breaker_opened.get_or_create(&label).inc();
             tracing::warn!(bot = %self.name, url = %instance.url, "bot service instance failing: its breaker opened");
         }
