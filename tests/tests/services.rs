@@ -124,8 +124,9 @@ fn say_raw(stream: &mut (BufReader<TcpStream>, TcpStream), conv: &str, id: &str)
 #[test]
 fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() {
     let Some(service) = Service::start() else { return };
+    // The breaker stays open 4 s: long enough for the checks below on a busy machine.
     let extra =
-        "timeout_ms = 600\nattempts_max = 1\nbreaker_failures = 3\nbreaker_open_ms = 1500\n";
+        "timeout_ms = 600\nattempts_max = 1\nbreaker_failures = 3\nbreaker_open_ms = 4000\n";
     let mut c = Cluster::new(1).with_config(&bot_config(&service, extra));
     c.start_all();
     c.wait_converged(&[0], CONVERGE);
@@ -155,7 +156,7 @@ fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() 
 
     // It recovers: after the open time a trial call closes the breaker.
     service.mode("ok");
-    let recovered = poll(Duration::from_secs(10), || {
+    let recovered = poll(Duration::from_secs(20), || {
         let answer =
             say_raw(&mut conn, "svc-a", &format!("r{}", Instant::now().elapsed().as_nanos()));
         (answer["op"] == "reply").then_some(answer)
