@@ -170,7 +170,7 @@ fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() 
     let answer = say_raw(&mut conn, "svc-a", "h1");
     assert_eq!(answer["code"], "timeout", "{answer}");
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(3), "{took:?}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(5), "{took:?}");
     service.mode("ok");
     let answer = say_raw(&mut conn, "svc-a", "h1");
     assert_eq!(answer["op"], "reply", "the same id, retried, runs once the service answers");
