@@ -846,41 +846,64 @@ pub struct FaultConfig {
     pub injection: bool,
 }
 
-/// A bot that runs as an HTTP service (`[[bots]]`): for each turn the conversation's
+/// A service botclaw calls over HTTP: a bot (`[[bots]]`: for each turn the conversation's
 /// owner POSTs the turn and the bot's state to one of `urls` and keeps the state it gets
-/// back (see README, "Bot services").
+/// back) or a module (`[[modules]]`: bots' `module(name, key, request)` calls, cached by
+/// the node). See README, "Bot and module services".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BotServiceConfig {
-    /// The bot's name, as clients ask for it (`say`'s `bot`).
+pub struct ServiceConfig {
+    /// The bot's name, as clients ask for it (`say`'s `bot`), or the module's, as bots
+    /// call it.
     pub name: String,
     /// The protocol: `http` (the only one).
     pub kind: String,
-    /// The service's instances, each `http://host:port/path`; turns are balanced over them
-    /// by the fewer calls outstanding of two drawn.
+    /// The service's instances, each `http://host:port/path`; calls are balanced over
+    /// them by the fewer calls outstanding of two drawn.
     pub urls: Vec<String>,
-    /// A turn's whole call (every attempt) at most this long; then the turn fails with
-    /// `timeout` and nothing is applied.
+    /// A call's whole time (every attempt) at most this long; then it fails with
+    /// `timeout` (a bot's turn applies nothing).
     pub timeout_ms: u64,
-    /// Calls in flight from this node to the service; past it a turn fails with
+    /// Calls in flight from this node to the service; past it a call fails with
     /// `unavailable` at once.
     pub concurrency_max: usize,
     /// Calls in flight from this node to one instance.
     pub instance_concurrency_max: usize,
-    /// Attempts per turn (on another instance where there is one) after a refused
-    /// connection or a 5xx answer, within `timeout_ms`.
+    /// Attempts per call (on another instance where there is one) after a refused
+    /// connection or a 5xx answer, within `timeout_ms` and the retry budget.
     pub attempts_max: u32,
-    /// Failures in a row that open an instance's circuit breaker.
+    /// Retries allowed as a share of calls, in percent (plus `retry_budget_min_per_s`):
+    /// under an outage retries stay a fraction of the load.
+    pub retry_budget_percent: u32,
+    /// Retries a second allowed however few calls there are.
+    pub retry_budget_min_per_s: u32,
+    /// Failures in a row that open an instance's circuit breaker (it is ejected).
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before it lets one trial through.
     pub breaker_open_ms: u64,
+    /// Active health checks: `GET` this path on each instance (its URL's path replaced)
+    /// every `health_interval_ms`; empty turns them off. 2xx passes.
+    pub health_path: String,
+    pub health_interval_ms: u64,
+    /// Failed checks in a row that take an instance out of the balancing (one passing
+    /// check brings it back).
+    pub health_failures: u32,
     /// Largest answer read from the service.
     pub answer_bytes_max: usize,
+    /// Modules: how long an answer is cached when the service sends no
+    /// `Cache-Control: max-age` (0: not cached; `no-store`, `no-cache`, `max-age=0`
+    /// are never cached).
+    pub cache_ttl_ms: u64,
+    /// Modules: the node-wide cache of this module's answers, in bytes of keys and
+    /// answers (0 turns it off).
+    pub cache_bytes_max: u64,
+    /// Bots: rounds of module calls a turn may ask for before it must answer.
+    pub module_rounds_max: u32,
 }
 
-impl Default for BotServiceConfig {
+impl Default for ServiceConfig {
     fn default() -> Self {
-        BotServiceConfig {
+        ServiceConfig {
             name: String::new(),
             kind: "http".into(),
             urls: Vec::new(),
@@ -888,55 +911,105 @@ impl Default for BotServiceConfig {
             concurrency_max: 256,
             instance_concurrency_max: 64,
             attempts_max: 2,
+            retry_budget_percent: 20,
+            retry_budget_min_per_s: 10,
             breaker_failures: 5,
             breaker_open_ms: 2_000,
+            health_path: String::new(),
+            health_interval_ms: 1_000,
+            health_failures: 2,
             answer_bytes_max: 1024 * 1024,
+            cache_ttl_ms: 0,
+            cache_bytes_max: 16 * 1024 * 1024,
+            module_rounds_max: 4,
         }
     }
 }
 
-impl BotServiceConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+/// Kept for the bots' section, where it began.
+pub type BotServiceConfig = ServiceConfig;
+
+impl ServiceConfig {
+    /// Checks one entry of `section` (`bots` or `modules`).
+    fn validate(&self, section: &'static str) -> Result<(), ConfigError> {
+        // Field names are built on the error path only (the process stops on it).
+        let field =
+            |f: &str| -> &'static str { Box::leak(format!("{section}.{f}").into_boxed_str()) };
+        let what = if section == "bots" { "bot" } else { "module" };
         let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
         let name = &self.name;
         if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
             return Err(ConfigError::invalid(
-                "bots.name",
-                format!("{name:?}: a bot name is 1-64 of a-z, 0-9, '-', '_'"),
+                field("name"),
+                format!("{name:?}: a {what} name is 1-64 of a-z, 0-9, '-', '_'"),
             ));
         }
         if self.kind != "http" {
             return Err(ConfigError::invalid(
-                "bots.kind",
-                format!("bot {name}: {:?}: only \"http\"", self.kind),
+                field("kind"),
+                format!("{what} {name}: {:?}: only \"http\"", self.kind),
             ));
         }
         if self.urls.is_empty() {
-            return Err(ConfigError::invalid("bots.urls", format!("bot {name}: at least one URL")));
+            return Err(ConfigError::invalid(
+                field("urls"),
+                format!("{what} {name}: at least one URL"),
+            ));
         }
         for url in &self.urls {
             let host = url.strip_prefix("http://").and_then(|rest| rest.split('/').next());
             if host.is_none_or(|h| h.is_empty() || h.contains('@')) {
                 return Err(ConfigError::invalid(
-                    "bots.urls",
-                    format!("bot {name}: {url:?} is not an http://host:port/path URL"),
+                    field("urls"),
+                    format!("{what} {name}: {url:?} is not an http://host:port/path URL"),
                 ));
             }
         }
+        if !self.health_path.is_empty() && !self.health_path.starts_with('/') {
+            return Err(ConfigError::invalid(
+                field("health_path"),
+                format!("{what} {name}: {:?} must start with '/'", self.health_path),
+            ));
+        }
         let positive = [
-            ("bots.timeout_ms", self.timeout_ms),
-            ("bots.concurrency_max", self.concurrency_max as u64),
-            ("bots.instance_concurrency_max", self.instance_concurrency_max as u64),
-            ("bots.attempts_max", u64::from(self.attempts_max)),
-            ("bots.breaker_failures", u64::from(self.breaker_failures)),
-            ("bots.breaker_open_ms", self.breaker_open_ms),
-            ("bots.answer_bytes_max", self.answer_bytes_max as u64),
+            ("timeout_ms", self.timeout_ms),
+            ("concurrency_max", self.concurrency_max as u64),
+            ("instance_concurrency_max", self.instance_concurrency_max as u64),
+            ("attempts_max", u64::from(self.attempts_max)),
+            ("breaker_failures", u64::from(self.breaker_failures)),
+            ("breaker_open_ms", self.breaker_open_ms),
+            ("health_interval_ms", self.health_interval_ms),
+            ("health_failures", u64::from(self.health_failures)),
+            ("answer_bytes_max", self.answer_bytes_max as u64),
+            ("module_rounds_max", u64::from(self.module_rounds_max)),
         ];
-        for (field, value) in positive {
+        for (f, value) in positive {
             if value == 0 {
                 return Err(ConfigError::invalid(
+                    field(f),
+                    format!("{what} {name}: must be greater than 0"),
+                ));
+            }
+        }
+        if section == "bots" && self.cache_ttl_ms != 0 {
+            return Err(ConfigError::invalid(
+                field("cache_ttl_ms"),
+                format!("bot {name}: only module answers are cached (a bot's turns never are)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks every entry of `section`, and that no name is declared twice.
+    fn validate_all(list: &[ServiceConfig], section: &'static str) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for entry in list {
+            entry.validate(section)?;
+            if !names.insert(entry.name.as_str()) {
+                let field: &'static str = Box::leak(format!("{section}.name").into_boxed_str());
+                return Err(ConfigError::invalid(
                     field,
-                    format!("bot {name}: must be greater than 0"),
+                    format!("{} is declared twice", entry.name),
                 ));
             }
         }
@@ -991,7 +1064,9 @@ pub struct RawNodeConfig {
     pub admin: Option<AdminConfig>,
     pub tls: Option<TlsConfig>,
     /// Bots that run as HTTP services.
-    pub bots: Option<Vec<BotServiceConfig>>,
+    pub bots: Option<Vec<ServiceConfig>>,
+    /// Bot modules that run as HTTP services.
+    pub modules: Option<Vec<ServiceConfig>>,
 }
 
 /// A validated node configuration.
@@ -1030,7 +1105,9 @@ pub struct NodeConfig {
     pub fault: FaultConfig,
     pub admin: AdminConfig,
     pub tls: TlsConfig,
-    pub bots: Vec<BotServiceConfig>,
+    pub bots: Vec<ServiceConfig>,
+    /// Bot modules that run as HTTP services.
+    pub modules: Vec<ServiceConfig>,
 }
 
 /// Default addresses of a node started with no flags: node 0 of `botclaw up`.
@@ -1150,6 +1227,7 @@ impl RawNodeConfig {
             admin: over.admin.or(self.admin),
             tls: over.tls.or(self.tls),
             bots: over.bots.or(self.bots),
+            modules: over.modules.or(self.modules),
         }
     }
 
@@ -1241,16 +1319,9 @@ impl RawNodeConfig {
         };
         let tls = self.tls.unwrap_or_default();
         let bots = self.bots.unwrap_or_default();
-        let mut names = std::collections::BTreeSet::new();
-        for bot in &bots {
-            bot.validate()?;
-            if !names.insert(bot.name.as_str()) {
-                return Err(ConfigError::invalid(
-                    "bots.name",
-                    format!("bot {} is declared twice", bot.name),
-                ));
-            }
-        }
+        ServiceConfig::validate_all(&bots, "bots")?;
+        let modules = self.modules.unwrap_or_default();
+        ServiceConfig::validate_all(&modules, "modules")?;
         tls.validate(cluster_addr)?;
         let gossip = self.gossip.unwrap_or_default();
         gossip.validate()?;
@@ -1371,6 +1442,7 @@ impl RawNodeConfig {
             admin: admin_cfg,
             tls,
             bots,
+            modules,
         })
     }
 }

@@ -280,6 +280,13 @@ fn bot_services_are_checked_and_named() {
     .unwrap();
     assert_eq!(ok.bots.len(), 1);
     assert_eq!((ok.bots[0].timeout_ms, ok.bots[0].attempts_max), (500, 2), "defaults filled");
+    let modules = with_secret(
+        "[[modules]]\nname = \"weather\"\nurls = [\"http://127.0.0.1:9001/w\"]\ncache_ttl_ms = 900000\nhealth_path = \"/health\"\n",
+    )
+    .validate()
+    .unwrap();
+    assert_eq!(modules.modules[0].cache_ttl_ms, 900_000);
+    assert_eq!(modules.modules[0].health_path, "/health");
     let cases = [
         ("[[bots]]\nname = \"Bad Name\"\nurls = [\"http://a:1/\"]\n", "bots.name"),
         ("[[bots]]\nname = \"b\"\nurls = []\n", "bots.urls"),
@@ -289,6 +296,14 @@ fn bot_services_are_checked_and_named() {
         (
             "[[bots]]\nname = \"b\"\nurls = [\"http://a:1/\"]\n[[bots]]\nname = \"b\"\nurls = [\"http://a:2/\"]\n",
             "bots.name",
+        ),
+        ("[[bots]]\nname = \"b\"\nurls = [\"http://a:1/\"]\ncache_ttl_ms = 5\n", "bots.cache_ttl_ms"),
+        ("[[modules]]\nname = \"m\"\nurls = [\"ftp://a:1/\"]\n", "modules.urls"),
+        ("[[modules]]\nname = \"m\"\nurls = [\"http://a:1/\"]\nhealth_path = \"up\"\n", "modules.health_path"),
+        ("[[modules]]\nname = \"m\"\nurls = [\"http://a:1/\"]\nhealth_failures = 0\n", "modules.health_failures"),
+        (
+            "[[modules]]\nname = \"m\"\nurls = [\"http://a:1/\"]\n[[modules]]\nname = \"m\"\nurls = [\"http://a:2/\"]\n",
+            "modules.name",
         ),
     ];
     for (text, field) in cases {

@@ -649,6 +649,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     )
     .await?;
     backends.route_through(modules.clone());
+    backends.use_services(
+        botclaw_actors::module_services::ModuleServices::new(&cfg.modules, &conv_metrics.services)
+            .map_err(anyhow::Error::msg)
+            .context("cannot start the module services")?,
+    );
     let host = ConversationHost::start(
         node.clone(),
         &cfg.conversations,

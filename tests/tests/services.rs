@@ -19,16 +19,27 @@ struct Service {
 }
 
 impl Service {
-    /// The service, or `None` (the test skipped) without `python3`.
+    /// The reference bot service, or `None` (the test skipped) without `python3`.
     fn start() -> Option<Service> {
+        Service::script("bot_service.py", &[])
+    }
+
+    /// The reference module service (weather, catalog), or `None` without `python3`.
+    fn module(args: &[&str]) -> Option<Service> {
+        Service::script("module_service.py", args)
+    }
+
+    fn script(name: &str, args: &[&str]) -> Option<Service> {
         if !have_tool("python3", &["--version"]) {
             return None;
         }
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../cluster-config/examples/services/bot_service.py");
+            .join("../cluster-config/examples/services")
+            .join(name);
         let mut child = Command::new("python3")
             .arg(&script)
             .args(["--port", "0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             .spawn()
@@ -36,7 +47,7 @@ impl Service {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let port = line.trim().strip_prefix("listening on ").and_then(|p| p.parse().ok());
-        let port = port.unwrap_or_else(|| panic!("bot service said {line:?}"));
+        let port = port.unwrap_or_else(|| panic!("{name} said {line:?}"));
         Some(Service { child, port })
     }
 
@@ -56,6 +67,16 @@ impl Service {
 
     fn calls(&self) -> u64 {
         get_json(self.addr(), "/stats").unwrap()["calls"].as_u64().unwrap()
+    }
+
+    /// Calls a module service received for `key`.
+    fn key_calls(&self, key: &str) -> u64 {
+        get_json(self.addr(), "/stats").unwrap()["keys"][key].as_u64().unwrap_or(0)
+    }
+
+    fn kill(&mut self) {
+        send_signal(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
     }
 }
 
@@ -161,8 +182,10 @@ fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() 
     assert_eq!(answer["code"], "unavailable", "{answer}");
     assert!(answer["message"].as_str().unwrap().contains("breakers open"), "{answer}");
     assert_eq!(service.calls(), calls, "an open breaker does not call the service");
-    let opened =
-        metric(&c.nodes[0].metrics(), "botclaw_bot_service_breakers_opened_total{bot=\"support\"}");
+    let opened = metric(
+        &c.nodes[0].metrics(),
+        "botclaw_service_breakers_opened_total{kind=\"bot\",service=\"support\"}",
+    );
     assert_eq!(opened, 1.0);
 
     // It recovers: after the open time a trial call closes the breaker.
@@ -197,4 +220,131 @@ fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() 
     assert_eq!(ids.first(), Some(&"1"));
     assert_eq!(ids.last(), Some(&"h1"));
     assert!(!ids.iter().any(|id| id.starts_with('e')), "failed turns applied nothing: {ids:?}");
+}
+
+fn modules_config(services: &[&Service], extra: &str) -> String {
+    let urls: Vec<String> =
+        services.iter().map(|s| format!("\"http://127.0.0.1:{}/call\"", s.port)).collect();
+    format!("[[modules]]\nname = \"weather\"\nurls = [{}]\n{extra}", urls.join(", "))
+}
+
+#[test]
+fn three_module_instances_share_the_load_and_losing_one_loses_no_turn() {
+    let (Some(a), Some(b), Some(mut dead)) =
+        (Service::module(&[]), Service::module(&[]), Service::module(&[]))
+    else {
+        return;
+    };
+    // No max-age and no default TTL: every turn calls the module service.
+    let extra = "health_path = \"/health\"\nhealth_interval_ms = 200\nattempts_max = 3\n";
+    let mut c = Cluster::new(1).with_config(&modules_config(&[&a, &b, &dead], extra));
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = runtime();
+    let client = rt
+        .block_on(FailoverClient::connect(&[c.nodes[0].ports.client], FailoverOptions::default()))
+        .unwrap();
+    // 16 conversations at once, so calls overlap and the balancing has choices to make.
+    let run = |from: usize, to: usize| {
+        rt.block_on(async {
+            let turns = (from..to).map(|i| {
+                let client = &client;
+                async move {
+                    let conv = format!("mod-{}", i % 16);
+                    let text = format!("weather in City{i}");
+                    let reply = client.say(&conv, &format!("w{i}"), &text, Some("weather")).await;
+                    (i, reply)
+                }
+            });
+            let mut failed = Vec::new();
+            for (i, reply) in futures::future::join_all(turns).await {
+                match reply {
+                    Ok(r) if r.messages.join(" ").contains(&format!("City{i}:")) => {}
+                    other => failed.push(format!("turn {i}: {other:?}")),
+                }
+            }
+            failed
+        })
+    };
+    let failed = run(0, 900);
+    assert!(failed.is_empty(), "{failed:?}");
+    let calls = [a.calls(), b.calls(), dead.calls()];
+    let mean = calls.iter().sum::<u64>() as f64 / 3.0;
+    assert!(mean >= 300.0, "every turn called a module instance: {calls:?}");
+    for n in calls {
+        let off = (n as f64 - mean).abs() / mean;
+        assert!(off <= 0.2, "instances share the load within 20%: {calls:?}");
+    }
+    // One instance dies: no turn is lost (retried on another instance, then ejected).
+    dead.kill();
+    let before = [a.calls(), b.calls()];
+    let failed = run(900, 1200);
+    assert!(failed.is_empty(), "killing an instance lost turns: {failed:?}");
+    let after = [a.calls(), b.calls()];
+    assert!(after[0] + after[1] - before[0] - before[1] >= 300, "{before:?} {after:?}");
+    let m = c.nodes[0].metrics();
+    let down = "botclaw_service_instances_down{kind=\"module\",service=\"weather\"}";
+    let shown = poll(Duration::from_secs(10), || {
+        (metric(&c.nodes[0].metrics(), down) == 1.0).then_some(())
+    });
+    assert!(shown.is_some(), "health checks take the dead instance out\n{m}");
+}
+
+#[test]
+fn the_module_cache_calls_a_service_once_per_max_age_and_coalesces() {
+    let Some(module) = Service::module(&["--max-age", "3"]) else { return };
+    let Some(bot) = Service::start() else { return };
+    let config = format!("{}\n{}", modules_config(&[&module], ""), bot_config(&bot, ""));
+    let mut c = Cluster::new(1).with_config(&config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = runtime();
+    let client = rt
+        .block_on(FailoverClient::connect(&[c.nodes[0].ports.client], FailoverOptions::default()))
+        .unwrap();
+    let ask = |convs: std::ops::Range<usize>, city: &'static str, round: &str| {
+        rt.block_on(async {
+            let turns = convs.map(|i| {
+                let client = &client;
+                let id = format!("{round}-{i}");
+                async move {
+                    let text = format!("weather in {city}");
+                    client.say(&format!("cache-{i}"), &id, &text, Some("weather")).await
+                }
+            });
+            for reply in futures::future::join_all(turns).await {
+                assert!(reply.unwrap().messages.join(" ").starts_with(city));
+            }
+        })
+    };
+    // 50 conversations ask at once: one call, the others wait for it or hit the cache.
+    let t0 = Instant::now();
+    ask(0..50, "Oslo", "a");
+    // The call was made before this: its answer is stale 3 s from now at the latest.
+    let asked = Instant::now();
+    ask(50..100, "Oslo", "b");
+    let within_age = t0.elapsed() < Duration::from_secs(3);
+    if within_age {
+        assert_eq!(module.key_calls("oslo"), 1, "one call per key within max-age");
+    }
+    let m = c.nodes[0].metrics();
+    let label = "{kind=\"module\",service=\"weather\"}";
+    let hits = metric(&m, &format!("botclaw_module_cache_hits_total{label}"));
+    let coalesced = metric(&m, &format!("botclaw_module_cache_coalesced_total{label}"));
+    let misses = metric(&m, &format!("botclaw_module_cache_misses_total{label}"));
+    assert_eq!(hits + coalesced + misses, 100.0, "{m}");
+    assert!(misses >= 1.0 && hits >= 1.0, "{m}");
+    // After max-age, the next ask calls again, once.
+    let calls = module.key_calls("oslo");
+    std::thread::sleep(Duration::from_millis(3200).saturating_sub(asked.elapsed()));
+    ask(100..120, "Oslo", "c");
+    assert_eq!(module.key_calls("oslo"), calls + 1, "one more call after max-age");
+    // A bot service reaches the module through a round of module calls, and the cache.
+    let reply = rt.block_on(client.say("cache-bot", "1", "weather in Oslo", Some("support")));
+    let text = reply.unwrap().messages.join(" ");
+    assert!(text.starts_with("Oslo: ") && text.contains("says the weather module"), "{text}");
+    assert_eq!(module.key_calls("oslo"), calls + 1, "the bot's call hit the cache");
+    let reply = rt.block_on(client.say("cache-bot", "2", "weather in Lima", Some("support")));
+    assert!(reply.unwrap().messages.join(" ").starts_with("Lima: "));
+    assert_eq!(module.key_calls("lima"), 1);
 }

@@ -11,12 +11,21 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use botclaw_config::BackendConfig;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::bot::BotError;
 use crate::metrics::ConversationMetrics;
+use crate::module_services::{ModuleService, ModuleServices};
 use crate::modules::{ModuleAnswer, ModuleRequest, ModuleRouter};
 use crate::shared_cache::SharedCache;
+
+/// The module service names the built-in bots' lookups use when one is declared
+/// (`[[modules]] name = "weather"`): `{"city"}` answered by a [`Forecast`], `{"query"}`
+/// by `{"products": [Product]}`.
+pub const WEATHER_MODULE: &str = "weather";
+pub const CATALOG_MODULE: &str = "catalog";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
@@ -53,6 +62,9 @@ pub struct Backends {
     shared: SharedCache,
     /// Where module calls run (set once by a cluster node); here if unset.
     router: OnceLock<Arc<dyn ModuleRouter>>,
+    /// Modules that run as HTTP services (set once by the node): a name here is served by
+    /// its service, not in process.
+    services: OnceLock<ModuleServices>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -74,12 +86,61 @@ impl Backends {
             metrics,
             shared,
             router: OnceLock::new(),
+            services: OnceLock::new(),
         })
     }
 
     /// Sends module calls through `router` from now on (once; later calls are ignored).
     pub fn route_through(&self, router: Arc<dyn ModuleRouter>) {
         let _ = self.router.set(router);
+    }
+
+    /// Serves module calls by the module services of `services` from now on (once; later
+    /// calls are ignored).
+    pub fn use_services(&self, services: ModuleServices) {
+        let _ = self.services.set(services);
+    }
+
+    fn service(&self, name: &str) -> Option<&ModuleService> {
+        self.services.get().and_then(|s| s.get(name))
+    }
+
+    /// Whether module `name` is a service (with its own node-wide cache, which honours
+    /// the service's freshness: bots should not cache its answers longer).
+    pub fn is_service(&self, name: &str) -> bool {
+        self.service(name).is_some()
+    }
+
+    /// A module service's answer (JSON text) for `key`; `request` is sent along (equal
+    /// keys must mean equal answers: the key is what the cache keeps).
+    pub async fn module(
+        &self,
+        name: &str,
+        key: &str,
+        request: Option<&RawValue>,
+    ) -> Result<Arc<str>, BotError> {
+        match self.service(name) {
+            Some(service) => service.call(key, request).await,
+            None => {
+                let known: Vec<&str> =
+                    self.services.get().map(|s| s.names().collect()).unwrap_or_default();
+                Err(BotError::new(format!("no module service {name:?} (there are: {known:?})")))
+            }
+        }
+    }
+
+    /// A module service's answer to a typed request, parsed.
+    async fn module_typed<Req: Serialize, Ans: DeserializeOwned>(
+        &self,
+        service: &ModuleService,
+        key: &str,
+        request: &Req,
+    ) -> Result<Ans, BotError> {
+        let raw = serde_json::value::to_raw_value(request).expect("a module request encodes");
+        let text = service.call(key, Some(&raw)).await?;
+        serde_json::from_str(&text).map_err(|e| {
+            BotError::new(format!("module service {}: unexpected answer: {e}", service.name()))
+        })
     }
 
     async fn call(&self, request: ModuleRequest) -> Result<ModuleAnswer, BotError> {
@@ -114,6 +175,16 @@ impl Backends {
 
     /// Products whose name appears in `query`, from a node with the `catalog` role.
     pub async fn catalog_search(&self, query: &str) -> Result<Vec<Product>, BotError> {
+        if let Some(service) = self.service(CATALOG_MODULE) {
+            #[derive(Deserialize)]
+            struct Found {
+                products: Vec<Product>,
+            }
+            let key = query.to_lowercase();
+            let request = serde_json::json!({ "query": query });
+            let found: Found = self.module_typed(service, &key, &request).await?;
+            return Ok(found.products);
+        }
         match self.call(ModuleRequest::CatalogSearch { query: query.to_string() }).await? {
             ModuleAnswer::Products(products) => Ok(products),
             other => Err(BotError::new(format!("catalog answered {other:?}"))),
@@ -122,6 +193,10 @@ impl Backends {
 
     /// Today's forecast for a city, from a node with the `weather` role.
     pub async fn weather(&self, city: &str) -> Result<Forecast, BotError> {
+        if let Some(service) = self.service(WEATHER_MODULE) {
+            let request = serde_json::json!({ "city": city });
+            return self.module_typed(service, &city.to_lowercase(), &request).await;
+        }
         match self.call(ModuleRequest::Weather { city: city.to_string() }).await? {
             ModuleAnswer::Forecast(forecast) => Ok(forecast),
             other => Err(BotError::new(format!("weather answered {other:?}"))),

@@ -34,8 +34,8 @@ pub fn builtin(diagnostic: bool) -> BotRegistry {
 /// whose name is a built-in bot's, or whose URL does not parse.
 pub fn with_services(
     diagnostic: bool,
-    services: &[botclaw_config::BotServiceConfig],
-    metrics: &service::ServiceMetrics,
+    services: &[botclaw_config::ServiceConfig],
+    metrics: &crate::services::ServiceMetrics,
 ) -> Result<BotRegistry, String> {
     let mut r = builtin(diagnostic);
     for cfg in services {

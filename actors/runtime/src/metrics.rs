@@ -29,8 +29,8 @@ pub struct ConversationMetrics {
     /// Conversation actors restarted after a failure (bot panics and actor crashes).
     pub restarts: Counter,
     pub bot_errors: Counter,
-    /// Calls to bot services by bot and outcome, and breakers opened.
-    pub services: crate::bots::service::ServiceMetrics,
+    /// Calls to bot and module services, and the module cache.
+    pub services: crate::services::ServiceMetrics,
     pub backend_calls: Family<BackendLabel, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
@@ -102,15 +102,47 @@ impl ConversationMetrics {
             self.bot_errors.clone(),
         );
         r.register("backend_calls", "Calls to backend services", self.backend_calls.clone());
+        let sv = &self.services;
         r.register(
-            "bot_service_calls",
-            "Calls to bot services, by bot and outcome (ok, error, refused, timeout, breaker_open, busy)",
-            self.services.calls.clone(),
+            "service_calls",
+            "Calls to bot and module services (with their retries), by kind, service and outcome (ok, error, refused, timeout, breaker_open, retry_budget, busy)",
+            sv.calls.clone(),
         );
         r.register(
-            "bot_service_breakers_opened",
-            "Times a bot service instance's circuit breaker opened, by bot",
-            self.services.breaker_opened.clone(),
+            "service_attempts",
+            "Attempts of calls to bot and module services, by instance",
+            sv.attempts.clone(),
+        );
+        r.register("service_retries", "Retries of calls to services", sv.retries.clone());
+        r.register(
+            "service_breakers_opened",
+            "Times a service instance's circuit breaker opened (the instance ejected)",
+            sv.breaker_opened.clone(),
+        );
+        r.register(
+            "service_instances_down",
+            "Service instances out of the balancing by active health checks",
+            sv.instances_down.clone(),
+        );
+        r.register(
+            "module_cache_hits",
+            "Module calls answered by the node-wide module cache",
+            sv.cache_hits.clone(),
+        );
+        r.register(
+            "module_cache_misses",
+            "Module calls that called the module service",
+            sv.cache_misses.clone(),
+        );
+        r.register(
+            "module_cache_coalesced",
+            "Module calls answered by another caller's call for the same key",
+            sv.cache_coalesced.clone(),
+        );
+        r.register(
+            "module_cache_evictions",
+            "Module answers evicted from the cache for room",
+            sv.cache_evictions.clone(),
         );
         r.register(
             "conversation_cache_hits",

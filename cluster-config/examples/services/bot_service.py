@@ -12,12 +12,16 @@ idempotency key: after a failed call botclaw may send the same turn again.
 
 The dialogue ("support"): asks the user's name, then opens a numbered ticket per message,
 remembering the name and the tickets in the state. "flags" answers the flags it was sent.
+"weather in <city>" asks botclaw's `weather` module (a module service or the built-in
+one) through a round of module calls: the answer {"calls": [{"module", "key", "request"}]}
+makes botclaw call them (cached, balanced) and POST the turn again with
+"results": [{"module", "key", "answer"} or {"module", "key", "error"}].
 
     python3 bot_service.py [--port 0] [--mode ok|error|hang|slow]
 
 prints "listening on PORT" first. For tests, modes ok, error (answers 500),
 hang (never answers) or slow (answers after 1.5 s) as POST /mode/MODE; GET /stats gives
-{"calls": N} (turn calls received).
+{"calls": N} (turn calls received); GET /health answers 200 (503 in mode "error").
 """
 
 import argparse
@@ -36,6 +40,17 @@ def turn(req):
     text = req["text"].strip()
     if text.lower() == "flags":
         return ["flags: " + (", ".join(req.get("flags") or []) or "(none)")], state
+    if text.lower().startswith("weather in "):
+        city = text[len("weather in "):].strip(" ?!.")
+        results = req.get("results")
+        if not results:
+            call = {"module": "weather", "key": city.lower(), "request": {"city": city}}
+            return {"calls": [call]}, state
+        r = results[0]
+        if "error" in r:
+            return [f"No forecast for {city} now ({r['error']})"], state
+        f = r["answer"]
+        return [f"{f['city']}: {f['condition']} and {f['celsius']}°C, says the weather module"], state
     if not state:
         return ["Hi, this is support. What is your name?"], {"step": "name", "tickets": []}
     if state.get("step") == "name":
@@ -66,6 +81,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/health":
+            ok = MODE["mode"] != "error"
+            return self.answer(200 if ok else 503, {"healthy": ok})
         if self.path == "/stats":
             with LOCK:
                 return self.answer(200, dict(STATS))
@@ -92,6 +110,9 @@ class Handler(BaseHTTPRequestHandler):
             messages, state = turn(req)
         except (ValueError, KeyError, TypeError) as e:
             return self.answer(400, {"error": str(e)})
+        if isinstance(messages, dict):
+            # A round of module calls: botclaw calls them and asks again with results.
+            return self.answer(200, dict(messages, state=state))
         self.answer(200, {"messages": messages, "state": state})
 
 

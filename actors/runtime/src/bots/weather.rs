@@ -37,24 +37,34 @@ impl TypedBot for Weather {
             return Ok(vec!["Ask me: weather in <city>".into()]);
         };
         let key = format!("weather:{}", city.to_lowercase());
-        // This conversation's cache, then the node's (one backend call per city however
-        // many conversations ask at once), then the backend.
-        let answer = match cx.cached(&key) {
-            Some(hit) => hit,
-            None => {
-                let backends = cx.backends();
-                let fetch = async {
-                    let f = backends.weather(&city).await?;
-                    Ok::<_, BotError>(format!("{}: {} and {}°C", f.city, f.condition, f.celsius))
-                };
-                let answer = backends
-                    .shared()
-                    .get_or_fetch(&key, fetch)
-                    .await
-                    .map_err(|e| (*e).clone())?
-                    .to_string();
-                cx.cache(&key, answer.clone());
-                answer
+        let backends = cx.backends();
+        let answer = if backends.is_service(crate::backends::WEATHER_MODULE) {
+            // A weather service: its answers are cached node-wide for as long as it says.
+            let f = backends.weather(&city).await?;
+            format!("{}: {} and {}°C", f.city, f.condition, f.celsius)
+        } else {
+            // This conversation's cache, then the node's (one backend call per city
+            // however many conversations ask at once), then the backend.
+            match cx.cached(&key) {
+                Some(hit) => hit,
+                None => {
+                    let backends = cx.backends();
+                    let fetch = async {
+                        let f = backends.weather(&city).await?;
+                        Ok::<_, BotError>(format!(
+                            "{}: {} and {}°C",
+                            f.city, f.condition, f.celsius
+                        ))
+                    };
+                    let answer = backends
+                        .shared()
+                        .get_or_fetch(&key, fetch)
+                        .await
+                        .map_err(|e| (*e).clone())?
+                        .to_string();
+                    cx.cache(&key, answer.clone());
+                    answer
+                }
             }
         };
         state.last_city = Some(city);

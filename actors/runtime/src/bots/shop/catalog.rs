@@ -5,7 +5,9 @@ use crate::bot::{BotError, TurnContext};
 /// Answers a product question, or `None` if the message names no known product.
 pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Result<Option<String>, BotError> {
     let key = format!("catalog:{lower}");
-    if let Some(hit) = cx.cached(&key) {
+    // A catalog service's answers are cached node-wide for as long as it says: not here.
+    let service = cx.backends().is_service(crate::backends::CATALOG_MODULE);
+    if let Some(hit) = cx.cached(&key).filter(|_| !service) {
         return Ok((!hit.is_empty()).then_some(hit));
     }
     let products = cx.backends().catalog_search(lower).await?;
@@ -28,6 +30,8 @@ pub async fn inquire(cx: &mut TurnContext, lower: &str) -> Result<Option<String>
         .collect::<Vec<_>>()
         .join("; ");
     // Misses are cached too (as ""), so repeated chatter does not hit the backend.
-    cx.cache(&key, answer.clone());
+    if !service {
+        cx.cache(&key, answer.clone());
+    }
     Ok((!answer.is_empty()).then_some(answer))
 }
