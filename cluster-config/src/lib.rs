@@ -926,9 +926,6 @@ impl Default for ServiceConfig {
     }
 }
 
-/// Kept for the bots' section, where it began.
-pub type BotServiceConfig = ServiceConfig;
-
 impl ServiceConfig {
     /// Checks one entry of `section` (`bots` or `modules`).
     fn validate(&self, section: &'static str) -> Result<(), ConfigError> {

@@ -42,6 +42,12 @@ enum Command {
     /// TLS certificates for the cluster.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Print a shell completion script (e.g. `botclaw completions bash >
+    /// /etc/bash_completion.d/botclaw`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The bench's baseline: a minimal tokio server speaking the same framing.
     #[command(hide = true)]
     EchoServer {
@@ -188,6 +194,10 @@ struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
+    /// Redraw the table every this many seconds until interrupted (a node that stops
+    /// answering is shown, not fatal).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -303,6 +313,11 @@ pub fn main() -> ExitCode {
         }
         Command::Node(args) => run_node(*args),
         Command::Sim(args) => crate::sim::run(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "botclaw", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Tls(TlsCommand::Init { dir, names, server_name, ips }) => {
             match crate::tls::init(&dir, &names, &server_name, &ips) {
                 Ok(()) => {
@@ -378,6 +393,25 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status(StatusArgs { admin, watch: Some(every), json }) => {
+            if !(every.is_finite() && every >= 0.1) {
+                eprintln!("botclaw status: --watch takes at least 0.1 seconds");
+                return ExitCode::from(2);
+            }
+            loop {
+                let shown = match crate::status::fetch(admin) {
+                    Ok(status) if json => {
+                        serde_json::to_string_pretty(&status).expect("status serializes") + "\n"
+                    }
+                    Ok(status) => crate::status::render(&status),
+                    Err(e) => format!("{admin} does not answer: {e:#}\n"),
+                };
+                // Clear the screen and go home, then the table and when it was taken.
+                let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+                print!("\x1b[2J\x1b[H{shown}\n(every {every} s, at {now}; Ctrl-C to stop)\n");
+                std::thread::sleep(Duration::from_secs_f64(every));
+            }
+        }
         Command::Status(args) => match crate::status::fetch(args.admin) {
             Ok(status) if args.json => {
                 println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));

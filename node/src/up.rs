@@ -48,6 +48,10 @@ pub struct UpArgs {
     /// Storage engine of durable state: fjall or redb.
     #[arg(long, default_value = "fjall", value_parser = ["fjall", "redb"])]
     store_engine: String,
+    /// A node config file every node starts from (bot and module services, `[backends]`,
+    /// ...); what `up` sets itself (names, addresses, seeds, data dirs, store, TLS) wins.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 struct Launched {
@@ -144,12 +148,13 @@ fn log_tail(path: &Path, bytes: u64) -> String {
     s
 }
 
-/// Polls every node's status until each one sees all `n` nodes up.
+/// Polls every node until each one sees all `n` nodes up and is ready to serve turns
+/// (`/health/ready`: placed, linked, its store writable, the controller's leader heard).
 fn converged(nodes: &[Launched]) -> bool {
     nodes.iter().all(|node| {
         crate::status::fetch(node.admin).is_ok_and(|s| {
             s.joined && s.members.iter().filter(|m| m.state == "up").count() == nodes.len()
-        })
+        }) && crate::http::get(node.admin, "/health/ready", Duration::from_secs(2)).is_ok()
     })
 }
 
@@ -226,10 +231,15 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         "{:<8} {:<16} {:<16} {:<16} {:<16} LOG",
         "NODE", "CLIENT", "CLUSTER", "GOSSIP", "ADMIN"
     );
+    let shared = match &args.config {
+        Some(path) => RawNodeConfig::from_file(path)
+            .with_context(|| format!("cannot read the shared config {}", path.display()))?,
+        None => RawNodeConfig::default(),
+    };
     for i in 0..args.nodes {
         let dir = data_dir.join(format!("node-{i}"));
         crate::node::create_private_dir(&dir)?;
-        let mut raw = node_config(args.base_port, i, args.nodes, &dir);
+        let mut raw = shared.clone().merge(node_config(args.base_port, i, args.nodes, &dir));
         let engine =
             if args.store_engine == "redb" { StoreEngine::Redb } else { StoreEngine::Fjall };
         raw.store =

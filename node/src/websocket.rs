@@ -87,8 +87,6 @@ where
             }
         }
         let _ = to_conn.shutdown().await;
-        // The connection decides when this ends (it may still owe answers).
-        std::future::pending::<()>().await;
     };
     let outbound = async move {
         let mut buf = BytesMut::with_capacity(PIPE_BYTES);
@@ -112,10 +110,15 @@ where
         }
         let _ = sink.close().await;
     };
+    // The connection's side decides the end: when the client stops first, the answers it
+    // is owed still go out; when the connection ends first, frames are no longer read.
+    let (inbound, outbound) = (std::pin::pin!(inbound), std::pin::pin!(outbound));
+    let mut outbound = outbound;
     tokio::select! {
+        _ = &mut outbound => return,
         _ = inbound => {}
-        _ = outbound => {}
     }
+    outbound.await;
 }
 
 /// A stream whose first bytes were already read: they are read again first.

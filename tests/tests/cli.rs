@@ -92,10 +92,15 @@ impl Drop for Reaper {
     }
 }
 
-fn run_up(base: u16, dir: &std::path::Path) -> (std::process::Child, mpsc::Receiver<String>) {
+fn run_up(
+    base: u16,
+    dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> (std::process::Child, mpsc::Receiver<String>) {
     let mut child = Command::new(botclaw_bin())
         .args(["up", "--nodes", "3", "--base-port", &base.to_string(), "--data-dir"])
         .arg(dir)
+        .args(extra)
         .env_remove("BOTCLAW_SECRET")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -111,6 +116,20 @@ fn run_up(base: u16, dir: &std::path::Path) -> (std::process::Child, mpsc::Recei
         }
     });
     (child, rx)
+}
+
+/// One `say` to the `support` bot through the node at `127.0.0.1:port`, and the answer line.
+fn say_line(port: u16, id: &str) -> String {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return "cannot connect".into();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let line = serde_json::json!({"op": "say", "conv": "up-svc", "id": id, "text": "hi", "bot": "support"});
+    let _ = s.write_all(format!("{line}\n").as_bytes());
+    let mut answer = String::new();
+    let _ = BufReader::new(s).read_line(&mut answer);
+    answer
 }
 
 fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, lines: &mut Vec<String>) -> bool {
@@ -136,8 +155,17 @@ fn up_launches_converges_and_stops_cleanly() {
     let base = free_port_block(30);
     let admin = |i: u16| format!("127.0.0.1:{}", base + 10 * i + 3).parse().unwrap();
 
+    // The second round starts every node from a shared config: a bot service (nothing
+    // listens at its URL).
+    let shared = dir.path().join("shared.toml");
+    std::fs::write(&shared, "[[bots]]\nname = \"support\"\nurls = [\"http://127.0.0.1:9/turn\"]\n")
+        .unwrap();
     for round in 0..2 {
-        let (mut up, rx) = run_up(base, dir.path());
+        let extra: Vec<&std::ffi::OsStr> = match round {
+            0 => Vec::new(),
+            _ => vec!["--config".as_ref(), shared.as_os_str()],
+        };
+        let (mut up, rx) = run_up(base, dir.path(), &extra);
         let mut reaper = Reaper(vec![up.id()]);
         let mut lines = Vec::new();
         assert!(wait_for_line(&rx, "converged", &mut lines), "no convergence: {lines:#?}");
@@ -186,6 +214,40 @@ fn up_launches_converges_and_stops_cleanly() {
             .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["members"].as_array().unwrap().len(), 3);
+        if round == 0 {
+            // `status --watch` redraws the table until it is stopped.
+            let mut watch = Command::new(botclaw_bin())
+                .args(["status", "--watch", "0.2", "--admin", &admin(0).to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            reaper.0.push(watch.id());
+            let mut out = BufReader::new(watch.stdout.take().unwrap());
+            let mut tables = 0;
+            let mut line = String::new();
+            while tables < 3 && out.read_line(&mut line).unwrap_or(0) > 0 {
+                tables += usize::from(line.contains("NAME") && line.contains("INCARNATION"));
+                line.clear();
+            }
+            send_signal(watch.id(), libc::SIGKILL);
+            let _ = watch.wait();
+            assert_eq!(tables, 3, "status --watch redraws");
+            let out = Command::new(botclaw_bin()).args(["completions", "bash"]).output().unwrap();
+            let script = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && script.contains("_botclaw") && script.contains("flags")
+            );
+        }
+        // Without the shared config the bot is unknown; with it, its service is called.
+        let expected = if round == 0 { "unknown bot" } else { "bot service support" };
+        let mut said = Vec::new();
+        let seen = poll(Duration::from_secs(20), || {
+            let line = say_line(base, &format!("r{round}-{}", said.len()));
+            let hit = line.contains(expected);
+            said.push(line);
+            hit.then_some(())
+        });
+        assert!(seen.is_some(), "round {round}: {said:#?}");
 
         send_signal(up.id(), libc::SIGTERM);
         let code = poll(Duration::from_secs(20), || up.try_wait().ok().flatten())

@@ -31,13 +31,13 @@ pub struct TurnInput<'a> {
     /// Number this turn will have.
     pub turn: u64,
     /// The feature flags on for this conversation (see `botclaw_core::flags`), by name.
-    pub flags: &'a [String],
+    pub flags: &'a [&'a str],
 }
 
 impl TurnInput<'_> {
     /// Whether feature flag `name` is on for this conversation.
     pub fn flag(&self, name: &str) -> bool {
-        self.flags.iter().any(|f| f == name)
+        self.flags.contains(&name)
     }
 }
 

@@ -358,7 +358,9 @@ impl ConvActorState {
             return reply.send(ConvOutcome::failed(FailKind::BadRequest, message));
         };
         let mut bot_state = self.state.bot_state.clone();
-        let flags = self.shared.flags.load().on_for(&self.conv, &bot_name);
+        // The flags as they are now, held (not the swap's guard) across the bot's await.
+        let all_flags = self.shared.flags.load_full();
+        let flags = all_flags.on_for(&self.conv, &bot_name);
         let input = TurnInput {
             conv: &self.conv,
             id: &id,

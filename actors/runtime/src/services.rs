@@ -57,7 +57,9 @@ pub struct InstanceLabel {
 /// Calls to bot and module services (shared by every pool of a node).
 #[derive(Debug, Default, Clone)]
 pub struct ServiceMetrics {
-    /// Calls (each with its retries) by outcome.
+    /// Outcomes: of each call (`ok`, `timeout`, `breaker_open`, `retry_budget`, `busy`)
+    /// and of each failed attempt (`refused`, `error`; a call retried after one counts it
+    /// and its own outcome).
     pub calls: Family<CallLabel, Counter>,
     /// Attempts by instance: how the balancing spread them.
     pub attempts: Family<InstanceLabel, Counter>,

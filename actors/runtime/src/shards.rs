@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::FailKind;
-use crate::replicator::{Notify, Owned, Refusal, ReplicaTicket};
+use crate::replicator::{Notify, Owned, Refusal};
 use crate::store::{row_bytes, BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
 
 /// What the machine replicates: one store op of one conversation.
@@ -351,20 +351,6 @@ impl ShardReplicator {
             .await
             .map_err(|_| gone())?;
         accepted_rx.await.map_err(|_| gone())?.map_err(refusal)
-    }
-
-    /// [`ShardReplicator::submit_then`] with a ticket that resolves when `done` would be told.
-    pub async fn submit(
-        &self,
-        conv: &str,
-        epoch: Epoch,
-        base: Version,
-        commit: TurnCommit,
-    ) -> Result<ReplicaTicket, Refusal> {
-        let (done, done_rx) = oneshot::channel();
-        let notify = Notify::new(move |result| drop(done.send(result)));
-        self.submit_then(conv, epoch, base, commit, notify).await?;
-        Ok(Box::pin(async move { done_rx.await.map_err(|_| gone())? }))
     }
 
     /// Resolves once every write submitted before on this conversation's shard is

@@ -44,7 +44,7 @@ struct TurnRequest<'a> {
     user: Option<&'a str>,
     text: &'a str,
     state: Option<&'a RawValue>,
-    flags: &'a [String],
+    flags: &'a [&'a str],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     results: &'a [CallResult],
 }

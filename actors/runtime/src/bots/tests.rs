@@ -15,7 +15,7 @@ struct Harness {
     turn: u64,
     metrics: ConversationMetrics,
     /// Flags on for the conversation.
-    flags: Vec<String>,
+    flags: Vec<&'static str>,
 }
 
 impl Harness {
@@ -67,7 +67,7 @@ async fn shop_return_dialogue() {
 async fn shop_refunds_at_once_behind_its_flag() {
     let mut h = Harness::new();
     for flag in [false, true] {
-        h.flags = if flag { vec![shop::INSTANT_REFUND_FLAG.to_string()] } else { Vec::new() };
+        h.flags = if flag { vec![shop::INSTANT_REFUND_FLAG] } else { Vec::new() };
         h.say("shop", "return please").await;
         h.say("shop", "#123").await;
         let confirmed = h.say("shop", "yes").await;

@@ -8,7 +8,23 @@ use std::sync::Mutex;
 use botclaw_core::shardmap::{AssignRun, ShardChange};
 
 use super::*;
+use crate::replicator::ReplicaTicket;
 use crate::store::MemoryStore;
+
+/// A turn submitted through [`ShardReplicator::submit_then`], as a ticket that resolves
+/// when the driver would tell the conversation.
+async fn submit(
+    shards: &ShardReplicator,
+    conv: &str,
+    epoch: Epoch,
+    base: Version,
+    commit: TurnCommit,
+) -> Result<ReplicaTicket, Refusal> {
+    let (done, done_rx) = oneshot::channel();
+    let notify = Notify::new(move |result| drop(done.send(result)));
+    shards.submit_then(conv, epoch, base, commit, notify).await?;
+    Ok(Box::pin(async move { done_rx.await.map_err(|_| gone())? }))
+}
 
 const SHARDS: u32 = 4;
 const CONV: &str = "alice";
@@ -179,7 +195,7 @@ async fn paced_turns(n: &Node, owned: &mut Owned, k: usize, pace: Duration) {
         let commit =
             owned.state.next_commit("echo", id, "hi".into(), None, vec!["re".into()], vec![]);
         let ticket =
-            n.shards.submit(CONV, owned.epoch, owned.version, commit.clone()).await.unwrap();
+            submit(&n.shards, CONV, owned.epoch, owned.version, commit.clone()).await.unwrap();
         let turn = commit.record.turn;
         owned.state.apply(commit, 64);
         owned.version = Version { epoch: owned.epoch, turn };
@@ -244,7 +260,7 @@ async fn writes_reach_the_in_sync_set_a_learner_catches_up_and_ownership_hands_o
     assert!(moved.epoch > owned.epoch);
     // a's turns are refused now (its map says c owns).
     let commit = owned.state.next_commit("echo", "late".into(), "x".into(), None, vec![], vec![]);
-    let refused = a.shards.submit(CONV, owned.epoch, owned.version, commit).await;
+    let refused = submit(&a.shards, CONV, owned.epoch, owned.version, commit).await;
     assert!(refused.is_err_and(|r| r.moved));
     turns(c, &mut moved, 2).await;
     for n in &nodes {
@@ -263,7 +279,7 @@ async fn a_member_that_stops_acknowledging_is_proposed_for_removal() {
     // Batches from a to b are lost: the next turn waits, then a proposes dropping b.
     a.links.cut.lock().unwrap().push("b".into());
     let commit = owned.state.next_commit("echo", "m3".into(), "hi".into(), None, vec![], vec![]);
-    let ticket = a.shards.submit(CONV, owned.epoch, owned.version, commit).await.unwrap();
+    let ticket = submit(&a.shards, CONV, owned.epoch, owned.version, commit).await.unwrap();
     let remove = proposed(a, |c| matches!(c, ShardChange::Remove { member: 1, .. })).await;
     apply(&nodes, &mut map, &remove).await;
     // The controller committed it: the write is acknowledged on the members left.
