@@ -138,6 +138,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/shard/force", post(force))
         .route("/flags/set", post(flag_set))
         .route("/flags/delete", post(flag_delete))
+        .route("/console/drain", post(crate::console::drain))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
     let app = Router::new()
         .route("/health/live", get(|| async { "live\n" }))
@@ -147,6 +148,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/ping", get(ping))
         .route("/placement", get(placement))
         .route("/flags", get(flags))
+        .merge(crate::console::routes())
         .merge(mutating)
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
@@ -154,10 +156,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-/// Lets a mutating request through only if it carries no `Origin` (a browser sends one
-/// with every cross-site POST, also the "simple" ones it sends without asking: an admin
-/// port reachable from a browser could otherwise be drained by any web page) and, when
-/// `[admin] tokens` is set, a bearer token among them. Refusals are counted.
+/// Lets a mutating request through only if it carries no `Origin` or this port's own (a
+/// browser sends one with every cross-site POST, also the "simple" ones it sends without
+/// asking: an admin port reachable from a browser could otherwise be drained by any web
+/// page; the console served here sends its own) and, when `[admin] tokens` is set, a
+/// bearer token among them. Refusals are counted.
 async fn guard(
     State(s): State<Arc<AdminState>>,
     request: axum::extract::Request,
@@ -169,7 +172,15 @@ async fn guard(
         tracing::warn!(path = %request.uri().path(), reason, "admin request refused");
         (code, message).into_response()
     };
-    if headers.contains_key(header::ORIGIN) {
+    let same_origin = |origin: &header::HeaderValue| {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|o| Some(o) == host)
+    };
+    if headers.get(header::ORIGIN).is_some_and(|o| !same_origin(o)) {
         return refuse(
             "cross-origin",
             StatusCode::FORBIDDEN,
@@ -273,6 +284,11 @@ fn uptime_s(incarnation_ms: u64) -> f64 {
 }
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
+    Json(current_status(&s).await)
+}
+
+/// This node's `GET /status`.
+pub async fn current_status(s: &AdminState) -> Status {
     let linked = crate::links::sessions(&s.server).await.unwrap_or_default();
     let view = s.view.borrow().clone();
     let members = view
@@ -302,7 +318,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
             }),
         })
         .collect();
-    Json(Status {
+    Status {
         node: view.me.name.clone(),
         link_name: s.link_name.clone(),
         pid: std::process::id(),
@@ -316,10 +332,22 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         active_conversations: s.host.active() as u64,
         members,
         controller: s.map.borrow().status.clone(),
-    })
+    }
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    match metrics_text(&s).await {
+        Some(out) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        )
+            .into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// This node's `GET /metrics` (OpenMetrics text).
+pub async fn metrics_text(s: &AdminState) -> Option<String> {
     if let Some(sessions) = crate::links::sessions(&s.server).await {
         s.metrics.cluster_sessions.set(sessions.len() as i64);
     }
@@ -339,11 +367,8 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         prometheus_client::metrics::counter::ConstCounter::new(cpu_seconds()),
     );
     let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out)
-        .into_response()
+    prometheus_client::encoding::text::encode(&mut out, &registry).ok()?;
+    Some(out)
 }
 
 #[derive(Deserialize)]

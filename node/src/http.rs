@@ -46,9 +46,19 @@ pub const ADMIN_TOKEN_ENV: &str = "BOTCLAW_ADMIN_TOKEN";
 /// `POST http://{addr}{path}` with no body (and `$BOTCLAW_ADMIN_TOKEN` as a bearer token,
 /// if set), returning the body of a 2xx answer.
 pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
+    post_with_token(addr, path, timeout, std::env::var(ADMIN_TOKEN_ENV).ok().as_deref())
+}
+
+/// `POST http://{addr}{path}` with no body and `token` as a bearer token, if any.
+pub fn post_with_token(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Result<String> {
     let url = format!("http://{addr}{path}");
     let mut req = agent(timeout).post(&url);
-    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+    if let Some(token) = token {
         req = req.header("Authorization", &format!("Bearer {token}"));
     }
     let resp = req.send_empty().with_context(|| format!("POST {url}"))?;

@@ -26,6 +26,7 @@ pub mod admission;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod console;
 pub mod controller;
 pub mod flags;
 pub mod frontend;

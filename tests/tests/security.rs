@@ -28,13 +28,24 @@ fn the_admin_port_refuses_cross_origin_and_tokenless_changes() {
         let (got, body) = http_post_with(admin, "/drain", headers).expect("admin answers");
         assert_eq!(got, code, "{headers:?}: {body}");
     }
-    // Nothing changed: the node still serves, read-only endpoints stay open.
+    // The console served by this port sends its own origin: let through (with the
+    // token); another port's origin is another site.
+    let own = format!("http://{admin}");
+    let other = format!("http://127.0.0.1:{}", admin.port() ^ 1);
+    let (got, body) = http_post_with(admin, "/drain", &[("Origin", &other), bearer]).unwrap();
+    assert_eq!(got, 403, "{body}");
+    let (got, body) = http_post_with(admin, "/drain", &[("Origin", &own)]).unwrap();
+    assert_eq!(got, 401, "same origin still needs the token: {body}");
+    let set = "/flags/set?name=console.check&percent=10";
+    let (got, body) = http_post_with(admin, set, &[("Origin", &own), bearer]).unwrap();
+    assert_eq!(got, 202, "{body}");
+    // Nothing else changed: the node still serves, read-only endpoints stay open.
     assert_eq!(http_get(admin, "/health/ready").map(|(code, _)| code), Some(200));
     let metrics = c.nodes[0].metrics();
-    assert_eq!(metric(&metrics, "botclaw_admin_requests_refused_total{reason=\"token\"}"), 3.0);
+    assert_eq!(metric(&metrics, "botclaw_admin_requests_refused_total{reason=\"token\"}"), 4.0);
     assert_eq!(
         metric(&metrics, "botclaw_admin_requests_refused_total{reason=\"cross-origin\"}"),
-        1.0
+        2.0
     );
     // The CLI with the token drains it.
     let out = Command::new(botclaw_bin())

@@ -1,0 +1,133 @@
+//! The web console in a real browser (headless Chromium over the DevTools protocol),
+//! against a real 3-node cluster under load. Screenshots go to
+//! `target/tmp/console/` (the CI run's artifacts).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use botclaw_client::{FailoverClient, FailoverOptions};
+use botclaw_tests::browser::Browser;
+use botclaw_tests::*;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+const SHOWN: Duration = Duration::from_secs(20);
+
+fn shots() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console")
+}
+
+#[test]
+fn the_console_shows_the_cluster_live_in_a_browser() {
+    if botclaw_tests::browser::chromium().is_none() {
+        eprintln!("skipped: no chromium (CI installs Debian's chromium)");
+        return;
+    }
+    let mut c = Cluster::new(3);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.wait_placed(&[0, 1, 2], CONVERGE);
+    let rt = runtime();
+
+    // Load through every node, until the test ends.
+    let seeds: Vec<SocketAddr> = c.nodes.iter().map(|n| n.ports.client).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(async {
+                let client = FailoverClient::connect(&seeds, FailoverOptions::default()).await?;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let conv = format!("console-{}", i % 40);
+                    if client.say(&conv, &format!("m{i}"), "hello", None).await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+                Ok::<_, botclaw_client::ClientError>(())
+            })
+        })
+    };
+    let turned = poll(CONVERGE, || (done.load(Ordering::Relaxed) > 50).then_some(()));
+    assert!(turned.is_some(), "the load runs\n{}", c.logs());
+
+    let admin = c.nodes[0].ports.admin;
+    let checks = rt.block_on(async {
+        let mut b = Browser::launch().await.expect("chromium");
+        b.open(&format!("http://{admin}/console#conv=console-7")).await;
+        // Members appear, all up, with the controller's leader.
+        let up = "document.querySelectorAll('#members tr[data-state=\"up\"]').length === 3";
+        assert!(b.wait_for(up, SHOWN).await.is_some(), "three members up on the page");
+        let leader = b.wait_for("document.querySelector('#leader').textContent.startsWith('n')", SHOWN);
+        assert!(leader.await.is_some(), "the controller's leader is shown");
+        // Numbers move: the turn counters of the page change while the load runs.
+        let rates = "[...document.querySelectorAll('#members tbody tr')].map(r => r.children[6].textContent).join(' ')";
+        let first = b.eval(rates).await;
+        let moved = format!("{rates} !== {first}");
+        assert!(b.wait_for(&moved, SHOWN).await.is_some(), "turns/s never changed: {first}");
+        let busy = "[...document.querySelectorAll('#members tbody tr')].some(r => parseFloat(r.children[6].textContent) > 0)";
+        assert!(b.wait_for(busy, SHOWN).await.is_some(), "no node shows turns");
+        let latency = "[...document.querySelectorAll('#members tbody tr')].some(r => r.children[7].textContent.includes('s'))";
+        assert!(b.wait_for(latency, SHOWN).await.is_some(), "no node shows a p50");
+        // The conversation lookup answers (from the address's #conv=).
+        let owner = b.wait_for("document.querySelector('#lookup-result').dataset.owner", SHOWN).await;
+        let owner = owner.and_then(|v| v.as_str().map(str::to_string)).expect("lookup answered");
+        assert!(owner.starts_with('n'), "owner {owner}");
+        let text = b.eval("document.querySelector('#lookup-result').textContent").await;
+        assert!(text.as_str().unwrap().contains("conversation console-7: shard"), "{text}");
+        // Shards per node: every member owns some.
+        let bars = "document.querySelectorAll('#shards .barrow').length === 3";
+        assert!(b.wait_for(bars, SHOWN).await.is_some(), "shard distribution");
+        b.screenshot(&shots().join("cluster.png")).await;
+        // A flag set from the page (confirmed) shows in its flag list.
+        let set = "window.confirm = () => true; \
+            document.querySelector('#flag-name').value = 'console.beta'; \
+            document.querySelector('#flag-percent').value = '30'; \
+            document.querySelector('#flag-form').requestSubmit(); true";
+        b.eval(set).await;
+        let answered = "document.querySelector('#control-result').textContent.startsWith('202')";
+        assert!(b.wait_for(answered, SHOWN).await.is_some(), "the flag set was not accepted");
+        let listed = "(document.querySelector('#flags tr[data-flag=\"console.beta\"]') || {}).textContent";
+        let row = b.wait_for(listed, SHOWN).await.expect("the flag is listed");
+        assert!(row.as_str().unwrap().contains("30.00%"), "{row}");
+        b
+    });
+    let mut b = checks;
+
+    // A node dies: the page turns it down (suspect, then down) without a reload.
+    let victim = c.nodes[2].name.clone();
+    c.nodes[2].kill9();
+    let gone = format!(
+        "(document.querySelector('#members tr[data-node=\"{victim}\"]') || {{}}).dataset?.state"
+    );
+    let shown = rt.block_on(async {
+        let state =
+            b.wait_for(&format!("['suspect', 'down'].includes({gone}) && {gone}"), SHOWN).await;
+        b.screenshot(&shots().join("node-killed.png")).await;
+        state
+    });
+    assert!(shown.is_some(), "the killed node {victim} is never shown down\n{}", c.logs());
+    // Drain a member from the page: the node it chose drains and exits.
+    let drained = c.nodes[1].name.clone();
+    let drain = format!(
+        "window.confirm = () => true; \
+         document.querySelector('#control-result').textContent = ''; \
+         document.querySelector('#drain-node').value = '{drained}'; \
+         document.querySelector('#drain-form').requestSubmit(); true"
+    );
+    let answer = rt.block_on(async {
+        b.eval(&drain).await;
+        let answered = "document.querySelector('#control-result').textContent";
+        b.wait_for(answered, SHOWN).await
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.join();
+    let answer = answer.expect("the drain was answered");
+    assert!(answer.as_str().unwrap().starts_with("202"), "{answer}");
+    let exited = c.nodes[1].wait_exit(Duration::from_secs(60));
+    assert!(exited.is_some(), "the drained node kept running\n{}", c.logs());
+}
