@@ -51,6 +51,27 @@ pub struct AdminState {
     pub admin_tokens: Vec<String>,
     /// The ring over the map's active members, for `/placement` (rebuilt when they change).
     pub ring: tokio::sync::Mutex<Option<(Vec<RingMember>, Arc<Placement>)>>,
+    /// What the rebalancer would move now (refreshed every second by the load loop).
+    pub preview: Arc<std::sync::Mutex<RebalancePreview>>,
+}
+
+/// `GET /rebalance/dry-run`: what this node's rebalancer would move now, and why.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RebalancePreview {
+    pub node: String,
+    /// The cluster's load imbalance (max / average per capacity unit; 1.0 is even).
+    pub imbalance: f64,
+    /// This node's load over the average.
+    pub load_ratio: f64,
+    pub why: String,
+    pub moves: Vec<PreviewMove>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreviewMove {
+    pub shard: u32,
+    pub to: String,
+    pub turns_per_s: f64,
 }
 
 impl AdminState {
@@ -148,6 +169,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/ping", get(ping))
         .route("/placement", get(placement))
         .route("/flags", get(flags))
+        .route(
+            "/rebalance/dry-run",
+            get(|State(s): State<Arc<AdminState>>| async move {
+                Json(s.preview.lock().expect("preview lock").clone())
+            }),
+        )
         .merge(crate::console::routes())
         .merge(mutating)
         .with_state(state);

@@ -30,6 +30,8 @@ enum Command {
     /// Operator overrides of the shard map.
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// What the rebalancer would move now on every node, and why (`--dry-run`).
+    Rebalance(RebalanceArgs),
     /// Cluster-wide feature flags: list, set (on for a share of conversations), delete.
     #[command(subcommand)]
     Flags(crate::flags::FlagsCommand),
@@ -201,6 +203,20 @@ struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+struct RebalanceArgs {
+    /// Admin address of any node.
+    #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
+    admin: SocketAddr,
+    /// Show what would move, change nothing (rebalancing itself runs on its own, see
+    /// `[rebalance]`).
+    #[arg(long, required = true)]
+    dry_run: bool,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct DrainArgs {
     /// Admin address of the node to drain.
     #[arg(long, default_value = "127.0.0.1:7003", value_parser = crate::addrs::socket_addr_arg)]
@@ -313,6 +329,20 @@ pub fn main() -> ExitCode {
         }
         Command::Node(args) => run_node(*args),
         Command::Sim(args) => crate::sim::run(args),
+        Command::Rebalance(args) => match crate::status::rebalance_dry_run(args.admin) {
+            Ok(previews) if args.json => {
+                println!("{}", serde_json::to_string_pretty(&previews).expect("serializes"));
+                ExitCode::SUCCESS
+            }
+            Ok(previews) => {
+                print!("{}", crate::status::render_dry_run(&previews));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("botclaw rebalance: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "botclaw", &mut std::io::stdout());

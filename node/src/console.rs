@@ -73,6 +73,8 @@ struct NodeView {
     status: Option<Status>,
     /// Its charted metric lines (OpenMetrics text).
     metrics: String,
+    /// What its rebalancer would move now.
+    preview: Option<crate::admin::RebalancePreview>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,14 +97,20 @@ fn charted(text: &str) -> String {
 }
 
 /// A member's status and charted metrics, read from its admin port.
-async fn fetch_member(admin: std::net::SocketAddr) -> (Option<Status>, String) {
+async fn fetch_member(admin: std::net::SocketAddr) -> NodeView {
     let got = tokio::task::spawn_blocking(move || {
         let status = crate::http::get_json::<Status>(admin, "/status", FETCH_TIMEOUT).ok();
         let metrics = crate::http::get(admin, "/metrics", FETCH_TIMEOUT).unwrap_or_default();
-        (status, charted(&metrics))
+        let preview = crate::http::get_json(admin, "/rebalance/dry-run", FETCH_TIMEOUT).ok();
+        NodeView { name: String::new(), status, metrics: charted(&metrics), preview }
     })
     .await;
-    got.unwrap_or((None, String::new()))
+    got.unwrap_or(NodeView {
+        name: String::new(),
+        status: None,
+        metrics: String::new(),
+        preview: None,
+    })
 }
 
 async fn snapshot(s: &AdminState) -> Snapshot {
@@ -111,14 +119,17 @@ async fn snapshot(s: &AdminState) -> Snapshot {
     for m in status.members.iter().filter(|m| !m.is_self && m.state == "up") {
         let Ok(admin) = m.admin_addr.parse() else { continue };
         let name = m.name.clone();
-        fetches.push(async move {
-            let (status, metrics) = fetch_member(admin).await;
-            NodeView { name, status, metrics }
-        });
+        fetches.push(async move { NodeView { name, ..fetch_member(admin).await } });
     }
     let mut nodes = futures::future::join_all(fetches).await;
     let own = metrics_text(s).await.map(|t| charted(&t)).unwrap_or_default();
-    nodes.push(NodeView { name: status.node.clone(), status: Some(status.clone()), metrics: own });
+    let preview = Some(s.preview.lock().expect("preview lock").clone());
+    nodes.push(NodeView {
+        name: status.node.clone(),
+        status: Some(status.clone()),
+        metrics: own,
+        preview,
+    });
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     Snapshot { status, nodes }
 }

@@ -264,6 +264,8 @@ struct LoadLoop {
     metrics: Metrics,
     view: watch::Receiver<ClusterView>,
     rebalance: botclaw_config::RebalanceConfig,
+    /// What the rebalancer would move now, for `GET /rebalance/dry-run`.
+    preview: Arc<std::sync::Mutex<admin::RebalancePreview>>,
 }
 
 /// The loads of the members that own shards, as their last summaries said.
@@ -294,6 +296,71 @@ fn cluster_loads(l: &LoadLoop) -> Vec<NodeLoad> {
         .collect()
 }
 
+/// What the rebalancer would decide on this node now, with the reason, from the same pure
+/// rules and inputs as its rounds (but without their hysteresis: a dry run shows the
+/// decision the next round would take if the load stays).
+fn preview(
+    l: &LoadLoop,
+    cfg: &botclaw_core::rebalance::RebalanceConfig,
+    hot: &[(u32, f32)],
+) -> admin::RebalancePreview {
+    let nodes = cluster_loads(l);
+    let avg = botclaw_core::rebalance::average(&nodes);
+    let per_node = nodes.iter().map(|n| n.load).sum::<f64>() / nodes.len().max(1) as f64;
+    let mine = nodes.iter().find(|n| n.name == l.node);
+    let my_ratio =
+        mine.map_or(
+            0.0,
+            |m| {
+                if avg > 0.0 {
+                    m.load / f64::from(m.capacity.max(1)) / avg
+                } else {
+                    0.0
+                }
+            },
+        );
+    let shards: Vec<ShardLoad> = hot
+        .iter()
+        .map(|(shard, rate)| ShardLoad { shard: *shard, rate: f64::from(*rate) })
+        .collect();
+    let moves = botclaw_core::rebalance::decide(cfg, &l.node, &nodes, &shards, |_| false);
+    let why = if !l.rebalance.enabled {
+        "rebalancing is off ([rebalance] enabled = false)".to_string()
+    } else if nodes.len() < 2 {
+        "fewer than two members own shards: nowhere to move to".to_string()
+    } else if per_node < f64::from(l.rebalance.min_turns_per_s) {
+        format!(
+            "the cluster is quiet: {per_node:.1} turns/s per node, under min_turns_per_s {}",
+            l.rebalance.min_turns_per_s
+        )
+    } else if my_ratio <= cfg.overload_ratio {
+        format!(
+            "this node's load is {my_ratio:.2}x the average, not over overload_ratio {:.2}",
+            cfg.overload_ratio
+        )
+    } else if moves.is_empty() {
+        format!("overloaded ({my_ratio:.2}x the average), but no hot shard fits a receiver's room")
+    } else {
+        format!(
+            "overloaded ({my_ratio:.2}x the average): its hottest shards go to the least loaded"
+        )
+    };
+    admin::RebalancePreview {
+        node: l.node.clone(),
+        imbalance: botclaw_core::rebalance::imbalance(&nodes),
+        load_ratio: my_ratio,
+        why,
+        moves: moves
+            .iter()
+            .map(|m| admin::PreviewMove {
+                shard: m.shard,
+                to: m.to.clone(),
+                turns_per_s: shards.iter().find(|s| s.shard == m.shard).map_or(0.0, |s| s.rate),
+            })
+            .collect(),
+    }
+}
+
 /// Measures this node's load every [`LOAD_PERIOD`] and spreads it over gossip, with the
 /// moves it vouches for; every `rebalance.interval_ms` it runs the rebalancer on the
 /// cluster's loads and its own hottest shards.
@@ -322,6 +389,7 @@ async fn load_loop(l: LoadLoop) {
             .collect();
         last_served = served;
         let mut hot = l.dispatcher.take_hot_shards(core_cfg.shards_considered(), period);
+        *l.preview.lock().expect("preview lock") = preview(&l, &core_cfg, &hot);
         if l.rebalance.enabled && seq % rounds_every == 0 {
             let nodes = cluster_loads(&l);
             // Members came or went, or shards are moving to new owners (learners in the
@@ -774,6 +842,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             history: cfg.conversations.history_bytes_max,
         },
     });
+    let preview = Arc::new(std::sync::Mutex::new(admin::RebalancePreview::default()));
     let load_task = tokio::spawn(load_loop(LoadLoop {
         gossip: gossip_tx.clone(),
         node: cfg.name.clone(),
@@ -782,6 +851,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics: metrics.clone(),
         view: view.clone(),
         rebalance: cfg.rebalance.clone(),
+        preview: preview.clone(),
     }));
     let client_tls = tls.as_ref().and_then(|t| t.client_acceptor.clone());
     let frontend_task = tokio::spawn(frontend::serve(client_listener, frontend, client_tls));
@@ -804,6 +874,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         store: store.clone(),
         admin_tokens: cfg.admin.tokens.clone(),
         ring: Default::default(),
+        preview,
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state));
     let leave_controller = controller_tx;

@@ -243,3 +243,48 @@ pub fn drain(admin: SocketAddr, wait: Duration) -> Result<Duration> {
     }
     anyhow::bail!("{admin} still answers after {wait:?}")
 }
+
+/// Every up member's rebalance dry run, read through the admin port of each (the member
+/// list from `admin`); a member that does not answer is left out with a note.
+pub fn rebalance_dry_run(admin: SocketAddr) -> Result<Vec<crate::admin::RebalancePreview>> {
+    let status = fetch(admin)?;
+    let mut previews = Vec::new();
+    for m in status.members.iter().filter(|m| m.state == "up") {
+        let addr: SocketAddr = if m.is_self {
+            admin
+        } else {
+            match m.admin_addr.parse() {
+                Ok(a) => a,
+                Err(_) => continue,
+            }
+        };
+        match crate::http::get_json(addr, "/rebalance/dry-run", Duration::from_secs(5)) {
+            Ok(p) => previews.push(p),
+            Err(e) => previews.push(crate::admin::RebalancePreview {
+                node: m.name.clone(),
+                why: format!("did not answer: {e:#}"),
+                ..Default::default()
+            }),
+        }
+    }
+    Ok(previews)
+}
+
+pub fn render_dry_run(previews: &[crate::admin::RebalancePreview]) -> String {
+    let mut out = String::new();
+    let imbalance = previews.iter().map(|p| p.imbalance).fold(0.0, f64::max);
+    out.push_str(&format!("cluster load imbalance {imbalance:.2} (max / average; 1.00 is even)\n"));
+    for p in previews {
+        out.push_str(&format!("{:<16} {:>5.2}x  {}\n", p.node, p.load_ratio, p.why));
+        for m in &p.moves {
+            out.push_str(&format!(
+                "{:<16}        would move shard {} ({:.1} turns/s) to {}\n",
+                "", m.shard, m.turns_per_s, m.to
+            ));
+        }
+    }
+    if previews.iter().all(|p| p.moves.is_empty()) {
+        out.push_str("nothing would move now\n");
+    }
+    out
+}

@@ -24,26 +24,40 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
         eprintln!("skipped: no chromium (CI installs Debian's chromium)");
         return;
     }
-    let mut c = Cluster::new(3);
+    // Rebalancing rounds are far apart: the skewed load below stays skewed, for the dry run
+    // to show what would move.
+    let mut c =
+        Cluster::new(3).with_config("[rebalance]\ninterval_ms = 600000\nmin_turns_per_s = 1\n");
     c.start_all();
     c.wait_converged(&[0, 1, 2], CONVERGE);
     c.wait_placed(&[0, 1, 2], CONVERGE);
     let rt = runtime();
 
-    // Load through every node, until the test ends.
+    // Skewed load on conversations the first node owns, until the test ends.
+    let hot_node = c.nodes[0].name.clone();
+    let owner = |conv: &str| {
+        get_json(c.nodes[0].ports.admin, &format!("/placement?conv={conv}"))
+            .and_then(|p| p["owner"].as_str().map(str::to_string))
+    };
+    let convs: Vec<String> = (0..300)
+        .map(|i| format!("console-{i}"))
+        .filter(|conv| owner(conv).as_deref() == Some(hot_node.as_str()))
+        .take(12)
+        .collect();
+    assert_eq!(convs.len(), 12, "conversations owned by {hot_node}");
     let seeds: Vec<SocketAddr> = c.nodes.iter().map(|n| n.ports.client).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let load = {
-        let (stop, done) = (stop.clone(), done.clone());
+        let (stop, done, convs) = (stop.clone(), done.clone(), convs.clone());
         std::thread::spawn(move || {
             let rt = runtime();
             rt.block_on(async {
                 let client = FailoverClient::connect(&seeds, FailoverOptions::default()).await?;
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let conv = format!("console-{}", i % 40);
-                    if client.say(&conv, &format!("m{i}"), "hello", None).await.is_ok() {
+                    let conv = &convs[i as usize % convs.len()];
+                    if client.say(conv, &format!("m{i}"), "hello", None).await.is_ok() {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     i += 1;
@@ -58,7 +72,7 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
     let admin = c.nodes[0].ports.admin;
     let checks = rt.block_on(async {
         let mut b = Browser::launch().await.expect("chromium");
-        b.open(&format!("http://{admin}/console#conv=console-7")).await;
+        b.open(&format!("http://{admin}/console#conv={}", convs[0])).await;
         // Members appear, all up, with the controller's leader.
         let up = "document.querySelectorAll('#members tr[data-state=\"up\"]').length === 3";
         assert!(b.wait_for(up, SHOWN).await.is_some(), "three members up on the page");
@@ -78,7 +92,14 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
         let owner = owner.and_then(|v| v.as_str().map(str::to_string)).expect("lookup answered");
         assert!(owner.starts_with('n'), "owner {owner}");
         let text = b.eval("document.querySelector('#lookup-result').textContent").await;
-        assert!(text.as_str().unwrap().contains("conversation console-7: shard"), "{text}");
+        let expected = format!("conversation {}: shard", convs[0]);
+        assert!(text.as_str().unwrap().contains(&expected), "{text}");
+        assert_eq!(owner, hot_node);
+        // The dry run lists what the loaded node's rebalancer would move.
+        let dry = format!(
+            "Number((document.querySelector('#dry-run .dry[data-node=\"{hot_node}\"]') || {{dataset: {{}}}}).dataset.moves || 0) > 0"
+        );
+        assert!(b.wait_for(&dry, SHOWN).await.is_some(), "the dry run lists no move");
         // Shards per node: every member owns some.
         let bars = "document.querySelectorAll('#shards .barrow').length === 3";
         assert!(b.wait_for(bars, SHOWN).await.is_some(), "shard distribution");
@@ -97,6 +118,13 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
         b
     });
     let mut b = checks;
+    // The command line's dry run says the same.
+    let out = std::process::Command::new(botclaw_bin())
+        .args(["rebalance", "--dry-run", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("would move shard"), "{said}");
 
     // A node dies: the page turns it down (suspect, then down) without a reload.
     let victim = c.nodes[2].name.clone();

@@ -14,7 +14,7 @@ const el = (tag, attrs = {}, ...children) => {
 
 // Per node: the last latency buckets seen, so each snapshot charts the last second's turns.
 const previous = new Map();
-// Owned-shard imbalance (max/mean) over the last 5 minutes.
+// Load imbalance (turns/s, max/mean over the members up) over the last 5 minutes.
 const imbalance = [];
 const IMBALANCE_POINTS = 300;
 
@@ -135,15 +135,28 @@ function render(snap) {
   if (owned.length) {
     const counts = owned.map(([, n]) => n);
     const mean = counts.reduce((a, b) => a + b, 0) / counts.length;
-    const ratio = mean > 0 ? Math.max(...counts) / mean : 1;
-    imbalance.push(ratio);
-    if (imbalance.length > IMBALANCE_POINTS) imbalance.shift();
-    $("#imbalance-now").textContent = ratio.toFixed(2);
-    drawImbalance();
+    $("#imbalance-now").textContent = (mean > 0 ? Math.max(...counts) / mean : 1).toFixed(2);
   }
   if (loads.length) {
     const mean = loads.reduce((a, b) => a + b, 0) / loads.length;
-    $("#load-imbalance").textContent = mean > 0 ? (Math.max(...loads) / mean).toFixed(2) : "–";
+    const ratio = mean > 0 ? Math.max(...loads) / mean : 1;
+    $("#load-imbalance").textContent = mean > 0 ? ratio.toFixed(2) : "–";
+    imbalance.push(ratio);
+    if (imbalance.length > IMBALANCE_POINTS) imbalance.shift();
+    drawImbalance();
+  }
+
+  const dry = $("#dry-run");
+  dry.replaceChildren();
+  for (const n of snap.nodes) {
+    const p = n.preview;
+    if (!p) { dry.append(el("p", { class: "bad" }, `${n.name}: no answer`)); continue; }
+    const item = el("div", { class: "dry", "data-node": n.name, "data-moves": p.moves.length },
+      el("b", {}, n.name), ` ${p.load_ratio.toFixed(2)}× average: ${p.why}`);
+    for (const m of p.moves) {
+      item.append(el("div", { class: "move" }, `→ shard ${m.shard} (${m.turns_per_s.toFixed(1)} turns/s) to ${m.to}`));
+    }
+    dry.append(item);
   }
 
   const select = $("#drain-node");
