@@ -393,6 +393,48 @@ pub async fn metrics_text(s: &AdminState) -> Option<String> {
         "User and system CPU time of the node process",
         prometheus_client::metrics::counter::ConstCounter::new(cpu_seconds()),
     );
+    // Read at each scrape, for the alert rules and dashboards in cluster-config/.
+    use prometheus_client::metrics::gauge::ConstGauge;
+    let c = s.map.borrow().status.clone();
+    let gauges: [(&str, &str, i64); 10] = [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory of the node process",
+            rss_bytes() as i64,
+        ),
+        (
+            "active_conversations_bytes_max",
+            "conversations.active_bytes_max: the budget of botclaw_active_conversations_bytes",
+            s.host.shared().active_bytes_max() as i64,
+        ),
+        ("store_writable", "1 while the state store can write", i64::from(s.store.writable())),
+        (
+            "controller_leader_known",
+            "1 while this node hears from a placement controller leader",
+            i64::from(c.leader.is_some()),
+        ),
+        ("controller_is_leader", "1 on the placement controller's leader", i64::from(c.is_leader)),
+        ("controller_term", "The placement controller's term as this node knows it", c.term as i64),
+        ("controller_map_version", "Commands applied to the shard map", c.map_version as i64),
+        (
+            "controller_shards_under_replicated",
+            "Assigned shards with fewer in-sync members than the replication factor",
+            c.shards_under_replicated as i64,
+        ),
+        (
+            "controller_shards_unavailable",
+            "Shards whose in-sync members are all gone: they refuse turns",
+            c.shards_unavailable as i64,
+        ),
+        (
+            "controller_moves_in_flight",
+            "Shards with a learner (moves under way)",
+            c.moves_in_flight as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        registry.register(name, help, ConstGauge::new(value));
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).ok()?;
     Some(out)

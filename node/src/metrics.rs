@@ -104,7 +104,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let metrics = Metrics {
             conversations: Default::default(),
             // 50 us .. ~1.6 s
             turn_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
@@ -145,7 +145,13 @@ impl Default for Metrics {
             link_dials: Default::default(),
             link_drops: Default::default(),
             controller: Default::default(),
+        };
+        // Every error code is exported from the start (at 0): a rate over a series that
+        // appears only with the first error would miss it, and dashboards show no data.
+        for code in botclaw_client::ErrorCode::ALL {
+            drop(metrics.errors.get_or_create(&CodeLabel { code: code.as_str().to_string() }));
         }
+        metrics
     }
 }
 

@@ -52,6 +52,32 @@ pub struct UpArgs {
     /// ...); what `up` sets itself (names, addresses, seeds, data dirs, store, TLS) wins.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also write DATA/prometheus/: a Prometheus config that scrapes every node (a
+    /// file-based target list) with botclaw's alert rules, to run with `prometheus
+    /// --config.file=DATA/prometheus/prometheus.yml`.
+    #[arg(long)]
+    prometheus: bool,
+}
+
+/// The alert rules shipped in `cluster-config/prometheus/`.
+pub const ALERT_RULES: &str = include_str!("../../cluster-config/prometheus/botclaw-alerts.yml");
+
+/// Writes `dir/prometheus.yml` (scraping every 2 s the targets of `dir/targets.json`, with
+/// the alert rules of `dir/botclaw-alerts.yml`) and those two files; paths in the config
+/// are relative to it.
+pub fn write_prometheus(dir: &Path, admins: &[SocketAddr]) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let config = "# Written by `botclaw up --prometheus`.\n\
+        global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n\
+        rule_files:\n  - botclaw-alerts.yml\n\
+        scrape_configs:\n  - job_name: botclaw\n    file_sd_configs:\n      - files: [targets.json]\n        refresh_interval: 5s\n";
+    let targets: Vec<String> = admins.iter().map(ToString::to_string).collect();
+    let sd = serde_json::json!([{"targets": targets, "labels": {"cluster": "botclaw-up"}}]);
+    fs::write(dir.join("targets.json"), serde_json::to_string_pretty(&sd)?)?;
+    fs::write(dir.join("botclaw-alerts.yml"), ALERT_RULES)?;
+    let path = dir.join("prometheus.yml");
+    fs::write(&path, config)?;
+    Ok(path)
 }
 
 struct Launched {
@@ -305,10 +331,21 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
             tls_dir.display()
         )
     };
+    let prometheus = if args.prometheus {
+        let admins: Vec<SocketAddr> = nodes.iter().map(|n| n.admin).collect();
+        let config = write_prometheus(&data_dir.join("prometheus"), &admins)?;
+        format!(
+            "\n  metrics:  prometheus --config.file={} (every node, with the alert rules)",
+            config.display()
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  add one:  botclaw node {secret} --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}{certs}\n  stop:     Ctrl-C\n",
+        "\ncluster of {} nodes converged in {} ms\n\n  status:   botclaw status --admin {}\n  console:  http://{}/console\n  add one:  botclaw node {secret} --name extra --gossip-addr 127.0.0.1:PORT ... --seed {}{certs}{prometheus}\n  stop:     Ctrl-C\n",
         nodes.len(),
         start.elapsed().as_millis(),
+        nodes[0].admin,
         nodes[0].admin,
         seeds.unwrap_or_default(),
     );

@@ -132,6 +132,11 @@ impl Drop for MemoryCharge {
 
 impl HostShared {
     /// Estimated bytes of the active conversations.
+    /// `conversations.active_bytes_max`: the budget of [`HostShared::active_bytes`].
+    pub fn active_bytes_max(&self) -> u64 {
+        self.active_bytes_max
+    }
+
     pub fn active_bytes(&self) -> u64 {
         self.active_bytes.load(Ordering::Acquire).max(0) as u64
     }
