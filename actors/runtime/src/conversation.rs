@@ -369,8 +369,12 @@ impl ConvActorState {
             turn: self.state.turn + 1,
             flags: &flags,
         };
+        let started = std::time::Instant::now();
         let outcome =
             AssertUnwindSafe(runner.turn(&mut self.cx, &mut bot_state, input)).catch_unwind().await;
+        let label = crate::metrics::BotLabel { bot: bot_name.clone() };
+        let took = started.elapsed().as_secs_f64();
+        self.shared.metrics.bot_turn_seconds.0.get_or_create(&label).observe(took);
         let failure = match outcome {
             Ok(Ok(messages)) => {
                 let turn_bytes = record_bytes(&id, &text, user.as_deref(), &messages);
@@ -400,7 +404,12 @@ impl ConvActorState {
                 // Told once the turn is replicated (the actor may have stopped by then; its
                 // waiting replies were answered when it did).
                 let (me_then, turn) = (me.clone(), commit.record.turn);
+                let (submitted_at, latency) =
+                    (std::time::Instant::now(), self.shared.metrics.replication_seconds.clone());
                 let notify = Notify::new(move |result| {
+                    if result.is_ok() {
+                        latency.0.observe(submitted_at.elapsed().as_secs_f64());
+                    }
                     let _ = me_then.cast(ConvMsg::Committed { turn, result });
                 });
                 let submitted = self

@@ -4,11 +4,42 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
     pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BotLabel {
+    pub bot: String,
+}
+
+/// Buckets of the latency histograms below: 100 us to about 6.5 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 17))
+}
+
+/// A latency histogram (seconds) with [`latency_histogram`]'s buckets.
+#[derive(Debug, Clone)]
+pub struct Latency(pub Histogram);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(latency_histogram())
+    }
+}
+
+/// Latency histograms (seconds) by label, with [`latency_histogram`]'s buckets.
+#[derive(Debug, Clone)]
+pub struct LatencyBy<L>(pub Family<L, Histogram, fn() -> Histogram>);
+
+impl<L: Clone + std::hash::Hash + Eq> Default for LatencyBy<L> {
+    fn default() -> Self {
+        LatencyBy(Family::new_with_constructor(latency_histogram))
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -29,6 +60,11 @@ pub struct ConversationMetrics {
     /// Conversation actors restarted after a failure (bot panics and actor crashes).
     pub restarts: Counter,
     pub bot_errors: Counter,
+    /// Time a bot took for a turn (a service bot: its calls and module rounds), by bot.
+    pub bot_turn_seconds: LatencyBy<BotLabel>,
+    /// Time from submitting a turn to its replication (every in-sync copy, or the write
+    /// quorum, holds it).
+    pub replication_seconds: Latency,
     /// Calls to bot and module services, and the module cache.
     pub services: crate::services::ServiceMetrics,
     pub backend_calls: Family<BackendLabel, Counter>,
@@ -102,6 +138,21 @@ impl ConversationMetrics {
             self.bot_errors.clone(),
         );
         r.register("backend_calls", "Calls to backend services", self.backend_calls.clone());
+        r.register(
+            "bot_turn_seconds",
+            "Time a bot took for a turn, by bot",
+            self.bot_turn_seconds.0.clone(),
+        );
+        r.register(
+            "replication_seconds",
+            "Time from submitting a turn to its replication",
+            self.replication_seconds.0.clone(),
+        );
+        r.register(
+            "service_call_seconds",
+            "Time of calls to bot and module services (with their retries), by kind and service",
+            self.services.call_seconds.0.clone(),
+        );
         let sv = &self.services;
         r.register(
             "service_calls",

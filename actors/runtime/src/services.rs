@@ -74,6 +74,8 @@ pub struct ServiceMetrics {
     pub cache_misses: Family<ServiceLabel, Counter>,
     pub cache_coalesced: Family<ServiceLabel, Counter>,
     pub cache_evictions: Family<ServiceLabel, Counter>,
+    /// Time of calls (every attempt), by kind and service.
+    pub call_seconds: crate::metrics::LatencyBy<ServiceLabel>,
 }
 
 /// What the service said about caching its answer (`Cache-Control`).
@@ -298,6 +300,14 @@ impl ServicePool {
     /// POSTs `body` to an instance; a 2xx answer, or the failure as a `BotError` of the
     /// right kind. The caller counts `ok` once it accepted the answer ([`Self::accepted`]).
     pub async fn post(&self, body: Bytes) -> Result<Answer, BotError> {
+        let started = Instant::now();
+        let result = self.post_timed(body).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.call_seconds.0.get_or_create(&self.label).observe(seconds);
+        result
+    }
+
+    async fn post_timed(&self, body: Bytes) -> Result<Answer, BotError> {
         let (kind, name) = (self.kind, &self.cfg.name);
         let Ok(_permit) = self.permits.try_acquire() else {
             self.count("busy");
