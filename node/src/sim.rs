@@ -173,6 +173,9 @@ fn write_reports(
     };
     write("summary.json", json)?;
     write("series.csv", csv)?;
+    let names: Vec<&str> = plots.iter().map(|(name, _)| *name).collect();
+    let title = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    write("index.html", &botclaw_sim::report::index_html(&title, json, &names))?;
     for (name, svg) in plots {
         write(name, &svg)?;
     }

@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::authority::{Authority, AuthorityConfig};
-use crate::report::{json_line, line_chart};
+use crate::report::{chart, json_line, line_chart, Scale};
 use crate::scenario::{FaultKind, Scenario};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
@@ -37,7 +37,9 @@ const VIEWS_SAMPLED: usize = 32;
 pub struct MapSample {
     pub t_s: f64,
     pub acknowledged_per_s: f64,
+    pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     /// Busiest owner's acknowledged writes over the average of the owners.
     pub load_max_over_avg: f64,
     pub nodes_running: usize,
@@ -101,14 +103,16 @@ impl MapReport {
 
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "t_s,acknowledged_per_s,p99_ms,load_max_over_avg,nodes_running,members_up_min,members_up_max,unavailable_shards,moves_in_flight,map_version\n",
+            "t_s,acknowledged_per_s,p50_ms,p99_ms,p999_ms,load_max_over_avg,nodes_running,members_up_min,members_up_max,unavailable_shards,moves_in_flight,map_version\n",
         );
         for s in &self.samples {
             out.push_str(&format!(
-                "{:.3},{:.1},{:.3},{:.4},{},{},{},{},{},{}\n",
+                "{:.3},{:.1},{:.3},{:.3},{:.3},{:.4},{},{},{},{},{},{}\n",
                 s.t_s,
                 s.acknowledged_per_s,
+                s.p50_ms,
                 s.p99_ms,
+                s.p999_ms,
                 s.load_max_over_avg,
                 s.nodes_running,
                 s.members_up_min,
@@ -139,11 +143,16 @@ impl MapReport {
             ),
             (
                 "latency.svg",
-                line_chart(
+                chart(
                     &format!("{name} (by the map): write latency"),
-                    "p99 (ms)",
+                    "latency (ms, log scale)",
+                    Scale::Log,
                     &t,
-                    &[("p99", series(|s| s.p99_ms))],
+                    &[
+                        ("p50", series(|s| s.p50_ms)),
+                        ("p99", series(|s| s.p99_ms)),
+                        ("p99.9", series(|s| s.p999_ms)),
+                    ],
                 ),
             ),
             (
@@ -299,7 +308,11 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
             for &us in &lat {
                 all.saturating_record(us.max(1));
             }
-            let p99 = lat.get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1))).copied();
+            let at = |permille: usize| {
+                lat.get((lat.len() * permille / 1000).min(lat.len().saturating_sub(1)))
+                    .map_or(0.0, |&us| us as f64 / 1000.0)
+            };
+            let (p50, p99, p999) = (at(500), at(990), at(999));
             let per_node = a.acked_per_node();
             let map = a.map();
             let owners: Vec<u64> = (0..per_node.len())
@@ -321,7 +334,9 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
                 t_s: t as f64 / 1000.0,
                 acknowledged_per_s: (r.writes_acknowledged - last_acked) as f64 * 1000.0
                     / sample_ms as f64,
-                p99_ms: p99.map_or(0.0, |us| us as f64 / 1000.0),
+                p50_ms: p50,
+                p99_ms: p99,
+                p999_ms: p999,
                 load_max_over_avg: balance,
                 nodes_running: a.running(),
                 members_up_min: views.iter().copied().min().unwrap_or(0),

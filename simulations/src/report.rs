@@ -14,7 +14,9 @@ pub struct Sample {
     pub turns_per_s: f64,
     /// Busiest node's turns/s over the average of the nodes serving conversations.
     pub load_max_over_avg: f64,
+    pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub nodes_running: usize,
     /// Fewest and most members a node sees up (over up to 32 sampled nodes).
     pub members_up_min: usize,
@@ -78,16 +80,18 @@ impl Report {
 
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "t_s,turns_per_s,load_max_over_avg,p99_ms,nodes_running,members_up_min,members_up_max,failed_attempts,moved_shards\n",
+            "t_s,turns_per_s,load_max_over_avg,p50_ms,p99_ms,p999_ms,nodes_running,members_up_min,members_up_max,failed_attempts,moved_shards\n",
         );
         for s in &self.samples {
             let _ = writeln!(
                 out,
-                "{:.3},{:.1},{:.4},{:.3},{},{},{},{},{}",
+                "{:.3},{:.1},{:.4},{:.3},{:.3},{:.3},{},{},{},{},{}",
                 s.t_s,
                 s.turns_per_s,
                 s.load_max_over_avg,
+                s.p50_ms,
                 s.p99_ms,
+                s.p999_ms,
                 s.nodes_running,
                 s.members_up_min,
                 s.members_up_max,
@@ -114,11 +118,16 @@ impl Report {
             ),
             (
                 "latency.svg",
-                line_chart(
+                chart(
                     &format!("{}: turn latency", self.scenario),
-                    "p99 (ms)",
+                    "latency (ms, log scale)",
+                    Scale::Log,
                     &t,
-                    &[("p99", series(|s| s.p99_ms))],
+                    &[
+                        ("p50", series(|s| s.p50_ms)),
+                        ("p99", series(|s| s.p99_ms)),
+                        ("p99.9", series(|s| s.p999_ms)),
+                    ],
                 ),
             ),
             (
@@ -138,9 +147,6 @@ impl Report {
     }
 }
 
-const COLORS: [&str; 3] = ["#1f77b4", "#d62728", "#2ca02c"];
-
-/// A minimal line chart: axes with min/max labels, one polyline per series, a legend.
 /// A report as pretty JSON ending in a newline.
 pub(crate) fn json_line(report: &impl Serialize) -> String {
     let mut json = serde_json::to_string_pretty(report).expect("reports serialize");
@@ -148,57 +154,146 @@ pub(crate) fn json_line(report: &impl Serialize) -> String {
     json
 }
 
+/// How a chart's y axis is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scale {
+    Linear,
+    /// Logarithmic (for latency percentiles); values at or below 0 are left out.
+    Log,
+}
+
+const PALETTE: [plotters::style::RGBColor; 5] = [
+    plotters::style::RGBColor(31, 119, 180),
+    plotters::style::RGBColor(214, 39, 40),
+    plotters::style::RGBColor(44, 160, 44),
+    plotters::style::RGBColor(148, 103, 189),
+    plotters::style::RGBColor(255, 127, 14),
+];
+
+/// A line chart drawn with plotters: titled, axes with ticks and units (time in simulated
+/// seconds), a light grid, one line per series and a legend.
 pub(crate) fn line_chart(
     title: &str,
     y_label: &str,
     t: &[f64],
     series: &[(&str, Vec<f64>)],
 ) -> String {
-    let (w, h, left, right, top, bottom) = (720.0, 360.0, 70.0, 20.0, 40.0, 40.0);
-    let t_max = t.iter().copied().fold(0.0, f64::max).max(1e-9);
-    let values = series.iter().flat_map(|(_, v)| v.iter().copied());
-    let y_max = values.clone().fold(f64::MIN, f64::max).max(0.0);
-    let y_min = values.fold(f64::MAX, f64::min).min(y_max).min(0.0);
-    let span = (y_max - y_min).max(1e-9);
-    let x = |v: f64| left + (w - left - right) * v / t_max;
-    let y = |v: f64| top + (h - top - bottom) * (1.0 - (v - y_min) / span);
+    chart(title, y_label, Scale::Linear, t, series)
+}
+
+pub(crate) fn chart(
+    title: &str,
+    y_label: &str,
+    scale: Scale,
+    t: &[f64],
+    series: &[(&str, Vec<f64>)],
+) -> String {
     let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(svg, r#"<text x="{left}" y="20" font-size="14">{}</text>"#, escape(title));
-    let (x0, x1, y0, y1) = (left, w - right, top, h - bottom);
-    let _ =
-        writeln!(svg, r#"<path d="M{x0} {y0} L{x0} {y1} L{x1} {y1}" stroke="black" fill="none"/>"#);
-    let _ = writeln!(svg, r#"<text x="4" y="{}">{y_max:.2}</text>"#, y0 + 4.0);
-    let _ = writeln!(svg, r#"<text x="4" y="{}">{y_min:.2}</text>"#, y1);
-    let _ = writeln!(svg, r#"<text x="4" y="{}">{}</text>"#, (y0 + y1) / 2.0, escape(y_label));
-    let _ =
-        writeln!(svg, r#"<text x="{x1}" y="{}" text-anchor="end">{t_max:.0} s</text>"#, h - 12.0);
-    let _ = writeln!(svg, r#"<text x="{x0}" y="{}">0 s</text>"#, h - 12.0);
-    for (k, (name, values)) in series.iter().enumerate() {
-        let color = COLORS[k % COLORS.len()];
-        let points: Vec<String> =
-            t.iter().zip(values).map(|(&tv, &v)| format!("{:.1},{:.1}", x(tv), y(v))).collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" stroke="{color}" stroke-width="1.5" fill="none"/>"#,
-            points.join(" ")
-        );
-        let ly = top + 14.0 * k as f64;
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{ly}" fill="{color}" text-anchor="end">{}</text>"#,
-            x1,
-            escape(name)
-        );
-    }
-    svg.push_str("</svg>\n");
+    draw(&mut svg, title, y_label, scale, t, series).expect("a chart draws into a string");
+    svg.push('\n');
     svg
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+fn draw(
+    svg: &mut String,
+    title: &str,
+    y_label: &str,
+    scale: Scale,
+    t: &[f64],
+    series: &[(&str, Vec<f64>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::with_string(svg, (760, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let t_max = t.iter().copied().fold(0.0, f64::max).max(1e-9);
+    let keep = |v: f64| v.is_finite() && (scale == Scale::Linear || v > 0.0);
+    let values = || series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|&v| keep(v));
+    let y_max = values().fold(f64::MIN, f64::max);
+    let y_min = values().fold(f64::MAX, f64::min);
+    let (y_min, y_max) = if y_max < y_min { (0.0, 1.0) } else { (y_min, y_max) };
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64);
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc("simulated time (s)")
+                .y_desc(y_label)
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()?;
+            for (k, (name, v)) in series.iter().enumerate() {
+                let color = PALETTE[k % PALETTE.len()];
+                let points = t.iter().zip(v).filter(|(_, &v)| keep(v)).map(|(&x, &y)| (x, y));
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(180, 180, 180))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }};
+    }
+    match scale {
+        Scale::Linear => {
+            let lo = y_min.min(0.0);
+            let hi = if y_max > lo { y_max * 1.05 } else { lo + 1.0 };
+            finish!(builder.build_cartesian_2d(0.0..t_max, lo..hi)?);
+        }
+        Scale::Log => {
+            let lo = y_min.max(1e-6) / 1.5;
+            let hi = (y_max * 1.5).max(lo * 10.0);
+            finish!(builder.build_cartesian_2d(0.0..t_max, (lo..hi).log_scale())?);
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// A run's `index.html`: its summary as a table (from the summary JSON: numbers, text,
+/// lists) and every plot, linked from the files written beside it. Deterministic like
+/// the rest of the report.
+pub fn index_html(title: &str, summary_json: &str, plots: &[&str]) -> String {
+    let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut rows = String::new();
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(summary_json) {
+        for (key, value) in fields {
+            let shown = match &value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) if a.is_empty() => "none".to_string(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(
+                rows,
+                "<tr><th>{}</th><td>{}</td></tr>",
+                escape(&key.replace('_', " ")),
+                escape(&shown)
+            );
+        }
+    }
+    let mut figures = String::new();
+    for name in plots {
+        let _ = writeln!(figures, "<figure><img src=\"{0}\" alt=\"{0}\"></figure>", escape(name));
+    }
+    format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{t}</title>\n\
+         <style>body{{font:14px/1.4 sans-serif;margin:2em;max-width:1600px}}\
+         table{{border-collapse:collapse}}th,td{{text-align:left;padding:.15em .8em;border-bottom:1px solid #ddd;vertical-align:top}}\
+         td{{font-family:monospace;max-width:60em;overflow-wrap:anywhere}}\
+         figure{{display:inline-block;margin:.5em}}img{{max-width:100%}}</style>\n</head>\n<body>\n\
+         <h1>{t}</h1>\n<p>Files: <a href=\"summary.json\">summary.json</a>, \
+         <a href=\"series.csv\">series.csv</a> (one row per sample).</p>\n{figures}\
+         <h2>Summary</h2>\n<table>\n{rows}</table>\n</body>\n</html>\n",
+        t = escape(title),
+    )
 }

@@ -1107,16 +1107,20 @@ impl World {
             .filter_map(|n| self.net.membership(n.addr))
             .map(|m| m.count(MemberState::Up))
             .collect();
-        let p99 = if self.period_latency.is_empty() {
-            0
-        } else {
-            self.period_latency.value_at_quantile(0.99)
+        let at = |q: f64| {
+            if self.period_latency.is_empty() {
+                0.0
+            } else {
+                self.period_latency.value_at_quantile(q) as f64 / 1000.0
+            }
         };
         self.samples.push(Sample {
             t_s: self.now_us as f64 / 1e6,
             turns_per_s: self.acked_period as f64 / period_s,
             load_max_over_avg: if avg > 0.0 { max / avg } else { 1.0 },
-            p99_ms: p99 as f64 / 1000.0,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            p999_ms: at(0.999),
             nodes_running: serving.len(),
             members_up_min: up_views.iter().copied().min().unwrap_or(0),
             members_up_max: up_views.iter().copied().max().unwrap_or(0),
