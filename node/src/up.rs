@@ -57,6 +57,9 @@ pub struct UpArgs {
     /// --config.file=DATA/prometheus/prometheus.yml`.
     #[arg(long)]
     prometheus: bool,
+    /// The nodes' log lines (in DATA/node-i/node.log): text or one JSON object per line.
+    #[arg(long, env = "BOTCLAW_LOG_FORMAT", value_enum, default_value_t = crate::cli::LogFormat::Text)]
+    log_format: crate::cli::LogFormat,
 }
 
 /// The alert rules shipped in `cluster-config/prometheus/`.
@@ -148,13 +151,22 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn spawn_node(exe: &Path, config: &Path, log: &Path, secret: &str) -> Result<Child> {
+fn spawn_node(
+    exe: &Path,
+    config: &Path,
+    log: &Path,
+    secret: &str,
+    format: crate::cli::LogFormat,
+) -> Result<Child> {
     let out = OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
+    let format = clap::ValueEnum::to_possible_value(&format).expect("log formats have names");
     let mut cmd = Command::new(exe);
     cmd.arg("node")
         .arg("--config")
         .arg(config)
+        .arg("--log-format")
+        .arg(format.get_name())
         .env("BOTCLAW_SECRET", secret)
         .stdin(Stdio::null())
         .stdout(out)
@@ -282,7 +294,7 @@ pub fn run(args: UpArgs) -> Result<ExitCode> {
         let config = dir.join("botclaw.toml");
         fs::write(&config, raw.to_toml())?;
         let log = dir.join("node.log");
-        let child = spawn_node(&exe, &config, &log, &secret)?;
+        let child = spawn_node(&exe, &config, &log, &secret, args.log_format)?;
         let [c, l, g, a] = local_ports(args.base_port, i).map(|p| format!("127.0.0.1:{p}"));
         println!("{:<8} {c:<16} {l:<16} {g:<16} {a:<16} {}", format!("node-{i}"), log.display());
         nodes.push(Launched {

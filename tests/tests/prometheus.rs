@@ -60,6 +60,7 @@ fn prometheus_scrapes_the_cluster_and_the_node_down_alert_fires() {
     let base = free_port_block(30);
     let mut up = Command::new(botclaw_bin())
         .args(["up", "--nodes", "3", "--ephemeral", "--plaintext", "--prometheus"])
+        .args(["--log-format", "json"])
         .args(["--base-port", &base.to_string(), "--data-dir"])
         .arg(dir.path())
         .env_remove("BOTCLAW_SECRET")
@@ -82,6 +83,13 @@ fn prometheus_scrapes_the_cluster_and_the_node_down_alert_fires() {
     let config = dir.path().join("prometheus/prometheus.yml");
     assert!(said.iter().any(|l| l.contains("prometheus --config.file=")), "{said:#?}");
     assert!(config.exists(), "up --prometheus wrote no config: {said:#?}");
+    // `--log-format json` reached the nodes: every line of their logs is a JSON object.
+    let log = std::fs::read_to_string(dir.path().join("node-0/node.log")).unwrap();
+    assert!(log.lines().count() > 2, "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
     let admin = |i: u16| SocketAddr::from(([127, 0, 0, 1], base + 10 * i + 3));
     let client = |i: u16| SocketAddr::from(([127, 0, 0, 1], base + 10 * i));
 
