@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::authority::{Authority, AuthorityConfig};
-use crate::report::{chart, json_line, line_chart, Scale};
+use crate::report::{chart, json_line, Chart, Scale};
 use crate::scenario::{FaultKind, Scenario};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
@@ -94,6 +94,9 @@ pub struct MapReport {
     pub failures: Vec<String>,
     #[serde(skip)]
     pub samples: Vec<MapSample>,
+    /// The scenario's faults, for the plots' markers.
+    #[serde(skip)]
+    pub markers: Vec<(f64, String)>,
 }
 
 impl MapReport {
@@ -134,51 +137,58 @@ impl MapReport {
         vec![
             (
                 "throughput.svg",
-                line_chart(
-                    &format!("{name} (by the map): acknowledged writes"),
-                    "writes/s",
-                    &t,
-                    &[("acknowledged", series(|s| s.acknowledged_per_s))],
-                ),
+                chart(&Chart {
+                    title: format!("{name} (by the map): acknowledged writes"),
+                    y_label: "writes/s",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![("acknowledged", series(|s| s.acknowledged_per_s))],
+                    markers: &self.markers,
+                }),
             ),
             (
                 "latency.svg",
-                chart(
-                    &format!("{name} (by the map): write latency"),
-                    "latency (ms, log scale)",
-                    Scale::Log,
-                    &t,
-                    &[
+                chart(&Chart {
+                    title: format!("{name} (by the map): write latency"),
+                    y_label: "latency (ms, log scale)",
+                    scale: Scale::Log,
+                    t: &t,
+                    series: vec![
                         ("p50", series(|s| s.p50_ms)),
                         ("p99", series(|s| s.p99_ms)),
                         ("p99.9", series(|s| s.p999_ms)),
                     ],
-                ),
+                    markers: &self.markers,
+                }),
             ),
             (
                 "placement.svg",
-                line_chart(
-                    &format!("{name} (by the map): shards"),
-                    "shards",
-                    &t,
-                    &[
+                chart(&Chart {
+                    title: format!("{name} (by the map): shards"),
+                    y_label: "shards",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![
                         ("unavailable", series(|s| f64::from(s.unavailable_shards))),
                         ("moving", series(|s| f64::from(s.moves_in_flight))),
                     ],
-                ),
+                    markers: &self.markers,
+                }),
             ),
             (
                 "membership.svg",
-                line_chart(
-                    &format!("{name} (by the map): membership"),
-                    "nodes",
-                    &t,
-                    &[
+                chart(&Chart {
+                    title: format!("{name} (by the map): membership"),
+                    y_label: "nodes",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![
                         ("running", series(|s| s.nodes_running as f64)),
                         ("seen up (min)", series(|s| s.members_up_min as f64)),
                         ("seen up (max)", series(|s| s.members_up_max as f64)),
                     ],
-                ),
+                    markers: &self.markers,
+                }),
             ),
         ]
     }
@@ -397,6 +407,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         datagrams_dropped: a.net.dropped,
         failures,
         samples,
+        markers: sc.markers(),
     }
 }
 

@@ -71,6 +71,9 @@ pub struct Report {
     pub failures: Vec<String>,
     #[serde(skip)]
     pub samples: Vec<Sample>,
+    /// The scenario's faults, for the plots' markers.
+    #[serde(skip)]
+    pub markers: Vec<(f64, String)>,
 }
 
 impl Report {
@@ -109,39 +112,44 @@ impl Report {
         vec![
             (
                 "balance.svg",
-                line_chart(
-                    &format!("{}: load balance", self.scenario),
-                    "busiest node / average",
-                    &t,
-                    &[("max/avg", series(|s| s.load_max_over_avg))],
-                ),
+                chart(&Chart {
+                    title: format!("{}: load balance", self.scenario),
+                    y_label: "busiest node / average",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![("max/avg", series(|s| s.load_max_over_avg))],
+                    markers: &self.markers,
+                }),
             ),
             (
                 "latency.svg",
-                chart(
-                    &format!("{}: turn latency", self.scenario),
-                    "latency (ms, log scale)",
-                    Scale::Log,
-                    &t,
-                    &[
+                chart(&Chart {
+                    title: format!("{}: turn latency", self.scenario),
+                    y_label: "latency (ms, log scale)",
+                    scale: Scale::Log,
+                    t: &t,
+                    series: vec![
                         ("p50", series(|s| s.p50_ms)),
                         ("p99", series(|s| s.p99_ms)),
                         ("p99.9", series(|s| s.p999_ms)),
                     ],
-                ),
+                    markers: &self.markers,
+                }),
             ),
             (
                 "membership.svg",
-                line_chart(
-                    &format!("{}: membership", self.scenario),
-                    "nodes",
-                    &t,
-                    &[
+                chart(&Chart {
+                    title: format!("{}: membership", self.scenario),
+                    y_label: "nodes",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![
                         ("running", series(|s| s.nodes_running as f64)),
                         ("seen up (min)", series(|s| s.members_up_min as f64)),
                         ("seen up (max)", series(|s| s.members_up_max as f64)),
                     ],
-                ),
+                    markers: &self.markers,
+                }),
             ),
         ]
     }
@@ -172,37 +180,27 @@ const PALETTE: [plotters::style::RGBColor; 5] = [
 
 /// A line chart drawn with plotters: titled, axes with ticks and units (time in simulated
 /// seconds), a light grid, one line per series and a legend.
-pub(crate) fn line_chart(
-    title: &str,
-    y_label: &str,
-    t: &[f64],
-    series: &[(&str, Vec<f64>)],
-) -> String {
-    chart(title, y_label, Scale::Linear, t, series)
+/// What a chart shows: a title, the y axis's label and scale, time (s), the series, and
+/// markers (time, label) drawn as dashed vertical lines (the scenario's faults).
+pub(crate) struct Chart<'a> {
+    pub title: String,
+    pub y_label: &'a str,
+    pub scale: Scale,
+    pub t: &'a [f64],
+    pub series: Vec<(&'a str, Vec<f64>)>,
+    pub markers: &'a [(f64, String)],
 }
 
-pub(crate) fn chart(
-    title: &str,
-    y_label: &str,
-    scale: Scale,
-    t: &[f64],
-    series: &[(&str, Vec<f64>)],
-) -> String {
+pub(crate) fn chart(c: &Chart<'_>) -> String {
     let mut svg = String::new();
-    draw(&mut svg, title, y_label, scale, t, series).expect("a chart draws into a string");
+    draw(&mut svg, c).expect("a chart draws into a string");
     svg.push('\n');
     svg
 }
 
-fn draw(
-    svg: &mut String,
-    title: &str,
-    y_label: &str,
-    scale: Scale,
-    t: &[f64],
-    series: &[(&str, Vec<f64>)],
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
+    let (title, y_label, scale, t, series) = (&c.title, c.y_label, c.scale, c.t, &c.series);
     let root = SVGBackend::with_string(svg, (760, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let t_max = t.iter().copied().fold(0.0, f64::max).max(1e-9);
@@ -226,6 +224,24 @@ fn draw(
                 .y_desc(y_label)
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()?;
+            let (y_lo, y_hi) = {
+                let r = chart.plotting_area().get_y_range();
+                (r.start, r.end)
+            };
+            for (at, label) in c.markers {
+                let grey = RGBColor(120, 120, 120);
+                chart.draw_series(DashedLineSeries::new(
+                    [(*at, y_lo), (*at, y_hi)],
+                    4,
+                    3,
+                    grey.stroke_width(1),
+                ))?;
+                chart.draw_series(std::iter::once(Text::new(
+                    label.clone(),
+                    (*at, y_hi),
+                    ("sans-serif", 11).into_font().color(&grey),
+                )))?;
+            }
             for (k, (name, v)) in series.iter().enumerate() {
                 let color = PALETTE[k % PALETTE.len()];
                 let points = t.iter().zip(v).filter(|(_, &v)| keep(v)).map(|(&x, &y)| (x, y));

@@ -228,7 +228,32 @@ pub enum FaultKind {
     },
 }
 
+impl FaultKind {
+    /// A short name for plots ("crash 3", "heal").
+    pub fn label(&self) -> String {
+        let nodes = |n: &[usize]| n.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        match self {
+            FaultKind::Crash { nodes: n } => format!("crash {}", nodes(n)),
+            FaultKind::Restart { nodes: n } => format!("restart {}", nodes(n)),
+            FaultKind::Freeze { nodes: n } => format!("freeze {}", nodes(n)),
+            FaultKind::Thaw { nodes: n } => format!("thaw {}", nodes(n)),
+            FaultKind::Partition { nodes: n } => format!("partition {}", nodes(n)),
+            FaultKind::Heal => "heal".into(),
+            FaultKind::Join { count } => format!("join {count}"),
+            FaultKind::Drain { nodes: n } => format!("drain {}", nodes(n)),
+            FaultKind::RollingRestart { .. } => "rolling restart".into(),
+            FaultKind::Churn { count, .. } => format!("churn {count}"),
+            FaultKind::CrashLeader { .. } => "crash leader".into(),
+        }
+    }
+}
+
 impl Scenario {
+    /// The faults as plot markers: (time in s, label).
+    pub fn markers(&self) -> Vec<(f64, String)> {
+        self.faults.iter().map(|f| (f.at_s, f.kind.label())).collect()
+    }
+
     pub fn from_toml(text: &str) -> Result<Scenario, String> {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
         s.validate()?;

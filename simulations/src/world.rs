@@ -1184,6 +1184,7 @@ impl World {
             datagrams_dropped: self.net.dropped,
             failures: self.failures,
             samples: self.samples,
+            markers: self.sc.markers(),
         }
     }
 }
