@@ -40,6 +40,10 @@ const CHARTED: [&str; 5] = [
 ];
 /// The page refuses to render more than this many bytes of metric lines per member.
 const CHARTED_BYTES_MAX: usize = 64 * 1024;
+/// Consoles open at once on this node (each reads every member once a second); more are
+/// answered 503.
+const STREAMS_MAX: usize = 16;
+static STREAMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STREAMS_MAX);
 
 /// Only scripts, styles and connections of this origin: the console loads nothing else.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'; form-action 'none'";
@@ -134,17 +138,23 @@ async fn snapshot(s: &AdminState) -> Snapshot {
     Snapshot { status, nodes }
 }
 
-/// `GET /console/events`: a snapshot at once, then one a second.
-async fn events(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    let stream = futures::stream::unfold((s, true), |(s, first)| async move {
+/// `GET /console/events`: a snapshot at once, then one a second, while fewer than
+/// [`STREAMS_MAX`] consoles are open here.
+async fn events(State(s): State<Arc<AdminState>>) -> Response {
+    let Ok(permit) = STREAMS.try_acquire() else {
+        let why = format!("{STREAMS_MAX} consoles are open on this node; try another node\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    };
+    // The permit lives as long as the stream (the browser's connection).
+    let stream = futures::stream::unfold((s, true, permit), |(s, first, permit)| async move {
         if !first {
             tokio::time::sleep(EVENT_PERIOD).await;
         }
         let snap = snapshot(&s).await;
         let event = Event::default().event("snapshot").json_data(&snap);
-        Some((event, (s, false)))
+        Some((event, (s, false, permit)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 #[derive(Deserialize)]

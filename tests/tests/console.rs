@@ -159,3 +159,38 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
     let exited = c.nodes[1].wait_exit(Duration::from_secs(60));
     assert!(exited.is_some(), "the drained node kept running\n{}", c.logs());
 }
+
+/// The status line of `GET /console/events` on a fresh connection (kept open with it).
+fn open_events(admin: SocketAddr) -> (String, std::net::TcpStream) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /console/events HTTP/1.1\r\nHost: console\r\n\r\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+    (line, s)
+}
+
+#[test]
+fn the_console_bounds_its_open_streams() {
+    let mut c = Cluster::new(1);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let admin = c.nodes[0].ports.admin;
+    let mut open: Vec<std::net::TcpStream> = (0..16)
+        .map(|i| {
+            let (status, s) = open_events(admin);
+            assert!(status.contains(" 200 "), "stream {i}: {status}");
+            s
+        })
+        .collect();
+    let (status, _) = open_events(admin);
+    assert!(status.contains(" 503 "), "the 17th console: {status}");
+    // One closes: its place is given back (once the node notices, at its next event).
+    open.pop();
+    let reopened = poll(Duration::from_secs(10), || {
+        let (status, s) = open_events(admin);
+        status.contains(" 200 ").then_some(s)
+    });
+    assert!(reopened.is_some(), "a closed console's place never came back");
+}
