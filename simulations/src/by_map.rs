@@ -42,6 +42,8 @@ pub struct MapSample {
     pub p999_ms: f64,
     /// Busiest owner's acknowledged writes over the average of the owners.
     pub load_max_over_avg: f64,
+    /// The owner that acknowledged fewest writes, over the average.
+    pub load_min_over_avg: f64,
     pub nodes_running: usize,
     pub members_up_min: usize,
     pub members_up_max: usize,
@@ -106,17 +108,18 @@ impl MapReport {
 
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "t_s,acknowledged_per_s,p50_ms,p99_ms,p999_ms,load_max_over_avg,nodes_running,members_up_min,members_up_max,unavailable_shards,moves_in_flight,map_version\n",
+            "t_s,acknowledged_per_s,p50_ms,p99_ms,p999_ms,load_max_over_avg,load_min_over_avg,nodes_running,members_up_min,members_up_max,unavailable_shards,moves_in_flight,map_version\n",
         );
         for s in &self.samples {
             out.push_str(&format!(
-                "{:.3},{:.1},{:.3},{:.3},{:.3},{:.4},{},{},{},{},{},{}\n",
+                "{:.3},{:.1},{:.3},{:.3},{:.3},{:.4},{:.4},{},{},{},{},{},{}\n",
                 s.t_s,
                 s.acknowledged_per_s,
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
                 s.load_max_over_avg,
+                s.load_min_over_avg,
                 s.nodes_running,
                 s.members_up_min,
                 s.members_up_max,
@@ -144,6 +147,7 @@ impl MapReport {
                     t: &t,
                     series: vec![("acknowledged", series(|s| s.acknowledged_per_s))],
                     markers: &self.markers,
+                    band: None,
                 }),
             ),
             (
@@ -159,6 +163,23 @@ impl MapReport {
                         ("p99.9", series(|s| s.p999_ms)),
                     ],
                     markers: &self.markers,
+                    band: None,
+                }),
+            ),
+            (
+                "balance.svg",
+                chart(&Chart {
+                    title: format!("{name} (by the map): load balance"),
+                    y_label: "an owner's writes/s over the average",
+                    scale: Scale::Linear,
+                    t: &t,
+                    series: vec![("busiest", series(|s| s.load_max_over_avg))],
+                    markers: &self.markers,
+                    band: Some((
+                        "every owner (least to busiest)",
+                        series(|s| s.load_min_over_avg),
+                        series(|s| s.load_max_over_avg),
+                    )),
                 }),
             ),
             (
@@ -173,6 +194,7 @@ impl MapReport {
                         ("moving", series(|s| f64::from(s.moves_in_flight))),
                     ],
                     markers: &self.markers,
+                    band: None,
                 }),
             ),
             (
@@ -188,6 +210,7 @@ impl MapReport {
                         ("seen up (max)", series(|s| s.members_up_max as f64)),
                     ],
                     markers: &self.markers,
+                    band: None,
                 }),
             ),
         ]
@@ -330,11 +353,15 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
                 .map(|i| per_node[i] - last_per_node.get(i).copied().unwrap_or(0))
                 .collect();
             let total: u64 = owners.iter().sum();
-            let balance = if total == 0 {
-                0.0
-            } else {
-                *owners.iter().max().expect("not empty") as f64 * owners.len() as f64 / total as f64
+            let over_avg = |n: u64| {
+                if total == 0 {
+                    0.0
+                } else {
+                    n as f64 * owners.len() as f64 / total as f64
+                }
             };
+            let balance = over_avg(owners.iter().copied().max().unwrap_or(0));
+            let least = over_avg(owners.iter().copied().min().unwrap_or(0));
             last_per_node = per_node;
             let views: Vec<usize> =
                 (0..a.nodes()).filter_map(|i| a.members_up(i)).take(VIEWS_SAMPLED).collect();
@@ -348,6 +375,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
                 p99_ms: p99,
                 p999_ms: p999,
                 load_max_over_avg: balance,
+                load_min_over_avg: least,
                 nodes_running: a.running(),
                 members_up_min: views.iter().copied().min().unwrap_or(0),
                 members_up_max: views.iter().copied().max().unwrap_or(0),

@@ -14,6 +14,8 @@ pub struct Sample {
     pub turns_per_s: f64,
     /// Busiest node's turns/s over the average of the nodes serving conversations.
     pub load_max_over_avg: f64,
+    /// Least busy serving node's turns/s over the average.
+    pub load_min_over_avg: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
@@ -83,15 +85,16 @@ impl Report {
 
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
-            "t_s,turns_per_s,load_max_over_avg,p50_ms,p99_ms,p999_ms,nodes_running,members_up_min,members_up_max,failed_attempts,moved_shards\n",
+            "t_s,turns_per_s,load_max_over_avg,load_min_over_avg,p50_ms,p99_ms,p999_ms,nodes_running,members_up_min,members_up_max,failed_attempts,moved_shards\n",
         );
         for s in &self.samples {
             let _ = writeln!(
                 out,
-                "{:.3},{:.1},{:.4},{:.3},{:.3},{:.3},{},{},{},{},{}",
+                "{:.3},{:.1},{:.4},{:.4},{:.3},{:.3},{:.3},{},{},{},{},{}",
                 s.t_s,
                 s.turns_per_s,
                 s.load_max_over_avg,
+                s.load_min_over_avg,
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
@@ -114,11 +117,16 @@ impl Report {
                 "balance.svg",
                 chart(&Chart {
                     title: format!("{}: load balance", self.scenario),
-                    y_label: "busiest node / average",
+                    y_label: "a node's turns/s over the average",
                     scale: Scale::Linear,
                     t: &t,
-                    series: vec![("max/avg", series(|s| s.load_max_over_avg))],
+                    series: vec![("busiest", series(|s| s.load_max_over_avg))],
                     markers: &self.markers,
+                    band: Some((
+                        "every node (least to busiest)",
+                        series(|s| s.load_min_over_avg),
+                        series(|s| s.load_max_over_avg),
+                    )),
                 }),
             ),
             (
@@ -134,6 +142,7 @@ impl Report {
                         ("p99.9", series(|s| s.p999_ms)),
                     ],
                     markers: &self.markers,
+                    band: None,
                 }),
             ),
             (
@@ -149,6 +158,7 @@ impl Report {
                         ("seen up (max)", series(|s| s.members_up_max as f64)),
                     ],
                     markers: &self.markers,
+                    band: None,
                 }),
             ),
         ]
@@ -189,6 +199,8 @@ pub(crate) struct Chart<'a> {
     pub t: &'a [f64],
     pub series: Vec<(&'a str, Vec<f64>)>,
     pub markers: &'a [(f64, String)],
+    /// A shaded band between two series (its name, lower, upper), drawn under the lines.
+    pub band: Option<(&'a str, Vec<f64>, Vec<f64>)>,
 }
 
 pub(crate) fn chart(c: &Chart<'_>) -> String {
@@ -205,7 +217,14 @@ fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error
     root.fill(&WHITE)?;
     let t_max = t.iter().copied().fold(0.0, f64::max).max(1e-9);
     let keep = |v: f64| v.is_finite() && (scale == Scale::Linear || v > 0.0);
-    let values = || series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|&v| keep(v));
+    let band_values = c.band.iter().flat_map(|(_, lo, hi)| lo.iter().chain(hi).copied());
+    let values = || {
+        series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .chain(band_values.clone())
+            .filter(|&v| keep(v))
+    };
     let y_max = values().fold(f64::MIN, f64::max);
     let y_min = values().fold(f64::MAX, f64::min);
     let (y_min, y_max) = if y_max < y_min { (0.0, 1.0) } else { (y_min, y_max) };
@@ -241,6 +260,19 @@ fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error
                     (*at, y_hi),
                     ("sans-serif", 11).into_font().color(&grey),
                 )))?;
+            }
+            if let Some((name, lo, hi)) = &c.band {
+                let shade = RGBColor(31, 119, 180).mix(0.18);
+                let upper = t.iter().zip(hi).map(|(&x, &y)| (x, y));
+                let lower = t.iter().zip(lo).rev().map(|(&x, &y)| (x, y));
+                let outline: Vec<(f64, f64)> =
+                    upper.chain(lower).filter(|&(_, y)| keep(y)).collect();
+                chart
+                    .draw_series(std::iter::once(Polygon::new(outline, shade.filled())))?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 4), (x + 18, y + 4)], shade.filled())
+                    });
             }
             for (k, (name, v)) in series.iter().enumerate() {
                 let color = PALETTE[k % PALETTE.len()];

@@ -1100,6 +1100,7 @@ impl World {
         let loads: Vec<f64> = serving.iter().map(|n| n.load).collect();
         let avg = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
         let max = loads.iter().copied().fold(0.0, f64::max);
+        let min = loads.iter().copied().fold(f64::MAX, f64::min).min(max);
         let step = serving.len().div_ceil(SAMPLED_VIEWS_MAX).max(1);
         let up_views: Vec<usize> = serving
             .iter()
@@ -1118,6 +1119,7 @@ impl World {
             t_s: self.now_us as f64 / 1e6,
             turns_per_s: self.acked_period as f64 / period_s,
             load_max_over_avg: if avg > 0.0 { max / avg } else { 1.0 },
+            load_min_over_avg: if avg > 0.0 { min / avg } else { 1.0 },
             p50_ms: at(0.5),
             p99_ms: at(0.99),
             p999_ms: at(0.999),
