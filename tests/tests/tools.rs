@@ -93,17 +93,36 @@ fn sim_reports_are_deterministic() {
         out_dir.join(format!("steady-{model}-seed3"))
     };
     let plots: [(&str, &[&str]); 2] = [
-        ("map", &["throughput.svg", "latency.svg", "placement.svg", "membership.svg"]),
+        (
+            "map",
+            &["throughput.svg", "latency.svg", "balance.svg", "placement.svg", "membership.svg"],
+        ),
         ("ring", &["balance.svg", "latency.svg", "membership.svg"]),
     ];
     for (model, svgs) in plots {
         let (a, b) = (run(&format!("{model}-a"), model), run(&format!("{model}-b"), model));
-        for file in ["summary.json", "series.csv"].iter().chain(svgs) {
+        for file in ["summary.json", "series.csv", "index.html"].iter().chain(svgs) {
             let (x, y) =
                 (std::fs::read(a.join(file)).unwrap(), std::fs::read(b.join(file)).unwrap());
             assert!(!x.is_empty(), "{model}: {file} is empty");
             assert!(x == y, "{model}: {file} differs between two runs with the same seed");
         }
+        // The report page shows every plot and the summary.
+        let index = std::fs::read_to_string(a.join("index.html")).unwrap();
+        for svg in svgs {
+            assert!(index.contains(&format!("<img src=\"{svg}\"")), "{model}: {svg} not shown");
+        }
+        assert!(index.contains("<th>seed</th><td>3</td>"), "{index}");
+        // The plots are drawn with axes, ticks and a legend.
+        let latency = std::fs::read_to_string(a.join("latency.svg")).unwrap();
+        for text in ["simulated time (s)", "p99.9", "log scale"] {
+            assert!(latency.contains(text), "{model}: latency.svg lacks {text:?}");
+        }
+        let labels = latency.matches("<text").count();
+        assert!(
+            labels >= 12,
+            "{model}: latency.svg has {labels} labels (title, axes, ticks, legend)"
+        );
         let summary: serde_json::Value =
             serde_json::from_slice(&std::fs::read(a.join("summary.json")).unwrap()).unwrap();
         assert_eq!(summary["seed"], 3);
