@@ -62,6 +62,8 @@ fn run_all(args: &SimArgs) -> Result<bool> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
     let first = args.seed.unwrap_or(scenario.seed);
     let mut all_ok = true;
+    // Per seed: the sample times and the metrics compared across seeds.
+    let mut across: Vec<(Vec<f64>, Vec<botclaw_sim::report::SeedSeries>)> = Vec::new();
     for seed in first..first.saturating_add(args.seeds.max(1)) {
         println!("scenario {} seed {seed}", scenario.name);
         let started = std::time::Instant::now();
@@ -92,6 +94,7 @@ fn run_all(args: &SimArgs) -> Result<bool> {
                 let report = botclaw_sim::by_map::run(scenario.clone(), seed, progress);
                 finish_line(quiet, tty);
                 write_reports(&dir, &report.to_json(), &report.to_csv(), report.plots())?;
+                across.push(report.seed_series());
                 println!(
                     "  by the map: {} writes acknowledged of {} sent ({} refused; {} requests \
                      unrouted), p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {} lost",
@@ -120,6 +123,7 @@ fn run_all(args: &SimArgs) -> Result<bool> {
                 let report = botclaw_sim::run(scenario.clone(), seed, progress);
                 finish_line(quiet, tty);
                 write_reports(&dir, &report.to_json(), &report.to_csv(), report.plots())?;
+                across.push(report.seed_series());
                 println!(
                     "  by the ring: {} turns acknowledged of {} sent, p50 {:.2} ms, p99 {:.2} ms, \
                      p99.9 {:.2} ms; load max/avg {:.3} (worst {:.3}); {} shards moved; {} lost",
@@ -151,7 +155,58 @@ fn run_all(args: &SimArgs) -> Result<bool> {
             );
         }
     }
+    if across.len() > 1 {
+        let model = match args.model {
+            Model::Map => "map",
+            Model::Ring => "ring",
+        };
+        let last = first + across.len() as u64 - 1;
+        let dir = args.out.join(format!("{}-{model}-seeds{first}-{last}", scenario.name));
+        write_across_seeds(&dir, &scenario, first, &across)?;
+        println!(
+            "  across {} seeds: median and least-to-most plots in {}",
+            across.len(),
+            dir.display()
+        );
+    }
     Ok(all_ok)
+}
+
+/// The plots of several seeds' runs together (median, and a band from the least to the
+/// most), with an `index.html` and a `summary.json` naming the seeds.
+fn write_across_seeds(
+    dir: &Path,
+    scenario: &Scenario,
+    first: u64,
+    runs: &[(Vec<f64>, Vec<botclaw_sim::report::SeedSeries>)],
+) -> Result<()> {
+    let t = runs.iter().map(|(t, _)| t).min_by_key(|t| t.len()).cloned().unwrap_or_default();
+    let markers = scenario.markers();
+    let mut plots = Vec::new();
+    for (k, (file, title, y_label, scale, _)) in runs[0].1.iter().enumerate() {
+        let values: Vec<Vec<f64>> = runs.iter().map(|(_, series)| series[k].4.clone()).collect();
+        let title = format!("{}: {title}", scenario.name);
+        let svg = botclaw_sim::report::across_seeds(&title, y_label, *scale, &t, &values, &markers);
+        plots.push((*file, svg));
+    }
+    let seeds: Vec<u64> = (first..first + runs.len() as u64).collect();
+    let summary = serde_json::json!({
+        "scenario": scenario.name,
+        "seeds": seeds,
+        "runs": runs.len(),
+        "plots": "the median per sample, and a band from the least to the most over the seeds",
+    });
+    let json = serde_json::to_string_pretty(&summary)? + "\n";
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let names: Vec<&str> = plots.iter().map(|(name, _)| *name).collect();
+    let title = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    std::fs::write(dir.join("summary.json"), &json)?;
+    let page = botclaw_sim::report::index_html(&title, &json, &["summary.json"], &names);
+    std::fs::write(dir.join("index.html"), page)?;
+    for (name, svg) in plots {
+        std::fs::write(dir.join(name), svg)?;
+    }
+    Ok(())
 }
 
 fn finish_line(quiet: bool, tty: bool) {
@@ -175,7 +230,8 @@ fn write_reports(
     write("series.csv", csv)?;
     let names: Vec<&str> = plots.iter().map(|(name, _)| *name).collect();
     let title = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    write("index.html", &botclaw_sim::report::index_html(&title, json, &names))?;
+    let files = ["summary.json", "series.csv"];
+    write("index.html", &botclaw_sim::report::index_html(&title, json, &files, &names))?;
     for (name, svg) in plots {
         write(name, &svg)?;
     }

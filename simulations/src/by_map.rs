@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::authority::{Authority, AuthorityConfig};
-use crate::report::{chart, json_line, Chart, Scale};
+use crate::report::{chart, json_line, Chart, Scale, SeedSeries};
 use crate::scenario::{FaultKind, Scenario};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
@@ -129,6 +129,39 @@ impl MapReport {
             ));
         }
         out
+    }
+
+    /// The times of the samples, and the metrics compared across seeds.
+    pub fn seed_series(&self) -> (Vec<f64>, Vec<SeedSeries>) {
+        let t = self.samples.iter().map(|s| s.t_s).collect();
+        let series =
+            |f: fn(&MapSample) -> f64| -> Vec<f64> { self.samples.iter().map(f).collect() };
+        (
+            t,
+            vec![
+                (
+                    "throughput.svg",
+                    "acknowledged writes",
+                    "writes/s",
+                    Scale::Linear,
+                    series(|s| s.acknowledged_per_s),
+                ),
+                (
+                    "latency.svg",
+                    "write latency p99",
+                    "p99 (ms, log scale)",
+                    Scale::Log,
+                    series(|s| s.p99_ms),
+                ),
+                (
+                    "balance.svg",
+                    "busiest owner",
+                    "busiest owner's writes/s over the average",
+                    Scale::Linear,
+                    series(|s| s.load_max_over_avg),
+                ),
+            ],
+        )
     }
 
     /// The plots: (file name, SVG).

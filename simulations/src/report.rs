@@ -108,6 +108,38 @@ impl Report {
         out
     }
 
+    /// The times of the samples, and the metrics compared across seeds.
+    pub fn seed_series(&self) -> (Vec<f64>, Vec<SeedSeries>) {
+        let t = self.samples.iter().map(|s| s.t_s).collect();
+        let series = |f: fn(&Sample) -> f64| -> Vec<f64> { self.samples.iter().map(f).collect() };
+        (
+            t,
+            vec![
+                (
+                    "throughput.svg",
+                    "acknowledged turns",
+                    "turns/s",
+                    Scale::Linear,
+                    series(|s| s.turns_per_s),
+                ),
+                (
+                    "latency.svg",
+                    "turn latency p99",
+                    "p99 (ms, log scale)",
+                    Scale::Log,
+                    series(|s| s.p99_ms),
+                ),
+                (
+                    "balance.svg",
+                    "busiest node",
+                    "busiest node's turns/s over the average",
+                    Scale::Linear,
+                    series(|s| s.load_max_over_avg),
+                ),
+            ],
+        )
+    }
+
     /// The plots: (file name, SVG).
     pub fn plots(&self) -> Vec<(&'static str, String)> {
         let t: Vec<f64> = self.samples.iter().map(|s| s.t_s).collect();
@@ -174,7 +206,7 @@ pub(crate) fn json_line(report: &impl Serialize) -> String {
 
 /// How a chart's y axis is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scale {
+pub enum Scale {
     Linear,
     /// Logarithmic (for latency percentiles); values at or below 0 are left out.
     Log,
@@ -311,7 +343,7 @@ fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error
 /// A run's `index.html`: its summary as a table (from the summary JSON: numbers, text,
 /// lists) and every plot, linked from the files written beside it. Deterministic like
 /// the rest of the report.
-pub fn index_html(title: &str, summary_json: &str, plots: &[&str]) -> String {
+pub fn index_html(title: &str, summary_json: &str, files: &[&str], plots: &[&str]) -> String {
     let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     let mut rows = String::new();
     if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(summary_json) {
@@ -329,6 +361,8 @@ pub fn index_html(title: &str, summary_json: &str, plots: &[&str]) -> String {
             );
         }
     }
+    let links: Vec<String> =
+        files.iter().map(|f| format!("<a href=\"{0}\">{0}</a>", escape(f))).collect();
     let mut figures = String::new();
     for name in plots {
         let _ = writeln!(figures, "<figure><img src=\"{0}\" alt=\"{0}\"></figure>", escape(name));
@@ -339,9 +373,45 @@ pub fn index_html(title: &str, summary_json: &str, plots: &[&str]) -> String {
          table{{border-collapse:collapse}}th,td{{text-align:left;padding:.15em .8em;border-bottom:1px solid #ddd;vertical-align:top}}\
          td{{font-family:monospace;max-width:60em;overflow-wrap:anywhere}}\
          figure{{display:inline-block;margin:.5em}}img{{max-width:100%}}</style>\n</head>\n<body>\n\
-         <h1>{t}</h1>\n<p>Files: <a href=\"summary.json\">summary.json</a>, \
-         <a href=\"series.csv\">series.csv</a> (one row per sample).</p>\n{figures}\
+         <h1>{t}</h1>\n<p>Files: {links}.</p>\n{figures}\
          <h2>Summary</h2>\n<table>\n{rows}</table>\n</body>\n</html>\n",
         t = escape(title),
+        links = links.join(", "),
     )
+}
+
+/// One metric of a run over time, for comparing seeds: (file name, title, y label,
+/// scale, values per sample).
+pub type SeedSeries = (&'static str, &'static str, &'static str, Scale, Vec<f64>);
+
+/// Runs of one scenario with several seeds, one metric: the median per sample as a line
+/// and a band from the least to the most. Samples are aligned by index (every run of a
+/// scenario samples alike); runs shorter than `t` cut the chart at their length.
+pub fn across_seeds(
+    title: &str,
+    y_label: &str,
+    scale: Scale,
+    t: &[f64],
+    runs: &[Vec<f64>],
+    markers: &[(f64, String)],
+) -> String {
+    let n = runs.iter().map(Vec::len).min().unwrap_or(0).min(t.len());
+    let (mut lo, mut mid, mut hi) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let mut v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        let m = v.len();
+        lo.push(v[0]);
+        hi.push(v[m - 1]);
+        mid.push(if m % 2 == 1 { v[m / 2] } else { (v[m / 2 - 1] + v[m / 2]) / 2.0 });
+    }
+    chart(&Chart {
+        title: format!("{title} ({} seeds)", runs.len()),
+        y_label,
+        scale,
+        t: &t[..n],
+        series: vec![("median", mid)],
+        markers,
+        band: Some(("least to most", lo, hi)),
+    })
 }

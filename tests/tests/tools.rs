@@ -139,6 +139,23 @@ fn sim_reports_are_deterministic() {
             }
         }
     }
+    // Several seeds: each run's report, and their plots together (median, least to most).
+    let out_dir = dir.path().join("seeds");
+    let o = Command::new(botclaw_bin())
+        .args(["sim", "--scenario", scenario, "--seed", "3", "--seeds", "2", "--model", "ring"])
+        .args(["--quiet", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let together = out_dir.join("steady-ring-seeds3-4");
+    for file in ["throughput.svg", "latency.svg", "balance.svg"] {
+        let svg = std::fs::read_to_string(together.join(file)).unwrap();
+        assert!(svg.contains("(2 seeds)") && svg.contains("median"), "{file}");
+    }
+    let summary = std::fs::read_to_string(together.join("summary.json")).unwrap();
+    assert!(summary.contains("\"runs\": 2"), "{summary}");
+    assert!(out_dir.join("steady-ring-seed4/summary.json").exists());
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[workload]\nturns_per_sec = 5\n").unwrap();
     let o = Command::new(botclaw_bin()).args(["sim", "--scenario"]).arg(&bad).output().unwrap();
