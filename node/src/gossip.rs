@@ -293,6 +293,7 @@ impl GossipDriver {
                 Effect::Send { to, packet } => match self.socket.send_to(&packet, to).await {
                     Ok(_) => {
                         self.metrics.gossip_sent.inc();
+                        self.metrics.gossip_datagram_bytes.observe(packet.len() as f64);
                     }
                     Err(e) => {
                         self.metrics.gossip_send_errors.inc();

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub redirects: Counter,
     /// Module requests this node's bots made, by role and route; served and refused here.
     pub module_calls: Family<ModuleCallLabel, Counter>,
+    /// Time of the bots' calls to in-process modules (here or on a node with the role).
+    pub module_call_seconds: botclaw_actors::metrics::LatencyBy<ModuleCallLabel>,
     pub module_served: Family<RoleLabel, Counter>,
     pub module_refused: Family<RoleLabel, Counter>,
     /// Requests refused because this node sees less than a majority.
@@ -78,6 +80,9 @@ pub struct Metrics {
     pub connections_timed_out: Family<ReasonLabel, Counter>,
     pub members: Family<StateLabel, Gauge>,
     pub gossip_sent: Counter,
+    /// Sizes of the gossip datagrams sent (against the path's MTU: foca's limit is
+    /// `gossip.max_packet_bytes`).
+    pub gossip_datagram_bytes: Histogram,
     pub gossip_received: Counter,
     pub gossip_rejected: Family<ReasonLabel, Counter>,
     pub admin_refused: Family<ReasonLabel, Counter>,
@@ -115,6 +120,7 @@ impl Default for Metrics {
             held_now: Default::default(),
             redirects: Default::default(),
             module_calls: Default::default(),
+            module_call_seconds: Default::default(),
             module_served: Default::default(),
             module_refused: Default::default(),
             minority_refusals: Default::default(),
@@ -128,6 +134,8 @@ impl Default for Metrics {
             connections_timed_out: Default::default(),
             members: Default::default(),
             gossip_sent: Default::default(),
+            // 64 B .. 64 KiB
+            gossip_datagram_bytes: Histogram::new(exponential_buckets(64.0, 2.0, 11)),
             gossip_received: Default::default(),
             gossip_rejected: Default::default(),
             admin_refused: Default::default(),
@@ -168,6 +176,16 @@ impl Metrics {
             self.members.clone(),
         );
         r.register("gossip_packets_sent", "Gossip datagrams sent", self.gossip_sent.clone());
+        r.register(
+            "gossip_datagram_bytes",
+            "Sizes of the gossip datagrams sent",
+            self.gossip_datagram_bytes.clone(),
+        );
+        r.register(
+            "module_call_seconds",
+            "Time of the bots' calls to in-process modules, by role and route",
+            self.module_call_seconds.0.clone(),
+        );
         r.register(
             "gossip_packets_received",
             "Gossip datagrams received",

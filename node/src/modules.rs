@@ -121,6 +121,8 @@ impl ModuleRouter for NodeModules {
             route: if local { "local" } else { "remote" }.to_string(),
         };
         self.metrics.module_calls.get_or_create(&label).inc();
+        let timer = self.metrics.module_call_seconds.0.get_or_create(&label).clone();
+        let started = std::time::Instant::now();
         if local {
             self.serve(request, reply);
         } else {
@@ -129,7 +131,9 @@ impl ModuleRouter for NodeModules {
             self.forwarder.forward(&target, envelope, reply);
         }
         Box::pin(async move {
-            match rx.await {
+            let outcome = rx.await;
+            timer.observe(started.elapsed().as_secs_f64());
+            match outcome {
                 Ok(ConvOutcome::Module(answer)) => Ok(answer),
                 Ok(ConvOutcome::Failed { message, .. }) => {
                     Err(format!("{role} module on {target}: {message}"))
