@@ -539,9 +539,25 @@ async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQu
     } else {
         format!("the ring wants {desired:?}; the controller moves it there, a learner at a time")
     };
+    // Where the shard sits on the ring (its fixed point), and the conversation's hash.
+    let position = botclaw_core::placement::shard_position(shard, map.shard_count());
+    let conv_hash =
+        conv.as_deref().map(|c| format!("{:016x}", botclaw_core::placement::conv_hash(c)));
+    // A load-driven move the rebalancer recorded for the shard, if any.
+    let moved = s
+        .dispatcher
+        .view
+        .load()
+        .moves
+        .get(shard)
+        .map(|r| serde_json::json!({"to": r.to, "version": [r.version.0, r.version.1]}));
     Json(serde_json::json!({
         "conv": conv,
+        "conv_hash": conv_hash,
         "shard": shard,
+        "ring_position": format!("{position:016x}"),
+        "ring_fraction": position as f64 / 2f64.powi(64),
+        "rebalancer_move": moved,
         "state": state,
         "epoch": entry.epoch,
         "owner": entry.owner.map(|m| map.name(m).to_string()),

@@ -94,6 +94,7 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
         let text = b.eval("document.querySelector('#lookup-result').textContent").await;
         let expected = format!("conversation {}: shard", convs[0]);
         assert!(text.as_str().unwrap().contains(&expected), "{text}");
+        assert!(text.as_str().unwrap().contains("% around the ring"), "{text}");
         assert_eq!(owner, hot_node);
         // The dry run lists what the loaded node's rebalancer would move.
         let dry = format!(

@@ -219,7 +219,9 @@ async function lookup(conv) {
     out.textContent = [
       `conversation ${p.conv}: shard ${p.shard} (${p.state})`,
       `owner ${p.owner || "none"} · in sync ${(p.isr || []).join(", ") || "none"}` + ((p.learners || []).length ? ` · learning ${p.learners.join(", ")}` : ""),
+      `ring position 0x${p.ring_position} (${(100 * p.ring_fraction).toFixed(2)}% around the ring)` + (p.conv_hash ? ` · conversation hash 0x${p.conv_hash}` : ""),
       `epoch ${p.epoch} · map v${p.map_version} · controller leader ${p.leader || "none"}`,
+      p.rebalancer_move ? `the rebalancer moved this shard to ${p.rebalancer_move.to} (load)` : "",
       p.desired ? `the ring would place it on ${JSON.stringify(p.desired)}` : "",
       p.why ? `why: ${p.why}` : "",
     ].filter(Boolean).join("\n");
