@@ -24,7 +24,9 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::authority::{Authority, AuthorityConfig};
-use crate::report::{chart, json_line, Chart, Scale, SeedSeries};
+use crate::report::{
+    balance_chart, chart, json_line, latency_chart, membership_chart, Chart, Scale, SeedSeries,
+};
 use crate::scenario::{FaultKind, Scenario};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
@@ -185,35 +187,23 @@ impl MapReport {
             ),
             (
                 "latency.svg",
-                chart(&Chart {
-                    title: format!("{name} (by the map): write latency"),
-                    y_label: "latency (ms, log scale)",
-                    scale: Scale::Log,
-                    t: &t,
-                    series: vec![
-                        ("p50", series(|s| s.p50_ms)),
-                        ("p99", series(|s| s.p99_ms)),
-                        ("p99.9", series(|s| s.p999_ms)),
-                    ],
-                    markers: &self.markers,
-                    band: None,
-                }),
+                latency_chart(
+                    format!("{name} (by the map): write latency"),
+                    &t,
+                    [series(|s| s.p50_ms), series(|s| s.p99_ms), series(|s| s.p999_ms)],
+                    &self.markers,
+                ),
             ),
             (
                 "balance.svg",
-                chart(&Chart {
-                    title: format!("{name} (by the map): load balance"),
-                    y_label: "an owner's writes/s over the average",
-                    scale: Scale::Linear,
-                    t: &t,
-                    series: vec![("busiest", series(|s| s.load_max_over_avg))],
-                    markers: &self.markers,
-                    band: Some((
-                        "every owner (least to busiest)",
-                        series(|s| s.load_min_over_avg),
-                        series(|s| s.load_max_over_avg),
-                    )),
-                }),
+                balance_chart(
+                    format!("{name} (by the map): load balance"),
+                    "an owner's writes/s over the average",
+                    "every owner (least to busiest)",
+                    &t,
+                    [series(|s| s.load_min_over_avg), series(|s| s.load_max_over_avg)],
+                    &self.markers,
+                ),
             ),
             (
                 "placement.svg",
@@ -232,19 +222,16 @@ impl MapReport {
             ),
             (
                 "membership.svg",
-                chart(&Chart {
-                    title: format!("{name} (by the map): membership"),
-                    y_label: "nodes",
-                    scale: Scale::Linear,
-                    t: &t,
-                    series: vec![
-                        ("running", series(|s| s.nodes_running as f64)),
-                        ("seen up (min)", series(|s| s.members_up_min as f64)),
-                        ("seen up (max)", series(|s| s.members_up_max as f64)),
+                membership_chart(
+                    format!("{name} (by the map): membership"),
+                    &t,
+                    [
+                        series(|s| s.nodes_running as f64),
+                        series(|s| s.members_up_min as f64),
+                        series(|s| s.members_up_max as f64),
                     ],
-                    markers: &self.markers,
-                    band: None,
-                }),
+                    &self.markers,
+                ),
             ),
         ]
     }

@@ -147,51 +147,36 @@ impl Report {
         vec![
             (
                 "balance.svg",
-                chart(&Chart {
-                    title: format!("{}: load balance", self.scenario),
-                    y_label: "a node's turns/s over the average",
-                    scale: Scale::Linear,
-                    t: &t,
-                    series: vec![("busiest", series(|s| s.load_max_over_avg))],
-                    markers: &self.markers,
-                    band: Some((
-                        "every node (least to busiest)",
-                        series(|s| s.load_min_over_avg),
-                        series(|s| s.load_max_over_avg),
-                    )),
-                }),
+                balance_chart(
+                    format!("{}: load balance", self.scenario),
+                    "a node's turns/s over the average",
+                    "every node (least to busiest)",
+                    &t,
+                    [series(|s| s.load_min_over_avg), series(|s| s.load_max_over_avg)],
+                    &self.markers,
+                ),
             ),
             (
                 "latency.svg",
-                chart(&Chart {
-                    title: format!("{}: turn latency", self.scenario),
-                    y_label: "latency (ms, log scale)",
-                    scale: Scale::Log,
-                    t: &t,
-                    series: vec![
-                        ("p50", series(|s| s.p50_ms)),
-                        ("p99", series(|s| s.p99_ms)),
-                        ("p99.9", series(|s| s.p999_ms)),
-                    ],
-                    markers: &self.markers,
-                    band: None,
-                }),
+                latency_chart(
+                    format!("{}: turn latency", self.scenario),
+                    &t,
+                    [series(|s| s.p50_ms), series(|s| s.p99_ms), series(|s| s.p999_ms)],
+                    &self.markers,
+                ),
             ),
             (
                 "membership.svg",
-                chart(&Chart {
-                    title: format!("{}: membership", self.scenario),
-                    y_label: "nodes",
-                    scale: Scale::Linear,
-                    t: &t,
-                    series: vec![
-                        ("running", series(|s| s.nodes_running as f64)),
-                        ("seen up (min)", series(|s| s.members_up_min as f64)),
-                        ("seen up (max)", series(|s| s.members_up_max as f64)),
+                membership_chart(
+                    format!("{}: membership", self.scenario),
+                    &t,
+                    [
+                        series(|s| s.nodes_running as f64),
+                        series(|s| s.members_up_min as f64),
+                        series(|s| s.members_up_max as f64),
                     ],
-                    markers: &self.markers,
-                    band: None,
-                }),
+                    &self.markers,
+                ),
             ),
         ]
     }
@@ -240,6 +225,62 @@ pub(crate) fn chart(c: &Chart<'_>) -> String {
     draw(&mut svg, c).expect("a chart draws into a string");
     svg.push('\n');
     svg
+}
+
+/// Latency percentiles p50, p99 and p99.9 (ms) on a log scale.
+pub(crate) fn latency_chart(
+    title: String,
+    t: &[f64],
+    [p50, p99, p999]: [Vec<f64>; 3],
+    markers: &[(f64, String)],
+) -> String {
+    chart(&Chart {
+        title,
+        y_label: "latency (ms, log scale)",
+        scale: Scale::Log,
+        t,
+        series: vec![("p50", p50), ("p99", p99), ("p99.9", p999)],
+        markers,
+        band: None,
+    })
+}
+
+/// Load over the average: the busiest as a line over a band from the least to the busiest.
+pub(crate) fn balance_chart(
+    title: String,
+    y_label: &str,
+    band_label: &str,
+    t: &[f64],
+    [least, busiest]: [Vec<f64>; 2],
+    markers: &[(f64, String)],
+) -> String {
+    chart(&Chart {
+        title,
+        y_label,
+        scale: Scale::Linear,
+        t,
+        series: vec![("busiest", busiest.clone())],
+        markers,
+        band: Some((band_label, least, busiest)),
+    })
+}
+
+/// Nodes running, and the fewest and most members a node sees up.
+pub(crate) fn membership_chart(
+    title: String,
+    t: &[f64],
+    [running, up_min, up_max]: [Vec<f64>; 3],
+    markers: &[(f64, String)],
+) -> String {
+    chart(&Chart {
+        title,
+        y_label: "nodes",
+        scale: Scale::Linear,
+        t,
+        series: vec![("running", running), ("seen up (min)", up_min), ("seen up (max)", up_max)],
+        markers,
+        band: None,
+    })
 }
 
 fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error>> {

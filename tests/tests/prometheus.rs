@@ -31,19 +31,11 @@ fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
+/// Prometheus's instant query API (ureq encodes the query).
 fn query(prom: SocketAddr, q: &str) -> Option<Value> {
-    get_json(prom, &format!("/api/v1/query?query={}", encode(q)))
+    let mut resp =
+        ureq::get(&format!("http://{prom}/api/v1/query")).query("query", q).call().ok()?;
+    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
 }
 
 #[test]

@@ -222,6 +222,17 @@ fn a_failing_or_hanging_bot_service_fails_turns_fast_and_its_breaker_recovers() 
     assert!(!ids.iter().any(|id| id.starts_with('e')), "failed turns applied nothing: {ids:?}");
 }
 
+/// A one-node cluster with `config`, a runtime and a client of it.
+fn one_node(config: &str) -> (Cluster, tokio::runtime::Runtime, FailoverClient) {
+    let mut c = Cluster::new(1).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let rt = runtime();
+    let seeds = [c.nodes[0].ports.client];
+    let client = rt.block_on(FailoverClient::connect(&seeds, FailoverOptions::default())).unwrap();
+    (c, rt, client)
+}
+
 fn modules_config(services: &[&Service], extra: &str) -> String {
     let urls: Vec<String> =
         services.iter().map(|s| format!("\"http://127.0.0.1:{}/call\"", s.port)).collect();
@@ -237,13 +248,7 @@ fn three_module_instances_share_the_load_and_losing_one_loses_no_turn() {
     };
     // No max-age and no default TTL: every turn calls the module service.
     let extra = "health_path = \"/health\"\nhealth_interval_ms = 200\nattempts_max = 3\n";
-    let mut c = Cluster::new(1).with_config(&modules_config(&[&a, &b, &dead], extra));
-    c.start_all();
-    c.wait_converged(&[0], CONVERGE);
-    let rt = runtime();
-    let client = rt
-        .block_on(FailoverClient::connect(&[c.nodes[0].ports.client], FailoverOptions::default()))
-        .unwrap();
+    let (c, rt, client) = one_node(&modules_config(&[&a, &b, &dead], extra));
     // 16 conversations at once, so calls overlap and the balancing has choices to make.
     let run = |from: usize, to: usize| {
         rt.block_on(async {
@@ -295,13 +300,7 @@ fn the_module_cache_calls_a_service_once_per_max_age_and_coalesces() {
     let Some(module) = Service::module(&["--max-age", "3"]) else { return };
     let Some(bot) = Service::start() else { return };
     let config = format!("{}\n{}", modules_config(&[&module], ""), bot_config(&bot, ""));
-    let mut c = Cluster::new(1).with_config(&config);
-    c.start_all();
-    c.wait_converged(&[0], CONVERGE);
-    let rt = runtime();
-    let client = rt
-        .block_on(FailoverClient::connect(&[c.nodes[0].ports.client], FailoverOptions::default()))
-        .unwrap();
+    let (c, rt, client) = one_node(&config);
     let ask = |convs: std::ops::Range<usize>, city: &'static str, round: &str| {
         rt.block_on(async {
             let turns = convs.map(|i| {

@@ -136,20 +136,8 @@ impl Pool {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.instances.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.instances.is_empty()
-    }
-
     pub fn outstanding(&self, ix: usize) -> usize {
         self.instances[ix].outstanding
-    }
-
-    pub fn is_up(&self, ix: usize) -> bool {
-        self.instances[ix].up
     }
 
     pub fn breaker(&self, ix: usize) -> BreakerState {

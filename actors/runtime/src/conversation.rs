@@ -96,6 +96,9 @@ pub struct ConvActorState {
     activity: Arc<Activity>,
     /// This actor's share of the node's conversation memory budget.
     charge: MemoryCharge,
+    /// The turn-time histogram of the bot its last turn ran (looked up again only when
+    /// the bot changes, not on every turn).
+    bot_timer: Option<(String, prometheus_client::metrics::histogram::Histogram)>,
 }
 
 impl Actor for ConversationActor {
@@ -138,6 +141,7 @@ impl Actor for ConversationActor {
             deferred: VecDeque::new(),
             shared: args.shared,
             activity: args.activity,
+            bot_timer: None,
         })
     }
 
@@ -372,9 +376,17 @@ impl ConvActorState {
         let started = std::time::Instant::now();
         let outcome =
             AssertUnwindSafe(runner.turn(&mut self.cx, &mut bot_state, input)).catch_unwind().await;
-        let label = crate::metrics::BotLabel { bot: bot_name.clone() };
         let took = started.elapsed().as_secs_f64();
-        self.shared.metrics.bot_turn_seconds.0.get_or_create(&label).observe(took);
+        let timer = match &mut self.bot_timer {
+            Some((bot, histogram)) if *bot == bot_name => histogram,
+            slot => {
+                let label = crate::metrics::BotLabel { bot: bot_name.clone() };
+                let histogram =
+                    self.shared.metrics.bot_turn_seconds.0.get_or_create(&label).clone();
+                &mut slot.insert((bot_name.clone(), histogram)).1
+            }
+        };
+        timer.observe(took);
         let failure = match outcome {
             Ok(Ok(messages)) => {
                 let turn_bytes = record_bytes(&id, &text, user.as_deref(), &messages);

@@ -140,22 +140,11 @@ impl ServiceBot {
         };
         let rounds_max = self.pool.config().module_rounds_max;
         let mut results = Vec::new();
-        for round in 0.. {
+        // Every round but the last may ask for module calls; the last must answer.
+        for _ in 0..rounds_max {
             let answer = self.round(raw_state, &input, &results).await?;
             if answer.calls.is_empty() {
-                let mut kept =
-                    answer.state.map(|s| s.get().as_bytes().to_vec()).unwrap_or_default();
-                if kept.as_slice() == b"null" {
-                    kept.clear();
-                }
-                *state = kept;
-                return Ok(answer.messages);
-            }
-            if round >= rounds_max {
-                return Err(BotError::new(format!(
-                    "bot service {}: asked for module calls after {rounds_max} rounds (module_rounds_max)",
-                    self.name()
-                )));
+                return Ok(keep(state, answer));
             }
             if answer.calls.len() > MODULE_CALLS_PER_ROUND_MAX {
                 return Err(BotError::new(format!(
@@ -166,7 +155,14 @@ impl ServiceBot {
             }
             results = self.module_calls(cx, answer.calls).await;
         }
-        unreachable!("the rounds loop returns")
+        let answer = self.round(raw_state, &input, &results).await?;
+        if !answer.calls.is_empty() {
+            return Err(BotError::new(format!(
+                "bot service {}: asked for module calls after {rounds_max} rounds (module_rounds_max)",
+                self.name()
+            )));
+        }
+        Ok(keep(state, answer))
     }
 
     /// Makes one round's module calls at once; a failed call is a result with its error
@@ -187,6 +183,15 @@ impl ServiceBot {
         });
         futures::future::join_all(pending).await
     }
+}
+
+/// The state a final answer leaves (`null` or none: empty), and its messages.
+fn keep(state: &mut Vec<u8>, answer: TurnAnswer) -> Vec<String> {
+    *state = answer.state.map(|s| s.get().as_bytes().to_vec()).unwrap_or_default();
+    if state.as_slice() == b"null" {
+        state.clear();
+    }
+    answer.messages
 }
 
 impl Bot for ServiceBot {
