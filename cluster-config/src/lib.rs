@@ -506,6 +506,10 @@ pub struct StoreConfig {
     pub group_commit_max: usize,
     /// Commits waiting for the writer; senders wait when it is full.
     pub queue_max: usize,
+    /// Bytes of the fjall writer's cache of each conversation's version, promise and bot
+    /// (its meta row without the bot state), which spares a turn's write a read of the
+    /// row. 0 turns it off.
+    pub meta_cache_bytes_max: usize,
     /// A node whose store has not been able to write for this long (a full disk, an I/O
     /// error) hands its conversations over, leaves the cluster and exits with status 75,
     /// for its supervisor to restart it once the disk is fixed; it reopens from what was
@@ -520,6 +524,7 @@ impl Default for StoreConfig {
             engine: StoreEngine::default(),
             group_commit_max: 256,
             queue_max: 4096,
+            meta_cache_bytes_max: 8 << 20,
             unwritable_exit_ms: 10_000,
         }
     }

@@ -595,6 +595,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         turns_kept_max: cfg.conversations.turns_kept_max,
         group_commit_max: cfg.store.group_commit_max,
         queue_max: cfg.store.queue_max,
+        meta_cache_bytes_max: cfg.store.meta_cache_bytes_max,
     };
     let (dir, m) = (&cfg.data_dir, conv_metrics.clone());
     if !cfg.store.ephemeral {

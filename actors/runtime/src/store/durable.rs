@@ -102,6 +102,24 @@ pub(crate) struct Plan {
     pub put_turns: Vec<(u64, Vec<u8>)>,
     pub meta: Vec<u8>,
     pub answer: Option<StoreAnswer>,
+    /// What the new meta row holds besides the bot state (set with `meta`).
+    pub known: Option<Known>,
+}
+
+/// A meta row without its bot state: all a turn's write needs to know of the row it
+/// replaces (its version, its promise, its bot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Known {
+    pub replica: Replica,
+    pub bot: String,
+}
+
+impl Known {
+    /// Stands in for the stored row when planning a write, which never reads the stored
+    /// bot state.
+    pub fn as_meta(&self) -> Meta {
+        Meta { bot: self.bot.clone(), bot_state: Vec::new(), replica: self.replica }
+    }
 }
 
 /// Decides `op` against the stored meta row (`None`: never stored) and plans its rows.
@@ -160,6 +178,7 @@ fn apply_plan(
         }
     };
     plan.meta = postcard::to_allocvec(&meta).expect("meta encodes");
+    plan.known = Some(Known { replica: meta.replica, bot: meta.bot });
     Ok(plan)
 }
 
@@ -224,6 +243,9 @@ pub struct StoreLimits {
     pub group_commit_max: usize,
     /// Ops waiting for the writer; submitters wait when it is full.
     pub queue_max: usize,
+    /// Bytes of the writer's cache of conversations' versions and bots (fjall), which
+    /// spares a turn's write the read of its meta row. 0: every write reads it.
+    pub meta_cache_bytes_max: usize,
 }
 
 impl Writer {

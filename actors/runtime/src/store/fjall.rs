@@ -11,8 +11,8 @@
 //! Lost writes are detected, not silently accepted: fjall recovers a journal up to its last
 //! intact batch (right for a write torn by a crash, silent loss for a journal truncated
 //! or overwritten later). So every group also stores its number, and after its fsync the
-//! number is written to `DATA/state.fjall.durable` (replaced atomically, not fsynced: it
-//! can only lag). On open, a store that recovers an older group number than that file
+//! number is written to `DATA/state.fjall.durable` (overwritten in place at a fixed
+//! width, not fsynced: it can only lag). On open, a store that recovers an older group number than that file
 //! names refuses to start, naming the directory; so does a checksum failure or a junk
 //! version file inside fjall.
 
@@ -25,8 +25,8 @@ use botclaw_core::conversation::{ConversationState, TurnRecord};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::durable::{
-    decode_meta, err, plan, Engine, GroupTimes, Layout, Meta, Stopwatch, StoreLimits, Writer,
-    OLD_LAYOUT,
+    decode_meta, err, plan, Engine, GroupTimes, Known, Layout, Meta, Stopwatch, StoreLimits,
+    Writer, OLD_LAYOUT,
 };
 use super::{
     load_shards_blocking, BoxFuture, LoadedShards, StateStore, StoreAnswer, StoreError, StoreOp,
@@ -152,7 +152,12 @@ impl FjallStore {
                 ));
             }
         }
-        let engine = FjallEngine { tables: tables.clone(), groups, durable_file };
+        let known = (limits.meta_cache_bytes_max > 0).then(|| {
+            let bytes = limits.meta_cache_bytes_max as u64;
+            KnownCache::with_weighter((bytes / 128).max(1) as usize, bytes, KnownBytes)
+        });
+        let durable_file = DurableFile::open(durable_file)?;
+        let engine = FjallEngine { tables: tables.clone(), groups, durable_file, known };
         let writer = Writer::start(engine, path, limits, metrics)?;
         Ok(FjallStore { tables, writer })
     }
@@ -209,11 +214,58 @@ impl FjallStore {
     }
 }
 
+/// The writer's cache of meta rows without their bot state, by conversation.
+type KnownCache = quick_cache::unsync::Cache<String, Known, KnownBytes>;
+
+/// What an entry of [`KnownCache`] is charged: its strings and a fixed overhead.
+#[derive(Clone)]
+struct KnownBytes;
+
+impl quick_cache::Weighter<String, Known> for KnownBytes {
+    fn weight(&self, conv: &String, known: &Known) -> u64 {
+        (conv.len() + known.bot.len() + 96) as u64
+    }
+}
+
 struct FjallEngine {
     tables: Tables,
     /// Number of the last group committed.
     groups: u64,
-    durable_file: std::path::PathBuf,
+    durable_file: DurableFile,
+    /// Meta rows as this writer last wrote or read them (it is their only writer), so a
+    /// turn's write does not read its meta row back from the tree; `None` when
+    /// `meta_cache_bytes_max` is 0.
+    known: Option<KnownCache>,
+}
+
+/// `state.fjall.durable`: the number of the last group known durable, overwritten in
+/// place after each group's fsync (one `pwrite`, no new file and rename per group). The
+/// number is written at a fixed width, so a write never leaves a longer old number's
+/// digits behind.
+struct DurableFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl DurableFile {
+    fn open(path: std::path::PathBuf) -> Result<DurableFile, StoreError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| err(&path, "cannot open", e))?;
+        Ok(DurableFile { path, file })
+    }
+
+    fn write(&self, group: u64) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        // 20 digits hold any u64.
+        let line = format!("{group:020}\n");
+        self.file
+            .write_all_at(line.as_bytes(), 0)
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+    }
 }
 
 /// The rows of one group, in one fjall batch: a single journal write.
@@ -222,11 +274,12 @@ struct GroupBatch<'t> {
     batch: fjall::OwnedWriteBatch,
     /// Meta rows written in this batch (not readable from fjall before it commits).
     metas: HashMap<String, Vec<u8>>,
+    known: Option<&'t mut KnownCache>,
 }
 
 impl<'t> GroupBatch<'t> {
-    fn new(tables: &'t Tables) -> Self {
-        GroupBatch { tables, batch: tables.db.batch(), metas: HashMap::new() }
+    fn new(tables: &'t Tables, known: Option<&'t mut KnownCache>) -> Self {
+        GroupBatch { tables, batch: tables.db.batch(), metas: HashMap::new(), known }
     }
 
     /// Commits what is batched so far (not yet durable), so fjall's reads see it.
@@ -236,12 +289,27 @@ impl<'t> GroupBatch<'t> {
         batch.commit()
     }
 
-    fn meta(&self, conv: &str) -> Result<Option<Result<Meta, String>>, fjall::Error> {
+    /// The stored meta row `op` is decided against. A turn's write needs no bot state,
+    /// so the cache answers it; other ops read the whole row.
+    fn meta(
+        &mut self,
+        conv: &str,
+        op: &StoreOp,
+    ) -> Result<Option<Result<Meta, String>>, fjall::Error> {
+        if let (StoreOp::Write { .. }, Some(known)) = (op, self.known.as_deref_mut()) {
+            if let Some(k) = known.get(conv) {
+                return Ok(Some(Ok(k.as_meta())));
+            }
+        }
         if let Some(bytes) = self.metas.get(conv) {
             return Ok(Some(decode_meta(conv, bytes)));
         }
         let key = self.tables.layout.meta(conv);
-        Ok(self.tables.meta.get(key)?.map(|bytes| decode_meta(conv, &bytes)))
+        let meta = self.tables.meta.get(key)?.map(|bytes| decode_meta(conv, &bytes));
+        if let (Some(Ok(m)), Some(known)) = (&meta, self.known.as_deref_mut()) {
+            known.insert(conv.to_string(), Known { replica: m.replica, bot: m.bot.clone() });
+        }
+        Ok(meta)
     }
 
     /// Adds one op's rows to the batch.
@@ -251,7 +319,7 @@ impl<'t> GroupBatch<'t> {
         op: StoreOp,
         turns_kept_max: usize,
     ) -> Result<Result<StoreAnswer, String>, fjall::Error> {
-        let stored = match self.meta(conv)? {
+        let stored = match self.meta(conv, &op)? {
             Some(Ok(m)) => Some(m),
             Some(Err(e)) => return Ok(Err(e)),
             None => None,
@@ -277,6 +345,9 @@ impl<'t> GroupBatch<'t> {
             }
             self.batch.insert(&t.meta, t.layout.meta(conv), p.meta.as_slice());
             self.metas.insert(conv.to_string(), p.meta);
+            if let (Some(known), Some(k)) = (self.known.as_deref_mut(), p.known) {
+                known.insert(conv.to_string(), k);
+            }
         }
         Ok(Ok(p.answer.expect("a plan always answers")))
     }
@@ -294,6 +365,10 @@ impl Engine for FjallEngine {
         let result = self.commit_group_once(ops, turns_kept_max);
         if result.is_err() {
             self.tables.failed.store(true, Ordering::Release);
+            // It may hold rows that were never made durable.
+            if let Some(known) = &mut self.known {
+                known.clear();
+            }
         }
         result
     }
@@ -308,7 +383,7 @@ impl FjallEngine {
         let mut clock = Stopwatch::start();
         let mut results = Vec::with_capacity(ops.len());
         let group = self.groups + 1;
-        let mut batch = GroupBatch::new(&self.tables);
+        let mut batch = GroupBatch::new(&self.tables, self.known.as_mut());
         for (conv, op) in ops {
             results.push(batch.apply(&conv, op, turns_kept_max).map_err(|e| e.to_string())?);
         }
@@ -318,10 +393,7 @@ impl FjallEngine {
         self.tables.db.persist(PersistMode::SyncAll).map_err(|e| e.to_string())?;
         self.groups = group;
         // After the fsync, so the file never names a group that is not durable.
-        let tmp = self.durable_file.with_extension("durable.tmp");
-        std::fs::write(&tmp, format!("{group}\n"))
-            .and_then(|()| std::fs::rename(&tmp, &self.durable_file))
-            .map_err(|e| format!("cannot write {}: {e}", self.durable_file.display()))?;
+        self.durable_file.write(group)?;
         Ok((results, clock.times()))
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use botclaw_core::conversation::{ConversationState, TurnCommit};
-use botclaw_core::replication::{Epoch, Version};
+use botclaw_core::replication::{Epoch, Replica, Version};
 
 use super::*;
 use crate::store::fjall::{FjallStore, STATE_DIR};
@@ -33,7 +33,13 @@ fn try_open(
 }
 
 fn limits(turns_kept_max: usize) -> StoreLimits {
-    StoreLimits { shard_count: 64, turns_kept_max, group_commit_max: 256, queue_max: 1024 }
+    StoreLimits {
+        shard_count: 64,
+        turns_kept_max,
+        group_commit_max: 256,
+        queue_max: 1024,
+        meta_cache_bytes_max: 1 << 20,
+    }
 }
 
 fn open(kind: Kind, dir: &Path, kept: usize) -> Arc<dyn StateStore> {
@@ -453,4 +459,99 @@ async fn a_failed_commit_makes_the_store_unwritable_until_one_succeeds() {
     failing.store(false, std::sync::atomic::Ordering::Release);
     assert!(writer.submit("c", op()).await.unwrap().await.is_ok());
     assert!(writer.writable());
+}
+
+/// Runs a seeded mix of ops over a few conversations, several submitted at once (so they
+/// share groups): turns by the owner of the newest promise, chained within a group;
+/// writes by older epochs; fences; writes that skip a turn; installs. Returns every
+/// answer and what each conversation holds at the end.
+async fn churn(store: &Arc<dyn StateStore>, seed: u64) -> (Vec<String>, Vec<String>) {
+    let convs = ["a", "b", "c", "d", "e"];
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    let mut answers = Vec::new();
+    for round in 0..120 {
+        // What each conversation holds now, as the ops of this round build on it.
+        let mut now = Vec::new();
+        for conv in convs {
+            let stored = store.load(conv).await.unwrap();
+            now.push(stored.map(|s| (s.state, s.replica)).unwrap_or_default());
+        }
+        let mut tickets = Vec::new();
+        for _ in 0..1 + next(8) {
+            let i = next(convs.len() as u64) as usize;
+            let (state, replica) = &mut now[i];
+            let writer = replica.promised.max(replica.version.epoch);
+            let op = match next(10) {
+                0..=4 => {
+                    let c = commit(state, &format!("r{round}-{}", state.turn));
+                    let op =
+                        StoreOp::Write { epoch: writer, base: replica.version, commit: c.clone() };
+                    state.apply(c, 4);
+                    replica.version = Version { epoch: writer, turn: state.turn };
+                    replica.promised = writer;
+                    op
+                }
+                5 => {
+                    let older = Epoch { term: writer.term.saturating_sub(1), node: 0 };
+                    let c = commit(state, "late");
+                    StoreOp::Write { epoch: older, base: replica.version, commit: c }
+                }
+                6 => {
+                    let epoch = Epoch { term: writer.term + 1, node: next(3) };
+                    replica.promised = epoch;
+                    StoreOp::Fence { epoch }
+                }
+                7 => {
+                    let c = commit(state, "skip");
+                    let base = Version { epoch: writer, turn: replica.version.turn + 1 };
+                    StoreOp::Write { epoch: writer, base, commit: c }
+                }
+                _ => {
+                    let epoch = Epoch { term: writer.term + 1, node: 1 };
+                    let mut copy = state.clone();
+                    let c = commit(&copy, &format!("i{round}"));
+                    copy.apply(c, 4);
+                    let version = Version { epoch, turn: copy.turn };
+                    (*state, *replica) = (copy.clone(), Replica { version, promised: epoch });
+                    StoreOp::Install { epoch, state: copy, version }
+                }
+            };
+            tickets.push((convs[i], store.submit(convs[i], op).await.unwrap()));
+        }
+        for (conv, ticket) in tickets {
+            answers.push(format!("{conv}: {:?}", ticket.await));
+        }
+    }
+    let mut held = Vec::new();
+    for conv in convs {
+        let stored = store.load(conv).await.unwrap();
+        held.push(format!("{:?}", stored.map(|s| (s.state, s.replica))));
+    }
+    (answers, held)
+}
+
+/// The fjall writer's cache of meta rows changes no answer and no stored byte: the same
+/// ops in the same groups get the same answers, and leave the same state, with the cache
+/// off, with one so small it evicts all the time, and with a large one.
+#[tokio::test]
+async fn the_fjall_meta_cache_changes_no_answer() {
+    let mut runs = Vec::new();
+    for cache in [0, 300, 1 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits { meta_cache_bytes_max: cache, ..limits(4) };
+        let store: Arc<dyn StateStore> =
+            Arc::new(FjallStore::open(dir.path(), limits, ConversationMetrics::default()).unwrap());
+        runs.push(churn(&store, 7).await);
+    }
+    let answers = &runs[0].0;
+    // The mix exercises every answer: done, refused as stale, refused as behind.
+    for kind in ["Done", "Stale", "Behind"] {
+        assert!(answers.iter().any(|a| a.contains(kind)), "no {kind} among {answers:#?}");
+    }
+    assert_eq!(runs[0], runs[1], "a cache that evicts all the time");
+    assert_eq!(runs[0], runs[2], "a large cache");
 }
