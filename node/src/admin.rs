@@ -168,6 +168,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .route("/metrics", get(metrics))
         .route("/ping", get(ping))
         .route("/placement", get(placement))
+        .route("/conversation/recent", get(recent_here))
         .route("/flags", get(flags))
         .route(
             "/rebalance/dry-run",
@@ -551,9 +552,15 @@ async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQu
         .moves
         .get(shard)
         .map(|r| serde_json::json!({"to": r.to, "version": [r.version.0, r.version.1]}));
+    // The owner's record of the conversation's last turns, if it runs there now.
+    let recent = match (&conv, &routed_owner) {
+        (Some(conv), Some(owner)) => recent_turns(&s, owner, conv).await,
+        _ => None,
+    };
     Json(serde_json::json!({
         "conv": conv,
         "conv_hash": conv_hash,
+        "recent_turns": recent,
         "shard": shard,
         "ring_position": format!("{position:016x}"),
         "ring_fraction": position as f64 / 2f64.powi(64),
@@ -570,6 +577,49 @@ async fn placement(State(s): State<Arc<AdminState>>, Query(q): Query<PlacementQu
         "routed_owner": routed_owner,
     }))
     .into_response()
+}
+
+/// How long a lookup waits for the owner's record of recent turns.
+const RECENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RecentTurns {
+    node: String,
+    /// False if no actor runs the conversation there now (it was idle and passivated).
+    live: bool,
+    /// Oldest first; each from the owner taking the request to the durable reply.
+    turns: Vec<botclaw_actors::conversation::RecentTurn>,
+}
+
+#[derive(Deserialize)]
+struct ConvQuery {
+    conv: String,
+}
+
+/// `GET /conversation/recent?conv=ID`: the latencies of the conversation's last turns on
+/// this node, if its actor runs here (nothing is started to answer).
+async fn recent_here(State(s): State<Arc<AdminState>>, Query(q): Query<ConvQuery>) -> Response {
+    Json(recent_local(&s, &q.conv).await).into_response()
+}
+
+async fn recent_local(s: &AdminState, conv: &str) -> RecentTurns {
+    let turns = s.host.recent(conv, RECENT_TIMEOUT).await;
+    let node = s.host.shared().node.to_string();
+    RecentTurns { node, live: turns.is_some(), turns: turns.unwrap_or_default() }
+}
+
+/// The owner's record of `conv`'s recent turns: asked of the local host, or of the
+/// owner's admin port. `None` if the owner cannot be asked.
+async fn recent_turns(s: &AdminState, owner: &str, conv: &str) -> Option<RecentTurns> {
+    if *s.host.shared().node == *owner {
+        return Some(recent_local(s, conv).await);
+    }
+    let admin = s.view.borrow().members.iter().find(|m| m.id.name == owner)?.id.admin;
+    let path = format!("/conversation/recent?conv={}", crate::status::urlencode(conv));
+    tokio::task::spawn_blocking(move || crate::http::get_json(admin, &path, RECENT_TIMEOUT).ok())
+        .await
+        .ok()
+        .flatten()
 }
 
 #[derive(Deserialize)]

@@ -177,8 +177,36 @@ pub fn placement(admin: SocketAddr, conv: &str) -> Result<String> {
         v["map_version"],
         v["leader"].as_str().unwrap_or("unknown")
     );
+    let _ = writeln!(
+        out,
+        "  ring position 0x{} ({:.2}% around the ring), conversation hash 0x{}",
+        v["ring_position"].as_str().unwrap_or("?"),
+        100.0 * v["ring_fraction"].as_f64().unwrap_or(0.0),
+        v["conv_hash"].as_str().unwrap_or("?")
+    );
     let _ = writeln!(out, "  ring wants {}", list("desired"));
+    if let Some(to) = v["rebalancer_move"]["to"].as_str() {
+        let _ = writeln!(out, "  the rebalancer moved this shard to {to} (load)");
+    }
     let _ = writeln!(out, "  why: {}", v["why"].as_str().unwrap_or(""));
+    let recent = &v["recent_turns"];
+    let line = match (recent["node"].as_str(), recent["live"].as_bool()) {
+        (Some(node), Some(true)) => {
+            let turns: Vec<String> = recent["turns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let ms = t["micros"].as_f64().unwrap_or(0.0) / 1000.0;
+                    format!("#{} {ms:.1} ms", t["turn"])
+                })
+                .collect();
+            format!("recent turns on {node}: {}", turns.join(", "))
+        }
+        (Some(node), _) => format!("recent turns: none live on {node} (the conversation is idle)"),
+        _ => "recent turns: the owner could not be asked".to_string(),
+    };
+    let _ = writeln!(out, "  {line}");
     Ok(out)
 }
 

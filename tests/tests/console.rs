@@ -69,6 +69,23 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
     let turned = poll(CONVERGE, || (done.load(Ordering::Relaxed) > 50).then_some(()));
     assert!(turned.is_some(), "the load runs\n{}", c.logs());
 
+    // The lookup on a node that does not own the conversation asks the owner for its
+    // record of the last turns: the latest turn numbers, each with a latency.
+    let placement = get_json(c.nodes[1].ports.admin, &format!("/placement?conv={}", convs[0]))
+        .expect("placement from a non-owner");
+    let recent = &placement["recent_turns"];
+    assert_eq!(recent["node"].as_str(), Some(hot_node.as_str()), "{placement}");
+    assert_eq!(recent["live"], true, "{placement}");
+    let turns: Vec<(u64, u64)> = recent["turns"]
+        .as_array()
+        .expect("turns")
+        .iter()
+        .map(|t| (t["turn"].as_u64().unwrap(), t["micros"].as_u64().unwrap()))
+        .collect();
+    assert!(!turns.is_empty() && turns.len() <= 16, "{placement}");
+    assert!(turns.windows(2).all(|w| w[0].0 < w[1].0), "oldest first: {turns:?}");
+    assert!(turns.iter().all(|&(_, us)| us > 0 && us < 30_000_000), "{turns:?}");
+
     let admin = c.nodes[0].ports.admin;
     let checks = rt.block_on(async {
         let mut b = Browser::launch().await.expect("chromium");
@@ -95,6 +112,8 @@ fn the_console_shows_the_cluster_live_in_a_browser() {
         let expected = format!("conversation {}: shard", convs[0]);
         assert!(text.as_str().unwrap().contains(&expected), "{text}");
         assert!(text.as_str().unwrap().contains("% around the ring"), "{text}");
+        let recent = format!("recent turns on {hot_node}: #");
+        assert!(text.as_str().unwrap().contains(&recent), "{text}");
         assert_eq!(owner, hot_node);
         // The dry run lists what the loaded node's rebalancer would move.
         let dry = format!(

@@ -93,6 +93,9 @@ fn the_controller_assigns_every_shard_follows_deaths_and_outlives_its_leader() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("shard {}", p["shard"])), "{text}");
     assert!(text.contains(&format!("owner {}", p["owner"].as_str().unwrap())), "{text}");
+    assert!(text.contains("% around the ring), conversation hash 0x"), "{text}");
+    // No turn has run in it: the owner has no live actor for it.
+    assert!(text.contains("recent turns: none live on n"), "{text}");
 
     // The leader is killed: another takes over, the map marks it dead, and no shard is
     // owned by it or left without an owner (each had a second in-sync member).

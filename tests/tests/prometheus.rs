@@ -1,7 +1,8 @@
 //! The alert rules and the Grafana dashboard in `cluster-config/`, against a real
 //! Prometheus (Debian's `prometheus`) scraping a cluster that `botclaw up --prometheus`
 //! launched: the rules pass `promtool check rules` and load healthy, every dashboard query
-//! returns data, every alert expression evaluates, and a killed node fires its alert.
+//! returns data, every alert expression evaluates and what it compares with its threshold
+//! returns data, and a killed node fires its alert.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -29,6 +30,20 @@ impl Drop for Reaper {
 
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// An alert expression's measured side: the expression without its threshold (and
+/// without an `or absent(...)` fallback).
+fn measured(expr: &str) -> &str {
+    let expr = expr.split(" or ").next().unwrap_or(expr);
+    for op in [" == ", " != ", " >= ", " <= ", " > ", " < "] {
+        if let Some((side, threshold)) = expr.rsplit_once(op) {
+            if threshold.trim().parse::<f64>().is_ok() {
+                return side;
+            }
+        }
+    }
+    expr
 }
 
 /// Prometheus's instant query API (ureq encodes the query).
@@ -165,8 +180,18 @@ fn prometheus_scrapes_the_cluster_and_the_node_down_alert_fires() {
     assert_eq!(loaded.len(), 8, "{rules}");
     for rule in &loaded {
         assert_eq!(rule["health"], "ok", "{rule}");
-        let v = query(prom, rule["query"].as_str().unwrap()).expect("query answers");
+        let expr = rule["query"].as_str().unwrap();
+        let v = query(prom, expr).expect("query answers");
         assert_eq!(v["status"], "success", "{}: {v}", rule["name"]);
+        // A healthy cluster fires none of them, so what each compares with its threshold
+        // must return data (a misspelt metric or label would return nothing).
+        let side = measured(expr);
+        assert_ne!(side, expr, "{}: no threshold found in {expr}", rule["name"]);
+        let data = poll(Duration::from_secs(60), || {
+            let v = query(prom, side)?;
+            (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+        });
+        assert!(data.is_some(), "{}: {side} returns no data", rule["name"]);
     }
 
     // A node dies: its alert fires.

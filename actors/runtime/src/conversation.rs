@@ -56,6 +56,19 @@ pub enum ConvMsg {
     /// This node no longer owns the conversation: run no new turns, close once nothing
     /// waits, and pass held requests on.
     Relinquish,
+    /// The latencies of its last turns, oldest first (for the operator's lookup).
+    Recent(ractor::RpcReplyPort<Vec<RecentTurn>>),
+}
+
+/// How many turns' latencies an actor keeps for the operator's lookup.
+pub const RECENT_TURNS_MAX: usize = 16;
+
+/// One recent turn as its owner saw it: from the actor taking the request to the reply
+/// (the bot's run and the write quorum's acknowledgement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecentTurn {
+    pub turn: u64,
+    pub micros: u64,
 }
 
 impl ractor::Message for ConvMsg {}
@@ -85,7 +98,7 @@ pub struct ConvActorState {
     /// Each keeps its request: if the turn's commit is refused because ownership moved, the
     /// request goes to the new owner (which holds the turn if any in-sync member got it, and
     /// answers a retry of it by its id; else it runs it).
-    waiting: VecDeque<(u64, Reply, ConvOutcome, ConvRequest)>,
+    waiting: VecDeque<Waiting>,
     /// Set when ownership ended: every request is answered with it until the actor stops.
     closed: Option<Refusal>,
     /// Close as soon as nothing waits; meanwhile requests are held in `deferred`.
@@ -99,6 +112,18 @@ pub struct ConvActorState {
     /// The turn-time histogram of the bot its last turn ran (looked up again only when
     /// the bot changes, not on every turn).
     bot_timer: Option<(String, prometheus_client::metrics::histogram::Histogram)>,
+    /// The last [`RECENT_TURNS_MAX`] turns' latencies, oldest first.
+    recent: VecDeque<RecentTurn>,
+}
+
+/// A reply waiting for its turn to be durable.
+struct Waiting {
+    turn: u64,
+    reply: Reply,
+    outcome: ConvOutcome,
+    request: ConvRequest,
+    /// When the actor took a new turn's request (`None` for a retry or a read).
+    started: Option<std::time::Instant>,
 }
 
 impl Actor for ConversationActor {
@@ -142,6 +167,7 @@ impl Actor for ConversationActor {
             shared: args.shared,
             activity: args.activity,
             bot_timer: None,
+            recent: VecDeque::with_capacity(RECENT_TURNS_MAX),
         })
     }
 
@@ -198,7 +224,7 @@ impl Actor for ConversationActor {
                         let node = s.shared.node.clone();
                         let outcome = ConvOutcome::History { turns, more, node };
                         let upto = s.state.turn;
-                        s.reply_when_durable(upto, reply, outcome, request);
+                        s.reply_when_durable(upto, reply, outcome, request, None);
                     }
                     ConvRequest::Replica(_) | ConvRequest::Module(_) => {
                         reply.send(ConvOutcome::failed(
@@ -225,6 +251,9 @@ impl Actor for ConversationActor {
                 if s.waiting.is_empty() && s.closed.is_none() {
                     s.close(&me, Refusal::moved("ownership moved to another node"));
                 }
+            }
+            ConvMsg::Recent(port) => {
+                let _ = port.send(s.recent.iter().copied().collect());
             }
             ConvMsg::IdleCheck(after) => {
                 let idle = s.activity.idle_for(&s.shared) >= after;
@@ -258,19 +287,32 @@ impl ConvActorState {
             .is_some()
     }
 
-    /// Replies now if `turn` is durable, else when it becomes so.
+    /// Replies now if `turn` is durable, else when it becomes so. `started` (a new turn's)
+    /// records the turn's latency when it is answered.
     fn reply_when_durable(
         &mut self,
         turn: u64,
         reply: Reply,
         outcome: ConvOutcome,
         request: ConvRequest,
+        started: Option<std::time::Instant>,
     ) {
         if turn <= self.durable_turn {
+            self.answered(turn, started);
             reply.send(outcome);
         } else {
-            self.waiting.push_back((turn, reply, outcome, request));
+            self.waiting.push_back(Waiting { turn, reply, outcome, request, started });
         }
+    }
+
+    /// Keeps a new turn's latency among the recent ones.
+    fn answered(&mut self, turn: u64, started: Option<std::time::Instant>) {
+        let Some(started) = started else { return };
+        if self.recent.len() == RECENT_TURNS_MAX {
+            self.recent.pop_front();
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.recent.push_back(RecentTurn { turn, micros });
     }
 
     fn durable(&mut self, me: &ActorRef<ConvMsg>, turn: u64) {
@@ -278,9 +320,10 @@ impl ConvActorState {
         // Not only the front: a retry of an older turn queues behind newer turns.
         let mut i = 0;
         while i < self.waiting.len() {
-            if self.waiting[i].0 <= self.durable_turn {
-                if let Some((_, reply, outcome, _)) = self.waiting.remove(i) {
-                    reply.send(outcome);
+            if self.waiting[i].turn <= self.durable_turn {
+                if let Some(w) = self.waiting.remove(i) {
+                    self.answered(w.turn, w.started);
+                    w.reply.send(w.outcome);
                 }
             } else {
                 i += 1;
@@ -299,8 +342,8 @@ impl ConvActorState {
         // Out of the registry first: requests passed on must not come back to this actor.
         let mine = &self.activity;
         self.shared.registry.remove_if(&*self.conv, |_, h| Arc::ptr_eq(&h.activity, mine));
-        for (_, reply, _, request) in std::mem::take(&mut self.waiting) {
-            self.pass_on(request, reply, &refusal);
+        for w in std::mem::take(&mut self.waiting) {
+            self.pass_on(w.request, w.reply, &refusal);
         }
         for (request, reply) in std::mem::take(&mut self.deferred) {
             self.pass_on(request, reply, &refusal);
@@ -336,6 +379,7 @@ impl ConvActorState {
         reply: Reply,
     ) {
         let node = self.shared.node.clone();
+        let taken = std::time::Instant::now();
         if let Some(done) = self.state.find(&id) {
             self.shared.metrics.duplicates.inc();
             let (turn, messages) = (done.turn, done.messages.clone());
@@ -345,6 +389,7 @@ impl ConvActorState {
                 reply,
                 ConvOutcome::Reply { messages, turn, node },
                 request,
+                None,
             );
         }
         if record_bytes(&id, &text, user.as_deref(), &[]) > self.shared.turn_bytes_max {
@@ -444,6 +489,7 @@ impl ConvActorState {
                             reply,
                             ConvOutcome::Reply { messages, turn, node },
                             request,
+                            Some(taken),
                         );
                         return;
                     }

@@ -277,6 +277,17 @@ impl ConversationHost {
         n
     }
 
+    /// The latencies of a live conversation's last turns here, oldest first; `None` if no
+    /// actor runs it on this node (or it did not answer within `timeout`). Starts nothing.
+    pub async fn recent(
+        &self,
+        conv: &str,
+        timeout: Duration,
+    ) -> Option<Vec<crate::conversation::RecentTurn>> {
+        let actor = self.shared.registry.get(conv).map(|h| h.actor.clone())?;
+        actor.call(ConvMsg::Recent, Some(timeout)).await.ok()?.success_or(()).ok()
+    }
+
     /// Sends a request to the conversation's actor, starting it if needed.
     pub fn dispatch(&self, conv: &str, request: ConvRequest, reply: Reply) {
         let mut msg = ConvMsg::Request(request, reply);

@@ -206,6 +206,14 @@ async function post(path, confirmText) {
   refreshFlags();
 }
 
+// The owner's record of the conversation's last turns (bot run to durable reply).
+function recentLine(r) {
+  if (!r) return "recent turns: the owner could not be asked";
+  if (!r.live) return `recent turns: none live on ${r.node} (the conversation is idle)`;
+  const ms = r.turns.map((t) => `#${t.turn} ${(t.micros / 1000).toFixed(1)} ms`);
+  return `recent turns on ${r.node}: ${ms.join(" · ") || "none yet"}`;
+}
+
 async function lookup(conv) {
   const out = $("#lookup-result");
   if (!conv) return;
@@ -224,6 +232,7 @@ async function lookup(conv) {
       p.rebalancer_move ? `the rebalancer moved this shard to ${p.rebalancer_move.to} (load)` : "",
       p.desired ? `the ring would place it on ${JSON.stringify(p.desired)}` : "",
       p.why ? `why: ${p.why}` : "",
+      recentLine(p.recent_turns),
     ].filter(Boolean).join("\n");
   } catch (e) {
     out.textContent = String(e); out.className = "bad";
