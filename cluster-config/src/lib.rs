@@ -545,6 +545,9 @@ pub struct ReplicationConfig {
     /// Peers' ops waiting to be queued on the local store; more are refused (the owner
     /// sees a failed write and the client retries).
     pub incoming_max: usize,
+    /// Writes and reads of one owned shard waiting (for the in-sync members'
+    /// acknowledgements, or for earlier writes); more are answered `busy`.
+    pub pending_per_shard_max: usize,
     /// Longest a drain (`botclaw drain`, SIGTERM) waits for this node's conversations to
     /// move away before it leaves anyway.
     pub drain_timeout_ms: u64,
@@ -557,6 +560,7 @@ impl Default for ReplicationConfig {
             write_quorum: 2,
             stable_after_ms: 5000,
             incoming_max: 8192,
+            pending_per_shard_max: 4096,
             drain_timeout_ms: 50_000,
         }
     }
@@ -1342,11 +1346,15 @@ impl RawNodeConfig {
             ));
         }
         let replication = self.replication.unwrap_or_default();
-        if replication.factor == 0 || replication.write_quorum == 0 || replication.incoming_max == 0
+        if replication.factor == 0
+            || replication.write_quorum == 0
+            || replication.incoming_max == 0
+            || replication.pending_per_shard_max == 0
         {
             return Err(ConfigError::invalid(
                 "replication.factor",
-                "replication.factor, write_quorum and incoming_max must be greater than 0",
+                "replication.factor, write_quorum, incoming_max and pending_per_shard_max must \
+                 be greater than 0",
             ));
         }
         if replication.write_quorum > replication.factor {

@@ -681,7 +681,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let authoritative = cfg.controller.authoritative;
     let shards = authoritative.then(|| {
-        let machine = OwnershipConfig::default();
+        let machine = OwnershipConfig {
+            pending_per_shard_max: cfg.replication.pending_per_shard_max,
+            ..OwnershipConfig::default()
+        };
         let links = crate::shards::NodeShardLinks {
             me: cfg.name.clone(),
             controller: controller_tx.clone(),

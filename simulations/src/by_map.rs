@@ -177,6 +177,7 @@ impl MapReport {
                 "throughput.svg",
                 chart(&Chart {
                     title: format!("{name} (by the map): acknowledged writes"),
+                    x_label: crate::report::TIME,
                     y_label: "writes/s",
                     scale: Scale::Linear,
                     t: &t,
@@ -209,6 +210,7 @@ impl MapReport {
                 "placement.svg",
                 chart(&Chart {
                     title: format!("{name} (by the map): shards"),
+                    x_label: crate::report::TIME,
                     y_label: "shards",
                     scale: Scale::Linear,
                     t: &t,

@@ -16,13 +16,16 @@
 //! - [`world`]: the ring-based cluster model that runs a scenario (`--model ring`):
 //!   membership, per-node placement views, routing with the handoff rule, the rebalancer,
 //!   conversation replicas with epochs, and the checkers;
-//! - [`report`]: the JSON summary, CSV time series and SVG plots of a run.
+//! - [`report`]: the JSON summary, CSV time series and SVG plots of a run;
+//! - [`study`]: runs compared: a scenario with one setting changed (a sweep), statistics
+//!   across seeds, a sweep's CSV and plots.
 
 pub mod authority;
 pub mod by_map;
 pub mod net;
 pub mod report;
 pub mod scenario;
+pub mod study;
 pub mod world;
 
 /// Runs `scenario` with `seed`; `progress` gets the fraction of simulated time done.

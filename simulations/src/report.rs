@@ -211,6 +211,8 @@ const PALETTE: [plotters::style::RGBColor; 5] = [
 /// markers (time, label) drawn as dashed vertical lines (the scenario's faults).
 pub(crate) struct Chart<'a> {
     pub title: String,
+    /// What `t` is (simulated seconds in a run's charts, a setting in a sweep's).
+    pub x_label: &'a str,
     pub y_label: &'a str,
     pub scale: Scale,
     pub t: &'a [f64],
@@ -219,6 +221,9 @@ pub(crate) struct Chart<'a> {
     /// A shaded band between two series (its name, lower, upper), drawn under the lines.
     pub band: Option<(&'a str, Vec<f64>, Vec<f64>)>,
 }
+
+/// The x axis of a run's charts.
+pub(crate) const TIME: &str = "simulated time (s)";
 
 pub(crate) fn chart(c: &Chart<'_>) -> String {
     let mut svg = String::new();
@@ -236,6 +241,7 @@ pub(crate) fn latency_chart(
 ) -> String {
     chart(&Chart {
         title,
+        x_label: TIME,
         y_label: "latency (ms, log scale)",
         scale: Scale::Log,
         t,
@@ -256,6 +262,7 @@ pub(crate) fn balance_chart(
 ) -> String {
     chart(&Chart {
         title,
+        x_label: TIME,
         y_label,
         scale: Scale::Linear,
         t,
@@ -274,6 +281,7 @@ pub(crate) fn membership_chart(
 ) -> String {
     chart(&Chart {
         title,
+        x_label: TIME,
         y_label: "nodes",
         scale: Scale::Linear,
         t,
@@ -312,7 +320,7 @@ fn draw(svg: &mut String, c: &Chart<'_>) -> Result<(), Box<dyn std::error::Error
             let mut chart = $chart;
             chart
                 .configure_mesh()
-                .x_desc("simulated time (s)")
+                .x_desc(c.x_label)
                 .y_desc(y_label)
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()?;
@@ -448,6 +456,7 @@ pub fn across_seeds(
     }
     chart(&Chart {
         title: format!("{title} ({} seeds)", runs.len()),
+        x_label: TIME,
         y_label,
         scale,
         t: &t[..n],

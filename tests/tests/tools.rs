@@ -164,6 +164,86 @@ fn sim_reports_are_deterministic() {
     assert!(err.contains("turns_per_sec"), "{err}");
 }
 
+/// `botclaw sim --set KEY=V1,V2 --seeds 2`: a run per (value, seed), run two at a time,
+/// each byte-identical to the same run made alone; a table per value across the seeds; a
+/// sweep CSV with a row per run and plots against the swept value.
+#[test]
+fn sim_sweeps_compare_seeds_and_run_in_parallel_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("small.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"small\"\nnodes = 5\nduration_s = 20\n[workload]\nconversations = 2000\n\
+         turns_per_s = 400\n",
+    )
+    .unwrap();
+    let run = |out: &str, jobs: &str| {
+        let out_dir = dir.path().join(out);
+        let o = Command::new(botclaw_bin())
+            .args(["sim", "--scenario"])
+            .arg(&scenario)
+            .args(["--seed", "3", "--seeds", "2", "--set", "gossip.probe_period_ms=500,1000"])
+            .args(["--jobs", jobs, "--quiet", "--out"])
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        (out_dir, stdout)
+    };
+    let (two, said) = run("two", "2");
+    let (one, _) = run("one", "1");
+    // Each run is the same whether it ran alone or beside another.
+    for value in ["500", "1000"] {
+        for seed in [3, 4] {
+            let name = format!("small-map-gossip.probe_period_ms={value}-seed{seed}");
+            for file in ["summary.json", "series.csv", "latency.svg"] {
+                let a = std::fs::read(two.join(&name).join(file)).unwrap();
+                let b = std::fs::read(one.join(&name).join(file)).unwrap();
+                assert!(!a.is_empty() && a == b, "{name}/{file} differs with --jobs 2");
+            }
+        }
+    }
+    // The seeds compared per value: every metric's median, range and interval.
+    assert!(said.contains("across 2 seeds (gossip.probe_period_ms = 500):"), "{said}");
+    assert!(said.contains("| metric | median | min | max | mean, 95% interval (2 seeds) |"));
+    assert!(said.contains("| latency_ms_p99 |") && said.contains("| writes_lost | 0 | 0 | 0 |"));
+    let seeds = one.join("small-map-gossip.probe_period_ms=1000-seeds3-4");
+    assert!(std::fs::read_to_string(seeds.join("seeds.md"))
+        .unwrap()
+        .contains("| writes_acknowledged |"));
+    // The sweep: a CSV row per (value, seed), and plots against the value.
+    let sweep = one.join("small-map-sweep-gossip.probe_period_ms");
+    let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 5, "{csv}");
+    assert_eq!(rows[0][..2], ["gossip.probe_period_ms", "seed"]);
+    let keyed: Vec<(&str, &str)> = rows[1..].iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(keyed, [("500", "3"), ("500", "4"), ("1000", "3"), ("1000", "4")]);
+    let acked = rows[0].iter().position(|c| *c == "writes_acknowledged").expect("column");
+    assert!(rows[1..].iter().all(|r| r[acked].parse::<f64>().unwrap() > 1000.0), "{csv}");
+    assert_eq!(
+        csv,
+        std::fs::read_to_string(two.join("small-map-sweep-gossip.probe_period_ms/sweep.csv"))
+            .unwrap()
+    );
+    let svg = std::fs::read_to_string(sweep.join("latency_ms_p99.svg")).unwrap();
+    assert!(svg.contains("latency_ms_p99 by gossip.probe_period_ms (2 seeds)"), "{svg}");
+    assert!(svg.contains("least to most"), "the band is drawn");
+    let index = std::fs::read_to_string(sweep.join("index.html")).unwrap();
+    assert!(index.contains("<img src=\"latency_ms_p99.svg\""), "{index}");
+    // A key the scenario does not have is refused, naming it.
+    let o = Command::new(botclaw_bin())
+        .args(["sim", "--scenario"])
+        .arg(&scenario)
+        .args(["--set", "gossip.probe_perod_ms=1,2", "--out"])
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("probe_perod_ms"));
+}
+
 /// `bench --direct` against three nodes: each connection sends a conversation's turns to
 /// the node that answered the last one, so only first turns are forwarded; `--admin` for
 /// every node gives the cluster's CPU seconds per 1000 turns.
