@@ -138,6 +138,30 @@ pub struct AuthorityReport {
     pub owner_changes: u64,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
+    /// Per crash: seconds until every running node's failure detector declared the node
+    /// down, and until the committed map named it owner of no shard (`None`: not within
+    /// the run, or it restarted first).
+    pub crashes: Vec<CrashTimes>,
+}
+
+/// How long the cluster took to react to one crash (simulated seconds after it).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct CrashTimes {
+    pub node: String,
+    pub at_s: f64,
+    pub detected_s: Option<f64>,
+    pub reassigned_s: Option<f64>,
+}
+
+/// A crash being followed: who saw it so far.
+struct Crash {
+    node: usize,
+    at_ms: u64,
+    seen_by: BTreeSet<usize>,
+    detected_ms: Option<u64>,
+    reassigned_ms: Option<u64>,
+    /// It restarted: nothing more is recorded.
+    over: bool,
 }
 
 struct Node {
@@ -230,6 +254,10 @@ pub struct Authority {
     by_raft: BTreeMap<ControllerId, usize>,
     /// Requests owed to the rate (thousandths of a request).
     write_credit: u64,
+    /// Crashes, in order, with when the cluster noticed them.
+    crashes: Vec<Crash>,
+    /// Node index by gossip address.
+    by_addr: BTreeMap<SocketAddr, usize>,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -274,6 +302,8 @@ impl Authority {
             by_name: BTreeMap::new(),
             by_raft: BTreeMap::new(),
             write_credit: 0,
+            crashes: Vec::new(),
+            by_addr: BTreeMap::new(),
             cfg,
         };
         let voters: Vec<ControllerId> =
@@ -287,6 +317,7 @@ impl Authority {
     fn add_node(&mut self, i: usize, voters: &[ControllerId]) {
         let name = format!("n{i}");
         self.by_name.insert(name.clone(), i);
+        self.by_addr.insert(addr_of(i), i);
         let raft_id = controller_id(&name);
         self.by_raft.insert(raft_id, i);
         let voter = voters.contains(&raft_id);
@@ -326,6 +357,9 @@ impl Authority {
 
     /// Starts (or restarts) node `i`'s process: a new incarnation, its disk as it was.
     pub fn start(&mut self, i: usize) {
+        for c in self.crashes.iter_mut().filter(|c| c.node == i) {
+            c.over = true;
+        }
         let n = &mut self.nodes[i];
         n.incarnation = self.now_ms + 1;
         n.running = true;
@@ -367,6 +401,16 @@ impl Authority {
 
     /// The process dies; its disk and store stay.
     pub fn crash(&mut self, i: usize) {
+        if self.nodes[i].running {
+            self.crashes.push(Crash {
+                node: i,
+                at_ms: self.now_ms,
+                seen_by: BTreeSet::new(),
+                detected_ms: None,
+                reassigned_ms: None,
+                over: false,
+            });
+        }
         let n = &mut self.nodes[i];
         n.running = false;
         n.controller = None;
@@ -391,6 +435,36 @@ impl Authority {
             let held = std::mem::take(&mut self.nodes[i].held);
             for wire in held {
                 self.deliver(i, wire);
+            }
+        }
+    }
+
+    /// `observer`'s failure detector declared `down` down: a crash is detected once every
+    /// running node has.
+    fn crash_seen(&mut self, observer: SocketAddr, down: SocketAddr) {
+        let (Some(&o), Some(&d)) = (self.by_addr.get(&observer), self.by_addr.get(&down)) else {
+            return;
+        };
+        let now = self.now_ms;
+        let running: Vec<usize> =
+            (0..self.nodes.len()).filter(|&i| self.nodes[i].running).collect();
+        let Some(c) = self.crashes.iter_mut().rev().find(|c| c.node == d && !c.over) else {
+            return;
+        };
+        c.seen_by.insert(o);
+        if c.detected_ms.is_none() && running.iter().all(|i| c.seen_by.contains(i)) {
+            c.detected_ms = Some(now);
+        }
+    }
+
+    /// Crashes whose node the committed map names owner of no shard any more.
+    fn crashes_reassigned(&mut self) {
+        let now = self.now_ms;
+        for c in self.crashes.iter_mut().filter(|c| !c.over && c.reassigned_ms.is_none()) {
+            let owned = (self.replayed.member_ix(&self.nodes[c.node].name))
+                .map_or(0, |m| self.replayed.owned_by(m));
+            if owned == 0 {
+                c.reassigned_ms = Some(now);
             }
         }
     }
@@ -556,6 +630,15 @@ impl Authority {
         }
         r.writes_acknowledged = self.acked_count;
         r.unavailable_shards = self.replayed.unavailable().count();
+        let after = |at: u64, t: Option<u64>| t.map(|t| t.saturating_sub(at) as f64 / 1000.0);
+        r.crashes = (self.crashes.iter())
+            .map(|c| CrashTimes {
+                node: self.nodes[c.node].name.clone(),
+                at_s: c.at_ms as f64 / 1000.0,
+                detected_s: after(c.at_ms, c.detected_ms),
+                reassigned_s: after(c.at_ms, c.reassigned_ms),
+            })
+            .collect();
         let old = self.now_ms.saturating_sub(5_000);
         r.writes_stuck = (self.nodes.iter().filter(|n| n.running))
             .map(|n| n.seq_at.values().filter(|at| **at < old).count())
@@ -577,6 +660,9 @@ impl Authority {
         // as a node's does (`LeaderPlanner::members_changed`).
         for notice in self.net.take_notices() {
             use botclaw_core::membership::Effect as M;
+            if let M::MemberDown(id) = &notice.effect {
+                self.crash_seen(notice.node, id.gossip);
+            }
             let Some((l, planner)) = self.planner.as_mut() else { continue };
             let members = matches!(
                 notice.effect,
@@ -1026,6 +1112,7 @@ impl Authority {
                     }
                 }
                 self.dirty.extend(applied.changed);
+                self.crashes_reassigned();
                 let forced = match cmd {
                     MapCommand::Force { shard, .. } => Some(shard),
                     _ => None,

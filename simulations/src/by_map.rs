@@ -92,6 +92,11 @@ pub struct MapReport {
     /// Acknowledged writes an in-sync member lacked.
     pub writes_lost: u64,
     pub ownership_messages_lost: u64,
+    /// Per crash: until every running node declared it down, and until the committed map
+    /// named it owner of no shard; and the medians over the crashes (null without any).
+    pub crashes: Vec<crate::authority::CrashTimes>,
+    pub detected_s_median: Option<f64>,
+    pub reassigned_s_median: Option<f64>,
     pub datagrams_sent: u64,
     pub datagrams_dropped: u64,
     /// Checker failures (empty when every invariant held).
@@ -453,12 +458,21 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         unavailable_shards_end: r.unavailable_shards,
         writes_lost: r.writes_lost,
         ownership_messages_lost: r.messages_lost,
+        detected_s_median: median(r.crashes.iter().filter_map(|c| c.detected_s)),
+        reassigned_s_median: median(r.crashes.iter().filter_map(|c| c.reassigned_s)),
+        crashes: r.crashes.clone(),
         datagrams_sent: a.net.sent,
         datagrams_dropped: a.net.dropped,
         failures,
         samples,
         markers: sc.markers(),
     }
+}
+
+/// The median of some numbers; `None` without any.
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let s = crate::study::stats(&values.collect::<Vec<f64>>());
+    (s.n > 0).then_some(s.median)
 }
 
 fn apply(

@@ -281,6 +281,45 @@ fn bench_direct_sends_turns_to_owners_and_reports_cpu() {
     assert!(metric(&c.nodes[0].metrics(), "botclaw_process_cpu_seconds_total") > 0.0);
 }
 
+/// `tests/bench/fidelity.py`, the simulator against real processes, runs end to end at a
+/// small size: both sides measure the kill's detection and reassignment (within the
+/// failure detector's few seconds) and a latency.
+#[test]
+fn fidelity_script_prints_simulated_and_real_side_by_side() {
+    if std::env::var_os("BOTCLAW_TEST_BY_RING").is_some() {
+        // The script starts its own nodes, in the default mode: nothing to run again.
+        return;
+    }
+    if !have_tool("python3", &["--version"]) {
+        return;
+    }
+    let _one_map_cluster = map_cluster_exclusive();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/fidelity.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--bin", &botclaw_bin().display().to_string()])
+        .args(["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| measure"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in &rows[..2] {
+        for cell in [row[2], row[3]] {
+            let s: f64 = cell.trim_end_matches(" s").parse().unwrap_or(f64::NAN);
+            assert!((0.3..30.0).contains(&s), "{row:?} in\n{stdout}");
+        }
+    }
+    for row in &rows[2..] {
+        assert!(row[2].ends_with(" ms") && row[3].ends_with(" ms"), "{row:?}");
+    }
+}
+
 /// `tests/bench/side_by_side.py`, the script behind README's performance table, runs end
 /// to end at a small size (Redis from Debian's `redis-server`, the debug binary) and prints
 /// every row with figures.

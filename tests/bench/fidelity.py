@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""How far the simulator is from the real cluster: one scenario, run both ways, side by side.
+
+The scenario: N nodes (default 5) in memory, a steady load, and the last node killed with
+SIGKILL. Measured the same way on both sides:
+- detection: from the kill until every surviving node's failure detector declares it down
+  (real: each survivor's `/status`, polled every 20 ms);
+- reassignment: from the kill until the controller's committed map names it owner of no
+  shard (real: the leader's `/status` `controller.owned`);
+- turn latency p50 and p99 (real: `botclaw bench`, 4 connections, pipeline 1, before the
+  kill; simulated: every acknowledged write of the same scenario without the crash, at
+  the real run's turn rate).
+The simulator runs `botclaw sim --model map` (the same membership, controller, planner and
+ownership code) on a scenario this script writes; several seeds, several real runs,
+medians. Prints a Markdown table.
+
+Standard library only. Every process it starts is killed by pid, also on failure.
+
+    python3 tests/bench/fidelity.py [--bin target/release/botclaw] [--nodes 5] [--runs 3]
+        [--seeds 5] [--json OUT.json]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import side_by_side as sbs  # noqa: E402  (the cluster helpers: start, status, stop_all)
+
+KILL_AT_S = 10
+
+
+def member_state(admin, name):
+    for m in sbs.status(admin)["members"]:
+        if m["name"] == name:
+            return m["state"]
+    return None
+
+
+def owned_by(admins, name):
+    """Shards the committed map names `name` owner of, as the controller's leader says."""
+    for a in admins:
+        try:
+            c = sbs.status(a).get("controller") or {}
+        except Exception:
+            continue
+        if c.get("is_leader"):
+            return (c.get("owned") or {}).get(name, 0)
+    return None
+
+
+def real_run(args, work):
+    clients, admins = sbs.start_cluster(args.bin, args.nodes, False, work)
+    victim = f"n{args.nodes - 1}"
+    survivors = admins[:-1]
+    # Steady-state latency and rate, before the kill.
+    cmd = [args.bin, "bench", "--json", "--connections", "4", "--pipeline", "1",
+           "--conversations", "500", "--turns", str(args.turns), "--prefix", "fid"]
+    for c in clients:
+        cmd += ["--connect", f"127.0.0.1:{c}"]
+    load = json.loads(subprocess.run(cmd, capture_output=True, check=True, timeout=600).stdout)
+    lat = load["cluster"]["latency_us"]
+    before = owned_by(admins, victim)
+    pid = sbs.PROCS[-1].pid
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    detected = reassigned = None
+    while time.monotonic() - killed < 60 and (detected is None or reassigned is None):
+        now = time.monotonic() - killed
+        if detected is None:
+            try:
+                if all(member_state(a, victim) == "down" for a in survivors):
+                    detected = now
+            except Exception:
+                pass
+        if reassigned is None and owned_by(survivors, victim) == 0:
+            reassigned = now
+        time.sleep(0.02)
+    sbs.stop_all()
+    return {
+        "detected_s": detected,
+        "reassigned_s": reassigned,
+        "owned_before": before,
+        "p50_ms": lat["p50"] / 1000.0,
+        "p99_ms": lat["p99"] / 1000.0,
+        "turns_per_s": load["cluster"]["turns_per_s"],
+    }
+
+
+def simulate(args, work, name, turns_per_s, crash):
+    """Runs a scenario (with the crash or without) for every seed; their summaries."""
+    scenario = os.path.join(work, f"{name}.toml")
+    with open(scenario, "w") as f:
+        f.write(
+            f'name = "{name}"\nnodes = {args.nodes}\nduration_s = {KILL_AT_S + 20}\nseed = 1\n'
+            f"[workload]\nconversations = 500\nturns_per_s = {max(1, round(turns_per_s))}\n"
+        )
+        if crash:
+            f.write(f'[[faults]]\nat_s = {KILL_AT_S}\nkind = "crash"\nnodes = [{args.nodes - 1}]\n')
+    out = os.path.join(work, "sim")
+    subprocess.run([args.bin, "sim", "--scenario", scenario, "--seeds", str(args.seeds),
+                    "--quiet", "--out", out], check=True, capture_output=True, timeout=1800)
+    summaries = []
+    for seed in range(1, args.seeds + 1):
+        with open(os.path.join(out, f"{name}-map-seed{seed}", "summary.json")) as f:
+            summaries.append(json.load(f))
+    return summaries
+
+
+def sim_runs(args, work, turns_per_s):
+    """Per seed: the crash's times from a run with it, the latencies from one without (the
+    real latencies are measured before the kill)."""
+    crashed = simulate(args, work, "fidelity-crash", turns_per_s, True)
+    steady = simulate(args, work, "fidelity-steady", turns_per_s, False)
+    runs = []
+    for c, s in zip(crashed, steady):
+        crash = c["crashes"][0] if c["crashes"] else {}
+        runs.append({
+            "detected_s": crash.get("detected_s"),
+            "reassigned_s": crash.get("reassigned_s"),
+            "p50_ms": s["latency_ms_p50"],
+            "p99_ms": s["latency_ms_p99"],
+        })
+    return runs
+
+
+def med(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if len(values) < len(runs):
+        return None
+    return statistics.median(values)
+
+
+def fmt(x, unit):
+    return "never" if x is None else f"{x:.3f} {unit}" if unit == "s" else f"{x:.2f} {unit}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default="target/release/botclaw")
+    ap.add_argument("--nodes", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="real runs")
+    ap.add_argument("--seeds", type=int, default=5, help="simulated seeds")
+    ap.add_argument("--turns", type=int, default=20_000, help="turns of the latency load")
+    ap.add_argument("--json", help="also write every run to this file")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="botclaw-fidelity-")
+    try:
+        real = [real_run(args, os.path.join(work, f"real{i}")) for i in range(args.runs)]
+        rate = statistics.median(r["turns_per_s"] for r in real)
+        sim = sim_runs(args, work, rate)
+    finally:
+        sbs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"`python3 tests/bench/fidelity.py --nodes {args.nodes} --runs {args.runs} --seeds "
+          f"{args.seeds}`: {args.nodes} nodes in memory, the last killed with SIGKILL; real: "
+          f"{args.runs} runs, simulated (`--model map`, {rate:,.0f} turns/s as measured): "
+          f"{args.seeds} seeds; medians\n")
+    print("| measure | simulated | real | simulated / real |")
+    print("|---|---|---|---|")
+    for key, what, unit in [
+        ("detected_s", "kill to every survivor declaring it down", "s"),
+        ("reassigned_s", "kill to the map naming it owner of no shard", "s"),
+        ("p50_ms", "turn latency p50", "ms"),
+        ("p99_ms", "turn latency p99", "ms"),
+    ]:
+        s, r = med(sim, key), med(real, key)
+        ratio = f"{s / r:.2f}x" if s is not None and r else "-"
+        print(f"| {what} | {fmt(s, unit)} | {fmt(r, unit)} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"real": real, "simulated": sim, "turns_per_s": rate}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
