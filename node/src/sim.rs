@@ -347,7 +347,9 @@ fn write_sweep(dir: &Path, scenario: &str, key: &str, runs: &[study::SweepRun]) 
 }
 
 /// The metrics a sweep plots, where a run reports them (both models' names).
-const SWEEP_PLOTS: [&str; 8] = [
+const SWEEP_PLOTS: [&str; 10] = [
+    "detected_s_median",
+    "reassigned_s_median",
     "latency_ms_p50",
     "latency_ms_p99",
     "writes_acknowledged",
