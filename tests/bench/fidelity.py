@@ -57,7 +57,17 @@ def owned_by(admins, name):
 
 
 def real_run(args, work):
-    clients, admins = sbs.start_cluster(args.bin, args.nodes, False, work)
+    try:
+        clients, admins = sbs.start_cluster(args.bin, args.nodes, False, work)
+    except SystemExit:
+        # Say what each node was waiting for, and keep its log.
+        for i in range(args.nodes):
+            log = os.path.join(work, f"n{i}", "node.log")
+            kept = os.path.join(tempfile.gettempdir(), f"fidelity-n{i}.log")
+            if os.path.exists(log):
+                shutil.copy(log, kept)
+                print(f"n{i}: log kept in {kept}", file=sys.stderr)
+        raise
     victim = f"n{args.nodes - 1}"
     survivors = admins[:-1]
     # Steady-state latency and rate, before the kill.
