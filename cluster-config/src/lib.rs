@@ -1346,16 +1346,15 @@ impl RawNodeConfig {
             ));
         }
         let replication = self.replication.unwrap_or_default();
-        if replication.factor == 0
-            || replication.write_quorum == 0
-            || replication.incoming_max == 0
-            || replication.pending_per_shard_max == 0
-        {
-            return Err(ConfigError::invalid(
-                "replication.factor",
-                "replication.factor, write_quorum, incoming_max and pending_per_shard_max must \
-                 be greater than 0",
-            ));
+        for (field, value) in [
+            ("replication.factor", replication.factor),
+            ("replication.write_quorum", replication.write_quorum),
+            ("replication.incoming_max", replication.incoming_max),
+            ("replication.pending_per_shard_max", replication.pending_per_shard_max),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be greater than 0"));
+            }
         }
         if replication.write_quorum > replication.factor {
             return Err(ConfigError::invalid(

@@ -114,6 +114,17 @@ fn controller_settings_are_checked() {
 }
 
 #[test]
+fn replication_bounds_are_checked_by_name() {
+    let err = |text: &str| with_secret(text).validate().unwrap_err().to_string();
+    for field in ["factor", "incoming_max", "pending_per_shard_max"] {
+        let e = err(&format!("[replication]\n{field} = 0"));
+        assert!(e.contains(&format!("replication.{field}")), "{e}");
+    }
+    let ok = with_secret("[replication]\npending_per_shard_max = 16").validate().unwrap();
+    assert_eq!(ok.replication.pending_per_shard_max, 16);
+}
+
+#[test]
 fn the_secret_comes_from_a_file_or_a_value_never_both() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("secret");

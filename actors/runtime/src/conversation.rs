@@ -167,7 +167,7 @@ impl Actor for ConversationActor {
             shared: args.shared,
             activity: args.activity,
             bot_timer: None,
-            recent: VecDeque::with_capacity(RECENT_TURNS_MAX),
+            recent: VecDeque::new(),
         })
     }
 
