@@ -821,7 +821,7 @@ impl TlsConfig {
 }
 
 /// The admin HTTP port.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// If non-empty, every mutating endpoint (`POST /drain`, `/shard/force`,
@@ -832,6 +832,21 @@ pub struct AdminConfig {
     /// Allow `admin_addr` on a non-loopback address without `tokens` (anyone who reaches
     /// the port can then stop the node).
     pub open_bind_allowed: bool,
+    /// Connections open at once; more are closed as they arrive (and counted).
+    pub connections_max: usize,
+    /// Time a connection has to send a request's headers before it is closed.
+    pub header_timeout_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            tokens: Vec::new(),
+            open_bind_allowed: false,
+            connections_max: 64,
+            header_timeout_ms: 5000,
+        }
+    }
 }
 
 impl Default for HandoffConfig {
@@ -1258,6 +1273,14 @@ impl RawNodeConfig {
                      = true)"
                 ),
             ));
+        }
+        if admin_cfg.connections_max == 0 || admin_cfg.header_timeout_ms == 0 {
+            let field = if admin_cfg.connections_max == 0 {
+                "admin.connections_max"
+            } else {
+                "admin.header_timeout_ms"
+            };
+            return Err(ConfigError::invalid(field, "must be greater than 0"));
         }
         let name = self.name.unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
         validate_name(&name)?;

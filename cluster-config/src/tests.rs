@@ -122,6 +122,11 @@ fn replication_bounds_are_checked_by_name() {
     }
     let ok = with_secret("[replication]\npending_per_shard_max = 16").validate().unwrap();
     assert_eq!(ok.replication.pending_per_shard_max, 16);
+    for field in ["connections_max", "header_timeout_ms"] {
+        let e = err(&format!("[admin]\n{field} = 0"));
+        assert!(e.contains(&format!("admin.{field}")), "{e}");
+    }
+    assert_eq!(with_secret("").validate().unwrap().admin.connections_max, 64);
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub struct AdminState {
     pub store: Arc<dyn botclaw_actors::store::StateStore>,
     /// `[admin] tokens`: a mutating request needs one of them.
     pub admin_tokens: Vec<String>,
+    /// `[admin] connections_max` and `header_timeout_ms`.
+    pub connections_max: usize,
+    pub header_timeout_ms: u64,
     /// The ring over the map's active members, for `/placement` (rebuilt when they change).
     pub ring: tokio::sync::Mutex<Option<(Vec<RingMember>, Arc<Placement>)>>,
     /// What the rebalancer would move now (refreshed every second by the load loop).
@@ -178,10 +181,46 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         )
         .merge(crate::console::routes())
         .merge(mutating)
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "admin server stopped");
+        .with_state(state.clone());
+    let app_state = state;
+    // Bounded: at most `connections_max` connections at once (more are closed as they
+    // arrive), each given `header_timeout_ms` to send a request's headers, so idle or slow
+    // clients cannot hold the port (the server-sent console streams are answered requests,
+    // and stay until the browser leaves).
+    let limits = state_limits(&app_state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.0));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin port: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            app_state.metrics.admin_connection_refused("connections_max");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.1)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
     }
+}
+
+/// The admin port's bounds: connections at once, time to send a request's headers.
+fn state_limits(s: &AdminState) -> (usize, Duration) {
+    (s.connections_max.max(1), Duration::from_millis(s.header_timeout_ms.max(1)))
 }
 
 /// Lets a mutating request through only if it carries no `Origin` or this port's own (a

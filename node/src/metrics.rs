@@ -86,6 +86,8 @@ pub struct Metrics {
     pub gossip_received: Counter,
     pub gossip_rejected: Family<ReasonLabel, Counter>,
     pub admin_refused: Family<ReasonLabel, Counter>,
+    /// Admin-port connections closed at once, by reason (`connections_max`).
+    pub admin_connections_refused: Family<ReasonLabel, Counter>,
     /// Cluster-port connections closed before they reached ractor_cluster, by reason.
     pub cluster_refused: Family<ReasonLabel, Counter>,
     pub gossip_send_errors: Counter,
@@ -139,6 +141,7 @@ impl Default for Metrics {
             gossip_received: Default::default(),
             gossip_rejected: Default::default(),
             admin_refused: Default::default(),
+            admin_connections_refused: Default::default(),
             cluster_refused: Default::default(),
             gossip_send_errors: Default::default(),
             cluster_warnings: Default::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             "admin_requests_refused",
             "Mutating admin requests refused (cross-origin, missing or unknown token)",
             self.admin_refused.clone(),
+        );
+        r.register(
+            "admin_connections_refused",
+            "Admin-port connections closed as they arrived, by reason (connections_max)",
+            self.admin_connections_refused.clone(),
         );
         r.register(
             "cluster_connections_refused",
@@ -361,6 +369,10 @@ impl Metrics {
 
     pub fn admin_refused(&self, reason: &str) {
         by_reason(&self.admin_refused, reason);
+    }
+
+    pub fn admin_connection_refused(&self, reason: &str) {
+        by_reason(&self.admin_connections_refused, reason);
     }
 
     pub fn member_event(&self, event: &str) {

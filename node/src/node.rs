@@ -877,6 +877,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         replication_factor: cfg.replication.factor,
         store: store.clone(),
         admin_tokens: cfg.admin.tokens.clone(),
+        connections_max: cfg.admin.connections_max,
+        header_timeout_ms: cfg.admin.header_timeout_ms,
         ring: Default::default(),
         preview,
     });

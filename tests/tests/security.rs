@@ -98,6 +98,38 @@ fn closed_within(stream: &mut std::net::TcpStream, within: Duration) -> Option<D
     None
 }
 
+/// The admin port bounds its connections: past `connections_max` a new one is closed at
+/// once and counted, one that sends no request is closed after `header_timeout_ms`, and
+/// then the port answers again.
+#[test]
+fn the_admin_port_closes_silent_connections_and_bounds_how_many() {
+    let config = "[admin]\nconnections_max = 4\nheader_timeout_ms = 1000\n";
+    let mut c = Cluster::new(1).with_config(config);
+    c.start_all();
+    c.wait_converged(&[0], CONVERGE);
+    let admin = c.nodes[0].ports.admin;
+    // The harness's own idle keep-alive connections are closed by the same timeout first.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Four silent connections take every slot; a fifth is closed at once.
+    let opened = std::time::Instant::now();
+    let mut silent: Vec<std::net::TcpStream> =
+        (0..4).map(|_| std::net::TcpStream::connect(admin).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = std::net::TcpStream::connect(admin).unwrap();
+    let refused = closed_within(&mut fifth, Duration::from_millis(600));
+    assert!(refused.is_some(), "a fifth connection was kept open past connections_max");
+    // The silent ones are closed once their time to send headers has passed, not before.
+    for s in &mut silent {
+        assert!(closed_within(s, Duration::from_secs(15)).is_some(), "a silent one stays open");
+        let after = opened.elapsed();
+        assert!(after >= Duration::from_millis(900), "closed {after:?} after it opened");
+    }
+    // The port answers again, and counted the refusal.
+    let m = c.nodes[0].metrics();
+    let counted = metric(&m, "botclaw_admin_connections_refused_total{reason=\"connections_max\"}");
+    assert!(counted >= 1.0, "refusals counted: {counted}");
+}
+
 /// With client tokens, sockets that never say `hello` hold places of their own (not the
 /// token holders'), are closed after `hello_timeout_ms`, and an idle authenticated
 /// connection is closed after `idle_timeout_ms`; each close is counted.
