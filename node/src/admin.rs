@@ -187,8 +187,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     // arrive), each given `header_timeout_ms` to send a request's headers, so idle or slow
     // clients cannot hold the port (the server-sent console streams are answered requests,
     // and stay until the browser leaves).
-    let limits = state_limits(&app_state);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(app_state.connections_max.max(1)));
+    let header_timeout = Duration::from_millis(app_state.header_timeout_ms.max(1));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -208,7 +208,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             let _slot = slot;
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.1)
+                .header_read_timeout(header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
             if let Err(e) = served {
@@ -216,11 +216,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             }
         });
     }
-}
-
-/// The admin port's bounds: connections at once, time to send a request's headers.
-fn state_limits(s: &AdminState) -> (usize, Duration) {
-    (s.connections_max.max(1), Duration::from_millis(s.header_timeout_ms.max(1)))
 }
 
 /// Lets a mutating request through only if it carries no `Origin` or this port's own (a

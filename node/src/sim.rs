@@ -318,10 +318,7 @@ fn run_one(args: &SimArgs, key: Option<&str>, job: &Job, quiet: bool) -> Result<
 fn write_sweep(dir: &Path, scenario: &str, key: &str, runs: &[study::SweepRun]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("sweep.csv"), study::sweep_csv(key, runs))?;
-    let reported: Vec<&str> = runs
-        .first()
-        .map(|(_, _, m)| m.iter().map(|(k, _)| k.as_str()).collect())
-        .unwrap_or_default();
+    let reported = study::metric_names(runs.iter().map(|(_, _, m)| m));
     let mut names = Vec::new();
     for metric in SWEEP_PLOTS.iter().filter(|m| reported.contains(m)) {
         let file = format!("{metric}.svg");

@@ -126,14 +126,22 @@ fn num(x: f64) -> String {
     }
 }
 
+/// Every metric any of the runs reports, by name (a run may lack one: a crash time of a
+/// run where no crash was detected is null, not a number).
+pub fn metric_names<'a>(runs: impl IntoIterator<Item = &'a Vec<(String, f64)>>) -> Vec<&'a str> {
+    let names: std::collections::BTreeSet<&str> =
+        runs.into_iter().flatten().map(|(k, _)| k.as_str()).collect();
+    names.into_iter().collect()
+}
+
 /// The per-metric table of several runs (one per seed), Markdown: median, min, max and
-/// the 95% interval of the mean. Metrics are those of the first run.
+/// the 95% interval of the mean, over the runs that report the metric.
 pub fn seeds_table(runs: &[Vec<(String, f64)>]) -> String {
     let mut out = format!(
         "| metric | median | min | max | mean, 95% interval ({} seeds) |\n|---|---|---|---|---|\n",
         runs.len()
     );
-    for (name, _) in runs.first().into_iter().flatten() {
+    for name in metric_names(runs) {
         let values: Vec<f64> = runs
             .iter()
             .filter_map(|r| r.iter().find(|(k, _)| k == name).map(|(_, v)| *v))
@@ -156,12 +164,10 @@ pub fn seeds_table(runs: &[Vec<(String, f64)>]) -> String {
 /// One run of a sweep: the value of the swept key, the seed, the run's metrics.
 pub type SweepRun = (String, u64, Vec<(String, f64)>);
 
-/// A sweep as CSV: one row per (value, seed), a column per metric (those of the first run).
+/// A sweep as CSV: one row per (value, seed), a column per metric any run reports (empty
+/// where a run does not).
 pub fn sweep_csv(key: &str, runs: &[SweepRun]) -> String {
-    let names: Vec<&str> = runs
-        .first()
-        .map(|(_, _, m)| m.iter().map(|(k, _)| k.as_str()).collect())
-        .unwrap_or_default();
+    let names = metric_names(runs.iter().map(|(_, _, m)| m));
     let quote = |s: &str| {
         if s.contains([',', '"', '\n']) {
             format!("\"{}\"", s.replace('"', "\"\""))
@@ -272,15 +278,18 @@ mod tests {
         let a =
             metrics("{\"a_ms\": 2.5, \"lost\": 0, \"name\": \"x\", \"seed\": 1, \"list\": [1]}");
         assert_eq!(a, vec![("a_ms".to_string(), 2.5), ("lost".to_string(), 0.0)]);
-        let b = metrics("{\"a_ms\": 3.5, \"lost\": 0, \"seed\": 2}");
+        let b = metrics("{\"a_ms\": 3.5, \"lost\": 0, \"seed\": 2, \"late_s\": 1.5}");
         let table = seeds_table(&[a.clone(), b.clone()]);
         assert!(table.contains("| a_ms | 3 | 2.500 | 3.500 | 3 [-3.353, 9.353] |"), "{table}");
         assert!(table.contains("| lost | 0 | 0 | 0 | 0 [0, 0] |"), "{table}");
         let runs: Vec<SweepRun> =
             vec![("100".into(), 1, a.clone()), ("100".into(), 2, b.clone()), ("200".into(), 1, b)];
         let csv = sweep_csv("gossip.probe_period_ms", &runs);
-        assert_eq!(csv.lines().next(), Some("gossip.probe_period_ms,seed,a_ms,lost"));
-        assert_eq!(csv.lines().nth(3), Some("200,1,3.5,0"));
+        // A metric only a later run reports still gets its column.
+        assert_eq!(csv.lines().next(), Some("gossip.probe_period_ms,seed,a_ms,late_s,lost"));
+        assert_eq!(csv.lines().nth(1), Some("100,1,2.5,,0"));
+        assert_eq!(csv.lines().nth(3), Some("200,1,3.5,1.5,0"));
+        assert!(table.contains("| late_s | 1.500 | 1.500 | 1.500 |"), "{table}");
         let svg = sweep_chart("s", "gossip.probe_period_ms", "a_ms", &runs);
         assert!(
             svg.starts_with("<svg") && svg.contains("a_ms by gossip.probe_period_ms (2 seeds)")
