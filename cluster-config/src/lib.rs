@@ -163,7 +163,7 @@ impl GossipConfig {
 
     /// Checks the relations between the fields; messages name the violated relation.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
+        let fields = [
             ("gossip.probe_period_ms", self.probe_period_ms),
             ("gossip.probe_rtt_ms", self.probe_rtt_ms),
             ("gossip.suspect_to_down_ms", self.suspect_to_down_ms),
@@ -177,11 +177,7 @@ impl GossipConfig {
             ("gossip.gossip_fanout", self.gossip_fanout as u64),
             ("gossip.transmissions_min", u64::from(self.transmissions_min)),
         ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be greater than 0"));
-            }
-        }
+        positive(fields)?;
         if self.probe_rtt_ms >= self.probe_period_ms {
             return Err(ConfigError::invalid(
                 "gossip.probe_rtt_ms",
@@ -230,19 +226,23 @@ impl Default for LinkConfig {
     }
 }
 
+/// Refuses the first of `fields` that is 0, naming it.
+fn positive(fields: impl IntoIterator<Item = (&'static str, u64)>) -> Result<(), ConfigError> {
+    match fields.into_iter().find(|&(_, value)| value == 0) {
+        Some((field, _)) => Err(ConfigError::invalid(field, "must be greater than 0")),
+        None => Ok(()),
+    }
+}
+
 impl LinkConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        for (field, value) in [
+        positive([
             ("link.reconcile_interval_ms", self.reconcile_interval_ms),
             ("link.dial_timeout_ms", self.dial_timeout_ms),
             ("link.keepalive_ms", self.keepalive_ms),
             ("link.frame_bytes_max", self.frame_bytes_max),
             ("link.call_timeout_ms", self.call_timeout_ms),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be greater than 0"));
-            }
-        }
+        ])?;
         Ok(())
     }
 }
@@ -640,7 +640,7 @@ impl Default for ControllerConfig {
 
 impl ControllerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
+        let fields = [
             ("controller.voters_target", self.voters_target as u64),
             ("controller.tick_ms", self.tick_ms),
             ("controller.election_ticks", self.election_ticks as u64),
@@ -655,11 +655,7 @@ impl ControllerConfig {
             ("controller.changes_per_round_max", self.changes_per_round_max as u64),
             ("controller.inbound_queue_max", self.inbound_queue_max as u64),
         ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be greater than 0"));
-            }
-        }
+        positive(fields)?;
         if self.heartbeat_ticks >= self.election_ticks {
             return Err(ConfigError::invalid(
                 "controller.heartbeat_ticks",
@@ -791,15 +787,11 @@ impl TlsConfig {
                 "set all of ca_file, cert_file and key_file, or none",
             ));
         }
-        for (field, value) in [
+        positive([
             ("tls.handshake_timeout_ms", self.handshake_timeout_ms),
             ("tls.unauthenticated_connections_max", self.unauthenticated_connections_max as u64),
             ("tls.connections_max", self.connections_max as u64),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be greater than 0"));
-            }
-        }
+        ])?;
         if self.client_port && !self.enabled() {
             return Err(ConfigError::invalid(
                 "tls.client_port",
@@ -992,7 +984,7 @@ impl ServiceConfig {
                 format!("{what} {name}: {:?} must start with '/'", self.health_path),
             ));
         }
-        let positive = [
+        let fields = [
             ("timeout_ms", self.timeout_ms),
             ("concurrency_max", self.concurrency_max as u64),
             ("instance_concurrency_max", self.instance_concurrency_max as u64),
@@ -1004,7 +996,7 @@ impl ServiceConfig {
             ("answer_bytes_max", self.answer_bytes_max as u64),
             ("module_rounds_max", u64::from(self.module_rounds_max)),
         ];
-        for (f, value) in positive {
+        for (f, value) in fields {
             if value == 0 {
                 return Err(ConfigError::invalid(
                     field(f),
@@ -1274,14 +1266,10 @@ impl RawNodeConfig {
                 ),
             ));
         }
-        if admin_cfg.connections_max == 0 || admin_cfg.header_timeout_ms == 0 {
-            let field = if admin_cfg.connections_max == 0 {
-                "admin.connections_max"
-            } else {
-                "admin.header_timeout_ms"
-            };
-            return Err(ConfigError::invalid(field, "must be greater than 0"));
-        }
+        positive([
+            ("admin.connections_max", admin_cfg.connections_max as u64),
+            ("admin.header_timeout_ms", admin_cfg.header_timeout_ms),
+        ])?;
         let name = self.name.unwrap_or_else(|| format!("node-{}", gossip_addr.port()));
         validate_name(&name)?;
         let mut seeds = Vec::new();
@@ -1369,16 +1357,12 @@ impl RawNodeConfig {
             ));
         }
         let replication = self.replication.unwrap_or_default();
-        for (field, value) in [
-            ("replication.factor", replication.factor),
-            ("replication.write_quorum", replication.write_quorum),
-            ("replication.incoming_max", replication.incoming_max),
-            ("replication.pending_per_shard_max", replication.pending_per_shard_max),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be greater than 0"));
-            }
-        }
+        positive([
+            ("replication.factor", replication.factor as u64),
+            ("replication.write_quorum", replication.write_quorum as u64),
+            ("replication.incoming_max", replication.incoming_max as u64),
+            ("replication.pending_per_shard_max", replication.pending_per_shard_max as u64),
+        ])?;
         if replication.write_quorum > replication.factor {
             return Err(ConfigError::invalid(
                 "replication.write_quorum",
@@ -1484,7 +1468,7 @@ fn validate_runtime(
     f: &FrontendConfig,
     b: &BackendConfig,
 ) -> Result<(), ConfigError> {
-    let positive = [
+    let fields = [
         ("conversations.idle_passivate_ms", c.idle_passivate_ms),
         ("conversations.turns_kept_max", c.turns_kept_max as u64),
         ("conversations.active_max", c.active_max as u64),
@@ -1505,11 +1489,7 @@ fn validate_runtime(
         ("frontend.turn_timeout_ms", f.turn_timeout_ms),
         ("backends.module_calls_inflight_max", b.module_calls_inflight_max as u64),
     ];
-    for (field, value) in positive {
-        if value == 0 {
-            return Err(ConfigError::invalid(field, "must be greater than 0"));
-        }
-    }
+    positive(fields)?;
     if !(256..=16 * 1024 * 1024).contains(&f.frame_bytes_max) {
         return Err(ConfigError::invalid(
             "frontend.frame_bytes_max",
@@ -1567,17 +1547,13 @@ fn validate_sizes(
     f: &FrontendConfig,
     link: &LinkConfig,
 ) -> Result<(), ConfigError> {
-    for (field, value) in [
+    positive([
         ("conversations.turn_bytes_max", c.turn_bytes_max as u64),
         ("conversations.bot_state_bytes_max", c.bot_state_bytes_max as u64),
         ("conversations.history_bytes_max", c.history_bytes_max as u64),
         ("conversations.active_bytes_max", c.active_bytes_max),
         ("frontend.output_buffer_bytes_max", f.output_buffer_bytes_max as u64),
-    ] {
-        if value == 0 {
-            return Err(ConfigError::invalid(field, "must be greater than 0"));
-        }
-    }
+    ])?;
     let largest = conversation_bytes_max(c);
     if largest > link.frame_bytes_max / 2 {
         return Err(ConfigError::invalid(

@@ -182,24 +182,18 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         .merge(crate::console::routes())
         .merge(mutating)
         .with_state(state.clone());
-    let app_state = state;
     // Bounded: at most `connections_max` connections at once (more are closed as they
     // arrive), each given `header_timeout_ms` to send a request's headers, so idle or slow
     // clients cannot hold the port (the server-sent console streams are answered requests,
     // and stay until the browser leaves).
-    let slots = Arc::new(tokio::sync::Semaphore::new(app_state.connections_max.max(1)));
-    let header_timeout = Duration::from_millis(app_state.header_timeout_ms.max(1));
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.connections_max.max(1)));
+    let header_timeout = Duration::from_millis(state.header_timeout_ms.max(1));
+    let mut acceptor = crate::tls::Acceptor::new(listener, "admin");
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin port: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let refused = |reason| state.metrics.admin_connection_refused(reason);
+        let (stream, _) = acceptor.next(|| refused("accept_error")).await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            app_state.metrics.admin_connection_refused("connections_max");
+            refused("connections_max");
             drop(stream);
             continue;
         };

@@ -106,16 +106,9 @@ pub async fn serve(
     // takes one of `permits` when its `hello` succeeds.
     let anonymous = Arc::new(Semaphore::new(fe.cfg.unauthenticated_connections_max));
     let open = fe.cfg.open();
+    let mut acceptor = crate::tls::Acceptor::new(listener, "client");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = acceptor.next(|| ()).await;
         if !open && fe.hello_failures.blocked(peer.ip()) {
             fe.metrics.connections_rejected.inc();
             tracing::debug!(%peer, "connection refused: too many failed hellos");

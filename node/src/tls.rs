@@ -25,7 +25,7 @@ use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServerMessage};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -263,6 +263,47 @@ impl RateLimitedLog {
     }
 }
 
+/// A port's accept loop: the next connection. On an accept error (typically EMFILE) it
+/// counts it (`on_error`), waits, longer each time up to a second, instead of spinning,
+/// and logs at most once per 10 s.
+pub struct Acceptor {
+    listener: TcpListener,
+    /// What the port is, for the log.
+    port: &'static str,
+    backoff: Duration,
+    /// Shared with the loop's own warnings (a full port, ...).
+    pub log: RateLimitedLog,
+}
+
+impl Acceptor {
+    const BACKOFF_MIN: Duration = Duration::from_millis(5);
+
+    pub fn new(listener: TcpListener, port: &'static str) -> Acceptor {
+        let log = RateLimitedLog::new(Duration::from_secs(10));
+        Acceptor { listener, port, backoff: Self::BACKOFF_MIN, log }
+    }
+
+    pub async fn next(&mut self, on_error: impl Fn()) -> (TcpStream, std::net::SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => {
+                    self.backoff = Self::BACKOFF_MIN;
+                    return accepted;
+                }
+                Err(e) => {
+                    on_error();
+                    let port = self.port;
+                    self.log.warn(
+                        |n| tracing::warn!(port, error = %e, suppressed = n, "accept failed"),
+                    );
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
 /// Accepts the cluster port's connections and hands authenticated ones to `server`.
 pub async fn serve_cluster(
     listener: TcpListener,
@@ -275,25 +316,10 @@ pub async fn serve_cluster(
     let all = Arc::new(Semaphore::new(cfg.connections_max));
     let handshakes = Arc::new(Semaphore::new(cfg.unauthenticated_connections_max));
     let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
-    let mut log = RateLimitedLog::new(Duration::from_secs(10));
-    let mut backoff = Duration::from_millis(5);
+    let mut acceptor = Acceptor::new(listener, "cluster");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = Duration::from_millis(5);
-                accepted
-            }
-            Err(e) => {
-                // Typically EMFILE: wait (longer each time) instead of spinning.
-                metrics.cluster_refused("accept_error");
-                log.warn(
-                    |n| tracing::warn!(error = %e, suppressed = n, "cluster port accept failed"),
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+        let (stream, peer) = acceptor.next(|| metrics.cluster_refused("accept_error")).await;
+        let log = &mut acceptor.log;
         let Ok(place) = all.clone().try_acquire_owned() else {
             metrics.cluster_refused("full");
             log.warn(

@@ -445,14 +445,13 @@ impl Authority {
         let (Some(&o), Some(&d)) = (self.by_addr.get(&observer), self.by_addr.get(&down)) else {
             return;
         };
-        let now = self.now_ms;
-        let running: Vec<usize> =
-            (0..self.nodes.len()).filter(|&i| self.nodes[i].running).collect();
+        let (now, nodes) = (self.now_ms, &self.nodes);
         let Some(c) = self.crashes.iter_mut().rev().find(|c| c.node == d && !c.over) else {
             return;
         };
         c.seen_by.insert(o);
-        if c.detected_ms.is_none() && running.iter().all(|i| c.seen_by.contains(i)) {
+        let mut running = (0..nodes.len()).filter(|&i| nodes[i].running);
+        if c.detected_ms.is_none() && running.all(|i| c.seen_by.contains(&i)) {
             c.detected_ms = Some(now);
         }
     }

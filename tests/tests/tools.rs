@@ -281,33 +281,46 @@ fn bench_direct_sends_turns_to_owners_and_reports_cpu() {
     assert!(metric(&c.nodes[0].metrics(), "botclaw_process_cpu_seconds_total") > 0.0);
 }
 
+/// Runs `tests/bench/SCRIPT` with the debug binary and `args`, and returns what it
+/// printed (asserting it succeeded); `None` (skipped) by the ring, where the script would
+/// only run its default-mode nodes again, or without python3 or one of `tools`.
+fn bench_script(script: &str, args: &[&str], tools: &[&str]) -> Option<String> {
+    if std::env::var_os("BOTCLAW_TEST_BY_RING").is_some() {
+        return None;
+    }
+    if !["python3"].iter().chain(tools).all(|t| have_tool(t, &["--version"])) {
+        return None;
+    }
+    let _one_map_cluster = map_cluster_exclusive();
+    let path = format!("{}/bench/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(path)
+        .args(["--bin", &botclaw_bin().display().to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    Some(stdout)
+}
+
+/// The cells of a printed Markdown table's rows, but the header (starting `header`).
+fn table_rows<'a>(stdout: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with(header))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect()
+}
+
 /// `tests/bench/fidelity.py`, the simulator against real processes, runs end to end at a
 /// small size: both sides measure the kill's detection and reassignment (within the
 /// failure detector's few seconds) and a latency.
 #[test]
 fn fidelity_script_prints_simulated_and_real_side_by_side() {
-    if std::env::var_os("BOTCLAW_TEST_BY_RING").is_some() {
-        // The script starts its own nodes, in the default mode: nothing to run again.
-        return;
-    }
-    if !have_tool("python3", &["--version"]) {
-        return;
-    }
-    let _one_map_cluster = map_cluster_exclusive();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/fidelity.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["--bin", &botclaw_bin().display().to_string()])
-        .args(["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<Vec<&str>> = stdout
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| measure"))
-        .map(|l| l.split('|').map(str::trim).collect())
-        .collect();
+    let args = ["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500"];
+    let Some(stdout) = bench_script("fidelity.py", &args, &[]) else { return };
+    let rows = table_rows(&stdout, "| measure");
     assert_eq!(rows.len(), 4, "{stdout}");
     for row in &rows[..2] {
         for cell in [row[2], row[3]] {
@@ -325,31 +338,24 @@ fn fidelity_script_prints_simulated_and_real_side_by_side() {
 /// every row with figures.
 #[test]
 fn side_by_side_script_prints_the_table() {
-    if std::env::var_os("BOTCLAW_TEST_BY_RING").is_some() {
-        // The script starts its own nodes, in the default mode: nothing to run again.
-        return;
-    }
-    if !have_tool("redis-server", &["--version"]) || !have_tool("python3", &["--version"]) {
-        return;
-    }
-    let _one_map_cluster = map_cluster_exclusive();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/side_by_side.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["--bin", &botclaw_bin().display().to_string()])
-        .args(["--turns", "1500", "--latency-turns", "200", "--connections", "4"])
-        .args(["--pipeline", "4", "--conversations", "100"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<&str> =
-        stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| setup")).collect();
+    let args = [
+        "--turns",
+        "1500",
+        "--latency-turns",
+        "200",
+        "--connections",
+        "4",
+        "--pipeline",
+        "4",
+        "--conversations",
+        "100",
+    ];
+    let Some(stdout) = bench_script("side_by_side.py", &args, &["redis-server"]) else { return };
+    let rows = table_rows(&stdout, "| setup");
     assert_eq!(rows.len(), 8, "{stdout}");
-    for row in rows {
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    for cells in rows {
         let tps: f64 = cells[2].replace(',', "").parse().unwrap_or(0.0);
-        assert!(tps > 0.0, "{row}");
-        assert!(cells[6].parse::<u64>().is_ok_and(|p| p > 0), "p50 of {row}");
+        assert!(tps > 0.0, "{cells:?}");
+        assert!(cells[6].parse::<u64>().is_ok_and(|p| p > 0), "p50 of {cells:?}");
     }
 }

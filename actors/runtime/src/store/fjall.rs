@@ -12,9 +12,9 @@
 //! intact batch (right for a write torn by a crash, silent loss for a journal truncated
 //! or overwritten later). So every group also stores its number, and after its fsync the
 //! number is written to `DATA/state.fjall.durable` (overwritten in place at a fixed
-//! width, not fsynced: it can only lag). On open, a store that recovers an older group number than that file
-//! names refuses to start, naming the directory; so does a checksum failure or a junk
-//! version file inside fjall.
+//! width, not fsynced: it can only lag). On open, a store that recovers an older group
+//! number than that file names refuses to start, naming the directory; so does a checksum
+//! failure or a junk version file inside fjall.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -306,10 +306,19 @@ impl<'t> GroupBatch<'t> {
         }
         let key = self.tables.layout.meta(conv);
         let meta = self.tables.meta.get(key)?.map(|bytes| decode_meta(conv, &bytes));
-        if let (Some(Ok(m)), Some(known)) = (&meta, self.known.as_deref_mut()) {
-            known.insert(conv.to_string(), Known { replica: m.replica, bot: m.bot.clone() });
+        if let Some(Ok(m)) = &meta {
+            self.remember(conv, Known { replica: m.replica, bot: m.bot.clone() });
         }
         Ok(meta)
+    }
+
+    /// Keeps what `conv`'s meta row now holds in the cache (in place when it is there).
+    fn remember(&mut self, conv: &str, now: Known) {
+        let Some(known) = self.known.as_deref_mut() else { return };
+        match known.get_mut(conv) {
+            Some(mut entry) => *entry = now,
+            None => known.insert(conv.to_string(), now),
+        }
     }
 
     /// Adds one op's rows to the batch.
@@ -345,8 +354,8 @@ impl<'t> GroupBatch<'t> {
             }
             self.batch.insert(&t.meta, t.layout.meta(conv), p.meta.as_slice());
             self.metas.insert(conv.to_string(), p.meta);
-            if let (Some(known), Some(k)) = (self.known.as_deref_mut(), p.known) {
-                known.insert(conv.to_string(), k);
+            if let Some(k) = p.known {
+                self.remember(conv, k);
             }
         }
         Ok(Ok(p.answer.expect("a plan always answers")))

@@ -467,11 +467,9 @@ async fn a_failed_commit_makes_the_store_unwritable_until_one_succeeds() {
 /// answer and what each conversation holds at the end.
 async fn churn(store: &Arc<dyn StateStore>, seed: u64) -> (Vec<String>, Vec<String>) {
     let convs = ["a", "b", "c", "d", "e"];
-    let mut rng = seed;
-    let mut next = move |n: u64| {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (rng >> 33) % n
-    };
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut next = move |n: u64| rng.random_range(0..n);
     let mut answers = Vec::new();
     for round in 0..120 {
         // What each conversation holds now, as the ops of this round build on it.
