@@ -15,13 +15,15 @@
 //! the index they were taken; the log is compacted behind them, and a peer that fell behind
 //! the first kept entry is sent the snapshot.
 
+use std::cell::RefCell;
+
+use bytes::Bytes;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
     HardState, Message, Snapshot,
 };
 use raft::storage::MemStorage;
-
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
@@ -172,8 +174,10 @@ impl Restored {
             self.entries.clear();
             self.snapshot = Some(s);
         }
+        // The entries are kept in index order, so both cuts are a search, not a scan.
         if let Some(first) = p.entries.first().map(|e| e.index) {
-            self.entries.retain(|e| e.index < first);
+            let keep = self.entries.partition_point(|e| e.index < first);
+            self.entries.truncate(keep);
             self.entries.extend(p.entries);
         }
         if let Some(hs) = p.hard_state {
@@ -181,7 +185,8 @@ impl Restored {
         }
         if let Some(s) = p.compaction {
             let index = s.get_metadata().index;
-            self.entries.retain(|e| e.index > index);
+            let covered = self.entries.partition_point(|e| e.index <= index);
+            self.entries.drain(..covered);
             self.snapshot = Some(s);
         }
     }
@@ -194,16 +199,36 @@ struct ControllerStorage {
     map: ShardMap,
     /// The log index the map reflects (entries without a command count too).
     applied: u64,
+    /// The map encoded at an applied index, kept until the map moves on: a compaction and
+    /// the peers that need a snapshot at that index share one encoding (the map is the
+    /// same, so are its bytes).
+    encoded: RefCell<Option<(u64, Bytes)>>,
 }
 
 impl ControllerStorage {
+    fn new(log: MemStorage, map: ShardMap, applied: u64) -> ControllerStorage {
+        ControllerStorage { log, map, applied, encoded: RefCell::new(None) }
+    }
+
     fn applied_snapshot(&self, applied: u64) -> raft::Result<Snapshot> {
         let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
         meta.index = applied;
         meta.term = self.log.term(applied)?;
         meta.set_conf_state(self.log.initial_state()?.conf_state);
-        snapshot.data = postcard::to_stdvec(&self.map).expect("a map encodes").into();
+        let mut encoded = self.encoded.borrow_mut();
+        snapshot.data = match &*encoded {
+            Some((at, bytes)) if *at == applied => bytes.clone(),
+            cached => {
+                // Sized from the last encoding: the buffer is not regrown a dozen times.
+                let hint = cached.as_ref().map_or(0, |(_, b)| b.len() + b.len() / 8);
+                let bytes = postcard::to_extend(&self.map, Vec::with_capacity(hint))
+                    .expect("a map encodes");
+                let bytes = Bytes::from(bytes);
+                *encoded = Some((applied, bytes.clone()));
+                bytes
+            }
+        };
         Ok(snapshot)
     }
 }
@@ -251,6 +276,9 @@ pub struct Controller {
     leader: Option<ControllerId>,
     /// The hard state last handed out to persist.
     persisted_hs: HardState,
+    /// The map of the last snapshot stepped (index, term, map), decoded when it was
+    /// checked; dropped at the end of the next `ready`.
+    received: Option<(u64, u64, ShardMap)>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -323,7 +351,7 @@ impl Controller {
         }
         log.wl().append(&restored.entries)?;
         log.wl().set_hardstate(restored.hard_state);
-        Self::start(id, ControllerStorage { log, map, applied }, cfg, seed)
+        Self::start(id, ControllerStorage::new(log, map, applied), cfg, seed)
     }
 
     fn start(
@@ -335,7 +363,7 @@ impl Controller {
         let applied = storage.applied;
         let persisted_hs = storage.log.rl().hard_state().clone();
         let raw = RawNode::new(&raft_config(id, &cfg, applied, seed), storage, &logger())?;
-        Ok(Controller { raw, cfg, leader: None, persisted_hs })
+        Ok(Controller { raw, cfg, leader: None, persisted_hs, received: None })
     }
 
     pub fn id(&self) -> ControllerId {
@@ -381,7 +409,11 @@ impl Controller {
         // A snapshot whose map does not decode (corruption, a peer of another version) is
         // refused before raft-rs accepts it: applying on from a wrong map would diverge.
         if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            ShardMap::decode(&msg.get_snapshot().data).map_err(ControllerError::Snapshot)?;
+            let snapshot = msg.get_snapshot();
+            let map = ShardMap::decode(&snapshot.data).map_err(ControllerError::Snapshot)?;
+            // Kept for `install`, which then need not decode it again.
+            let meta = snapshot.get_metadata();
+            self.received = Some((meta.index, meta.term, map));
         }
         Ok(self.raw.step(msg)?)
     }
@@ -453,6 +485,7 @@ impl Controller {
     /// Drains what this member must do now; `None` when there is nothing.
     pub fn ready(&mut self) -> Option<ControllerReady> {
         if !self.raw.has_ready() {
+            self.received = None;
             return None;
         }
         let mut out = ControllerReady::default();
@@ -496,19 +529,27 @@ impl Controller {
             out.persist.hard_state = Some(hs);
         }
         out.persist.compaction = self.maybe_compact();
+        self.received = None;
         Some(out)
     }
 
     /// A snapshot from the leader replaces the map.
     fn install(&mut self, snapshot: Snapshot) {
-        let map = match ShardMap::decode(&snapshot.data) {
-            Ok(map) => map,
-            // `step` let only decodable snapshots through.
-            Err(e) => unreachable!("a snapshot that was checked does not decode: {e}"),
+        let meta = snapshot.get_metadata();
+        let map = match self.received.take() {
+            // A snapshot at an index and term is the map applied to that index: the same
+            // map whichever message carried it.
+            Some((index, term, map)) if (index, term) == (meta.index, meta.term) => map,
+            _ => match ShardMap::decode(&snapshot.data) {
+                Ok(map) => map,
+                // `step` let only decodable snapshots through.
+                Err(e) => unreachable!("a snapshot that was checked does not decode: {e}"),
+            },
         };
         let store = self.raw.mut_store();
-        store.applied = snapshot.get_metadata().index;
+        store.applied = meta.index;
         store.map = map;
+        *store.encoded.borrow_mut() = Some((meta.index, snapshot.data.clone()));
         store.log.wl().apply_snapshot(snapshot).expect("a newer snapshot");
     }
 

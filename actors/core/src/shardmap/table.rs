@@ -72,10 +72,12 @@ pub(super) struct Table {
 
 impl Table {
     pub fn new(len: u32) -> Table {
+        // Every full chunk starts as the same empty one, copied on its first change.
+        let full: Arc<[ShardEntry]> = Arc::from(vec![ShardEntry::default(); CHUNK]);
         let chunks = (0..(len as usize).div_ceil(CHUNK))
-            .map(|c| {
-                let n = CHUNK.min(len as usize - c * CHUNK);
-                Arc::from(vec![ShardEntry::default(); n])
+            .map(|c| match CHUNK.min(len as usize - c * CHUNK) {
+                CHUNK => full.clone(),
+                n => Arc::from(vec![ShardEntry::default(); n]),
             })
             .collect();
         let mut tally = Tally::default();
