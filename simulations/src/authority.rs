@@ -16,12 +16,13 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use botclaw_config::{GossipConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerId, Restored,
+    controller_id, Controller, ControllerConfig, ControllerId, Restored, SharedDecodes,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
@@ -213,6 +214,8 @@ enum Wire {
 /// The cluster.
 pub struct Authority {
     cfg: AuthorityConfig,
+    /// Snapshots decoded once for every node they are sent to.
+    decodes: Arc<SharedDecodes>,
     pub net: SimNet,
     rng: StdRng,
     now_ms: u64,
@@ -275,6 +278,7 @@ impl Authority {
             duplicate: cfg.gossip_duplicate,
         };
         let mut a = Authority {
+            decodes: Arc::default(),
             net: SimNet::with_model(gossip, model, seed).without_trace(),
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
             now_ms: 0,
@@ -373,16 +377,16 @@ impl Authority {
         n.held.clear();
         let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
-        n.controller = Some(
-            Controller::restore(
-                n.raft_id,
-                restored,
-                self.cfg.shards,
-                self.cfg.controller.clone(),
-                seed,
-            )
-            .expect("a disk this run wrote"),
-        );
+        let mut controller = Controller::restore(
+            n.raft_id,
+            restored,
+            self.cfg.shards,
+            self.cfg.controller.clone(),
+            seed,
+        )
+        .expect("a disk this run wrote");
+        controller.share_decodes(self.decodes.clone());
+        n.controller = Some(controller);
         let id = NodeId {
             name: n.name.clone(),
             gossip: n.addr,

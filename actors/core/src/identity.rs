@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId {
     /// Operator-chosen node name, unique in the cluster.
     pub name: String,
@@ -31,6 +31,43 @@ pub struct NodeId {
     pub roles: Vec<String>,
     /// Placement weight.
     pub capacity: u32,
+}
+
+/// Equal when every field is; the fields that tell two processes apart are compared first
+/// (foca compares identities for every update it applies and every member it picks, and
+/// the name and roles were compared first).
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured: a field added to `NodeId` does not compile until it is compared.
+        let NodeId { name, gossip, cluster, client, admin, incarnation, bump, roles, capacity } =
+            self;
+        *gossip == other.gossip
+            && *incarnation == other.incarnation
+            && *bump == other.bump
+            && *capacity == other.capacity
+            && *cluster == other.cluster
+            && *client == other.client
+            && *admin == other.admin
+            && *name == other.name
+            && *roles == other.roles
+    }
+}
+
+/// Hashes every field, in declaration order (what the derived `Hash` did).
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let NodeId { name, gossip, cluster, client, admin, incarnation, bump, roles, capacity } =
+            self;
+        name.hash(state);
+        gossip.hash(state);
+        cluster.hash(state);
+        client.hash(state);
+        admin.hash(state);
+        incarnation.hash(state);
+        bump.hash(state);
+        roles.hash(state);
+        capacity.hash(state);
+    }
 }
 
 impl NodeId {
@@ -93,6 +130,38 @@ mod tests {
     fn newer_process_wins_conflict() {
         assert!(id(2, 0).win_addr_conflict(&id(1, 9)));
         assert!(!id(1, 9).win_addr_conflict(&id(2, 0)));
+    }
+
+    /// Equality (hand-written, cheap fields first) agrees with the derived order: equal
+    /// exactly when every field is; equal identities hash alike.
+    #[test]
+    fn equality_sees_every_field() {
+        use std::hash::BuildHasher;
+        let base = NodeId {
+            name: "n1".into(),
+            roles: vec!["conversations".into()],
+            capacity: 100,
+            ..id(7, 1)
+        };
+        let other: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let variants = [
+            NodeId { name: "n2".into(), ..base.clone() },
+            NodeId { gossip: other, ..base.clone() },
+            NodeId { cluster: other, ..base.clone() },
+            NodeId { client: other, ..base.clone() },
+            NodeId { admin: other, ..base.clone() },
+            NodeId { incarnation: 8, ..base.clone() },
+            NodeId { bump: 2, ..base.clone() },
+            NodeId { roles: vec!["gateway".into()], ..base.clone() },
+            NodeId { capacity: 50, ..base.clone() },
+        ];
+        let hasher = std::hash::RandomState::new();
+        assert_eq!(base, base.clone());
+        assert_eq!(hasher.hash_one(&base), hasher.hash_one(base.clone()));
+        for v in &variants {
+            assert_ne!(&base, v, "{v:?}");
+            assert_ne!(base.cmp(v), std::cmp::Ordering::Equal);
+        }
     }
 
     #[test]

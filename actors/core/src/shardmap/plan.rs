@@ -8,7 +8,7 @@
 //! here: only the shard's owner knows when the learner holds everything it acknowledged,
 //! and proposes [`ShardChange::Promote`] itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{AssignRun, MapCommand, MemberIx, MemberState, ShardChange, ShardMap, REPLICAS_MAX};
 use crate::placement::{Placement, ShardId};
@@ -121,10 +121,20 @@ pub struct Desired {
 impl Desired {
     /// `ring` is built over the map's active members; `r` replicas per shard.
     pub fn build(map: &ShardMap, ring: &Placement, r: usize) -> Desired {
+        // What `desired` finds for each name (its first slot, if active), found once: a
+        // scan of the members per shard and replica made a 1000-member build quadratic.
+        let mut first: HashMap<&str, MemberIx> = HashMap::new();
+        for (i, m) in map.members().iter().enumerate() {
+            let Ok(ix) = MemberIx::try_from(i) else { break };
+            first.entry(m.name.as_str()).or_insert(ix);
+        }
+        first.retain(|_, ix| map.member(*ix).is_some_and(|m| m.state == MemberState::Active));
         let by_shard = (0..map.shard_count())
             .map(|s| {
-                super::Replicas::from_slice(&desired(map, ring, s, r))
-                    .expect("at most REPLICAS_MAX wanted")
+                let wanted = ring.preference_list(s, r.clamp(1, REPLICAS_MAX));
+                let ixs: Vec<MemberIx> =
+                    wanted.into_iter().filter_map(|name| first.get(name).copied()).collect();
+                super::Replicas::from_slice(&ixs).expect("at most REPLICAS_MAX wanted")
             })
             .collect();
         Desired { by_shard, pinned: BTreeMap::new() }

@@ -107,6 +107,11 @@ impl Invalidates for &[u8] {
 pub(crate) struct Broadcasts<V> {
     flip: alloc::collections::BinaryHeap<Entry<V>>,
     flop: alloc::collections::BinaryHeap<Entry<V>>,
+    // No item ever added was shorter than this: once a buffer has less
+    // room left, no item can fit and filling it stops (it used to pop
+    // every item through the heap, per message, when the backlog is
+    // long).
+    min_len: usize,
 }
 
 impl<T> Broadcasts<T>
@@ -117,6 +122,7 @@ where
         Self {
             flip: Default::default(),
             flop: Default::default(),
+            min_len: usize::MAX,
         }
     }
 
@@ -131,6 +137,7 @@ where
     pub(crate) fn add_or_replace(&mut self, item: T, data: Vec<u8>, max_tx: usize) {
         debug_assert!(max_tx > 0);
         self.flip.retain(|node| !item.invalidates(&node.item));
+        self.min_len = self.min_len.min(data.len());
         self.flip.push(Entry {
             remaining_tx: max_tx,
             item,
@@ -147,7 +154,7 @@ where
         let mut num_taken = 0;
         let mut remaining = max_items;
 
-        while buffer.has_remaining_mut() && remaining > 0 {
+        while buffer.remaining_mut() >= self.min_len.max(1) && remaining > 0 {
             let Some(mut node) = self.flip.pop() else {
                 break;
             };
@@ -184,7 +191,7 @@ where
         let mut num_taken = 0;
         let mut remaining = max_items;
 
-        while buffer.has_remaining_mut() && remaining > 0 {
+        while buffer.remaining_mut() >= self.min_len.saturating_add(2) && remaining > 0 {
             let Some(mut node) = self.flip.pop() else {
                 break;
             };
@@ -306,6 +313,34 @@ mod tests {
         assert_eq!(0, num_items);
         assert_eq!(5, limited.remaining_mut());
         assert_eq!(1, piggyback.len());
+    }
+
+    // botclaw's patch: filling stops once no item can fit, and what it
+    // leaves is what a fill that looked at every item leaves.
+    #[test]
+    fn fill_stops_when_nothing_fits_and_keeps_the_rest() {
+        let mut piggyback = Broadcasts::new();
+        piggyback.add_or_replace(Key("a"), b"aaaaaaaaaa".to_vec(), 2);
+        piggyback.add_or_replace(Key("b"), b"bbbbbbbbbbbbbbbbbbbb".to_vec(), 2);
+        piggyback.add_or_replace(Key("c"), b"cccccccccccccccccccccccccccccc".to_vec(), 2);
+        piggyback.add_or_replace(Key("d"), b"dddddddddd".to_vec(), 1);
+
+        // 30 does not fit, 20 does, then 5 bytes are left: less than any item
+        let mut buf = Vec::new();
+        let num_items = piggyback.fill((&mut buf).limit(25), usize::MAX);
+        assert_eq!(1, num_items);
+        assert_eq!(b"bbbbbbbbbbbbbbbbbbbb", &buf[..]);
+        assert_eq!(4, piggyback.len());
+
+        // Everything else is still there, with its transmissions
+        let mut buf = Vec::new();
+        assert_eq!(4, piggyback.fill(&mut buf, usize::MAX));
+        assert_eq!(
+            &b"ccccccccccccccccccccccccccccccaaaaaaaaaabbbbbbbbbbbbbbbbbbbbdddddddddd"[..],
+            &buf[..]
+        );
+        // `d` (1) and `b` (2, sent twice now) are done
+        assert_eq!(2, piggyback.len());
     }
 
     #[test]

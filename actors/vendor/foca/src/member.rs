@@ -2,7 +2,7 @@
  * License, v. 2.0. If a copy of the MPL was not distributed with this
  * file, You can obtain one at https://mozilla.org/MPL/2.0/. */
 extern crate alloc;
-use alloc::vec::Vec;
+use alloc::{collections::BTreeMap, vec::Vec};
 
 use rand::{
     RngExt,
@@ -133,14 +133,18 @@ impl<T> Member<T> {
     }
 }
 
-pub(crate) struct Members<T> {
+pub(crate) struct Members<T: crate::Identity> {
     pub(crate) inner: Vec<Member<T>>,
     cursor: usize,
     num_active: usize,
+    // Position in `inner` of each member, by address: finding a
+    // member is a lookup instead of a scan (a scan per update made
+    // a large cluster's gossip quadratic).
+    index: BTreeMap<T::Addr, usize>,
 }
 
 #[cfg(test)]
-impl<T> Members<T> {
+impl<T: crate::Identity> Members<T> {
     pub(crate) fn len(&self) -> usize {
         self.inner.len()
     }
@@ -160,11 +164,35 @@ where
         //     inner is always empty outside of tests
         let num_active = inner.iter().filter(|member| member.is_active()).count();
 
-        Self {
+        let mut members = Self {
             cursor: 0,
             num_active,
             inner,
+            index: BTreeMap::new(),
+        };
+        members.reindex();
+        members
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (pos, member) in self.inner.iter().enumerate() {
+            self.index.insert(member.id.addr(), pos);
         }
+    }
+
+    fn position(&self, addr: &T::Addr) -> Option<usize> {
+        self.index.get(addr).copied()
+    }
+
+    // Swaps two positions of `inner`, keeping the index true
+    fn swap(&mut self, a: usize, b: usize) {
+        if a == b {
+            return;
+        }
+        self.inner.swap(a, b);
+        self.index.insert(self.inner[a].id.addr(), a);
+        self.index.insert(self.inner[b].id.addr(), b);
     }
 
     // Next member that's considered active
@@ -173,6 +201,7 @@ where
         // Round-robin with a shuffle at the end
         if self.cursor >= self.inner.len() {
             self.inner.shuffle(&mut rng);
+            self.reindex();
             self.cursor = 0;
         }
 
@@ -265,12 +294,16 @@ where
     }
 
     pub(crate) fn remove_if_down(&mut self, id: &T) -> Option<Member<T>> {
-        let position = self
-            .inner
-            .iter()
-            .position(|member| &member.id == id && member.state == State::Down);
-
-        position.map(|pos| self.inner.swap_remove(pos))
+        let pos = self.position(&id.addr())?;
+        let member = &self.inner[pos];
+        if &member.id != id || member.state != State::Down {
+            return None;
+        }
+        let last = self.inner.len() - 1;
+        self.swap(pos, last);
+        let removed = self.inner.pop()?;
+        self.index.remove(&removed.id.addr());
+        Some(removed)
     }
 
     pub(crate) fn iter_active(&self) -> impl Iterator<Item = &Member<T>> {
@@ -278,9 +311,8 @@ where
     }
 
     pub(crate) fn is_active(&self, id: &T) -> bool {
-        self.inner
-            .iter()
-            .any(|member| &member.id == id && member.is_active())
+        self.position(&id.addr())
+            .is_some_and(|pos| &self.inner[pos].id == id && self.inner[pos].is_active())
     }
 
     pub(crate) fn apply_existing_if<F: Fn(&Member<T>) -> bool>(
@@ -289,9 +321,8 @@ where
         condition: F,
     ) -> Option<ApplySummary<T>> {
         if let Some(known_member) = self
-            .inner
-            .iter_mut()
-            .find(|member| member.id.addr() == update.id().addr())
+            .position(&update.id().addr())
+            .map(|pos| &mut self.inner[pos])
         {
             let id_conflict = known_member.id != update.id;
 
@@ -363,6 +394,7 @@ where
                 let is_active_now = update.is_active();
 
                 // Insert at the end and swap with a random position.
+                self.index.insert(update.id().addr(), self.inner.len());
                 self.inner.push(update);
                 let inserted_at = self.inner.len() - 1;
 
@@ -370,7 +402,7 @@ where
                     .choose(&mut rng)
                     .unwrap_or(inserted_at);
 
-                self.inner.swap(swap_idx, inserted_at);
+                self.swap(swap_idx, inserted_at);
 
                 if is_active_now {
                     self.num_active = self.num_active.saturating_add(1);
@@ -840,5 +872,46 @@ mod tests {
 
         assert_eq!(ConflictResult::Lost, summary.conflict,);
         assert!(!summary.apply_successful, "must not apply if conflict lost");
+    }
+
+    // botclaw's patch: the index by address follows every change of
+    // the table (inserts at random positions, shuffles, replacements
+    // on address conflicts, removals), and a lookup through it
+    // answers what a scan of the table answers.
+    #[test]
+    fn index_follows_the_table() {
+        use crate::testing::ID;
+
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut members = Members::new(Vec::new());
+        let states = [Alive, Suspect, Down];
+        for step in 0..5_000 {
+            let id = ID::new_with_bump(rng.random_range(0..40), rng.random_range(0..3));
+            match rng.random_range(0..4) {
+                0 | 1 => {
+                    let state = states[rng.random_range(0..3)];
+                    let incarnation = rng.random_range(0..4);
+                    let _ = members.apply(Member::new(id, incarnation, state), &mut rng);
+                }
+                2 => {
+                    let _ = members.next(&mut rng);
+                }
+                _ => {
+                    let scanned = members
+                        .inner
+                        .iter()
+                        .any(|m| m.id == id && m.state == State::Down);
+                    let removed = members.remove_if_down(&id);
+                    assert_eq!(scanned, removed.is_some(), "step {step}");
+                }
+            }
+            assert_eq!(members.index.len(), members.inner.len(), "step {step}");
+            for (pos, m) in members.inner.iter().enumerate() {
+                assert_eq!(members.index.get(&m.id.addr()), Some(&pos), "step {step}");
+                assert_eq!(members.is_active(&m.id), m.is_active(), "step {step}");
+            }
+            let active = members.inner.iter().filter(|m| m.is_active()).count();
+            assert_eq!(members.num_active(), active, "step {step}");
+        }
     }
 }

@@ -241,3 +241,29 @@ fn a_pinned_shard_moves_to_its_pinned_owner_and_back_when_unpinned() {
     assert_on_ring(&map, 2);
     assert_eq!(map.owner(shard), Some(ring_owner.as_str()));
 }
+
+/// `Desired::build` (names looked up once) wants what `desired` (a scan per name) wants,
+/// for every shard, with a ring that names a draining member and one the map lacks.
+#[test]
+fn the_desired_table_agrees_with_desired_per_shard() {
+    let cfg = PlanConfig::default();
+    let (mut map, _) = started(&["a", "b", "c", "d", "e"], &cfg);
+    apply(&mut map, &MapCommand::Drain { name: "b".into() });
+    let mut names = map.active_members();
+    for name in ["b", "ghost"] {
+        names.push(crate::placement::RingMember { name: name.into(), capacity: 100 });
+    }
+    let pcfg =
+        botclaw_config::PlacementConfig { shard_count: SHARDS, vnodes: 64, ..Default::default() };
+    let ring = Placement::build(&names, &pcfg);
+    for r in 1..=3 {
+        let table = Desired::build(&map, &ring, r);
+        let mut skipped = 0;
+        for s in 0..SHARDS {
+            let want = desired(&map, &ring, s, r);
+            assert_eq!(table.of(s), &want[..], "shard {s}, r {r}");
+            skipped += usize::from(want.len() < r);
+        }
+        assert!(skipped > 0, "the ring's draining and unknown members were never skipped");
+    }
+}
