@@ -13,8 +13,7 @@
 //! it through [`crate::by_map`] (`botclaw sim --model map`), and on the ring-based model of
 //! `world.rs` with `--model ring`.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::net::{NetModel, SimNet};
+use crate::timeline::Timeline;
 
 const SECRET: &[u8] = b"simulated-cluster-secret";
 const STEP_MS: u64 = 5;
@@ -220,9 +220,8 @@ pub struct Authority {
     rng: StdRng,
     now_ms: u64,
     nodes: Vec<Node>,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    in_flight: BTreeMap<u64, (usize, Wire)>,
-    seq: u64,
+    /// Messages in flight: (receiving node, message), by arrival.
+    in_flight: Timeline<(usize, Wire)>,
     next_write: u64,
     /// Acknowledged writes per shard.
     acked: BTreeMap<ShardId, BTreeSet<u64>>,
@@ -283,9 +282,7 @@ impl Authority {
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
             now_ms: 0,
             nodes: Vec::new(),
-            queue: BinaryHeap::new(),
-            in_flight: BTreeMap::new(),
-            seq: 0,
+            in_flight: Timeline::default(),
             next_write: 0,
             acked: BTreeMap::new(),
             acked_count: 0,
@@ -675,15 +672,9 @@ impl Authority {
                 planner.members_changed();
             }
         }
-        while let Some(&Reverse((at, seq))) = self.queue.peek() {
-            if at > to {
-                break;
-            }
-            self.queue.pop();
+        while let Some((at, (dest, wire))) = self.in_flight.pop_due(to) {
             self.now_ms = at;
-            if let Some((dest, wire)) = self.in_flight.remove(&seq) {
-                self.deliver(dest, wire);
-            }
+            self.deliver(dest, wire);
         }
         self.now_ms = to;
         for i in 0..self.nodes.len() {
@@ -736,9 +727,7 @@ impl Authority {
         }
         let (lo, hi) = self.cfg.latency_ms;
         let at = self.now_ms + self.rng.random_range(lo..=hi);
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.in_flight.insert(self.seq, (to, wire));
+        self.in_flight.push(at, (to, wire));
     }
 
     fn node_of(&self, raft_id: ControllerId) -> Option<usize> {

@@ -17,6 +17,7 @@
 //!   membership, per-node placement views, routing with the handoff rule, the rebalancer,
 //!   conversation replicas with epochs, and the checkers;
 //! - [`report`]: the JSON summary, CSV time series and SVG plots of a run;
+//! - [`timeline`]: events in (time, submission) order, shared by the models;
 //! - [`study`]: runs compared: a scenario with one setting changed (a sweep), statistics
 //!   across seeds, a sweep's CSV and plots.
 
@@ -26,6 +27,7 @@ pub mod net;
 pub mod report;
 pub mod scenario;
 pub mod study;
+pub mod timeline;
 pub mod world;
 
 /// Runs `scenario` with `seed`; `progress` gets the fraction of simulated time done.

@@ -9,8 +9,7 @@
 //! datagrams reorder), loss, duplication, and partitions (groups of nodes that cannot
 //! reach each other), all drawn from one seeded generator.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use rand::rngs::StdRng;
@@ -20,6 +19,8 @@ use botclaw_config::GossipConfig;
 use botclaw_core::auth::Keyring;
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberView, Membership, NodeId};
+
+use crate::timeline::Timeline;
 
 /// How datagrams travel.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,9 +69,7 @@ const FROZEN_RETRY_MS: u64 = 10;
 
 pub struct SimNet {
     now_ms: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: BTreeMap<u64, Event>,
+    events: Timeline<Event>,
     nodes: BTreeMap<SocketAddr, SimNode>,
     generations: u64,
     model: NetModel,
@@ -101,9 +100,7 @@ impl SimNet {
     pub fn with_model(cfg: GossipConfig, model: NetModel, seed: u64) -> Self {
         SimNet {
             now_ms: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: BTreeMap::new(),
+            events: Timeline::default(),
             nodes: BTreeMap::new(),
             generations: 0,
             model,
@@ -194,9 +191,7 @@ impl SimNet {
     }
 
     fn push(&mut self, at: u64, event: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.events.insert(self.seq, event);
+        self.events.push(at, event);
     }
 
     /// Starts a node (replacing any process at the same address, as a restart does).
@@ -304,13 +299,8 @@ impl SimNet {
 
     /// Processes every event due up to `until_ms`, then sets the clock to it.
     pub fn run_until(&mut self, until_ms: u64) {
-        while let Some(Reverse((t, seq))) = self.queue.peek().copied() {
-            if t > until_ms {
-                break;
-            }
-            self.queue.pop();
+        while let Some((t, event)) = self.events.pop_due(until_ms) {
             self.now_ms = t;
-            let Some(event) = self.events.remove(&seq) else { continue };
             match event {
                 Event::Packet { from, to, data } => {
                     if !self.reachable(from, to) {

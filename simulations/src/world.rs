@@ -22,7 +22,7 @@
 //! broke an invariant.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -41,6 +41,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::net::{NetModel, SimNet};
 use crate::report::{Report, Sample};
 use crate::scenario::{FaultKind, Scenario};
+use crate::timeline::Timeline;
 
 const SECRET: &[u8] = b"simulated-cluster-secret";
 const CONVERSATIONS: &str = "conversations";
@@ -109,7 +110,7 @@ struct Conv {
     acked: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
     Arrival { flash: Option<u16> },
     Route { turn: TurnId },
@@ -129,8 +130,7 @@ pub struct World {
     net: SimNet,
     rng: StdRng,
     now_us: u64,
-    seq: u64,
-    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    events: Timeline<Event>,
     nodes: Vec<SimNode>,
     /// Started nodes, in index order (clients pick among them).
     up: Vec<NodeIx>,
@@ -228,8 +228,7 @@ impl World {
             net,
             rng,
             now_us: 0,
-            seq: 0,
-            events: BinaryHeap::new(),
+            events: Timeline::default(),
             nodes: Vec::new(),
             up: Vec::new(),
             by_addr: BTreeMap::new(),
@@ -284,8 +283,7 @@ impl World {
     }
 
     fn schedule(&mut self, at_us: u64, event: Event) {
-        self.seq += 1;
-        self.events.push(Reverse((at_us, self.seq, event)));
+        self.events.push(at_us, event);
     }
 
     fn addr_of(i: usize) -> SocketAddr {
@@ -383,7 +381,7 @@ impl World {
     pub fn run(mut self, mut progress: impl FnMut(f64)) -> Report {
         let end_us = self.sc.duration_s * 1_000_000;
         let mut next_progress = 0.0;
-        while let Some(Reverse((at, _, event))) = self.events.pop() {
+        while let Some((at, event)) = self.events.pop() {
             if at > end_us {
                 break;
             }

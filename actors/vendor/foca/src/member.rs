@@ -388,34 +388,40 @@ where
     }
 
     pub(crate) fn apply(&mut self, update: Member<T>, mut rng: impl RngExt) -> ApplySummary<T> {
-        self.apply_existing_if(update.clone(), |_member| true)
-            .unwrap_or_else(|| {
-                // Unknown member, we'll register it
-                let is_active_now = update.is_active();
+        // Known members are looked up first: the update is not copied
+        // in case it turns out to be new
+        if self.position(&update.id().addr()).is_some() {
+            if let Some(summary) = self.apply_existing_if(update, |_member| true) {
+                return summary;
+            }
+            unreachable!("a member found by address is applied to");
+        }
 
-                // Insert at the end and swap with a random position.
-                self.index.insert(update.id().addr(), self.inner.len());
-                self.inner.push(update);
-                let inserted_at = self.inner.len() - 1;
+        // Unknown member, we'll register it
+        let is_active_now = update.is_active();
 
-                let swap_idx = (0..self.inner.len())
-                    .choose(&mut rng)
-                    .unwrap_or(inserted_at);
+        // Insert at the end and swap with a random position.
+        self.index.insert(update.id().addr(), self.inner.len());
+        self.inner.push(update);
+        let inserted_at = self.inner.len() - 1;
 
-                self.swap(swap_idx, inserted_at);
+        let swap_idx = (0..self.inner.len())
+            .choose(&mut rng)
+            .unwrap_or(inserted_at);
 
-                if is_active_now {
-                    self.num_active = self.num_active.saturating_add(1);
-                }
+        self.swap(swap_idx, inserted_at);
 
-                ApplySummary {
-                    is_active_now,
-                    apply_successful: true,
-                    // Registering a new active member changes the active set
-                    changed_active_set: is_active_now,
-                    conflict: ConflictResult::NoConflict,
-                }
-            })
+        if is_active_now {
+            self.num_active = self.num_active.saturating_add(1);
+        }
+
+        ApplySummary {
+            is_active_now,
+            apply_successful: true,
+            // Registering a new active member changes the active set
+            changed_active_set: is_active_now,
+            conflict: ConflictResult::NoConflict,
+        }
     }
 }
 
