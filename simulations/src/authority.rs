@@ -21,7 +21,7 @@ use botclaw_config::{GossipConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerId, Restored, SharedDecodes,
+    controller_id, Controller, ControllerConfig, ControllerId, Restored, SharedSnapshots,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
@@ -214,8 +214,8 @@ enum Wire {
 /// The cluster.
 pub struct Authority {
     cfg: AuthorityConfig,
-    /// Snapshots decoded once for every node they are sent to.
-    decodes: Arc<SharedDecodes>,
+    /// Snapshots encoded and decoded once for every node that takes or is sent them.
+    snapshots: Arc<SharedSnapshots>,
     pub net: SimNet,
     rng: StdRng,
     now_ms: u64,
@@ -277,7 +277,7 @@ impl Authority {
             duplicate: cfg.gossip_duplicate,
         };
         let mut a = Authority {
-            decodes: Arc::default(),
+            snapshots: Arc::default(),
             net: SimNet::with_model(gossip, model, seed).without_trace(),
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
             now_ms: 0,
@@ -382,7 +382,7 @@ impl Authority {
             seed,
         )
         .expect("a disk this run wrote");
-        controller.share_decodes(self.decodes.clone());
+        controller.share_snapshots(self.snapshots.clone());
         n.controller = Some(controller);
         let id = NodeId {
             name: n.name.clone(),

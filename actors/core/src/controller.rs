@@ -204,11 +204,12 @@ struct ControllerStorage {
     /// the peers that need a snapshot at that index share one encoding (the map is the
     /// same, so are its bytes).
     encoded: RefCell<Option<(u64, Bytes)>>,
+    shared: Option<Arc<SharedSnapshots>>,
 }
 
 impl ControllerStorage {
     fn new(log: MemStorage, map: ShardMap, applied: u64) -> ControllerStorage {
-        ControllerStorage { log, map, applied, encoded: RefCell::new(None) }
+        ControllerStorage { log, map, applied, encoded: RefCell::new(None), shared: None }
     }
 
     fn applied_snapshot(&self, applied: u64) -> raft::Result<Snapshot> {
@@ -221,11 +222,11 @@ impl ControllerStorage {
         snapshot.data = match &*encoded {
             Some((at, bytes)) if *at == applied => bytes.clone(),
             cached => {
-                // Sized from the last encoding: the buffer is not regrown a dozen times.
                 let hint = cached.as_ref().map_or(0, |(_, b)| b.len() + b.len() / 8);
-                let bytes = postcard::to_extend(&self.map, Vec::with_capacity(hint))
-                    .expect("a map encodes");
-                let bytes = Bytes::from(bytes);
+                let bytes = match &self.shared {
+                    Some(shared) => shared.encode(applied, meta.term, &self.map, hint),
+                    None => encode_map(&self.map, hint),
+                };
                 *encoded = Some((applied, bytes.clone()));
                 bytes
             }
@@ -270,18 +271,23 @@ impl Storage for ControllerStorage {
     }
 }
 
-/// Maps decoded from snapshots, shared by the controllers of one process
-/// ([`Controller::share_decodes`]; the simulator runs thousands). Bytes equal to the last
-/// decoded ones give that map again: the same bytes decode to the same map, so one decoding
-/// serves every member that is sent them, and their maps share storage until each changes.
+/// Snapshots shared by the controllers of one process ([`Controller::share_snapshots`]; the
+/// simulator runs thousands). Every member encodes the same map at a log index and term
+/// (Raft's log matching), and the same bytes decode to the same map; so one encoding and
+/// one decoding serve every member that needs them, and their maps and bytes share storage.
+/// An encoding is reused only for an equal map (cheap: equal maps share their chunks), so a
+/// member whose map diverged still sends its own.
 #[derive(Default)]
-pub struct SharedDecodes {
-    last: Mutex<Option<(Bytes, ShardMap)>>,
+pub struct SharedSnapshots {
+    /// The last bytes decoded, and their map.
+    decoded: Mutex<Option<(Bytes, ShardMap)>>,
+    /// The last map encoded: its index and term, the map, its bytes.
+    encoded: Mutex<Option<(u64, u64, ShardMap, Bytes)>>,
 }
 
-impl SharedDecodes {
+impl SharedSnapshots {
     fn decode(&self, data: &Bytes) -> Result<ShardMap, postcard::Error> {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self.decoded.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((bytes, map)) = &*last {
             let same = bytes.len() == data.len()
                 && (bytes.as_ptr() == data.as_ptr() || bytes[..] == data[..]);
@@ -293,6 +299,24 @@ impl SharedDecodes {
         *last = Some((data.clone(), map.clone()));
         Ok(map)
     }
+
+    fn encode(&self, index: u64, term: u64, map: &ShardMap, hint: usize) -> Bytes {
+        let mut last = self.encoded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((i, t, m, bytes)) = &*last {
+            if (*i, *t) == (index, term) && m == map {
+                return bytes.clone();
+            }
+        }
+        let bytes = encode_map(map, hint);
+        *last = Some((index, term, map.clone(), bytes.clone()));
+        bytes
+    }
+}
+
+/// `map` as snapshot bytes, into a buffer of `hint` bytes (not regrown a dozen times when
+/// the hint is the last encoding's size).
+fn encode_map(map: &ShardMap, hint: usize) -> Bytes {
+    Bytes::from(postcard::to_extend(map, Vec::with_capacity(hint)).expect("a map encodes"))
 }
 
 /// One member of the placement controller group.
@@ -305,7 +329,6 @@ pub struct Controller {
     /// The map of the last snapshot stepped (index, term, map), decoded when it was
     /// checked; dropped at the end of the next `ready`.
     received: Option<(u64, u64, ShardMap)>,
-    decodes: Option<Arc<SharedDecodes>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -390,7 +413,7 @@ impl Controller {
         let applied = storage.applied;
         let persisted_hs = storage.log.rl().hard_state().clone();
         let raw = RawNode::new(&raft_config(id, &cfg, applied, seed), storage, &logger())?;
-        Ok(Controller { raw, cfg, leader: None, persisted_hs, received: None, decodes: None })
+        Ok(Controller { raw, cfg, leader: None, persisted_hs, received: None })
     }
 
     pub fn id(&self) -> ControllerId {
@@ -431,10 +454,10 @@ impl Controller {
         self.raw.tick();
     }
 
-    /// Snapshots this member is sent are decoded through `shared`, with the other members
-    /// of this process that use it.
-    pub fn share_decodes(&mut self, shared: Arc<SharedDecodes>) {
-        self.decodes = Some(shared);
+    /// Snapshots this member takes and is sent are encoded and decoded through `shared`,
+    /// with the other members of this process that use it.
+    pub fn share_snapshots(&mut self, shared: Arc<SharedSnapshots>) {
+        self.raw.mut_store().shared = Some(shared);
     }
 
     /// A message from a peer.
@@ -443,7 +466,7 @@ impl Controller {
         // refused before raft-rs accepts it: applying on from a wrong map would diverge.
         if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             let snapshot = msg.get_snapshot();
-            let map = match &self.decodes {
+            let map = match &self.raw.store().shared {
                 Some(shared) => shared.decode(&snapshot.data),
                 None => ShardMap::decode(&snapshot.data),
             }

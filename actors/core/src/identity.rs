@@ -94,15 +94,42 @@ impl NodeId {
     }
 }
 
+/// A gossip address as foca indexes its members by it: ordered by integers (the derived
+/// order of `SocketAddr` compares an address's octets as a byte slice, a `memcmp` per step
+/// of every lookup). Equal exactly when the addresses are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GossipAddr(pub SocketAddr);
+
+impl GossipAddr {
+    fn key(&self) -> (u8, u128, u16, u32, u32) {
+        match self.0 {
+            SocketAddr::V4(a) => (4, u128::from(u32::from(*a.ip())), a.port(), 0, 0),
+            SocketAddr::V6(a) => (6, u128::from(*a.ip()), a.port(), a.flowinfo(), a.scope_id()),
+        }
+    }
+}
+
+impl Ord for GossipAddr {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl PartialOrd for GossipAddr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl foca::Identity for NodeId {
-    type Addr = SocketAddr;
+    type Addr = GossipAddr;
 
     fn renew(&self) -> Option<Self> {
         Some(NodeId { bump: self.bump.wrapping_add(1), ..self.clone() })
     }
 
-    fn addr(&self) -> SocketAddr {
-        self.gossip
+    fn addr(&self) -> GossipAddr {
+        GossipAddr(self.gossip)
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
@@ -162,6 +189,32 @@ mod tests {
             assert_ne!(&base, v, "{v:?}");
             assert_ne!(base.cmp(v), std::cmp::Ordering::Equal);
         }
+    }
+
+    /// The gossip address's order agrees with its equality, for both families.
+    #[test]
+    fn gossip_addresses_order_as_they_compare() {
+        let addrs: Vec<GossipAddr> = [
+            "10.0.0.1:7002",
+            "10.0.0.1:7003",
+            "10.0.1.0:7002",
+            "9.255.255.255:9",
+            "[::1]:7002",
+            "[::1%2]:7002",
+            "[fe80::1]:1",
+        ]
+        .iter()
+        .map(|a| GossipAddr(a.parse().unwrap()))
+        .collect();
+        for a in &addrs {
+            for b in &addrs {
+                assert_eq!(a == b, a.cmp(b) == std::cmp::Ordering::Equal, "{a:?} {b:?}");
+                assert_eq!(a.cmp(b), b.cmp(a).reverse());
+            }
+        }
+        let v4 = |s: &str| GossipAddr(s.parse().unwrap());
+        assert!(v4("9.255.255.255:9") < v4("10.0.0.1:7002"));
+        assert!(v4("10.0.0.1:7003") < v4("10.0.1.0:7002"));
     }
 
     #[test]

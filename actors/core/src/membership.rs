@@ -250,7 +250,7 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
         let mut nonce = [0u8; 24];
         self.nonces.fill_bytes(&mut nonce);
         let packet = self.auth.seal(data, self.now_ms, nonce);
-        self.effects.push_back(Effect::Send { to: to.addr(), packet });
+        self.effects.push_back(Effect::Send { to: to.addr().0, packet });
     }
 
     fn submit_after(&mut self, timer: foca::Timer<NodeId>, after: Duration) {

@@ -411,16 +411,16 @@ mod fuzz {
     }
 }
 
-/// Members of one process that share their snapshot decodings (as the simulator's do) end
-/// with the same maps as members that decode their own, and bytes that do not decode are
-/// still refused.
+/// Members of one process that share their snapshots' encodings and decodings (as the
+/// simulator's do) end with the same maps as members that make their own, and bytes that do
+/// not decode are still refused.
 #[test]
-fn members_sharing_decodes_catch_up_alike_and_refuse_bad_snapshots() {
+fn members_sharing_snapshots_catch_up_alike_and_refuse_bad_snapshots() {
     let cfg = ControllerConfig { log_entries_max: 8, ..Default::default() };
     let mut net = Net::new(5, 11, cfg);
-    let shared = Arc::new(SharedDecodes::default());
+    let shared = Arc::new(SharedSnapshots::default());
     for m in net.members.values_mut() {
-        m.ctl.as_mut().unwrap().share_decodes(shared.clone());
+        m.ctl.as_mut().unwrap().share_snapshots(shared.clone());
     }
     let leader = net.elect();
     let cut: Vec<ControllerId> = (1..=5).filter(|&i| i != leader).take(2).collect();
@@ -449,4 +449,20 @@ fn members_sharing_decodes_catch_up_alike_and_refuse_bad_snapshots() {
     bad.mut_snapshot().mut_metadata().term = 1_000;
     let err = net.ctl(cut[0]).step(bad).unwrap_err();
     assert!(matches!(err, ControllerError::Snapshot(_)), "{err}");
+}
+
+/// A shared encoding is reused only for an equal map: a member whose map diverged at the
+/// same index and term still encodes (and so sends) its own.
+#[test]
+fn a_shared_encoding_is_reused_only_for_an_equal_map() {
+    let shared = SharedSnapshots::default();
+    let a = ShardMap::new(SHARDS);
+    let mut b = a.clone();
+    b.apply(&join("b"));
+    let first = shared.encode(5, 1, &a, 0);
+    assert_eq!(shared.encode(5, 1, &a.clone(), 0).as_ptr(), first.as_ptr(), "not reused");
+    let other = shared.encode(5, 1, &b, 0);
+    assert_eq!(ShardMap::decode(&other).unwrap(), b);
+    assert_eq!(ShardMap::decode(&shared.encode(6, 1, &b, 0)).unwrap(), b);
+    assert_eq!(ShardMap::decode(&shared.encode(6, 1, &a, 0)).unwrap(), a);
 }

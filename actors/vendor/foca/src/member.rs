@@ -248,26 +248,28 @@ where
     ) where
         F: Fn(&Member<T>) -> bool,
     {
-        // Basic reservoir sampling
-        let mut num_chosen = 0;
+        // Basic reservoir sampling, of positions: a member is cloned
+        // once it is chosen, not each time it replaces another
+        let mut chosen: Vec<usize> = Vec::with_capacity(wanted.min(self.inner.len()));
         let mut num_seen = 0;
 
-        for member in &self.inner {
+        for (pos, member) in self.inner.iter().enumerate() {
             if !picker(member) {
                 continue;
             }
 
             num_seen += 1;
-            if num_chosen < wanted {
-                num_chosen += 1;
-                output.push(member.clone());
+            if chosen.len() < wanted {
+                chosen.push(pos);
             } else {
                 let replace_at = rng.random_range(0..num_seen);
                 if replace_at < wanted {
-                    output[replace_at] = member.clone();
+                    chosen[replace_at] = pos;
                 }
             }
         }
+
+        output.extend(chosen.into_iter().map(|pos| self.inner[pos].clone()));
     }
 
     pub(crate) fn choose_down_members(
