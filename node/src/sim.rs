@@ -270,9 +270,10 @@ fn run_one(args: &SimArgs, key: Option<&str>, job: &Job, quiet: bool) -> Result<
             );
             let _ = writeln!(
                 lines,
-                "  {} entries, {} leaders, {} learners added, {} owner changes; \
-                 {:.1} shard-s unavailable, {} shards unavailable at the end",
+                "  {} entries ({} changed nothing), {} leaders, {} learners added, {} owner \
+                 changes; {:.1} shard-s unavailable, {} shards unavailable at the end",
                 report.entries,
+                report.entries_without_effect,
                 report.leader_changes,
                 report.learners_added,
                 report.owner_changes,

@@ -137,6 +137,9 @@ pub struct AuthorityReport {
     /// committed log.
     pub learners_added: u64,
     pub owner_changes: u64,
+    /// Committed entries that changed nothing (every part skipped: a stale epoch, a
+    /// proposal already applied), by command kind.
+    pub entries_without_effect: BTreeMap<&'static str, u64>,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
     /// Per crash: seconds until every running node's failure detector declared the node
@@ -1102,6 +1105,9 @@ impl Authority {
                     if a.owner.is_some() && a.owner != b.owner && b.owner.is_some() {
                         self.report.owner_changes += 1;
                     }
+                }
+                if applied.changed.is_empty() && !applied.skipped.is_empty() {
+                    *self.report.entries_without_effect.entry(cmd.kind()).or_default() += 1;
                 }
                 self.dirty.extend(applied.changed);
                 self.crashes_reassigned();

@@ -86,6 +86,10 @@ pub struct MapReport {
     pub leader_changes: u64,
     pub learners_added: u64,
     pub owner_changes: u64,
+    /// Committed entries that changed nothing (all of it skipped), in all and by command
+    /// kind: proposals that arrived stale or twice.
+    pub entries_without_effect: u64,
+    pub entries_without_effect_by_kind: BTreeMap<&'static str, u64>,
     /// Shard-seconds without an owner (sampled), and shards without one at the end.
     pub unavailable_shard_s: f64,
     pub unavailable_shards_end: usize,
@@ -454,6 +458,8 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         leader_changes: r.leader_changes,
         learners_added: r.learners_added,
         owner_changes: r.owner_changes,
+        entries_without_effect: r.entries_without_effect.values().sum(),
+        entries_without_effect_by_kind: r.entries_without_effect.clone(),
         unavailable_shard_s,
         unavailable_shards_end: r.unavailable_shards,
         writes_lost: r.writes_lost,

@@ -238,6 +238,36 @@ pub enum MapCommand {
     SetFlag { name: String, flag: Option<Flag> },
 }
 
+impl MapCommand {
+    /// The command's kind, for counting; a batch of changes all of one kind is named by
+    /// it (`promote`, `remove`, ...), a mixed one `changes`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MapCommand::Join { .. } => "join",
+            MapCommand::Dead { .. } => "dead",
+            MapCommand::Drain { .. } => "drain",
+            MapCommand::Assign(_) => "assign",
+            MapCommand::Force { .. } => "force",
+            MapCommand::Leave { .. } => "leave",
+            MapCommand::SetFlag { .. } => "set_flag",
+            MapCommand::Changes(changes) => {
+                let kind = |c: &ShardChange| match c {
+                    ShardChange::AddLearner { .. } => "add_learner",
+                    ShardChange::Promote { .. } => "promote",
+                    ShardChange::SetOwner { .. } => "set_owner",
+                    ShardChange::Remove { .. } => "remove",
+                };
+                match changes.split_first() {
+                    Some((first, rest)) if rest.iter().all(|c| kind(c) == kind(first)) => {
+                        kind(first)
+                    }
+                    _ => "changes",
+                }
+            }
+        }
+    }
+}
+
 /// What applying a command did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {

@@ -347,3 +347,15 @@ fn a_map_round_trips_and_a_bad_replica_list_is_refused() {
     let repeated = postcard::to_stdvec(&vec![1u16, 1]).unwrap();
     assert!(postcard::from_bytes::<Replicas>(&repeated).is_err());
 }
+
+#[test]
+fn a_command_is_counted_by_its_kind() {
+    let promote = ShardChange::Promote { shard: 0, epoch: 1, member: 1, turn_version: 0 };
+    let remove = ShardChange::Remove { shard: 1, epoch: 1, member: 2 };
+    assert_eq!(join("a", 1).kind(), "join");
+    assert_eq!(dead("a", 1).kind(), "dead");
+    assert_eq!(MapCommand::Changes(vec![promote, promote]).kind(), "promote");
+    assert_eq!(MapCommand::Changes(vec![remove]).kind(), "remove");
+    assert_eq!(MapCommand::Changes(vec![promote, remove]).kind(), "changes");
+    assert_eq!(MapCommand::Changes(Vec::new()).kind(), "changes");
+}
