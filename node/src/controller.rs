@@ -25,8 +25,8 @@ use botclaw_config::{ControllerConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, decode_message, encode_message, Controller, ControllerId, GroupChange, Persist,
-    Restored,
+    controller_id, decode_message, encode_message, Controller, ControllerError, ControllerId,
+    GroupChange, Persist, Restored,
 };
 use botclaw_core::shardmap::plan::{members_key, PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
@@ -430,10 +430,12 @@ impl ControllerTask {
     /// leader proposes it, a follower passes it to the leader once.
     fn propose(&mut self, from: &str, forwarded: bool, command: MapCommand) {
         if self.controller.is_leader() {
-            if self.controller.propose(&command).is_ok() {
-                self.args.metrics.proposals.inc();
-            } else {
-                self.args.metrics.drop("proposal-refused");
+            match self.controller.propose(&command) {
+                Ok(()) => {
+                    self.args.metrics.proposals.inc();
+                }
+                Err(ControllerError::Stale) => self.args.metrics.drop("proposal-stale"),
+                Err(_) => self.args.metrics.drop("proposal-refused"),
             }
             return;
         }

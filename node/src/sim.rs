@@ -270,10 +270,12 @@ fn run_one(args: &SimArgs, key: Option<&str>, job: &Job, quiet: bool) -> Result<
             );
             let _ = writeln!(
                 lines,
-                "  {} entries ({} changed nothing), {} leaders, {} learners added, {} owner \
-                 changes; {:.1} shard-s unavailable, {} shards unavailable at the end",
+                "  {} entries ({} changed nothing; {} stale proposals left out), {} leaders, \
+                 {} learners added, {} owner changes; {:.1} shard-s unavailable, {} shards \
+                 unavailable at the end",
                 report.entries,
                 report.entries_without_effect,
+                report.proposals_stale,
                 report.leader_changes,
                 report.learners_added,
                 report.owner_changes,

@@ -21,7 +21,8 @@ use botclaw_config::{GossipConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerId, Restored, SharedSnapshots,
+    controller_id, Controller, ControllerConfig, ControllerError, ControllerId, Restored,
+    SharedSnapshots,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
@@ -140,6 +141,9 @@ pub struct AuthorityReport {
     /// Committed entries that changed nothing (every part skipped: a stale epoch, a
     /// proposal already applied), by command kind.
     pub entries_without_effect: BTreeMap<&'static str, u64>,
+    /// Proposals the leader did not append: every change in them stale or already in its
+    /// log ([`botclaw_core::controller::ControllerError::Stale`]).
+    pub proposals_stale: u64,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
     /// Per crash: seconds until every running node's failure detector declared the node
@@ -778,7 +782,8 @@ impl Authority {
             }
             Wire::Propose(cmd) => {
                 if let Some(c) = self.nodes[i].controller.as_mut().filter(|c| c.is_leader()) {
-                    let _ = c.propose(&cmd);
+                    let stale = matches!(c.propose(&cmd), Err(ControllerError::Stale));
+                    self.report.proposals_stale += u64::from(stale);
                 }
             }
         }
@@ -1016,7 +1021,8 @@ impl Authority {
             let _ = c.change_members(&changes);
         }
         for cmd in commands {
-            let _ = c.propose(&cmd);
+            let stale = matches!(c.propose(&cmd), Err(ControllerError::Stale));
+            self.report.proposals_stale += u64::from(stale);
         }
         self.drain(l);
     }

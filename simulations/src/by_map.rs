@@ -90,6 +90,8 @@ pub struct MapReport {
     /// kind: proposals that arrived stale or twice.
     pub entries_without_effect: u64,
     pub entries_without_effect_by_kind: BTreeMap<&'static str, u64>,
+    /// Proposals the leader left out whole: stale, or copies of changes in its log.
+    pub proposals_stale: u64,
     /// Shard-seconds without an owner (sampled), and shards without one at the end.
     pub unavailable_shard_s: f64,
     pub unavailable_shards_end: usize,
@@ -460,6 +462,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         owner_changes: r.owner_changes,
         entries_without_effect: r.entries_without_effect.values().sum(),
         entries_without_effect_by_kind: r.entries_without_effect.clone(),
+        proposals_stale: r.proposals_stale,
         unavailable_shard_s,
         unavailable_shards_end: r.unavailable_shards,
         writes_lost: r.writes_lost,

@@ -16,6 +16,7 @@
 //! the first kept entry is sent the snapshot.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -28,7 +29,7 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
-use crate::shardmap::{Applied, MapCommand, ShardMap};
+use crate::shardmap::{Applied, MapCommand, ShardChange, ShardMap};
 
 /// raft-rs's message, entry and snapshot types, for drivers.
 pub use raft::eraftpb as raft_message;
@@ -52,6 +53,10 @@ pub enum ControllerError {
     Snapshot(postcard::Error),
     #[error("not the leader (leader: {leader:?})")]
     NotLeader { leader: Option<ControllerId> },
+    /// Every change of the command would be skipped: its epoch is behind the applied map,
+    /// or the same change is already in the log and not yet applied (a re-sent proposal).
+    #[error("every change is stale or already proposed")]
+    Stale,
 }
 
 /// One change of the controller group.
@@ -319,6 +324,42 @@ fn encode_map(map: &ShardMap, hint: usize) -> Bytes {
     Bytes::from(postcard::to_extend(map, Vec::with_capacity(hint)).expect("a map encodes"))
 }
 
+/// Shard changes this leader appended that are not applied yet, by the index of their
+/// entry. A copy of one of them would be skipped when applied (the first raises the
+/// shard's epoch, or is skipped itself), so it is not proposed. A record goes once the
+/// applied index reaches its entry's, whether that entry was this one or another that
+/// replaced it under a later leader (every new term appends an entry, so the index
+/// passes). Bounded by the leader's uncommitted bytes (`uncommitted_bytes_max`): raft-rs
+/// refuses proposals past them.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_index: BTreeMap<u64, Vec<ShardChange>>,
+    changes: BTreeSet<ShardChange>,
+}
+
+impl InFlight {
+    fn contains(&self, c: &ShardChange) -> bool {
+        self.changes.contains(c)
+    }
+
+    fn appended(&mut self, index: u64, changes: &[ShardChange]) {
+        self.changes.extend(changes.iter().copied());
+        self.by_index.entry(index).or_default().extend_from_slice(changes);
+    }
+
+    /// Entries up to `index` are applied (the ones appended, or others that replaced them
+    /// under a new leader): their changes are no longer in flight.
+    fn applied(&mut self, index: u64) {
+        if self.by_index.first_key_value().is_none_or(|(&first, _)| first > index) {
+            return;
+        }
+        let later = self.by_index.split_off(&(index + 1));
+        for c in std::mem::replace(&mut self.by_index, later).into_values().flatten() {
+            self.changes.remove(&c);
+        }
+    }
+}
+
 /// One member of the placement controller group.
 pub struct Controller {
     raw: RawNode<ControllerStorage>,
@@ -329,6 +370,8 @@ pub struct Controller {
     /// The map of the last snapshot stepped (index, term, map), decoded when it was
     /// checked; dropped at the end of the next `ready`.
     received: Option<(u64, u64, ShardMap)>,
+    /// Shard changes this member proposed as leader, not applied yet.
+    in_flight: InFlight,
 }
 
 impl std::fmt::Debug for Controller {
@@ -413,7 +456,14 @@ impl Controller {
         let applied = storage.applied;
         let persisted_hs = storage.log.rl().hard_state().clone();
         let raw = RawNode::new(&raft_config(id, &cfg, applied, seed), storage, &logger())?;
-        Ok(Controller { raw, cfg, leader: None, persisted_hs, received: None })
+        Ok(Controller {
+            raw,
+            cfg,
+            leader: None,
+            persisted_hs,
+            received: None,
+            in_flight: InFlight::default(),
+        })
     }
 
     pub fn id(&self) -> ControllerId {
@@ -478,13 +528,42 @@ impl Controller {
         Ok(self.raw.step(msg)?)
     }
 
-    /// Proposes a map command (only the leader accepts proposals).
+    /// Proposes a map command (only the leader accepts proposals). Shard changes that
+    /// would be skipped when applied are left out first: those whose epoch is behind the
+    /// applied map (epochs only rise), and copies of changes already in the log (an owner
+    /// re-sends until it sees its change applied); if none is left, nothing is proposed
+    /// ([`ControllerError::Stale`]). The map becomes what it would have become.
     pub fn propose(&mut self, cmd: &MapCommand) -> Result<(), ControllerError> {
         if !self.is_leader() {
             return Err(ControllerError::NotLeader { leader: self.leader });
         }
+        let fresh;
+        let cmd = match cmd {
+            MapCommand::Changes(changes) => {
+                let map = &self.raw.store().map;
+                let mut seen = BTreeSet::new();
+                let keep: Vec<ShardChange> = changes
+                    .iter()
+                    .filter(|c| {
+                        let behind = map.shard(c.shard()).is_some_and(|e| c.epoch() < e.epoch);
+                        !behind && !self.in_flight.contains(c) && seen.insert(**c)
+                    })
+                    .copied()
+                    .collect();
+                if keep.is_empty() {
+                    return Err(ControllerError::Stale);
+                }
+                fresh = MapCommand::Changes(keep);
+                &fresh
+            }
+            other => other,
+        };
         let data = postcard::to_stdvec(cmd).expect("a command encodes");
-        Ok(self.raw.propose(Vec::new(), data)?)
+        self.raw.propose(Vec::new(), data)?;
+        if let MapCommand::Changes(changes) = cmd {
+            self.in_flight.appended(self.raw.raft.raft_log.last_index(), changes);
+        }
+        Ok(())
     }
 
     /// Proposes a change of the group: voters added or removed by joint consensus (the
@@ -589,6 +668,7 @@ impl Controller {
             out.persist.hard_state = Some(hs);
         }
         out.persist.compaction = self.maybe_compact();
+        self.in_flight.applied(self.applied_index());
         self.received = None;
         Some(out)
     }

@@ -181,7 +181,7 @@ impl ShardEntry {
 }
 
 /// A change to one shard, valid only at the epoch it was planned at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ShardChange {
     /// `member` starts catching up (data streamed, new writes forwarded).
     AddLearner { shard: ShardId, epoch: u64, member: MemberIx },
@@ -200,6 +200,16 @@ impl ShardChange {
             | ShardChange::Promote { shard, .. }
             | ShardChange::SetOwner { shard, .. }
             | ShardChange::Remove { shard, .. } => shard,
+        }
+    }
+
+    /// The shard's epoch it was planned at (it applies only there).
+    pub fn epoch(&self) -> u64 {
+        match *self {
+            ShardChange::AddLearner { epoch, .. }
+            | ShardChange::Promote { epoch, .. }
+            | ShardChange::SetOwner { epoch, .. }
+            | ShardChange::Remove { epoch, .. } => epoch,
         }
     }
 }

@@ -466,3 +466,57 @@ fn a_shared_encoding_is_reused_only_for_an_equal_map() {
     assert_eq!(ShardMap::decode(&shared.encode(6, 1, &b, 0)).unwrap(), b);
     assert_eq!(ShardMap::decode(&shared.encode(6, 1, &a, 0)).unwrap(), a);
 }
+
+#[test]
+fn a_stale_or_repeated_change_is_not_proposed() {
+    use crate::shardmap::AssignRun;
+    let mut net = Net::new(3, 5, ControllerConfig::default());
+    for name in ["a", "b", "c"] {
+        net.propose(join(name));
+    }
+    net.propose(MapCommand::Assign(vec![AssignRun { start: 0, len: 2, replicas: vec![0, 1] }]));
+    net.settle();
+    let leader = net.elect();
+    let remove = |shard, epoch| ShardChange::Remove { shard, epoch, member: 1 };
+    let changes = |c: &[ShardChange]| MapCommand::Changes(c.to_vec());
+    let stale = |r: Result<(), ControllerError>| matches!(r, Err(ControllerError::Stale));
+
+    // Proposed, then again before it is applied (an owner re-sending): the copy is left out.
+    net.ctl(leader).propose(&changes(&[remove(0, 1)])).unwrap();
+    assert!(stale(net.ctl(leader).propose(&changes(&[remove(0, 1)]))));
+    // A batch keeps only its fresh part, and a change twice in it once.
+    let next = net.ctl(leader).raw.raft.raft_log.last_index() + 1;
+    net.ctl(leader).propose(&changes(&[remove(0, 1), remove(1, 1), remove(1, 1)])).unwrap();
+    net.drain(leader);
+    net.settle();
+    assert_eq!(net.history[&next].1, Some(changes(&[remove(1, 1)])));
+    for map in net.maps() {
+        for s in 0..2 {
+            let e = map.shard(s).unwrap();
+            assert_eq!((e.epoch, e.isr.as_slice()), (2, &[0][..]), "shard {s}");
+        }
+    }
+    // Behind the applied map (epochs only rise): left out for good.
+    assert!(stale(net.ctl(leader).propose(&changes(&[remove(0, 1)]))));
+
+    // A change skipped when applied for another reason (member 3 is not in the map yet)
+    // is no longer in flight once applied: proposed again later, it applies.
+    let learner = ShardChange::AddLearner { shard: 0, epoch: 2, member: 3 };
+    net.ctl(leader).propose(&changes(&[learner])).unwrap();
+    net.drain(leader);
+    net.settle();
+    assert!(net.maps().iter().all(|m| m.shard(0).unwrap().learners.is_empty()));
+    net.propose(join("d"));
+    net.settle();
+    net.ctl(leader).propose(&changes(&[learner])).unwrap();
+    net.drain(leader);
+    net.settle();
+    for map in net.maps() {
+        let e = map.shard(0).unwrap();
+        assert_eq!((e.epoch, e.learners.as_slice()), (3, &[3][..]));
+    }
+    // Nothing but the planted proposals was appended: every committed change batch
+    // changed something except the one for the member not yet known.
+    let batches = net.history.values().filter(|(_, c)| matches!(c, Some(MapCommand::Changes(_))));
+    assert_eq!(batches.count(), 4);
+}
