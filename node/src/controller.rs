@@ -303,14 +303,7 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
             controller.map().shard_count()
         );
     }
-    let plan = PlanConfig {
-        replication_factor: args.replication_factor,
-        moves_in_flight_max: args.cfg.moves_in_flight_max,
-        changes_per_round_max: args.cfg.changes_per_round_max,
-        interval_ms: args.cfg.plan_interval_ms,
-        after_change_ms: args.cfg.plan_after_change_ms,
-        ..PlanConfig::default()
-    };
+    let plan = PlanConfig::of(&args.cfg, args.replication_factor);
     let planner = LeaderPlanner::new(
         args.placement.clone(),
         plan,

@@ -857,10 +857,7 @@ impl Authority {
     }
 
     fn drain_ownership(&mut self, i: usize) {
-        loop {
-            let Some(effect) = self.nodes[i].ownership.as_mut().and_then(|o| o.poll()) else {
-                return;
-            };
+        while let Some(effect) = self.nodes[i].ownership.as_mut().and_then(|o| o.poll()) {
             match effect {
                 Effect::Send { to, msg } => {
                     let me = self.nodes[i].ownership.as_ref().map(|o| o.me()).unwrap_or_default();

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use botclaw_core::shardmap::plan::PlanConfig;
 use botclaw_core::shardmap::LeaveMode;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
@@ -278,7 +279,7 @@ enum Action {
 
 /// The authority's settings for `sc`.
 pub fn config_of(sc: &Scenario) -> AuthorityConfig {
-    let mut cfg = AuthorityConfig {
+    AuthorityConfig {
         nodes: sc.nodes,
         shards: sc.placement.shard_count,
         latency_ms: (sc.network.latency_ms_min, sc.network.latency_ms_max),
@@ -287,10 +288,11 @@ pub fn config_of(sc: &Scenario) -> AuthorityConfig {
         gossip_duplicate: sc.network.duplicate,
         vnodes: sc.placement.vnodes,
         writes_per_s: 0,
+        plan: PlanConfig::of(&sc.controller, sc.replication.factor),
+        controller: sc.controller.clone(),
+        tick_ms: sc.controller.tick_ms,
         ..AuthorityConfig::default()
-    };
-    cfg.plan.replication_factor = sc.replication.factor;
-    cfg
+    }
 }
 
 /// The request rate at `t_ms`.

@@ -3,7 +3,7 @@
 //! Every field but `name` has a default, so a scenario states only what it studies. Unknown
 //! keys are errors naming the key.
 
-use botclaw_config::{GossipConfig, PlacementStrategy, RebalanceConfig};
+use botclaw_config::{ControllerConfig, GossipConfig, PlacementStrategy, RebalanceConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,10 @@ pub struct Scenario {
     pub gossip: GossipConfig,
     #[serde(default)]
     pub placement: Placement,
+    /// The node's `[controller]` section (the node's defaults): its tick, elections and
+    /// planner settings drive the simulated controllers and owners.
+    #[serde(default)]
+    pub controller: ControllerConfig,
     /// The node's `[rebalance]` section (on by default, as in the node).
     #[serde(default)]
     pub rebalance: RebalanceConfig,

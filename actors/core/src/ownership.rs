@@ -247,6 +247,8 @@ pub struct Ownership<P> {
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
     heard_at: Option<u64>,
+    /// Shard changes to propose at the next tick (one entry for all of them, not one each).
+    proposing: Vec<ShardChange>,
     out: VecDeque<Effect<P>>,
 }
 
@@ -262,6 +264,7 @@ impl<P: Clone> Ownership<P> {
             followed: FxHashMap::default(),
             ticks: 0,
             heard_at: None,
+            proposing: Vec::new(),
             out: VecDeque::new(),
         }
     }
@@ -575,7 +578,7 @@ impl<P: Clone> Ownership<P> {
         let next = &mut self.next;
         let patience = self.cfg.catch_up_patience_ticks.max(1);
         let ack_patience = self.cfg.ack_patience_ticks.max(1);
-        let mut again = Vec::new();
+        let again = &mut self.proposing;
         let mut restarted = Vec::new();
         for &shard in &shards {
             let o = self.owned.get_mut(&shard).expect("attention holds owned shards");
@@ -605,18 +608,16 @@ impl<P: Clone> Ownership<P> {
                 let due = o.shrinking.get(&m).is_none_or(|at| now - at >= every);
                 if due {
                     o.shrinking.insert(m, now);
-                    again.push(MapCommand::Changes(vec![ShardChange::Remove {
-                        shard,
-                        epoch: o.epoch,
-                        member: m,
-                    }]));
+                    again.push(ShardChange::Remove { shard, epoch: o.epoch, member: m });
                 }
             }
         }
-        self.out.extend(again.into_iter().map(Effect::Propose));
         for shard in restarted {
             self.settle(shard);
         }
+        // The tick's changes, and those since the last tick, go as few log entries.
+        let proposing = std::mem::take(&mut self.proposing);
+        self.out.extend(proposals(&proposing).map(Effect::Propose));
     }
 
     /// Releases what is acknowledged, starts streams whose earlier writes are durable, and
@@ -655,14 +656,23 @@ impl<P: Clone> Ownership<P> {
                 // From now on every write waits for it too: promoted or not, it will hold
                 // every write acknowledged from here.
                 l.proposed_at = Some(now);
-                self.out.push_back(Effect::Propose(promote(shard, o.epoch, to, next)));
+                self.proposing.push(promote(shard, o.epoch, to, next));
             }
         }
     }
 }
 
-fn promote(shard: ShardId, epoch: u64, member: MemberIx, next: Seq) -> MapCommand {
-    MapCommand::Changes(vec![ShardChange::Promote { shard, epoch, member, turn_version: next }])
+/// Shard changes in one proposal (one controller log entry).
+pub const PROPOSAL_CHANGES_MAX: usize = 4096;
+
+/// Shard changes as few proposals of at most [`PROPOSAL_CHANGES_MAX`] changes: one log
+/// entry for many shards, not one each.
+pub fn proposals(changes: &[ShardChange]) -> impl Iterator<Item = MapCommand> + '_ {
+    changes.chunks(PROPOSAL_CHANGES_MAX).map(|c| MapCommand::Changes(c.to_vec()))
+}
+
+fn promote(shard: ShardId, epoch: u64, member: MemberIx, next: Seq) -> ShardChange {
+    ShardChange::Promote { shard, epoch, member, turn_version: next }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use botclaw_core::conversation::TurnCommit;
 use botclaw_core::ownership::{Effect, Failure, Msg, Ownership, OwnershipConfig, Seq};
 use botclaw_core::placement::{shard_of, ShardId};
 use botclaw_core::replication::{Epoch, Version};
-use botclaw_core::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap};
+use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -272,7 +272,6 @@ impl ShardReplicator {
             outbound: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_len: 0,
-            proposed: Vec::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
             streams_due: BTreeMap::new(),
             pending: FuturesUnordered::new(),
@@ -375,9 +374,6 @@ const STREAM_MSG_BYTES: usize = 32;
 /// Inputs handled in one round before its messages go out.
 const ROUND_INPUTS_MAX: usize = 1024;
 
-/// Shard changes in one proposal (one controller log entry).
-const PROPOSED_CHANGES_MAX: usize = 4096;
-
 struct Parked {
     epoch: u64,
     seq: Seq,
@@ -399,8 +395,6 @@ struct Driver {
     /// Writes a learner could not apply yet, per shard, oldest first.
     parked: BTreeMap<ShardId, VecDeque<Parked>>,
     parked_len: usize,
-    /// Shard changes (promotions, removals) to propose at the end of the round.
-    proposed: Vec<ShardChange>,
     /// Streams being read and sent at once (a join moves thousands of shards).
     streams: Arc<tokio::sync::Semaphore>,
     /// Shards to stream, per learner, started together at the end of the round.
@@ -681,8 +675,7 @@ impl Driver {
                 Effect::Stream { shard, attempt, to } => {
                     self.streams_due.entry(to).or_default().push((shard, attempt))
                 }
-                // Shard changes of one round go to the controller as one command.
-                Effect::Propose(MapCommand::Changes(changes)) => self.proposed.extend(changes),
+                // The machine batches its shard changes per tick.
                 Effect::Propose(command) => self.links.propose(command),
             }
         }
@@ -773,9 +766,6 @@ impl Driver {
     fn flush(&mut self) {
         for (to, shards) in std::mem::take(&mut self.streams_due) {
             self.stream(to, shards);
-        }
-        for changes in std::mem::take(&mut self.proposed).chunks(PROPOSED_CHANGES_MAX) {
-            self.links.propose(MapCommand::Changes(changes.to_vec()));
         }
         for (to, msgs) in std::mem::take(&mut self.outbound) {
             let Some(peer) = self.map.member(to).map(|m| m.name.clone()) else { continue };

@@ -615,9 +615,12 @@ fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
     }
     let second = stream_to_c(&mut o).expect("a fresh stream after the patience ran out");
     // A late report of the first attempt does not count; the second one does.
+    // (Proposals go at the next tick, all of the machine's together.)
     o.receive(2, Msg::Streamed { shard: 0, attempt: first });
+    o.tick();
     assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))));
     o.receive(2, Msg::Streamed { shard: 0, attempt: second });
+    o.tick();
     assert!(
         effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))),
         "caught up: promotion proposed"
@@ -682,4 +685,86 @@ fn a_member_that_never_acknowledges_is_dropped_after_the_patience_and_writes_rel
         o.tick();
     }
     assert!(proposals(&effects(&mut o)).is_empty());
+}
+
+#[test]
+fn a_round_of_changes_goes_as_few_bounded_proposals() {
+    let change = |shard| ShardChange::Promote {
+        shard,
+        epoch: u64::MAX,
+        member: MemberIx::MAX,
+        turn_version: u64::MAX,
+    };
+    let changes: Vec<ShardChange> = (0..PROPOSAL_CHANGES_MAX as u32 + 1).map(change).collect();
+    let commands: Vec<MapCommand> = proposals(&changes).collect();
+    let sizes: Vec<usize> = commands
+        .iter()
+        .map(|c| match c {
+            MapCommand::Changes(c) => c.len(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sizes, [PROPOSAL_CHANGES_MAX, 1]);
+    let back: Vec<ShardChange> = commands
+        .into_iter()
+        .flat_map(|c| match c {
+            MapCommand::Changes(c) => c,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(back, changes, "in order, none lost");
+    assert_eq!(proposals(&[]).count(), 0);
+    // The largest proposal fits in one append message of the controller's default size.
+    let largest =
+        postcard::to_stdvec(&MapCommand::Changes(changes[..PROPOSAL_CHANGES_MAX].to_vec()))
+            .unwrap()
+            .len() as u64;
+    let limit = botclaw_config::ControllerConfig::default().message_bytes_max;
+    assert!(largest < limit / 4, "{largest} bytes against {limit}");
+}
+
+#[test]
+fn learners_caught_up_in_one_tick_are_promoted_by_one_proposal() {
+    const SHARDS: u32 = 3;
+    let mut map = ShardMap::new(SHARDS);
+    for n in ["a", "b", "c"] {
+        map.apply(&MapCommand::Join { name: n.to_string(), incarnation: 1, capacity: 100 });
+    }
+    let run = crate::shardmap::AssignRun { start: 0, len: SHARDS, replicas: vec![0, 1] };
+    map.apply(&MapCommand::Assign(vec![run]));
+    let learn = |shard| ShardChange::AddLearner { shard, epoch: 1, member: 2 };
+    map.apply(&MapCommand::Changes((0..SHARDS).map(learn).collect()));
+    let mut o: Ownership<W> = Ownership::new(0, 1, OwnershipConfig::default());
+    o.map_applied(&map, 0..SHARDS);
+    let streams: Vec<(ShardId, Seq)> = effects(&mut o)
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Stream { shard, attempt, to: 2 } => Some((shard, attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(streams.len(), SHARDS as usize);
+    for (shard, attempt) in streams {
+        o.receive(2, Msg::Streamed { shard, attempt });
+    }
+    let proposed = |out: Vec<Effect<W>>| -> Vec<MapCommand> {
+        out.into_iter()
+            .filter_map(|e| match e {
+                Effect::Propose(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(proposed(effects(&mut o)), [], "nothing before the tick");
+    o.tick();
+    let commands = proposed(effects(&mut o));
+    let [MapCommand::Changes(changes)] = &commands[..] else { panic!("{commands:?}") };
+    let promoted: Vec<ShardId> = changes
+        .iter()
+        .map(|c| match c {
+            ShardChange::Promote { shard, epoch: 2, member: 2, .. } => *shard,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(promoted, [0, 1, 2]);
 }

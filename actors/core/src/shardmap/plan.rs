@@ -205,6 +205,21 @@ impl Default for PlanConfig {
     }
 }
 
+impl PlanConfig {
+    /// The planner of a node with these controller settings (the node and the simulator
+    /// both plan by it).
+    pub fn of(cfg: &botclaw_config::ControllerConfig, replication_factor: usize) -> PlanConfig {
+        PlanConfig {
+            replication_factor,
+            moves_in_flight_max: cfg.moves_in_flight_max,
+            changes_per_round_max: cfg.changes_per_round_max,
+            interval_ms: cfg.plan_interval_ms,
+            after_change_ms: cfg.plan_after_change_ms,
+            ..PlanConfig::default()
+        }
+    }
+}
+
 /// One round on the leader: membership first (alone: the next round plans on the map it
 /// makes), then first owners, then moves. `ring` is built by the caller over the map's
 /// active members.
