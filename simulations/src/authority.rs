@@ -22,7 +22,7 @@ use botclaw_core::controller::leader::{LeaderPlanner, Round};
 use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
     controller_id, Controller, ControllerConfig, ControllerError, ControllerId, Restored,
-    SharedSnapshots,
+    SharedMaps,
 };
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
@@ -222,7 +222,7 @@ enum Wire {
 pub struct Authority {
     cfg: AuthorityConfig,
     /// Snapshots encoded and decoded once for every node that takes or is sent them.
-    snapshots: Arc<SharedSnapshots>,
+    snapshots: Arc<SharedMaps>,
     pub net: SimNet,
     rng: StdRng,
     now_ms: u64,
@@ -389,7 +389,7 @@ impl Authority {
             seed,
         )
         .expect("a disk this run wrote");
-        controller.share_snapshots(self.snapshots.clone());
+        controller.share_maps(self.snapshots.clone());
         n.controller = Some(controller);
         let id = NodeId {
             name: n.name.clone(),
@@ -826,11 +826,13 @@ impl Authority {
                     self.leader = leader;
                 }
             }
-            let mut changed: BTreeSet<ShardId> = BTreeSet::new();
+            let mut changed: Vec<ShardId> = Vec::new();
             for a in &rd.applied {
-                changed.extend(a.applied.changed.iter().copied());
+                changed.extend_from_slice(&a.applied.changed);
                 self.record(i, a.index, a.term, a.command.clone());
             }
+            changed.sort_unstable();
+            changed.dedup();
             let all = rd.snapshot_installed;
             self.attach_ownership(i);
             let n = &mut self.nodes[i];

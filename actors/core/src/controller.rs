@@ -202,22 +202,31 @@ impl Restored {
 /// applied index, made when a peer needs one or the log is compacted.
 struct ControllerStorage {
     log: MemStorage,
-    map: ShardMap,
+    /// Behind an `Arc` so members of one process can share it ([`SharedMaps`]); changed
+    /// in place when no one else holds it.
+    map: Arc<ShardMap>,
     /// The log index the map reflects (entries without a command count too).
     applied: u64,
     /// The map encoded at an applied index, kept until the map moves on: a compaction and
     /// the peers that need a snapshot at that index share one encoding (the map is the
     /// same, so are its bytes).
     encoded: RefCell<Option<(u64, Bytes)>>,
-    shared: Option<Arc<SharedSnapshots>>,
+    shared: Option<Arc<SharedMaps>>,
+    /// The map at the last applied index that is a multiple of `log_entries_max`, for the
+    /// compaction at the end of the ready: every member compacts at the same indices, so
+    /// members of one process share those snapshots' encodings ([`SharedMaps`]).
+    compact_at: Option<(u64, Arc<ShardMap>)>,
 }
 
 impl ControllerStorage {
     fn new(log: MemStorage, map: ShardMap, applied: u64) -> ControllerStorage {
-        ControllerStorage { log, map, applied, encoded: RefCell::new(None), shared: None }
+        let map = Arc::new(map);
+        let encoded = RefCell::new(None);
+        ControllerStorage { log, map, applied, encoded, shared: None, compact_at: None }
     }
 
-    fn applied_snapshot(&self, applied: u64) -> raft::Result<Snapshot> {
+    /// A snapshot of `map`, the map applied up to `applied`.
+    fn snapshot_of(&self, applied: u64, map: &ShardMap) -> raft::Result<Snapshot> {
         let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
         meta.index = applied;
@@ -229,8 +238,8 @@ impl ControllerStorage {
             cached => {
                 let hint = cached.as_ref().map_or(0, |(_, b)| b.len() + b.len() / 8);
                 let bytes = match &self.shared {
-                    Some(shared) => shared.encode(applied, meta.term, &self.map, hint),
-                    None => encode_map(&self.map, hint),
+                    Some(shared) => shared.encode(applied, meta.term, map, hint),
+                    None => encode_map(map, hint),
                 };
                 *encoded = Some((applied, bytes.clone()));
                 bytes
@@ -272,25 +281,72 @@ impl Storage for ControllerStorage {
         if applied < request_index {
             return Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable));
         }
-        self.applied_snapshot(applied)
+        self.snapshot_of(applied, &self.map)
     }
 }
 
-/// Snapshots shared by the controllers of one process ([`Controller::share_snapshots`]; the
-/// simulator runs thousands). Every member encodes the same map at a log index and term
-/// (Raft's log matching), and the same bytes decode to the same map; so one encoding and
-/// one decoding serve every member that needs them, and their maps and bytes share storage.
-/// An encoding is reused only for an equal map (cheap: equal maps share their chunks), so a
-/// member whose map diverged still sends its own.
+/// Maps shared by the controllers of one process ([`Controller::share_maps`]; the simulator
+/// runs thousands).
+/// - Snapshots: every member encodes the same map at a log index and term (Raft's log
+///   matching), and the same bytes decode to the same map; so one encoding and one decoding
+///   serve every member that needs them, and their maps and bytes share storage. An
+///   encoding is reused only for an equal map (cheap: equal maps share their chunks), so a
+///   member whose map diverged still sends its own.
+/// - Applied entries: applying is a pure function of the map and the entry's bytes, so a
+///   member whose map equals the one the first member applied an entry's same bytes to
+///   takes that member's result (the map after it, shared) instead of applying them again.
+///   Every member of a group applies every entry: this keeps one copy of the map, not one
+///   per member, and applies each entry once. Only the last [`SHARED_APPLIES_MAX`] entries
+///   are kept; a member further behind applies them itself.
 #[derive(Default)]
-pub struct SharedSnapshots {
+pub struct SharedMaps {
     /// The last bytes decoded, and their map.
     decoded: Mutex<Option<(Bytes, ShardMap)>>,
     /// The last map encoded: its index and term, the map, its bytes.
     encoded: Mutex<Option<(u64, u64, ShardMap, Bytes)>>,
+    /// Entries applied, by log index.
+    applied: Mutex<BTreeMap<u64, SharedApply>>,
 }
 
-impl SharedSnapshots {
+/// Entries [`SharedMaps`] keeps applied.
+pub const SHARED_APPLIES_MAX: usize = 1024;
+
+/// One entry as the first member applied it.
+struct SharedApply {
+    data: Bytes,
+    before: Arc<ShardMap>,
+    after: Arc<ShardMap>,
+    command: MapCommand,
+    applied: Applied,
+}
+
+impl SharedMaps {
+    /// The map after the entry of `data` at `index`, its command and what applying it did,
+    /// if it was applied to a map equal to `map`.
+    fn applied(
+        &self,
+        index: u64,
+        data: &Bytes,
+        map: &Arc<ShardMap>,
+    ) -> Option<(Arc<ShardMap>, MapCommand, Applied)> {
+        let kept = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        let a = kept.get(&index)?;
+        let same_bytes =
+            a.data.as_ptr() == data.as_ptr() && a.data.len() == data.len() || a.data == *data;
+        // Cheap when `map` was itself taken from here: the same allocation, or equal
+        // chunks shared.
+        let same = same_bytes && (Arc::ptr_eq(&a.before, map) || *a.before == **map);
+        same.then(|| (a.after.clone(), a.command.clone(), a.applied.clone()))
+    }
+
+    fn record(&self, index: u64, a: SharedApply) {
+        let mut kept = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.entry(index).or_insert(a);
+        while kept.len() > SHARED_APPLIES_MAX {
+            kept.pop_first();
+        }
+    }
+
     fn decode(&self, data: &Bytes) -> Result<ShardMap, postcard::Error> {
         let mut last = self.decoded.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((bytes, map)) = &*last {
@@ -504,9 +560,9 @@ impl Controller {
         self.raw.tick();
     }
 
-    /// Snapshots this member takes and is sent are encoded and decoded through `shared`,
-    /// with the other members of this process that use it.
-    pub fn share_snapshots(&mut self, shared: Arc<SharedSnapshots>) {
+    /// Snapshots this member takes and is sent are encoded and decoded, and entries
+    /// applied, through `shared`, with the other members of this process that use it.
+    pub fn share_maps(&mut self, shared: Arc<SharedMaps>) {
         self.raw.mut_store().shared = Some(shared);
     }
 
@@ -688,7 +744,7 @@ impl Controller {
         };
         let store = self.raw.mut_store();
         store.applied = meta.index;
-        store.map = map;
+        store.map = Arc::new(map);
         *store.encoded.borrow_mut() = Some((meta.index, snapshot.data.clone()));
         store.log.wl().apply_snapshot(snapshot).expect("a newer snapshot");
     }
@@ -704,13 +760,37 @@ impl Controller {
             };
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
-                EntryType::EntryNormal => match postcard::from_bytes::<MapCommand>(&entry.data) {
-                    Ok(cmd) => {
-                        applied.applied = self.raw.mut_store().map.apply(&cmd);
-                        applied.command = Some(cmd);
+                EntryType::EntryNormal => {
+                    let store = self.raw.mut_store();
+                    let shared = store.shared.as_ref();
+                    match shared.and_then(|s| s.applied(entry.index, &entry.data, &store.map)) {
+                        Some((after, command, result)) => {
+                            store.map = after;
+                            applied.applied = result;
+                            applied.command = Some(command);
+                        }
+                        None => match postcard::from_bytes::<MapCommand>(&entry.data) {
+                            Ok(cmd) => {
+                                let before = shared.map(|_| store.map.clone());
+                                applied.applied = Arc::make_mut(&mut store.map).apply(&cmd);
+                                if let (Some(shared), Some(before)) = (&store.shared, before) {
+                                    let a = SharedApply {
+                                        data: entry.data.clone(),
+                                        before,
+                                        after: store.map.clone(),
+                                        command: cmd.clone(),
+                                        applied: applied.applied.clone(),
+                                    };
+                                    shared.record(entry.index, a);
+                                }
+                                applied.command = Some(cmd);
+                            }
+                            Err(e) => {
+                                applied.applied.skipped.push(format!("undecodable entry: {e}"))
+                            }
+                        },
                     }
-                    Err(e) => applied.applied.skipped.push(format!("undecodable entry: {e}")),
-                },
+                }
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     if cc.merge_from_bytes(&entry.data).is_ok() {
@@ -726,6 +806,10 @@ impl Controller {
                     }
                 }
             }
+            if entry.index % self.cfg.log_entries_max.max(1) == 0 {
+                let store = self.raw.mut_store();
+                store.compact_at = Some((entry.index, store.map.clone()));
+            }
             out.push(applied);
         }
     }
@@ -738,16 +822,18 @@ impl Controller {
         }
     }
 
-    /// Compacts the log behind a snapshot of the applied map once more than
-    /// `log_entries_max` applied entries are kept; the snapshot to persist.
+    /// Compacts the log behind a snapshot of the map at the last applied multiple of
+    /// `log_entries_max`, if the log holds at least that many entries up to it (so it holds
+    /// fewer than twice as many, plus a ready's); the snapshot to persist.
     fn maybe_compact(&mut self) -> Option<Snapshot> {
         let store = self.raw.mut_store();
+        let (at, map) = store.compact_at.take()?;
         let first = store.log.first_index().ok()?;
-        if store.applied < first || store.applied - first < self.cfg.log_entries_max {
+        if at < first || at + 1 - first < self.cfg.log_entries_max {
             return None;
         }
-        let snapshot = store.applied_snapshot(store.applied).ok()?;
-        store.log.wl().compact(store.applied).expect("compacting behind the applied index");
+        let snapshot = store.snapshot_of(at, &map).ok()?;
+        store.log.wl().compact(at).expect("compacting behind the applied index");
         Some(snapshot)
     }
 }

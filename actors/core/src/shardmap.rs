@@ -74,7 +74,8 @@ pub struct MapMember {
 }
 
 /// Up to [`REPLICAS_MAX`] member slots, in order, without allocating. Encoded as the
-/// sequence of its members (a map snapshot holds two per shard).
+/// sequence of its members (a map snapshot holds two per shard). Slots past `len` are
+/// always zero, so the derived equality compares the members only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replicas {
     len: u8,
@@ -125,6 +126,8 @@ impl Replicas {
         let Some(at) = self.as_slice().iter().position(|&x| x == m) else { return false };
         let len = self.len();
         self.ix.copy_within(at + 1..len, at);
+        // Slots past the end stay zero: equal members, equal values (derived `Eq`).
+        self.ix[len - 1] = 0;
         self.len -= 1;
         true
     }

@@ -418,9 +418,9 @@ mod fuzz {
 fn members_sharing_snapshots_catch_up_alike_and_refuse_bad_snapshots() {
     let cfg = ControllerConfig { log_entries_max: 8, ..Default::default() };
     let mut net = Net::new(5, 11, cfg);
-    let shared = Arc::new(SharedSnapshots::default());
+    let shared = Arc::new(SharedMaps::default());
     for m in net.members.values_mut() {
-        m.ctl.as_mut().unwrap().share_snapshots(shared.clone());
+        m.ctl.as_mut().unwrap().share_maps(shared.clone());
     }
     let leader = net.elect();
     let cut: Vec<ControllerId> = (1..=5).filter(|&i| i != leader).take(2).collect();
@@ -455,7 +455,7 @@ fn members_sharing_snapshots_catch_up_alike_and_refuse_bad_snapshots() {
 /// same index and term still encodes (and so sends) its own.
 #[test]
 fn a_shared_encoding_is_reused_only_for_an_equal_map() {
-    let shared = SharedSnapshots::default();
+    let shared = SharedMaps::default();
     let a = ShardMap::new(SHARDS);
     let mut b = a.clone();
     b.apply(&join("b"));
@@ -465,6 +465,112 @@ fn a_shared_encoding_is_reused_only_for_an_equal_map() {
     assert_eq!(ShardMap::decode(&other).unwrap(), b);
     assert_eq!(ShardMap::decode(&shared.encode(6, 1, &b, 0)).unwrap(), b);
     assert_eq!(ShardMap::decode(&shared.encode(6, 1, &a, 0)).unwrap(), a);
+}
+
+/// Members sharing their maps apply each entry once and hold one map between them, and
+/// the maps are those of members that do not share.
+#[test]
+fn members_sharing_maps_apply_each_entry_once_and_end_alike() {
+    let run = |share: bool| {
+        let mut net = Net::new(3, 13, ControllerConfig::default());
+        if share {
+            let shared = Arc::new(SharedMaps::default());
+            for m in net.members.values_mut() {
+                m.ctl.as_mut().unwrap().share_maps(shared.clone());
+            }
+        }
+        for k in 0..30 {
+            net.propose(join(&format!("m{k}")));
+        }
+        net.propose(MapCommand::Assign(vec![crate::shardmap::AssignRun {
+            start: 0,
+            len: SHARDS,
+            replicas: vec![0, 1],
+        }]));
+        net.settle();
+        net
+    };
+    let (alone, shared) = (run(false), run(true));
+    assert_eq!(alone.maps(), shared.maps());
+    assert_eq!(alone.history, shared.history, "every member applied the same entries");
+    let held = |net: &Net| -> Vec<*const ShardMap> {
+        net.members
+            .values()
+            .map(|m| Arc::as_ptr(&m.ctl.as_ref().unwrap().raw.store().map))
+            .collect()
+    };
+    assert!(held(&shared).windows(2).all(|w| w[0] == w[1]), "one map between them");
+    assert!(held(&alone).windows(2).all(|w| w[0] != w[1]));
+}
+
+/// Every member compacts at the same indices (multiples of `log_entries_max`), keeps a
+/// bounded log, and members sharing their maps share those snapshots' bytes.
+#[test]
+fn members_compact_at_the_same_indices_and_share_the_snapshots() {
+    const MAX: u64 = 8;
+    let cfg = ControllerConfig { log_entries_max: MAX, ..Default::default() };
+    let mut net = Net::new(3, 17, cfg);
+    let shared = Arc::new(SharedMaps::default());
+    for m in net.members.values_mut() {
+        m.ctl.as_mut().unwrap().share_maps(shared.clone());
+    }
+    for k in 0..60 {
+        net.propose(join(&format!("m{k}")));
+        net.round();
+        for (id, m) in &net.members {
+            // (Index 1: the founding snapshot.)
+            let index = m.disk.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
+            assert!(index == 1 || index % MAX == 0, "member {id} compacted at {index}");
+            assert!(m.disk.entries.len() < 2 * MAX as usize + 4, "member {id}: a long log");
+        }
+    }
+    net.settle();
+    let snapshots: Vec<&Snapshot> =
+        net.members.values().map(|m| m.disk.snapshot.as_ref().unwrap()).collect();
+    let index = snapshots[0].get_metadata().index;
+    assert!(index >= 48, "compacted up to {index} only");
+    for s in &snapshots {
+        assert_eq!(s.get_metadata().index, index);
+        assert_eq!(s.data.as_ptr(), snapshots[0].data.as_ptr(), "bytes not shared");
+    }
+}
+
+/// An entry's result is taken only for the same bytes applied to an equal map; only the
+/// last entries are kept.
+#[test]
+fn a_shared_apply_is_taken_only_for_the_same_bytes_on_an_equal_map() {
+    let shared = SharedMaps::default();
+    let before = Arc::new(ShardMap::new(SHARDS));
+    let cmd = join("a");
+    let data = Bytes::from(postcard::to_stdvec(&cmd).unwrap());
+    let mut after = (*before).clone();
+    let applied = after.apply(&cmd);
+    let after = Arc::new(after);
+    let record = || SharedApply {
+        data: data.clone(),
+        before: before.clone(),
+        after: after.clone(),
+        command: cmd.clone(),
+        applied: applied.clone(),
+    };
+    shared.record(5, record());
+    // The same bytes (another buffer) on an equal map (another allocation): taken.
+    let copy = Bytes::from(data.to_vec());
+    let equal = Arc::new((*before).clone());
+    let (map, command, result) = shared.applied(5, &copy, &equal).expect("taken");
+    assert!(Arc::ptr_eq(&map, &after));
+    assert_eq!((command, result), (cmd.clone(), applied.clone()));
+    // Other bytes, another map, another index: not taken.
+    let other = Bytes::from(postcard::to_stdvec(&join("b")).unwrap());
+    assert!(shared.applied(5, &other, &before).is_none());
+    assert!(shared.applied(5, &data, &after).is_none());
+    assert!(shared.applied(6, &data, &before).is_none());
+    // Bounded: the oldest go first.
+    for index in 6..6 + SHARED_APPLIES_MAX as u64 {
+        shared.record(index, record());
+    }
+    assert!(shared.applied(5, &data, &before).is_none());
+    assert!(shared.applied(6, &data, &before).is_some());
 }
 
 #[test]
