@@ -121,13 +121,16 @@ fn std_dev_ratio(p: &Placement) -> f64 {
     var.sqrt() / mean
 }
 
+/// Cluster sizes of the placement tables.
+const RING_SIZES: [usize; 3] = [10, 100, 1000];
+
 fn rings(trials: u64) {
     println!("Ring with V virtual nodes per node (65536 shards, {trials} random memberships):");
     println!();
     println!("| V | nodes | shard-count std dev / mean | 1/sqrt(V) | max/avg |");
     println!("| --- | --- | --- | --- | --- |");
     for v in [10u32, 100, 1000] {
-        for n in [10usize, 100] {
+        for n in RING_SIZES {
             let (mut sd, mut max) = (0.0, 0.0);
             for t in 0..trials {
                 let p = Placement::build(&members(n, t), &cfg(PlacementStrategy::Ring, v, 250));
@@ -149,7 +152,7 @@ fn rings(trials: u64) {
     println!("| epsilon | nodes | max/avg (worst of {trials}) | bound |");
     println!("| --- | --- | --- | --- |");
     for eps in [100u32, 250, 500] {
-        for n in [10usize, 100] {
+        for n in RING_SIZES {
             let worst = (0..trials)
                 .map(|t| {
                     Placement::build(&members(n, t), &cfg(PlacementStrategy::Bounded, 100, eps))
@@ -175,7 +178,7 @@ fn rings(trials: u64) {
         ("bounded (eps 0.25)", PlacementStrategy::Bounded),
         ("rendezvous", PlacementStrategy::Rendezvous),
     ] {
-        for n in [10usize, 100] {
+        for n in RING_SIZES {
             let (mut join, mut leave) = (0.0, 0.0);
             for t in 0..trials {
                 let c = cfg(strategy, 100, 250);

@@ -394,13 +394,25 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// The change as the map applies it: a promotion's `turn_version` only informs, so
+    /// promotions of one learner at one epoch are copies whatever version they name.
+    fn key(c: &ShardChange) -> ShardChange {
+        match *c {
+            ShardChange::Promote { shard, epoch, member, .. } => {
+                ShardChange::Promote { shard, epoch, member, turn_version: 0 }
+            }
+            other => other,
+        }
+    }
+
     fn contains(&self, c: &ShardChange) -> bool {
-        self.changes.contains(c)
+        self.changes.contains(&InFlight::key(c))
     }
 
     fn appended(&mut self, index: u64, changes: &[ShardChange]) {
-        self.changes.extend(changes.iter().copied());
-        self.by_index.entry(index).or_default().extend_from_slice(changes);
+        let keys = changes.iter().map(InFlight::key);
+        self.changes.extend(keys.clone());
+        self.by_index.entry(index).or_default().extend(keys);
     }
 
     /// Entries up to `index` are applied (the ones appended, or others that replaced them
@@ -602,7 +614,7 @@ impl Controller {
                     .iter()
                     .filter(|c| {
                         let behind = map.shard(c.shard()).is_some_and(|e| c.epoch() < e.epoch);
-                        !behind && !self.in_flight.contains(c) && seen.insert(**c)
+                        !behind && !self.in_flight.contains(c) && seen.insert(InFlight::key(c))
                     })
                     .copied()
                     .collect();

@@ -604,6 +604,15 @@ fn a_stale_or_repeated_change_is_not_proposed() {
     }
     // Behind the applied map (epochs only rise): left out for good.
     assert!(stale(net.ctl(leader).propose(&changes(&[remove(0, 1)]))));
+    // A promotion re-sent names a later turn version: still a copy.
+    let promote =
+        |turn_version| ShardChange::Promote { shard: 1, epoch: 2, member: 2, turn_version };
+    let next = net.ctl(leader).raw.raft.raft_log.last_index() + 1;
+    net.ctl(leader).propose(&changes(&[promote(5)])).unwrap();
+    assert!(stale(net.ctl(leader).propose(&changes(&[promote(9)]))));
+    net.drain(leader);
+    net.settle();
+    assert_eq!(net.history[&next].1, Some(changes(&[promote(5)])));
 
     // A change skipped when applied for another reason (member 3 is not in the map yet)
     // is no longer in flight once applied: proposed again later, it applies.
@@ -621,8 +630,8 @@ fn a_stale_or_repeated_change_is_not_proposed() {
         let e = map.shard(0).unwrap();
         assert_eq!((e.epoch, e.learners.as_slice()), (3, &[3][..]));
     }
-    // Nothing but the planted proposals was appended: every committed change batch
-    // changed something except the one for the member not yet known.
+    // Nothing but the planted proposals was appended: three that changed something, the
+    // promotion of a member that is no learner, the change for a member not yet known.
     let batches = net.history.values().filter(|(_, c)| matches!(c, Some(MapCommand::Changes(_))));
-    assert_eq!(batches.count(), 4);
+    assert_eq!(batches.count(), 5);
 }
