@@ -109,6 +109,12 @@ impl Default for AuthorityConfig {
     }
 }
 
+/// The leader proposes `cmd`; a proposal left out as stale is counted.
+fn propose(c: &mut Controller, cmd: &MapCommand, report: &mut AuthorityReport) {
+    let stale = matches!(c.propose(cmd), Err(ControllerError::Stale));
+    report.proposals_stale += u64::from(stale);
+}
+
 /// What a run saw.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct AuthorityReport {
@@ -221,8 +227,9 @@ enum Wire {
 /// The cluster.
 pub struct Authority {
     cfg: AuthorityConfig,
-    /// Snapshots encoded and decoded once for every node that takes or is sent them.
-    snapshots: Arc<SharedMaps>,
+    /// Maps shared by every node's controller: snapshots encoded and decoded once, each
+    /// entry applied once.
+    maps: Arc<SharedMaps>,
     pub net: SimNet,
     rng: StdRng,
     now_ms: u64,
@@ -284,7 +291,7 @@ impl Authority {
             duplicate: cfg.gossip_duplicate,
         };
         let mut a = Authority {
-            snapshots: Arc::default(),
+            maps: Arc::default(),
             net: SimNet::with_model(gossip, model, seed).without_trace(),
             rng: StdRng::seed_from_u64(seed ^ 0xa117),
             now_ms: 0,
@@ -389,7 +396,7 @@ impl Authority {
             seed,
         )
         .expect("a disk this run wrote");
-        controller.share_maps(self.snapshots.clone());
+        controller.share_maps(self.maps.clone());
         n.controller = Some(controller);
         let id = NodeId {
             name: n.name.clone(),
@@ -782,8 +789,7 @@ impl Authority {
             }
             Wire::Propose(cmd) => {
                 if let Some(c) = self.nodes[i].controller.as_mut().filter(|c| c.is_leader()) {
-                    let stale = matches!(c.propose(&cmd), Err(ControllerError::Stale));
-                    self.report.proposals_stale += u64::from(stale);
+                    propose(c, &cmd, &mut self.report);
                 }
             }
         }
@@ -1020,8 +1026,7 @@ impl Authority {
             let _ = c.change_members(&changes);
         }
         for cmd in commands {
-            let stale = matches!(c.propose(&cmd), Err(ControllerError::Stale));
-            self.report.proposals_stale += u64::from(stale);
+            propose(c, &cmd, &mut self.report);
         }
         self.drain(l);
     }

@@ -667,7 +667,7 @@ pub const PROPOSAL_CHANGES_MAX: usize = 4096;
 
 /// Shard changes as few proposals of at most [`PROPOSAL_CHANGES_MAX`] changes: one log
 /// entry for many shards, not one each.
-pub fn proposals(changes: &[ShardChange]) -> impl Iterator<Item = MapCommand> + '_ {
+fn proposals(changes: &[ShardChange]) -> impl Iterator<Item = MapCommand> + '_ {
     changes.chunks(PROPOSAL_CHANGES_MAX).map(|c| MapCommand::Changes(c.to_vec()))
 }
 
