@@ -156,6 +156,11 @@ pub struct AuthorityReport {
     /// down, and until the committed map named it owner of no shard (`None`: not within
     /// the run, or it restarted first).
     pub crashes: Vec<CrashTimes>,
+    /// Per node joined to the running cluster: seconds until the leader's map named it
+    /// owner of a shard, and until it was settled: no shard moving and the leader's planner
+    /// at rest at that map, with the node owning shards (what `/status` shows on a node:
+    /// `controller.owned`, `moves_in_flight`, `plan_settled`).
+    pub joins: Vec<JoinTimes>,
 }
 
 /// How long the cluster took to react to one crash (simulated seconds after it).
@@ -165,6 +170,24 @@ pub struct CrashTimes {
     pub at_s: f64,
     pub detected_s: Option<f64>,
     pub reassigned_s: Option<f64>,
+}
+
+/// How long the cluster took to take one joining node in (simulated seconds after it
+/// started).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct JoinTimes {
+    pub node: String,
+    pub at_s: f64,
+    pub owning_s: Option<f64>,
+    pub settled_s: Option<f64>,
+}
+
+/// A join being followed.
+struct Join {
+    node: usize,
+    at_ms: u64,
+    owning_ms: Option<u64>,
+    settled_ms: Option<u64>,
 }
 
 /// A crash being followed: who saw it so far.
@@ -272,6 +295,8 @@ pub struct Authority {
     write_credit: u64,
     /// Crashes, in order, with when the cluster noticed them.
     crashes: Vec<Crash>,
+    /// Joins not yet settled, and settled ones, in order.
+    joins: Vec<Join>,
     /// Node index by gossip address.
     by_addr: BTreeMap<SocketAddr, usize>,
 }
@@ -318,6 +343,7 @@ impl Authority {
             by_raft: BTreeMap::new(),
             write_credit: 0,
             crashes: Vec::new(),
+            joins: Vec::new(),
             by_addr: BTreeMap::new(),
             cfg,
         };
@@ -367,7 +393,27 @@ impl Authority {
     pub fn join(&mut self) -> usize {
         let i = self.nodes.len();
         self.add_node(i, &[]);
+        self.joins.push(Join { node: i, at_ms: self.now_ms, owning_ms: None, settled_ms: None });
         i
+    }
+
+    /// Joins the leader's map names owner of shards, and those it took in with nothing
+    /// moving and its planner at rest.
+    fn joins_settled(&mut self) {
+        let Some((l, planner)) = self.planner.as_ref() else { return };
+        let Some(map) = self.nodes[*l].controller.as_ref().map(Controller::map) else { return };
+        let at_rest = map.tally().learning == 0 && planner.settled(map.version);
+        let now = self.now_ms;
+        for j in self.joins.iter_mut().filter(|j| j.settled_ms.is_none()) {
+            let owned = map.member_ix(&self.nodes[j.node].name).map_or(0, |m| map.owned_by(m));
+            if owned == 0 {
+                continue;
+            }
+            j.owning_ms.get_or_insert(now);
+            if at_rest {
+                j.settled_ms = Some(now);
+            }
+        }
     }
 
     /// Starts (or restarts) node `i`'s process: a new incarnation, its disk as it was.
@@ -653,6 +699,14 @@ impl Authority {
                 reassigned_s: after(c.at_ms, c.reassigned_ms),
             })
             .collect();
+        r.joins = (self.joins.iter())
+            .map(|j| JoinTimes {
+                node: self.nodes[j.node].name.clone(),
+                at_s: j.at_ms as f64 / 1000.0,
+                owning_s: after(j.at_ms, j.owning_ms),
+                settled_s: after(j.at_ms, j.settled_ms),
+            })
+            .collect();
         let old = self.now_ms.saturating_sub(5_000);
         r.writes_stuck = (self.nodes.iter().filter(|n| n.running))
             .map(|n| n.seq_at.values().filter(|at| **at < old).count())
@@ -720,6 +774,7 @@ impl Authority {
             self.leave_steps();
         }
         self.plan();
+        self.joins_settled();
         self.write_credit += self.cfg.writes_per_s * STEP_MS;
         for _ in 0..self.write_credit / 1000 {
             self.submit();

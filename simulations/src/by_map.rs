@@ -104,6 +104,12 @@ pub struct MapReport {
     pub crashes: Vec<crate::authority::CrashTimes>,
     pub detected_s_median: Option<f64>,
     pub reassigned_s_median: Option<f64>,
+    /// Per node joined to the running cluster: until the leader's map named it owner of a
+    /// shard, and until nothing moved any more (`/status`'s `moves_in_flight` 0 and
+    /// `plan_settled`); the medians over the joins (null without any).
+    pub joins: Vec<crate::authority::JoinTimes>,
+    pub join_owning_s_median: Option<f64>,
+    pub join_settled_s_median: Option<f64>,
     pub datagrams_sent: u64,
     pub datagrams_dropped: u64,
     /// Checker failures (empty when every invariant held).
@@ -472,6 +478,9 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         detected_s_median: median(r.crashes.iter().filter_map(|c| c.detected_s)),
         reassigned_s_median: median(r.crashes.iter().filter_map(|c| c.reassigned_s)),
         crashes: r.crashes.clone(),
+        join_owning_s_median: median(r.joins.iter().filter_map(|j| j.owning_s)),
+        join_settled_s_median: median(r.joins.iter().filter_map(|j| j.settled_s)),
+        joins: r.joins.clone(),
         datagrams_sent: a.net.sent,
         datagrams_dropped: a.net.dropped,
         failures,

@@ -82,6 +82,38 @@ fn two_nodes_joining_at_once_take_their_share_under_load() {
     );
 }
 
+/// A join is reported settled at the first moment the leader's map names the node owner
+/// of shards with none moving, as a node's `/status` would show it (`owned`,
+/// `moves_in_flight` 0, `plan_settled`): not while learners still catch up.
+#[test]
+fn a_join_is_settled_once_its_moves_are_done() {
+    let mut a = started(6);
+    let (x, y) = (a.join(), a.join());
+    let mut t = 8_000;
+    let settled = loop {
+        t += 50;
+        a.run_until(t);
+        let joins = a.report().joins;
+        assert_eq!(joins.len(), 2, "{joins:?}");
+        if joins.iter().all(|j| j.settled_s.is_some()) {
+            break joins;
+        }
+        assert!(t < 40_000, "not settled in 32 s: {joins:?}");
+    };
+    for (i, j) in [x, y].into_iter().zip(&settled) {
+        assert_eq!(j.node, format!("n{i}"));
+        assert_eq!(j.at_s, 8.0);
+        let (owning, settled) = (j.owning_s.expect("owning"), j.settled_s.expect("settled"));
+        assert!(0.0 < owning && owning <= settled, "{j:?}");
+        assert!(owned_by(&a, &j.node) > 0, "{j:?}");
+    }
+    // The one that settled last did so at this step: nothing was moving then.
+    let last = settled.iter().filter_map(|j| j.settled_s).fold(0.0, f64::max);
+    assert!((8.0 + last - t as f64 / 1000.0).abs() < 0.06, "{settled:?} at {t} ms");
+    assert!(a.map().shards().all(|e| e.learners.is_empty()), "learners left at {t} ms");
+    clean(&a, "joins");
+}
+
 #[test]
 fn the_controller_leader_killed_mid_move_loses_nothing() {
     let mut a = started(5);

@@ -9,10 +9,16 @@ SIGKILL. Measured the same way on both sides:
   shard (real: the leader's `/status` `controller.owned`);
 - turn latency p50 and p99 (real: `botclaw bench`, 4 connections, pipeline 1, before the
   kill; simulated: every acknowledged write of the same scenario without the crash, at
-  the real run's turn rate).
+  the real run's turn rate);
+- join: once the map is at rest after the kill (real: the survivors' leader says no move in
+  flight and its plan settled; simulated: JOIN_AFTER_S after the kill), a new node starts
+  and joins; from its start until the leader's map names it owner of a shard, and until it
+  is settled: owner of shards with no move in flight and the leader's plan settled (real:
+  the leader's `/status` `controller.owned`, `moves_in_flight`, `plan_settled`).
 The simulator runs `botclaw sim --model map` (the same membership, controller, planner and
-ownership code) on a scenario this script writes; several seeds, several real runs,
-medians. Prints a Markdown table.
+ownership code) on a scenario this script writes, with the node's placement settings
+(shard count, virtual nodes: `botclaw node --check-config`); several seeds, several real
+runs, medians. Prints a Markdown table.
 
 Standard library only. Every process it starts is killed by pid, also on failure.
 
@@ -30,11 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import side_by_side as sbs  # noqa: E402  (the cluster helpers: start, status, stop_all)
 
 KILL_AT_S = 10
+# The simulated join, after the kill (the real one waits for the map to be at rest).
+JOIN_AFTER_S = 10
 
 
 def member_state(admin, name):
@@ -44,21 +53,50 @@ def member_state(admin, name):
     return None
 
 
-def owned_by(admins, name):
-    """Shards the committed map names `name` owner of, as the controller's leader says."""
+def leader_status(admins):
+    """The controller part of the leader's `/status` (None: no leader answered)."""
     for a in admins:
         try:
             c = sbs.status(a).get("controller") or {}
         except Exception:
             continue
         if c.get("is_leader"):
-            return (c.get("owned") or {}).get(name, 0)
+            return c
     return None
+
+
+def owned_by(admins, name):
+    """Shards the committed map names `name` owner of, as the controller's leader says."""
+    c = leader_status(admins)
+    return None if c is None else (c.get("owned") or {}).get(name, 0)
+
+
+def at_rest(c):
+    return c is not None and c.get("moves_in_flight") == 0 and bool(c.get("plan_settled"))
+
+
+def join_run(args, work, seed, admins):
+    """Once the map is at rest, starts node n{nodes} and times its way in."""
+    sbs.wait_for("the map at rest after the kill", lambda: at_rest(leader_status(admins)), 120)
+    name = f"n{args.nodes}"
+    started = time.monotonic()
+    _, admin, _ = sbs.start_node(args.bin, args.nodes, False, work, seed)
+    admins = admins + [admin]
+    owning = settled = None
+    while time.monotonic() - started < 120 and settled is None:
+        c = leader_status(admins)
+        now = time.monotonic() - started
+        if c is not None and (c.get("owned") or {}).get(name, 0) > 0:
+            owning = owning if owning is not None else now
+            if at_rest(c):
+                settled = now
+        time.sleep(0.02)
+    return owning, settled
 
 
 def real_run(args, work):
     try:
-        clients, admins = sbs.start_cluster(args.bin, args.nodes, False, work)
+        clients, admins, seed = sbs.start_cluster(args.bin, args.nodes, False, work)
     except SystemExit:
         # Say what each node was waiting for, and keep its log.
         for i in range(args.nodes):
@@ -93,10 +131,13 @@ def real_run(args, work):
         if reassigned is None and owned_by(survivors, victim) == 0:
             reassigned = now
         time.sleep(0.02)
+    owning, settled = join_run(args, work, seed, survivors)
     sbs.stop_all()
     return {
         "detected_s": detected,
         "reassigned_s": reassigned,
+        "join_owning_s": owning,
+        "join_settled_s": settled,
         "owned_before": before,
         "p50_ms": lat["p50"] / 1000.0,
         "p99_ms": lat["p99"] / 1000.0,
@@ -104,16 +145,28 @@ def real_run(args, work):
     }
 
 
+def node_placement(bin_):
+    """The `[placement]` section a node runs with by default (the simulator's own defaults
+    are smaller, for speed)."""
+    env = dict(os.environ, BOTCLAW_SECRET="side-by-side-secret")
+    out = subprocess.run([bin_, "node", "--check-config", "--name", "n0"], env=env,
+                         capture_output=True, check=True, timeout=60, text=True).stdout
+    p = tomllib.loads(out)["placement"]
+    return f"[placement]\nshard_count = {p['shard_count']}\nvnodes = {p['vnodes']}\n"
+
+
 def simulate(args, work, name, turns_per_s, crash):
     """Runs a scenario (with the crash or without) for every seed; their summaries."""
     scenario = os.path.join(work, f"{name}.toml")
     with open(scenario, "w") as f:
         f.write(
-            f'name = "{name}"\nnodes = {args.nodes}\nduration_s = {KILL_AT_S + 20}\nseed = 1\n'
+            f'name = "{name}"\nnodes = {args.nodes}\nduration_s = {KILL_AT_S + JOIN_AFTER_S + 30}\n'
+            f"seed = 1\n{node_placement(args.bin)}"
             f"[workload]\nconversations = 500\nturns_per_s = {max(1, round(turns_per_s))}\n"
         )
         if crash:
             f.write(f'[[faults]]\nat_s = {KILL_AT_S}\nkind = "crash"\nnodes = [{args.nodes - 1}]\n')
+            f.write(f'[[faults]]\nat_s = {KILL_AT_S + JOIN_AFTER_S}\nkind = "join"\ncount = 1\n')
     out = os.path.join(work, "sim")
     subprocess.run([args.bin, "sim", "--scenario", scenario, "--seeds", str(args.seeds),
                     "--quiet", "--out", out], check=True, capture_output=True, timeout=1800)
@@ -132,9 +185,12 @@ def sim_runs(args, work, turns_per_s):
     runs = []
     for c, s in zip(crashed, steady):
         crash = c["crashes"][0] if c["crashes"] else {}
+        join = c["joins"][0] if c["joins"] else {}
         runs.append({
             "detected_s": crash.get("detected_s"),
             "reassigned_s": crash.get("reassigned_s"),
+            "join_owning_s": join.get("owning_s"),
+            "join_settled_s": join.get("settled_s"),
             "p50_ms": s["latency_ms_p50"],
             "p99_ms": s["latency_ms_p99"],
         })
@@ -178,6 +234,8 @@ def main():
     for key, what, unit in [
         ("detected_s", "kill to every survivor declaring it down", "s"),
         ("reassigned_s", "kill to the map naming it owner of no shard", "s"),
+        ("join_owning_s", "a new node's start to the map naming it owner of a shard", "s"),
+        ("join_settled_s", "a new node's start to its moves done and the plan settled", "s"),
         ("p50_ms", "turn latency p50", "ms"),
         ("p99_ms", "turn latency p99", "ms"),
     ]:

@@ -87,30 +87,38 @@ def cluster_ready(admins, n):
     return any((status(a).get("controller") or {}).get("plan_settled") for a in admins)
 
 
+def start_node(bin_, i, durable, work, seed):
+    """Starts node n{i} (founding without a seed); returns (client, admin, gossip) ports."""
+    ports = [free_port() for _ in range(4)]
+    d = os.path.join(work, f"n{i}")
+    os.makedirs(d, exist_ok=True)
+    cfg = os.path.join(d, "node.toml")
+    with open(cfg, "w") as f:
+        f.write("[store]\nephemeral = %s\n" % ("false" if durable else "true"))
+    cmd = [bin_, "node", "--config", cfg, "--name", f"n{i}",
+           "--client-addr", f"127.0.0.1:{ports[0]}", "--cluster-addr", f"127.0.0.1:{ports[1]}",
+           "--gossip-addr", f"127.0.0.1:{ports[2]}", "--admin-addr", f"127.0.0.1:{ports[3]}",
+           "--data-dir", os.path.join(d, "data")]
+    if seed:
+        cmd += ["--seed", seed]
+    env = dict(os.environ, BOTCLAW_SECRET="side-by-side-secret")
+    env.setdefault("RUST_LOG", "warn")
+    start(cmd, os.path.join(d, "node.log"), env)
+    return ports[0], ports[3], f"127.0.0.1:{ports[2]}"
+
+
 def start_cluster(bin_, n, durable, work):
-    """Starts n nodes (node 0 founds, the others seed to it); returns (clients, admins)."""
+    """Starts n nodes (node 0 founds, the others seed to it); returns (clients, admins,
+    node 0's gossip address)."""
     clients, admins = [], []
     seed = None
     for i in range(n):
-        ports = [free_port() for _ in range(4)]
-        d = os.path.join(work, f"n{i}")
-        os.makedirs(d, exist_ok=True)
-        cfg = os.path.join(d, "node.toml")
-        with open(cfg, "w") as f:
-            f.write("[store]\nephemeral = %s\n" % ("false" if durable else "true"))
-        cmd = [bin_, "node", "--config", cfg, "--name", f"n{i}",
-               "--client-addr", f"127.0.0.1:{ports[0]}", "--cluster-addr", f"127.0.0.1:{ports[1]}",
-               "--gossip-addr", f"127.0.0.1:{ports[2]}", "--admin-addr", f"127.0.0.1:{ports[3]}",
-               "--data-dir", os.path.join(d, "data")]
-        if seed:
-            cmd += ["--seed", seed]
-        env = dict(os.environ, BOTCLAW_SECRET="side-by-side-secret", RUST_LOG="warn")
-        start(cmd, os.path.join(d, "node.log"), env)
-        seed = seed or f"127.0.0.1:{ports[2]}"
-        clients.append(ports[0])
-        admins.append(ports[3])
+        client, admin, gossip = start_node(bin_, i, durable, work, seed)
+        seed = seed or gossip
+        clients.append(client)
+        admins.append(admin)
     wait_for(f"{n} nodes to be ready", lambda: cluster_ready(admins, n), 120)
-    return clients, admins
+    return clients, admins, seed
 
 
 def bench(bin_, args, clients, admins, extra):
@@ -176,7 +184,7 @@ def main():
                          p50(lat["baseline_redis"]), ""))
             stop_all()
         # One node in memory, with the echo baseline of the same run.
-        clients, admins = start_cluster(args.bin, 1, False, os.path.join(work, "one"))
+        clients, admins, _ = start_cluster(args.bin, 1, False, os.path.join(work, "one"))
         r = bench(args.bin, args, clients, admins, ["--baseline-echo"])
         lat = latency(args.bin, args, clients, ["--baseline-echo"], "lat")
         reports["1 node"] = r
@@ -192,7 +200,7 @@ def main():
                 # A fresh cluster per run: fjall compacts the previous run's writes in the
                 # background, which would land in the next run's CPU.
                 where = os.path.join(work, f"{label}-{'direct' if direct else 'gateway'}")
-                clients, admins = start_cluster(args.bin, 3, durable, where)
+                clients, admins, _ = start_cluster(args.bin, 3, durable, where)
                 extra = ["--direct"] if direct else []
                 prefix = f"{'d' if direct else 'g'}-"
                 r = bench(args.bin, args, clients, admins, extra + ["--prefix", prefix + "t"])

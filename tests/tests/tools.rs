@@ -315,20 +315,27 @@ fn table_rows<'a>(stdout: &'a str, header: &str) -> Vec<Vec<&'a str>> {
 
 /// `tests/bench/fidelity.py`, the simulator against real processes, runs end to end at a
 /// small size: both sides measure the kill's detection and reassignment (within the
-/// failure detector's few seconds) and a latency.
+/// failure detector's few seconds), a new node's way in (a first shard owned, then its
+/// moves done) and a latency.
 #[test]
 fn fidelity_script_prints_simulated_and_real_side_by_side() {
     let args = ["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500"];
     let Some(stdout) = bench_script("fidelity.py", &args, &[]) else { return };
     let rows = table_rows(&stdout, "| measure");
-    assert_eq!(rows.len(), 4, "{stdout}");
+    assert_eq!(rows.len(), 6, "{stdout}");
+    let secs = |cell: &str| cell.trim_end_matches(" s").parse::<f64>().unwrap_or(f64::NAN);
     for row in &rows[..2] {
         for cell in [row[2], row[3]] {
-            let s: f64 = cell.trim_end_matches(" s").parse().unwrap_or(f64::NAN);
-            assert!((0.3..30.0).contains(&s), "{row:?} in\n{stdout}");
+            assert!((0.3..30.0).contains(&secs(cell)), "{row:?} in\n{stdout}");
         }
     }
-    for row in &rows[2..] {
+    // The join: a first shard owned no later than the moves are done ("never" fails).
+    let (owning, settled) = (&rows[2], &rows[3]);
+    for col in [2, 3] {
+        let (o, s) = (secs(owning[col]), secs(settled[col]));
+        assert!(0.0 < o && o <= s && s < 60.0, "{owning:?} {settled:?} in\n{stdout}");
+    }
+    for row in &rows[4..] {
         assert!(row[2].ends_with(" ms") && row[3].ends_with(" ms"), "{row:?}");
     }
 }

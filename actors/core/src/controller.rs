@@ -682,6 +682,15 @@ impl Controller {
         self.raw.raft.prs().get(id).is_some_and(|p| p.matched >= committed)
     }
 
+    /// Whether member `id`'s map keeps up with the group's (the leader's view): its log
+    /// holds every committed entry, or the leader sends it the log entry by entry (its
+    /// progress is replicating: not probed for where its log ends, not being sent a
+    /// snapshot), so it applies entries about when the others do.
+    pub fn keeps_up(&self, id: ControllerId) -> bool {
+        let state = self.raw.raft.prs().get(id).map(|p| p.state);
+        self.caught_up(id) || state == Some(raft::ProgressState::Replicate)
+    }
+
     /// The current learners, ascending.
     pub fn learners(&self) -> Vec<ControllerId> {
         let mut v = self.raw.raft.prs().conf().to_conf_state().learners;

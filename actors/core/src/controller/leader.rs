@@ -37,6 +37,8 @@ pub struct LeaderPlanner {
     quiet: Option<(u64, u64)>,
     /// The failure detector's members changed since the last round.
     members_changed: bool,
+    /// The last round held back moves to members whose map is not current.
+    held: bool,
 }
 
 impl LeaderPlanner {
@@ -56,6 +58,7 @@ impl LeaderPlanner {
             last: None,
             quiet: None,
             members_changed: false,
+            held: false,
         }
     }
 
@@ -67,21 +70,22 @@ impl LeaderPlanner {
     }
 
     /// When the next round is due: `interval_ms` after the last one, `after_change_ms`
-    /// after it if the map changed since, at once if the members did (and before the
-    /// first).
+    /// after it if the map changed since or moves wait for a member's map, at once if the
+    /// members did (and before the first).
     pub fn next_round_ms(&self, map_version: u64) -> u64 {
         match self.last {
             None => 0,
             Some((at, _)) if self.members_changed => at,
-            Some((at, seen)) if seen != map_version => at + self.plan.after_change_ms,
+            Some((at, seen)) if seen != map_version || self.held => at + self.plan.after_change_ms,
             Some((at, _)) => at + self.plan.interval_ms,
         }
     }
 
-    /// The last round ran on `map_version` and proposed nothing: the map is where the ring
-    /// and the pins want it (no move is pending, not only none in flight).
+    /// The last round ran on `map_version`, proposed nothing and held back nothing: the map
+    /// is where the ring and the pins want it (no move is pending, not only none in
+    /// flight).
     pub fn settled(&self, map_version: u64) -> bool {
-        self.quiet.is_some_and(|(v, _)| v == map_version)
+        !self.held && self.quiet.is_some_and(|(v, _)| v == map_version)
     }
 
     pub fn due(&self, now_ms: u64, map_version: u64) -> bool {
@@ -125,6 +129,12 @@ impl LeaderPlanner {
         let group = self.pilot.round(now_ms, c.map(), group, &up_ids, caught_up, target, after);
         let cfg = self.plan.clone();
         let pins: Vec<(ShardId, &str)> = pins.into_iter().collect();
+        // Whether each member's map keeps up: no shard moves to a member whose map does not
+        // (see `UpMember::map_current`).
+        let up: Vec<UpMember> = (up.iter())
+            .map(|u| UpMember { map_current: c.keeps_up(controller_id(&u.name)), ..u.clone() })
+            .collect();
+        let up = &up[..];
         let inputs = {
             use std::hash::{Hash, Hasher};
             // Fixed keys: the same inputs hash the same on every run.
@@ -141,9 +151,10 @@ impl LeaderPlanner {
         self.ring(c.map());
         let (_, _, desired) = self.ring.as_mut().expect("built above");
         desired.pin(c.map(), pins, cfg.replication_factor);
-        let commands = plan_with(c.map(), up, desired, &cfg);
-        self.quiet = commands.is_empty().then_some((version, inputs));
-        Round { group, commands }
+        let planned = plan_with(c.map(), up, desired, &cfg);
+        self.held = planned.held > 0;
+        self.quiet = planned.commands.is_empty().then_some((version, inputs));
+        Round { group, commands: planned.commands }
     }
 }
 

@@ -35,7 +35,11 @@ struct Net {
 
 impl Net {
     fn new(n: u64, seed: u64, cfg: ControllerConfig) -> Net {
-        let voters: Vec<ControllerId> = (1..=n).collect();
+        Net::of((1..=n).collect(), seed, cfg)
+    }
+
+    /// A group founded by `voters`.
+    fn of(voters: Vec<ControllerId>, seed: u64, cfg: ControllerConfig) -> Net {
         let members = voters
             .iter()
             .map(|&id| {
@@ -163,6 +167,15 @@ impl Net {
     fn last_index(&mut self) -> u64 {
         let leader = self.elect();
         self.ctl(leader).applied_index()
+    }
+
+    /// Until `ids` applied the leader's last entry (the others may be cut off).
+    fn settle_members(&mut self, ids: &[ControllerId]) {
+        self.run_until(50, |n| {
+            let Some(l) = n.leader() else { return false };
+            let target = n.members[&l].ctl.as_ref().unwrap().raw.raft.raft_log.last_index();
+            ids.iter().all(|id| n.members[id].ctl.as_ref().unwrap().applied_index() >= target)
+        });
     }
 
     fn settle(&mut self) {
@@ -634,4 +647,71 @@ fn a_stale_or_repeated_change_is_not_proposed() {
     // promotion of a member that is no learner, the change for a member not yet known.
     let batches = net.history.values().filter(|(_, c)| matches!(c, Some(MapCommand::Changes(_))));
     assert_eq!(batches.count(), 5);
+}
+
+/// The leader's planner adds no learner on a member whose map is not current (its
+/// controller is probed or sent a snapshot, not replicated to): a node learns its shards
+/// from its own copy of the map, and moves to a node still installing a snapshot were lost
+/// until each owner's catch-up patience ran out.
+#[test]
+fn no_shard_moves_to_a_member_whose_map_is_not_current() {
+    use crate::shardmap::plan::{PlanConfig, UpMember};
+    use leader::LeaderPlanner;
+    let (a, b) = (controller_id("a"), controller_id("b"));
+    let mut net = Net::of(vec![a], 9, ControllerConfig::default());
+    assert_eq!(net.elect(), a);
+    let placement = botclaw_config::PlacementConfig { shard_count: SHARDS, ..Default::default() };
+    let plan = PlanConfig { interval_ms: 500, after_change_ms: 50, ..PlanConfig::default() };
+    let mut planner = LeaderPlanner::new(placement, plan, 1, 10_000);
+    let learners_of_b = |cmds: &[MapCommand], net: &mut Net| -> usize {
+        let Some(ix) = net.ctl(a).map().member_ix("b") else { return 0 };
+        cmds.iter()
+            .filter_map(|c| match c {
+                MapCommand::Changes(changes) => Some(changes),
+                _ => None,
+            })
+            .flatten()
+            .filter(|c| matches!(c, ShardChange::AddLearner { member, .. } if *member == ix))
+            .count()
+    };
+    // Rounds until nothing is left to do, each round's commands committed on a.
+    let rounds = |net: &mut Net, planner: &mut LeaderPlanner, up: &[UpMember], now: &mut u64| loop {
+        *now += 1_000;
+        let round = planner.round(*now, net.ctl(a), up, []);
+        if let Some(group) = &round.group {
+            net.ctl(a).change_members(group).unwrap();
+        }
+        assert_eq!(learners_of_b(&round.commands, net), 0, "a learner on b at {now} ms");
+        if round.commands.is_empty() {
+            return;
+        }
+        for cmd in &round.commands {
+            net.ctl(a).propose(cmd).unwrap();
+        }
+        net.settle_members(&[a]);
+        assert!(*now < 20_000, "the rounds never run out of commands");
+    };
+    // a alone holds every shard.
+    let mut now = 0;
+    rounds(&mut net, &mut planner, &[UpMember::new("a", 1, 100)], &mut now);
+    assert!(planner.settled(net.ctl(a).map().version));
+    // b comes up, cut off from the group: it joins the map, but no shard moves to it, and
+    // the planner is not settled and comes back soon.
+    let ctl = Controller::restore(b, Restored::default(), SHARDS, net.cfg.clone(), 2).unwrap();
+    net.members
+        .insert(b, Member { ctl: Some(ctl), disk: Restored::default(), snapshots_received: 0 });
+    net.isolated.insert(b);
+    let up = [UpMember::new("a", 1, 100), UpMember::new("b", 1, 100)];
+    rounds(&mut net, &mut planner, &up, &mut now);
+    let version = net.ctl(a).map().version;
+    assert!(net.ctl(a).map().member_ix("b").is_some(), "b joined the map");
+    assert!(!net.ctl(a).keeps_up(b));
+    assert!(!planner.settled(version), "settled with b's moves held back");
+    assert_eq!(planner.next_round_ms(version), now + 50, "held moves are retried soon");
+    // Reachable again, b's map catches up; the next round moves shards to it.
+    net.isolated.clear();
+    net.settle();
+    assert!(net.ctl(a).keeps_up(b));
+    let round = planner.round(now + 50, net.ctl(a), &up, []);
+    assert!(learners_of_b(&round.commands, &mut net) > 0, "{:?}", round.commands);
 }

@@ -23,11 +23,18 @@ pub struct UpMember {
     /// owns nothing: a map member is drained (its shards move away; it stays a member until
     /// it leaves), another is not registered.
     pub serving: bool,
+    /// Its controller's log holds every committed entry, or the leader sends it the log
+    /// entry by entry (not probing it, not sending it a snapshot): its map keeps up with
+    /// the others' ([`crate::controller::Controller::keeps_up`]). A node
+    /// learns its shards from its own copy of the map: a shard streamed to a node still
+    /// installing the map's snapshot was lost until the owner's catch-up patience ran out,
+    /// so no learner is added on a member whose map is not current.
+    pub map_current: bool,
 }
 
 impl UpMember {
     pub fn new(name: impl Into<String>, incarnation: u64, capacity: u32) -> UpMember {
-        UpMember { name: name.into(), incarnation, capacity, serving: true }
+        UpMember { name: name.into(), incarnation, capacity, serving: true, map_current: true }
     }
 }
 
@@ -37,7 +44,7 @@ pub fn members_key(up: &[UpMember]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     for m in up {
-        (&m.name, m.incarnation, m.capacity, m.serving).hash(&mut h);
+        (&m.name, m.incarnation, m.capacity, m.serving, m.map_current).hash(&mut h);
     }
     h.finish()
 }
@@ -61,13 +68,7 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
         }
     }
     for u in up_by_name.values().filter(|u| u.serving) {
-        let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
-        // A member that left at this incarnation is not registered again: the process
-        // exited, the identity still seen is its gossip's last word.
-        let current =
-            known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
-        let older = known.is_some_and(|m| u.incarnation < m.incarnation);
-        if !current && !older {
+        if !registered(map, u) {
             out.push(MapCommand::Join {
                 name: u.name.clone(),
                 incarnation: u.incarnation,
@@ -76,6 +77,17 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
         }
     }
     out
+}
+
+/// Whether the map has `u` at its incarnation (or a newer one), so that no `Join` is due
+/// for it. A member that left at this incarnation is not registered again: the process
+/// exited, the identity still seen is its gossip's last word.
+fn registered(map: &ShardMap, u: &UpMember) -> bool {
+    let known = map.member_ix(&u.name).and_then(|ix| map.member(ix));
+    let current =
+        known.is_some_and(|m| m.state != MemberState::Dead && m.incarnation == u.incarnation);
+    let older = known.is_some_and(|m| u.incarnation < m.incarnation);
+    current || older
 }
 
 /// First owners and replicas for at most `shards_max` unassigned shards: each gets its
@@ -229,27 +241,32 @@ pub fn plan(
     ring: &Placement,
     cfg: &PlanConfig,
 ) -> Vec<MapCommand> {
-    plan_with(map, up, &Desired::build(map, ring, cfg.replication_factor), cfg)
+    plan_with(map, up, &Desired::build(map, ring, cfg.replication_factor), cfg).commands
+}
+
+/// What a round proposes, and how many learners it held back for members whose map is not
+/// current ([`UpMember::map_current`]): the plan is not done while any is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Planned {
+    pub commands: Vec<MapCommand>,
+    pub held: usize,
 }
 
 /// [`plan`] with the wanted members computed already (the leader keeps them per ring).
-pub fn plan_with(
-    map: &ShardMap,
-    up: &[UpMember],
-    desired: &Desired,
-    cfg: &PlanConfig,
-) -> Vec<MapCommand> {
+pub fn plan_with(map: &ShardMap, up: &[UpMember], desired: &Desired, cfg: &PlanConfig) -> Planned {
     let membership = plan_membership(map, up);
     if !membership.is_empty() {
-        return membership;
+        return Planned { commands: membership, held: 0 };
     }
-    let mut out = Vec::new();
-    out.extend(plan_assign(map, desired, cfg.assign_shards_max));
-    let moves = plan_moves(map, desired, cfg);
+    let mut commands = Vec::new();
+    commands.extend(plan_assign(map, desired, cfg.assign_shards_max));
+    let behind: Vec<MemberIx> =
+        (up.iter()).filter(|u| !u.map_current).filter_map(|u| map.member_ix(&u.name)).collect();
+    let (moves, held) = plan_moves(map, desired, cfg, &behind);
     if !moves.is_empty() {
-        out.push(MapCommand::Changes(moves));
+        commands.push(MapCommand::Changes(moves));
     }
-    out
+    Planned { commands, held }
 }
 
 /// The replicas the ring wants for `shard`: its preference list, active members only.
@@ -264,15 +281,22 @@ pub fn desired(map: &ShardMap, ring: &Placement, shard: ShardId, r: usize) -> Ve
 /// Moves toward the ring, one step per shard, at its current epoch:
 /// 1. a learner the ring no longer wants (or that died) is removed;
 /// 2. a shard missing a wanted member gets it as a learner, while fewer than
-///    `moves_in_flight_max` shards have one (its owner promotes it once it caught up);
+///    `moves_in_flight_max` shards have one (its owner promotes it once it caught up),
+///    unless that member's map is `behind` (counted: the second value returned);
 /// 3. once every wanted member is in sync, the ring's first choice becomes the owner
 ///    (live handoff);
 /// 4. then in-sync members the ring does not want are removed.
 ///
 /// Unavailable shards wait for a member of their ISR; unassigned ones for `plan_assign`.
-pub fn plan_moves(map: &ShardMap, desired: &Desired, cfg: &PlanConfig) -> Vec<ShardChange> {
+pub fn plan_moves(
+    map: &ShardMap,
+    desired: &Desired,
+    cfg: &PlanConfig,
+    behind: &[MemberIx],
+) -> (Vec<ShardChange>, usize) {
     let mut in_flight = map.tally().learning as usize;
     let mut out = Vec::new();
+    let mut held = 0;
     for (s, e) in map.shards().enumerate() {
         if out.len() >= cfg.changes_per_round_max {
             break;
@@ -293,7 +317,9 @@ pub fn plan_moves(map: &ShardMap, desired: &Desired, cfg: &PlanConfig) -> Vec<Sh
         let missing = want.iter().copied().find(|&m| !e.isr.contains(m));
         match missing {
             Some(m) if !e.learners.contains(m) => {
-                if e.learners.is_empty() && in_flight < cfg.moves_in_flight_max {
+                if behind.contains(&m) {
+                    held += 1;
+                } else if e.learners.is_empty() && in_flight < cfg.moves_in_flight_max {
                     out.push(ShardChange::AddLearner { shard, epoch, member: m });
                     in_flight += 1;
                 }
@@ -309,7 +335,7 @@ pub fn plan_moves(map: &ShardMap, desired: &Desired, cfg: &PlanConfig) -> Vec<Sh
             }
         }
     }
-    out
+    (out, held)
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ fn a_pinned_shard_moves_to_its_pinned_owner_and_back_when_unpinned() {
         desired.pin(&map, [(shard, to), (shard + 1, "nobody")], 2);
         assert_eq!(desired.of(shard)[0], map.member_ix(to).unwrap());
         assert_eq!(desired.of(shard + 1), Desired::build(&map, &ring, 2).of(shard + 1));
-        let cmds = plan_with(&map, &live, &desired, &cfg);
+        let cmds = plan_with(&map, &live, &desired, &cfg).commands;
         if cmds.is_empty() && map.shards().all(|e| e.learners.is_empty()) {
             break;
         }
