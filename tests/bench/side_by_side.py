@@ -81,6 +81,9 @@ def cluster_ready(admins, n):
             return False
         if c.get("shards_unassigned", 1) or not c.get("leader"):
             return False
+        # A young group may have two voters for a while: one killed then stops it.
+        if len(c.get("voters") or []) < min(3, n):
+            return False
         # A lone node cannot hold a second replica.
         if n > 1 and c.get("shards_under_replicated", 1):
             return False
