@@ -51,6 +51,8 @@ pub type Write = (ShardId, u64);
 #[derive(Debug, Clone)]
 pub struct AuthorityConfig {
     pub nodes: usize,
+    /// The group's founding voters (the first nodes); the leader then keeps
+    /// `controller.voters_target`, as a node's does.
     pub voters: usize,
     pub shards: u32,
     pub plan: PlanConfig,
@@ -1044,7 +1046,7 @@ impl Authority {
             let p = LeaderPlanner::new(
                 placement,
                 self.cfg.plan.clone(),
-                self.cfg.voters,
+                self.cfg.controller.voters_target,
                 self.cfg.controller.voter_replace_after_ms,
             );
             self.planner = Some((l, p));

@@ -114,6 +114,36 @@ fn a_join_is_settled_once_its_moves_are_done() {
     clean(&a, "joins");
 }
 
+/// A group founded by one voter grows to three without a spell at two (two voters stop at
+/// either's death: a young cluster's second voter killed stopped its controller for good),
+/// and then outlives a voter's death.
+#[test]
+fn a_group_founded_by_one_voter_grows_to_three_without_stopping_at_two() {
+    let cfg = AuthorityConfig { voters: 1, ..AuthorityConfig::default() };
+    assert_eq!(cfg.controller.voters_target, 3);
+    let mut a = Authority::new(cfg, 7);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut t = 0;
+    while a.voters().len() < 3 {
+        t += 5;
+        a.run_until(t);
+        seen.insert(a.voters().len());
+        assert!(t < 30_000, "{:?} voters after 30 s", a.voters());
+    }
+    assert_eq!(seen, [1, 3].into(), "voter counts seen while the group grew");
+    // A voter other than the leader dies: the group goes on committing.
+    let leader = a.leader().expect("a leader");
+    let voters = a.voters();
+    let victim = (0..a.nodes())
+        .find(|&i| i != leader && voters.contains(&format!("n{i}")))
+        .expect("a second voter");
+    a.crash(victim);
+    let before = a.report().entries;
+    a.run_until(t + 15_000);
+    let r = clean(&a, "a voter crashed");
+    assert!(r.entries > before, "nothing committed after the crash: {r:?}");
+}
+
 #[test]
 fn the_controller_leader_killed_mid_move_loses_nothing() {
     let mut a = started(5);

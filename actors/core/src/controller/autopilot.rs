@@ -83,6 +83,11 @@ impl Autopilot {
             .collect();
         candidates.sort_unstable();
         let candidate = candidates.first().map(|(_, id)| *id);
+        // Grown by two from an odd count while the target allows: an even count tolerates
+        // no more deaths than the odd count below it, and a group of two stops at either's
+        // death (a young cluster's second voter killed stopped its controller for good).
+        let grow = voters_target.saturating_sub(group.voters.len());
+        let step = if group.voters.len() % 2 == 1 && grow >= 2 { 2 } else { 1 };
         let replace = self
             .dead_since_ms
             .iter()
@@ -96,9 +101,9 @@ impl Autopilot {
             (Some(gone), None) if group.voters.len() > voters_target => {
                 Some(vec![(gone, GroupChange::Remove)])
             }
-            (None, Some(new)) if group.voters.len() < voters_target => {
-                Some(vec![(new, GroupChange::AddVoter)])
-            }
+            (None, Some(_)) if grow > 0 && candidates.len() >= step => Some(
+                candidates[..step].iter().map(|(_, id)| (*id, GroupChange::AddVoter)).collect(),
+            ),
             _ => None,
         }
     }
@@ -155,26 +160,49 @@ mod tests {
     }
 
     #[test]
-    fn caught_up_active_learners_are_promoted_one_at_a_time_up_to_the_target() {
+    fn caught_up_active_learners_are_promoted_two_at_a_time_from_an_odd_count() {
         use MemberState::*;
-        let map = map_of(&[("a", Active), ("b", Active), ("c", Active), ("d", Active)]);
+        let names = ["a", "b", "c", "d", "e"];
+        let map = map_of(&names.map(|n| (n, Active)));
         let mut pilot = Autopilot::default();
         let voters = [id("a")];
-        let learners = [id("b"), id("c"), id("d")];
+        let learners = [id("b"), id("c"), id("d"), id("e")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
         // Nobody caught up: nothing.
         assert_eq!(pilot.round(0, &map, group, &none(), |_| false, 3, 1000), None);
-        // The first caught-up learner by name.
-        let ready = |i: ControllerId| i == id("c") || i == id("d");
+        // One caught up: not alone (two voters would stop at either's death).
+        let ready = |i: ControllerId| i == id("c");
+        assert_eq!(pilot.round(0, &map, group, &none(), ready, 3, 1000), None);
+        // Two caught up: both at once, by name.
+        let ready = |i: ControllerId| i == id("c") || i == id("e");
         assert_eq!(
             pilot.round(0, &map, group, &none(), ready, 3, 1000),
+            Some(vec![(id("c"), GroupChange::AddVoter), (id("e"), GroupChange::AddVoter)])
+        );
+        // From an even count, one makes it odd.
+        let voters = [id("a"), id("b")];
+        let learners = [id("c"), id("d"), id("e")];
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
+        assert_eq!(
+            pilot.round(0, &map, group, &none(), |_| true, 3, 1000),
             Some(vec![(id("c"), GroupChange::AddVoter)])
         );
-        // At the target: nothing more.
+        // At the target: nothing more; below a target of 5 from 3, again two at once.
         let voters = [id("a"), id("b"), id("c")];
-        let learners = [id("d")];
+        let learners = [id("d"), id("e")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
         assert_eq!(pilot.round(0, &map, group, &none(), |_| true, 3, 1000), None);
+        let ready = |i: ControllerId| i == id("d");
+        assert_eq!(pilot.round(0, &map, group, &none(), ready, 5, 1000), None);
+        assert_eq!(
+            pilot.round(0, &map, group, &none(), |_| true, 5, 1000),
+            Some(vec![(id("d"), GroupChange::AddVoter), (id("e"), GroupChange::AddVoter)])
+        );
+        // A target one above an odd count: the operator asked for it.
+        assert_eq!(
+            pilot.round(0, &map, group, &none(), ready, 4, 1000),
+            Some(vec![(id("d"), GroupChange::AddVoter)])
+        );
     }
 
     #[test]

@@ -25,10 +25,10 @@ pub struct UpMember {
     pub serving: bool,
     /// Its controller's log holds every committed entry, or the leader sends it the log
     /// entry by entry (not probing it, not sending it a snapshot): its map keeps up with
-    /// the others' ([`crate::controller::Controller::keeps_up`]). A node
-    /// learns its shards from its own copy of the map: a shard streamed to a node still
-    /// installing the map's snapshot was lost until the owner's catch-up patience ran out,
-    /// so no learner is added on a member whose map is not current.
+    /// the others' ([`crate::controller::Controller::keeps_up`]). A node learns its shards
+    /// from its own copy of the map: a shard streamed to a node still installing the map's
+    /// snapshot was lost until the owner's catch-up patience ran out, so no learner is
+    /// added on a member whose map is not current.
     pub map_current: bool,
 }
 
