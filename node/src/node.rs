@@ -284,30 +284,13 @@ fn cluster_loads(l: &LoadLoop, own_turns_per_s: f32) -> Vec<NodeLoad> {
         }
     };
     let view = l.view.borrow();
-    member_loads(members, &view.loads, &placement.moves.moved_in(), &l.node, own_turns_per_s)
-}
-
-/// Each member's load: this node's (`me`) as it measured it over the period its hot
-/// shards' rates come from (`own_turns_per_s`), the others' as their last summaries said.
-/// Its own summary is a period older than those rates: after a slow period, one hot shard
-/// would look hotter than the whole node, too hot for any receiver to take.
-fn member_loads(
-    members: Vec<(String, u32)>,
-    summaries: &std::collections::BTreeMap<String, LoadSummary>,
-    moved_in: &std::collections::BTreeMap<&str, usize>,
-    me: &str,
-    own_turns_per_s: f32,
-) -> Vec<NodeLoad> {
-    members
-        .into_iter()
-        .filter_map(|(name, capacity)| {
-            let turns_per_s =
-                if name == me { own_turns_per_s } else { summaries.get(&name)?.turns_per_s };
-            let load = f64::from(turns_per_s);
-            let moved_in = moved_in.get(name.as_str()).copied().unwrap_or(0);
-            Some(NodeLoad { name, load, capacity, moved_in })
-        })
-        .collect()
+    botclaw_core::load::member_loads(
+        members,
+        &view.loads,
+        &placement.moves.moved_in(),
+        &l.node,
+        own_turns_per_s,
+    )
 }
 
 /// What the rebalancer would decide on this node now, with the reason, from the same pure
@@ -972,56 +955,4 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         return Err(StoreUnwritable(cfg.store.unwritable_exit_ms).into());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    fn summary(node: &str, turns_per_s: f32) -> LoadSummary {
-        LoadSummary {
-            node: node.into(),
-            incarnation: 1,
-            seq: 1,
-            turns_per_s,
-            active: 0,
-            inflight: 0,
-            hot: Vec::new(),
-            moves: Vec::new(),
-            modules: Vec::new(),
-        }
-    }
-
-    /// The console test's failure on CI: a slow period left n0's published load low; its
-    /// hot shards' rates, from the next period, each exceeded the receivers' room computed
-    /// from that load, so the dry run showed no move.
-    #[test]
-    fn a_node_weighs_its_hot_shards_against_its_load_of_the_same_period() {
-        let members: Vec<(String, u32)> = ["n0", "n1", "n2"].map(|n| (n.to_string(), 1)).into();
-        // n0's own summary is a period old (a slow period: 20 turns/s); it now serves 240.
-        let summaries: BTreeMap<String, LoadSummary> =
-            [summary("n0", 20.0), summary("n1", 0.0), summary("n2", 0.0)]
-                .into_iter()
-                .map(|s| (s.node.clone(), s))
-                .collect();
-        let nodes = member_loads(members.clone(), &summaries, &BTreeMap::new(), "n0", 240.0);
-        let loads: Vec<f64> = nodes.iter().map(|n| n.load).collect();
-        assert_eq!(loads, [240.0, 0.0, 0.0]);
-        // Twelve conversations share those 240 turns/s: 20 each, in this period.
-        let hot: Vec<ShardLoad> = (0..12).map(|shard| ShardLoad { shard, rate: 20.0 }).collect();
-        let cfg = botclaw_core::rebalance::RebalanceConfig::from(
-            &botclaw_config::RebalanceConfig::default(),
-        );
-        let moves = botclaw_core::rebalance::decide(&cfg, "n0", &nodes, &hot, |_| false);
-        assert!(!moves.is_empty(), "{nodes:?}");
-        // A member with no summary yet is left out; this node never is.
-        let summaries: BTreeMap<String, LoadSummary> =
-            [summary("n1", 5.0)].into_iter().map(|s| (s.node.clone(), s)).collect();
-        let nodes = member_loads(members, &summaries, &BTreeMap::from([("n1", 2)]), "n0", 7.0);
-        let got: Vec<(&str, f64, usize)> =
-            nodes.iter().map(|n| (n.name.as_str(), n.load, n.moved_in)).collect();
-        assert_eq!(got, [("n0", 7.0, 0), ("n1", 5.0, 2)]);
-    }
 }

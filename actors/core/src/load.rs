@@ -14,7 +14,7 @@ use botclaw_config::NAME_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ShardId;
-use crate::rebalance::MoveRecord;
+use crate::rebalance::{MoveRecord, NodeLoad};
 use crate::NodeId;
 
 /// Hottest shards carried per summary.
@@ -137,6 +137,29 @@ impl foca::BroadcastHandler<NodeId> for LoadGossip {
     }
 }
 
+/// Each member's load: this node's (`me`) as it measured it over the period its hot
+/// shards' rates come from (`own_turns_per_s`), the others' as their last summaries said.
+/// Its own summary is a period older than those rates: after a slow period, one hot shard
+/// would look hotter than the whole node, too hot for any receiver to take.
+pub fn member_loads(
+    members: Vec<(String, u32)>,
+    summaries: &BTreeMap<String, LoadSummary>,
+    moved_in: &BTreeMap<&str, usize>,
+    me: &str,
+    own_turns_per_s: f32,
+) -> Vec<NodeLoad> {
+    members
+        .into_iter()
+        .filter_map(|(name, capacity)| {
+            let turns_per_s =
+                if name == me { own_turns_per_s } else { summaries.get(&name)?.turns_per_s };
+            let load = f64::from(turns_per_s);
+            let moved_in = moved_in.get(name.as_str()).copied().unwrap_or(0);
+            Some(NodeLoad { name, load, capacity, moved_in })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use foca::{BroadcastHandler, Invalidates};
@@ -182,5 +205,40 @@ mod tests {
         // Encoding bounds the list itself.
         assert!(h.receive_item(&big.to_bytes(), None).unwrap().is_some());
         assert!(h.table().lock().unwrap()["a"].hot.len() == HOT_SHARDS_MAX);
+    }
+
+    fn summary_of(node: &str, turns_per_s: f32) -> LoadSummary {
+        LoadSummary { node: node.into(), turns_per_s, ..summary(1) }
+    }
+
+    /// The console test's failure on CI: a slow period left n0's published load low; its
+    /// hot shards' rates, from the next period, each exceeded the receivers' room computed
+    /// from that load, so the dry run showed no move.
+    #[test]
+    fn a_node_weighs_its_hot_shards_against_its_load_of_the_same_period() {
+        let members: Vec<(String, u32)> = ["n0", "n1", "n2"].map(|n| (n.to_string(), 1)).into();
+        // n0's own summary is a period old (a slow period: 20 turns/s); it now serves 240.
+        let summaries: BTreeMap<String, LoadSummary> =
+            [summary_of("n0", 20.0), summary_of("n1", 0.0), summary_of("n2", 0.0)]
+                .into_iter()
+                .map(|s| (s.node.clone(), s))
+                .collect();
+        let nodes = member_loads(members.clone(), &summaries, &BTreeMap::new(), "n0", 240.0);
+        let loads: Vec<f64> = nodes.iter().map(|n| n.load).collect();
+        assert_eq!(loads, [240.0, 0.0, 0.0]);
+        // Twelve conversations share those 240 turns/s: 20 each, in this period.
+        let hot: Vec<crate::rebalance::ShardLoad> =
+            (0..12).map(|shard| crate::rebalance::ShardLoad { shard, rate: 20.0 }).collect();
+        let cfg =
+            crate::rebalance::RebalanceConfig::from(&botclaw_config::RebalanceConfig::default());
+        let moves = crate::rebalance::decide(&cfg, "n0", &nodes, &hot, |_| false);
+        assert!(!moves.is_empty(), "{nodes:?}");
+        // A member with no summary yet is left out; this node never is.
+        let summaries: BTreeMap<String, LoadSummary> =
+            [summary_of("n1", 5.0)].into_iter().map(|s| (s.node.clone(), s)).collect();
+        let nodes = member_loads(members, &summaries, &BTreeMap::from([("n1", 2)]), "n0", 7.0);
+        let got: Vec<(&str, f64, usize)> =
+            nodes.iter().map(|n| (n.name.as_str(), n.load, n.moved_in)).collect();
+        assert_eq!(got, [("n0", 7.0, 0), ("n1", 5.0, 2)]);
     }
 }
