@@ -278,6 +278,19 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
         true => placement.joined && s.map.borrow().status.shards_unassigned == 0,
         false => placement.joined && !placement.placement.is_empty(),
     };
+    let owns_shards = view.me.roles.iter().any(|r| r == crate::routing::CONVERSATIONS_ROLE);
+    if let Some(map) = placement.map.as_ref().filter(|_| placed && owns_shards) {
+        if !map.counts_in(&view.me.name, view.me.incarnation) {
+            // A restarted process: the map still has its last incarnation, gone, and the
+            // shards only that one held have no live owner until this one is counted in.
+            return unavailable(format!(
+                "joined, waiting for the controller's map to count this process in \
+                 (incarnation {}; controller leader: {})\n",
+                view.me.incarnation,
+                s.map.borrow().status.leader.as_deref().unwrap_or("none yet")
+            ));
+        }
+    }
     if !placed {
         let leader = s.map.borrow().status.leader.clone();
         return unavailable(format!(

@@ -361,6 +361,15 @@ impl ShardMap {
             .collect()
     }
 
+    /// Whether the map counts `name` in at `incarnation`: a live member at that process's
+    /// incarnation (a restarted process is not counted in until its `Join` is applied; its
+    /// shards have no live owner in the meantime).
+    pub fn counts_in(&self, name: &str, incarnation: u64) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.name == name && m.incarnation == incarnation && !m.state.is_gone())
+    }
+
     pub fn member_ix(&self, name: &str) -> Option<MemberIx> {
         self.members.iter().position(|m| m.name == name).map(|i| i as MemberIx)
     }

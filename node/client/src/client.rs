@@ -344,12 +344,14 @@ impl Client {
     }
 }
 
-/// How long to wait before retrying after `error`, or `None` if retrying cannot help: what
-/// the node suggested, else `backoff`.
+/// How long to wait before retrying after `error`, or `None` if retrying cannot help: the
+/// back-off, or longer if the node suggested longer. The node's suggestion is a floor, not
+/// the whole wait: a fixed 50 ms suggestion repeated spent the attempts in 350 ms, and a
+/// whole-cluster restart's window without live owners lasts longer.
 pub(crate) fn retry_wait(error: &ClientError, backoff: Duration) -> Option<Duration> {
     match error {
         ClientError::Server { code, retry_after_ms, .. } if code.is_retryable() => {
-            Some(retry_after_ms.map(Duration::from_millis).unwrap_or(backoff))
+            Some(retry_after_ms.map_or(backoff, |ms| Duration::from_millis(ms).max(backoff)))
         }
         ClientError::Timeout(_) => Some(backoff),
         _ => None,
@@ -367,5 +369,37 @@ fn unexpected(response: Response) -> ClientError {
             ClientError::Server { code, message, retry_after_ms }
         }
         other => ClientError::Protocol(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_back_off_grows_past_the_nodes_suggestion_and_respects_a_longer_one() {
+        let unavailable = |after: Option<u64>| ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message: "no node serves conversations".into(),
+            retry_after_ms: after,
+        };
+        // Eight attempts against a node that keeps suggesting 50 ms wait seconds in all.
+        let mut backoff = ClientOptions::default().backoff;
+        let mut waited = Duration::ZERO;
+        for _ in 1..ClientOptions::default().attempts_max {
+            waited += retry_wait(&unavailable(Some(50)), backoff).unwrap();
+            backoff = next_backoff(backoff);
+        }
+        assert!(waited >= Duration::from_secs(3), "{waited:?}");
+        let ms = Duration::from_millis;
+        assert_eq!(retry_wait(&unavailable(Some(900)), ms(50)), Some(ms(900)));
+        assert_eq!(retry_wait(&unavailable(None), ms(400)), Some(ms(400)));
+        assert_eq!(retry_wait(&ClientError::Timeout(ms(5)), ms(100)), Some(ms(100)));
+        let refused = ClientError::Server {
+            code: ErrorCode::BadRequest,
+            message: String::new(),
+            retry_after_ms: None,
+        };
+        assert_eq!(retry_wait(&refused, ms(50)), None);
     }
 }

@@ -80,6 +80,20 @@ fn both_in_sync_members_gone_leaves_the_shard_unavailable_until_one_returns() {
 }
 
 #[test]
+fn a_restarted_process_is_counted_in_once_its_join_is_applied() {
+    let mut map = three();
+    assert!(map.counts_in("a", 1));
+    // A restarted process (readiness asks): its previous incarnation is what the map has.
+    assert!(!map.counts_in("a", 2));
+    assert!(!map.counts_in("d", 1), "never a member");
+    apply(&mut map, &dead("a", 1));
+    assert!(!map.counts_in("a", 1), "gone");
+    apply(&mut map, &join("a", 2));
+    assert!(map.counts_in("a", 2));
+    assert!(!map.counts_in("a", 1));
+}
+
+#[test]
 fn a_restart_before_its_death_was_committed_counts_as_a_death() {
     let mut map = three();
     apply(&mut map, &join("a", 5));
