@@ -534,6 +534,28 @@ impl Controller {
         })
     }
 
+    /// raft-rs gives the progress of every group member it adds (by a configuration change
+    /// or a snapshot's) an inflight buffer of `max_inflight_msgs`
+    /// (`controller.inflight_messages_max`) slots, on every member, but only a leader sends
+    /// appends: with every node a learner, 512 B for each pair of nodes. A member that does
+    /// not lead frees them (`ids`, or all); a leader's first append to a peer allocates its
+    /// buffer again (raft-rs frees them all at every change of role).
+    fn free_inflight_buffers(&mut self, ids: Option<&[u64]>) {
+        if self.is_leader() {
+            return;
+        }
+        match ids {
+            None => self.raw.raft.maybe_free_inflight_buffers(),
+            Some(ids) => {
+                for &id in ids {
+                    if let Some(pr) = self.raw.raft.mut_prs().get_mut(id) {
+                        pr.ins.maybe_free_buffer();
+                    }
+                }
+            }
+        }
+    }
+
     pub fn id(&self) -> ControllerId {
         self.raw.raft.id
     }
@@ -592,6 +614,10 @@ impl Controller {
             // Kept for `install`, which then need not decode it again.
             let meta = snapshot.get_metadata();
             self.received = Some((meta.index, meta.term, map));
+            self.raw.step(msg)?;
+            // A snapshot's configuration gave every member a new progress.
+            self.free_inflight_buffers(None);
+            return Ok(());
         }
         Ok(self.raw.step(msg)?)
     }
@@ -816,14 +842,15 @@ impl Controller {
                     let mut cc = ConfChange::default();
                     if cc.merge_from_bytes(&entry.data).is_ok() {
                         let changed = self.raw.apply_conf_change(&cc);
-                        self.conf_changed(changed);
+                        self.conf_changed(changed, &[cc.node_id]);
                     }
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     if cc.merge_from_bytes(&entry.data).is_ok() {
                         let changed = self.raw.apply_conf_change(&cc);
-                        self.conf_changed(changed);
+                        let ids: Vec<u64> = cc.changes.iter().map(|c| c.node_id).collect();
+                        self.conf_changed(changed, &ids);
                     }
                 }
             }
@@ -835,11 +862,12 @@ impl Controller {
         }
     }
 
-    fn conf_changed(&mut self, changed: raft::Result<ConfState>) {
+    fn conf_changed(&mut self, changed: raft::Result<ConfState>, ids: &[u64]) {
         // A change raft-rs refuses (e.g. leaving a joint state not entered) changes nothing,
         // on every member alike.
         if let Ok(cs) = changed {
             self.raw.mut_store().log.wl().set_conf_state(cs);
+            self.free_inflight_buffers(Some(ids));
         }
     }
 

@@ -715,3 +715,53 @@ fn no_shard_moves_to_a_member_whose_map_is_not_current() {
     let round = planner.round(now + 50, net.ctl(a), &up, []);
     assert!(learners_of_b(&round.commands, &mut net) > 0, "{:?}", round.commands);
 }
+
+/// Members whose progress holds an allocated inflight buffer, per member.
+fn inflight_buffers(net: &Net) -> BTreeMap<ControllerId, usize> {
+    net.members
+        .iter()
+        .filter_map(|(id, m)| m.ctl.as_ref().map(|c| (*id, c)))
+        .map(|(id, c)| {
+            (id, c.raw.raft.prs().iter().filter(|(_, pr)| pr.ins.buffer_is_allocated()).count())
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_leader_holds_inflight_buffers_and_a_new_leader_allocates_its_own() {
+    // A snapshot every 8 entries: the learners added last install one (raft-rs rebuilds
+    // every member's progress from it).
+    let cfg = ControllerConfig { log_entries_max: 8, ..Default::default() };
+    let mut net = Net::new(3, 11, cfg);
+    assert!(inflight_buffers(&net).values().all(|&n| n == 0), "{:?}", inflight_buffers(&net));
+    net.propose(join("a"));
+    net.settle();
+    for id in 4..=9 {
+        let ctl =
+            Controller::restore(id, Restored::default(), SHARDS, net.cfg.clone(), id).unwrap();
+        net.members.insert(
+            id,
+            Member { ctl: Some(ctl), disk: Restored::default(), snapshots_received: 0 },
+        );
+        let leader = net.elect();
+        net.ctl(leader).change_members(&[(id, GroupChange::AddLearner)]).unwrap();
+        net.settle();
+        net.propose(join(&format!("m{id}")));
+        net.settle();
+    }
+    assert!(net.members.values().any(|m| m.snapshots_received > 0), "no snapshot was installed");
+    let leader = net.elect();
+    let buffers = inflight_buffers(&net);
+    let others: Vec<_> = buffers.iter().filter(|(id, n)| **id != leader && **n > 0).collect();
+    assert!(others.is_empty(), "members that do not lead hold inflight buffers: {others:?}");
+    assert!(buffers[&leader] > 0, "the leader sends appends without inflight buffers");
+    // The leader dies: the next one allocates buffers as it sends, and the group commits.
+    net.crash(leader);
+    let next = net.elect();
+    net.propose(join("b"));
+    net.settle();
+    assert!(net.maps().iter().all(|m| m.members().iter().any(|x| x.name == "b")));
+    let buffers = inflight_buffers(&net);
+    assert!(buffers[&next] > 0, "{buffers:?}");
+    assert!(buffers.iter().all(|(id, n)| *id == next || *n == 0), "{buffers:?}");
+}
