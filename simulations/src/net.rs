@@ -17,6 +17,7 @@ use rand::{RngExt, SeedableRng};
 
 use botclaw_config::GossipConfig;
 use botclaw_core::auth::Keyring;
+use botclaw_core::identity::IdInterner;
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberView, Membership, NodeId};
 
@@ -84,6 +85,9 @@ pub struct SimNet {
     cfg: GossipConfig,
     /// Gossip keys by secret, derived once (the KDF is slow on purpose).
     keyrings: BTreeMap<Vec<u8>, Keyring>,
+    /// The identities every node's member table holds, one copy each (at 5,000 nodes,
+    /// 25 million entries would otherwise each hold a ~300 B copy).
+    ids: IdInterner,
     /// Datagrams sent, dropped (loss, partition, dead or frozen receiver), duplicated.
     pub sent: u64,
     pub dropped: u64,
@@ -112,6 +116,7 @@ impl SimNet {
             notices: Vec::new(),
             cfg,
             keyrings: BTreeMap::new(),
+            ids: IdInterner::default(),
             sent: 0,
             dropped: 0,
             duplicated: 0,
@@ -202,7 +207,8 @@ impl SimNet {
             .entry(secret.to_vec())
             .or_insert_with(|| Keyring::from_secrets(secret, &[]))
             .clone();
-        let mut membership = Membership::new(id, seeds, keys, &self.cfg, rng_seed);
+        let mut membership =
+            Membership::with_interner(id, seeds, keys, &self.cfg, rng_seed, self.ids.clone());
         membership.set_clock(self.now_ms);
         membership.start();
         self.generations += 1;

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use botclaw_config::NAME_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::SharedId;
 use crate::placement::ShardId;
 use crate::rebalance::{MoveRecord, NodeLoad};
-use crate::NodeId;
 
 /// Hottest shards carried per summary.
 pub const HOT_SHARDS_MAX: usize = 8;
@@ -99,14 +99,14 @@ impl LoadGossip {
     }
 }
 
-impl foca::BroadcastHandler<NodeId> for LoadGossip {
+impl foca::BroadcastHandler<SharedId> for LoadGossip {
     type Key = LoadKey;
     type Error = LoadError;
 
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&NodeId>,
+        _sender: Option<&SharedId>,
     ) -> Result<Option<LoadKey>, LoadError> {
         let summary: LoadSummary = postcard::from_bytes(data)?;
         if summary.node.is_empty() || summary.node.len() > NAME_BYTES_MAX {

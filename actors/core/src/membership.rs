@@ -19,13 +19,16 @@ use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use botclaw_config::GossipConfig;
-use foca::{Foca, Identity, Notification, PeriodicParams, PostcardCodec, State};
+use foca::{
+    Codec, Foca, Header, Identity, Member, Notification, PeriodicParams, PostcardCodec, State,
+};
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::auth::{AuthError, Keyring, PacketAuth, ReplayGuard};
+use crate::identity::{IdInterner, SharedId};
 use crate::load::{LoadGossip, LoadSummary, LoadTable};
 use crate::NodeId;
 
@@ -33,7 +36,7 @@ use crate::NodeId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipTimer {
     /// A foca protocol timer.
-    Foca(foca::Timer<NodeId>),
+    Foca(foca::Timer<SharedId>),
     /// Re-announce to the seeds if still alone.
     Reannounce,
     /// Announce to a few random members while their feeds still teach this node new ones.
@@ -152,7 +155,45 @@ pub fn foca_config(cfg: &GossipConfig, payload_bytes_max: usize) -> foca::Config
     }
 }
 
-type Swim = Foca<NodeId, PostcardCodec, StdRng, LoadGossip>;
+type Swim = Foca<SharedId, InterningCodec, StdRng, LoadGossip>;
+
+/// foca's postcard codec (the same bytes), with every identity it decodes interned: the
+/// member table then shares one copy of each identity with the other tables that use the
+/// same [`IdInterner`].
+struct InterningCodec(IdInterner);
+
+impl Codec<SharedId> for InterningCodec {
+    type Error = postcard::Error;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<SharedId>,
+        buf: impl bytes::BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_header(header, buf)
+    }
+
+    fn decode_header(&mut self, buf: impl bytes::Buf) -> Result<Header<SharedId>, Self::Error> {
+        let mut header: Header<SharedId> = PostcardCodec.decode_header(buf)?;
+        header.src = self.0.intern(header.src);
+        header.dst = self.0.intern(header.dst);
+        Ok(header)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<SharedId>,
+        buf: impl bytes::BufMut,
+    ) -> Result<(), Self::Error> {
+        PostcardCodec.encode_member(member, buf)
+    }
+
+    fn decode_member(&mut self, buf: impl bytes::Buf) -> Result<Member<SharedId>, Self::Error> {
+        let m: Member<SharedId> = PostcardCodec.decode_member(buf)?;
+        let (incarnation, state) = (m.incarnation(), m.state());
+        Ok(Member::new(self.0.intern(m.id().clone()), incarnation, state))
+    }
+}
 
 /// The membership state machine of one node.
 pub struct Membership {
@@ -219,41 +260,43 @@ struct Outbox<'a> {
     own: &'a (String, SocketAddr, (u64, u16)),
 }
 
-impl foca::Runtime<NodeId> for Outbox<'_> {
-    fn notify(&mut self, notification: Notification<'_, NodeId>) {
+impl foca::Runtime<SharedId> for Outbox<'_> {
+    fn notify(&mut self, notification: Notification<'_, SharedId>) {
         let effect = match notification {
             Notification::MemberUp(id) => {
                 let (name, gossip, age) = self.own;
                 if id.name == *name && id.gossip != *gossip {
                     let this_node_yields = (id.incarnation, id.bump) < *age;
-                    self.effects
-                        .push_back(Effect::NameTaken { other: id.clone(), this_node_yields });
+                    self.effects.push_back(Effect::NameTaken {
+                        other: NodeId::clone(id),
+                        this_node_yields,
+                    });
                 }
-                Effect::MemberUp(id.clone())
+                Effect::MemberUp(NodeId::clone(id))
             }
-            Notification::MemberDown(id) => Effect::MemberDown(id.clone()),
+            Notification::MemberDown(id) => Effect::MemberDown(NodeId::clone(id)),
             Notification::Active => Effect::Joined,
             Notification::Idle => Effect::Isolated,
             Notification::Rejoin(id) => {
                 *self.rejoined = true;
-                Effect::Rejoined(id.clone())
+                Effect::Rejoined(NodeId::clone(id))
             }
             // Rename is followed by MemberUp/MemberDown when liveness changes, which is
             // all the driver acts on. Defunct cannot happen: our identity always renews.
-            Notification::Rename(_, new) => Effect::MemberChanged(new.clone()),
+            Notification::Rename(_, new) => Effect::MemberChanged(NodeId::clone(new)),
             Notification::Defunct => return,
         };
         self.effects.push_back(effect);
     }
 
-    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+    fn send_to(&mut self, to: SharedId, data: &[u8]) {
         let mut nonce = [0u8; 24];
         self.nonces.fill_bytes(&mut nonce);
         let packet = self.auth.seal(data, self.now_ms, nonce);
         self.effects.push_back(Effect::Send { to: to.addr().0, packet });
     }
 
-    fn submit_after(&mut self, timer: foca::Timer<NodeId>, after: Duration) {
+    fn submit_after(&mut self, timer: foca::Timer<SharedId>, after: Duration) {
         self.effects.push_back(Effect::Schedule { after, timer: MembershipTimer::Foca(timer) });
     }
 }
@@ -269,6 +312,20 @@ impl Membership {
         cfg: &GossipConfig,
         seed: u64,
     ) -> Self {
+        Membership::with_interner(identity, seeds, keys, cfg, seed, IdInterner::default())
+    }
+
+    /// As [`Membership::new`], keeping the identities it learns in `interner`, which
+    /// machines in one process may share (the simulator's thousands of nodes do: each
+    /// identity is then held once, not once per node that knows it).
+    pub fn with_interner(
+        identity: NodeId,
+        seeds: &[SocketAddr],
+        keys: Keyring,
+        cfg: &GossipConfig,
+        seed: u64,
+        interner: IdInterner,
+    ) -> Self {
         let replay = ReplayGuard::new(cfg.replay_window_ms, cfg.replay_cache_max);
         let auth = PacketAuth::new(keys, cfg.packet_bytes_max, replay);
         let config = foca_config(cfg, auth.payload_bytes_max());
@@ -278,8 +335,9 @@ impl Membership {
         let loads = gossip.table();
         let rng = StdRng::seed_from_u64(seed);
         let catch_up_rng = StdRng::seed_from_u64(seed ^ 0x6361_7463_6875_7021);
-        let foca =
-            Foca::with_custom_broadcast(identity, config.clone(), rng, PostcardCodec, gossip);
+        let identity = interner.intern(SharedId::new(identity));
+        let codec = InterningCodec(interner);
+        let foca = Foca::with_custom_broadcast(identity, config.clone(), rng, codec, gossip);
         let mut seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != own).collect();
         seeds.sort();
         seeds.dedup();
@@ -401,7 +459,7 @@ impl Membership {
             return;
         }
         let wanted = self.gossip.gossip_fanout.max(1);
-        let chosen: Vec<NodeId> = (self.foca.iter_members().map(|m| m.id()))
+        let chosen: Vec<SharedId> = (self.foca.iter_members().map(|m| m.id()))
             .sample(&mut self.rng, wanted)
             .into_iter()
             .cloned()
@@ -415,7 +473,7 @@ impl Membership {
 
     fn announce_to_seeds(&mut self) {
         for i in 0..self.seeds.len() {
-            let seed = NodeId::seed(self.seeds[i]);
+            let seed = SharedId::new(NodeId::seed(self.seeds[i]));
             let (foca, outbox) = self.outbox();
             // An announce only fails to encode if our own identity is larger than a
             // packet, which validated config rules out.
@@ -503,7 +561,7 @@ impl Membership {
     /// and keeps forwarding). foca declares the old identity down and spreads the new one,
     /// whose raised bump wins. Returns false if the node did not have the role.
     pub fn drop_role(&mut self, role: &str) -> bool {
-        let mut id = self.foca.identity().clone();
+        let mut id = NodeId::clone(self.foca.identity());
         if self.left || !id.roles.iter().any(|r| r == role) {
             return false;
         }
@@ -511,7 +569,7 @@ impl Membership {
         id.bump = id.bump.wrapping_add(1);
         let (foca, outbox) = self.outbox();
         // A smaller identity than the current one always encodes.
-        foca.change_identity(id, outbox).expect("a changed identity always encodes");
+        foca.change_identity(SharedId::new(id), outbox).expect("a changed identity always encodes");
         true
     }
 
@@ -583,13 +641,13 @@ impl Membership {
             .foca
             .iter_membership_state()
             .map(|m| MemberView {
-                id: m.id().clone(),
+                id: NodeId::clone(m.id()),
                 state: member_state(m.state()),
                 is_self: false,
             })
             .collect();
         out.push(MemberView {
-            id: self.foca.identity().clone(),
+            id: NodeId::clone(self.foca.identity()),
             state: if self.left { MemberState::Down } else { MemberState::Up },
             is_self: true,
         });

@@ -1,6 +1,7 @@
 //! Input validation of the membership state machine. Protocol behaviour over a network
 //! (convergence, crash, leave, rejoin, determinism) is tested in `simulations/tests`.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use super::*;
@@ -256,4 +257,77 @@ fn a_node_told_not_to_found_waits_for_seeds_and_says_so() {
         })
         .collect();
     assert_eq!(sent, [seed]);
+}
+
+#[test]
+fn machines_sharing_an_interner_hold_one_copy_of_each_identity() {
+    let cfg = GossipConfig::default();
+    let ids = IdInterner::default();
+    let seed = SocketAddr::from(([127, 0, 0, 1], 1));
+    let mut a = Membership::with_interner(node_id(1), &[], keys(), &cfg, 1, ids.clone());
+    let mut b = Membership::with_interner(node_id(2), &[seed], keys(), &cfg, 2, ids.clone());
+    let mut c = Membership::with_interner(node_id(3), &[seed], keys(), &cfg, 3, ids.clone());
+    for m in [&mut a, &mut b, &mut c] {
+        m.start();
+    }
+
+    let mut nodes = [a, b, c];
+    // Rounds: every datagram delivered, then every timer asked for fired (time is not
+    // modelled; only who learns whom matters here).
+    for _ in 0..10 {
+        let mut timers = Vec::new();
+        for i in 0..nodes.len() {
+            while let Some(effect) = nodes[i].poll_effect() {
+                match effect {
+                    Effect::Send { to, packet } => {
+                        if let Some(m) = nodes.iter_mut().find(|m| m.identity().gossip == to) {
+                            let _ = m.handle_packet(&packet);
+                        }
+                    }
+                    Effect::Schedule { timer, .. } => timers.push((i, timer)),
+                    _ => {}
+                }
+            }
+        }
+        for (i, timer) in timers {
+            let _ = nodes[i].handle_timer(timer);
+        }
+    }
+    let [a, b, c] = nodes;
+    // Where each machine keeps identity `port` (its own or a member's): a pointer into it.
+    let held = |m: &Membership, port: u16| {
+        let mut at = None;
+        m.visit_members(|id, _| {
+            if id.gossip.port() == port {
+                at = Some(id as *const NodeId);
+            }
+        });
+        at.unwrap_or_else(|| panic!("{} does not know n{port}", m.identity().name))
+    };
+    // A node's own identity may have been renewed (time is not modelled: suspicion runs
+    // out at once), a copy of its own: the others' copies are compared.
+    for port in 1..=3 {
+        let others = [&a, &b, &c].into_iter().filter(|m| m.identity().gossip.port() != port);
+        let copies: BTreeSet<_> = others.map(|m| held(m, port)).collect();
+        assert_eq!(copies.len(), 1, "n{port} is held {} times", copies.len());
+    }
+}
+
+#[test]
+fn an_interner_shares_equal_identities_and_sweeps_what_nobody_holds() {
+    let ids = IdInterner::default();
+    let first = ids.intern(SharedId::new(node_id(1)));
+    let again = ids.intern(SharedId::new(node_id(1)));
+    assert!(std::ptr::eq(&*first, &*again));
+    assert!(!std::ptr::eq(&*first, &*ids.intern(SharedId::new(node_id(2)))));
+    // On the wire it is the identity itself.
+    assert_eq!(postcard::to_allocvec(&first).unwrap(), postcard::to_allocvec(&node_id(1)).unwrap());
+    let back: SharedId = postcard::from_bytes(&postcard::to_allocvec(&first).unwrap()).unwrap();
+    assert_eq!(back, first);
+    // Identities seen once and dropped (a churning cluster's) do not pile up.
+    for port in 0..20_000u16 {
+        drop(ids.intern(SharedId::new(node_id(port))));
+        assert!(ids.len() <= 2 * IdInterner::SWEEP_MIN + 2, "{} held at {port}", ids.len());
+    }
+    assert!(std::ptr::eq(&*first, &*ids.intern(SharedId::new(node_id(1)))), "a held one stays");
 }
