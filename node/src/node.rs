@@ -701,7 +701,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             tick: Duration::from_millis(cfg.controller.tick_ms),
             machine,
         };
-        ShardReplicator::start(&cfg.name, incarnation, store.clone(), Arc::new(links), limits)
+        ShardReplicator::start(
+            &cfg.name,
+            incarnation,
+            store.clone(),
+            Arc::new(links),
+            limits,
+            conv_metrics.clone(),
+        )
     });
     if authoritative {
         tracing::info!("routing and replicating by the placement controller's map");

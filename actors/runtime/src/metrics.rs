@@ -17,6 +17,11 @@ pub struct BotLabel {
     pub bot: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Buckets of the latency histograms below: 100 us to about 6.5 s, doubling.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_1, 2.0, 17))
@@ -91,6 +96,18 @@ pub struct ConversationMetrics {
     pub replica_ops: Counter,
     /// Ops of peers refused because a newer epoch was promised.
     pub replica_stale: Counter,
+    /// What the shard driver dropped of its peers' messages, by reason: `undecodable`,
+    /// `unknown-sender` (a member this node's map does not have yet), `not-a-member` (this
+    /// node is not in its own map yet), `parked-full` (a learner's parked write made room
+    /// for a newer one). The sender retries after its patience.
+    pub shard_messages_dropped: Family<ReasonLabel, Counter>,
+}
+
+impl ConversationMetrics {
+    /// Counts a shard message dropped for `reason` (see `shard_messages_dropped`).
+    pub fn shard_dropped(&self, reason: &str, n: u64) {
+        self.shard_messages_dropped.get_or_create(&ReasonLabel { reason: reason.into() }).inc_by(n);
+    }
 }
 
 impl ConversationMetrics {
@@ -214,6 +231,11 @@ impl ConversationMetrics {
             "store_groups",
             "Write transactions (one fsync each) of the durable store",
             self.store_groups.clone(),
+        );
+        r.register(
+            "shard_messages_dropped",
+            "Peers' shard replication messages dropped, by reason (the sender retries)",
+            self.shard_messages_dropped.clone(),
         );
         r.register(
             "store_commit_failures",

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::FailKind;
+use crate::metrics::ConversationMetrics;
 use crate::replicator::{Notify, Owned, Refusal};
 use crate::store::{row_bytes, BoxFuture, StateStore, StoreAnswer, StoreOp, Stored};
 
@@ -252,6 +253,7 @@ impl ShardReplicator {
         store: Arc<dyn StateStore>,
         links: Arc<dyn ShardLinks>,
         limits: ShardLimits,
+        metrics: ConversationMetrics,
     ) -> ShardReplicator {
         let (inbox, rx) = mpsc::channel(limits.inbox_max.max(1));
         let handle = ShardReplicator {
@@ -275,6 +277,7 @@ impl ShardReplicator {
             streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
             streams_due: BTreeMap::new(),
             pending: FuturesUnordered::new(),
+            metrics,
         };
         let every = driver.limits.tick;
         tokio::spawn(driver.run(rx));
@@ -403,6 +406,7 @@ struct Driver {
     /// the driver's loop: no task per write). Bounded by the store's queue: a submit waits
     /// while `store.queue_max` ops are queued, and a ticket resolves once its group commits.
     pending: FuturesUnordered<BoxFuture<'static, Input>>,
+    metrics: ConversationMetrics,
 }
 
 enum Waiting {
@@ -522,6 +526,7 @@ impl Driver {
             if let Some(q) = fullest.and_then(|s| self.parked.get_mut(&s)) {
                 q.pop_front();
                 self.parked_len -= 1;
+                self.metrics.shard_dropped("parked-full", 1);
             }
         }
         self.parked.entry(shard).or_default().push_back(p);
@@ -551,14 +556,21 @@ impl Driver {
     async fn peer(&mut self, bytes: Vec<u8>) {
         let Ok(batch) = postcard::from_bytes::<PeerBatch>(&bytes) else {
             tracing::warn!(len = bytes.len(), "undecodable shard batch from a peer");
+            self.metrics.shard_dropped("undecodable", 1);
             return;
         };
-        let Some(from) = self.map.member_ix(&batch.from) else { return };
+        let Some(from) = self.map.member_ix(&batch.from) else {
+            // A member this node's map does not have yet (its map lags the sender's).
+            tracing::debug!(from = %batch.from, "shard batch from a member not in this map");
+            self.metrics.shard_dropped("unknown-sender", batch.msgs.len() as u64);
+            return;
+        };
         for msg in batch.msgs {
             match msg {
                 PeerMsg::Own(msg) => {
-                    if let Some(m) = self.machine.as_mut() {
-                        m.receive(from, msg);
+                    match self.machine.as_mut() {
+                        Some(m) => m.receive(from, msg),
+                        None => self.metrics.shard_dropped("not-a-member", 1),
                     }
                     self.execute().await;
                 }
@@ -608,8 +620,9 @@ impl Driver {
     /// arrived before the stream apply now.
     async fn installed(&mut self, shard: ShardId, attempt: Seq, owner: MemberIx, ok: bool) {
         if ok {
-            if let Some(m) = self.machine.as_mut() {
-                m.stream_installed(shard, attempt, owner);
+            match self.machine.as_mut() {
+                Some(m) => m.stream_installed(shard, attempt, owner),
+                None => self.metrics.shard_dropped("not-a-member", 1),
             }
         }
         for p in self.parked.remove(&shard).unwrap_or_default() {

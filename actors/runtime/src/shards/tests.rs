@@ -91,6 +91,7 @@ struct Node {
     links: Arc<Links>,
     store: Arc<MemoryStore>,
     shards: ShardReplicator,
+    metrics: ConversationMetrics,
 }
 
 fn limits() -> ShardLimits {
@@ -114,8 +115,16 @@ fn cluster(names: &[&str]) -> Vec<Node> {
         .map(|name| {
             let links = Arc::new(Links { me: name.to_string(), ..Default::default() });
             let store = Arc::new(MemoryStore::new(64, SHARDS));
-            let shards = ShardReplicator::start(name, 1, store.clone(), links.clone(), limits());
-            Node { links, store, shards }
+            let metrics = ConversationMetrics::default();
+            let shards = ShardReplicator::start(
+                name,
+                1,
+                store.clone(),
+                links.clone(),
+                limits(),
+                metrics.clone(),
+            );
+            Node { links, store, shards, metrics }
         })
         .collect();
     for n in &nodes {
@@ -398,4 +407,37 @@ fn batch_writer_encodes_once_what_peer_batch_encodes() {
         assert_eq!(decoded, msgs, "max {max}: every message once, in order");
         assert!(w.finish().is_none());
     }
+}
+
+#[tokio::test]
+async fn peer_messages_it_cannot_take_are_dropped_and_counted() {
+    // d is linked but not in the map (a, b, c are).
+    let nodes = cluster(&["a", "b", "c", "d"]);
+    let dropped = |n: &Node, reason: &str| {
+        n.metrics
+            .shard_messages_dropped
+            .get_or_create(&crate::metrics::ReasonLabel { reason: reason.into() })
+            .get()
+    };
+    let stream = |from: &str| {
+        let last = PeerMsg::Stream { shard: 1, attempt: 1, convs: Vec::new(), last: true };
+        PeerBatch { from: from.into(), msgs: vec![last] }.to_bytes()
+    };
+    let (c, d) = (&nodes[2], &nodes[3]);
+    c.shards.peer(vec![0xff; 16]).unwrap();
+    eventually(|| (dropped(c, "undecodable") == 1).then_some(())).await;
+    // Before any map, every sender is unknown.
+    c.shards.peer(stream("a")).unwrap();
+    eventually(|| (dropped(c, "unknown-sender") == 1).then_some(())).await;
+    let _map = started(&nodes).await;
+    c.shards.peer(stream("zed")).unwrap();
+    eventually(|| (dropped(c, "unknown-sender") == 2).then_some(())).await;
+    // A stream's end reaches d, which the map does not count in: nothing to report it to.
+    d.shards.peer(stream("a")).unwrap();
+    eventually(|| (dropped(d, "not-a-member") == 1).then_some(())).await;
+    // c, a member, takes the same stream's end without dropping anything.
+    c.shards.peer(stream("a")).unwrap();
+    c.shards.peer(vec![0xff; 16]).unwrap();
+    eventually(|| (dropped(c, "undecodable") == 2).then_some(())).await;
+    assert_eq!((dropped(c, "unknown-sender"), dropped(c, "not-a-member")), (2, 0));
 }
