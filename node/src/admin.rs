@@ -278,7 +278,7 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
         true => placement.joined && s.map.borrow().status.shards_unassigned == 0,
         false => placement.joined && !placement.placement.is_empty(),
     };
-    let owns_shards = view.me.roles.iter().any(|r| r == crate::routing::CONVERSATIONS_ROLE);
+    let owns_shards = view.me.has_role(crate::routing::CONVERSATIONS_ROLE);
     if let Some(map) = placement.map.as_ref().filter(|_| placed && owns_shards) {
         if !map.counts_in(&view.me.name, view.me.incarnation) {
             // A restarted process: the map still has its last incarnation, gone, and the

@@ -31,7 +31,6 @@ use botclaw_core::controller::{
 use botclaw_core::shardmap::plan::{members_key, PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
 use botclaw_core::MemberState;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -40,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::gossip::ClusterView;
+use crate::metrics::ReasonLabel;
 
 /// What crosses the link to a peer's controller.
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,11 +98,6 @@ pub struct MapView {
     pub status: ControllerStatus,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DropLabel {
-    pub reason: String,
-}
-
 /// The controller's metrics.
 #[derive(Debug, Clone, Default)]
 pub struct ControllerMetrics {
@@ -112,7 +107,7 @@ pub struct ControllerMetrics {
     pub entries_applied: Counter,
     pub messages_sent: Counter,
     pub messages_received: Counter,
-    pub messages_dropped: Family<DropLabel, Counter>,
+    pub messages_dropped: Family<ReasonLabel, Counter>,
     pub proposals: Counter,
     pub moves_in_flight: Gauge,
     pub shards_under_replicated: Gauge,
@@ -121,7 +116,7 @@ pub struct ControllerMetrics {
 
 impl ControllerMetrics {
     pub fn drop(&self, reason: &str) {
-        self.messages_dropped.get_or_create(&DropLabel { reason: reason.to_string() }).inc();
+        self.messages_dropped.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -473,16 +468,14 @@ impl ControllerTask {
     /// The members the failure detector sees up, with whether each serves conversations.
     fn up_members(&mut self) -> Vec<UpMember> {
         let view = self.args.gossip.borrow();
-        let serving =
-            |roles: &[String]| roles.iter().any(|r| r == botclaw_core::roles::CONVERSATIONS);
         let mut up = vec![UpMember {
-            serving: serving(&view.me.roles),
+            serving: view.me.has_role(botclaw_core::roles::CONVERSATIONS),
             ..UpMember::new(view.me.name.clone(), view.me.incarnation, view.me.capacity)
         }];
         for m in view.members.iter().filter(|m| !m.is_self && m.state != MemberState::Down) {
             self.names.insert(controller_id(&m.id.name), m.id.name.clone());
             up.push(UpMember {
-                serving: serving(&m.id.roles),
+                serving: m.id.has_role(botclaw_core::roles::CONVERSATIONS),
                 ..UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity)
             });
         }

@@ -101,7 +101,7 @@ impl NodeModules {
         let candidates = view
             .members
             .iter()
-            .filter(|m| m.state != MemberState::Down && m.id.roles.iter().any(|r| r == role))
+            .filter(|m| m.state != MemberState::Down && m.id.has_role(role))
             .map(|m| m.id.name.as_str());
         roles::pick(request.key(), &self.me, candidates).map(String::from)
     }

@@ -100,7 +100,7 @@ pub fn ring_members(view: &ClusterView) -> BTreeSet<RingMember> {
     view.members
         .iter()
         .filter(|m| m.state != MemberState::Down)
-        .filter(|m| m.id.roles.iter().any(|r| r == CONVERSATIONS_ROLE))
+        .filter(|m| m.id.has_role(CONVERSATIONS_ROLE))
         .map(|m| RingMember { name: m.id.name.clone(), capacity: m.id.capacity })
         .collect()
 }

@@ -1063,7 +1063,7 @@ impl Authority {
             .into_iter()
             .filter(|m| m.state != Gossip::Down)
             .map(|m| UpMember {
-                serving: m.id.roles.iter().any(|r| r == botclaw_core::roles::CONVERSATIONS),
+                serving: m.id.has_role(botclaw_core::roles::CONVERSATIONS),
                 ..UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity)
             })
             .collect();

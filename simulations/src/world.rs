@@ -460,7 +460,7 @@ impl World {
             }
             let h = xxh3_64(id.name.as_bytes());
             live.add(h);
-            if id.roles.iter().any(|r| r == CONVERSATIONS) {
+            if id.has_role(CONVERSATIONS) {
                 ring.add(h ^ u64::from(id.capacity).rotate_left(32));
             }
         });
@@ -495,7 +495,7 @@ impl World {
             None => {
                 let mut members = Vec::with_capacity(ring.count as usize);
                 m.visit_members(|id, state| {
-                    if state != MemberState::Down && id.roles.iter().any(|r| r == CONVERSATIONS) {
+                    if state != MemberState::Down && id.has_role(CONVERSATIONS) {
                         members.push(RingMember { name: id.name.clone(), capacity: id.capacity });
                     }
                 });

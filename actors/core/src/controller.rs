@@ -602,9 +602,10 @@ impl Controller {
 
     /// A message from a peer.
     pub fn step(&mut self, msg: Message) -> Result<(), ControllerError> {
+        let snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
         // A snapshot whose map does not decode (corruption, a peer of another version) is
         // refused before raft-rs accepts it: applying on from a wrong map would diverge.
-        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+        if snapshot {
             let snapshot = msg.get_snapshot();
             let map = match &self.raw.store().shared {
                 Some(shared) => shared.decode(&snapshot.data),
@@ -614,12 +615,13 @@ impl Controller {
             // Kept for `install`, which then need not decode it again.
             let meta = snapshot.get_metadata();
             self.received = Some((meta.index, meta.term, map));
-            self.raw.step(msg)?;
+        }
+        self.raw.step(msg)?;
+        if snapshot {
             // A snapshot's configuration gave every member a new progress.
             self.free_inflight_buffers(None);
-            return Ok(());
         }
-        Ok(self.raw.step(msg)?)
+        Ok(())
     }
 
     /// Proposes a map command (only the leader accepts proposals). Shard changes that

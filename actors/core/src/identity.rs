@@ -79,6 +79,11 @@ impl NodeId {
         format!("{}@{}", self.name, self.incarnation)
     }
 
+    /// Whether this node serves `role` (e.g. [`crate::roles::CONVERSATIONS`]).
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
     /// A placeholder identity for announcing to a seed whose identity we do not know yet;
     /// foca addresses the packet by [`foca::Identity::addr`] and ignores the rest.
     pub fn seed(gossip: SocketAddr) -> NodeId {

@@ -562,7 +562,7 @@ impl Membership {
     /// whose raised bump wins. Returns false if the node did not have the role.
     pub fn drop_role(&mut self, role: &str) -> bool {
         let mut id = NodeId::clone(self.foca.identity());
-        if self.left || !id.roles.iter().any(|r| r == role) {
+        if self.left || !id.has_role(role) {
             return false;
         }
         id.roles.retain(|r| r != role);

@@ -435,7 +435,8 @@ async fn peer_messages_it_cannot_take_are_dropped_and_counted() {
     // A stream's end reaches d, which the map does not count in: nothing to report it to.
     d.shards.peer(stream("a")).unwrap();
     eventually(|| (dropped(d, "not-a-member") == 1).then_some(())).await;
-    // c, a member, takes the same stream's end without dropping anything.
+    // c, a member, takes the same stream's end without dropping anything (the garbage
+    // after it, counted, tells that the driver has handled it: one inbox, in order).
     c.shards.peer(stream("a")).unwrap();
     c.shards.peer(vec![0xff; 16]).unwrap();
     eventually(|| (dropped(c, "undecodable") == 2).then_some(())).await;
