@@ -358,7 +358,10 @@ impl ControllerTask {
                     if self.dirty {
                         self.publish();
                     }
-                    self.controller.tick();
+                    if self.controller.tick().is_err() {
+                        // Changes gathered since the last tick: their owners send them again.
+                        self.args.metrics.drop("proposal-refused");
+                    }
                     if self.controller.is_leader() {
                         self.args.heard.heard();
                         self.hand_over_if_leaving();

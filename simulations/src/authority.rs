@@ -130,8 +130,10 @@ pub struct AuthorityReport {
     pub reads_served: u64,
     /// Reads refused or failed (no owner, lease run out, ownership lost meanwhile).
     pub reads_failed: u64,
-    /// Entries the controller committed.
+    /// Entries the controller committed, in all and by command kind (`raft`: the group's
+    /// own entries).
     pub entries: u64,
+    pub entries_by_kind: BTreeMap<&'static str, u64>,
     pub leader_changes: u64,
     /// Shards without an owner now.
     pub unavailable_shards: usize,
@@ -152,6 +154,9 @@ pub struct AuthorityReport {
     /// Proposals the leader did not append: every change in them stale or already in its
     /// log ([`botclaw_core::controller::ControllerError::Stale`]).
     pub proposals_stale: u64,
+    /// Ticks at which a leader dropped the changes it had gathered (raft-rs refused them,
+    /// or it no longer led); their owners propose them again.
+    pub proposals_dropped: u64,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
     /// Per crash: seconds until every running node's failure detector declared the node
@@ -758,8 +763,9 @@ impl Authority {
                 if self.nodes[i].frozen {
                     continue;
                 }
+                let report = &mut self.report;
                 let leads = self.nodes[i].controller.as_mut().map(|c| {
-                    c.tick();
+                    report.proposals_dropped += u64::from(c.tick().is_err());
                     c.is_leader()
                 });
                 if leads == Some(true) {
@@ -862,7 +868,7 @@ impl Authority {
         let Some(c) = n.controller.as_ref() else { return };
         let Some(ix) = c.map().member_ix(&n.name) else { return };
         let mut o = Ownership::new(ix, n.incarnation, self.cfg.ownership.clone());
-        o.map_applied(c.map(), 0..self.cfg.shards);
+        o.map_replaced(c.map());
         n.ownership = Some(o);
     }
 
@@ -901,9 +907,9 @@ impl Authority {
             let n = &mut self.nodes[i];
             if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
                 if all {
-                    o.map_applied(c.map(), 0..self.cfg.shards);
+                    o.map_replaced(c.map());
                 } else if !changed.is_empty() {
-                    o.map_applied(c.map(), changed);
+                    o.map_applied(c.map(), &changed);
                 }
             }
         }
@@ -1144,6 +1150,8 @@ impl Authority {
     fn record(&mut self, node: usize, index: u64, term: u64, command: Option<MapCommand>) {
         match self.history.get(&index) {
             None => {
+                let kind = command.as_ref().map_or("raft", MapCommand::kind);
+                *self.report.entries_by_kind.entry(kind).or_default() += 1;
                 self.history.insert(index, (term, command));
                 self.report.entries += 1;
             }

@@ -84,6 +84,9 @@ pub struct MapReport {
     pub load_max_over_avg_max: f64,
     /// Entries the controller committed, leaders it had.
     pub entries: u64,
+    /// Committed entries by command kind (`raft`: the group's own, membership changes and
+    /// a new leader's empty entry).
+    pub entries_by_kind: BTreeMap<&'static str, u64>,
     pub leader_changes: u64,
     pub learners_added: u64,
     pub owner_changes: u64,
@@ -93,6 +96,9 @@ pub struct MapReport {
     pub entries_without_effect_by_kind: BTreeMap<&'static str, u64>,
     /// Proposals the leader left out whole: stale, or copies of changes in its log.
     pub proposals_stale: u64,
+    /// Ticks at which a leader dropped the changes it had gathered (refused by raft-rs, or
+    /// leadership lost); their owners propose them again.
+    pub proposals_dropped: u64,
     /// Shard-seconds without an owner (sampled), and shards without one at the end.
     pub unavailable_shard_s: f64,
     pub unavailable_shards_end: usize,
@@ -465,12 +471,14 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         },
         load_max_over_avg_max: balances.iter().copied().fold(0.0, f64::max),
         entries: r.entries,
+        entries_by_kind: r.entries_by_kind.clone(),
         leader_changes: r.leader_changes,
         learners_added: r.learners_added,
         owner_changes: r.owner_changes,
         entries_without_effect: r.entries_without_effect.values().sum(),
         entries_without_effect_by_kind: r.entries_without_effect.clone(),
         proposals_stale: r.proposals_stale,
+        proposals_dropped: r.proposals_dropped,
         unavailable_shard_s,
         unavailable_shards_end: r.unavailable_shards,
         writes_lost: r.writes_lost,

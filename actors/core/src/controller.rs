@@ -29,6 +29,7 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 
+use crate::ownership::PROPOSAL_CHANGES_MAX;
 use crate::shardmap::{Applied, MapCommand, ShardChange, ShardMap};
 
 /// raft-rs's message, entry and snapshot types, for drivers.
@@ -380,16 +381,18 @@ fn encode_map(map: &ShardMap, hint: usize) -> Bytes {
     Bytes::from(postcard::to_extend(map, Vec::with_capacity(hint)).expect("a map encodes"))
 }
 
-/// Shard changes this leader appended that are not applied yet, by the index of their
-/// entry. A copy of one of them would be skipped when applied (the first raises the
-/// shard's epoch, or is skipped itself), so it is not proposed. A record goes once the
-/// applied index reaches its entry's, whether that entry was this one or another that
-/// replaced it under a later leader (every new term appends an entry, so the index
-/// passes). Bounded by the leader's uncommitted bytes (`uncommitted_bytes_max`): raft-rs
-/// refuses proposals past them.
+/// Shard changes this leader took and has not seen applied: gathered since its last tick
+/// (appended then, as one entry), or appended, by the index of their entry. A copy of one
+/// of them would be skipped when applied (the first raises the shard's epoch, or is skipped
+/// itself), so it is not proposed. An appended record goes once the applied index reaches
+/// its entry's, whether that entry was this one or another that replaced it under a later
+/// leader (every new term appends an entry, so the index passes). Bounded: the gathered by
+/// [`PROPOSAL_CHANGES_MAX`] (more go at once), the appended by the leader's uncommitted
+/// bytes (`uncommitted_bytes_max`: raft-rs refuses proposals past them).
 #[derive(Debug, Default)]
 struct InFlight {
     by_index: BTreeMap<u64, Vec<ShardChange>>,
+    gathered: Vec<ShardChange>,
     changes: BTreeSet<ShardChange>,
 }
 
@@ -407,6 +410,23 @@ impl InFlight {
 
     fn contains(&self, c: &ShardChange) -> bool {
         self.changes.contains(&InFlight::key(c))
+    }
+
+    fn gather(&mut self, changes: Vec<ShardChange>) {
+        self.changes.extend(changes.iter().map(InFlight::key));
+        self.gathered.extend(changes);
+    }
+
+    /// The gathered changes, to append now.
+    fn take_gathered(&mut self) -> Vec<ShardChange> {
+        std::mem::take(&mut self.gathered)
+    }
+
+    /// `changes`, taken from the gathered, were not appended: no longer in flight.
+    fn dropped(&mut self, changes: &[ShardChange]) {
+        for c in changes {
+            self.changes.remove(&InFlight::key(c));
+        }
     }
 
     fn appended(&mut self, index: u64, changes: &[ShardChange]) {
@@ -589,9 +609,35 @@ impl Controller {
         v
     }
 
-    /// One logical clock tick.
-    pub fn tick(&mut self) {
+    /// One logical clock tick. A leader first appends the shard changes it gathered since
+    /// the last one, as one entry; an error says they were dropped (raft-rs refused them, or
+    /// this member no longer leads): their proposers propose them again.
+    pub fn tick(&mut self) -> Result<(), ControllerError> {
+        let appended = self.append_gathered();
         self.raw.tick();
+        appended
+    }
+
+    /// Appends the gathered shard changes (entries of at most [`PROPOSAL_CHANGES_MAX`]).
+    fn append_gathered(&mut self) -> Result<(), ControllerError> {
+        let gathered = self.in_flight.take_gathered();
+        if gathered.is_empty() {
+            return Ok(());
+        }
+        if !self.is_leader() {
+            self.in_flight.dropped(&gathered);
+            return Err(ControllerError::NotLeader { leader: self.leader });
+        }
+        for (k, part) in gathered.chunks(PROPOSAL_CHANGES_MAX).enumerate() {
+            let cmd = MapCommand::Changes(part.to_vec());
+            let data = postcard::to_stdvec(&cmd).expect("a command encodes");
+            if let Err(e) = self.raw.propose(Vec::new(), data) {
+                self.in_flight.dropped(&gathered[k * PROPOSAL_CHANGES_MAX..]);
+                return Err(e.into());
+            }
+            self.in_flight.appended(self.raw.raft.raft_log.last_index(), part);
+        }
+        Ok(())
     }
 
     /// Snapshots this member takes and is sent are encoded and decoded, and entries
@@ -628,36 +674,39 @@ impl Controller {
     /// would be skipped when applied are left out first: those whose epoch is behind the
     /// applied map (epochs only rise), and copies of changes already in the log (an owner
     /// re-sends until it sees its change applied); if none is left, nothing is proposed
-    /// ([`ControllerError::Stale`]). The map becomes what it would have become.
+    /// ([`ControllerError::Stale`]). The map becomes what it would have become. The changes
+    /// left are gathered and appended at the next tick, as one entry with the others
+    /// gathered by then (at most [`PROPOSAL_CHANGES_MAX`] go at once): while a thousand
+    /// nodes join, each owner proposes its own promotions, and as entries of their own they
+    /// were 17,155 of 18,587. Any other command is appended at once, after them.
     pub fn propose(&mut self, cmd: &MapCommand) -> Result<(), ControllerError> {
         if !self.is_leader() {
             return Err(ControllerError::NotLeader { leader: self.leader });
         }
-        let fresh;
-        let cmd = match cmd {
-            MapCommand::Changes(changes) => {
-                let map = &self.raw.store().map;
-                let mut seen = BTreeSet::new();
-                let keep: Vec<ShardChange> = changes
-                    .iter()
-                    .filter(|c| {
-                        let behind = map.shard(c.shard()).is_some_and(|e| c.epoch() < e.epoch);
-                        !behind && !self.in_flight.contains(c) && seen.insert(InFlight::key(c))
-                    })
-                    .copied()
-                    .collect();
-                if keep.is_empty() {
-                    return Err(ControllerError::Stale);
-                }
-                fresh = MapCommand::Changes(keep);
-                &fresh
-            }
-            other => other,
+        let MapCommand::Changes(changes) = cmd else {
+            // Another command goes after the changes gathered before it.
+            self.append_gathered()?;
+            let data = postcard::to_stdvec(cmd).expect("a command encodes");
+            self.raw.propose(Vec::new(), data)?;
+            return Ok(());
         };
-        let data = postcard::to_stdvec(cmd).expect("a command encodes");
-        self.raw.propose(Vec::new(), data)?;
-        if let MapCommand::Changes(changes) = cmd {
-            self.in_flight.appended(self.raw.raft.raft_log.last_index(), changes);
+        let map = &self.raw.store().map;
+        let mut seen = BTreeSet::new();
+        let keep: Vec<ShardChange> = changes
+            .iter()
+            .filter(|c| {
+                let behind = map.shard(c.shard()).is_some_and(|e| c.epoch() < e.epoch);
+                !behind && !self.in_flight.contains(c) && seen.insert(InFlight::key(c))
+            })
+            .copied()
+            .collect();
+        if keep.is_empty() {
+            return Err(ControllerError::Stale);
+        }
+        // Gathered until the next tick: many owners' promotions go as one entry.
+        self.in_flight.gather(keep);
+        if self.in_flight.gathered.len() >= PROPOSAL_CHANGES_MAX {
+            return self.append_gathered();
         }
         Ok(())
     }

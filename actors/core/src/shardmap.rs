@@ -414,12 +414,21 @@ impl ShardMap {
         self.shards.held(member)
     }
 
-    /// Shards whose only in-sync member is `member` (a scan: a leaving member asks).
+    /// The shards whose entry names `member` (owner, in sync or learning), ascending
+    /// (kept: no scan).
+    pub fn shards_of(&self, member: MemberIx) -> impl Iterator<Item = ShardId> + '_ {
+        self.shards.named(member)
+    }
+
+    /// How many shards' entries name `member` (kept: no scan).
+    pub fn shards_of_count(&self, member: MemberIx) -> u64 {
+        self.shards.named_count(member)
+    }
+
+    /// Shards whose only in-sync member is `member` (a leaving member asks).
     pub fn sole_in_sync(&self, member: MemberIx) -> u32 {
-        if self.held_by(member) == 0 {
-            return 0;
-        }
-        self.shards.iter().filter(|e| e.isr.as_slice() == [member]).count() as u32
+        let sole = |s: &ShardId| self.shard(*s).is_some_and(|e| e.isr.as_slice() == [member]);
+        self.shards_of(member).filter(sole).count() as u32
     }
 
     /// Shards per member as owner, for every member.
@@ -704,7 +713,10 @@ impl ShardMap {
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.shards.tally_drifted() {
-            problems.push("the kept tally of entries differs from a count".to_string());
+            problems.push(
+                "the kept tally of entries or index of members' shards differs from a count"
+                    .to_string(),
+            );
         }
         for s in 0..self.shard_count() {
             self.check_entry(s, &mut problems);

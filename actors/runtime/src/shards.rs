@@ -547,8 +547,8 @@ impl Driver {
             return;
         };
         match map.changed_since(&self.map).filter(|_| self.map.members() == map.members()) {
-            Some(changed) => m.map_applied(&map, changed),
-            None => m.map_applied(&map, 0..map.shard_count()),
+            Some(changed) => m.map_applied(&map, &changed),
+            None => m.map_replaced(&map),
         }
         self.map = map;
     }

@@ -97,10 +97,16 @@ impl Net {
         let ids: Vec<ControllerId> = self.members.keys().copied().collect();
         for &id in &ids {
             if let Some(ctl) = self.members.get_mut(&id).unwrap().ctl.as_mut() {
-                ctl.tick();
+                // Gathered changes a lost leadership dropped are proposed again by the tests.
+                let _ = ctl.tick();
             }
             self.drain(id);
         }
+        self.deliver();
+    }
+
+    /// Delivers messages until none are left (no member ticks).
+    fn deliver(&mut self) {
         let mut budget = 100_000;
         while let Some(msg) = self.queue.pop_front() {
             budget -= 1;
@@ -601,14 +607,16 @@ fn a_stale_or_repeated_change_is_not_proposed() {
     let stale = |r: Result<(), ControllerError>| matches!(r, Err(ControllerError::Stale));
 
     // Proposed, then again before it is applied (an owner re-sending): the copy is left out.
+    let next = net.ctl(leader).raw.raft.raft_log.last_index() + 1;
     net.ctl(leader).propose(&changes(&[remove(0, 1)])).unwrap();
     assert!(stale(net.ctl(leader).propose(&changes(&[remove(0, 1)]))));
     // A batch keeps only its fresh part, and a change twice in it once.
-    let next = net.ctl(leader).raw.raft.raft_log.last_index() + 1;
     net.ctl(leader).propose(&changes(&[remove(0, 1), remove(1, 1), remove(1, 1)])).unwrap();
-    net.drain(leader);
+    // Nothing is appended before the tick; then the changes of both go as one entry.
+    assert_eq!(net.ctl(leader).raw.raft.raft_log.last_index(), next - 1);
+    net.round();
     net.settle();
-    assert_eq!(net.history[&next].1, Some(changes(&[remove(1, 1)])));
+    assert_eq!(net.history[&next].1, Some(changes(&[remove(0, 1), remove(1, 1)])));
     for map in net.maps() {
         for s in 0..2 {
             let e = map.shard(s).unwrap();
@@ -623,7 +631,7 @@ fn a_stale_or_repeated_change_is_not_proposed() {
     let next = net.ctl(leader).raw.raft.raft_log.last_index() + 1;
     net.ctl(leader).propose(&changes(&[promote(5)])).unwrap();
     assert!(stale(net.ctl(leader).propose(&changes(&[promote(9)]))));
-    net.drain(leader);
+    net.round();
     net.settle();
     assert_eq!(net.history[&next].1, Some(changes(&[promote(5)])));
 
@@ -631,22 +639,22 @@ fn a_stale_or_repeated_change_is_not_proposed() {
     // is no longer in flight once applied: proposed again later, it applies.
     let learner = ShardChange::AddLearner { shard: 0, epoch: 2, member: 3 };
     net.ctl(leader).propose(&changes(&[learner])).unwrap();
-    net.drain(leader);
+    net.round();
     net.settle();
     assert!(net.maps().iter().all(|m| m.shard(0).unwrap().learners.is_empty()));
     net.propose(join("d"));
     net.settle();
     net.ctl(leader).propose(&changes(&[learner])).unwrap();
-    net.drain(leader);
+    net.round();
     net.settle();
     for map in net.maps() {
         let e = map.shard(0).unwrap();
         assert_eq!((e.epoch, e.learners.as_slice()), (3, &[3][..]));
     }
-    // Nothing but the planted proposals was appended: three that changed something, the
+    // Nothing but the planted proposals was appended: two that changed something, the
     // promotion of a member that is no learner, the change for a member not yet known.
     let batches = net.history.values().filter(|(_, c)| matches!(c, Some(MapCommand::Changes(_))));
-    assert_eq!(batches.count(), 5);
+    assert_eq!(batches.count(), 4);
 }
 
 /// The leader's planner adds no learner on a member whose map is not current (its
@@ -764,4 +772,75 @@ fn only_the_leader_holds_inflight_buffers_and_a_new_leader_allocates_its_own() {
     let buffers = inflight_buffers(&net);
     assert!(buffers[&next] > 0, "{buffers:?}");
     assert!(buffers.iter().all(|(id, n)| *id == next || *n == 0), "{buffers:?}");
+}
+
+/// A leader gathers the shard changes proposed between two of its ticks and appends them
+/// as one entry at the tick, at once when they reach `PROPOSAL_CHANGES_MAX`; another command
+/// goes after the changes gathered before it; changes a leader gathered and could not
+/// append (it lost leadership first) are dropped, counted by the tick's error, and are no
+/// longer in flight (proposed again, they are taken).
+#[test]
+fn a_leader_appends_the_changes_of_a_tick_as_one_entry() {
+    use crate::shardmap::AssignRun;
+    let mut net = Net::new(3, 11, ControllerConfig::default());
+    for name in ["a", "b", "c"] {
+        net.propose(join(name));
+    }
+    let run = AssignRun { start: 0, len: SHARDS, replicas: vec![0, 1] };
+    net.propose(MapCommand::Assign(vec![run]));
+    net.settle();
+    let leader = net.elect();
+    let learner = |shard| ShardChange::AddLearner { shard, epoch: 1, member: 2 };
+    let changes = |c: &[ShardChange]| MapCommand::Changes(c.to_vec());
+    let last = |net: &mut Net| net.ctl(leader).raw.raft.raft_log.last_index();
+
+    // Three proposers in one tick: one entry.
+    let before = last(&mut net);
+    for s in 0..3 {
+        net.ctl(leader).propose(&changes(&[learner(s)])).unwrap();
+    }
+    assert_eq!(last(&mut net), before, "nothing appended before the tick");
+    net.round();
+    net.settle();
+    assert_eq!(last(&mut net), before + 1);
+    assert_eq!(net.history[&(before + 1)].1, Some(changes(&[learner(0), learner(1), learner(2)])));
+
+    // Another command goes after the changes gathered before it.
+    let before = last(&mut net);
+    net.ctl(leader).propose(&changes(&[learner(3)])).unwrap();
+    net.ctl(leader).propose(&join("d")).unwrap();
+    assert_eq!(last(&mut net), before + 2);
+    net.settle();
+    assert_eq!(net.history[&(before + 1)].1, Some(changes(&[learner(3)])));
+    assert_eq!(net.history[&(before + 2)].1, Some(join("d")));
+
+    // Bounded: the gathered changes go at once when they reach the most one entry takes.
+    let before = last(&mut net);
+    let many: Vec<ShardChange> =
+        (0..PROPOSAL_CHANGES_MAX as u32).map(|k| learner(SHARDS + k)).collect();
+    net.ctl(leader).propose(&changes(&many[..PROPOSAL_CHANGES_MAX - 1])).unwrap();
+    assert_eq!(last(&mut net), before);
+    net.ctl(leader).propose(&changes(&many[PROPOSAL_CHANGES_MAX - 1..])).unwrap();
+    assert_eq!(last(&mut net), before + 1, "appended without a tick");
+    net.settle();
+
+    // Gathered, then leadership passes before the tick: dropped, and no longer in flight.
+    let other = net.members.keys().copied().find(|&id| id != leader).unwrap();
+    net.ctl(leader).propose(&changes(&[learner(4)])).unwrap();
+    assert!(net.ctl(leader).transfer_leader(other));
+    net.drain(leader);
+    net.deliver();
+    assert!(!net.ctl(leader).is_leader());
+    assert!(matches!(net.ctl(leader).tick(), Err(ControllerError::NotLeader { .. })));
+    assert!(net.ctl(other).is_leader());
+    assert!(net.ctl(other).transfer_leader(leader));
+    net.drain(other);
+    net.deliver();
+    assert!(net.ctl(leader).is_leader());
+    net.ctl(leader).propose(&changes(&[learner(4)])).unwrap();
+    net.round();
+    net.settle();
+    for map in net.maps() {
+        assert!(map.shard(4).unwrap().learners.contains(2));
+    }
 }

@@ -6,10 +6,13 @@
 //! of every entry; with chunks behind `Arc`s a copy shares every chunk, a change copies one
 //! chunk, and two versions differ only in chunks that are not the same allocation.
 //! A tally of entry kinds and of shards per owner is kept as entries change, so status and
-//! metrics need no scan.
+//! metrics need no scan, and so is each member's set of shards: a node reads the shards of
+//! a change that name it without reading the others (a snapshot names all 65,536 shards; a
+//! node of a thousand holds about 200).
 
 use std::sync::Arc;
 
+use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use super::{MemberIx, ShardEntry, REPLICAS_MAX};
@@ -68,6 +71,8 @@ pub(super) struct Table {
     tally: Tally,
     /// Shards owned and shards held (in sync or learning), by member slot.
     members: PerMember,
+    /// The shards that name each member, by member slot.
+    named: Named,
 }
 
 impl Table {
@@ -82,14 +87,15 @@ impl Table {
             .collect();
         let mut tally = Tally::default();
         tally.by_isr_len[0] = len;
-        Table { len, chunks, tally, members: PerMember::default() }
+        Table { len, chunks, tally, members: PerMember::default(), named: Named::default() }
     }
 
     fn from_entries(entries: Vec<ShardEntry>) -> Table {
         let tally = Tally::of(entries.iter());
         let members = PerMember::of(entries.iter());
+        let named = Named::of(entries.iter());
         let chunks = entries.chunks(CHUNK).map(Arc::from).collect();
-        Table { len: entries.len() as u32, chunks, tally, members }
+        Table { len: entries.len() as u32, chunks, tally, members, named }
     }
 
     pub fn len(&self) -> u32 {
@@ -110,6 +116,16 @@ impl Table {
         self.members.get(member).1
     }
 
+    /// The shards whose entry names `member` (owner, in sync or learning), ascending.
+    pub fn named(&self, member: MemberIx) -> impl Iterator<Item = ShardId> + '_ {
+        self.named.get(member).into_iter().flatten()
+    }
+
+    /// How many shards' entries name `member`.
+    pub fn named_count(&self, member: MemberIx) -> u64 {
+        self.named.get(member).map_or(0, RoaringBitmap::len)
+    }
+
     pub fn get(&self, s: ShardId) -> Option<&ShardEntry> {
         let s = s as usize;
         self.chunks.get(s / CHUNK).and_then(|c| c.get(s % CHUNK))
@@ -127,6 +143,7 @@ impl Table {
         self.tally.add(&next, 1);
         self.members.add(e, -1);
         self.members.add(&next, 1);
+        self.named.change(s as ShardId, e, &next);
         Arc::make_mut(chunk)[s % CHUNK] = next;
     }
 
@@ -154,9 +171,11 @@ impl Table {
         Some(out)
     }
 
-    /// The tallies recomputed from the entries differ from the ones kept.
+    /// The tallies or the index recomputed from the entries differ from the ones kept.
     pub fn tally_drifted(&self) -> bool {
-        Tally::of(self.iter()) != self.tally || PerMember::of(self.iter()) != self.members
+        Tally::of(self.iter()) != self.tally
+            || PerMember::of(self.iter()) != self.members
+            || Named::of(self.iter()) != self.named
     }
 }
 
@@ -201,6 +220,68 @@ impl PartialEq for PerMember {
     fn eq(&self, other: &PerMember) -> bool {
         let n = self.0.len().max(other.0.len());
         (0..n).all(|m| self.get(m as MemberIx) == other.get(m as MemberIx))
+    }
+}
+
+/// The shards whose entry names each member (owner, in sync or learning), by member slot.
+/// Copies share the list and every member's set: a change copies the list once and a
+/// member's set once (a few hundred bytes at a thousand members), not the index.
+#[derive(Debug, Clone, Default)]
+struct Named(Arc<Vec<Arc<RoaringBitmap>>>);
+
+impl Named {
+    fn of<'a>(entries: impl Iterator<Item = &'a ShardEntry>) -> Named {
+        let mut n = Named::default();
+        let none = ShardEntry::default();
+        for (s, e) in entries.enumerate() {
+            n.change(s as ShardId, &none, e);
+        }
+        n
+    }
+
+    fn get(&self, member: MemberIx) -> Option<&RoaringBitmap> {
+        self.0.get(usize::from(member)).map(|m| &**m)
+    }
+
+    fn names(e: &ShardEntry, m: MemberIx) -> bool {
+        e.owner == Some(m) || e.isr.contains(m) || e.learners.contains(m)
+    }
+
+    fn members(e: &ShardEntry) -> impl Iterator<Item = MemberIx> + '_ {
+        e.owner
+            .into_iter()
+            .chain(e.isr.as_slice().iter().copied())
+            .chain(e.learners.as_slice().iter().copied())
+    }
+
+    /// Shard `s`'s entry went from `before` to `after`.
+    fn change(&mut self, s: ShardId, before: &ShardEntry, after: &ShardEntry) {
+        for m in Named::members(before).filter(|&m| !Named::names(after, m)) {
+            self.slot(m).remove(s);
+        }
+        for m in Named::members(after).filter(|&m| !Named::names(before, m)) {
+            self.slot(m).insert(s);
+        }
+    }
+
+    fn slot(&mut self, m: MemberIx) -> &mut RoaringBitmap {
+        let all = Arc::make_mut(&mut self.0);
+        let m = usize::from(m);
+        if all.len() <= m {
+            all.resize_with(m + 1, Default::default);
+        }
+        Arc::make_mut(&mut all[m])
+    }
+}
+
+/// The same sets (slots past the end are empty).
+impl PartialEq for Named {
+    fn eq(&self, other: &Named) -> bool {
+        let n = self.0.len().max(other.0.len());
+        (0..n).all(|m| {
+            let m = m as MemberIx;
+            self.get(m).filter(|s| !s.is_empty()) == other.get(m).filter(|s| !s.is_empty())
+        })
     }
 }
 

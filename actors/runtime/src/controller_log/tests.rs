@@ -125,7 +125,7 @@ fn a_controller_restarts_from_its_log() {
         }
     };
     for _ in 0..40 {
-        ctl.tick();
+        ctl.tick().unwrap();
         drain(&mut ctl, &mut log);
     }
     assert!(ctl.is_leader());
@@ -140,7 +140,7 @@ fn a_controller_restarts_from_its_log() {
     assert!(log.state().snapshot.as_ref().unwrap().get_metadata().index > 1, "compacted");
     let mut again = Controller::restore(1, log.state().clone(), 16, cfg, 7).unwrap();
     for _ in 0..40 {
-        again.tick();
+        again.tick().unwrap();
         while again.ready().is_some() {}
     }
     assert_eq!(again.map(), ctl.map());
