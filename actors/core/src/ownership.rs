@@ -39,7 +39,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::ShardId;
-use crate::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap};
+use crate::shardmap::{MapCommand, MemberIx, ShardChange, ShardMap, REPLICAS_MAX};
 
 /// A write's number within one owner epoch of one shard.
 pub type Seq = u64;
@@ -651,8 +651,11 @@ impl<P: Clone> Ownership<P> {
                     restarted.push(shard);
                 }
             }
+            // A full ISR takes no promotion (the map would skip it): the controller's
+            // planner makes room first.
+            let room = o.isr.len() + 1 < REPLICAS_MAX;
             for (&m, l) in &mut o.learners {
-                if l.proposed_at.is_some_and(|at| now - at >= every) {
+                if room && l.proposed_at.is_some_and(|at| now - at >= every) {
                     l.proposed_at = Some(now);
                     again.push(promote(shard, o.epoch, m, *next));
                 }
@@ -708,6 +711,7 @@ impl<P: Clone> Ownership<P> {
             self.out.push_back(Effect::ReadReady { shard, seq });
         }
         let oldest_local_pending = o.pending.iter().find(|(_, p)| !p.local).map(|(s, _)| *s);
+        let room = o.isr.len() + 1 < REPLICAS_MAX;
         for (&to, l) in o.learners.iter_mut() {
             if !l.stream_sent && oldest_local_pending.is_none_or(|s| s >= l.from_seq) {
                 l.stream_sent = true;
@@ -717,7 +721,9 @@ impl<P: Clone> Ownership<P> {
                 // From now on every write waits for it too: promoted or not, it will hold
                 // every write acknowledged from here.
                 l.proposed_at = Some(now);
-                self.proposing.push(promote(shard, o.epoch, to, next));
+                if room {
+                    self.proposing.push(promote(shard, o.epoch, to, next));
+                }
             }
         }
     }

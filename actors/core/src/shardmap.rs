@@ -571,13 +571,9 @@ impl ShardMap {
             return;
         }
         m.state = gone;
-        let held: Vec<ShardId> = self
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.isr.contains(ix) || e.learners.contains(ix))
-            .map(|(s, _)| s as ShardId)
-            .collect();
+        let holds = |e: &ShardEntry| e.isr.contains(ix) || e.learners.contains(ix);
+        let held: Vec<ShardId> =
+            self.shards_of(ix).filter(|&s| self.shard(s).is_some_and(holds)).collect();
         for s in held {
             let mut e = *self.shards.get(s).expect("found above");
             e.learners.remove(ix);

@@ -914,3 +914,61 @@ fn a_node_reading_only_its_shards_of_a_change_acts_as_one_reading_every_shard() 
     }
     assert!(fewer_read > 1000, "changes large enough to read fewer shards: {fewer_read}");
 }
+
+/// An owner whose shard's ISR is full holds a caught-up learner's promotion (the map would
+/// skip it: an entry that changes nothing, proposed again and again) and proposes it once
+/// the controller made room.
+#[test]
+fn a_promotion_waits_for_room_in_the_isr() {
+    let mut map = ShardMap::new(1);
+    for n in ["a", "b", "c", "d", "e", "f"] {
+        map.apply(&MapCommand::Join { name: n.to_string(), incarnation: 1, capacity: 100 });
+    }
+    let full: Vec<MemberIx> = (0..crate::shardmap::REPLICAS_MAX as MemberIx).collect();
+    let run = crate::shardmap::AssignRun { start: 0, len: 1, replicas: full };
+    map.apply(&MapCommand::Assign(vec![run]));
+    let applied = map.apply(&MapCommand::Changes(vec![ShardChange::AddLearner {
+        shard: 0,
+        epoch: 1,
+        member: 5,
+    }]));
+    assert_eq!(applied.changed, [0]);
+    let cfg = OwnershipConfig { propose_every_ticks: 2, ..Default::default() };
+    let mut o: Ownership<W> = Ownership::new(0, 1, cfg);
+    o.map_replaced(&map);
+    let attempt = effects(&mut o)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Stream { attempt, to: 5, .. } => Some(attempt),
+            _ => None,
+        })
+        .expect("the learner is streamed to");
+    o.receive(5, Msg::Streamed { shard: 0, attempt });
+    let promotions = |out: Vec<Effect<W>>| -> Vec<ShardChange> {
+        out.into_iter()
+            .filter_map(|e| match e {
+                Effect::Propose(MapCommand::Changes(c)) => Some(c),
+                _ => None,
+            })
+            .flatten()
+            .filter(|c| matches!(c, ShardChange::Promote { .. }))
+            .collect()
+    };
+    for _ in 0..6 {
+        o.tick();
+        assert_eq!(promotions(effects(&mut o)), [], "no promotion into a full ISR");
+    }
+    // The controller removes an in-sync member: the promotion goes, at the new epoch.
+    let remove = ShardChange::Remove { shard: 0, epoch: 2, member: 4 };
+    let applied = map.apply(&MapCommand::Changes(vec![remove]));
+    o.map_applied(&map, &applied.changed);
+    let mut proposed = Vec::new();
+    for _ in 0..2 {
+        o.tick();
+        proposed.extend(promotions(effects(&mut o)));
+    }
+    assert!(
+        matches!(proposed[..], [ShardChange::Promote { epoch: 3, member: 5, .. }]),
+        "{proposed:?}"
+    );
+}

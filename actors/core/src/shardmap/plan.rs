@@ -279,7 +279,10 @@ pub fn desired(map: &ShardMap, ring: &Placement, shard: ShardId, r: usize) -> Ve
 }
 
 /// Moves toward the ring, one step per shard, at its current epoch:
-/// 1. a learner the ring no longer wants (or that died) is removed;
+/// 1. a learner the ring no longer wants (or that died) is removed, and a full ISR
+///    (`REPLICAS_MAX`) of a shard missing a wanted member gives up an in-sync member the
+///    ring does not want (not the owner): a promotion needs a free place, and moves planned
+///    while the ring changed under them (members joining) can fill the ISR;
 /// 2. a shard missing a wanted member gets it as a learner, while fewer than
 ///    `moves_in_flight_max` shards have one (its owner promotes it once it caught up),
 ///    unless that member's map is `behind` (counted: the second value returned);
@@ -315,6 +318,13 @@ pub fn plan_moves(
             continue;
         }
         let missing = want.iter().copied().find(|&m| !e.isr.contains(m));
+        if missing.is_some() && e.isr.len() >= REPLICAS_MAX {
+            let unwanted = e.isr.as_slice().iter().find(|&&m| m != owner && !want.contains(&m));
+            if let Some(&extra) = unwanted {
+                out.push(ShardChange::Remove { shard, epoch, member: extra });
+                continue;
+            }
+        }
         match missing {
             Some(m) if !e.learners.contains(m) => {
                 if behind.contains(&m) {
