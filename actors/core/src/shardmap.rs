@@ -399,6 +399,12 @@ impl ShardMap {
         self.shards.changed_since(&older.shards)
     }
 
+    /// Bytes of this map's shard table that `older` does not share: what keeping both
+    /// costs over one (an earlier version shares every part a change did not touch).
+    pub fn bytes_apart(&self, older: &ShardMap) -> usize {
+        self.shards.bytes_apart(&older.shards)
+    }
+
     /// The owner's name, if the shard has one.
     pub fn owner(&self, shard: ShardId) -> Option<&str> {
         self.shard(shard)?.owner.map(|o| self.name(o))

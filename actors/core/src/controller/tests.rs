@@ -555,7 +555,7 @@ fn members_compact_at_the_same_indices_and_share_the_snapshots() {
 }
 
 /// An entry's result is taken only for the same bytes applied to an equal map; only the
-/// last entries are kept.
+/// last entries are kept, in count and in the bytes they hold apart.
 #[test]
 fn a_shared_apply_is_taken_only_for_the_same_bytes_on_an_equal_map() {
     let shared = SharedMaps::default();
@@ -565,13 +565,15 @@ fn a_shared_apply_is_taken_only_for_the_same_bytes_on_an_equal_map() {
     let mut after = (*before).clone();
     let applied = after.apply(&cmd);
     let after = Arc::new(after);
-    let record = || SharedApply {
+    let weighed = |bytes| SharedApply {
         data: data.clone(),
         before: before.clone(),
         after: after.clone(),
         command: cmd.clone(),
         applied: applied.clone(),
+        bytes,
     };
+    let record = || weighed(data.len() + after.bytes_apart(&before));
     shared.record(5, record());
     // The same bytes (another buffer) on an equal map (another allocation): taken.
     let copy = Bytes::from(data.to_vec());
@@ -590,6 +592,41 @@ fn a_shared_apply_is_taken_only_for_the_same_bytes_on_an_equal_map() {
     }
     assert!(shared.applied(5, &data, &before).is_none());
     assert!(shared.applied(6, &data, &before).is_some());
+    // Bounded in bytes: entries that hold a quarter of the bound each, five of them.
+    let first = 10_000;
+    for index in first..first + 5 {
+        shared.record(index, weighed(SHARED_APPLIES_BYTES_MAX / 4));
+    }
+    let kept: Vec<u64> =
+        (first..first + 5).filter(|&i| shared.applied(i, &data, &before).is_some()).collect();
+    assert_eq!(kept, [first + 1, first + 2, first + 3, first + 4], "the oldest went first");
+    // One entry past the bound alone is kept (the newest always is).
+    shared.record(first + 5, weighed(SHARED_APPLIES_BYTES_MAX + 1));
+    assert!(shared.applied(first + 5, &data, &before).is_some());
+    assert!(shared.applied(first + 4, &data, &before).is_none());
+}
+
+/// What a map holds apart from an earlier version: the chunks and members' sets a change
+/// copied, nothing for a copy.
+#[test]
+fn a_map_holds_apart_only_what_its_changes_copied() {
+    let mut map = ShardMap::new(4096);
+    for name in ["a", "b"] {
+        map.apply(&join(name));
+    }
+    assert_eq!(map.clone().bytes_apart(&map), 0);
+    let before = map.clone();
+    let run = crate::shardmap::AssignRun { start: 0, len: 4096, replicas: vec![0, 1] };
+    map.apply(&MapCommand::Assign(vec![run]));
+    let entry = std::mem::size_of::<crate::shardmap::ShardEntry>();
+    let all = map.bytes_apart(&before);
+    assert!(all >= 4096 * entry, "{all}");
+    // One shard changed: one chunk of 1,024 entries and the sets of the members it names.
+    let before = map.clone();
+    let remove = ShardChange::Remove { shard: 5, epoch: 1, member: 1 };
+    assert_eq!(map.apply(&MapCommand::Changes(vec![remove])).changed, [5]);
+    let one = map.bytes_apart(&before);
+    assert!((1024 * entry..all / 2).contains(&one), "{one} of {all}");
 }
 
 #[test]

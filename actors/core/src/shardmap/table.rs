@@ -171,6 +171,25 @@ impl Table {
         Some(out)
     }
 
+    /// Bytes of this table's entries and index that `older` does not share (chunks and
+    /// members' sets that are other allocations): what keeping both costs over one.
+    pub fn bytes_apart(&self, older: &Table) -> usize {
+        let entry = std::mem::size_of::<ShardEntry>();
+        let chunks = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(c, a)| older.chunks.get(*c).is_none_or(|b| !Arc::ptr_eq(a, b)));
+        let chunks: usize = chunks.map(|(_, a)| a.len() * entry).sum();
+        let sets = self
+            .named
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(m, a)| older.named.0.get(*m).is_none_or(|b| !Arc::ptr_eq(a, b)));
+        chunks + sets.map(|(_, a)| a.serialized_size()).sum::<usize>()
+    }
+
     /// The tallies or the index recomputed from the entries differ from the ones kept.
     pub fn tally_drifted(&self) -> bool {
         Tally::of(self.iter()) != self.tally
