@@ -212,6 +212,14 @@ struct Owned {
     shrinking: BTreeMap<MemberIx, u64>,
 }
 
+impl Owned {
+    /// Whether the shard's ISR (the others and this owner) takes a promotion: the map
+    /// skips one into a full ISR, and the controller's planner makes room first.
+    fn isr_has_room(&self) -> bool {
+        self.isr.len() + 1 < REPLICAS_MAX
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Read {
     /// Members that have not confirmed this owner yet.
@@ -651,9 +659,7 @@ impl<P: Clone> Ownership<P> {
                     restarted.push(shard);
                 }
             }
-            // A full ISR takes no promotion (the map would skip it): the controller's
-            // planner makes room first.
-            let room = o.isr.len() + 1 < REPLICAS_MAX;
+            let room = o.isr_has_room();
             for (&m, l) in &mut o.learners {
                 if room && l.proposed_at.is_some_and(|at| now - at >= every) {
                     l.proposed_at = Some(now);
@@ -711,7 +717,7 @@ impl<P: Clone> Ownership<P> {
             self.out.push_back(Effect::ReadReady { shard, seq });
         }
         let oldest_local_pending = o.pending.iter().find(|(_, p)| !p.local).map(|(s, _)| *s);
-        let room = o.isr.len() + 1 < REPLICAS_MAX;
+        let room = o.isr_has_room();
         for (&to, l) in o.learners.iter_mut() {
             if !l.stream_sent && oldest_local_pending.is_none_or(|s| s >= l.from_seq) {
                 l.stream_sent = true;
