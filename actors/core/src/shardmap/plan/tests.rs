@@ -76,6 +76,33 @@ fn assert_on_ring(map: &ShardMap, r: usize) {
     }
 }
 
+/// Rounds with `pins` on top of the ring (2 replicas) until the planner has nothing left
+/// to do, every learner promoted as in `converge`; panics after 20. `check` sees each
+/// round's wanted replicas.
+fn settle_pinned(
+    map: &mut ShardMap,
+    live: &[UpMember],
+    cfg: &PlanConfig,
+    pins: &[(ShardId, &str)],
+    check: impl Fn(&ShardMap, &Desired),
+) {
+    for _ in 0..20 {
+        let mut desired = Desired::build(map, &ring_of(map), 2);
+        desired.pin(map, pins.iter().copied(), 2);
+        check(map, &desired);
+        let cmds = plan_with(map, live, &desired, cfg).commands;
+        if cmds.is_empty() && map.shards().all(|e| e.learners.is_empty()) {
+            return;
+        }
+        for cmd in &cmds {
+            apply(map, cmd);
+        }
+        promote_all(map);
+    }
+    let pinned: Vec<_> = pins.iter().map(|(s, _)| map.shard(*s)).collect();
+    panic!("the pins never settled: {pinned:?}");
+}
+
 fn started(names: &[&str], cfg: &PlanConfig) -> (ShardMap, Vec<UpMember>) {
     let mut map = ShardMap::new(SHARDS);
     let live: Vec<UpMember> = names.iter().map(|n| up(n, 1)).collect();
@@ -216,24 +243,11 @@ fn a_pinned_shard_moves_to_its_pinned_owner_and_back_when_unpinned() {
     let shard = 7;
     let ring_owner = map.owner(shard).unwrap().to_string();
     let to = ["a", "b", "c"].into_iter().find(|n| *n != ring_owner).unwrap();
-    let mut pinned_rounds = 0;
-    loop {
-        let ring = ring_of(&map);
-        let mut desired = Desired::build(&map, &ring, 2);
-        desired.pin(&map, [(shard, to), (shard + 1, "nobody")], 2);
+    settle_pinned(&mut map, &live, &cfg, &[(shard, to), (shard + 1, "nobody")], |map, desired| {
         assert_eq!(desired.of(shard)[0], map.member_ix(to).unwrap());
-        assert_eq!(desired.of(shard + 1), Desired::build(&map, &ring, 2).of(shard + 1));
-        let cmds = plan_with(&map, &live, &desired, &cfg).commands;
-        if cmds.is_empty() && map.shards().all(|e| e.learners.is_empty()) {
-            break;
-        }
-        for cmd in &cmds {
-            apply(&mut map, cmd);
-        }
-        promote_all(&mut map);
-        pinned_rounds += 1;
-        assert!(pinned_rounds < 20, "the pin never settled");
-    }
+        let unpinned = Desired::build(map, &ring_of(map), 2);
+        assert_eq!(desired.of(shard + 1), unpinned.of(shard + 1));
+    });
     assert_eq!(map.owner(shard), Some(to));
     assert_eq!(map.shard(shard).unwrap().isr.len(), 2);
     // Unpinned: back to the ring's placement.
@@ -296,22 +310,7 @@ fn a_full_isr_makes_room_before_a_wanted_member_learns() {
     assert_eq!(map.shard(shard).unwrap().isr.len(), REPLICAS_MAX);
     // The shard is pinned to a member outside it.
     let to = map.name(others[3]).to_string();
-    let mut rounds = 0;
-    loop {
-        let ring = ring_of(&map);
-        let mut desired = Desired::build(&map, &ring, 2);
-        desired.pin(&map, [(shard, to.as_str())], 2);
-        let cmds = plan_with(&map, &live, &desired, &cfg).commands;
-        if cmds.is_empty() && map.shards().all(|e| e.learners.is_empty()) {
-            break;
-        }
-        for cmd in &cmds {
-            apply(&mut map, cmd);
-        }
-        promote_all(&mut map);
-        rounds += 1;
-        assert!(rounds < 20, "never settled: {:?}", map.shard(shard));
-    }
+    settle_pinned(&mut map, &live, &cfg, &[(shard, to.as_str())], |_, _| {});
     assert_eq!(map.owner(shard), Some(to.as_str()));
     assert_eq!(map.shard(shard).unwrap().isr.len(), 2);
 }
