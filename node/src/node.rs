@@ -18,10 +18,9 @@ use botclaw_actors::store::{MemoryStore, StateStore, StoreLimits};
 use botclaw_actors::{RouterActor, RouterArgs};
 use botclaw_config::{NodeConfig, StoreEngine};
 use botclaw_core::auth::{ClusterKeys, Keyring};
-use botclaw_core::load::{LoadSummary, HOT_SHARDS_MAX, MOVES_MAX};
 use botclaw_core::ownership::OwnershipConfig;
 use botclaw_core::placement::Placement;
-use botclaw_core::rebalance::{MoveRecord, NodeLoad, Rebalancer, ShardLoad};
+use botclaw_core::rebalance::{LoadRounds, NodeLoad, Period, ShardLoad, LOAD_PERIOD_MS};
 use botclaw_core::shardmap::{leave_step, LeaveMode, LeaveStep, MapCommand};
 use botclaw_core::{Membership, NodeId};
 use ractor::Actor;
@@ -249,12 +248,6 @@ const DRAIN_LINGER: Duration = Duration::from_secs(2);
 /// gossip rounds: the time its peers take to hear that it gave up its role).
 const DRAIN_QUIET: Duration = Duration::from_millis(600);
 
-/// How often a node measures and spreads its load.
-const LOAD_PERIOD: Duration = Duration::from_secs(1);
-
-/// How long a node keeps vouching for a move it decided (its target vouches after that).
-const DECIDED_MOVES_KEPT: Duration = Duration::from_secs(30);
-
 /// What the load loop reads and decides with.
 struct LoadLoop {
     gossip: mpsc::Sender<GossipCommand>,
@@ -358,20 +351,17 @@ fn preview(
     }
 }
 
-/// Measures this node's load every [`LOAD_PERIOD`] and spreads it over gossip, with the
-/// moves it vouches for; every `rebalance.interval_ms` it runs the rebalancer on the
-/// cluster's loads and its own hottest shards.
+/// Measures this node's load every [`LOAD_PERIOD_MS`] and spreads it over gossip, with the
+/// moves it vouches for; the rounds ([`LoadRounds`]) decide, every `rebalance.interval_ms`,
+/// on the cluster's loads and its own hottest shards.
 async fn load_loop(l: LoadLoop) {
-    let core_cfg = botclaw_core::rebalance::RebalanceConfig::from(&l.rebalance);
-    let mut rebalancer = Rebalancer::new(core_cfg.clone());
-    let rounds_every = (l.rebalance.interval_ms / LOAD_PERIOD.as_millis() as u64).max(1);
-    let mut was_overloaded = false;
-    let mut decided: Vec<(MoveRecord, std::time::Instant)> = Vec::new();
-    let mut tick = tokio::time::interval(LOAD_PERIOD);
-    let mut last = (std::time::Instant::now(), l.metrics.conversations.turns.get());
+    let mut rounds = LoadRounds::new(&l.node, l.incarnation, &l.rebalance);
+    let core_cfg = rounds.config().clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(LOAD_PERIOD_MS));
+    let started = std::time::Instant::now();
+    let mut last = (started, l.metrics.conversations.turns.get());
     let mut last_served = l.dispatcher.modules.served();
-    let mut members_before: Vec<String> = Vec::new();
-    for seq in 1u64.. {
+    loop {
         tick.tick().await;
         let (now, turns) = (std::time::Instant::now(), l.metrics.conversations.turns.get());
         let period = now - last.0;
@@ -379,76 +369,36 @@ async fn load_loop(l: LoadLoop) {
         let turns_per_s = per_s(turns.saturating_sub(last.1));
         last = (now, turns);
         let served = l.dispatcher.modules.served();
-        let modules = served
+        let modules: Vec<(String, f32)> = served
             .iter()
             .zip(&last_served)
             .map(|((role, n), (_, before))| (role.clone(), per_s(n.saturating_sub(*before))))
             .collect();
         last_served = served;
-        let mut hot = l.dispatcher.take_hot_shards(core_cfg.shards_considered(), period);
+        let hot = l.dispatcher.take_hot_shards(core_cfg.shards_considered(), period);
         let nodes = cluster_loads(&l, turns_per_s);
         *l.preview.lock().expect("preview lock") = preview(&l, &core_cfg, &nodes, &hot);
-        if l.rebalance.enabled && seq % rounds_every == 0 {
-            // Members came or went, or shards are moving to new owners (learners in the
-            // map): the loads do not show the new placement yet.
-            let members: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-            let moving =
-                l.dispatcher.view.load().map.as_ref().is_some_and(|m| m.tally().learning > 0);
-            if members != members_before || moving {
-                rebalancer.hold();
-            }
-            members_before = members;
-            let avg = nodes.iter().map(|n| n.load).sum::<f64>() / nodes.len().max(1) as f64;
-            let mine = nodes.iter().find(|n| n.name == l.node);
-            let overloaded = mine.is_some_and(|m| {
-                m.load / f64::from(m.capacity.max(1))
-                    > core_cfg.overload_ratio * botclaw_core::rebalance::average(&nodes)
-            });
-            if nodes.len() >= 2
-                && avg >= f64::from(l.rebalance.min_turns_per_s)
-                && overloaded
-                && was_overloaded
-            {
-                let shards: Vec<ShardLoad> = hot
-                    .iter()
-                    .map(|(shard, rate)| ShardLoad { shard: *shard, rate: f64::from(*rate) })
-                    .collect();
-                let table = l.dispatcher.view.load();
-                for m in rebalancer.decide(&l.node, &nodes, &shards) {
-                    let record = table.moves.next_record(m.shard, &m.to, &l.node);
-                    tracing::info!(shard = m.shard, to = %m.to, "rebalancing: moving a hot shard");
-                    l.metrics.shards_moved.inc();
-                    decided.push((record, now));
-                }
-            }
-            was_overloaded = overloaded;
-        }
-        hot.truncate(HOT_SHARDS_MAX);
-        // A decided move is vouched for here until its target vouches for it (or for
-        // DECIDED_MOVES_KEPT), so the summary keeps room for fresh decisions.
-        {
-            let view = l.view.borrow();
-            decided.retain(|(r, at)| {
-                let adopted = view.loads.get(&r.to).is_some_and(|s| s.moves.contains(r));
-                !adopted && now.duration_since(*at) < DECIDED_MOVES_KEPT
-            });
-        }
-        let mut moves: Vec<MoveRecord> = decided.iter().map(|(r, _)| r.clone()).collect();
         let table = l.dispatcher.view.load();
-        moves.extend(table.moves.iter().filter(|r| r.to == l.node).cloned());
-        moves.truncate(MOVES_MAX);
-        let summary = LoadSummary {
-            node: l.node.clone(),
-            incarnation: l.incarnation,
-            seq,
-            turns_per_s,
-            active: l.dispatcher.host.active() as u32,
-            inflight: l.dispatcher.admission.inflight() as u32,
-            hot,
-            moves,
-            modules,
+        let decided = {
+            let view = l.view.borrow();
+            rounds.period(Period {
+                now_ms: now.duration_since(started).as_millis() as u64,
+                turns_per_s,
+                hot: &hot,
+                nodes: &nodes,
+                moving: table.map.as_ref().is_some_and(|m| m.tally().learning > 0),
+                loads: &view.loads,
+                moves: &table.moves,
+                active: l.dispatcher.host.active() as u32,
+                inflight: l.dispatcher.admission.inflight() as u32,
+                modules: &modules,
+            })
         };
-        if l.gossip.send(GossipCommand::PublishLoad(summary)).await.is_err() {
+        for m in &decided.moves {
+            tracing::info!(shard = m.shard, to = %m.to, "rebalancing: moving a hot shard");
+            l.metrics.shards_moved.inc();
+        }
+        if l.gossip.send(GossipCommand::PublishLoad(decided.summary)).await.is_err() {
             return;
         }
     }

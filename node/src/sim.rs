@@ -282,6 +282,15 @@ fn run_one(args: &SimArgs, key: Option<&str>, job: &Job, quiet: bool) -> Result<
                 report.unavailable_shard_s,
                 report.unavailable_shards_end
             );
+            let last = report
+                .load_moves_last_s
+                .map_or(String::new(), |s| format!(", the last at {s:.1} s"));
+            let _ = writeln!(
+                lines,
+                "  load: busiest owner over the average {:.3} (mean), {:.3} (last 10 s); {} \
+                 load-driven moves{last}",
+                report.load_max_over_avg_mean, report.load_max_over_avg_end, report.load_moves,
+            );
             (report.failures.clone(), report.simulated_s, summary, report.seed_series())
         }
         Model::Ring => {

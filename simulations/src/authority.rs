@@ -24,8 +24,10 @@ use botclaw_core::controller::{
     controller_id, Controller, ControllerConfig, ControllerError, ControllerId, Restored,
     SharedMaps,
 };
+use botclaw_core::load::member_loads;
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
+use botclaw_core::rebalance::{LoadRounds, MoveTable, Period, LOAD_PERIOD_MS};
 use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
 use botclaw_core::shardmap::{
     check_transition, leave_step, LeaveMode, LeaveStep, MapCommand, MemberIx, ShardMap,
@@ -33,6 +35,7 @@ use botclaw_core::shardmap::{
 use botclaw_core::{MemberState as Gossip, NodeId};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, Zipf};
 
 use crate::net::{NetModel, SimNet};
 use crate::timeline::Timeline;
@@ -81,6 +84,10 @@ pub struct AuthorityConfig {
     pub gossip_duplicate: f64,
     /// Ring points per member of the planner's ring.
     pub vnodes: u32,
+    /// The node's `[rebalance]` settings: every node runs its load loop ([`LoadRounds`]),
+    /// publishes its load over gossip and decides load-driven moves, which the leader's
+    /// planner pins. `None`: no load loop, no load gossip.
+    pub rebalance: Option<botclaw_config::RebalanceConfig>,
 }
 
 impl Default for AuthorityConfig {
@@ -107,6 +114,7 @@ impl Default for AuthorityConfig {
             gossip_loss: 0.0,
             gossip_duplicate: 0.0,
             vnodes: 64,
+            rebalance: None,
         }
     }
 }
@@ -157,6 +165,10 @@ pub struct AuthorityReport {
     /// Ticks at which a leader dropped the changes it had gathered (raft-rs refused them,
     /// or it no longer led); their owners propose them again.
     pub proposals_dropped: u64,
+    /// Load-driven moves the nodes' load loops decided, and when the last was decided
+    /// (simulated ms).
+    pub load_moves: u64,
+    pub load_moves_last_ms: Option<u64>,
     /// Checker findings (empty: nothing lost, no divergence, no rule broken).
     pub problems: Vec<String>,
     /// Per crash: seconds until every running node's failure detector declared the node
@@ -233,6 +245,12 @@ struct Node {
     held: VecDeque<Wire>,
     /// Writes it acknowledged as owner (for the load balance).
     acked: u64,
+    /// Its load loop (with `rebalance`), when its next period ends, and the writes it
+    /// took as owner in this period, in all and by shard.
+    load: Option<LoadRounds>,
+    load_due_ms: u64,
+    turns_period: u64,
+    shard_turns: BTreeMap<ShardId, u32>,
     /// Leaving (SIGTERM or an operator's drain), and when it last proposed its leave.
     leaving: Option<(LeaveMode, Option<u64>)>,
 }
@@ -300,6 +318,11 @@ pub struct Authority {
     by_raft: BTreeMap<ControllerId, usize>,
     /// Requests owed to the rate (thousandths of a request).
     write_credit: u64,
+    /// Which shards requests go to: uniform (`None`), or conversations by a Zipf law
+    /// (the shard of each, by rank).
+    popularity: Option<(Zipf<f64>, Vec<ShardId>)>,
+    /// Flash crowds: (requests per second, the shards of their conversations, credit).
+    flash: Vec<(u64, Arc<[ShardId]>, u64)>,
     /// Crashes, in order, with when the cluster noticed them.
     crashes: Vec<Crash>,
     /// Joins not yet settled, and settled ones, in order.
@@ -349,6 +372,8 @@ impl Authority {
             by_name: BTreeMap::new(),
             by_raft: BTreeMap::new(),
             write_credit: 0,
+            popularity: None,
+            flash: Vec::new(),
             crashes: Vec::new(),
             joins: Vec::new(),
             by_addr: BTreeMap::new(),
@@ -392,6 +417,10 @@ impl Authority {
             frozen: false,
             held: VecDeque::new(),
             acked: 0,
+            load: None,
+            load_due_ms: 0,
+            turns_period: 0,
+            shard_turns: BTreeMap::new(),
         });
         self.start(i);
     }
@@ -439,6 +468,10 @@ impl Authority {
         n.heard_ms = None;
         n.frozen = false;
         n.held.clear();
+        n.load = self.cfg.rebalance.as_ref().map(|r| LoadRounds::new(&n.name, n.incarnation, r));
+        n.load_due_ms = self.now_ms + LOAD_PERIOD_MS;
+        n.turns_period = 0;
+        n.shard_turns.clear();
         let restored = n.disk.clone();
         let seed = self.rng.random::<u64>();
         let mut controller = Controller::restore(
@@ -539,6 +572,24 @@ impl Authority {
     /// Client requests per simulated second from now on.
     pub fn set_writes_per_s(&mut self, writes_per_s: u64) {
         self.cfg.writes_per_s = writes_per_s;
+    }
+
+    /// Requests go to conversations by a Zipf law of exponent `s` (rank k: conversation
+    /// k, on `shards[k]`) instead of uniform random shards.
+    pub fn set_popularity(&mut self, s: f64, shards: Vec<ShardId>) -> Result<(), String> {
+        let zipf = Zipf::new(shards.len() as f64, s).map_err(|e| format!("zipf: {e}"))?;
+        self.popularity = Some((zipf, shards));
+        Ok(())
+    }
+
+    /// Flash crowds on top of the rate: (requests per second, the shards of their
+    /// conversations, uniform among them). The list keeps its length from call to call.
+    pub fn set_flash(&mut self, flash: &[(u64, Arc<[ShardId]>)]) {
+        self.flash.resize_with(flash.len(), || (0, Arc::from(Vec::new()), 0));
+        for (f, (rate, shards)) in self.flash.iter_mut().zip(flash) {
+            f.0 = *rate;
+            f.1 = shards.clone();
+        }
     }
 
     /// Latencies of acknowledged writes (submit to acknowledgement, simulated µs) since the
@@ -785,9 +836,17 @@ impl Authority {
         self.joins_settled();
         self.write_credit += self.cfg.writes_per_s * STEP_MS;
         for _ in 0..self.write_credit / 1000 {
-            self.submit();
+            self.submit(None);
         }
         self.write_credit %= 1000;
+        for f in 0..self.flash.len() {
+            self.flash[f].2 += self.flash[f].0 * STEP_MS;
+            for _ in 0..self.flash[f].2 / 1000 {
+                self.submit(Some(f));
+            }
+            self.flash[f].2 %= 1000;
+        }
+        self.load_periods();
         self.check();
     }
 
@@ -1073,10 +1132,19 @@ impl Authority {
                 ..UpMember::new(m.id.name.clone(), m.id.incarnation, m.id.capacity)
             })
             .collect();
+        // Load-driven moves in force, as the leader's gossip shows them: the planner pins
+        // them (the node's `plan_round`).
+        let moves = match self.cfg.rebalance {
+            Some(_) => {
+                membership.with_loads(|l| MoveTable::merge(l.values().flat_map(|s| &s.moves)))
+            }
+            None => MoveTable::default(),
+        };
+        let pins = moves.iter().map(|r| (r.shard, r.to.as_str()));
         let now = self.now_ms;
         let (_, planner) = self.planner.as_mut().expect("set above");
         let c = self.nodes[l].controller.as_mut().expect("the leader runs");
-        let Round { group, mut commands } = planner.round(now, c, &up, []);
+        let Round { group, mut commands } = planner.round(now, c, &up, pins);
         if self.cfg.force_unavailable {
             let map = c.map();
             let first = map.active_members().first().map(|m| m.name.clone()).unwrap_or_default();
@@ -1094,8 +1162,74 @@ impl Authority {
         self.drain(l);
     }
 
-    /// A client write at a random running gateway, routed by the gateway's map.
-    fn submit(&mut self) {
+    /// Every running node whose load period ended runs its load loop: its turns and
+    /// hottest shards of the period, the loads and moves its gossip shows, the members its
+    /// map makes owners; then it publishes the summary over gossip, as a node does.
+    fn load_periods(&mut self) {
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            if !n.running || n.frozen || n.load.is_none() || self.now_ms < n.load_due_ms {
+                continue;
+            }
+            n.load_due_ms += LOAD_PERIOD_MS;
+            let per_s = 1000.0 / LOAD_PERIOD_MS as f32;
+            let turns_per_s = std::mem::take(&mut n.turns_period) as f32 * per_s;
+            let shard_turns = std::mem::take(&mut n.shard_turns);
+            let (Some(rounds), Some(c)) = (n.load.as_mut(), n.controller.as_ref()) else {
+                continue;
+            };
+            let Some(membership) = self.net.membership(n.addr) else { continue };
+            let mut hot: Vec<(ShardId, u32)> = shard_turns.into_iter().collect();
+            hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            hot.truncate(rounds.config().shards_considered());
+            let hot: Vec<(ShardId, f32)> =
+                hot.into_iter().map(|(s, t)| (s, t as f32 * per_s)).collect();
+            let map = c.map();
+            let active = |name: &str| {
+                map.member_ix(name)
+                    .and_then(|ix| map.member(ix))
+                    .is_some_and(|m| m.state == botclaw_core::shardmap::MemberState::Active)
+            };
+            let members: Vec<(String, u32)> = map
+                .members()
+                .iter()
+                .filter(|m| m.state == botclaw_core::shardmap::MemberState::Active)
+                .map(|m| (m.name.clone(), m.capacity))
+                .collect();
+            let now_ms = self.now_ms;
+            let decided = membership.with_loads(|loads| {
+                // Routing's table: the moves every summary vouches for, to active members.
+                let mut moves = MoveTable::merge(loads.values().flat_map(|l| &l.moves));
+                moves.retain_targets(active);
+                let nodes = member_loads(members, loads, &moves.moved_in(), &n.name, turns_per_s);
+                rounds.period(Period {
+                    now_ms,
+                    turns_per_s,
+                    hot: &hot,
+                    nodes: &nodes,
+                    moving: map.tally().learning > 0,
+                    loads,
+                    moves: &moves,
+                    active: 0,
+                    inflight: 0,
+                    modules: &[],
+                })
+            });
+            self.report.load_moves += decided.moves.len() as u64;
+            if !decided.moves.is_empty() {
+                self.report.load_moves_last_ms = Some(now_ms);
+            }
+            let addr = n.addr;
+            if let Some(m) = self.net.membership_mut(addr) {
+                // A summary is bounded (`LoadSummary::to_bytes`) and always encodes.
+                let _ = m.publish_load(&decided.summary);
+            }
+        }
+    }
+
+    /// A client write at a random running gateway, routed by the gateway's map; to a
+    /// random shard, a conversation drawn by popularity, or one of flash crowd `flash`'s.
+    fn submit(&mut self, flash: Option<usize>) {
         // A few draws find a running gateway unless most nodes are down (then the client
         // finds none this time).
         let n = self.nodes.len();
@@ -1105,7 +1239,19 @@ impl Authority {
         else {
             return;
         };
-        let shard = self.rng.random_range(0..self.active_shards.unwrap_or(self.cfg.shards).max(1));
+        let shard = match (flash, &self.popularity) {
+            (Some(f), _) => {
+                let shards = &self.flash[f].1;
+                let Some(&shard) = shards.get(self.rng.random_range(0..shards.len().max(1))) else {
+                    return;
+                };
+                shard
+            }
+            (None, Some((zipf, shards))) => shards[zipf.sample(&mut self.rng) as usize - 1],
+            (None, None) => {
+                self.rng.random_range(0..self.active_shards.unwrap_or(self.cfg.shards).max(1))
+            }
+        };
         let read = self.rng.random_range(0..100) < self.cfg.reads_percent;
         if !read {
             self.report.writes_submitted += 1;
@@ -1139,8 +1285,11 @@ impl Authority {
         self.next_write += 1;
         match machine.submit(shard, w) {
             Ok(seq) => {
-                self.nodes[o].seqs.insert(seq, w);
-                self.nodes[o].seq_at.insert(seq, self.now_ms);
+                let n = &mut self.nodes[o];
+                n.seqs.insert(seq, w);
+                n.seq_at.insert(seq, self.now_ms);
+                n.turns_period += 1;
+                *n.shard_turns.entry(shard).or_default() += 1;
             }
             Err(_) => self.report.writes_failed += 1,
         }

@@ -16,6 +16,9 @@
 //! in-sync member acknowledges).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use botclaw_core::placement::{shard_of, ShardId};
 
 use botclaw_core::shardmap::plan::PlanConfig;
 use botclaw_core::shardmap::LeaveMode;
@@ -82,6 +85,12 @@ pub struct MapReport {
     pub latency_ms_p999: f64,
     pub load_max_over_avg_mean: f64,
     pub load_max_over_avg_max: f64,
+    /// The busiest owner over the average, mean over the samples of the last 10 s.
+    pub load_max_over_avg_end: f64,
+    /// Load-driven moves the nodes decided (`botclaw_shards_moved_total` summed), and
+    /// when the last one was decided.
+    pub load_moves: u64,
+    pub load_moves_last_s: Option<f64>,
     /// Entries the controller committed, leaders it had.
     pub entries: u64,
     /// Committed entries by command kind (`raft`: the group's own, membership changes and
@@ -303,25 +312,41 @@ pub fn config_of(sc: &Scenario) -> AuthorityConfig {
         plan: PlanConfig::of(&sc.controller, sc.replication.factor),
         controller: sc.controller.clone(),
         tick_ms: sc.controller.tick_ms,
+        // Off, the node still gossips its load (for `/status`), but decides nothing; the
+        // map model then skips the load gossip too, which costs every node a summary per
+        // member per second (at 1000 nodes, the first 30 s: 49.6 -> 77.5 s wall).
+        rebalance: sc.rebalance.enabled.then(|| sc.rebalance.clone()),
         ..AuthorityConfig::default()
     }
 }
 
-/// The request rate at `t_ms`.
-fn rate_at(sc: &Scenario, t_ms: u64) -> u64 {
+/// The request rate at `t_ms` (the diurnal curve), and each flash crowd's.
+fn rate_at(sc: &Scenario, t_ms: u64) -> (u64, Vec<u64>) {
     let t = t_ms as f64 / 1000.0;
     let w = &sc.workload;
     if t < w.start_s {
-        return 0;
+        return (0, vec![0; w.flash.len()]);
     }
     let phase = 2.0 * std::f64::consts::PI * t / w.diurnal_period_s.max(1e-9);
-    let mut rate = w.turns_per_s * (1.0 + w.diurnal_amplitude * phase.sin());
-    for f in &w.flash {
-        if t >= f.at_s && t < f.at_s + f.duration_s {
-            rate += f.turns_per_s;
-        }
-    }
-    rate.max(0.0).round() as u64
+    let rate = w.turns_per_s * (1.0 + w.diurnal_amplitude * phase.sin());
+    let flash = w
+        .flash
+        .iter()
+        .map(|f| {
+            let on = t >= f.at_s && t < f.at_s + f.duration_s;
+            if on {
+                f.turns_per_s.max(0.0).round() as u64
+            } else {
+                0
+            }
+        })
+        .collect();
+    (rate.max(0.0).round() as u64, flash)
+}
+
+/// The shard of conversation `k` (named `{prefix}-{k}`, as `botclaw bench` names them).
+fn conversation_shard(sc: &Scenario, k: usize) -> ShardId {
+    shard_of(&format!("{}-{k}", sc.workload.prefix), sc.placement.shard_count)
 }
 
 /// Runs `sc` with `seed` on the authoritative protocol; `progress` gets the fraction of
@@ -329,6 +354,26 @@ fn rate_at(sc: &Scenario, t_ms: u64) -> u64 {
 pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport {
     let mut a = Authority::new(config_of(&sc), seed);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5ce7a);
+    if sc.workload.zipf_s > 0.0 {
+        let shards =
+            (0..sc.workload.conversations.max(1)).map(|k| conversation_shard(&sc, k)).collect();
+        a.set_popularity(sc.workload.zipf_s, shards).expect("the scenario's Zipf exponent");
+    }
+    // Each flash crowd's conversations, drawn once.
+    let mut flash_rng = StdRng::seed_from_u64(seed ^ 0xf1a5);
+    let flash_sets: Vec<Arc<[ShardId]>> = sc
+        .workload
+        .flash
+        .iter()
+        .map(|f| {
+            (0..f.conversations)
+                .map(|_| {
+                    let k = flash_rng.random_range(0..sc.workload.conversations.max(1));
+                    conversation_shard(&sc, k)
+                })
+                .collect()
+        })
+        .collect();
     let mut plan: BTreeMap<u64, Vec<Action>> = BTreeMap::new();
     for f in &sc.faults {
         let at = (f.at_s * 1000.0) as u64;
@@ -378,7 +423,11 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
                 restart_when_left.remove(&i);
             }
         }
-        a.set_writes_per_s(rate_at(&sc, t));
+        let (rate, flash) = rate_at(&sc, t);
+        a.set_writes_per_s(rate);
+        let flash: Vec<(u64, Arc<[ShardId]>)> =
+            flash.into_iter().zip(&flash_sets).map(|(r, s)| (r, s.clone())).collect();
+        a.set_flash(&flash);
         t += TICK_MS;
         a.run_until(t);
         if t % sample_ms == 0 {
@@ -470,6 +519,17 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
             balances.iter().sum::<f64>() / balances.len() as f64
         },
         load_max_over_avg_max: balances.iter().copied().fold(0.0, f64::max),
+        load_max_over_avg_end: {
+            let since = sc.duration_s as f64 - 10.0;
+            let end: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.t_s > since && s.load_max_over_avg > 0.0)
+                .map(|s| s.load_max_over_avg)
+                .collect();
+            end.iter().fold(0.0, |a, b| a + b) / end.len().max(1) as f64
+        },
+        load_moves: r.load_moves,
+        load_moves_last_s: r.load_moves_last_ms.map(|ms| ms as f64 / 1000.0),
         entries: r.entries,
         entries_by_kind: r.entries_by_kind.clone(),
         leader_changes: r.leader_changes,

@@ -113,6 +113,9 @@ pub struct Workload {
     pub turns_per_s: f64,
     /// Zipf exponent of conversation popularity (0: uniform).
     pub zipf_s: f64,
+    /// Conversation ids are `{prefix}-{k}`, as `botclaw bench --prefix` names them: the
+    /// map model places them on shards by their hash, as a node does.
+    pub prefix: String,
     /// Diurnal curve: rate * (1 + amplitude * sin(2 pi t / period)).
     pub diurnal_amplitude: f64,
     pub diurnal_period_s: f64,
@@ -130,6 +133,7 @@ impl Default for Workload {
             conversations: 10_000,
             turns_per_s: 500.0,
             zipf_s: 0.0,
+            prefix: "sim".into(),
             diurnal_amplitude: 0.0,
             diurnal_period_s: 86_400.0,
             flash: Vec::new(),

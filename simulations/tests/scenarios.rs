@@ -113,6 +113,42 @@ fn the_rebalancer_spreads_a_hot_spot() {
     );
 }
 
+/// The same on the controller's map: every node runs the node's load loop (load gossip,
+/// the rebalancer's rules), the leader's planner pins the moves its gossip shows, and the
+/// flash crowd's conversations land on their shards by name. Shards move, the busiest
+/// owner's share falls, nothing is lost.
+#[test]
+fn by_the_map_the_rebalancer_spreads_a_hot_spot() {
+    let mut on = small("hot-spot", 60);
+    on.workload.turns_per_s = 1500.0;
+    let mut off = on.clone();
+    off.rebalance.enabled = false;
+    let with = botclaw_sim::by_map::run(on, 1, |_| {});
+    let without = botclaw_sim::by_map::run(off, 1, |_| {});
+    for r in [&with, &without] {
+        assert!(r.failures.is_empty() && r.writes_lost == 0, "{}", r.to_json());
+    }
+    assert!(
+        with.load_moves > 0 && without.load_moves == 0,
+        "{} {}",
+        with.load_moves,
+        without.load_moves
+    );
+    assert!(with.owner_changes > without.owner_changes, "the moves never reached the map");
+    let late = |r: &botclaw_sim::by_map::MapReport| {
+        let tail: Vec<f64> =
+            r.samples.iter().filter(|s| s.t_s > 45.0).map(|s| s.load_max_over_avg).collect();
+        tail.iter().sum::<f64>() / tail.len() as f64
+    };
+    eprintln!("by the map, late max/avg: with {:.3}, without {:.3}", late(&with), late(&without));
+    assert!(
+        late(&with) < late(&without),
+        "with the rebalancer {:.3}, without {:.3}",
+        late(&with),
+        late(&without)
+    );
+}
+
 /// Every shipped scenario file, by name.
 fn shipped_names() -> Vec<String> {
     let dir = format!("{}/scenarios", env!("CARGO_MANIFEST_DIR"));

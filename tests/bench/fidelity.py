@@ -15,18 +15,27 @@ SIGKILL. Measured the same way on both sides:
   and joins; from its start until the leader's map names it owner of a shard, and until it
   is settled: owner of shards with no move in flight and the leader's plan settled (real:
   the leader's `/status` `controller.owned`, `moves_in_flight`, `plan_settled`).
-The simulator runs `botclaw sim --model map` (the same membership, controller, planner and
-ownership code) on a scenario this script writes, with the node's placement settings
+- skew: on a fresh cluster whose nodes rebalance every second (`[rebalance]` below, on
+  both sides), a load over Zipf-popular conversations (`bench --skew`, the same
+  conversation names in the simulator, so the same shards on the same owners); the
+  busiest member's turns/s over the average at the start (2-6 s in) and over the last
+  10 s, the load-driven moves decided, and when the last one was (real: every node's
+  `/status` members' loads, as gossip brings them, and `botclaw_shards_moved_total`,
+  polled every 0.5 s; simulated: the owners' acknowledged writes per second and the
+  load loops' decisions).
+The simulator runs `botclaw sim --model map` (the same membership, controller, planner,
+ownership and load-loop code) on a scenario this script writes, with the node's placement settings
 (shard count, virtual nodes: `botclaw node --check-config`); several seeds, several real
 runs, medians. Prints a Markdown table.
 
 Standard library only. Every process it starts is killed by pid, also on failure.
 
     python3 tests/bench/fidelity.py [--bin target/release/botclaw] [--nodes 5] [--runs 3]
-        [--seeds 5] [--json OUT.json]
+        [--seeds 5] [--skew-s 40] [--json OUT.json]
 """
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -37,6 +46,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import side_by_side as sbs  # noqa: E402  (the cluster helpers: start, status, stop_all)
@@ -44,6 +54,14 @@ import side_by_side as sbs  # noqa: E402  (the cluster helpers: start, status, s
 KILL_AT_S = 10
 # The simulated join, after the kill (the real one waits for the map to be at rest).
 JOIN_AFTER_S = 10
+# The skewed load: Zipf exponent, conversations, and the rebalancer's settings on both
+# sides (a round every second, so that it settles within the run; the node's default is
+# every 5 s with a 6-round cooldown).
+SKEW_ZIPF = 1.2
+SKEW_CONVERSATIONS = 500
+REBALANCE = "[rebalance]\ninterval_ms = 1000\ncooldown_rounds = 2\nmin_turns_per_s = 5\n"
+# The simulated load starts once the cluster formed (the real one once it is ready).
+SKEW_START_S = 10
 
 
 def member_state(admin, name):
@@ -92,6 +110,72 @@ def join_run(args, work, seed, admins):
                 settled = now
         time.sleep(0.02)
     return owning, settled
+
+
+def member_loads(admin):
+    """Each up member's turns/s as gossip brought them to this node (None: one missing)."""
+    loads = {}
+    for m in sbs.status(admin)["members"]:
+        if m["state"] != "up":
+            continue
+        rate = (m.get("load") or {}).get("turns_per_s")
+        if rate is None:
+            return None
+        loads[m["name"]] = rate
+    return loads
+
+
+def shards_moved(admins):
+    """Load-driven moves decided so far, over every node's `/metrics`."""
+    total = 0.0
+    for a in admins:
+        with urllib.request.urlopen(f"http://127.0.0.1:{a}/metrics", timeout=2) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("botclaw_shards_moved_total"):
+                    total += float(line.split()[-1])
+    return total
+
+
+def imbalance(rates):
+    avg = sum(rates) / len(rates)
+    return max(rates) / avg if avg > 0 else None
+
+
+def skew_run(args, work):
+    """A fresh cluster under a skewed load for `--skew-s`: how unbalanced, how many moves,
+    when the last, how balanced at the end."""
+    clients, admins, _ = sbs.start_cluster(args.bin, args.nodes, False, work, REBALANCE)
+    cmd = [args.bin, "bench", "--connections", "4", "--pipeline", "1",
+           "--conversations", str(SKEW_CONVERSATIONS), "--skew", str(SKEW_ZIPF),
+           "--turns", "1000000000", "--prefix", "fidskew"]
+    for c in clients:
+        cmd += ["--connect", f"127.0.0.1:{c}"]
+    sbs.start(cmd, os.path.join(work, "bench.log"))
+    started = time.monotonic()
+    polls, last_move, moved = [], None, shards_moved(admins)
+    first = moved
+    while (now := time.monotonic() - started) < args.skew_s:
+        try:
+            loads = member_loads(admins[0])
+            m = shards_moved(admins)
+        except Exception:
+            time.sleep(0.5)
+            continue
+        if loads and len(loads) == args.nodes and imbalance(list(loads.values())):
+            polls.append((now, imbalance(list(loads.values())), sum(loads.values())))
+        if m != moved:
+            moved, last_move = m, now
+        time.sleep(0.5)
+    sbs.stop_all()
+    early = [i for t, i, _ in polls if 2 <= t < 6]
+    late = [i for t, i, _ in polls if t >= args.skew_s - 10]
+    return {
+        "skew_imbalance_start": statistics.median(early) if early else None,
+        "skew_imbalance_end": statistics.mean(late) if late else None,
+        "skew_moves": moved - first,
+        "skew_last_move_s": last_move,
+        "skew_turns_per_s": statistics.median(r for t, _, r in polls if t >= 2) if polls else 0,
+    }
 
 
 def real_run(args, work):
@@ -155,15 +239,24 @@ def node_placement(bin_):
     return f"[placement]\nshard_count = {p['shard_count']}\nvnodes = {p['vnodes']}\n"
 
 
-def simulate(args, work, name, turns_per_s, crash):
-    """Runs a scenario (with the crash or without) for every seed; their summaries."""
+def simulate(args, work, name, turns_per_s, crash, skew=False):
+    """Runs a scenario (with the crash, the skewed load, or neither) for every seed; their
+    summaries and sample series."""
     scenario = os.path.join(work, f"{name}.toml")
+    duration = SKEW_START_S + args.skew_s if skew else KILL_AT_S + JOIN_AFTER_S + 30
     with open(scenario, "w") as f:
         f.write(
-            f'name = "{name}"\nnodes = {args.nodes}\nduration_s = {KILL_AT_S + JOIN_AFTER_S + 30}\n'
-            f"seed = 1\n{node_placement(args.bin)}"
-            f"[workload]\nconversations = 500\nturns_per_s = {max(1, round(turns_per_s))}\n"
+            f'name = "{name}"\nnodes = {args.nodes}\nduration_s = {duration}\n'
+            f"seed = 1\nsample_ms = 1000\n{node_placement(args.bin)}"
         )
+        if skew:
+            f.write(
+                f"{REBALANCE}[workload]\nstart_s = {SKEW_START_S}\n"
+                f"conversations = {SKEW_CONVERSATIONS}\nzipf_s = {SKEW_ZIPF}\n"
+                f'prefix = "fidskew"\nturns_per_s = {max(1, round(turns_per_s))}\n'
+            )
+        else:
+            f.write(f"[workload]\nconversations = 500\nturns_per_s = {max(1, round(turns_per_s))}\n")
         if crash:
             f.write(f'[[faults]]\nat_s = {KILL_AT_S}\nkind = "crash"\nnodes = [{args.nodes - 1}]\n')
             f.write(f'[[faults]]\nat_s = {KILL_AT_S + JOIN_AFTER_S}\nkind = "join"\ncount = 1\n')
@@ -172,18 +265,26 @@ def simulate(args, work, name, turns_per_s, crash):
                     "--quiet", "--out", out], check=True, capture_output=True, timeout=1800)
     summaries = []
     for seed in range(1, args.seeds + 1):
-        with open(os.path.join(out, f"{name}-map-seed{seed}", "summary.json")) as f:
-            summaries.append(json.load(f))
+        d = os.path.join(out, f"{name}-map-seed{seed}")
+        with open(os.path.join(d, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(d, "series.csv")) as f:
+            summary["series"] = list(csv.DictReader(f))
+        summaries.append(summary)
     return summaries
 
 
-def sim_runs(args, work, turns_per_s):
+def sim_runs(args, work, turns_per_s, skew_turns_per_s):
     """Per seed: the crash's times from a run with it, the latencies from one without (the
-    real latencies are measured before the kill)."""
+    real latencies are measured before the kill), the skew's from a run with it."""
     crashed = simulate(args, work, "fidelity-crash", turns_per_s, True)
     steady = simulate(args, work, "fidelity-steady", turns_per_s, False)
+    skewed = simulate(args, work, "fidelity-skew", skew_turns_per_s, False, skew=True)
     runs = []
-    for c, s in zip(crashed, steady):
+    for c, s, k in zip(crashed, steady, skewed):
+        early = [float(r["load_max_over_avg"]) for r in k["series"]
+                 if SKEW_START_S + 2 < float(r["t_s"]) <= SKEW_START_S + 6]
+        last = k["load_moves_last_s"]
         crash = c["crashes"][0] if c["crashes"] else {}
         join = c["joins"][0] if c["joins"] else {}
         runs.append({
@@ -193,6 +294,10 @@ def sim_runs(args, work, turns_per_s):
             "join_settled_s": join.get("settled_s"),
             "p50_ms": s["latency_ms_p50"],
             "p99_ms": s["latency_ms_p99"],
+            "skew_imbalance_start": statistics.median(early) if early else None,
+            "skew_imbalance_end": k["load_max_over_avg_end"],
+            "skew_moves": k["load_moves"],
+            "skew_last_move_s": None if last is None else last - SKEW_START_S,
         })
     return runs
 
@@ -205,7 +310,15 @@ def med(runs, key):
 
 
 def fmt(x, unit):
-    return "never" if x is None else f"{x:.3f} {unit}" if unit == "s" else f"{x:.2f} {unit}"
+    if x is None:
+        return "never"
+    if unit == "s":
+        return f"{x:.3f} s"
+    if unit == "x":
+        return f"{x:.2f}x"
+    if unit == "moves":
+        return f"{x:.0f} moves"
+    return f"{x:.2f} {unit}"
 
 
 def main():
@@ -215,20 +328,25 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="real runs")
     ap.add_argument("--seeds", type=int, default=5, help="simulated seeds")
     ap.add_argument("--turns", type=int, default=20_000, help="turns of the latency load")
+    ap.add_argument("--skew-s", type=int, default=40, help="seconds of the skewed load")
     ap.add_argument("--json", help="also write every run to this file")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="botclaw-fidelity-")
     try:
         real = [real_run(args, os.path.join(work, f"real{i}")) for i in range(args.runs)]
+        for i, r in enumerate(real):
+            r.update(skew_run(args, os.path.join(work, f"skew{i}")))
         rate = statistics.median(r["turns_per_s"] for r in real)
-        sim = sim_runs(args, work, rate)
+        skew_rate = statistics.median(r["skew_turns_per_s"] for r in real)
+        sim = sim_runs(args, work, rate, skew_rate)
     finally:
         sbs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     print(f"`python3 tests/bench/fidelity.py --nodes {args.nodes} --runs {args.runs} --seeds "
           f"{args.seeds}`: {args.nodes} nodes in memory, the last killed with SIGKILL; real: "
           f"{args.runs} runs, simulated (`--model map`, {rate:,.0f} turns/s as measured): "
-          f"{args.seeds} seeds; medians\n")
+          f"{args.seeds} seeds; medians. Skew: Zipf {SKEW_ZIPF} over {SKEW_CONVERSATIONS} "
+          f"conversations, {skew_rate:,.0f} turns/s, {args.skew_s} s\n")
     print("| measure | simulated | real | simulated / real |")
     print("|---|---|---|---|")
     for key, what, unit in [
@@ -238,6 +356,10 @@ def main():
         ("join_settled_s", "a new node's start to its moves done and the plan settled", "s"),
         ("p50_ms", "turn latency p50", "ms"),
         ("p99_ms", "turn latency p99", "ms"),
+        ("skew_imbalance_start", "skewed load: busiest member over the average, 2-6 s in", "x"),
+        ("skew_imbalance_end", "skewed load: busiest member over the average, last 10 s", "x"),
+        ("skew_moves", "skewed load: load-driven moves decided", "moves"),
+        ("skew_last_move_s", "skewed load: its start to the last move decided", "s"),
     ]:
         s, r = med(sim, key), med(real, key)
         ratio = f"{s / r:.2f}x" if s is not None and r else "-"

@@ -90,14 +90,15 @@ def cluster_ready(admins, n):
     return any((status(a).get("controller") or {}).get("plan_settled") for a in admins)
 
 
-def start_node(bin_, i, durable, work, seed):
-    """Starts node n{i} (founding without a seed); returns (client, admin, gossip) ports."""
+def start_node(bin_, i, durable, work, seed, config=""):
+    """Starts node n{i} (founding without a seed), with `config` appended to its file;
+    returns (client, admin, gossip) ports."""
     ports = [free_port() for _ in range(4)]
     d = os.path.join(work, f"n{i}")
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "node.toml")
     with open(cfg, "w") as f:
-        f.write("[store]\nephemeral = %s\n" % ("false" if durable else "true"))
+        f.write("[store]\nephemeral = %s\n%s" % ("false" if durable else "true", config))
     cmd = [bin_, "node", "--config", cfg, "--name", f"n{i}",
            "--client-addr", f"127.0.0.1:{ports[0]}", "--cluster-addr", f"127.0.0.1:{ports[1]}",
            "--gossip-addr", f"127.0.0.1:{ports[2]}", "--admin-addr", f"127.0.0.1:{ports[3]}",
@@ -110,13 +111,13 @@ def start_node(bin_, i, durable, work, seed):
     return ports[0], ports[3], f"127.0.0.1:{ports[2]}"
 
 
-def start_cluster(bin_, n, durable, work):
+def start_cluster(bin_, n, durable, work, config=""):
     """Starts n nodes (node 0 founds, the others seed to it); returns (clients, admins,
     node 0's gossip address)."""
     clients, admins = [], []
     seed = None
     for i in range(n):
-        client, admin, gossip = start_node(bin_, i, durable, work, seed)
+        client, admin, gossip = start_node(bin_, i, durable, work, seed, config)
         seed = seed or gossip
         clients.append(client)
         admins.append(admin)

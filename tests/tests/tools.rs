@@ -316,13 +316,14 @@ fn table_rows<'a>(stdout: &'a str, header: &str) -> Vec<Vec<&'a str>> {
 /// `tests/bench/fidelity.py`, the simulator against real processes, runs end to end at a
 /// small size: both sides measure the kill's detection and reassignment (within the
 /// failure detector's few seconds), a new node's way in (a first shard owned, then its
-/// moves done) and a latency.
+/// moves done), a latency, and a skewed load rebalanced (both sides' load loops decide
+/// moves within the run).
 #[test]
 fn fidelity_script_prints_simulated_and_real_side_by_side() {
-    let args = ["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500"];
+    let args = ["--nodes", "4", "--runs", "1", "--seeds", "2", "--turns", "500", "--skew-s", "20"];
     let Some(stdout) = bench_script("fidelity.py", &args, &[]) else { return };
     let rows = table_rows(&stdout, "| measure");
-    assert_eq!(rows.len(), 6, "{stdout}");
+    assert_eq!(rows.len(), 10, "{stdout}");
     let secs = |cell: &str| cell.trim_end_matches(" s").parse::<f64>().unwrap_or(f64::NAN);
     for row in &rows[..2] {
         for cell in [row[2], row[3]] {
@@ -335,8 +336,19 @@ fn fidelity_script_prints_simulated_and_real_side_by_side() {
         let (o, s) = (secs(owning[col]), secs(settled[col]));
         assert!(0.0 < o && o <= s && s < 60.0, "{owning:?} {settled:?} in\n{stdout}");
     }
-    for row in &rows[4..] {
+    for row in &rows[4..6] {
         assert!(row[2].ends_with(" ms") && row[3].ends_with(" ms"), "{row:?}");
+    }
+    // The skew: unbalanced at the start on both sides, moves decided, the last one within
+    // the run, and no worse at the end than at the start.
+    let times = |cell: &str| cell.trim_end_matches('x').parse::<f64>().unwrap_or(f64::NAN);
+    let moves = |cell: &str| cell.trim_end_matches(" moves").parse::<f64>().unwrap_or(f64::NAN);
+    for col in [2, 3] {
+        let (start, end) = (times(rows[6][col]), times(rows[7][col]));
+        assert!(start > 1.1 && end <= start, "{:?} {:?} in\n{stdout}", rows[6], rows[7]);
+        assert!(moves(rows[8][col]) >= 1.0, "{:?} in\n{stdout}", rows[8]);
+        let last = secs(rows[9][col]);
+        assert!(0.0 < last && last <= 20.0, "{:?} in\n{stdout}", rows[9]);
     }
 }
 

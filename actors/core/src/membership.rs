@@ -584,6 +584,14 @@ impl Membership {
         self.loads.lock().expect("load table lock").clone()
     }
 
+    /// Reads the newest load summaries in place (`loads` without the copy).
+    pub fn with_loads<R>(
+        &self,
+        f: impl FnOnce(&std::collections::BTreeMap<String, LoadSummary>) -> R,
+    ) -> R {
+        f(&self.loads.lock().expect("load table lock"))
+    }
+
     /// Leaves the cluster: declares this node down to a few members, who spread it.
     pub fn leave(&mut self) {
         if self.left {

@@ -222,8 +222,11 @@ pub fn decide(
     moves
 }
 
+mod rounds;
 #[cfg(test)]
 mod tests;
+
+pub use rounds::{Decided, LoadRounds, Period, DECIDED_MOVES_KEPT_MS, LOAD_PERIOD_MS};
 
 /// One load-driven move: `shard` is owned by `to` instead of its ring owner. Versions order
 /// competing records of one shard: a newer term wins, then the deciding node's name hash.

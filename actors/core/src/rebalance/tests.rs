@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use serde::Deserialize;
 
 use super::*;
+use crate::load::LoadSummary;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -231,4 +232,178 @@ fn three_hot_nodes_share_one_cold_newcomer() {
     // A lone hot node is bounded by its excess and moves_per_round_max only.
     let alone = decide(&cfg, "a", &[node("a", 300.0), node("d", 0.0)], &mine, |_| false);
     assert_eq!(alone.len(), 16);
+}
+
+/// A load loop over one node `a` that carries most of a three-node cluster's load; each
+/// period gives the same loads. Returns the moves decided per period.
+fn run_rounds(
+    rounds: &mut LoadRounds,
+    periods: std::ops::Range<u64>,
+    nodes: impl Fn(u64) -> Vec<NodeLoad>,
+    moving: impl Fn(u64) -> bool,
+) -> Vec<(u64, Vec<MoveRecord>)> {
+    let hot: Vec<(ShardId, f32)> = (0..16).map(|s| (s, 100.0 - s as f32)).collect();
+    let loads = BTreeMap::new();
+    let table = MoveTable::default();
+    periods
+        .map(|k| {
+            let nodes = nodes(k);
+            let d = rounds.period(Period {
+                now_ms: k * LOAD_PERIOD_MS,
+                turns_per_s: nodes[0].load as f32,
+                hot: &hot,
+                nodes: &nodes,
+                moving: moving(k),
+                loads: &loads,
+                moves: &table,
+                active: 0,
+                inflight: 0,
+                modules: &[],
+            });
+            (k, d.moves)
+        })
+        .collect()
+}
+
+fn rounds_config() -> botclaw_config::RebalanceConfig {
+    botclaw_config::RebalanceConfig {
+        interval_ms: 2000,
+        cooldown_rounds: 3,
+        min_turns_per_s: 10,
+        ..Default::default()
+    }
+}
+
+fn skewed(_: u64) -> Vec<NodeLoad> {
+    vec![node("a", 900.0), node("b", 100.0), node("c", 100.0)]
+}
+
+#[test]
+fn the_load_loop_decides_at_rounds_only_after_two_overloaded_rounds() {
+    let mut rounds = LoadRounds::new("a", 1, &rounds_config());
+    let decided: Vec<u64> = run_rounds(&mut rounds, 1..40, skewed, |_| false)
+        .into_iter()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(k, _)| k)
+        .collect();
+    // Rounds every 2nd period. The first round (period 2) sees the members for the first
+    // time, a placement change: it holds for the cooldown, that round and the next two;
+    // the fourth decides (period 8). After moves, the rebalancer waits its cooldown (3
+    // rounds) and decides again.
+    assert_eq!(decided.first(), Some(&8), "decided at periods {decided:?}");
+    assert!(decided.iter().all(|k| k % 2 == 0), "decided off a round: {decided:?}");
+    assert!(
+        decided.windows(2).all(|w| w[1] - w[0] >= 6),
+        "decided again within the cooldown: {decided:?}"
+    );
+    // Off: nothing, ever.
+    let off = botclaw_config::RebalanceConfig { enabled: false, ..rounds_config() };
+    let mut rounds = LoadRounds::new("a", 1, &off);
+    assert!(run_rounds(&mut rounds, 1..40, skewed, |_| false).iter().all(|(_, m)| m.is_empty()));
+    // Overloaded at every other round only: never two rounds in a row, never a decision.
+    let alternating = |k: u64| {
+        if (k / 2) % 2 == 1 {
+            skewed(k)
+        } else {
+            vec![node("a", 100.0), node("b", 100.0), node("c", 100.0)]
+        }
+    };
+    let mut rounds = LoadRounds::new("a", 1, &rounds_config());
+    assert!(run_rounds(&mut rounds, 1..40, alternating, |_| false)
+        .iter()
+        .all(|(_, m)| m.is_empty()));
+    // A quiet cluster (under min_turns_per_s on average): nothing, ever.
+    let quiet = botclaw_config::RebalanceConfig { min_turns_per_s: 1000, ..rounds_config() };
+    let mut rounds = LoadRounds::new("a", 1, &quiet);
+    assert!(run_rounds(&mut rounds, 1..40, skewed, |_| false).iter().all(|(_, m)| m.is_empty()));
+}
+
+#[test]
+fn the_load_loop_holds_while_the_placement_changes() {
+    // Shards moving until period 20, then a member joins at 30: no decision while moving,
+    // nor in the rounds the last hold covers (the rounds at 18 and 20; at 30 and 32).
+    let mut rounds = LoadRounds::new("a", 1, &rounds_config());
+    let nodes = |k: u64| {
+        let mut n = skewed(k);
+        if k >= 30 {
+            n.push(node("d", 0.0));
+        }
+        n
+    };
+    let decided: Vec<u64> = run_rounds(&mut rounds, 1..60, nodes, |k| k < 20)
+        .into_iter()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(decided.first(), Some(&22), "decided while moving: {decided:?}");
+    assert!(decided.iter().all(|&k| !(30..34).contains(&k)), "decided after a join: {decided:?}");
+    assert!(decided.iter().any(|&k| k >= 34), "never decided after the join: {decided:?}");
+}
+
+#[test]
+fn the_load_loop_vouches_for_its_moves_until_their_target_does() {
+    let mut rounds = LoadRounds::new("a", 7, &rounds_config());
+    let decided = run_rounds(&mut rounds, 1..9, skewed, |_| false);
+    let fresh: Vec<MoveRecord> = decided.into_iter().flat_map(|(_, m)| m).collect();
+    assert!(!fresh.is_empty(), "no move decided");
+    let nodes = skewed(0);
+    let hot = [(1, 5.0)];
+    let period = |rounds: &mut LoadRounds, k: u64, loads: &BTreeMap<String, LoadSummary>| {
+        rounds.period(Period {
+            now_ms: k * LOAD_PERIOD_MS,
+            turns_per_s: 900.0,
+            hot: &hot,
+            nodes: &nodes,
+            moving: false,
+            loads,
+            moves: &MoveTable::default(),
+            active: 3,
+            inflight: 1,
+            modules: &[],
+        })
+    };
+    // Not yet adopted: vouched for, in the summary, with this node's identity.
+    let d = period(&mut rounds, 9, &BTreeMap::new());
+    assert_eq!(d.summary.moves, fresh);
+    assert_eq!((d.summary.node.as_str(), d.summary.incarnation, d.summary.seq), ("a", 7, 9));
+    assert_eq!((d.summary.active, d.summary.inflight, d.summary.hot.clone()), (3, 1, hot.to_vec()));
+    // Its target vouches for the first: this node stops; the rest it keeps.
+    let target = fresh[0].to.clone();
+    let mut loads = BTreeMap::new();
+    loads.insert(
+        target.clone(),
+        LoadSummary {
+            node: target,
+            incarnation: 1,
+            seq: 1,
+            turns_per_s: 0.0,
+            active: 0,
+            inflight: 0,
+            hot: vec![],
+            moves: vec![fresh[0].clone()],
+            modules: vec![],
+        },
+    );
+    let d = period(&mut rounds, 10, &loads);
+    assert_eq!(d.summary.moves, fresh[1..].to_vec());
+    // Nobody adopts the rest: dropped after DECIDED_MOVES_KEPT_MS.
+    let late = DECIDED_MOVES_KEPT_MS / LOAD_PERIOD_MS + 9;
+    let d = period(&mut rounds, late, &BTreeMap::new());
+    assert!(d.summary.moves.is_empty(), "still vouched for: {:?}", d.summary.moves);
+    // As a target, it vouches for the moves in force that name it, and only those.
+    let to_me = MoveRecord { shard: 9, to: "a".into(), version: (1, 1) };
+    let to_b = MoveRecord { shard: 10, to: "b".into(), version: (1, 1) };
+    let d = rounds.period(Period {
+        now_ms: (late + 1) * LOAD_PERIOD_MS,
+        turns_per_s: 900.0,
+        hot: &hot,
+        nodes: &nodes,
+        moving: false,
+        loads: &BTreeMap::new(),
+        moves: &MoveTable::merge([&to_me, &to_b]),
+        active: 0,
+        inflight: 0,
+        modules: &[],
+    });
+    assert_eq!(d.summary.moves, vec![to_me]);
 }
