@@ -73,6 +73,9 @@ pub struct AuthorityConfig {
     /// Test hook: an unavailable shard is forced onto a live member, as view-based acquire
     /// did (the checker must report the loss).
     pub force_unavailable: bool,
+    /// Test hook: an owner's store drops every n-th write it is asked to persist, and
+    /// says it persisted it (0: none); the checkers must report the writes missing.
+    pub drop_owner_writes_every: u64,
     pub ownership: OwnershipConfig,
     /// Ownership messages (writes, acknowledgements, streams, proposals) lost, in
     /// thousandths; Raft and gossip keep their own settings.
@@ -108,6 +111,7 @@ impl Default for AuthorityConfig {
             store_ms: (1, 3),
             reads_percent: 10,
             force_unavailable: false,
+            drop_owner_writes_every: 0,
             ownership: OwnershipConfig::default(),
             own_loss_permille: 0,
             gossip: GossipConfig::default(),
@@ -297,6 +301,11 @@ pub struct Authority {
     /// Reads asked: (node, seq) -> (shard, how many of the shard's writes were acknowledged
     /// when the read was asked).
     reads: BTreeMap<(usize, u64), (ShardId, usize)>,
+    /// Per (node, shard): how many of the shard's acknowledged writes, in order, a read
+    /// there already found in the node's store. Stores only grow, so a read checks only
+    /// the writes acknowledged since (a hot shard's reads checked every write it ever had:
+    /// at 100 nodes under Zipf popularity, 44% of the run).
+    reads_verified: BTreeMap<(usize, ShardId), usize>,
     /// Per log index: (term, command) as first applied.
     history: BTreeMap<u64, (u64, Option<MapCommand>)>,
     /// The committed map replayed entry by entry from `history`, and its index.
@@ -359,6 +368,7 @@ impl Authority {
             dirty: BTreeSet::new(),
             ack_order: BTreeMap::new(),
             reads: BTreeMap::new(),
+            reads_verified: BTreeMap::new(),
             history: BTreeMap::new(),
             replayed: ShardMap::new(cfg.shards),
             replayed_index: 1,
@@ -1031,10 +1041,15 @@ impl Authority {
                         ));
                     }
                     let store = self.nodes[i].store.get(&shard);
-                    let order = self.ack_order.get(&shard).map_or(&[][..], |v| &v[..before]);
-                    if let Some(n) =
-                        order.iter().find(|n| !store.is_some_and(|s| s.contains(&(shard, **n))))
-                    {
+                    let verified = self.reads_verified.get(&(i, shard)).map_or(0, |v| *v);
+                    let from = verified.min(before);
+                    let order = self.ack_order.get(&shard).map_or(&[][..], |v| &v[from..before]);
+                    let missed =
+                        order.iter().find(|n| !store.is_some_and(|s| s.contains(&(shard, **n))));
+                    if missed.is_none() && before > verified {
+                        self.reads_verified.insert((i, shard), before);
+                    }
+                    if let Some(n) = missed {
                         let epochs = (
                             self.nodes[i]
                                 .controller
@@ -1079,7 +1094,10 @@ impl Authority {
             let n = &mut self.nodes[i];
             match op {
                 Effect::Persist { shard, epoch, seq, payload } => {
-                    n.store.entry(shard).or_default().insert(payload);
+                    let every = self.cfg.drop_owner_writes_every;
+                    if every == 0 || payload.1 % every != every - 1 {
+                        n.store.entry(shard).or_default().insert(payload);
+                    }
                     if let Some(o) = n.ownership.as_mut() {
                         o.persisted(shard, epoch, seq);
                     }

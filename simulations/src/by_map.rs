@@ -8,11 +8,15 @@
 //! duplication of gossip datagrams: the links between nodes are TCP, which turns loss
 //! into delay, so ownership and Raft messages are not lost), the gossip
 //! settings, the shard count and ring points, the replication factor, the request rate
-//! (start, diurnal curve, flash crowds add to it) and every fault kind (a drain is an
+//! (start, diurnal curve, flash crowds add to it), popularity (uniform random shards, or
+//! with `zipf_s` conversations `{prefix}-{k}` by a Zipf law, on their shards by name; a
+//! flash crowd's rate goes to its own few conversations), the node's `[rebalance]` (on:
+//! every node runs the node's load loop, [`botclaw_core::rebalance::LoadRounds`], gossips
+//! its load and decides moves, which the leader's planner pins; off: no load gossip,
+//! which the node still sends) and every fault kind (a drain is an
 //! operator's decommission, a rolling restart a SIGTERM then a start once the node has
 //! left). Not modelled by the map run: bots' service times (a write costs its store's
-//! durability time, 1-3 ms, on every in-sync member), popularity skew and load-driven
-//! rebalancing (requests go to uniform random shards), `write_quorum` (by the map every
+//! durability time, 1-3 ms, on every in-sync member), `write_quorum` (by the map every
 //! in-sync member acknowledges).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -314,7 +318,7 @@ pub fn config_of(sc: &Scenario) -> AuthorityConfig {
         tick_ms: sc.controller.tick_ms,
         // Off, the node still gossips its load (for `/status`), but decides nothing; the
         // map model then skips the load gossip too, which costs every node a summary per
-        // member per second (at 1000 nodes, the first 30 s: 49.6 -> 77.5 s wall).
+        // member per second (at 1000 nodes, the first 30 s: 49.2 -> 71.0 s wall).
         rebalance: sc.rebalance.enabled.then(|| sc.rebalance.clone()),
         ..AuthorityConfig::default()
     }

@@ -264,6 +264,28 @@ fn the_checker_catches_view_based_takeover() {
     assert!(r.problems.iter().any(|p| p.contains("lacks it")), "{r:#?}");
 }
 
+/// An owner's store that drops writes it reported durable: the durability checker finds
+/// them missing on that in-sync member, and the read checker finds reads there that miss
+/// writes acknowledged before them (it checks only the writes acknowledged since the last
+/// read it verified on that node and shard: stores only grow).
+#[test]
+fn the_checkers_catch_writes_an_owner_lost() {
+    let cfg = AuthorityConfig { drop_owner_writes_every: 500, ..Default::default() };
+    let mut a = Authority::new(cfg, 1);
+    a.run_until(10_000);
+    let r = a.report();
+    assert!(r.problems.iter().any(|p| p.contains("lacks it")), "{:#?}", r.problems);
+    // The reads that missed a write name one of the dropped ones (every 500th), no other.
+    let missed: Vec<u64> = r
+        .problems
+        .iter()
+        .filter_map(|p| p.split("missed write ").nth(1))
+        .map(|rest| rest.split(',').next().unwrap().trim().parse().unwrap())
+        .collect();
+    assert!(!missed.is_empty(), "{:#?}", r.problems);
+    assert!(missed.iter().all(|w| w % 500 == 499), "{missed:?}");
+}
+
 /// A node cut off from everyone keeps believing it owns its shards; the others appoint new
 /// owners and acknowledge writes. Its reads are fenced by the controller lease before that,
 /// so no read misses an acknowledged write (the checker compares every read with the writes

@@ -71,16 +71,28 @@ pub enum LoadError {
     Bounds(&'static str),
 }
 
-/// The key foca keeps for a broadcast in flight.
+/// The key foca keeps for a broadcast in flight. foca compares a new key with every
+/// broadcast in flight (one summary per member): the name's hash settles almost every
+/// comparison without comparing names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadKey {
+    node_hash: u64,
     node: String,
     version: (u64, u64),
 }
 
+impl LoadKey {
+    pub fn new(node: &str, version: (u64, u64)) -> LoadKey {
+        let node_hash = xxhash_rust::xxh3::xxh3_64(node.as_bytes());
+        LoadKey { node_hash, node: node.to_string(), version }
+    }
+}
+
 impl foca::Invalidates for LoadKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.version >= other.version
+        self.node_hash == other.node_hash
+            && self.version >= other.version
+            && self.node == other.node
     }
 }
 
@@ -131,7 +143,7 @@ impl foca::BroadcastHandler<SharedId> for LoadGossip {
         if !newer {
             return Ok(None);
         }
-        let key = LoadKey { node: summary.node.clone(), version: summary.version() };
+        let key = LoadKey::new(&summary.node, summary.version());
         table.insert(summary.node.clone(), summary);
         Ok(Some(key))
     }
@@ -188,6 +200,11 @@ mod tests {
         assert!(h.receive_item(&summary(1).to_bytes(), None).unwrap().is_none(), "stale");
         let k3 = h.receive_item(&summary(3).to_bytes(), None).unwrap().expect("newer");
         assert!(k3.invalidates(&k2) && !k2.invalidates(&k3));
+        // Another node's summary, however new, replaces nothing of this one's.
+        let other = LoadSummary { node: "b".into(), seq: 9, ..summary(9) };
+        let kb = h.receive_item(&other.to_bytes(), None).unwrap().expect("new node");
+        assert!(!kb.invalidates(&k3) && !k3.invalidates(&kb));
+        assert_eq!(h.table().lock().unwrap()["a"].seq, 3);
         assert_eq!(h.table().lock().unwrap()["a"].seq, 3);
         // A restarted node (newer incarnation) starts its seq again.
         let restarted = LoadSummary { incarnation: 6, seq: 1, ..summary(1) };
