@@ -42,7 +42,7 @@ impl ClusterView {
     /// The load-driven moves in force: every summary's vouched-for moves, the newest
     /// version of each shard's.
     pub fn moves(&self) -> botclaw_core::rebalance::MoveTable {
-        botclaw_core::rebalance::MoveTable::merge(self.loads.values().flat_map(|l| &l.moves))
+        botclaw_core::rebalance::MoveTable::vouched(&self.loads)
     }
 }
 

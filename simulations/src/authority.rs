@@ -1153,9 +1153,7 @@ impl Authority {
         // Load-driven moves in force, as the leader's gossip shows them: the planner pins
         // them (the node's `plan_round`).
         let moves = match self.cfg.rebalance {
-            Some(_) => {
-                membership.with_loads(|l| MoveTable::merge(l.values().flat_map(|s| &s.moves)))
-            }
+            Some(_) => membership.with_loads(MoveTable::vouched),
             None => MoveTable::default(),
         };
         let pins = moves.iter().map(|r| (r.shard, r.to.as_str()));
@@ -1217,7 +1215,7 @@ impl Authority {
             let now_ms = self.now_ms;
             let decided = membership.with_loads(|loads| {
                 // Routing's table: the moves every summary vouches for, to active members.
-                let mut moves = MoveTable::merge(loads.values().flat_map(|l| &l.moves));
+                let mut moves = MoveTable::vouched(loads);
                 moves.retain_targets(active);
                 let nodes = member_loads(members, loads, &moves.moved_in(), &n.name, turns_per_s);
                 rounds.period(Period {

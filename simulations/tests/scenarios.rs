@@ -90,20 +90,30 @@ fn the_checker_catches_turns_lost_with_one_copy() {
     assert!(r.failures[0].contains("were acknowledged"), "{}", r.failures[0]);
 }
 
-/// The rebalancer on a flash crowd: shards move, and the busiest node's share falls.
-#[test]
-fn the_rebalancer_spreads_a_hot_spot() {
+/// `hot-spot` for 60 s at 1500 turns/s, with the rebalancer on and off.
+fn hot_spot_on_off() -> (Scenario, Scenario) {
     let mut on = small("hot-spot", 60);
     on.workload.turns_per_s = 1500.0;
     let mut off = on.clone();
     off.rebalance.enabled = false;
+    (on, off)
+}
+
+/// The mean of the busiest node's share over the samples after 45 s: (time, share).
+fn late_balance(samples: impl Iterator<Item = (f64, f64)>) -> f64 {
+    let tail: Vec<f64> = samples.filter(|(t, _)| *t > 45.0).map(|(_, b)| b).collect();
+    tail.iter().sum::<f64>() / tail.len() as f64
+}
+
+/// The rebalancer on a flash crowd: shards move, and the busiest node's share falls.
+#[test]
+fn the_rebalancer_spreads_a_hot_spot() {
+    let (on, off) = hot_spot_on_off();
     let with = botclaw_sim::run(on, 1, |_| {});
     let without = botclaw_sim::run(off, 1, |_| {});
     assert!(with.shards_moved > 0 && without.shards_moved == 0);
     let late = |r: &botclaw_sim::report::Report| {
-        let tail: Vec<f64> =
-            r.samples.iter().filter(|s| s.t_s > 45.0).map(|s| s.load_max_over_avg).collect();
-        tail.iter().sum::<f64>() / tail.len() as f64
+        late_balance(r.samples.iter().map(|s| (s.t_s, s.load_max_over_avg)))
     };
     assert!(
         late(&with) < late(&without),
@@ -119,10 +129,7 @@ fn the_rebalancer_spreads_a_hot_spot() {
 /// owner's share falls, nothing is lost.
 #[test]
 fn by_the_map_the_rebalancer_spreads_a_hot_spot() {
-    let mut on = small("hot-spot", 60);
-    on.workload.turns_per_s = 1500.0;
-    let mut off = on.clone();
-    off.rebalance.enabled = false;
+    let (on, off) = hot_spot_on_off();
     let with = botclaw_sim::by_map::run(on, 1, |_| {});
     let without = botclaw_sim::by_map::run(off, 1, |_| {});
     for r in [&with, &without] {
@@ -136,9 +143,7 @@ fn by_the_map_the_rebalancer_spreads_a_hot_spot() {
     );
     assert!(with.owner_changes > without.owner_changes, "the moves never reached the map");
     let late = |r: &botclaw_sim::by_map::MapReport| {
-        let tail: Vec<f64> =
-            r.samples.iter().filter(|s| s.t_s > 45.0).map(|s| s.load_max_over_avg).collect();
-        tail.iter().sum::<f64>() / tail.len() as f64
+        late_balance(r.samples.iter().map(|s| (s.t_s, s.load_max_over_avg)))
     };
     eprintln!("by the map, late max/avg: with {:.3}, without {:.3}", late(&with), late(&without));
     assert!(

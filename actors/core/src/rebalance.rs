@@ -258,6 +258,11 @@ impl MoveTable {
         table
     }
 
+    /// The moves every summary vouches for (a node's view of the moves in force).
+    pub fn vouched(summaries: &BTreeMap<String, crate::load::LoadSummary>) -> MoveTable {
+        MoveTable::merge(summaries.values().flat_map(|s| &s.moves))
+    }
+
     /// Drops records whose target cannot own conversations now.
     pub fn retain_targets(&mut self, can_own: impl Fn(&str) -> bool) {
         self.records.retain(|_, r| can_own(&r.to));
