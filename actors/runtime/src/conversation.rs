@@ -93,11 +93,14 @@ pub struct ConvActorState {
     processed: u64,
     /// Highest turn the write quorum holds.
     durable_turn: u64,
+    /// The acquired copy holds turns not known to be held as the mode requires and was not
+    /// submitted to be confirmed yet (see `confirm_copy`).
+    unconfirmed: bool,
     /// Replies waiting for their turn to be durable, in arrival order (a retry of an older
     /// turn may stand behind newer turns).
     /// Each keeps its request: if the turn's commit is refused because ownership moved, the
     /// request goes to the new owner (which holds the turn if any in-sync member got it, and
-    /// answers a retry of it by its id; else it runs it).
+    /// answers a retry of it by its id once every in-sync member holds it; else it runs it).
     waiting: VecDeque<Waiting>,
     /// Set when ownership ended: every request is answered with it until the actor stops.
     closed: Option<Refusal>,
@@ -144,6 +147,7 @@ impl Actor for ConversationActor {
                     state: ConversationState::default(),
                     version: Version::default(),
                     epoch: Epoch::ZERO,
+                    durable_turn: 0,
                 };
                 (nothing, Some(refusal))
             }
@@ -155,7 +159,8 @@ impl Actor for ConversationActor {
             charge,
             cx: args.shared.turn_context(),
             conv: args.conv,
-            durable_turn: owned.state.turn,
+            unconfirmed: owned.durable_turn < owned.state.turn,
+            durable_turn: owned.durable_turn,
             state: owned.state,
             version: owned.version,
             epoch: owned.epoch,
@@ -225,6 +230,9 @@ impl Actor for ConversationActor {
                         let outcome = ConvOutcome::History { turns, more, node };
                         let upto = s.state.turn;
                         s.reply_when_durable(upto, reply, outcome, request, None);
+                        if let Err(refusal) = s.confirm_copy(&me).await {
+                            s.close(&me, refusal);
+                        }
                     }
                     ConvRequest::Replica(_) | ConvRequest::Module(_) => {
                         reply.send(ConvOutcome::failed(
@@ -303,6 +311,25 @@ impl ConvActorState {
         } else {
             self.waiting.push_back(Waiting { turn, reply, outcome, request, started });
         }
+    }
+
+    /// The first time the acquired copy is used (a reply from it, a turn built on it), it
+    /// is submitted as a write, unless it is known to be held already. By the map the copy
+    /// is only the local one: it may hold a previous owner's write that nobody
+    /// acknowledged and another in-sync member lacks; answered from here (a retry found
+    /// done, a read), such a turn would be lost once ownership moved to that member.
+    /// Replies from the copy wait for its acknowledgement (`Committed` of its turn).
+    async fn confirm_copy(&mut self, me: &ActorRef<ConvMsg>) -> Result<(), Refusal> {
+        if !self.unconfirmed {
+            return Ok(());
+        }
+        self.unconfirmed = false;
+        let (me_then, turn) = (me.clone(), self.state.turn);
+        let notify = Notify::new(move |result| {
+            let _ = me_then.cast(ConvMsg::Committed { turn, result });
+        });
+        let (conv, epoch, version) = (&self.conv, self.epoch, self.version);
+        self.shared.replicator.confirm(conv, epoch, version, self.state.clone(), notify).await
     }
 
     /// Keeps a new turn's latency among the recent ones.
@@ -384,13 +411,17 @@ impl ConvActorState {
             self.shared.metrics.duplicates.inc();
             let (turn, messages) = (done.turn, done.messages.clone());
             let request = ConvRequest::Say { id, text, bot: bot.map(String::from), user };
-            return self.reply_when_durable(
+            self.reply_when_durable(
                 turn,
                 reply,
                 ConvOutcome::Reply { messages, turn, node },
                 request,
                 None,
             );
+            if let Err(refusal) = self.confirm_copy(me).await {
+                self.close(me, refusal);
+            }
+            return;
         }
         if record_bytes(&id, &text, user.as_deref(), &[]) > self.shared.turn_bytes_max {
             self.shared.metrics.turns_too_large.inc();
@@ -469,11 +500,20 @@ impl ConvActorState {
                     }
                     let _ = me_then.cast(ConvMsg::Committed { turn, result });
                 });
-                let submitted = self
-                    .shared
-                    .replicator
-                    .submit(&self.conv, self.epoch, self.version, commit.clone(), notify)
-                    .await;
+                // The copy goes first (in order, so a member that lacked it takes the turn).
+                let submitted = match self.confirm_copy(me).await {
+                    Ok(()) => {
+                        let (conv, epoch, base) = (&self.conv, self.epoch, self.version);
+                        self.shared
+                            .replicator
+                            .submit(conv, epoch, base, commit.clone(), notify)
+                            .await
+                    }
+                    Err(refusal) => {
+                        notify.dismiss();
+                        Err(refusal)
+                    }
+                };
                 match submitted {
                     Ok(()) => {
                         let turn = commit.record.turn;

@@ -147,6 +147,12 @@ pub struct Owned {
     pub state: ConversationState,
     pub version: Version,
     pub epoch: Epoch,
+    /// The turn up to which the copy is known to be held as the mode requires (answers
+    /// from the copy may be given up to it): all of it when acquire installed it on the
+    /// write quorum, none of it when it is only the local copy (it may hold a previous
+    /// owner's write that nobody acknowledged and another in-sync member lacks; see
+    /// [`Replication::confirm`]).
+    pub durable_turn: u64,
 }
 
 /// Resolves when a turn is held by the write quorum (or can no longer be).
@@ -206,6 +212,18 @@ pub trait Replication: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), Refusal>>;
     /// Resolves when this node may answer a read of `conv` (its lease holds).
     fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>>;
+    /// Makes the acquired copy (`state` at `version`) held as a turn is before anything is
+    /// answered from it: `Ok` once accepted, and `notify` is told once it is (or why not).
+    /// A turn submitted on top of the copy confirms it too (a member that lacks the copy
+    /// does not take the turn).
+    fn confirm<'a>(
+        &'a self,
+        conv: &'a str,
+        epoch: Epoch,
+        version: Version,
+        state: ConversationState,
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>>;
 }
 
 impl Replication for Replicator {
@@ -238,6 +256,19 @@ impl Replication for Replicator {
 
     /// Keep-majority guards reads here: a node that serves turns serves reads.
     fn read<'a>(&'a self, _conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Acquire installed the copy on the write quorum before it returned: held already.
+    fn confirm<'a>(
+        &'a self,
+        _conv: &'a str,
+        _epoch: Epoch,
+        _version: Version,
+        _state: ConversationState,
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        notify.tell(Ok(()));
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -405,7 +436,7 @@ impl Replicator {
         }
         let mut state = best.state;
         state.reindex();
-        Ok(Owned { state, version, epoch })
+        Ok(Owned { durable_turn: state.turn, state, version, epoch })
     }
 
     /// Queues one turn of an owned conversation; see the module docs.

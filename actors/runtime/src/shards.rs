@@ -4,7 +4,9 @@
 //! One task owns the machine. Conversation actors ask it to [`ShardReplicator::acquire`]
 //! a conversation (granted while the applied map names this node the shard's owner; the
 //! state is the local copy, which holds every acknowledged turn because this node is in the
-//! shard's in-sync set), to [`ShardReplicator::submit`] a turn (acknowledged once this
+//! shard's in-sync set, and may hold a previous owner's write that nobody acknowledged:
+//! nothing is answered from it before [`ShardReplicator::confirm_then`] made every in-sync
+//! member hold it too), to [`ShardReplicator::submit`] a turn (acknowledged once this
 //! node's store and every in-sync member hold it) and to [`ShardReplicator::read`] (answered
 //! once every earlier write is acknowledged, and only within the controller lease). Peers'
 //! messages arrive as [`PeerBatch`]es; a learner receives the shard's rows as a stream of
@@ -21,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use botclaw_core::conversation::TurnCommit;
+use botclaw_core::conversation::{ConversationState, TurnCommit};
 use botclaw_core::ownership::{Effect, Failure, Msg, Ownership, OwnershipConfig, Seq};
 use botclaw_core::placement::{shard_of, ShardId};
 use botclaw_core::replication::{Epoch, Version};
@@ -149,6 +151,17 @@ impl crate::replicator::Replication for ShardReplicator {
 
     fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>> {
         ShardReplicator::read(self, conv)
+    }
+
+    fn confirm<'a>(
+        &'a self,
+        conv: &'a str,
+        epoch: Epoch,
+        version: Version,
+        state: ConversationState,
+        notify: Notify,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
+        Box::pin(ShardReplicator::confirm_then(self, conv, epoch, version, state, notify))
     }
 }
 
@@ -331,7 +344,8 @@ impl ShardReplicator {
         // Never below what the store promised (an older owner of a higher term cannot
         // exist: shard epochs only grow, but a copy installed from elsewhere may carry one).
         let epoch = epoch.max(stored.replica.promised);
-        Ok(Owned { state, version: stored.replica.version, epoch })
+        // Nothing of the copy counts as held yet: see `Replication::confirm`.
+        Ok(Owned { state, version: stored.replica.version, epoch, durable_turn: 0 })
     }
 
     /// Submits one turn; `Ok` once the owner accepted it, and `done` is told once every
@@ -344,9 +358,28 @@ impl ShardReplicator {
         commit: TurnCommit,
         done: Notify,
     ) -> Result<(), Refusal> {
+        self.submit_op(conv, StoreOp::Write { epoch, base, commit }, done).await
+    }
+
+    /// Submits the acquired copy of `conv` as a write: an in-sync member that lacks part of
+    /// it (a previous owner's write that reached this node and not that member) installs
+    /// it, one that holds it answers at once; `done` is told once every in-sync member
+    /// holds it.
+    pub async fn confirm_then(
+        &self,
+        conv: &str,
+        epoch: Epoch,
+        version: Version,
+        state: ConversationState,
+        done: Notify,
+    ) -> Result<(), Refusal> {
+        let op = StoreOp::Install { epoch, state, version };
+        self.submit_op(conv, op, done).await
+    }
+
+    async fn submit_op(&self, conv: &str, op: StoreOp, done: Notify) -> Result<(), Refusal> {
         let (accepted, accepted_rx) = oneshot::channel();
-        let payload =
-            Payload { conv: conv.to_string(), op: StoreOp::Write { epoch, base, commit } };
+        let payload = Payload { conv: conv.to_string(), op };
         let shard = self.shard(conv);
         self.inbox
             .send(Input::Submit { shard, payload, accepted, done })

@@ -45,12 +45,34 @@ struct Links {
     hold_later_chunks: Mutex<bool>,
     chunks_sent: Mutex<usize>,
     kept: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Batches carrying writes to these peers wait in `paused` until the test releases
+    /// them (a later batch without writes may overtake them).
+    pause: Mutex<Vec<String>>,
+    paused: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl Links {
+    /// Delivers the batches held by `pause`, in order, and stops holding.
+    fn resume(&self) {
+        self.pause.lock().unwrap().clear();
+        for (peer, bytes) in std::mem::take(&mut *self.paused.lock().unwrap()) {
+            self.send(&peer, bytes);
+        }
+    }
 }
 
 impl ShardLinks for Links {
     fn send(&self, peer: &str, bytes: Vec<u8>) {
         if self.cut.lock().unwrap().iter().any(|p| p == peer) {
             return;
+        }
+        let write = |m: &PeerMsg| matches!(m, PeerMsg::Own(Msg::Replicate { .. }));
+        if self.pause.lock().unwrap().iter().any(|p| p == peer) {
+            let batch: PeerBatch = postcard::from_bytes(&bytes).unwrap();
+            if batch.msgs.iter().any(write) {
+                self.paused.lock().unwrap().push((peer.to_string(), bytes));
+                return;
+            }
         }
         let delay = *self.stream_delay.lock().unwrap();
         let batch: PeerBatch = postcard::from_bytes(&bytes).unwrap();
@@ -441,4 +463,156 @@ async fn peer_messages_it_cannot_take_are_dropped_and_counted() {
     c.shards.peer(vec![0xff; 16]).unwrap();
     eventually(|| (dropped(c, "undecodable") == 2).then_some(())).await;
     assert_eq!((dropped(c, "unknown-sender"), dropped(c, "not-a-member")), (2, 0));
+}
+
+/// A conversation actor on `n`'s driver, as the node runs it.
+async fn host_on(n: &Node) -> crate::host::ConversationHost {
+    let metrics = ConversationMetrics::default();
+    let backends =
+        crate::backends::Backends::new(&botclaw_config::BackendConfig::default(), metrics.clone());
+    let cfg = botclaw_config::ConversationConfig::default();
+    let replicator: Arc<dyn crate::replicator::Replication> = Arc::new(n.shards.clone());
+    let bots = crate::bots::builtin(true);
+    crate::host::ConversationHost::start(
+        n.links.me.as_str().into(),
+        &cfg,
+        replicator,
+        100,
+        bots,
+        backends,
+        metrics,
+    )
+    .await
+    .unwrap()
+}
+
+/// Asks `host` for `request`; the answer comes on the receiver.
+fn asked(
+    host: &crate::host::ConversationHost,
+    request: crate::envelope::ConvRequest,
+) -> oneshot::Receiver<crate::envelope::ConvOutcome> {
+    let (tx, rx) = oneshot::channel();
+    host.dispatch(CONV, request, crate::envelope::Reply::new(move |o| drop(tx.send(o))));
+    rx
+}
+
+async fn answer(
+    rx: oneshot::Receiver<crate::envelope::ConvOutcome>,
+) -> crate::envelope::ConvOutcome {
+    tokio::time::timeout(Duration::from_secs(5), rx).await.expect("no answer").unwrap()
+}
+
+fn say(id: &str) -> crate::envelope::ConvRequest {
+    crate::envelope::ConvRequest::Say { id: id.into(), text: "hi".into(), bot: None, user: None }
+}
+
+fn turn(outcome: crate::envelope::ConvOutcome) -> Result<u64, String> {
+    match outcome {
+        crate::envelope::ConvOutcome::Reply { turn, .. } => Ok(turn),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Asks `host` for `request` while c's writes to b are held: no answer comes until they
+/// are let through (b must hold the copy first), then the answer.
+async fn answered_once_b_holds_it(
+    nodes: &[Node],
+    host: &crate::host::ConversationHost,
+    request: crate::envelope::ConvRequest,
+) -> crate::envelope::ConvOutcome {
+    let (b, c) = (&nodes[1], &nodes[2]);
+    c.links.pause.lock().unwrap().push("b".into());
+    let mut rx = asked(host, request);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(rx.try_recv().is_err(), "answered while b lacked m3");
+    assert_eq!(turn_of(&b.store, CONV).await, 2);
+    c.links.resume();
+    let outcome = answer(rx).await;
+    assert_eq!(turn_of(&b.store, CONV).await, 3);
+    outcome
+}
+
+async fn say_on(host: &crate::host::ConversationHost, id: &str) -> Result<u64, String> {
+    turn(answer(asked(host, say(id))).await)
+}
+
+/// a, b and c in sync; a's write m3 reached c but not b (nor was acknowledged) when
+/// ownership moved to c. Returns the map.
+async fn moved_with_an_unacknowledged_write(nodes: &[Node]) -> ShardMap {
+    let mut map = started(nodes).await;
+    let shard = shard_of(CONV, SHARDS);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    add_learner(nodes, &mut map, shard, 2).await;
+    let promote = proposed(a, |c| matches!(c, ShardChange::Promote { member: 2, .. })).await;
+    apply(nodes, &mut map, &promote).await;
+    let mut owned = acquired(a).await;
+    turns(a, &mut owned, 2).await;
+    a.links.cut.lock().unwrap().push("b".into());
+    let commit = owned.state.next_commit("echo", "m3".into(), "hi".into(), None, vec![], vec![]);
+    let pending = submit(&a.shards, CONV, owned.epoch, owned.version, commit).await.unwrap();
+    for _ in 0..500 {
+        if turn_of(&c.store, CONV).await == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(turn_of(&c.store, CONV).await, 3);
+    assert_eq!(turn_of(&b.store, CONV).await, 2);
+    set_owner(nodes, &mut map, 2).await;
+    let failed = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap();
+    assert!(failed.is_err_and(|r| r.moved), "a no longer owns: m3's outcome is unknown");
+    // a's messages reach b again.
+    a.links.cut.lock().unwrap().clear();
+    map
+}
+
+async fn set_owner(nodes: &[Node], map: &mut ShardMap, member: MemberIx) {
+    let shard = shard_of(CONV, SHARDS);
+    let epoch = map.shard(shard).unwrap().epoch;
+    let cmd = MapCommand::Changes(vec![ShardChange::SetOwner { shard, epoch, member }]);
+    apply(nodes, map, &cmd).await;
+}
+
+/// The client retries m3 at c, which finds it in its copy: the answer waits until every
+/// in-sync member holds it (c installs its copy on b), so when ownership moves on to b,
+/// turn 3 is still there and the next turn is 4. Answered from c's copy at once, m3 would
+/// be acknowledged and then lost once the controller dropped the members b's next write
+/// cannot build on, and m4 would become turn 3.
+#[tokio::test]
+async fn a_new_owner_answers_a_retry_from_its_copy_only_once_every_in_sync_member_holds_it() {
+    let nodes = cluster(&["a", "b", "c"]);
+    let mut map = moved_with_an_unacknowledged_write(&nodes).await;
+    let at_c = host_on(&nodes[2]).await;
+    assert_eq!(turn(answered_once_b_holds_it(&nodes, &at_c, say("m3")).await), Ok(3));
+    set_owner(&nodes, &mut map, 1).await;
+    let at_b = host_on(&nodes[1]).await;
+    assert_eq!(say_on(&at_b, "m4").await, Ok(4), "the turn after m3");
+    assert_eq!(say_on(&at_b, "m3").await, Ok(3), "m3 is still turn 3");
+}
+
+/// The same for a read at c: it shows m3 only once b holds it too.
+#[tokio::test]
+async fn a_new_owner_shows_its_copy_only_once_every_in_sync_member_holds_it() {
+    let nodes = cluster(&["a", "b", "c"]);
+    moved_with_an_unacknowledged_write(&nodes).await;
+    let at_c = host_on(&nodes[2]).await;
+    let history = crate::envelope::ConvRequest::History { limit: 10, before: None };
+    match answered_once_b_holds_it(&nodes, &at_c, history).await {
+        crate::envelope::ConvOutcome::History { turns, .. } => assert_eq!(turns.len(), 3),
+        other => panic!("not a history: {other:?}"),
+    }
+}
+
+/// A new turn at c builds on its copy: the copy goes first, so b (which lacked m3) takes
+/// the turn at once instead of holding it up until the controller drops b.
+#[tokio::test]
+async fn a_new_owners_first_turn_reaches_a_member_that_lacked_its_copy() {
+    let nodes = cluster(&["a", "b", "c"]);
+    moved_with_an_unacknowledged_write(&nodes).await;
+    let at_c = host_on(&nodes[2]).await;
+    assert_eq!(say_on(&at_c, "m4").await, Ok(4));
+    for n in &nodes {
+        assert_eq!(turn_of(&n.store, CONV).await, 4, "{}", n.links.me);
+    }
+    assert!(promotions(&nodes[2]).is_empty(), "c proposed a change: {:?}", promotions(&nodes[2]));
 }
