@@ -107,6 +107,11 @@ impl Replica {
             Op::Install { epoch, version } => {
                 if epoch < self.promised {
                     Decision::Stale { promised: self.promised }
+                } else if self.version == version && epoch > self.promised {
+                    // The same data, sent by a newer owner: the promise rises (an owner's
+                    // copy that nobody wrote since it took over is then streamed under its
+                    // epoch, which a learner that received the copy first accepts).
+                    Decision::Apply { to: Replica { version, promised: epoch } }
                 } else if self.version.epoch == version.epoch && self.version.turn >= version.turn {
                     // Same writer, and this replica is as far or further: never go back.
                     Decision::Have

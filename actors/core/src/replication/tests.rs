@@ -92,6 +92,14 @@ fn installs_replace_older_data_but_never_go_back_within_an_epoch() {
     let ahead = Replica { version: v(ep, 8), promised: ep };
     assert_eq!(ahead.decide(Op::Install { epoch: ep, version: v(ep, 6) }), Decision::Have);
     assert_eq!(ahead.decide(Op::Install { epoch: ep, version: v(ep, 8) }), Decision::Have);
+    // The same data from a newer owner: only the promise rises.
+    let newer = e(5, 3);
+    assert_eq!(
+        ahead.decide(Op::Install { epoch: newer, version: v(ep, 8) }),
+        Decision::Apply { to: Replica { version: v(ep, 8), promised: newer } }
+    );
+    // Further within the writer's epoch: kept as it is.
+    assert_eq!(ahead.decide(Op::Install { epoch: newer, version: v(ep, 6) }), Decision::Have);
 }
 
 #[test]

@@ -616,3 +616,26 @@ async fn a_new_owners_first_turn_reaches_a_member_that_lacked_its_copy() {
     }
     assert!(promotions(&nodes[2]).is_empty(), "c proposed a change: {:?}", promotions(&nodes[2]));
 }
+
+/// d joins c's shard as a learner while c confirms its copy: the copy reaches d before the
+/// shard's stream does. d still catches up (a stream read before the copy was confirmed
+/// is refused and the catch-up starts over; the next one carries c's epoch, which d
+/// accepts) and is proposed for promotion, holding m3.
+#[tokio::test]
+async fn a_learner_that_got_the_copy_before_its_stream_still_catches_up() {
+    let nodes = cluster(&["a", "b", "c", "d"]);
+    let mut map = moved_with_an_unacknowledged_write(&nodes).await;
+    let shard = shard_of(CONV, SHARDS);
+    let join = MapCommand::Join { name: "d".into(), incarnation: 1, capacity: 100 };
+    apply(&nodes, &mut map, &join).await;
+    let (c, d) = (&nodes[2], &nodes[3]);
+    let at_c = host_on(c).await;
+    // The stream waits for the next batch to d: the copy, forwarded to the learner.
+    *c.links.stream_delay.lock().unwrap() = 1;
+    add_learner(&nodes, &mut map, shard, 3).await;
+    assert_eq!(say_on(&at_c, "m3").await, Ok(3));
+    *c.links.stream_delay.lock().unwrap() = 0;
+    let promote = proposed(c, |c| matches!(c, ShardChange::Promote { member: 3, .. })).await;
+    apply(&nodes, &mut map, &promote).await;
+    assert_eq!(turn_of(&d.store, CONV).await, 3);
+}
