@@ -115,6 +115,10 @@ impl Replica {
                 } else if self.version.epoch == version.epoch && self.version.turn >= version.turn {
                     // Same writer, and this replica is as far or further: never go back.
                     Decision::Have
+                } else if self.version.epoch == epoch && self.version > version {
+                    // The sender itself wrote this replica's data after the copy it sends
+                    // (its copy overtaken by its own next write): never go back.
+                    Decision::Have
                 } else {
                     // The owner of the newest epoch is the authority: its copy replaces
                     // whatever this replica holds, even a higher turn of an older epoch

@@ -363,8 +363,8 @@ impl ShardReplicator {
 
     /// Submits the acquired copy of `conv` as a write: an in-sync member that lacks part of
     /// it (a previous owner's write that reached this node and not that member) installs
-    /// it, one that holds it answers at once; `done` is told once every in-sync member
-    /// holds it.
+    /// it, one that holds it promises this owner's epoch; `done` is told once every
+    /// in-sync member holds it.
     pub async fn confirm_then(
         &self,
         conv: &str,

@@ -100,6 +100,10 @@ fn installs_replace_older_data_but_never_go_back_within_an_epoch() {
     );
     // Further within the writer's epoch: kept as it is.
     assert_eq!(ahead.decide(Op::Install { epoch: newer, version: v(ep, 6) }), Decision::Have);
+    // Written by the sender itself after the copy it sends (a learner that took a new
+    // owner's copy and next turn before the owner's stream of an older read): kept.
+    let own_next = Replica { version: v(newer, 9), promised: newer };
+    assert_eq!(own_next.decide(Op::Install { epoch: newer, version: v(ep, 8) }), Decision::Have);
 }
 
 #[test]
