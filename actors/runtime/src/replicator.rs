@@ -212,10 +212,9 @@ pub trait Replication: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), Refusal>>;
     /// Resolves when this node may answer a read of `conv` (its lease holds).
     fn read<'a>(&'a self, conv: &'a str) -> BoxFuture<'a, Result<(), Refusal>>;
-    /// Makes the acquired copy (`state` at `version`) held as a turn is before anything is
-    /// answered from it: `Ok` once accepted, and `notify` is told once it is (or why not).
-    /// A turn submitted on top of the copy confirms it too (a member that lacks the copy
-    /// does not take the turn).
+    /// Submits the acquired copy (`state` at `version`) to be held as the mode requires, as
+    /// a turn is, before anything is answered from it or built on it: `Ok` once accepted,
+    /// and `notify` is told once it is held (or why not).
     fn confirm<'a>(
         &'a self,
         conv: &'a str,

@@ -1,14 +1,18 @@
 //! Three drivers over in-memory stores and in-process links, steered by a map changed by
 //! hand as the controller would: writes reach every in-sync member before they are
 //! acknowledged, a learner catches up by stream and is proposed for promotion, a handoff
-//! moves ownership with every acknowledged turn, and a silent member is dropped.
+//! moves ownership with every acknowledged turn, and a silent member is dropped. With
+//! conversation actors on top: a new owner answers nothing from its copy (a previous
+//! owner's write may be in it and missing elsewhere) before every in-sync member holds it.
 
 use std::sync::Mutex;
 
 use botclaw_core::shardmap::{AssignRun, ShardChange};
 
 use super::*;
-use crate::replicator::ReplicaTicket;
+use crate::envelope::{ConvOutcome, ConvRequest, Reply};
+use crate::host::ConversationHost;
+use crate::replicator::{ReplicaTicket, Replication};
 use crate::store::MemoryStore;
 
 /// A turn submitted through [`ShardReplicator::submit_then`], as a ticket that resolves
@@ -466,14 +470,14 @@ async fn peer_messages_it_cannot_take_are_dropped_and_counted() {
 }
 
 /// A conversation actor on `n`'s driver, as the node runs it.
-async fn host_on(n: &Node) -> crate::host::ConversationHost {
+async fn host_on(n: &Node) -> ConversationHost {
     let metrics = ConversationMetrics::default();
     let backends =
         crate::backends::Backends::new(&botclaw_config::BackendConfig::default(), metrics.clone());
     let cfg = botclaw_config::ConversationConfig::default();
-    let replicator: Arc<dyn crate::replicator::Replication> = Arc::new(n.shards.clone());
+    let replicator: Arc<dyn Replication> = Arc::new(n.shards.clone());
     let bots = crate::bots::builtin(true);
-    crate::host::ConversationHost::start(
+    ConversationHost::start(
         n.links.me.as_str().into(),
         &cfg,
         replicator,
@@ -487,28 +491,23 @@ async fn host_on(n: &Node) -> crate::host::ConversationHost {
 }
 
 /// Asks `host` for `request`; the answer comes on the receiver.
-fn asked(
-    host: &crate::host::ConversationHost,
-    request: crate::envelope::ConvRequest,
-) -> oneshot::Receiver<crate::envelope::ConvOutcome> {
+fn asked(host: &ConversationHost, request: ConvRequest) -> oneshot::Receiver<ConvOutcome> {
     let (tx, rx) = oneshot::channel();
-    host.dispatch(CONV, request, crate::envelope::Reply::new(move |o| drop(tx.send(o))));
+    host.dispatch(CONV, request, Reply::new(move |o| drop(tx.send(o))));
     rx
 }
 
-async fn answer(
-    rx: oneshot::Receiver<crate::envelope::ConvOutcome>,
-) -> crate::envelope::ConvOutcome {
+async fn answer(rx: oneshot::Receiver<ConvOutcome>) -> ConvOutcome {
     tokio::time::timeout(Duration::from_secs(5), rx).await.expect("no answer").unwrap()
 }
 
-fn say(id: &str) -> crate::envelope::ConvRequest {
-    crate::envelope::ConvRequest::Say { id: id.into(), text: "hi".into(), bot: None, user: None }
+fn say(id: &str) -> ConvRequest {
+    ConvRequest::Say { id: id.into(), text: "hi".into(), bot: None, user: None }
 }
 
-fn turn(outcome: crate::envelope::ConvOutcome) -> Result<u64, String> {
+fn turn(outcome: ConvOutcome) -> Result<u64, String> {
     match outcome {
-        crate::envelope::ConvOutcome::Reply { turn, .. } => Ok(turn),
+        ConvOutcome::Reply { turn, .. } => Ok(turn),
         other => Err(format!("{other:?}")),
     }
 }
@@ -517,9 +516,9 @@ fn turn(outcome: crate::envelope::ConvOutcome) -> Result<u64, String> {
 /// are let through (b must hold the copy first), then the answer.
 async fn answered_once_b_holds_it(
     nodes: &[Node],
-    host: &crate::host::ConversationHost,
-    request: crate::envelope::ConvRequest,
-) -> crate::envelope::ConvOutcome {
+    host: &ConversationHost,
+    request: ConvRequest,
+) -> ConvOutcome {
     let (b, c) = (&nodes[1], &nodes[2]);
     c.links.pause.lock().unwrap().push("b".into());
     let mut rx = asked(host, request);
@@ -532,7 +531,7 @@ async fn answered_once_b_holds_it(
     outcome
 }
 
-async fn say_on(host: &crate::host::ConversationHost, id: &str) -> Result<u64, String> {
+async fn say_on(host: &ConversationHost, id: &str) -> Result<u64, String> {
     turn(answer(asked(host, say(id))).await)
 }
 
@@ -596,9 +595,9 @@ async fn a_new_owner_shows_its_copy_only_once_every_in_sync_member_holds_it() {
     let nodes = cluster(&["a", "b", "c"]);
     moved_with_an_unacknowledged_write(&nodes).await;
     let at_c = host_on(&nodes[2]).await;
-    let history = crate::envelope::ConvRequest::History { limit: 10, before: None };
+    let history = ConvRequest::History { limit: 10, before: None };
     match answered_once_b_holds_it(&nodes, &at_c, history).await {
-        crate::envelope::ConvOutcome::History { turns, .. } => assert_eq!(turns.len(), 3),
+        ConvOutcome::History { turns, .. } => assert_eq!(turns.len(), 3),
         other => panic!("not a history: {other:?}"),
     }
 }
