@@ -205,7 +205,6 @@ mod tests {
         let kb = h.receive_item(&other.to_bytes(), None).unwrap().expect("new node");
         assert!(!kb.invalidates(&k3) && !k3.invalidates(&kb));
         assert_eq!(h.table().lock().unwrap()["a"].seq, 3);
-        assert_eq!(h.table().lock().unwrap()["a"].seq, 3);
         // A restarted node (newer incarnation) starts its seq again.
         let restarted = LoadSummary { incarnation: 6, seq: 1, ..summary(1) };
         assert!(h.receive_item(&restarted.to_bytes(), None).unwrap().is_some());

@@ -5,8 +5,8 @@
 //! a conversation (granted while the applied map names this node the shard's owner; the
 //! state is the local copy, which holds every acknowledged turn because this node is in the
 //! shard's in-sync set, and may hold a previous owner's write that nobody acknowledged:
-//! nothing is answered from it before [`ShardReplicator::confirm_then`] made every in-sync
-//! member hold it too), to [`ShardReplicator::submit`] a turn (acknowledged once this
+//! nothing is answered from it before its `Replication::confirm` made every in-sync member
+//! hold it too), to [`ShardReplicator::submit`] a turn (acknowledged once this
 //! node's store and every in-sync member hold it) and to [`ShardReplicator::read`] (answered
 //! once every earlier write is acknowledged, and only within the controller lease). Peers'
 //! messages arrive as [`PeerBatch`]es; a learner receives the shard's rows as a stream of
@@ -161,7 +161,11 @@ impl crate::replicator::Replication for ShardReplicator {
         state: ConversationState,
         notify: Notify,
     ) -> BoxFuture<'a, Result<(), Refusal>> {
-        Box::pin(ShardReplicator::confirm_then(self, conv, epoch, version, state, notify))
+        // The copy as a write: a member that lacks part of it (a previous owner's write that
+        // reached this node and not that member) installs it, one that holds it promises
+        // this owner's epoch; `notify` is told once every in-sync member holds it.
+        let op = StoreOp::Install { epoch, state, version };
+        Box::pin(self.submit_op(conv, op, notify))
     }
 }
 
@@ -361,22 +365,7 @@ impl ShardReplicator {
         self.submit_op(conv, StoreOp::Write { epoch, base, commit }, done).await
     }
 
-    /// Submits the acquired copy of `conv` as a write: an in-sync member that lacks part of
-    /// it (a previous owner's write that reached this node and not that member) installs
-    /// it, one that holds it promises this owner's epoch; `done` is told once every
-    /// in-sync member holds it.
-    pub async fn confirm_then(
-        &self,
-        conv: &str,
-        epoch: Epoch,
-        version: Version,
-        state: ConversationState,
-        done: Notify,
-    ) -> Result<(), Refusal> {
-        let op = StoreOp::Install { epoch, state, version };
-        self.submit_op(conv, op, done).await
-    }
-
+    /// Submits one store op of `conv` as a write of its shard (a turn, or a copy).
     async fn submit_op(&self, conv: &str, op: StoreOp, done: Notify) -> Result<(), Refusal> {
         let (accepted, accepted_rx) = oneshot::channel();
         let payload = Payload { conv: conv.to_string(), op };
