@@ -85,6 +85,10 @@ pub struct SimNet {
     cfg: GossipConfig,
     /// Gossip keys by secret, derived once (the KDF is slow on purpose).
     keyrings: BTreeMap<Vec<u8>, Keyring>,
+    /// Whether datagrams are encrypted as a node's are ([`SimNet::sealed`]); by default
+    /// they keep the frame, key id and replay guard but not the cipher
+    /// ([`Keyring::clear_for_simulation`]): this network forges nothing.
+    sealed: bool,
     /// The identities every node's member table holds, one copy each (at 5,000 nodes,
     /// 25 million entries would otherwise each hold a ~300 B copy).
     ids: IdInterner,
@@ -116,11 +120,19 @@ impl SimNet {
             notices: Vec::new(),
             cfg,
             keyrings: BTreeMap::new(),
+            sealed: false,
             ids: IdInterner::default(),
             sent: 0,
             dropped: 0,
             duplicated: 0,
         }
+    }
+
+    /// Encrypt and authenticate datagrams with the node's cipher (costlier; the runs are
+    /// otherwise the same: `the_cipher_changes_nothing_a_run_does`).
+    pub fn sealed(mut self) -> Self {
+        self.sealed = true;
+        self
     }
 
     /// Keep no text trace (large runs); notices are still collected.
@@ -205,7 +217,10 @@ impl SimNet {
         let keys = self
             .keyrings
             .entry(secret.to_vec())
-            .or_insert_with(|| Keyring::from_secrets(secret, &[]))
+            .or_insert_with(|| match self.sealed {
+                true => Keyring::from_secrets(secret, &[]),
+                false => Keyring::clear_for_simulation(secret),
+            })
             .clone();
         let mut membership =
             Membership::with_interner(id, seeds, keys, &self.cfg, rng_seed, self.ids.clone());

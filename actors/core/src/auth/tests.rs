@@ -130,6 +130,30 @@ fn rotation_accepts_old_and_new_keys_until_the_old_is_dropped() {
 }
 
 #[test]
+fn a_simulated_keyring_frames_like_a_sealed_one_without_the_cipher() {
+    let clear = |secret: &[u8]| {
+        PacketAuth::new(Keyring::clear_for_simulation(secret), 1400, ReplayGuard::new(WINDOW, 1024))
+    };
+    let mut a = clear(b"secret-one");
+    let framed = a.seal(b"user text: hello", NOW, nonce(1));
+    // Same length and header as a sealed datagram, so the simulated network's packets
+    // fill and split as a node's do.
+    assert_eq!(framed.len(), auth(0, &[], 1400).seal(b"user text: hello", NOW, nonce(1)).len());
+    assert_eq!(framed[0], PACKET_VERSION);
+    assert_eq!(a.open(&framed, NOW + 5).unwrap(), b"user text: hello");
+    assert_eq!(a.open(&framed, NOW + 6), Err(AuthError::Replayed));
+    assert_eq!(a.open(&a.seal(b"x", NOW - WINDOW - 1, nonce(2)), NOW), Err(AuthError::Stale));
+    // Another secret, or a node's real keys, cannot open it, and it cannot open theirs.
+    assert_eq!(clear(b"secret-two").open(&framed, NOW), Err(AuthError::UnknownKey));
+    assert_eq!(auth(0, &[], 1400).open(&framed, NOW), Err(AuthError::UnknownKey));
+    assert_eq!(
+        a.open(&auth(0, &[], 1400).seal(b"x", NOW, nonce(3)), NOW),
+        Err(AuthError::UnknownKey)
+    );
+    assert_eq!(a.open(&framed[..OVERHEAD_BYTES - 1], NOW), Err(AuthError::TooShort));
+}
+
+#[test]
 fn derivation_is_deterministic_and_keys_differ_by_purpose() {
     let k = keys(0);
     assert_eq!(ClusterKeys::derive(b"secret-one").cookie_hex(), k.cookie_hex());
