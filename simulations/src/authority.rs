@@ -294,8 +294,10 @@ pub struct Authority {
     acked_count: u64,
     /// Acknowledged since the last check (checked against the current in-sync members).
     acked_new: Vec<Write>,
-    /// Shards whose in-sync members changed since the last check (all their writes checked).
-    dirty: BTreeSet<ShardId>,
+    /// Members that joined a shard's in-sync set since the last check (all the shard's
+    /// writes checked on them; the members that stayed held them already, and stores only
+    /// grow).
+    dirty: BTreeSet<(ShardId, MemberIx)>,
     /// Acknowledged writes per shard in the order they were acknowledged.
     ack_order: BTreeMap<ShardId, Vec<u64>>,
     /// Reads asked: (node, seq) -> (shard, how many of the shard's writes were acknowledged
@@ -614,14 +616,18 @@ impl Authority {
     }
 
     /// Nodes whose process runs (frozen ones included).
+    /// Writes acknowledged so far (what [`Authority::report`] says, without its checks).
+    pub fn writes_acknowledged(&self) -> u64 {
+        self.acked_count
+    }
+
     pub fn running(&self) -> usize {
         self.nodes.iter().filter(|n| n.running).count()
     }
 
     /// Members node `i` sees up (itself included), or `None` if it is not running.
     pub fn members_up(&self, i: usize) -> Option<usize> {
-        let m = self.net.membership(self.nodes[i].addr)?;
-        Some(m.members().iter().filter(|v| v.state != Gossip::Down).count())
+        Some(self.net.membership(self.nodes[i].addr)?.members_not_down())
     }
 
     /// The process leaves as the node's shutdown does ([`leave_step`]): it gives up the
@@ -1336,10 +1342,12 @@ impl Authority {
                 let applied = self.replayed.apply(&cmd);
                 let changed = applied.changed.clone();
                 for &shard in &applied.changed {
-                    let (Some(b), Some(a)) = (before.shard(shard), self.replayed.shard(shard))
-                    else {
-                        continue;
-                    };
+                    let Some(a) = self.replayed.shard(shard) else { continue };
+                    let b = before.shard(shard);
+                    let joined =
+                        a.isr.as_slice().iter().filter(|m| b.is_none_or(|b| !b.isr.contains(**m)));
+                    self.dirty.extend(joined.map(|&m| (shard, m)));
+                    let Some(b) = b else { continue };
                     let new = a.learners.as_slice().iter().filter(|m| !b.learners.contains(**m));
                     self.report.learners_added += new.count() as u64;
                     if a.owner.is_some() && a.owner != b.owner && b.owner.is_some() {
@@ -1349,7 +1357,6 @@ impl Authority {
                 if applied.changed.is_empty() && !applied.skipped.is_empty() {
                     *self.report.entries_without_effect.entry(cmd.kind()).or_default() += 1;
                 }
-                self.dirty.extend(applied.changed);
                 self.crashes_reassigned();
                 let forced = match cmd {
                     MapCommand::Force { shard, .. } => Some(shard),
@@ -1371,8 +1378,8 @@ impl Authority {
     }
 
     /// Newly acknowledged writes against their shard's in-sync members, and every
-    /// acknowledged write of shards whose in-sync members changed (stores only grow, so
-    /// nothing else can break the invariant).
+    /// acknowledged write of a shard against the members that joined its in-sync set
+    /// (stores only grow, so nothing else can break the invariant).
     fn check(&mut self) {
         let fresh = std::mem::take(&mut self.acked_new);
         let dirty = std::mem::take(&mut self.dirty);
@@ -1382,9 +1389,8 @@ impl Authority {
         let mut lost = Vec::new();
         let lost_writes = &mut self.lost_writes;
         let (nodes, by_name) = (&self.nodes, &self.by_name);
-        let mut check = |shard: ShardId, n: u64| {
-            let Some(e) = self.replayed.shard(shard) else { return };
-            for &m in e.isr.as_slice() {
+        let mut check = |shard: ShardId, members: &[MemberIx], n: u64| {
+            for &m in members {
                 let name = self.replayed.name(m);
                 let holds = by_name.get(name).is_some_and(|&x| {
                     nodes[x].store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
@@ -1401,11 +1407,16 @@ impl Authority {
             }
         };
         for (shard, n) in fresh {
-            check(shard, n);
+            if let Some(e) = self.replayed.shard(shard) {
+                check(shard, e.isr.as_slice(), n);
+            }
         }
-        for shard in dirty {
-            for &n in self.acked.get(&shard).into_iter().flatten() {
-                check(shard, n);
+        for (shard, m) in dirty {
+            // Only members still in the set: one that joined and left again is not bound.
+            if self.replayed.shard(shard).is_some_and(|e| e.isr.contains(m)) {
+                for &n in self.acked.get(&shard).into_iter().flatten() {
+                    check(shard, &[m], n);
+                }
             }
         }
         self.report.problems.extend(lost);

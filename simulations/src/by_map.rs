@@ -435,7 +435,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
         t += TICK_MS;
         a.run_until(t);
         if t % sample_ms == 0 {
-            let r = a.report();
+            let acked = a.writes_acknowledged();
             let mut lat = a.take_latencies();
             lat.sort_unstable();
             for &us in &lat {
@@ -469,8 +469,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
             unavailable_shard_s += f64::from(tally.unavailable) * sample_ms as f64 / 1000.0;
             samples.push(MapSample {
                 t_s: t as f64 / 1000.0,
-                acknowledged_per_s: (r.writes_acknowledged - last_acked) as f64 * 1000.0
-                    / sample_ms as f64,
+                acknowledged_per_s: (acked - last_acked) as f64 * 1000.0 / sample_ms as f64,
                 p50_ms: p50,
                 p99_ms: p99,
                 p999_ms: p999,
@@ -483,7 +482,7 @@ pub fn run(sc: Scenario, seed: u64, mut progress: impl FnMut(f64)) -> MapReport 
                 moves_in_flight: tally.learning,
                 map_version: map.version,
             });
-            last_acked = r.writes_acknowledged;
+            last_acked = acked;
             progress(t as f64 / end_ms as f64);
         }
     }

@@ -54,6 +54,13 @@ fn up_set(net: &SimNet, i: usize) -> BTreeSet<String> {
         .collect()
 }
 
+/// Members node `i` counts as not down, and how many its list shows not down.
+fn not_down(net: &SimNet, i: usize) -> (usize, usize) {
+    let m = net.membership(addr(i)).expect("running");
+    let listed = m.members().iter().filter(|v| v.state != MemberState::Down).count();
+    (m.members_not_down(), listed)
+}
+
 fn cluster(n: usize) -> SimNet {
     cluster_on(SimNet::new(GossipConfig::default(), 1), n)
 }
@@ -97,6 +104,9 @@ fn crashed_node_declared_down_within_bound() {
         .run_until_pred(crash_at + 10_000, |net| all_see(net, &others, 3, MemberState::Down))
         .expect("crash never detected");
     assert!(t - crash_at <= 3_000, "took {} ms", t - crash_at);
+    for i in others {
+        assert_eq!(not_down(&net, i), (4, 4), "node {i}: counted, listed");
+    }
 }
 
 #[test]
@@ -109,6 +119,11 @@ fn leave_is_seen_quickly() {
         .run_until_pred(at + 5_000, |net| all_see(net, &others, 2, MemberState::Down))
         .expect("leave never seen");
     assert!(t - at <= 1_000, "took {} ms", t - at);
+    assert_eq!(not_down(&net, 0), (4, 4));
+    if net.membership(addr(2)).is_some() {
+        let (counted, listed) = not_down(&net, 2);
+        assert_eq!(counted, listed, "the leaver counts as it lists");
+    }
 }
 
 #[test]

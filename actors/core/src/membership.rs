@@ -669,6 +669,13 @@ impl Membership {
         out
     }
 
+    /// How many members [`Membership::members`] would list as not down (this node
+    /// included unless it left), without building the list.
+    pub fn members_not_down(&self) -> usize {
+        let others = self.foca.iter_membership_state().filter(|m| m.state() != State::Down);
+        others.count() + usize::from(!self.left)
+    }
+
     /// Updates waiting to be piggybacked; a large backlog means dissemination lags.
     pub fn updates_backlog(&self) -> usize {
         self.foca.updates_backlog()
