@@ -35,8 +35,8 @@ pub trait Identity: Clone + Eq + fmt::Debug {
     ///
     /// It's a good idea to have this type as lean as possible
     ///
-    /// It is ordered so that the member table can be indexed by it
-    type Addr: Ord;
+    /// It is hashable so that the member table can be indexed by it
+    type Addr: Eq + core::hash::Hash;
 
     /// Opt-in on auto-rejoining by providing a new identity.
     ///

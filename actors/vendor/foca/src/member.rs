@@ -2,7 +2,8 @@
  * License, v. 2.0. If a copy of the MPL was not distributed with this
  * file, You can obtain one at https://mozilla.org/MPL/2.0/. */
 extern crate alloc;
-use alloc::{collections::BTreeMap, vec::Vec};
+use alloc::vec::Vec;
+use hashbrown::HashMap;
 
 use rand::{
     RngExt,
@@ -139,8 +140,9 @@ pub(crate) struct Members<T: crate::Identity> {
     num_active: usize,
     // Position in `inner` of each member, by address: finding a
     // member is a lookup instead of a scan (a scan per update made
-    // a large cluster's gossip quadratic).
-    index: BTreeMap<T::Addr, usize>,
+    // a large cluster's gossip quadratic). Hashed, not ordered: only
+    // looked up, never iterated.
+    index: HashMap<T::Addr, usize>,
 }
 
 #[cfg(test)]
@@ -168,7 +170,7 @@ where
             cursor: 0,
             num_active,
             inner,
-            index: BTreeMap::new(),
+            index: HashMap::default(),
         };
         members.reindex();
         members
