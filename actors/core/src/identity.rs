@@ -7,7 +7,6 @@
 //! `bump` is raised by foca (through [`foca::Identity::renew`]) when the cluster wrongly
 //! declared this process down, so it rejoins by itself.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -183,7 +182,9 @@ pub struct IdInterner(Arc<Mutex<Interned>>);
 
 #[derive(Debug, Default)]
 struct Interned {
-    ids: HashSet<Arc<NodeId>>,
+    /// Seeded hashing (foldhash), as the identities come from peers; the lookup with
+    /// SipHash was most of the interning's 6% of 1000 simulated nodes joining.
+    ids: hashbrown::HashSet<Arc<NodeId>>,
     sweep_at: usize,
 }
 
