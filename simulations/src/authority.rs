@@ -327,6 +327,9 @@ pub struct Authority {
     /// Node index by name and by controller id.
     by_name: BTreeMap<String, usize>,
     by_raft: BTreeMap<ControllerId, usize>,
+    /// Node index by member index, for every member of the committed map (indices are
+    /// stable, and every node's map is a prefix of the committed one).
+    by_member: Vec<Option<usize>>,
     /// Requests owed to the rate (thousandths of a request).
     write_credit: u64,
     /// Which shards requests go to: uniform (`None`), or conversations by a Zipf law
@@ -382,6 +385,7 @@ impl Authority {
             latencies_us: Vec::new(),
             lost_writes: BTreeSet::new(),
             by_name: BTreeMap::new(),
+            by_member: Vec::new(),
             by_raft: BTreeMap::new(),
             write_credit: 0,
             popularity: None,
@@ -886,10 +890,6 @@ impl Authority {
         self.by_raft.get(&raft_id).copied()
     }
 
-    fn node_named(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
-    }
-
     fn deliver(&mut self, i: usize, wire: Wire) {
         if !self.nodes[i].running {
             return;
@@ -998,8 +998,7 @@ impl Authority {
 
     /// Member index -> node, by the map's names (indices are stable).
     fn node_of_member(&self, ix: MemberIx) -> Option<usize> {
-        let name = self.replayed.member(ix).map(|m| m.name.clone())?;
-        self.node_named(&name)
+        self.by_member.get(usize::from(ix)).copied().flatten()
     }
 
     fn drain_ownership(&mut self, i: usize) {
@@ -1280,8 +1279,9 @@ impl Authority {
         }
         // Routed by the gateway's map to an owner that runs, can be reached and has its
         // ownership machine; else the client gets no answer this time.
-        let owner = self.nodes[gateway].controller.as_ref().and_then(|c| c.map().owner(shard));
-        let routed = owner.and_then(|name| self.node_named(name)).filter(|&o| {
+        let owner =
+            (self.nodes[gateway].controller.as_ref()).and_then(|c| c.map().shard(shard)?.owner);
+        let routed = owner.and_then(|ix| self.node_of_member(ix)).filter(|&o| {
             self.nodes[o].running
                 && !self.nodes[o].frozen
                 && self.nodes[o].ownership.is_some()
@@ -1340,6 +1340,9 @@ impl Authority {
             if let Some(cmd) = cmd {
                 let before = self.replayed.clone();
                 let applied = self.replayed.apply(&cmd);
+                for m in &self.replayed.members()[self.by_member.len()..] {
+                    self.by_member.push(self.by_name.get(&m.name).copied());
+                }
                 let changed = applied.changed.clone();
                 for &shard in &applied.changed {
                     let Some(a) = self.replayed.shard(shard) else { continue };
@@ -1388,11 +1391,11 @@ impl Authority {
         }
         let mut lost = Vec::new();
         let lost_writes = &mut self.lost_writes;
-        let (nodes, by_name) = (&self.nodes, &self.by_name);
+        let (nodes, by_member) = (&self.nodes, &self.by_member);
         let mut check = |shard: ShardId, members: &[MemberIx], n: u64| {
             for &m in members {
                 let name = self.replayed.name(m);
-                let holds = by_name.get(name).is_some_and(|&x| {
+                let holds = by_member.get(usize::from(m)).copied().flatten().is_some_and(|x| {
                     nodes[x].store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
                 });
                 if !holds {
