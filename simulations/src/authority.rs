@@ -619,12 +619,12 @@ impl Authority {
         self.nodes.iter().map(|n| n.acked).collect()
     }
 
-    /// Nodes whose process runs (frozen ones included).
     /// Writes acknowledged so far (what [`Authority::report`] says, without its checks).
     pub fn writes_acknowledged(&self) -> u64 {
         self.acked_count
     }
 
+    /// Nodes whose process runs (frozen ones included).
     pub fn running(&self) -> usize {
         self.nodes.iter().filter(|n| n.running).count()
     }

@@ -259,7 +259,14 @@ fn the_checker_catches_view_based_takeover() {
     a.run_until(8_000);
     a.crash(3);
     a.crash(4);
-    a.run_until(20_000);
+    // Reported in the step that applies the first force (the forced member joined the
+    // shard's in-sync set without its writes), not only once it has stayed there.
+    let mut t = 8_000;
+    while !a.report().entries_by_kind.contains_key("force") {
+        assert!(t < 20_000, "no shard was forced");
+        t += 5;
+        a.run_until(t);
+    }
     let r = a.report();
     assert!(r.problems.iter().any(|p| p.contains("lacks it")), "{r:#?}");
 }
