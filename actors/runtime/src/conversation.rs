@@ -229,10 +229,7 @@ impl Actor for ConversationActor {
                         let node = s.shared.node.clone();
                         let outcome = ConvOutcome::History { turns, more, node };
                         let upto = s.state.turn;
-                        s.reply_when_durable(upto, reply, outcome, request, None);
-                        if let Err(refusal) = s.confirm_copy(&me).await {
-                            s.close(&me, refusal);
-                        }
+                        s.reply_from_copy(&me, upto, reply, outcome, request).await;
                     }
                     ConvRequest::Replica(_) | ConvRequest::Module(_) => {
                         reply.send(ConvOutcome::failed(
@@ -332,6 +329,23 @@ impl ConvActorState {
         self.shared.replicator.confirm(conv, epoch, version, self.state.clone(), notify).await
     }
 
+    /// Answers from the copy (a retry found done, a read) once it is held up to `turn`,
+    /// submitting the copy first if it is not known to be held; a refused submission
+    /// closes the actor (which passes the waiting requests on).
+    async fn reply_from_copy(
+        &mut self,
+        me: &ActorRef<ConvMsg>,
+        turn: u64,
+        reply: Reply,
+        outcome: ConvOutcome,
+        request: ConvRequest,
+    ) {
+        self.reply_when_durable(turn, reply, outcome, request, None);
+        if let Err(refusal) = self.confirm_copy(me).await {
+            self.close(me, refusal);
+        }
+    }
+
     /// Keeps a new turn's latency among the recent ones.
     fn answered(&mut self, turn: u64, started: Option<std::time::Instant>) {
         let Some(started) = started else { return };
@@ -411,17 +425,8 @@ impl ConvActorState {
             self.shared.metrics.duplicates.inc();
             let (turn, messages) = (done.turn, done.messages.clone());
             let request = ConvRequest::Say { id, text, bot: bot.map(String::from), user };
-            self.reply_when_durable(
-                turn,
-                reply,
-                ConvOutcome::Reply { messages, turn, node },
-                request,
-                None,
-            );
-            if let Err(refusal) = self.confirm_copy(me).await {
-                self.close(me, refusal);
-            }
-            return;
+            let outcome = ConvOutcome::Reply { messages, turn, node };
+            return self.reply_from_copy(me, turn, reply, outcome, request).await;
         }
         if record_bytes(&id, &text, user.as_deref(), &[]) > self.shared.turn_bytes_max {
             self.shared.metrics.turns_too_large.inc();
