@@ -1394,14 +1394,15 @@ impl Authority {
         let (nodes, by_member) = (&self.nodes, &self.by_member);
         let mut check = |shard: ShardId, members: &[MemberIx], n: u64| {
             for &m in members {
-                let name = self.replayed.name(m);
                 let holds = by_member.get(usize::from(m)).copied().flatten().is_some_and(|x| {
                     nodes[x].store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
                 });
-                if !holds {
-                    lost_writes.insert((shard, n));
+                if holds {
+                    continue;
                 }
-                if !holds && lost.len() < 5 {
+                lost_writes.insert((shard, n));
+                if lost.len() < 5 {
+                    let name = self.replayed.name(m);
                     lost.push(format!(
                         "write {n} of shard {shard} was acknowledged but in-sync member {name} lacks it (t={} ms)",
                         self.now_ms

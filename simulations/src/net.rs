@@ -217,9 +217,12 @@ impl SimNet {
         let keys = self
             .keyrings
             .entry(secret.to_vec())
-            .or_insert_with(|| match self.sealed {
-                true => Keyring::from_secrets(secret, &[]),
-                false => Keyring::clear_for_simulation(secret),
+            .or_insert_with(|| {
+                if self.sealed {
+                    Keyring::from_secrets(secret, &[])
+                } else {
+                    Keyring::clear_for_simulation(secret)
+                }
             })
             .clone();
         let mut membership =

@@ -140,15 +140,21 @@ enum Protection {
 
 impl GossipKey {
     fn new(keys: &ClusterKeys) -> GossipKey {
-        let mut h = Sha256::new();
-        h.update(b"botclaw/v2/gossip-key-id");
-        h.update(keys.gossip);
-        let digest = h.finalize();
-        let mut id = [0u8; KEY_ID_BYTES];
-        id.copy_from_slice(&digest[..KEY_ID_BYTES]);
+        let id = key_id(b"botclaw/v2/gossip-key-id", &keys.gossip);
         let cipher = Arc::new(XChaCha20Poly1305::new((&keys.gossip).into()));
         GossipKey { id, protection: Protection::Sealed(cipher) }
     }
+}
+
+/// A key's id on the wire: the first bytes of a labelled hash of its secret.
+fn key_id(label: &[u8], secret: &[u8]) -> [u8; KEY_ID_BYTES] {
+    let mut h = Sha256::new();
+    h.update(label);
+    h.update(secret);
+    let digest = h.finalize();
+    let mut id = [0u8; KEY_ID_BYTES];
+    id.copy_from_slice(&digest[..KEY_ID_BYTES]);
+    id
 }
 
 /// The gossip keys a node holds: it seals with the primary and opens with any.
@@ -183,12 +189,7 @@ impl Keyring {
     /// the secret's), but nothing is encrypted or authenticated, and no KDF runs. Never for
     /// a node: anyone on its network could read and forge its gossip.
     pub fn clear_for_simulation(secret: &[u8]) -> Keyring {
-        let mut h = Sha256::new();
-        h.update(b"botclaw/v2/simulated-key-id");
-        h.update(secret);
-        let digest = h.finalize();
-        let mut id = [0u8; KEY_ID_BYTES];
-        id.copy_from_slice(&digest[..KEY_ID_BYTES]);
+        let id = key_id(b"botclaw/v2/simulated-key-id", secret);
         Keyring { primary: GossipKey { id, protection: Protection::Clear }, previous: Vec::new() }
     }
 
