@@ -613,6 +613,9 @@ pub struct ControllerConfig {
     pub changes_per_round_max: usize,
     /// Messages from peers waiting for the controller; more are dropped (Raft resends).
     pub inbound_queue_max: usize,
+    /// Observers (nodes outside the group, which fetch the log) the leader keeps track
+    /// of; one beyond them is answered but not told of new entries as they apply.
+    pub observers_max: usize,
 }
 
 impl Default for ControllerConfig {
@@ -634,6 +637,7 @@ impl Default for ControllerConfig {
             moves_in_flight_max: 4096,
             changes_per_round_max: 16_384,
             inbound_queue_max: 4096,
+            observers_max: 65_536,
         }
     }
 }
@@ -654,6 +658,7 @@ impl ControllerConfig {
             ("controller.moves_in_flight_max", self.moves_in_flight_max as u64),
             ("controller.changes_per_round_max", self.changes_per_round_max as u64),
             ("controller.inbound_queue_max", self.inbound_queue_max as u64),
+            ("controller.observers_max", self.observers_max as u64),
         ];
         positive(fields)?;
         if self.heartbeat_ticks >= self.election_ticks {

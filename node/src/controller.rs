@@ -11,7 +11,9 @@
 //!
 //! A node founds the group only on its first start (an empty log), and only if it is listed
 //! in `controller.voters` (or, with no list, if it was started without seeds). Every other
-//! node starts empty and is added as a learner by the leader, which sends it a snapshot.
+//! node starts empty and observes: it fetches the committed log (or a snapshot) from the
+//! leader, which it finds by asking the nodes gossip sees up; the leader takes observers in
+//! as learners only to make them voters (`botclaw_core::controller::observe`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,10 +25,9 @@ use botclaw_actors::controller_log::ControllerLog;
 use botclaw_actors::router::{remote_router, RouterMessage};
 use botclaw_config::{ControllerConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
-use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
     controller_id, decode_message, encode_message, Controller, ControllerError, ControllerId,
-    GroupChange, Persist, Restored,
+    ControllerMessage, GroupChange, Persist, Restored,
 };
 use botclaw_core::shardmap::plan::{members_key, PlanConfig, UpMember};
 use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
@@ -67,7 +68,15 @@ pub struct ControllerStatus {
     /// Commands applied to the map (its version).
     pub map_version: u64,
     pub voters: Vec<String>,
+    /// Members about to become voters.
     pub learners: usize,
+    /// On the leader: the nodes outside the group that fetch the map from it.
+    #[serde(default)]
+    pub observers: usize,
+    /// This node in the group: `voter`, `learner` (about to become a voter) or
+    /// `observer` (outside it: it fetches the map from the leader).
+    #[serde(default)]
+    pub role: String,
     /// Shards that have a learner (a move in progress).
     pub moves_in_flight: usize,
     /// Assigned shards with fewer in-sync members than the replication factor.
@@ -283,7 +292,7 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
         tracing::info!(voters = ?founders, "founding the placement controller");
         disk.write(Controller::founding_state(&ids, shard_count).as_persist())?;
     }
-    let controller = Controller::restore(
+    let mut controller = Controller::restore(
         controller_id(&args.me),
         disk.state().clone(),
         shard_count,
@@ -309,6 +318,7 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
     for name in founders.iter().chain(&args.cfg.voters).chain(std::iter::once(&args.me)) {
         names.insert(controller_id(name), name.clone());
     }
+    controller.observe_peers(names.keys().copied().collect());
     let view = Arc::new(MapView {
         map: Arc::new(controller.map().clone()),
         status: ControllerStatus::default(),
@@ -355,7 +365,9 @@ impl ControllerTask {
             let plan_at = self.started + Duration::from_millis(self.planner.next_round_ms(version));
             tokio::select! {
                 _ = tick.tick() => {
-                    if self.dirty {
+                    // The leader's count of observers changes without the map.
+                    let observers = self.controller.observers();
+                    if self.dirty || self.out.borrow().status.observers != observers {
                         self.publish();
                     }
                     if self.controller.tick().is_err() {
@@ -370,9 +382,12 @@ impl ControllerTask {
                 _ = tokio::time::sleep_until(plan_at.into()) => self.plan_round(),
                 changed = self.args.gossip.changed(), if gossip_open => {
                     gossip_open = changed.is_ok();
-                    let key = members_key(&self.up_members());
+                    let up = self.up_members();
+                    let key = members_key(&up);
                     if std::mem::replace(&mut self.members_seen, key) != key {
                         self.planner.members_changed();
+                        let peers = up.iter().map(|m| controller_id(&m.name)).collect();
+                        self.controller.observe_peers(peers);
                     }
                 }
                 bytes = self.args.inbox.recv() => {
@@ -398,8 +413,8 @@ impl ControllerTask {
         self.args.metrics.messages_received.inc();
         match postcard::from_bytes::<Wire>(&bytes) {
             Ok(Wire::Raft(raw)) => match decode_message(&raw) {
-                Ok(m) if m.to == self.controller.id() => {
-                    if self.controller.leader() == Some(m.from) {
+                Ok(m) if m.to() == self.controller.id() => {
+                    if self.controller.leader() == Some(m.from()) {
                         self.args.heard.heard();
                     }
                     if let Err(e) = self.controller.step(m) {
@@ -577,11 +592,11 @@ impl ControllerTask {
         }
     }
 
-    fn send(&mut self, m: Message) {
-        if !self.names.contains_key(&m.to) {
+    fn send(&mut self, m: ControllerMessage) {
+        if !self.names.contains_key(&m.to()) {
             self.learn_names();
         }
-        let Some(name) = self.names.get(&m.to).cloned() else {
+        let Some(name) = self.names.get(&m.to()).cloned() else {
             self.args.metrics.drop("unknown-peer");
             return;
         };
@@ -632,6 +647,8 @@ impl ControllerTask {
             map_version: map.version,
             voters: c.voters().into_iter().map(name).collect(),
             learners: c.learners().len(),
+            observers: c.observers(),
+            role: c.role().to_string(),
             plan_settled: c.is_leader() && self.planner.settled(map.version),
             ..ControllerStatus::default()
         };

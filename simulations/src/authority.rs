@@ -19,10 +19,9 @@ use std::sync::Arc;
 
 use botclaw_config::{GossipConfig, PlacementConfig};
 use botclaw_core::controller::leader::{LeaderPlanner, Round};
-use botclaw_core::controller::raft_message::Message;
 use botclaw_core::controller::{
-    controller_id, Controller, ControllerConfig, ControllerError, ControllerId, Restored,
-    SharedMaps,
+    controller_id, Controller, ControllerConfig, ControllerError, ControllerId, ControllerMessage,
+    Restored, SharedMaps,
 };
 use botclaw_core::load::member_loads;
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
@@ -260,7 +259,7 @@ struct Node {
 }
 
 enum Wire {
-    Raft(Box<Message>),
+    Raft(Box<ControllerMessage>),
     Own {
         from: MemberIx,
         msg: Msg<Write>,
@@ -327,6 +326,9 @@ pub struct Authority {
     /// Node index by name and by controller id.
     by_name: BTreeMap<String, usize>,
     by_raft: BTreeMap<ControllerId, usize>,
+    /// Every node's controller id: the peers an observer asks for the leader (a node's
+    /// failure detector knows them all).
+    raft_ids: Arc<[ControllerId]>,
     /// Node index by member index, for every member of the committed map (indices are
     /// stable, and every node's map is a prefix of the committed one).
     by_member: Vec<Option<usize>>,
@@ -387,6 +389,7 @@ impl Authority {
             by_name: BTreeMap::new(),
             by_member: Vec::new(),
             by_raft: BTreeMap::new(),
+            raft_ids: Arc::from(Vec::new()),
             write_credit: 0,
             popularity: None,
             flash: Vec::new(),
@@ -397,6 +400,7 @@ impl Authority {
         };
         let voters: Vec<ControllerId> =
             (0..a.cfg.voters.min(a.cfg.nodes)).map(|i| controller_id(&format!("n{i}"))).collect();
+        a.raft_ids = (0..a.cfg.nodes).map(|i| controller_id(&format!("n{i}"))).collect();
         for i in 0..a.cfg.nodes {
             a.add_node(i, &voters);
         }
@@ -409,6 +413,10 @@ impl Authority {
         self.by_addr.insert(addr_of(i), i);
         let raft_id = controller_id(&name);
         self.by_raft.insert(raft_id, i);
+        if i >= self.raft_ids.len() {
+            // A node joining later: the others learn of it as their failure detectors do.
+            self.raft_ids = self.raft_ids.iter().copied().chain([raft_id]).collect();
+        }
         let voter = voters.contains(&raft_id);
         let disk = if voter {
             Controller::founding_state(voters, self.cfg.shards)
@@ -499,6 +507,7 @@ impl Authority {
         )
         .expect("a disk this run wrote");
         controller.share_maps(self.maps.clone());
+        controller.observe_peers(self.raft_ids.clone());
         n.controller = Some(controller);
         let id = NodeId {
             name: n.name.clone(),
@@ -903,7 +912,7 @@ impl Authority {
         }
         match wire {
             Wire::Raft(m) => {
-                let from = m.from;
+                let from = m.from();
                 if let Some(c) = self.nodes[i].controller.as_mut() {
                     let _ = c.step(*m);
                     if c.leader() == Some(from) {
@@ -990,8 +999,8 @@ impl Authority {
         }
     }
 
-    fn send_raft(&mut self, from: usize, m: Message) {
-        if let Some(to) = self.node_of(m.to) {
+    fn send_raft(&mut self, from: usize, m: ControllerMessage) {
+        if let Some(to) = self.node_of(m.to()) {
             self.send(from, to, Wire::Raft(Box::new(m)));
         }
     }

@@ -434,6 +434,14 @@ impl Cluster {
                 })
                 .then_some(())
         });
+        if ok.is_none() {
+            // What each node says of itself: why it is not ready, and its controller.
+            for &i in which {
+                let ready = http_get(self.nodes[i].ports.admin, "/health/ready");
+                let controller = self.nodes[i].status().map(|s| s["controller"].to_string());
+                eprintln!("n{i}: ready {ready:?}, controller {controller:?}");
+            }
+        }
         assert!(ok.is_some(), "nodes {which:?} did not converge in {timeout:?}\n{}", self.logs());
     }
 

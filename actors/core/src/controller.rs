@@ -91,7 +91,7 @@ impl Persist {
 
     /// One record for a disk log: postcard around raft-rs's own protobuf encodings.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let pb = |m: &dyn protobuf::Message| m.write_to_bytes().expect("a raft type encodes");
+        let pb = protobuf_bytes;
         let record = PersistRecord {
             snapshot: self.snapshot.as_ref().map(|s| pb(s)),
             entries: self.entries.iter().map(|e| pb(e)).collect(),
@@ -103,11 +103,7 @@ impl Persist {
 
     /// A record read back; an error for bytes that are not one (corruption).
     pub fn from_bytes(bytes: &[u8]) -> Result<Persist, String> {
-        fn pb<M: protobuf::Message + Default>(b: &[u8]) -> Result<M, String> {
-            let mut m = M::default();
-            m.merge_from_bytes(b).map_err(|e| e.to_string())?;
-            Ok(m)
-        }
+        use from_protobuf as pb;
         let r: PersistRecord = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
         Ok(Persist {
             snapshot: r.snapshot.as_deref().map(pb::<Snapshot>).transpose()?,
@@ -141,10 +137,10 @@ pub struct AppliedEntry {
 #[derive(Debug, Default)]
 pub struct ControllerReady {
     /// Send at once (a leader's appends go out while it persists).
-    pub messages: Vec<Message>,
+    pub messages: Vec<ControllerMessage>,
     /// Write durably, then send `after_persist`.
     pub persist: Persist,
-    pub after_persist: Vec<Message>,
+    pub after_persist: Vec<ControllerMessage>,
     /// Committed entries applied to the map this round, in log order.
     pub applied: Vec<AppliedEntry>,
     /// The leader changed to this (`None`: no leader known).
@@ -414,6 +410,11 @@ struct InFlight {
     by_index: BTreeMap<u64, Vec<ShardChange>>,
     gathered: Vec<ShardChange>,
     changes: BTreeSet<ShardChange>,
+    /// Other commands appended and not yet applied (their bytes), by index: the planner
+    /// proposes a member's `Join` every round until it is applied, and at 5,000 nodes
+    /// the copies were 533,747 of 538,505 entries.
+    commands: BTreeSet<Vec<u8>>,
+    commands_by_index: BTreeMap<u64, Vec<u8>>,
 }
 
 impl InFlight {
@@ -455,9 +456,20 @@ impl InFlight {
         self.by_index.entry(index).or_default().extend(keys);
     }
 
+    fn command_appended(&mut self, index: u64, data: Vec<u8>) {
+        self.commands.insert(data.clone());
+        self.commands_by_index.insert(index, data);
+    }
+
     /// Entries up to `index` are applied (the ones appended, or others that replaced them
     /// under a new leader): their changes are no longer in flight.
     fn applied(&mut self, index: u64) {
+        if self.commands_by_index.first_key_value().is_some_and(|(&first, _)| first <= index) {
+            let later = self.commands_by_index.split_off(&(index + 1));
+            for data in std::mem::replace(&mut self.commands_by_index, later).into_values() {
+                self.commands.remove(&data);
+            }
+        }
         if self.by_index.first_key_value().is_none_or(|(&first, _)| first > index) {
             return;
         }
@@ -480,6 +492,14 @@ pub struct Controller {
     received: Option<(u64, u64, ShardMap)>,
     /// Shard changes this member proposed as leader, not applied yet.
     in_flight: InFlight,
+    /// Ticks since it started.
+    ticks: u64,
+    /// Outside the group: whom it fetches the log from ([`observe`]).
+    observing: observe::Observing,
+    /// As leader: the observers that fetch from it.
+    watchers: observe::Watchers,
+    /// What observing and serving observers produced for the next ready.
+    pending: observe::Pending,
 }
 
 impl std::fmt::Debug for Controller {
@@ -571,6 +591,10 @@ impl Controller {
             persisted_hs,
             received: None,
             in_flight: InFlight::default(),
+            ticks: 0,
+            observing: observe::Observing::new(seed),
+            watchers: observe::Watchers::default(),
+            pending: observe::Pending::default(),
         })
     }
 
@@ -617,13 +641,17 @@ impl Controller {
         self.raw.raft.term
     }
 
-    /// The index of the last entry applied to the map.
+    /// The index of the last entry applied to the map (by Raft, or fetched as an
+    /// observer).
     pub fn applied_index(&self) -> u64 {
-        self.raw.raft.raft_log.applied
+        self.raw.store().applied
     }
 
-    /// The current voters, ascending.
+    /// The current voters, ascending (an observer's: as the log it fetched names them).
     pub fn voters(&self) -> Vec<ControllerId> {
+        if self.is_observer() {
+            return self.observed_voters();
+        }
         let mut v: Vec<_> = self.raw.raft.prs().conf().voters().ids().iter().collect();
         v.sort_unstable();
         v
@@ -635,6 +663,14 @@ impl Controller {
     pub fn tick(&mut self) -> Result<(), ControllerError> {
         let appended = self.append_gathered();
         self.raw.tick();
+        self.ticks += 1;
+        if self.is_observer() {
+            self.observe_tick();
+        } else if self.is_leader() {
+            self.watchers_tick();
+        } else {
+            self.watchers.clear();
+        }
         appended
     }
 
@@ -667,7 +703,20 @@ impl Controller {
     }
 
     /// A message from a peer.
-    pub fn step(&mut self, msg: Message) -> Result<(), ControllerError> {
+    pub fn step(&mut self, msg: ControllerMessage) -> Result<(), ControllerError> {
+        match msg {
+            ControllerMessage::Raft(m) => self.step_raft(m),
+            ControllerMessage::Fetch { from, applied, .. } => {
+                self.serve_fetch(from, applied);
+                Ok(())
+            }
+            ControllerMessage::Fetched { from, leader, term, snapshot, entries, .. } => {
+                self.fetched(from, leader, term, snapshot, entries)
+            }
+        }
+    }
+
+    fn step_raft(&mut self, msg: Message) -> Result<(), ControllerError> {
         let snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
         // A snapshot whose map does not decode (corruption, a peer of another version) is
         // refused before raft-rs accepts it: applying on from a wrong map would diverge.
@@ -698,16 +747,22 @@ impl Controller {
     /// left are gathered and appended at the next tick, as one entry with the others
     /// gathered by then (at most [`PROPOSAL_CHANGES_MAX`] go at once): while a thousand
     /// nodes join, each owner proposes its own promotions, and as entries of their own they
-    /// were 17,155 of 18,587. Any other command is appended at once, after them.
+    /// were 17,155 of 18,587. Any other command is appended at once, after them, unless a
+    /// copy of it is in the log and not applied yet (`Stale`).
     pub fn propose(&mut self, cmd: &MapCommand) -> Result<(), ControllerError> {
         if !self.is_leader() {
             return Err(ControllerError::NotLeader { leader: self.leader });
         }
         let MapCommand::Changes(changes) = cmd else {
-            // Another command goes after the changes gathered before it.
-            self.append_gathered()?;
+            // Another command goes after the changes gathered before it, unless the same
+            // command is in the log and not applied yet.
             let data = postcard::to_stdvec(cmd).expect("a command encodes");
-            self.raw.propose(Vec::new(), data)?;
+            if self.in_flight.commands.contains(&data) {
+                return Err(ControllerError::Stale);
+            }
+            self.append_gathered()?;
+            self.raw.propose(Vec::new(), data.clone())?;
+            self.in_flight.command_appended(self.raw.raft.raft_log.last_index(), data);
             return Ok(());
         };
         let map = &self.raw.store().map;
@@ -776,7 +831,10 @@ impl Controller {
     /// learner so caught up can become a voter without stalling commits).
     pub fn caught_up(&self, id: ControllerId) -> bool {
         let committed = self.raw.raft.raft_log.committed;
-        self.raw.raft.prs().get(id).is_some_and(|p| p.matched >= committed)
+        match self.raw.raft.prs().get(id) {
+            Some(p) => p.matched >= committed,
+            None => self.watchers.applied(id).is_some_and(|a| a >= committed),
+        }
     }
 
     /// Whether member `id`'s map keeps up with the group's (the leader's view): its log
@@ -784,6 +842,9 @@ impl Controller {
     /// progress is replicating: not probed for where its log ends, not being sent a
     /// snapshot), so it applies entries about when the others do.
     pub fn keeps_up(&self, id: ControllerId) -> bool {
+        if self.raw.raft.prs().get(id).is_none() {
+            return self.caught_up(id) || self.observer_keeps_up(id);
+        }
         let state = self.raw.raft.prs().get(id).map(|p| p.state);
         self.caught_up(id) || state == Some(raft::ProgressState::Replicate)
     }
@@ -797,25 +858,39 @@ impl Controller {
 
     /// Drains what this member must do now; `None` when there is nothing.
     pub fn ready(&mut self) -> Option<ControllerReady> {
+        let applied = self.applied_index();
+        let raft = self.raft_ready();
+        if self.applied_index() > applied {
+            // Observers waiting for entries get the ones just applied.
+            self.answer_parked();
+        }
+        let pending = std::mem::take(&mut self.pending);
+        if raft.is_none() && pending.is_empty() {
+            return None;
+        }
+        let mut out = raft.unwrap_or_default();
+        out.messages.splice(0..0, pending.messages);
+        out.applied.splice(0..0, pending.applied);
+        out.snapshot_installed |= pending.snapshot_installed;
+        if out.leader_changed.is_none() {
+            out.leader_changed = pending.leader_changed;
+        }
+        Some(out)
+    }
+
+    /// Raft's part of a ready.
+    fn raft_ready(&mut self) -> Option<ControllerReady> {
         if !self.raw.has_ready() {
             self.received = None;
             return None;
         }
         let mut out = ControllerReady::default();
         let mut rd = self.raw.ready();
-        if let Some(ss) = rd.ss() {
-            let leader = (ss.leader_id != raft::INVALID_ID).then_some(ss.leader_id);
-            if leader != self.leader {
-                self.leader = leader;
-                out.leader_changed = Some(leader);
-            }
-        }
-        out.messages = rd.take_messages();
+        out.messages = rd.take_messages().into_iter().map(ControllerMessage::Raft).collect();
         if !rd.snapshot().is_empty() {
             let snapshot = rd.snapshot().clone();
-            self.install(snapshot.clone());
+            out.snapshot_installed = self.install(snapshot.clone());
             out.persist.snapshot = Some(snapshot);
-            out.snapshot_installed = true;
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, &mut out.applied);
@@ -827,12 +902,13 @@ impl Controller {
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().log.wl().set_hardstate(hs.clone());
         }
-        out.after_persist = rd.take_persisted_messages();
+        let raft = ControllerMessage::Raft;
+        out.after_persist = rd.take_persisted_messages().into_iter().map(raft).collect();
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().log.wl().mut_hard_state().set_commit(commit);
         }
-        out.after_persist.extend(light.take_messages());
+        out.after_persist.extend(light.take_messages().into_iter().map(raft));
         let committed = light.take_committed_entries();
         self.apply_entries(committed, &mut out.applied);
         self.raw.advance_apply();
@@ -844,12 +920,30 @@ impl Controller {
         out.persist.compaction = self.maybe_compact();
         self.in_flight.applied(self.applied_index());
         self.received = None;
+        // A member's leader is Raft's (an observer's is the one it fetches from; a node
+        // just taken into the group may have known it first).
+        if !self.is_observer() {
+            let id = self.raw.raft.leader_id;
+            let leader = (id != raft::INVALID_ID).then_some(id);
+            if leader != self.leader {
+                self.leader = leader;
+                out.leader_changed = Some(leader);
+            }
+        }
         Some(out)
     }
 
-    /// A snapshot from the leader replaces the map.
-    fn install(&mut self, snapshot: Snapshot) {
+    /// A snapshot from the leader replaces the map, unless the map is at its index or
+    /// beyond (fetched as an observer before Raft's log reached it): Raft's log starts at
+    /// the snapshot either way. Whether the map was replaced.
+    fn install(&mut self, snapshot: Snapshot) -> bool {
         let meta = snapshot.get_metadata();
+        if meta.index <= self.applied_index() {
+            self.received = None;
+            let store = self.raw.mut_store();
+            store.log.wl().apply_snapshot(snapshot).expect("a newer snapshot");
+            return false;
+        }
         let map = match self.received.take() {
             // A snapshot at an index and term is the map applied to that index: the same
             // map whichever message carried it.
@@ -865,51 +959,16 @@ impl Controller {
         store.map = Arc::new(map);
         *store.encoded.borrow_mut() = Some((meta.index, snapshot.data.clone()));
         store.log.wl().apply_snapshot(snapshot).expect("a newer snapshot");
+        true
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<AppliedEntry>) {
         for entry in entries {
-            self.raw.mut_store().applied = entry.index;
-            let mut applied = AppliedEntry {
-                index: entry.index,
-                term: entry.term,
-                command: None,
-                applied: Applied::default(),
-            };
+            // Already in the map (fetched as an observer): only Raft's own entries are
+            // left to apply, to Raft.
+            let fetched = entry.index <= self.applied_index();
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {}
-                EntryType::EntryNormal => {
-                    let store = self.raw.mut_store();
-                    let shared = store.shared.as_ref();
-                    match shared.and_then(|s| s.applied(entry.index, &entry.data, &store.map)) {
-                        Some((after, command, result)) => {
-                            store.map = after;
-                            applied.applied = result;
-                            applied.command = Some(command);
-                        }
-                        None => match postcard::from_bytes::<MapCommand>(&entry.data) {
-                            Ok(cmd) => {
-                                let before = shared.map(|_| store.map.clone());
-                                applied.applied = Arc::make_mut(&mut store.map).apply(&cmd);
-                                if let (Some(shared), Some(before)) = (&store.shared, before) {
-                                    let a = SharedApply {
-                                        bytes: entry.data.len() + store.map.bytes_apart(&before),
-                                        data: entry.data.clone(),
-                                        before,
-                                        after: store.map.clone(),
-                                        command: cmd.clone(),
-                                        applied: applied.applied.clone(),
-                                    };
-                                    shared.record(entry.index, a);
-                                }
-                                applied.command = Some(cmd);
-                            }
-                            Err(e) => {
-                                applied.applied.skipped.push(format!("undecodable entry: {e}"))
-                            }
-                        },
-                    }
-                }
+                EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     if cc.merge_from_bytes(&entry.data).is_ok() {
@@ -926,12 +985,58 @@ impl Controller {
                     }
                 }
             }
+            if fetched {
+                continue;
+            }
+            out.push(self.apply_to_map(&entry));
             if entry.index % self.cfg.log_entries_max.max(1) == 0 {
                 let store = self.raw.mut_store();
                 store.compact_at = Some((entry.index, store.map.clone()));
             }
-            out.push(applied);
         }
+    }
+
+    /// The next entry applied to the map (a configuration entry changes only the index).
+    fn apply_to_map(&mut self, entry: &Entry) -> AppliedEntry {
+        let store = self.raw.mut_store();
+        store.applied = entry.index;
+        let mut applied = AppliedEntry {
+            index: entry.index,
+            term: entry.term,
+            command: None,
+            applied: Applied::default(),
+        };
+        if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+            return applied;
+        }
+        let shared = store.shared.as_ref();
+        match shared.and_then(|s| s.applied(entry.index, &entry.data, &store.map)) {
+            Some((after, command, result)) => {
+                store.map = after;
+                applied.applied = result;
+                applied.command = Some(command);
+            }
+            None => match postcard::from_bytes::<MapCommand>(&entry.data) {
+                Ok(cmd) => {
+                    let before = shared.map(|_| store.map.clone());
+                    applied.applied = Arc::make_mut(&mut store.map).apply(&cmd);
+                    if let (Some(shared), Some(before)) = (&store.shared, before) {
+                        let a = SharedApply {
+                            bytes: entry.data.len() + store.map.bytes_apart(&before),
+                            data: entry.data.clone(),
+                            before,
+                            after: store.map.clone(),
+                            command: cmd.clone(),
+                            applied: applied.applied.clone(),
+                        };
+                        shared.record(entry.index, a);
+                    }
+                    applied.command = Some(cmd);
+                }
+                Err(e) => applied.applied.skipped.push(format!("undecodable entry: {e}")),
+            },
+        }
+        applied
     }
 
     fn conf_changed(&mut self, changed: raft::Result<ConfState>, ids: &[u64]) {
@@ -959,20 +1064,117 @@ impl Controller {
     }
 }
 
-/// A raft message as bytes (protobuf: raft-rs's own wire format).
-pub fn encode_message(m: &Message) -> Vec<u8> {
-    m.write_to_bytes().expect("a raft message encodes")
+/// What controllers send each other: Raft's messages within the group, and an observer's
+/// fetch of the committed log and its answer ([`observe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControllerMessage {
+    Raft(Message),
+    /// Observer `from` asks `to` for the committed log after index `applied`.
+    Fetch {
+        from: ControllerId,
+        to: ControllerId,
+        applied: u64,
+    },
+    /// `from`'s answer: who it takes to lead, in its term, and (from the leader) what it
+    /// applied after the fetch's index: a snapshot when its log no longer holds the next
+    /// entry, else entries in order.
+    Fetched {
+        from: ControllerId,
+        to: ControllerId,
+        leader: Option<ControllerId>,
+        term: u64,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+    },
 }
 
-/// Bytes from a peer as a raft message.
-pub fn decode_message(bytes: &[u8]) -> Result<Message, protobuf::ProtobufError> {
-    let mut m = Message::default();
-    m.merge_from_bytes(bytes)?;
+impl ControllerMessage {
+    pub fn from(&self) -> ControllerId {
+        match self {
+            ControllerMessage::Raft(m) => m.from,
+            ControllerMessage::Fetch { from, .. } | ControllerMessage::Fetched { from, .. } => {
+                *from
+            }
+        }
+    }
+
+    pub fn to(&self) -> ControllerId {
+        match self {
+            ControllerMessage::Raft(m) => m.to,
+            ControllerMessage::Fetch { to, .. } | ControllerMessage::Fetched { to, .. } => *to,
+        }
+    }
+}
+
+/// A controller message on the wire: postcard around raft-rs's own protobuf encodings.
+#[derive(Serialize, Deserialize)]
+enum WireMessage {
+    Raft(Vec<u8>),
+    Fetch {
+        from: u64,
+        to: u64,
+        applied: u64,
+    },
+    Fetched {
+        from: u64,
+        to: u64,
+        leader: Option<u64>,
+        term: u64,
+        snapshot: Option<Vec<u8>>,
+        entries: Vec<Vec<u8>>,
+    },
+}
+
+fn protobuf_bytes(m: &dyn protobuf::Message) -> Vec<u8> {
+    m.write_to_bytes().expect("a raft type encodes")
+}
+
+fn from_protobuf<M: protobuf::Message + Default>(b: &[u8]) -> Result<M, String> {
+    let mut m = M::default();
+    m.merge_from_bytes(b).map_err(|e| e.to_string())?;
     Ok(m)
+}
+
+/// A controller message as bytes.
+pub fn encode_message(m: &ControllerMessage) -> Vec<u8> {
+    let wire = match m {
+        ControllerMessage::Raft(m) => WireMessage::Raft(protobuf_bytes(m)),
+        &ControllerMessage::Fetch { from, to, applied } => WireMessage::Fetch { from, to, applied },
+        ControllerMessage::Fetched { from, to, leader, term, snapshot, entries } => {
+            WireMessage::Fetched {
+                from: *from,
+                to: *to,
+                leader: *leader,
+                term: *term,
+                snapshot: snapshot.as_ref().map(|s| protobuf_bytes(s)),
+                entries: entries.iter().map(|e| protobuf_bytes(e)).collect(),
+            }
+        }
+    };
+    postcard::to_stdvec(&wire).expect("a controller message encodes")
+}
+
+/// Bytes from a peer as a controller message; an error for bytes that are not one.
+pub fn decode_message(bytes: &[u8]) -> Result<ControllerMessage, String> {
+    Ok(match postcard::from_bytes(bytes).map_err(|e| e.to_string())? {
+        WireMessage::Raft(b) => ControllerMessage::Raft(from_protobuf(&b)?),
+        WireMessage::Fetch { from, to, applied } => ControllerMessage::Fetch { from, to, applied },
+        WireMessage::Fetched { from, to, leader, term, snapshot, entries } => {
+            ControllerMessage::Fetched {
+                from,
+                to,
+                leader,
+                term,
+                snapshot: snapshot.as_deref().map(from_protobuf).transpose()?,
+                entries: entries.iter().map(|e| from_protobuf(e)).collect::<Result<_, _>>()?,
+            }
+        }
+    })
 }
 
 pub mod autopilot;
 pub mod leader;
+pub mod observe;
 
 #[cfg(test)]
 mod tests;

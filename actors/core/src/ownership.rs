@@ -526,7 +526,24 @@ impl<P: Clone> Ownership<P> {
 
     /// A follower's store holds the owner's write: acknowledge it to `from`.
     pub fn replica_persisted(&mut self, shard: ShardId, epoch: u64, seq: Seq, from: MemberIx) {
-        self.out.push_back(Effect::Send { to: from, msg: Msg::Ack { shard, epoch, seq } });
+        // Ownership may have moved while the write was persisted: a node that owns the
+        // shard now (it may have streamed its copy to a learner without this write
+        // already) or follows a newer owner does not vouch for it to the old one.
+        let msg = match self.refusal(shard, epoch, from) {
+            Some(known_epoch) => Msg::Refuse { shard, epoch, known_epoch },
+            None => Msg::Ack { shard, epoch, seq },
+        };
+        self.out.push_back(Effect::Send { to: from, msg });
+    }
+
+    /// The epoch this node knows, if it refuses `from`'s write of `epoch`: it owns the
+    /// shard itself, or follows a newer epoch whose owner is another.
+    fn refusal(&self, shard: ShardId, epoch: u64, from: MemberIx) -> Option<u64> {
+        let f = self.followed.get(&shard).copied();
+        let known = f.map_or(0, |f| f.epoch);
+        let from_owner = f.is_some_and(|f| f.owner == Some(from));
+        let refuse = self.owned.contains_key(&shard) || (epoch < known && !from_owner);
+        refuse.then(|| self.owned.get(&shard).map_or(known, |o| o.epoch))
     }
 
     /// This learner installed the streamed data of `shard`: tell the owner.
@@ -538,17 +555,14 @@ impl<P: Clone> Ownership<P> {
     pub fn receive(&mut self, from: MemberIx, msg: Msg<P>) {
         match msg {
             Msg::Replicate { shard, epoch, seq, payload } => {
-                let f = self.followed.get(&shard).copied();
-                let known = f.map_or(0, |f| f.epoch);
-                let from_owner = f.is_some_and(|f| f.owner == Some(from));
-                if self.owned.contains_key(&shard) || (epoch < known && !from_owner) {
-                    let known_epoch = self.owned.get(&shard).map_or(known, |o| o.epoch);
+                if let Some(known_epoch) = self.refusal(shard, epoch, from) {
                     self.out.push_back(Effect::Send {
                         to: from,
                         msg: Msg::Refuse { shard, epoch, known_epoch },
                     });
                     return;
                 }
+                let known = self.followed.get(&shard).map_or(0, |f| f.epoch);
                 if epoch > known {
                     // The sender owns by a map this node has not applied yet.
                     self.followed.insert(shard, Followed { epoch, owner: Some(from) });

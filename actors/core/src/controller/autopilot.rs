@@ -1,9 +1,11 @@
-//! Keeps the controller group in shape, as the leader's decision: every live member of the
-//! map, and every node the failure detector sees up (gateways that own no shard route by
-//! the map too), receives the log as a learner; the others leave the group. It keeps
-//! `voters_target` voters, promoting caught-up learners while there are fewer and replacing a
-//! voter the map has declared dead for `replace_after_ms` (Consul's autopilot, etcd's learner
-//! promotion). One change per round: raft-rs takes one configuration change at a time.
+//! Keeps the controller group in shape, as the leader's decision. The group holds the
+//! voters and the learners about to become voters; every other node follows the map as an
+//! observer ([`super::observe`]). It keeps `voters_target` voters, promoting caught-up
+//! learners while there are fewer and replacing a voter the map has declared dead for
+//! `replace_after_ms` (Consul's autopilot, etcd's learner promotion); a learner is an
+//! observer taken in for that (an active member of the map the failure detector sees up,
+//! caught-up ones first), and leaves when it is gone or no longer wanted. One change per
+//! round: raft-rs takes one configuration change at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +28,7 @@ pub struct Autopilot {
 
 impl Autopilot {
     /// The group change to propose now, if any. `up` are the nodes the failure detector
-    /// sees up; `caught_up` says whether a learner's log matches the leader's committed log.
+    /// sees up; `caught_up` says whether a node's map holds the leader's committed log.
     #[allow(clippy::too_many_arguments)]
     pub fn round(
         &mut self,
@@ -44,42 +46,26 @@ impl Autopilot {
             .map(|m| (controller_id(&m.name), (m.state, m.name.as_str())))
             .collect();
         let dead = |id: &ControllerId| state.get(id).is_some_and(|(s, _)| s.is_gone());
-        let in_group: BTreeSet<ControllerId> =
-            group.voters.iter().chain(group.learners).copied().collect();
         // Voters dead long enough to replace (never the leader: it is running this).
         self.dead_since_ms.retain(|id, _| group.voters.contains(id) && dead(id));
         for id in group.voters.iter().filter(|id| dead(id) && **id != group.leader) {
             self.dead_since_ms.entry(*id).or_insert(now_ms);
         }
-        // Learners first: every live node receives the map, the others leave.
-        let live: BTreeSet<ControllerId> = state
-            .iter()
-            .filter(|(_, (s, _))| !s.is_gone())
-            .map(|(id, _)| *id)
-            .chain(up.iter().copied())
+        // Gone learners leave first.
+        let live = |id: &ControllerId| !dead(id) && (state.contains_key(id) || up.contains(id));
+        let gone: Vec<(ControllerId, GroupChange)> = (group.learners.iter())
+            .filter(|id| !live(id))
+            .map(|id| (*id, GroupChange::Remove))
             .collect();
-        let mut changes: Vec<(ControllerId, GroupChange)> = live
-            .iter()
-            .filter(|id| !in_group.contains(id))
-            .map(|id| (*id, GroupChange::AddLearner))
-            .collect();
-        changes.extend(
-            group
-                .learners
-                .iter()
-                .filter(|id| !live.contains(id))
-                .map(|id| (*id, GroupChange::Remove)),
-        );
-        if !changes.is_empty() {
-            return Some(changes);
+        if !gone.is_empty() {
+            return Some(gone);
         }
+        let active = |id: &ControllerId| matches!(state.get(id), Some((MemberState::Active, _)));
         let mut candidates: Vec<(&str, ControllerId)> = group
             .learners
             .iter()
-            .filter_map(|id| match state.get(id) {
-                Some((MemberState::Active, name)) if caught_up(*id) => Some((*name, *id)),
-                _ => None,
-            })
+            .filter(|id| active(id) && caught_up(**id))
+            .map(|id| (state[id].1, *id))
             .collect();
         candidates.sort_unstable();
         let candidate = candidates.first().map(|(_, id)| *id);
@@ -96,16 +82,43 @@ impl Autopilot {
             .min();
         match (replace, candidate) {
             (Some(gone), Some(new)) => {
-                Some(vec![(gone, GroupChange::Remove), (new, GroupChange::AddVoter)])
+                return Some(vec![(gone, GroupChange::Remove), (new, GroupChange::AddVoter)])
             }
             (Some(gone), None) if group.voters.len() > voters_target => {
-                Some(vec![(gone, GroupChange::Remove)])
+                return Some(vec![(gone, GroupChange::Remove)])
             }
-            (None, Some(_)) if grow > 0 && candidates.len() >= step => Some(
-                candidates[..step].iter().map(|(_, id)| (*id, GroupChange::AddVoter)).collect(),
-            ),
-            _ => None,
+            (None, Some(_)) if grow > 0 && candidates.len() >= step => {
+                let promote = candidates[..step].iter().map(|(_, id)| (*id, GroupChange::AddVoter));
+                return Some(promote.collect());
+            }
+            _ => {}
         }
+        // Learners wanted: one while a voter is dead (caught up by the time its grace
+        // runs out), else as many as the next growth step.
+        let wanted = match (self.dead_since_ms.is_empty(), grow) {
+            (false, _) => 1,
+            (true, 0) => 0,
+            (true, _) => step,
+        };
+        if wanted == 0 && !group.learners.is_empty() {
+            // No voter wanted: the learners go back to observing.
+            return Some(group.learners.iter().map(|id| (*id, GroupChange::Remove)).collect());
+        }
+        if group.learners.len() >= wanted {
+            return None;
+        }
+        // Observers taken in as learners: active members that are up, caught-up ones first.
+        let in_group = |id: &ControllerId| group.voters.contains(id) || group.learners.contains(id);
+        let mut observers: Vec<(bool, &str, ControllerId)> = (state.iter())
+            .filter(|(id, _)| active(id) && up.contains(id) && !in_group(id))
+            .map(|(id, (_, name))| (!caught_up(*id), *name, *id))
+            .collect();
+        observers.sort_unstable();
+        let take = wanted - group.learners.len();
+        let added: Vec<(ControllerId, GroupChange)> = (observers.iter().take(take))
+            .map(|(_, _, id)| (*id, GroupChange::AddLearner))
+            .collect();
+        (!added.is_empty()).then_some(added)
     }
 }
 
@@ -140,23 +153,48 @@ mod tests {
     }
 
     #[test]
-    fn every_live_member_and_up_node_becomes_a_learner_and_dead_learners_leave() {
+    fn gone_learners_leave_and_up_active_observers_become_learners_caught_up_first() {
         use MemberState::*;
-        let map = map_of(&[("a", Active), ("b", Active), ("c", Draining), ("d", Dead)]);
-        let (voters, learners) = ([id("a")], [id("d")]);
-        let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
+        let map = map_of(&[
+            ("a", Active),
+            ("b", Active),
+            ("c", Draining),
+            ("d", Dead),
+            ("e", Active),
+            ("f", Active),
+        ]);
+        let up = BTreeSet::from([id("b"), id("c"), id("e"), id("f")]);
+        let caught_up = |i: ControllerId| i == id("f");
         let mut pilot = Autopilot::default();
-        let mut change =
-            pilot.round(0, &map, group, &BTreeSet::from([id("e")]), |_| true, 3, 1000).unwrap();
-        change.sort_unstable();
-        let mut want = vec![
-            (id("b"), GroupChange::AddLearner),
-            (id("c"), GroupChange::AddLearner),
-            (id("d"), GroupChange::Remove),
-            (id("e"), GroupChange::AddLearner),
-        ];
-        want.sort_unstable();
-        assert_eq!(change, want);
+        let voters = [id("a")];
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[id("d")] };
+        assert_eq!(
+            pilot.round(0, &map, group, &up, caught_up, 3, 1000),
+            Some(vec![(id("d"), GroupChange::Remove)]),
+            "a dead learner leaves first"
+        );
+        // Two wanted (one voter, three the target): the caught-up one first, then by name;
+        // never a draining member, nor one the failure detector does not see up.
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[] };
+        assert_eq!(
+            pilot.round(0, &map, group, &up, caught_up, 3, 1000),
+            Some(vec![(id("f"), GroupChange::AddLearner), (id("b"), GroupChange::AddLearner)])
+        );
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[id("b")] };
+        assert_eq!(
+            pilot.round(0, &map, group, &up, caught_up, 3, 1000),
+            Some(vec![(id("f"), GroupChange::AddLearner)])
+        );
+        assert_eq!(pilot.round(0, &map, group, &none(), caught_up, 3, 1000), None, "none up");
+        // At the target, learners go back to observing.
+        let voters = [id("a"), id("b"), id("f")];
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[id("e")] };
+        assert_eq!(
+            pilot.round(0, &map, group, &up, caught_up, 3, 1000),
+            Some(vec![(id("e"), GroupChange::Remove)])
+        );
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[] };
+        assert_eq!(pilot.round(0, &map, group, &up, caught_up, 3, 1000), None);
     }
 
     #[test]
@@ -191,7 +229,11 @@ mod tests {
         let voters = [id("a"), id("b"), id("c")];
         let learners = [id("d"), id("e")];
         let group = GroupView { leader: id("a"), voters: &voters, learners: &learners };
-        assert_eq!(pilot.round(0, &map, group, &none(), |_| true, 3, 1000), None);
+        assert_eq!(
+            pilot.round(0, &map, group, &none(), |_| true, 3, 1000),
+            Some(vec![(id("d"), GroupChange::Remove), (id("e"), GroupChange::Remove)]),
+            "at the target, learners are no longer wanted"
+        );
         let ready = |i: ControllerId| i == id("d");
         assert_eq!(pilot.round(0, &map, group, &none(), ready, 5, 1000), None);
         assert_eq!(
@@ -228,10 +270,22 @@ mod tests {
             pilot.round(1100, &map, group, &none(), |_| true, 3, 1000),
             Some(vec![(id("b"), GroupChange::Remove), (id("d"), GroupChange::AddVoter)])
         );
-        // Back (a new incarnation joined): the clock starts over.
+        // Back (a new incarnation joined): the clock starts over, and the learner kept for
+        // the replacement is no longer wanted.
         let back = map_of(&[("a", Active), ("b", Active), ("c", Active), ("d", Active)]);
-        assert_eq!(pilot.round(1200, &back, group, &none(), |_| true, 3, 1000), None);
+        assert_eq!(
+            pilot.round(1200, &back, group, &none(), |_| true, 3, 1000),
+            Some(vec![(id("d"), GroupChange::Remove)])
+        );
         assert_eq!(pilot.round(1300, &map, group, &none(), |_| true, 3, 1000), None);
+        // Dead with no learner: an up observer is taken in at once, to be caught up when
+        // the grace runs out.
+        let group = GroupView { leader: id("a"), voters: &voters, learners: &[] };
+        let up = BTreeSet::from([id("c"), id("d")]);
+        assert_eq!(
+            pilot.round(1400, &map, group, &up, |_| true, 3, 1000),
+            Some(vec![(id("d"), GroupChange::AddLearner)])
+        );
     }
 
     #[test]

@@ -20,8 +20,11 @@ struct Member {
 
 struct Net {
     members: BTreeMap<ControllerId, Member>,
-    queue: VecDeque<Message>,
+    queue: VecDeque<ControllerMessage>,
     isolated: BTreeSet<ControllerId>,
+    /// Raft snapshots to this member are held back (delivered once it is cleared).
+    hold_snapshots_to: Option<ControllerId>,
+    held: Vec<ControllerMessage>,
     cfg: ControllerConfig,
     seed: u64,
     loss_permille: u32,
@@ -30,6 +33,9 @@ struct Net {
     history: BTreeMap<u64, (u64, Option<MapCommand>)>,
     /// Leaders seen per term.
     leaders: BTreeMap<u64, BTreeSet<ControllerId>>,
+    /// The index each member's map was last at (since it started): it never goes back,
+    /// and no index is applied twice.
+    map_index: BTreeMap<ControllerId, u64>,
     problems: Vec<String>,
 }
 
@@ -54,12 +60,15 @@ impl Net {
             members,
             queue: VecDeque::new(),
             isolated: BTreeSet::new(),
+            hold_snapshots_to: None,
+            held: Vec::new(),
             cfg,
             seed,
             loss_permille: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             history: BTreeMap::new(),
             leaders: BTreeMap::new(),
+            map_index: BTreeMap::new(),
             problems: Vec::new(),
         }
     }
@@ -71,6 +80,18 @@ impl Net {
             self.queue.extend(rd.messages);
             m.disk.write(rd.persist);
             self.queue.extend(rd.after_persist);
+            let last = self.map_index.entry(id).or_default();
+            if rd.snapshot_installed && ctl.applied_index() < *last {
+                let at = ctl.applied_index();
+                self.problems.push(format!("member {id}'s map went back from {last} to {at}"));
+            }
+            for a in &rd.applied {
+                if a.index <= *last {
+                    self.problems.push(format!("member {id} applied {} after {last}", a.index));
+                }
+                *last = a.index;
+            }
+            *last = ctl.applied_index();
             for a in rd.applied {
                 match self.history.get(&a.index) {
                     None => {
@@ -111,15 +132,22 @@ impl Net {
         while let Some(msg) = self.queue.pop_front() {
             budget -= 1;
             assert!(budget > 0, "messages never stop");
-            let (from, to) = (msg.from, msg.to);
+            let (from, to) = (msg.from(), msg.to());
             let lost =
                 self.loss_permille > 0 && self.rng.random_range(0..1000) < self.loss_permille;
             if lost || self.isolated.contains(&from) || self.isolated.contains(&to) {
                 continue;
             }
+            let snapshot = raft::eraftpb::MessageType::MsgSnapshot;
+            let is_snapshot =
+                matches!(&msg, ControllerMessage::Raft(m) if m.get_msg_type() == snapshot);
+            if is_snapshot && self.hold_snapshots_to == Some(to) {
+                self.held.push(msg);
+                continue;
+            }
             let Some(m) = self.members.get_mut(&to) else { continue };
             let Some(ctl) = m.ctl.as_mut() else { continue };
-            if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            if is_snapshot {
                 m.snapshots_received += 1;
             }
             let _ = ctl.step(msg);
@@ -201,6 +229,7 @@ impl Net {
     }
 
     fn restart(&mut self, id: ControllerId) {
+        self.map_index.remove(&id);
         let m = self.members.get_mut(&id).unwrap();
         let restored = m.disk.clone();
         m.ctl = Some(
@@ -362,9 +391,31 @@ fn same_seed_same_elections() {
 
 #[test]
 fn messages_round_trip_through_bytes() {
-    let m = Message { from: 1, to: 2, term: 9, ..Default::default() };
-    let bytes = encode_message(&m);
-    assert_eq!(decode_message(&bytes).unwrap(), m);
+    let entry = Entry { index: 2, term: 1, data: vec![7; 5].into(), ..Default::default() };
+    let founding = Controller::founding_state(&[1, 2, 3], SHARDS);
+    for m in [
+        ControllerMessage::Raft(Message { from: 1, to: 2, term: 9, ..Default::default() }),
+        ControllerMessage::Fetch { from: 4, to: 1, applied: 17 },
+        ControllerMessage::Fetched {
+            from: 1,
+            to: 4,
+            leader: Some(1),
+            term: 9,
+            snapshot: founding.snapshot,
+            entries: vec![entry],
+        },
+        ControllerMessage::Fetched {
+            from: 2,
+            to: 4,
+            leader: None,
+            term: 0,
+            snapshot: None,
+            entries: vec![],
+        },
+    ] {
+        let bytes = encode_message(&m);
+        assert_eq!(decode_message(&bytes).unwrap(), m);
+    }
     assert!(decode_message(&[0xff, 0xff, 0xff]).is_err());
 }
 
@@ -382,7 +433,7 @@ fn the_agreement_checker_catches_a_divergent_member() {
     net.ctl(leader).propose(&join("b")).unwrap();
     net.drain(leader);
     while let Some(msg) = net.queue.pop_front() {
-        let to = msg.to;
+        let to = msg.to();
         let _ = net.ctl(to).step(msg);
         net.drain(to);
     }
@@ -411,7 +462,7 @@ mod fuzz {
         let entry = Entry { index: 2, term: 1, data: vec![7; 5].into(), ..Default::default() };
         let m =
             Message { from: 1, to: 2, term: 9, entries: vec![entry].into(), ..Default::default() };
-        encode_message(&m)
+        encode_message(&ControllerMessage::Raft(m))
     }
 
     proptest! {
@@ -466,7 +517,7 @@ fn members_sharing_snapshots_catch_up_alike_and_refuse_bad_snapshots() {
     bad.mut_snapshot().data = Bytes::from_static(&[0xff; 16]);
     bad.mut_snapshot().mut_metadata().index = 1_000;
     bad.mut_snapshot().mut_metadata().term = 1_000;
-    let err = net.ctl(cut[0]).step(bad).unwrap_err();
+    let err = net.ctl(cut[0]).step(ControllerMessage::Raft(bad)).unwrap_err();
     assert!(matches!(err, ControllerError::Snapshot(_)), "{err}");
 }
 
@@ -742,7 +793,9 @@ fn no_shard_moves_to_a_member_whose_map_is_not_current() {
     assert!(planner.settled(net.ctl(a).map().version));
     // b comes up, cut off from the group: it joins the map, but no shard moves to it, and
     // the planner is not settled and comes back soon.
-    let ctl = Controller::restore(b, Restored::default(), SHARDS, net.cfg.clone(), 2).unwrap();
+    let mut ctl = Controller::restore(b, Restored::default(), SHARDS, net.cfg.clone(), 2).unwrap();
+    assert!(ctl.is_observer());
+    ctl.observe_peers(Arc::from(vec![a]));
     net.members
         .insert(b, Member { ctl: Some(ctl), disk: Restored::default(), snapshots_received: 0 });
     net.isolated.insert(b);
@@ -880,4 +933,197 @@ fn a_leader_appends_the_changes_of_a_tick_as_one_entry() {
     for map in net.maps() {
         assert!(map.shard(4).unwrap().learners.contains(2));
     }
+}
+
+impl Net {
+    /// A node outside the group that asks `peers` for the leader.
+    fn add_observer(&mut self, id: ControllerId, peers: &[ControllerId]) {
+        let mut ctl =
+            Controller::restore(id, Restored::default(), SHARDS, self.cfg.clone(), id).unwrap();
+        assert!(ctl.is_observer());
+        ctl.observe_peers(Arc::from(peers));
+        let member = Member { ctl: Some(ctl), disk: Restored::default(), snapshots_received: 0 };
+        self.members.insert(id, member);
+    }
+
+    /// Until every live member and observer applied the leader's last entry.
+    fn settle_all(&mut self) {
+        self.run_until(200, |n| {
+            let Some(l) = n.leader() else { return false };
+            let target = n.members[&l].ctl.as_ref().unwrap().raw.raft.raft_log.last_index();
+            n.applied_everywhere(target)
+        });
+    }
+}
+
+/// Observers (nodes outside the group) follow the map by fetching the committed log: from
+/// entries while the leader's log holds them, from a snapshot once it was compacted, through
+/// message loss and the leader's death, never applying anything other than what the
+/// members applied at the same index (the checker runs after every delivery); and they
+/// cost the members nothing: no member's progress tracks them.
+#[test]
+fn observers_follow_the_committed_log_through_compaction_loss_and_a_new_leader() {
+    let cfg = ControllerConfig { log_entries_max: 8, ..Default::default() };
+    let mut net = Net::new(3, 21, cfg);
+    net.propose(join("a"));
+    net.settle();
+    for id in 10..15 {
+        net.add_observer(id, &[1, 2, 3]);
+    }
+    // One observer starts only after the log was compacted past its first entries.
+    net.isolated.insert(14);
+    net.loss_permille = 100;
+    for k in 0..30 {
+        net.propose(join(&format!("m{k}")));
+        net.round();
+    }
+    net.loss_permille = 0;
+    net.isolated.clear();
+    net.settle_all();
+    let maps = net.maps();
+    assert!(maps.windows(2).all(|w| w[0] == w[1]), "an observer's map differs");
+    for id in 10..15 {
+        assert!(net.ctl(id).is_observer());
+        assert_eq!(net.ctl(id).voters(), [1, 2, 3], "the voters as observer {id} knows them");
+    }
+    let leader = net.leader().unwrap();
+    assert_eq!(net.ctl(leader).observers(), 5);
+    assert!((10..15).all(|id| net.ctl(leader).caught_up(id) && net.ctl(leader).keeps_up(id)));
+    for id in 1..=3 {
+        let prs: Vec<u64> = net.ctl(id).raw.raft.prs().iter().map(|(id, _)| *id).collect();
+        assert!(prs.iter().all(|p| *p <= 3), "member {id} tracks {prs:?}");
+    }
+    // The leader dies: observers find the next one (through the peers) and follow it.
+    net.crash(leader);
+    let next = net.run_until(200, |n| n.leader().is_some_and(|l| l != leader));
+    assert!(next < 100, "no new leader after {next} rounds");
+    net.propose(join("after"));
+    net.settle_all();
+    let new = net.leader().unwrap();
+    for id in 10..15 {
+        assert_eq!(net.ctl(id).leader(), Some(new));
+        assert!(names(net.ctl(id).map()).contains(&"after"));
+    }
+    // An observer cut off while the map moves on no longer keeps up, in the leader's view.
+    net.isolated.insert(10);
+    net.propose(join("while-cut"));
+    for _ in 0..15 {
+        net.round();
+    }
+    assert!(!net.ctl(new).keeps_up(10));
+    assert!(net.ctl(new).keeps_up(11));
+}
+
+/// A node the group takes in as a learner keeps the map it fetched as an observer until
+/// Raft's snapshot reaches it, and a snapshot older than that map (it fetched on while the
+/// snapshot was on its way) does not take it back; it becomes a voter, and, removed again,
+/// observes from where it was; taken in once more, Raft sends it the entries after its own
+/// log, most of which it fetched meanwhile: it applies nothing twice.
+#[test]
+fn an_observer_becomes_a_voter_and_back_without_applying_anything_twice() {
+    let cfg = ControllerConfig { log_entries_max: 8, ..Default::default() };
+    let mut net = Net::new(3, 23, cfg);
+    for k in 0..12 {
+        net.propose(join(&format!("m{k}")));
+    }
+    net.add_observer(4, &[1, 2, 3]);
+    net.settle_all();
+    assert!(net.ctl(4).is_observer());
+    let leader = net.elect();
+    net.hold_snapshots_to = Some(4);
+    net.ctl(leader).change_members(&[(4, GroupChange::AddLearner)]).unwrap();
+    net.run_until(100, |n| !n.held.is_empty());
+    for k in 0..4 {
+        net.propose(join(&format!("late{k}")));
+        net.round();
+    }
+    net.settle_all();
+    let ahead = net.ctl(4).applied_index();
+    let ControllerMessage::Raft(m) = &net.held[0] else { unreachable!() };
+    assert!(m.get_snapshot().get_metadata().index < ahead, "the observer is not ahead");
+    net.hold_snapshots_to = None;
+    net.queue.extend(std::mem::take(&mut net.held));
+    // Watch 4's map as the snapshot lands: its version never goes back.
+    let mut last = net.ctl(4).map().version;
+    net.run_until(100, |n| {
+        let c = n.members[&4].ctl.as_ref().unwrap();
+        assert!(c.map().version >= last, "4's map went back from {last}");
+        last = c.map().version;
+        !c.is_observer()
+    });
+    net.propose(join("as-learner"));
+    net.settle_all();
+    assert!(net.maps().windows(2).all(|w| w[0] == w[1]), "4's map differs as a learner");
+    let leader = net.elect();
+    net.ctl(leader).change_members(&[(4, GroupChange::AddVoter)]).unwrap();
+    net.settle_all();
+    assert!(net.ctl(4).voters().contains(&4));
+    let leader = net.elect();
+    assert_eq!(net.ctl(4).leader(), Some(leader), "a voter that was an observer knows its leader");
+    for _ in 0..10 * net.cfg.election_ticks + 1 {
+        net.round();
+    }
+    let leader = net.elect();
+    assert_eq!(net.ctl(leader).observers(), 0, "the leader still counts 4 as an observer");
+    // Out again (without compaction from here: the log keeps what Raft will resend).
+    net.cfg.log_entries_max = 1 << 20;
+    for id in [1, 2, 3, 4] {
+        net.ctl(id).cfg.log_entries_max = 1 << 20;
+    }
+    let leader = net.elect();
+    net.ctl(leader).change_members(&[(4, GroupChange::Remove)]).unwrap();
+    net.run_until(100, |n| n.members[&4].ctl.as_ref().unwrap().is_observer());
+    for k in 0..6 {
+        net.propose(join(&format!("n{k}")));
+    }
+    net.settle_all();
+    assert!(net.ctl(4).is_observer());
+    let fetched = net.ctl(4).applied_index();
+    assert!(fetched >= net.ctl(4).raw.raft.raft_log.applied + 6, "4 did not observe");
+    let snapshots = net.members[&4].snapshots_received;
+    let leader = net.elect();
+    net.ctl(leader).change_members(&[(4, GroupChange::AddLearner)]).unwrap();
+    net.run_until(100, |n| !n.members[&4].ctl.as_ref().unwrap().is_observer());
+    net.propose(join("last"));
+    net.settle_all();
+    assert_eq!(net.members[&4].snapshots_received, snapshots, "Raft sent a snapshot");
+    let maps = net.maps();
+    assert!(maps.windows(2).all(|w| w[0] == w[1]), "4's map differs");
+    assert!(names(maps[0]).contains(&"last"));
+}
+
+/// The leader keeps at most `observers_max` observers; one beyond them is still answered
+/// (at each fetch) and follows the map.
+#[test]
+fn observers_beyond_the_bound_are_answered_but_not_kept() {
+    let cfg = ControllerConfig { observers_max: 2, ..Default::default() };
+    let mut net = Net::new(1, 25, cfg);
+    net.propose(join("a"));
+    for id in 10..14 {
+        net.add_observer(id, &[1]);
+    }
+    for k in 0..5 {
+        net.propose(join(&format!("m{k}")));
+        net.round();
+    }
+    net.settle_all();
+    assert!(net.maps().windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(net.ctl(1).observers(), 2);
+}
+
+/// A command other than shard changes is not appended again while a copy of it is in the
+/// log and not applied (the planner proposes a member's `Join` every round until it is);
+/// applied, the same command may be proposed again; another command goes at once.
+#[test]
+fn a_command_in_the_log_and_not_applied_is_not_appended_again() {
+    let mut net = Net::new(1, 27, ControllerConfig::default());
+    let leader = net.elect();
+    let before = net.ctl(leader).raw.raft.raft_log.last_index();
+    net.ctl(leader).propose(&join("a")).unwrap();
+    assert!(matches!(net.ctl(leader).propose(&join("a")), Err(ControllerError::Stale)));
+    net.ctl(leader).propose(&join("b")).unwrap();
+    assert_eq!(net.ctl(leader).raw.raft.raft_log.last_index(), before + 2);
+    net.settle();
+    net.ctl(leader).propose(&join("a")).unwrap();
+    assert_eq!(net.ctl(leader).raw.raft.raft_log.last_index(), before + 3);
 }

@@ -972,3 +972,44 @@ fn a_promotion_waits_for_room_in_the_isr() {
         "{proposed:?}"
     );
 }
+
+/// A follower that becomes the owner while a write of the old owner is still being
+/// persisted does not acknowledge it to the old owner: it may have streamed its copy to a
+/// learner without that write already, and the old owner would count the write durable on
+/// an in-sync member that promoted the learner without it (the simulator found this).
+#[test]
+fn a_write_persisted_after_its_follower_became_owner_is_refused() {
+    use crate::shardmap::AssignRun;
+    let mut map = ShardMap::new(1);
+    for name in ["a", "b"] {
+        map.apply(&MapCommand::Join { name: name.into(), incarnation: 1, capacity: 100 });
+    }
+    map.apply(&MapCommand::Assign(vec![AssignRun { start: 0, len: 1, replicas: vec![0, 1] }]));
+    let mut b: Ownership<W> = Ownership::new(1, 1, OwnershipConfig::default());
+    b.map_replaced(&map);
+    while b.poll().is_some() {}
+    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 5, payload: (0, 5) });
+    assert!(matches!(b.poll(), Some(Effect::PersistReplica { seq: 5, .. })));
+    // a leaves before b's store completes: b owns the shard.
+    map.apply(&MapCommand::Leave { name: "a".into(), incarnation: 1 });
+    assert_eq!(map.shard(0).unwrap().owner, Some(1));
+    b.map_replaced(&map);
+    while b.poll().is_some() {}
+    b.replica_persisted(0, 1, 5, 0);
+    let sent = b.poll();
+    assert!(
+        matches!(sent, Some(Effect::Send { to: 0, msg: Msg::Refuse { shard: 0, epoch: 1, .. } })),
+        "{sent:?}"
+    );
+    // Still a follower of the same owner, it acknowledges as before.
+    let mut c: Ownership<W> = Ownership::new(1, 1, OwnershipConfig::default());
+    let mut map = ShardMap::new(1);
+    for name in ["a", "b"] {
+        map.apply(&MapCommand::Join { name: name.into(), incarnation: 1, capacity: 100 });
+    }
+    map.apply(&MapCommand::Assign(vec![AssignRun { start: 0, len: 1, replicas: vec![0, 1] }]));
+    c.map_replaced(&map);
+    while c.poll().is_some() {}
+    c.replica_persisted(0, 1, 5, 0);
+    assert!(matches!(c.poll(), Some(Effect::Send { to: 0, msg: Msg::Ack { seq: 5, .. } })));
+}
