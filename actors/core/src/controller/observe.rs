@@ -258,14 +258,14 @@ impl Controller {
             }
             _ => {}
         }
-        self.pending.messages.push(ControllerMessage::Fetched {
-            from: self.id(),
-            to,
-            leader: self.leader,
-            term: self.term(),
-            snapshot,
-            entries,
-        });
+        // An observer names the leader it follows, in that leader's term.
+        let term = match self.is_observer() {
+            true => self.observing.leader_term,
+            false => self.term(),
+        };
+        let (from, leader) = (self.id(), self.leader);
+        let answer = ControllerMessage::Fetched { from, to, leader, term, snapshot, entries };
+        self.pending.messages.push(answer);
     }
 
     /// The leader applied more: every parked fetch is answered.
@@ -364,6 +364,10 @@ impl Controller {
                 self.set_observed_leader(None);
             }
             _ => {}
+        }
+        if self.leader != Some(from) {
+            // Entries only from the leader it follows (others send none).
+            return Ok(());
         }
         let mut got = false;
         if let Some(s) = snapshot.filter(|s| s.get_metadata().index > self.applied_index()) {

@@ -1127,3 +1127,31 @@ fn a_command_in_the_log_and_not_applied_is_not_appended_again() {
     net.ctl(leader).propose(&join("a")).unwrap();
     assert_eq!(net.ctl(leader).raw.raft.raft_log.last_index(), before + 3);
 }
+
+/// An observer takes entries only from the leader it follows: a snapshot or entries from
+/// another node (which sends none when it works) change nothing.
+#[test]
+fn an_observer_takes_entries_only_from_its_leader() {
+    let mut net = Net::new(3, 29, ControllerConfig::default());
+    net.propose(join("a"));
+    net.add_observer(10, &[1, 2, 3]);
+    net.settle_all();
+    let leader = net.leader().unwrap();
+    let other = (1..=3).find(|&i| i != leader).unwrap();
+    assert_eq!(net.ctl(10).leader(), Some(leader));
+    let (applied, version) = (net.ctl(10).applied_index(), net.ctl(10).map().version);
+    let data = postcard::to_stdvec(&join("forged")).unwrap();
+    let entry = Entry { index: applied + 1, term: 9, data: data.into(), ..Default::default() };
+    for from in [other, 77] {
+        let forged = ControllerMessage::Fetched {
+            from,
+            to: 10,
+            leader: Some(leader),
+            term: net.ctl(leader).term(),
+            snapshot: None,
+            entries: vec![entry.clone()],
+        };
+        net.ctl(10).step(forged).unwrap();
+        assert_eq!((net.ctl(10).applied_index(), net.ctl(10).map().version), (applied, version));
+    }
+}
