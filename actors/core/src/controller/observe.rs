@@ -164,7 +164,7 @@ impl Controller {
     /// the next of its peers (one of them answers as leader once one is elected).
     fn fetch(&mut self) {
         let me = self.id();
-        let mut to: Vec<ControllerId> = match self.leader {
+        let to: Vec<ControllerId> = match self.leader {
             Some(leader) if leader != me => vec![leader],
             _ => {
                 // The voters its log named, and those of its own configuration (a member
@@ -181,7 +181,7 @@ impl Controller {
         };
         self.observing.since_fetch = 0;
         let applied = self.applied_index();
-        for to in to.drain(..) {
+        for to in to {
             self.pending.messages.push(ControllerMessage::Fetch { from: me, to, applied });
         }
     }

@@ -10,7 +10,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{AssignRun, MapCommand, MemberIx, MemberState, ShardChange, ShardMap, REPLICAS_MAX};
+use super::{
+    AssignRun, MapCommand, MemberIx, MemberState, ShardChange, ShardMap, MEMBERS_MAX, REPLICAS_MAX,
+};
 use crate::placement::{Placement, ShardId};
 
 /// A member as the failure detector sees it: up, with this incarnation and capacity.
@@ -52,7 +54,9 @@ pub fn members_key(up: &[UpMember]) -> u64 {
 /// The membership commands that bring the map in line with the failure detector: `Dead` for
 /// every live map member not up (or up as a newer incarnation, whose `Join` follows), `Drain`
 /// for a live member that is up and not serving, `Join` for every up member serving the
-/// map does not have live at that incarnation. Ordered by name.
+/// map does not have live at that incarnation, unless it is new to a full map
+/// ([`MEMBERS_MAX`]: the map would skip it, and a copy was proposed every round). Ordered
+/// by name.
 pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
     let up_by_name: BTreeMap<&str, &UpMember> = up.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut out = Vec::new();
@@ -67,8 +71,10 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
             out.push(MapCommand::Drain { name: m.name.clone() });
         }
     }
+    let full = map.members().len() >= MEMBERS_MAX;
+    let room = |u: &UpMember| !full || map.member_ix(&u.name).is_some();
     for u in up_by_name.values().filter(|u| u.serving) {
-        if !registered(map, u) {
+        if !registered(map, u) && room(u) {
             out.push(MapCommand::Join {
                 name: u.name.clone(),
                 incarnation: u.incarnation,

@@ -182,6 +182,25 @@ fn membership_plans_deaths_restarts_and_joins() {
     assert_eq!(plan_membership(&map, &[up("a", 1), up("b", 1), up("c", 1)]), vec![dead("a", 2)]);
 }
 
+/// A full map takes no new member: the planner proposes no `Join` the map would skip (one
+/// was proposed every round), while a member it holds still comes back.
+#[test]
+fn a_full_map_is_proposed_no_new_member() {
+    let mut map = ShardMap::new(8);
+    let names: Vec<String> = (0..MEMBERS_MAX).map(|k| format!("m{k}")).collect();
+    for name in &names {
+        apply(&mut map, &join(name, 1));
+    }
+    assert!(apply(&mut map, &join("late", 1)).changed.is_empty());
+    assert_eq!(map.members().len(), MEMBERS_MAX);
+    let up = |n: &str, i| UpMember::new(n, i, 100);
+    let mut all: Vec<UpMember> = names.iter().map(|n| up(n, 1)).collect();
+    all.push(up("late", 1));
+    assert!(plan_membership(&map, &all).is_empty(), "a join the full map would skip");
+    all[0] = up("m0", 2);
+    assert_eq!(plan_membership(&map, &all), vec![dead("m0", 1), join("m0", 2)]);
+}
+
 #[test]
 fn assignment_follows_the_ring_in_runs_and_skips_assigned_shards() {
     let cfg =
