@@ -112,11 +112,16 @@ pub fn render(status: &Status) -> String {
 /// One line on the placement controller: leader, map version, moves, shards at risk.
 pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
     format!(
-        "controller: leader {} (term {}), voters {}, map version {}, {} moves in flight, \
+        "controller: leader {} (term {}), voters {}{}, map version {}, {} moves in flight, \
          {} shards under R, {} unavailable{}, {} unassigned{}",
         c.leader.as_deref().unwrap_or("unknown"),
         c.term,
         if c.voters.is_empty() { "-".to_string() } else { c.voters.join(",") },
+        match (c.is_leader, c.role.as_str()) {
+            (true, _) => format!(" ({} observers fetch from this leader)", c.observers),
+            (false, "") => String::new(),
+            (false, role) => format!(" (this node: {role})"),
+        },
         c.map_version,
         c.moves_in_flight,
         c.shards_under_replicated,
@@ -315,4 +320,33 @@ pub fn render_dry_run(previews: &[crate::admin::RebalancePreview]) -> String {
         out.push_str("nothing would move now\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::ControllerStatus;
+
+    #[test]
+    fn the_controller_line_names_this_node_s_role_and_the_leader_s_observers() {
+        let voters = vec!["n0".to_string(), "n1".to_string(), "n2".to_string()];
+        let leader = ControllerStatus {
+            leader: Some("n0".into()),
+            is_leader: true,
+            observers: 7,
+            role: "voter".into(),
+            voters: voters.clone(),
+            ..ControllerStatus::default()
+        };
+        let line = render_controller(&leader);
+        assert!(line.contains("voters n0,n1,n2 (7 observers fetch from this leader)"), "{line}");
+        let observer = ControllerStatus {
+            leader: Some("n0".into()),
+            role: "observer".into(),
+            voters,
+            ..leader
+        };
+        let line = render_controller(&ControllerStatus { is_leader: false, ..observer });
+        assert!(line.contains("voters n0,n1,n2 (this node: observer)"), "{line}");
+    }
 }
