@@ -411,8 +411,8 @@ struct InFlight {
     gathered: Vec<ShardChange>,
     changes: BTreeSet<ShardChange>,
     /// Other commands appended and not yet applied (their bytes), by index: the planner
-    /// proposes a member's `Join` every round until it is applied, and at 5,000 nodes
-    /// the copies were 533,747 of 538,505 entries.
+    /// proposes a member's `Join` every round until it is applied (5,000 simulated nodes
+    /// joining: 19,571 copies left out).
     commands: BTreeSet<Vec<u8>>,
     commands_by_index: BTreeMap<u64, Vec<u8>>,
 }
