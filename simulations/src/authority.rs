@@ -1,6 +1,6 @@
 //! The authoritative placement protocol on simulated time: every node runs the real
 //! membership (foca, on [`SimNet`]) as its failure detector, the real placement controller
-//! ([`Controller`], raft-rs: three voters, every other node a learner of its log), the real
+//! ([`Controller`], raft-rs: three voters, every other node an observer of its log), the real
 //! planner on the leader, and the real [`Ownership`] machine over a simulated store. Only
 //! the transport, the disks and the clients are modelled.
 //!

@@ -601,7 +601,7 @@ impl Controller {
     /// raft-rs gives the progress of every group member it adds (by a configuration change
     /// or a snapshot's) an inflight buffer of `max_inflight_msgs`
     /// (`controller.inflight_messages_max`) slots, on every member, but only a leader sends
-    /// appends: with every node a learner, 512 B for each pair of nodes. A member that does
+    /// appends (when every node was a learner, 512 B for each pair of nodes). A member that does
     /// not lead frees them (`ids`, or all); a leader's first append to a peer allocates its
     /// buffer again (raft-rs frees them all at every change of role).
     fn free_inflight_buffers(&mut self, ids: Option<&[u64]>) {
