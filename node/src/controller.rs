@@ -45,8 +45,9 @@ use crate::metrics::ReasonLabel;
 /// What crosses the link to a peer's controller.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Wire {
-    /// A Raft message (raft-rs's protobuf encoding).
-    Raft(Vec<u8>),
+    /// A controller message: Raft's, or an observer's fetch and its answer
+    /// (`botclaw_core::controller::encode_message`).
+    Message(Vec<u8>),
     /// A map command for the leader, from `from`; a follower passes it on once.
     Propose { from: String, forwarded: bool, command: MapCommand },
 }
@@ -412,7 +413,7 @@ impl ControllerTask {
     fn receive(&mut self, bytes: Vec<u8>) {
         self.args.metrics.messages_received.inc();
         match postcard::from_bytes::<Wire>(&bytes) {
-            Ok(Wire::Raft(raw)) => match decode_message(&raw) {
+            Ok(Wire::Message(raw)) => match decode_message(&raw) {
                 Ok(m) if m.to() == self.controller.id() => {
                     if self.controller.leader() == Some(m.from()) {
                         self.args.heard.heard();
@@ -600,7 +601,7 @@ impl ControllerTask {
             self.args.metrics.drop("unknown-peer");
             return;
         };
-        let bytes = Wire::Raft(encode_message(&m)).to_bytes();
+        let bytes = Wire::Message(encode_message(&m)).to_bytes();
         self.send_to(&name, bytes);
     }
 

@@ -259,7 +259,7 @@ struct Node {
 }
 
 enum Wire {
-    Raft(Box<ControllerMessage>),
+    Controller(Box<ControllerMessage>),
     Own {
         from: MemberIx,
         msg: Msg<Write>,
@@ -885,7 +885,7 @@ impl Authority {
         {
             return;
         }
-        let lossy = !matches!(wire, Wire::Raft(_));
+        let lossy = !matches!(wire, Wire::Controller(_));
         if lossy && self.rng.random_range(0..1000) < self.cfg.own_loss_permille {
             self.report.messages_lost += 1;
             return;
@@ -911,7 +911,7 @@ impl Authority {
             return;
         }
         match wire {
-            Wire::Raft(m) => {
+            Wire::Controller(m) => {
                 let from = m.from();
                 if let Some(c) = self.nodes[i].controller.as_mut() {
                     let _ = c.step(*m);
@@ -1001,7 +1001,7 @@ impl Authority {
 
     fn send_raft(&mut self, from: usize, m: ControllerMessage) {
         if let Some(to) = self.node_of(m.to()) {
-            self.send(from, to, Wire::Raft(Box::new(m)));
+            self.send(from, to, Wire::Controller(Box::new(m)));
         }
     }
 
