@@ -397,6 +397,32 @@ fn encode_map(map: &ShardMap, hint: usize) -> Bytes {
     Bytes::from(postcard::to_extend(map, Vec::with_capacity(hint)).expect("a map encodes"))
 }
 
+/// A configuration entry's change, as raft-rs applies it (a one-change entry as a change
+/// list of one); `None` for a normal entry or bytes that do not decode.
+fn conf_change(entry: &Entry) -> Option<ConfChangeV2> {
+    match entry.get_entry_type() {
+        EntryType::EntryNormal => None,
+        EntryType::EntryConfChange => {
+            let mut cc = ConfChange::default();
+            cc.merge_from_bytes(&entry.data).ok()?;
+            // As raft-rs applies it (`ConfChangeI::into_v2`).
+            let mut v2 = ConfChangeV2::default();
+            v2.mut_changes().push(ConfChangeSingle {
+                change_type: cc.change_type,
+                node_id: cc.node_id,
+                ..Default::default()
+            });
+            v2.context = cc.context;
+            Some(v2)
+        }
+        EntryType::EntryConfChangeV2 => {
+            let mut cc = ConfChangeV2::default();
+            cc.merge_from_bytes(&entry.data).ok()?;
+            Some(cc)
+        }
+    }
+}
+
 /// Shard changes this leader took and has not seen applied: gathered since its last tick
 /// (appended then, as one entry), or appended, by the index of their entry. A copy of one
 /// of them would be skipped when applied (the first raises the shard's epoch, or is skipped
@@ -412,7 +438,8 @@ struct InFlight {
     changes: BTreeSet<ShardChange>,
     /// Other commands appended and not yet applied (their bytes), by index: the planner
     /// proposes a member's `Join` every round until it is applied (5,000 simulated nodes
-    /// joining: 19,571 copies left out).
+    /// joining: 19,571 copies left out). Up to `uncommitted_bytes_max` of them: a set to
+    /// look them up by value, by index to free them when applied.
     commands: BTreeSet<Vec<u8>>,
     commands_by_index: BTreeMap<u64, Vec<u8>>,
 }
@@ -842,11 +869,10 @@ impl Controller {
     /// progress is replicating: not probed for where its log ends, not being sent a
     /// snapshot), so it applies entries about when the others do.
     pub fn keeps_up(&self, id: ControllerId) -> bool {
-        if self.raw.raft.prs().get(id).is_none() {
-            return self.caught_up(id) || self.observer_keeps_up(id);
+        match self.raw.raft.prs().get(id) {
+            None => self.caught_up(id) || self.observer_keeps_up(id),
+            Some(p) => p.state == raft::ProgressState::Replicate || self.caught_up(id),
         }
-        let state = self.raw.raft.prs().get(id).map(|p| p.state);
-        self.caught_up(id) || state == Some(raft::ProgressState::Replicate)
     }
 
     /// The current learners, ascending.
@@ -967,23 +993,10 @@ impl Controller {
             // Already in the map (fetched as an observer): only Raft's own entries are
             // left to apply, to Raft.
             let fetched = entry.index <= self.applied_index();
-            match entry.get_entry_type() {
-                EntryType::EntryNormal => {}
-                EntryType::EntryConfChange => {
-                    let mut cc = ConfChange::default();
-                    if cc.merge_from_bytes(&entry.data).is_ok() {
-                        let changed = self.raw.apply_conf_change(&cc);
-                        self.conf_changed(changed, &[cc.node_id]);
-                    }
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    if cc.merge_from_bytes(&entry.data).is_ok() {
-                        let changed = self.raw.apply_conf_change(&cc);
-                        let ids: Vec<u64> = cc.changes.iter().map(|c| c.node_id).collect();
-                        self.conf_changed(changed, &ids);
-                    }
-                }
+            if let Some(cc) = conf_change(&entry) {
+                let changed = self.raw.apply_conf_change(&cc);
+                let ids: Vec<u64> = cc.changes.iter().map(|c| c.node_id).collect();
+                self.conf_changed(changed, &ids);
             }
             if fetched {
                 continue;

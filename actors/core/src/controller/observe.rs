@@ -306,26 +306,10 @@ impl Controller {
 
     /// The voters an applied configuration entry names (added as voters, or no longer).
     fn observe_conf_change(&mut self, entry: &Entry) {
-        use protobuf::Message as _;
-        use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, EntryType};
-        let changes: Vec<(ConfChangeType, u64)> = match entry.get_entry_type() {
-            EntryType::EntryNormal => return,
-            EntryType::EntryConfChange => {
-                let mut cc = ConfChange::default();
-                if cc.merge_from_bytes(&entry.data).is_err() {
-                    return;
-                }
-                vec![(cc.get_change_type(), cc.node_id)]
-            }
-            EntryType::EntryConfChangeV2 => {
-                let mut cc = ConfChangeV2::default();
-                if cc.merge_from_bytes(&entry.data).is_err() {
-                    return;
-                }
-                cc.changes.iter().map(|c| (c.get_change_type(), c.node_id)).collect()
-            }
-        };
-        for (kind, id) in changes {
+        use raft::eraftpb::ConfChangeType;
+        let Some(cc) = super::conf_change(entry) else { return };
+        for c in &cc.changes {
+            let (kind, id) = (c.get_change_type(), c.node_id);
             if kind == ConfChangeType::AddNode {
                 self.observing.voters.insert(id);
             } else {
