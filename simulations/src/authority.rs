@@ -27,7 +27,7 @@ use botclaw_core::load::member_loads;
 use botclaw_core::ownership::{Effect, Msg, Ownership, OwnershipConfig};
 use botclaw_core::placement::ShardId;
 use botclaw_core::rebalance::{LoadRounds, MoveTable, Period, LOAD_PERIOD_MS};
-use botclaw_core::shardmap::plan::{PlanConfig, UpMember};
+use botclaw_core::shardmap::plan::{formed_map, PlanConfig, UpMember};
 use botclaw_core::shardmap::{
     check_transition, leave_step, LeaveMode, LeaveStep, MapCommand, MemberIx, ShardMap,
 };
@@ -86,6 +86,10 @@ pub struct AuthorityConfig {
     pub gossip_duplicate: f64,
     /// Ring points per member of the planner's ring.
     pub vnodes: u32,
+    /// The cluster starts formed ([`crate::scenario::Start::Formed`]): every node's
+    /// failure detector knows the others and the founding map has every node, with its
+    /// shards; else the nodes boot together and join through `n0`.
+    pub formed: bool,
     /// The node's `[rebalance]` settings: every node runs its load loop ([`LoadRounds`]),
     /// publishes its load over gossip and decides load-driven moves, which the leader's
     /// planner pins. `None`: no load loop, no load gossip.
@@ -117,6 +121,7 @@ impl Default for AuthorityConfig {
             gossip_loss: 0.0,
             gossip_duplicate: 0.0,
             vnodes: 64,
+            formed: false,
             rebalance: None,
         }
     }
@@ -347,6 +352,9 @@ pub struct Authority {
     by_addr: BTreeMap<SocketAddr, usize>,
 }
 
+/// Every simulated node's capacity (the node's default).
+const NODE_CAPACITY: u32 = 100;
+
 fn addr_of(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 7002))
 }
@@ -401,13 +409,46 @@ impl Authority {
         let voters: Vec<ControllerId> =
             (0..a.cfg.voters.min(a.cfg.nodes)).map(|i| controller_id(&format!("n{i}"))).collect();
         a.raft_ids = (0..a.cfg.nodes).map(|i| controller_id(&format!("n{i}"))).collect();
+        let founding = if a.cfg.formed {
+            // Every node as it starts below: incarnation 1 (the first start at 0 ms).
+            let up: Vec<UpMember> = (0..a.cfg.nodes)
+                .map(|i| UpMember::new(format!("n{i}"), 1, NODE_CAPACITY))
+                .collect();
+            let r = a.cfg.plan.replication_factor;
+            formed_map(a.cfg.shards, &up, &a.placement(), r)
+        } else {
+            ShardMap::new(a.cfg.shards)
+        };
+        a.replayed = founding.clone();
+        let disk = Controller::founding_state_with(&voters, &founding);
         for i in 0..a.cfg.nodes {
-            a.add_node(i, &voters);
+            a.add_node(i, &voters, &disk);
+        }
+        a.index_members();
+        if a.cfg.formed {
+            a.net.assume_formed();
         }
         a
     }
 
-    fn add_node(&mut self, i: usize, voters: &[ControllerId]) {
+    /// Maps the replayed map's new members to their nodes.
+    fn index_members(&mut self) {
+        for m in &self.replayed.members()[self.by_member.len()..] {
+            self.by_member.push(self.by_name.get(&m.name).copied());
+        }
+    }
+
+    /// The planner's ring settings.
+    fn placement(&self) -> PlacementConfig {
+        PlacementConfig {
+            shard_count: self.cfg.shards,
+            vnodes: self.cfg.vnodes,
+            ..Default::default()
+        }
+    }
+
+    /// `founding`: what a founding voter's disk holds before its first start.
+    fn add_node(&mut self, i: usize, voters: &[ControllerId], founding: &Restored) {
         let name = format!("n{i}");
         self.by_name.insert(name.clone(), i);
         self.by_addr.insert(addr_of(i), i);
@@ -418,11 +459,7 @@ impl Authority {
             self.raft_ids = self.raft_ids.iter().copied().chain([raft_id]).collect();
         }
         let voter = voters.contains(&raft_id);
-        let disk = if voter {
-            Controller::founding_state(voters, self.cfg.shards)
-        } else {
-            Restored::default()
-        };
+        let disk = if voter { founding.clone() } else { Restored::default() };
         self.nodes.push(Node {
             name,
             addr: addr_of(i),
@@ -452,7 +489,7 @@ impl Authority {
     /// Adds a node to the running cluster (it joins through n0's gossip address).
     pub fn join(&mut self) -> usize {
         let i = self.nodes.len();
-        self.add_node(i, &[]);
+        self.add_node(i, &[], &Restored::default());
         self.joins.push(Join { node: i, at_ms: self.now_ms, owning_ms: None, settled_ms: None });
         i
     }
@@ -518,7 +555,7 @@ impl Authority {
             incarnation: n.incarnation,
             bump: 0,
             roles: vec![botclaw_core::roles::CONVERSATIONS.into()],
-            capacity: 100,
+            capacity: NODE_CAPACITY,
         };
         let seeds: Vec<SocketAddr> = if i == 0 { vec![addr_of(1)] } else { vec![addr_of(0)] };
         self.net.start(id, &seeds, SECRET, self.rng.random());
@@ -1135,13 +1172,8 @@ impl Authority {
         let Some(l) = self.leader() else { return };
         if self.planner.as_ref().is_none_or(|(at, _)| *at != l) {
             // A new leader starts with a fresh planner, as a node's would.
-            let placement = PlacementConfig {
-                shard_count: self.cfg.shards,
-                vnodes: self.cfg.vnodes,
-                ..Default::default()
-            };
             let p = LeaderPlanner::new(
-                placement,
+                self.placement(),
                 self.cfg.plan.clone(),
                 self.cfg.controller.voters_target,
                 self.cfg.controller.voter_replace_after_ms,
@@ -1349,9 +1381,7 @@ impl Authority {
             if let Some(cmd) = cmd {
                 let before = self.replayed.clone();
                 let applied = self.replayed.apply(&cmd);
-                for m in &self.replayed.members()[self.by_member.len()..] {
-                    self.by_member.push(self.by_name.get(&m.name).copied());
-                }
+                self.index_members();
                 let changed = applied.changed.clone();
                 for &shard in &applied.changed {
                     let Some(a) = self.replayed.shard(shard) else { continue };

@@ -35,7 +35,7 @@ use crate::authority::{Authority, AuthorityConfig};
 use crate::report::{
     balance_chart, chart, json_line, latency_chart, membership_chart, Chart, Scale, SeedSeries,
 };
-use crate::scenario::{FaultKind, Scenario};
+use crate::scenario::{FaultKind, Scenario, Start};
 
 /// Scheduling granularity of faults and the request rate (simulated ms).
 const TICK_MS: u64 = 50;
@@ -320,6 +320,7 @@ pub fn config_of(sc: &Scenario) -> AuthorityConfig {
         // map model then skips the load gossip too, which costs every node a summary per
         // member per second (at 1000 nodes, the first 30 s: 49.2 -> 71.0 s wall).
         rebalance: sc.rebalance.enabled.then(|| sc.rebalance.clone()),
+        formed: sc.start == Start::Formed,
         ..AuthorityConfig::default()
     }
 }

@@ -17,7 +17,7 @@ use rand::{RngExt, SeedableRng};
 
 use botclaw_config::GossipConfig;
 use botclaw_core::auth::Keyring;
-use botclaw_core::identity::IdInterner;
+use botclaw_core::identity::{IdInterner, SharedId};
 use botclaw_core::membership::MembershipTimer;
 use botclaw_core::{Effect, MemberView, Membership, NodeId};
 
@@ -233,6 +233,22 @@ impl SimNet {
         let node = SimNode { membership, generation: self.generations, frozen: false };
         self.nodes.insert(addr, node);
         self.drain(addr);
+    }
+
+    /// Every running node takes every other as up, as once a cluster's gossip has
+    /// settled ([`Membership::assume_members`]): the start of an already formed cluster.
+    pub fn assume_formed(&mut self) {
+        let ids: Vec<SharedId> = (self.nodes.values())
+            .map(|n| self.ids.intern(SharedId::new(n.membership.identity().clone())))
+            .collect();
+        let addrs: Vec<SocketAddr> = self.nodes.keys().copied().collect();
+        for addr in addrs {
+            let node = self.nodes.get_mut(&addr).expect("listed above");
+            node.membership.set_clock(self.now_ms);
+            let others = ids.iter().filter(|id| id.gossip != addr).cloned();
+            node.membership.assume_members(others).expect("alive members of other addresses");
+            self.drain(addr);
+        }
     }
 
     /// The process at `addr` dies without a word.

@@ -43,6 +43,25 @@ pub struct Scenario {
     pub service: Service,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// How the cluster starts (the map model only forms one).
+    #[serde(default)]
+    pub start: Start,
+}
+
+/// How a scenario's cluster starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Start {
+    /// Every node boots at 0 s and joins through `n0`: the failure detectors spread every
+    /// join, the controller registers each node and moves shards onto it.
+    #[default]
+    Together,
+    /// The cluster has run a while: every node's failure detector holds every other as
+    /// up, and the controller's map has every node as a member with the shards where the
+    /// ring wants them (`formed_map`). For studying a large cluster's steady state and
+    /// faults, not its formation (5000 nodes joining at once through one seed take
+    /// minutes of wall time per simulated second).
+    Formed,
 }
 
 fn default_nodes() -> usize {

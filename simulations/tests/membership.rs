@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use botclaw_config::GossipConfig;
 use botclaw_core::load::LoadSummary;
-use botclaw_core::{MemberState, NodeId};
+use botclaw_core::{Effect, MemberState, NodeId};
 use botclaw_sim::net::SimNet;
 
 const SECRET: &[u8] = b"test-cluster-secret";
@@ -81,6 +81,37 @@ fn converges() {
     for i in 0..8 {
         assert!(net.membership(addr(i)).unwrap().is_joined());
     }
+}
+
+/// A formed start: before any datagram travels, every node holds every other as up and is
+/// joined, with no MemberUp notice and no update queued to spread; it then fails and
+/// recovers as a cluster formed by gossip does (a crash is declared within the bound).
+#[test]
+fn a_formed_cluster_knows_everyone_before_a_datagram_travels() {
+    let n = 40;
+    let mut net = SimNet::new(GossipConfig::default(), 1);
+    for i in 0..n {
+        start(&mut net, i, 1, &[0], SECRET);
+    }
+    net.take_notices();
+    net.assume_formed();
+    assert_eq!(net.now_ms(), 0);
+    for i in 0..n {
+        let m = net.membership(addr(i)).unwrap();
+        assert_eq!(up_set(&net, i).len(), n, "node {i}");
+        assert!(m.is_joined(), "node {i}");
+        assert_eq!(m.updates_backlog(), 0, "node {i}");
+    }
+    let notices = net.take_notices();
+    assert!(!notices.iter().any(|x| matches!(x.effect, Effect::MemberUp(_))), "{notices:?}");
+    net.run_until(2_000);
+    let crash_at = net.now_ms();
+    net.crash(addr(7));
+    let others: Vec<usize> = (0..n).filter(|&i| i != 7).collect();
+    let t = net
+        .run_until_pred(crash_at + 10_000, |net| all_see(net, &others, 7, MemberState::Down))
+        .expect("crash never detected");
+    assert!(t - crash_at <= 3_000, "took {} ms", t - crash_at);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! function of scenario and seed (byte-identical reports), faults show in the results, and
 //! the checkers catch lost turns when the model really loses them.
 
-use botclaw_sim::scenario::{FaultKind, Scenario};
+use botclaw_sim::scenario::{FaultKind, Scenario, Start};
 
 fn shipped(name: &str) -> Scenario {
     let path = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -204,6 +204,7 @@ fn clean_by_map(name: &str, seeds: std::ops::Range<u64>) {
 fn every_shipped_scenario_file_is_covered_by_the_map_runs() {
     let covered = [
         "churn-1000",
+        "churn-5000",
         "double-crash",
         "flapping-partition",
         "freeze",
@@ -236,9 +237,41 @@ fn by_the_map_joins_and_restarts_lose_nothing() {
 
 #[test]
 fn by_the_map_freezes_loss_churn_and_load_lose_nothing() {
-    for name in ["freeze", "packet-loss", "churn-1000", "steady", "hot-spot"] {
+    for name in ["freeze", "packet-loss", "churn-1000", "churn-5000", "steady", "hot-spot"] {
         clean_by_map(name, 1..3);
     }
+}
+
+/// A formed start (`start = "formed"`): from the first sample every node's failure
+/// detector sees every node up, and the map needs nothing from the leader's planner (no
+/// member to register, no shard to assign or move: the entries are Raft's alone), and
+/// clients are served from the start of the workload. The same cluster started together
+/// registers each node and moves shards onto it.
+#[test]
+fn a_formed_cluster_starts_with_every_member_known_and_nothing_to_move() {
+    let mut s = shipped("steady");
+    s.nodes = 30;
+    s.duration_s = 20;
+    s.placement.shard_count = 1024;
+    s.workload.start_s = 3.0;
+    s.faults.clear();
+    s.start = Start::Formed;
+    let formed = botclaw_sim::by_map::run(s.clone(), 1, |_| {});
+    assert!(formed.failures.is_empty(), "{:#?}", formed.failures);
+    let first = &formed.samples[0];
+    assert_eq!((first.members_up_min, first.members_up_max), (30, 30), "{first:?}");
+    let kinds: Vec<&str> = formed.entries_by_kind.keys().copied().collect();
+    assert_eq!(kinds, ["raft"], "{:?}", formed.entries_by_kind);
+    assert!(formed.samples.iter().all(|x| x.moves_in_flight == 0 && x.unavailable_shards == 0));
+    assert!(
+        formed.requests_unrouted * 100 < formed.writes_submitted,
+        "{} of {} unrouted",
+        formed.requests_unrouted,
+        formed.writes_submitted
+    );
+    s.start = Start::Together;
+    let together = botclaw_sim::by_map::run(s, 1, |_| {});
+    assert!(together.entries_by_kind.get("join").copied().unwrap_or(0) >= 30);
 }
 
 /// Both copies of some shards die: those shards are unavailable (never restarted from

@@ -162,6 +162,17 @@ fn sim_reports_are_deterministic() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("turns_per_sec"), "{err}");
+    // A formed start is the map model's: the ring model refuses it, naming the setting.
+    let formed = dir.path().join("formed.toml");
+    std::fs::write(&formed, "name = \"x\"\nstart = \"formed\"\n").unwrap();
+    let o = Command::new(botclaw_bin())
+        .args(["sim", "--model", "ring", "--scenario"])
+        .arg(&formed)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("start = \"formed\""), "{err}");
 }
 
 /// `botclaw sim --set KEY=V1,V2 --seeds 2`: a run per (value, seed), run two at a time,

@@ -569,13 +569,18 @@ impl Controller {
     /// Members added later start empty and receive a snapshot from the leader, which tells
     /// them the configuration; replaying the log from nothing would not.
     pub fn founding_state(voters: &[ControllerId], shard_count: u32) -> Restored {
+        Controller::founding_state_with(voters, &ShardMap::new(shard_count))
+    }
+
+    /// As [`Controller::founding_state`], the group founded on `map` (the simulator's
+    /// already formed cluster).
+    pub fn founding_state_with(voters: &[ControllerId], map: &ShardMap) -> Restored {
         let mut snapshot = Snapshot::default();
         let meta = snapshot.mut_metadata();
         meta.index = 1;
         meta.term = 1;
         meta.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
-        snapshot.data =
-            postcard::to_stdvec(&ShardMap::new(shard_count)).expect("a map encodes").into();
+        snapshot.data = postcard::to_stdvec(map).expect("a map encodes").into();
         let hard_state = HardState { term: 1, commit: 1, ..Default::default() };
         Restored { snapshot: Some(snapshot), entries: Vec::new(), hard_state }
     }

@@ -301,6 +301,25 @@ impl foca::Runtime<SharedId> for Outbox<'_> {
     }
 }
 
+/// An [`Outbox`] that drops members coming up (see [`Membership::assume_members`]).
+struct Quiet<'a>(Outbox<'a>);
+
+impl foca::Runtime<SharedId> for Quiet<'_> {
+    fn notify(&mut self, notification: Notification<'_, SharedId>) {
+        if !matches!(notification, Notification::MemberUp(_)) {
+            self.0.notify(notification);
+        }
+    }
+
+    fn send_to(&mut self, to: SharedId, data: &[u8]) {
+        self.0.send_to(to, data);
+    }
+
+    fn submit_after(&mut self, timer: foca::Timer<SharedId>, after: Duration) {
+        self.0.submit_after(timer, after);
+    }
+}
+
 impl Membership {
     /// Creates the state machine. `seed` drives every random choice (probe order, gossip
     /// targets, nonces); the same seed and the same inputs give the same outputs. `keys`
@@ -601,6 +620,20 @@ impl Membership {
         let (foca, outbox) = self.outbox();
         // Leaving only fails if our own identity does not encode, ruled out above.
         foca.leave_cluster(outbox).expect("leave always encodes");
+    }
+
+    /// Takes `members` as up, as if gossip had told this node of each long ago: nothing is
+    /// spread about them and no [`Effect::MemberUp`] is emitted for them (a driver that
+    /// starts every node of an already formed cluster knows them all, as the simulator's
+    /// formed start does). A node alone until then joins.
+    pub fn assume_members(
+        &mut self,
+        members: impl Iterator<Item = SharedId>,
+    ) -> Result<(), foca::Error> {
+        let (foca, outbox) = self.outbox();
+        foca.apply_many(members.map(Member::alive), false, Quiet(outbox))?;
+        self.track_join();
+        Ok(())
     }
 
     /// The next output to execute, in the order it was produced.

@@ -127,6 +127,27 @@ pub fn plan_assign(map: &ShardMap, desired: &Desired, shards_max: usize) -> Opti
     (!runs.is_empty()).then_some(MapCommand::Assign(runs))
 }
 
+/// The map of a cluster that has run a while with `up` serving: every one a member at its
+/// incarnation, every shard on the `r` members the ring wants (owner first), as the
+/// planner's rounds leave an empty map once nothing is left to move. The simulator starts
+/// an already formed cluster from it.
+pub fn formed_map(
+    shard_count: u32,
+    up: &[UpMember],
+    placement: &botclaw_config::PlacementConfig,
+    r: usize,
+) -> ShardMap {
+    let mut map = ShardMap::new(shard_count);
+    for cmd in plan_membership(&map, up) {
+        map.apply(&cmd);
+    }
+    let ring = Placement::build(&map.active_members(), placement);
+    if let Some(cmd) = plan_assign(&map, &Desired::build(&map, &ring, r), usize::MAX) {
+        map.apply(&cmd);
+    }
+    map
+}
+
 /// The members the ring wants for every shard (owner first), active members only:
 /// computed once per ring, so a planning round allocates nothing per shard. Load-driven
 /// moves pin a few shards to another owner (see [`Desired::pin`]).

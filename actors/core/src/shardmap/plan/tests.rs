@@ -118,6 +118,26 @@ fn a_new_cluster_registers_its_members_and_assigns_every_shard_on_the_ring() {
     assert_on_ring(&map, 2);
 }
 
+/// The formed map is the map the planner's rounds leave an empty one in with the same
+/// members up: the planner has nothing to do on it, and it passes the map's checks.
+#[test]
+fn a_formed_map_is_where_the_planner_converges() {
+    let cfg = PlanConfig::default();
+    let names: Vec<String> = (0..12).map(|i| format!("n{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (converged, live) = started(&names, &cfg);
+    let placement =
+        botclaw_config::PlacementConfig { shard_count: SHARDS, vnodes: 64, ..Default::default() };
+    let formed = formed_map(SHARDS, &live, &placement, cfg.replication_factor);
+    assert_eq!(formed.check(), Vec::<String>::new());
+    assert!(plan(&formed, &live, &ring_of(&formed), &cfg).is_empty());
+    assert_on_ring(&formed, cfg.replication_factor);
+    for s in 0..SHARDS {
+        let (f, c) = (formed.shard(s).unwrap(), converged.shard(s).unwrap());
+        assert_eq!((f.owner, f.isr), (c.owner, c.isr), "shard {s}");
+    }
+}
+
 #[test]
 fn a_joining_member_takes_its_share_through_learners_throttled() {
     let cfg = PlanConfig { moves_in_flight_max: 8, ..Default::default() };
