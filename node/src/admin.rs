@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use botclaw_core::placement::{Placement, RingMember};
-use botclaw_core::shardmap::ShardMap;
+use botclaw_core::shardmap::{ShardMap, MEMBERS_MAX};
 use botclaw_core::MemberState;
 use ractor::ActorRef;
 use ractor_cluster::node::NodeServerMessage;
@@ -438,7 +438,7 @@ pub async fn metrics_text(s: &AdminState) -> Option<String> {
     // Read at each scrape, for the alert rules and dashboards in cluster-config/.
     use prometheus_client::metrics::gauge::ConstGauge;
     let c = s.map.borrow().status.clone();
-    let gauges: [(&str, &str, i64); 10] = [
+    let gauges: [(&str, &str, i64); 13] = [
         (
             "process_resident_memory_bytes",
             "Resident memory of the node process",
@@ -472,6 +472,21 @@ pub async fn metrics_text(s: &AdminState) -> Option<String> {
             "controller_moves_in_flight",
             "Shards with a learner (moves under way)",
             c.moves_in_flight as i64,
+        ),
+        (
+            "controller_map_members",
+            "Names the shard map holds: every node ever registered (never freed)",
+            c.map_members as i64,
+        ),
+        (
+            "controller_map_members_max",
+            "Names the shard map can hold: a node beyond them is not registered, owns nothing",
+            MEMBERS_MAX as i64,
+        ),
+        (
+            "controller_members_unregistered",
+            "On the leader: nodes up that the full shard map cannot take",
+            c.members_unregistered as i64,
         ),
     ];
     for (name, help, value) in gauges {

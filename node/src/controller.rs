@@ -29,8 +29,8 @@ use botclaw_core::controller::{
     controller_id, decode_message, encode_message, Controller, ControllerError, ControllerId,
     ControllerMessage, GroupChange, Persist, Restored,
 };
-use botclaw_core::shardmap::plan::{members_key, PlanConfig, UpMember};
-use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap};
+use botclaw_core::shardmap::plan::{members_key, unregistrable, PlanConfig, UpMember};
+use botclaw_core::shardmap::{MapCommand, MemberIx, ShardMap, MEMBERS_MAX};
 use botclaw_core::MemberState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -96,6 +96,12 @@ pub struct ControllerStatus {
     /// pending, not only none in flight). False elsewhere.
     #[serde(default)]
     pub plan_settled: bool,
+    /// Names the map holds: every node ever registered, at most [`MEMBERS_MAX`].
+    #[serde(default)]
+    pub map_members: usize,
+    /// On the leader: nodes up that the map cannot take, being full. They own nothing.
+    #[serde(default)]
+    pub members_unregistered: usize,
 }
 
 /// Unavailable shards `/status` lists by number.
@@ -272,6 +278,8 @@ pub struct ControllerTask {
     dirty: bool,
     /// [`members_key`] of the members up when the view last changed.
     members_seen: u64,
+    /// On the leader: nodes up that the full map cannot take ([`unregistrable`]).
+    unregistered: usize,
 }
 
 /// Opens (or founds) this node's controller member; errors stop the node at start.
@@ -337,6 +345,7 @@ pub fn open(args: ControllerArgs) -> Result<(ControllerTask, watch::Receiver<Arc
         published_at: now,
         dirty: false,
         members_seen: 0,
+        unregistered: 0,
     };
     task.publish();
     Ok((task, rx))
@@ -519,6 +528,18 @@ impl ControllerTask {
         let was_settled = planner.settled(version);
         let Round { group, commands } =
             tokio::task::block_in_place(|| planner.round(now, c, &up, pins));
+        let unregistered = unregistrable(c.map(), &up);
+        if unregistered.len() != self.unregistered {
+            self.unregistered = unregistered.len();
+            self.dirty = true;
+            if !unregistered.is_empty() {
+                tracing::warn!(
+                    nodes = ?unregistered,
+                    limit = MEMBERS_MAX,
+                    "the shard map holds every name it can: these nodes are up and own nothing"
+                );
+            }
+        }
         if planner.settled(version) != was_settled {
             self.dirty = true;
         }
@@ -651,6 +672,8 @@ impl ControllerTask {
             observers: c.observers(),
             role: c.role().to_string(),
             plan_settled: c.is_leader() && self.planner.settled(map.version),
+            map_members: map.members().len(),
+            members_unregistered: if c.is_leader() { self.unregistered } else { 0 },
             ..ControllerStatus::default()
         };
         status.voters.sort();

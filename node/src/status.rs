@@ -113,7 +113,7 @@ pub fn render(status: &Status) -> String {
 pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
     format!(
         "controller: leader {} (term {}), voters {}{}, map version {}, {} moves in flight, \
-         {} shards under R, {} unavailable{}, {} unassigned{}",
+         {} shards under R, {} unavailable{}, {} unassigned{}{}",
         c.leader.as_deref().unwrap_or("unknown"),
         c.term,
         if c.voters.is_empty() { "-".to_string() } else { c.voters.join(",") },
@@ -142,6 +142,14 @@ pub fn render_controller(c: &crate::controller::ControllerStatus) -> String {
         } else {
             let owned: Vec<String> = c.owned.iter().map(|(n, k)| format!("{n} {k}")).collect();
             format!("; shards owned: {}", owned.join(", "))
+        },
+        if c.members_unregistered == 0 {
+            String::new()
+        } else {
+            format!(
+                "; MAP FULL ({} names): {} nodes up own nothing",
+                c.map_members, c.members_unregistered
+            )
         },
     )
 }
@@ -348,5 +356,18 @@ mod tests {
         };
         let line = render_controller(&ControllerStatus { is_leader: false, ..observer });
         assert!(line.contains("voters n0,n1,n2 (this node: observer)"), "{line}");
+        assert!(!line.contains("MAP FULL"), "{line}");
+    }
+
+    #[test]
+    fn the_controller_line_says_when_the_map_is_full_and_nodes_own_nothing() {
+        let c = ControllerStatus {
+            is_leader: true,
+            map_members: 16_384,
+            members_unregistered: 3,
+            ..ControllerStatus::default()
+        };
+        let line = render_controller(&c);
+        assert!(line.ends_with("; MAP FULL (16384 names): 3 nodes up own nothing"), "{line}");
     }
 }

@@ -115,6 +115,12 @@ fn the_controller_assigns_every_shard_follows_deaths_and_outlives_its_leader() {
     assert!(owner_now.is_some(), "alice still owned by the dead leader\n{}", c.logs());
     let metrics = c.nodes[rest[0]].metrics();
     assert!(metric(&metrics, "botclaw_controller_map_version") > before as f64);
+    // The map holds the three names (the dead one's too) of the 16,384 it can; none is
+    // left out.
+    assert_eq!(metric(&metrics, "botclaw_controller_map_members"), 3.0);
+    assert_eq!(metric(&metrics, "botclaw_controller_map_members_max"), 16_384.0);
+    assert_eq!(metric(&metrics, "botclaw_controller_members_unregistered"), 0.0);
+    assert_eq!(status["map_members"], 3, "{status:#}");
 
     // Restarted with its original command (n0 had no seeds: it must not found a new
     // group), it comes back from its log, rejoins the map and agrees with the others.

@@ -177,7 +177,7 @@ fn prometheus_scrapes_the_cluster_and_the_node_down_alert_fires() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().iter())
         .collect();
-    assert_eq!(loaded.len(), 8, "{rules}");
+    assert_eq!(loaded.len(), 10, "{rules}");
     for rule in &loaded {
         assert_eq!(rule["health"], "ok", "{rule}");
         let expr = rule["query"].as_str().unwrap();

@@ -817,7 +817,7 @@ pub mod plan;
 mod table;
 
 pub use leave::{leave_step, LeaveMode, LeaveStep};
-pub use plan::{formed_map, plan_assign, plan_membership, Desired, UpMember};
+pub use plan::{formed_map, plan_assign, plan_membership, unregistrable, Desired, UpMember};
 
 #[cfg(test)]
 mod tests;

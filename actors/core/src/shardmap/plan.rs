@@ -85,6 +85,19 @@ pub fn plan_membership(map: &ShardMap, up: &[UpMember]) -> Vec<MapCommand> {
     out
 }
 
+/// The names of up members serving that the map cannot take: it holds [`MEMBERS_MAX`]
+/// names (every name ever registered stays) and not theirs. They own nothing; the leader
+/// reports them (`controller_members_unregistered`, a warning in its log).
+pub fn unregistrable<'a>(map: &ShardMap, up: &'a [UpMember]) -> Vec<&'a str> {
+    if map.members().len() < MEMBERS_MAX {
+        return Vec::new();
+    }
+    (up.iter())
+        .filter(|u| u.serving && map.member_ix(&u.name).is_none())
+        .map(|u| u.name.as_str())
+        .collect()
+}
+
 /// Whether the map has `u` at its incarnation (or a newer one), so that no `Join` is due
 /// for it. A member that left at this incarnation is not registered again: the process
 /// exited, the identity still seen is its gossip's last word.

@@ -195,8 +195,12 @@ fn a_full_map_is_proposed_no_new_member() {
     assert_eq!(map.members().len(), MEMBERS_MAX);
     let up = |n: &str, i| UpMember::new(n, i, 100);
     let mut all: Vec<UpMember> = names.iter().map(|n| up(n, 1)).collect();
+    assert!(unregistrable(&map, &all).is_empty(), "every name is in the map");
     all.push(up("late", 1));
     assert!(plan_membership(&map, &all).is_empty(), "a join the full map would skip");
+    assert_eq!(unregistrable(&map, &all), ["late"], "reported instead");
+    all.push(UpMember { serving: false, ..up("idle", 1) });
+    assert_eq!(unregistrable(&map, &all), ["late"], "a node not serving wants no shards");
     all[0] = up("m0", 2);
     assert_eq!(plan_membership(&map, &all), vec![dead("m0", 1), join("m0", 2)]);
 }
