@@ -26,7 +26,7 @@ SIGKILL. Measured the same way on both sides:
 The simulator runs `botclaw sim --model map` (the same membership, controller, planner,
 ownership and load-loop code) on a scenario this script writes, with the node's placement settings
 (shard count, virtual nodes: `botclaw node --check-config`); several seeds, several real
-runs, medians. Prints a Markdown table.
+runs, medians and ranges. Prints a Markdown table.
 
 Standard library only. Every process it starts is killed by pid, also on failure.
 
@@ -302,11 +302,26 @@ def sim_runs(args, work, turns_per_s, skew_turns_per_s):
     return runs
 
 
+def values(runs, key):
+    """Every run's figure, or None if a run never got one (a join that never settled)."""
+    found = [r[key] for r in runs if r.get(key) is not None]
+    return found if found and len(found) == len(runs) else None
+
+
 def med(runs, key):
-    values = [r[key] for r in runs if r.get(key) is not None]
-    if len(values) < len(runs):
-        return None
-    return statistics.median(values)
+    found = values(runs, key)
+    return None if found is None else statistics.median(found)
+
+
+def cell(runs, key, unit):
+    """The median, and the range over the runs when there are several."""
+    found = values(runs, key)
+    if found is None:
+        return "never"
+    text = fmt(statistics.median(found), unit)
+    if len(found) > 1:
+        text += f" ({fmt(min(found), unit)} to {fmt(max(found), unit)})"
+    return text
 
 
 def fmt(x, unit):
@@ -345,7 +360,7 @@ def main():
     print(f"`python3 tests/bench/fidelity.py --nodes {args.nodes} --runs {args.runs} --seeds "
           f"{args.seeds}`: {args.nodes} nodes in memory, the last killed with SIGKILL; real: "
           f"{args.runs} runs, simulated (`--model map`, {rate:,.0f} turns/s as measured): "
-          f"{args.seeds} seeds; medians. Skew: Zipf {SKEW_ZIPF} over {SKEW_CONVERSATIONS} "
+          f"{args.seeds} seeds; medians (least to most). Skew: Zipf {SKEW_ZIPF} over {SKEW_CONVERSATIONS} "
           f"conversations, {skew_rate:,.0f} turns/s, {args.skew_s} s\n")
     print("| measure | simulated | real | simulated / real |")
     print("|---|---|---|---|")
@@ -363,7 +378,7 @@ def main():
     ]:
         s, r = med(sim, key), med(real, key)
         ratio = f"{s / r:.2f}x" if s is not None and r else "-"
-        print(f"| {what} | {fmt(s, unit)} | {fmt(r, unit)} | {ratio} |")
+        print(f"| {what} | {cell(sim, key, unit)} | {cell(real, key, unit)} | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"real": real, "simulated": sim, "turns_per_s": rate}, f, indent=1)

@@ -335,7 +335,14 @@ fn fidelity_script_prints_simulated_and_real_side_by_side() {
     let Some(stdout) = bench_script("fidelity.py", &args, &[]) else { return };
     let rows = table_rows(&stdout, "| measure");
     assert_eq!(rows.len(), 10, "{stdout}");
-    let secs = |cell: &str| cell.trim_end_matches(" s").parse::<f64>().unwrap_or(f64::NAN);
+    // A cell is the median, then the range when there are several runs (two seeds).
+    let median = |cell: &str| cell.split(" (").next().unwrap_or(cell).to_string();
+    for row in &rows {
+        let range = row[2].strip_suffix(')').and_then(|c| c.split_once(" (")).map(|x| x.1);
+        let (least, most) = range.and_then(|r| r.split_once(" to ")).unwrap_or_default();
+        assert!(!least.is_empty() && !most.is_empty(), "{row:?} has no range in\n{stdout}");
+    }
+    let secs = |cell: &str| median(cell).trim_end_matches(" s").parse::<f64>().unwrap_or(f64::NAN);
     for row in &rows[..2] {
         for cell in [row[2], row[3]] {
             assert!((0.3..30.0).contains(&secs(cell)), "{row:?} in\n{stdout}");
@@ -348,12 +355,13 @@ fn fidelity_script_prints_simulated_and_real_side_by_side() {
         assert!(0.0 < o && o <= s && s < 60.0, "{owning:?} {settled:?} in\n{stdout}");
     }
     for row in &rows[4..6] {
-        assert!(row[2].ends_with(" ms") && row[3].ends_with(" ms"), "{row:?}");
+        assert!(median(row[2]).ends_with(" ms") && median(row[3]).ends_with(" ms"), "{row:?}");
     }
     // The skew: unbalanced at the start on both sides, moves decided, the last one within
     // the run, and no worse at the end than at the start.
-    let times = |cell: &str| cell.trim_end_matches('x').parse::<f64>().unwrap_or(f64::NAN);
-    let moves = |cell: &str| cell.trim_end_matches(" moves").parse::<f64>().unwrap_or(f64::NAN);
+    let times = |cell: &str| median(cell).trim_end_matches('x').parse::<f64>().unwrap_or(f64::NAN);
+    let moves =
+        |cell: &str| median(cell).trim_end_matches(" moves").parse::<f64>().unwrap_or(f64::NAN);
     for col in [2, 3] {
         let (start, end) = (times(rows[6][col]), times(rows[7][col]));
         assert!(start > 1.1 && end <= start, "{:?} {:?} in\n{stdout}", rows[6], rows[7]);
