@@ -94,6 +94,12 @@ impl foca::Invalidates for LoadKey {
             && self.version >= other.version
             && self.node == other.node
     }
+
+    /// It invalidates only its own node's summaries: foca skips looking through its
+    /// backlog when no summary of that node is queued.
+    fn invalidation_key(&self) -> Option<u64> {
+        Some(self.node_hash)
+    }
 }
 
 /// The newest summary of every node, shared between foca's handler and its readers.

@@ -1,8 +1,8 @@
 /* This Source Code Form is subject to the terms of the Mozilla Public
  * License, v. 2.0. If a copy of the MPL was not distributed with this
  * file, You can obtain one at https://mozilla.org/MPL/2.0/. */
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use core::cmp::Ordering;
 
 use bytes::BufMut;
 
@@ -96,6 +96,17 @@ pub trait Invalidates {
     /// keep `item` and discard `other` from its dissemination
     /// backlog.
     fn invalidates(&self, other: &Self) -> bool;
+
+    /// botclaw's patch: a key that every item this one invalidates
+    /// shares, if there is one: `a.invalidates(b)` implies
+    /// `a.invalidation_key() == b.invalidation_key()` whenever `a`'s is
+    /// `Some`. Foca then skips looking through its backlog for items to
+    /// replace when no queued item has the key. Keys of items that
+    /// cannot invalidate each other may still be equal: that only costs
+    /// the look.
+    fn invalidation_key(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Invalidates for &[u8] {
@@ -104,14 +115,27 @@ impl Invalidates for &[u8] {
     }
 }
 
+// botclaw's patch: the queue is kept by remaining transmissions, then
+// by length, so a fill finds the next item that fits with a lookup
+// instead of popping every item of a binary heap that does not fit
+// (per message, the whole backlog once the packet is nearly full: at
+// 5,000 members joining, most of a node's time). What a fill writes is
+// what the heap's scan wrote: the items in the order (most transmissions
+// left, longest) among those that fit the room left, each at most once;
+// among items equal in both, the newest first (the heap left their order
+// unspecified).
+//
+// And the queued items' invalidation keys are counted, so an item whose
+// key no queued item has is queued without looking through the backlog
+// for items to replace, which could find none (the look is a pass over
+// every queued item: the other half of a node's time while thousands
+// join).
 pub(crate) struct Broadcasts<V> {
-    flip: alloc::collections::BinaryHeap<Entry<V>>,
-    flop: alloc::collections::BinaryHeap<Entry<V>>,
-    // No item ever added was shorter than this: once a buffer has less
-    // room left, no item can fit and filling it stops (it used to pop
-    // every item through the heap, per message, when the backlog is
-    // long).
-    min_len: usize,
+    // remaining_tx -> data length -> items, oldest first
+    levels: BTreeMap<usize, BTreeMap<usize, Vec<Entry<V>>>>,
+    len: usize,
+    // queued items by invalidation key (those that have one)
+    keys: hashbrown::HashMap<u64, usize>,
 }
 
 impl<T> Broadcasts<T>
@@ -120,62 +144,129 @@ where
 {
     pub(crate) fn new() -> Self {
         Self {
-            flip: Default::default(),
-            flop: Default::default(),
-            min_len: usize::MAX,
+            levels: BTreeMap::new(),
+            len: 0,
+            keys: hashbrown::HashMap::new(),
         }
     }
 
+    // Not `const`: foca's public backlog counts that call it are not.
+    #[allow(clippy::missing_const_for_fn)]
     pub(crate) fn len(&self) -> usize {
-        self.flip.len()
+        self.len
     }
 
+    #[allow(clippy::missing_const_for_fn)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.flip.is_empty()
+        self.len == 0
     }
 
     pub(crate) fn add_or_replace(&mut self, item: T, data: Vec<u8>, max_tx: usize) {
         debug_assert!(max_tx > 0);
-        self.flip.retain(|node| !item.invalidates(&node.item));
-        self.min_len = self.min_len.min(data.len());
-        self.flip.push(Entry {
+        let key = item.invalidation_key();
+        let queued = |k| self.keys.get(&k).is_some_and(|&n| n > 0);
+        if key.is_none_or(queued) {
+            let mut removed = Vec::new();
+            self.levels.retain(|_, lens| {
+                lens.retain(|_, items| {
+                    items.retain(|node| {
+                        let keep = !item.invalidates(&node.item);
+                        if !keep {
+                            removed.push(node.item.invalidation_key());
+                        }
+                        keep
+                    });
+                    !items.is_empty()
+                });
+                !lens.is_empty()
+            });
+            self.len -= removed.len();
+            for key in removed {
+                self.forget(key);
+            }
+        }
+        if let Some(key) = key {
+            *self.keys.entry(key).or_default() += 1;
+        }
+        self.place(Entry {
             remaining_tx: max_tx,
             item,
             data,
         });
     }
 
-    pub(crate) fn fill(&mut self, mut buffer: impl BufMut, max_items: usize) -> usize {
-        if self.flip.is_empty() {
-            return 0;
+    // Queues `node` (its key is counted already).
+    fn place(&mut self, node: Entry<T>) {
+        let lens = self.levels.entry(node.remaining_tx).or_default();
+        lens.entry(node.data.len()).or_default().push(node);
+        self.len += 1;
+    }
+
+    // An item with `key` is no longer queued.
+    fn forget(&mut self, key: Option<u64>) {
+        let Some(key) = key else { return };
+        let count = self.keys.get_mut(&key).expect("counted when queued");
+        *count -= 1;
+        if *count == 0 {
+            self.keys.remove(&key);
         }
-        debug_assert!(self.flop.is_empty());
+    }
 
-        let mut num_taken = 0;
-        let mut remaining = max_items;
+    /// Takes the item with the most transmissions left, the longest
+    /// first, among those no longer than `room`; the newest of equals.
+    fn take_fitting(&mut self, room: usize) -> Option<Entry<T>> {
+        let (tx, len) = self.levels.iter().rev().find_map(|(&tx, lens)| {
+            let (&len, _) = lens.range(..=room).next_back()?;
+            Some((tx, len))
+        })?;
+        let lens = self.levels.get_mut(&tx).expect("found above");
+        let items = lens.get_mut(&len).expect("found above");
+        let node = items.pop().expect("no empty list is kept");
+        if items.is_empty() {
+            lens.remove(&len);
+            if lens.is_empty() {
+                self.levels.remove(&tx);
+            }
+        }
+        self.len -= 1;
+        Some(node)
+    }
 
-        while buffer.remaining_mut() >= self.min_len.max(1) && remaining > 0 {
-            let Some(mut node) = self.flip.pop() else {
+    /// Writes items while they fit (`prefix` bytes of framing each), at
+    /// most `max_items`; each taken item has one transmission less.
+    fn fill_framed(
+        &mut self,
+        buffer: &mut impl BufMut,
+        max_items: usize,
+        prefix: usize,
+        mut write: impl FnMut(&mut dyn BufMut, &[u8]),
+    ) -> usize {
+        let mut taken = Vec::new();
+        while taken.len() < max_items {
+            let Some(room) = buffer.remaining_mut().checked_sub(prefix) else {
+                break;
+            };
+            let Some(node) = self.take_fitting(room) else {
                 break;
             };
             debug_assert!(node.remaining_tx > 0);
-
-            if buffer.remaining_mut() >= node.data.len() {
-                num_taken += 1;
-                remaining -= 1;
-
-                buffer.put_slice(&node.data);
-                node.remaining_tx -= 1;
-            }
-
+            write(buffer, &node.data);
+            taken.push(node);
+        }
+        let num_taken = taken.len();
+        for mut node in taken {
+            node.remaining_tx -= 1;
             if node.remaining_tx > 0 {
-                self.flop.push(node);
+                self.place(node);
+            } else {
+                self.forget(node.item.invalidation_key());
             }
         }
-
-        self.flip.append(&mut self.flop);
-
         num_taken
+    }
+
+    pub(crate) fn fill(&mut self, mut buffer: impl BufMut, max_items: usize) -> usize {
+        self.fill_framed(&mut buffer, max_items, 0, |buf, data| buf.put_slice(data))
     }
 
     pub(crate) fn fill_with_len_prefix(
@@ -183,38 +274,11 @@ where
         mut buffer: impl BufMut,
         max_items: usize,
     ) -> usize {
-        if self.flip.is_empty() {
-            return 0;
-        }
-        debug_assert!(self.flop.is_empty());
-
-        let mut num_taken = 0;
-        let mut remaining = max_items;
-
-        while buffer.remaining_mut() >= self.min_len.saturating_add(2) && remaining > 0 {
-            let Some(mut node) = self.flip.pop() else {
-                break;
-            };
-            debug_assert!(node.remaining_tx > 0);
-
-            if buffer.remaining_mut() >= node.data.len() + 2 {
-                num_taken += 1;
-                remaining -= 1;
-
-                debug_assert!(u16::try_from(node.data.len()).is_ok());
-                buffer.put_u16(node.data.len() as u16);
-                buffer.put_slice(&node.data);
-                node.remaining_tx -= 1;
-            }
-
-            if node.remaining_tx > 0 {
-                self.flop.push(node);
-            }
-        }
-
-        self.flip.append(&mut self.flop);
-
-        num_taken
+        self.fill_framed(&mut buffer, max_items, 2, |buf, data| {
+            debug_assert!(u16::try_from(data.len()).is_ok());
+            buf.put_u16(data.len() as u16);
+            buf.put_slice(data);
+        })
     }
 }
 
@@ -223,30 +287,7 @@ struct Entry<T> {
     remaining_tx: usize,
     // XXX could be Bytes, or keep a pool in parent
     data: Vec<u8>,
-    // ignored for eq/ord. sorting is unstable
     item: T,
-}
-
-impl<T> PartialEq for Entry<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other).is_eq()
-    }
-}
-
-impl<T> Eq for Entry<T> {}
-
-impl<T> PartialOrd for Entry<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<T> Ord for Entry<T> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.remaining_tx
-            .cmp(&other.remaining_tx)
-            .then_with(|| self.data.len().cmp(&other.data.len()))
-    }
 }
 
 #[cfg(test)]
@@ -341,6 +382,98 @@ mod tests {
         );
         // `d` (1) and `b` (2, sent twice now) are done
         assert_eq!(2, piggyback.len());
+    }
+
+    // botclaw's patch: random adds, replacements (keyed and not) and fills
+    // of random room against the heap's scan (every item in the order
+    // (most transmissions left, longest), taken when it fits) with equals
+    // taken newest first, and replacement by looking at every item: the
+    // same bytes, and the same queue left.
+    #[test]
+    fn fill_takes_what_a_scan_of_every_item_takes() {
+        use alloc::vec;
+        use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+        // Keyed (some keys shared by unequal items), a few unkeyed.
+        struct K(u8);
+        impl Invalidates for K {
+            fn invalidates(&self, other: &Self) -> bool {
+                self.0 == other.0
+            }
+            fn invalidation_key(&self) -> Option<u64> {
+                (self.0 < 36).then_some(u64::from(self.0 % 16))
+            }
+        }
+        struct Queued {
+            key: u8,
+            tx: usize,
+            data: Vec<u8>,
+            // when it was (re)queued
+            seq: u64,
+        }
+        fn scan_fill(queue: &mut Vec<Queued>, seq: &mut u64, room: usize, max: usize) -> Vec<u8> {
+            let rank = |q: &Queued| (q.tx, q.data.len(), q.seq);
+            queue.sort_by_key(|q| core::cmp::Reverse(rank(q)));
+            let (mut left, mut out, mut taken) = (room, Vec::new(), 0);
+            for q in queue.iter_mut() {
+                if taken == max {
+                    break;
+                }
+                if q.data.len() <= left {
+                    left -= q.data.len();
+                    out.extend_from_slice(&q.data);
+                    taken += 1;
+                    q.tx -= 1;
+                    *seq += 1;
+                    q.seq = *seq;
+                }
+            }
+            queue.retain(|q| q.tx > 0);
+            out
+        }
+
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut queue: Vec<Queued> = Vec::new();
+        let mut seq = 0;
+        let mut bcs = Broadcasts::new();
+        for _ in 0..5_000 {
+            if rng.random_range(0..3) > 0 {
+                let key = rng.random_range(0..40u8);
+                let tx = rng.random_range(1..5usize);
+                seq += 1;
+                let mut data = (seq as u32).to_be_bytes().to_vec();
+                data.extend(vec![key; rng.random_range(0..12usize)]);
+                queue.retain(|q| q.key != key);
+                queue.push(Queued {
+                    key,
+                    tx,
+                    data: data.clone(),
+                    seq,
+                });
+                bcs.add_or_replace(K(key), data, tx);
+            } else {
+                let room = rng.random_range(0..80usize);
+                let max = rng.random_range(0..8usize);
+                let want = scan_fill(&mut queue, &mut seq, room, max);
+                let mut buf = Vec::new();
+                bcs.fill((&mut buf).limit(room), max);
+                assert_eq!(buf, want);
+            }
+            assert_eq!(bcs.len(), queue.len());
+            // Every queued keyed item counted once, nothing else.
+            let keyed = queue.iter().filter(|q| q.key < 36).count();
+            assert_eq!(bcs.keys.values().sum::<usize>(), keyed);
+        }
+        // What is left: each item with the transmissions the scan left it.
+        let mut buf = Vec::new();
+        while !bcs.is_empty() {
+            bcs.fill(&mut buf, usize::MAX);
+        }
+        let mut want = Vec::new();
+        while !queue.is_empty() {
+            want.extend(scan_fill(&mut queue, &mut seq, usize::MAX, usize::MAX));
+        }
+        assert_eq!(buf, want);
     }
 
     #[test]

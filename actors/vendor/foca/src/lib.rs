@@ -1690,13 +1690,23 @@ impl<T> BroadcastHandler<T> for NoCustomBroadcast {
 
 struct Addr<T>(T);
 
-impl<T: PartialEq> Invalidates for Addr<T> {
+impl<T: PartialEq + core::hash::Hash> Invalidates for Addr<T> {
     // State is managed externally (via Members), so invalidation
     // is a trivial replace-if-same-key
     fn invalidates(&self, other: &Self) -> bool {
         self.0 == other.0
     }
+
+    // botclaw's patch: the address's hash (equal addresses hash the
+    // same; unequal ones that share a key only cost a look)
+    fn invalidation_key(&self) -> Option<u64> {
+        use core::hash::BuildHasher;
+        Some(ADDR_KEYS.hash_one(&self.0))
+    }
 }
+
+// botclaw's patch: one fixed hasher for `Addr::invalidation_key`.
+static ADDR_KEYS: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x666f_6361);
 
 #[cfg(test)]
 impl<T, C, RNG, B> Foca<T, C, RNG, B>
