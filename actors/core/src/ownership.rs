@@ -252,6 +252,12 @@ pub struct Ownership<P> {
     attention: BTreeSet<ShardId>,
     /// Keyed access only, as `owned`.
     followed: FxHashMap<ShardId, Followed>,
+    /// Shards this node neither owns nor holds, with the newest epoch it learnt they are
+    /// at and their owner there, if known (from its map, or from a member that refused it
+    /// as owner): a write or read of an older epoch from another member comes from an
+    /// owner that is no longer one and is refused, or this node's acknowledgement would
+    /// count for writes the new in-sync members lack. At most one entry per shard.
+    superseded: FxHashMap<ShardId, Followed>,
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
     heard_at: Option<u64>,
@@ -270,6 +276,7 @@ impl<P: Clone> Ownership<P> {
             owned: FxHashMap::default(),
             attention: BTreeSet::new(),
             followed: FxHashMap::default(),
+            superseded: FxHashMap::default(),
             ticks: 0,
             heard_at: None,
             proposing: Vec::new(),
@@ -345,11 +352,13 @@ impl<P: Clone> Ownership<P> {
     ) {
         for shard in shards {
             let Some(mut e) = map.shard(shard).copied() else { continue };
+            let (epoch, owner) = (e.epoch, e.owner);
             if !known {
                 e = crate::shardmap::ShardEntry::default();
             }
             if e.owner == Some(self.me) {
                 self.followed.remove(&shard);
+                self.superseded.remove(&shard);
                 self.own(shard, &e);
             } else {
                 self.give_up(
@@ -362,8 +371,10 @@ impl<P: Clone> Ownership<P> {
                     if e.epoch >= followed {
                         self.followed.insert(shard, Followed { epoch: e.epoch, owner: e.owner });
                     }
+                    self.superseded.remove(&shard);
                 } else {
                     self.followed.remove(&shard);
+                    self.supersede(shard, epoch, owner);
                 }
             }
         }
@@ -542,8 +553,22 @@ impl<P: Clone> Ownership<P> {
         let f = self.followed.get(&shard).copied();
         let known = f.map_or(0, |f| f.epoch);
         let from_owner = f.is_some_and(|f| f.owner == Some(from));
-        let refuse = self.owned.contains_key(&shard) || (epoch < known && !from_owner);
-        refuse.then(|| self.owned.get(&shard).map_or(known, |o| o.epoch))
+        let s = self.superseded.get(&shard).copied();
+        let superseded = s.map_or(0, |s| s.epoch);
+        let from_superseding = s.is_some_and(|s| s.owner == Some(from));
+        let refuse = self.owned.contains_key(&shard)
+            || (epoch < known && !from_owner)
+            || (epoch < superseded && !from_superseding);
+        refuse.then(|| self.owned.get(&shard).map_or(known.max(superseded), |o| o.epoch))
+    }
+
+    /// `shard` is at `epoch` (owned by `owner`, if known) or newer, and this node neither
+    /// owns nor holds it there.
+    fn supersede(&mut self, shard: ShardId, epoch: u64, owner: Option<MemberIx>) {
+        let s = self.superseded.entry(shard).or_insert(Followed { epoch, owner });
+        if epoch > s.epoch {
+            *s = Followed { epoch, owner };
+        }
     }
 
     /// This learner installed the streamed data of `shard`: tell the owner.
@@ -591,6 +616,8 @@ impl<P: Clone> Ownership<P> {
                 // serve nothing more until the map catches up.
                 if self.owned.get(&shard).is_some_and(|o| known_epoch > o.epoch) {
                     self.give_up(shard, Failure::NotOwner);
+                    // Nor accept writes of an epoch before it (an older owner's).
+                    self.supersede(shard, known_epoch, None);
                 }
             }
             Msg::Streamed { shard, attempt } => {
@@ -601,16 +628,10 @@ impl<P: Clone> Ownership<P> {
                 self.settle(shard);
             }
             Msg::Confirm { shard, epoch, seq } => {
-                // The same test as a write's: refused by an owner, or by a member that
-                // follows another owner at a newer epoch.
-                let f = self.followed.get(&shard).copied();
-                let known = f.map_or(0, |f| f.epoch);
-                let from_owner = f.is_some_and(|f| f.owner == Some(from));
-                let msg = if self.owned.contains_key(&shard) || (epoch < known && !from_owner) {
-                    let known_epoch = self.owned.get(&shard).map_or(known, |o| o.epoch);
-                    Msg::Refuse { shard, epoch, known_epoch }
-                } else {
-                    Msg::Confirmed { shard, epoch, seq }
+                // The same test as a write's.
+                let msg = match self.refusal(shard, epoch, from) {
+                    Some(known_epoch) => Msg::Refuse { shard, epoch, known_epoch },
+                    None => Msg::Confirmed { shard, epoch, seq },
                 };
                 self.out.push_back(Effect::Send { to: from, msg });
             }

@@ -1013,3 +1013,68 @@ fn a_write_persisted_after_its_follower_became_owner_is_refused() {
     c.replica_persisted(0, 1, 5, 0);
     assert!(matches!(c.poll(), Some(Effect::Send { to: 0, msg: Msg::Ack { seq: 5, .. } })));
 }
+
+/// An owner that learns it was deposed (a member refuses it with a newer epoch) or a member
+/// the map leaves out of a shard refuses writes and reads of an older epoch: the older
+/// owner, cut off and healed with its old map, would count its acknowledgement for writes
+/// the new in-sync members lack (the simulator found this: `flapping-partition`, seed 1,
+/// once the failure detector's random choices changed).
+#[test]
+fn an_owner_deposed_or_a_member_left_out_refuses_an_older_owner() {
+    use crate::shardmap::AssignRun;
+    let two = |replicas: Vec<MemberIx>| {
+        let mut map = ShardMap::new(1);
+        for name in ["a", "b", "c"] {
+            map.apply(&MapCommand::Join { name: name.into(), incarnation: 1, capacity: 100 });
+        }
+        map.apply(&MapCommand::Assign(vec![AssignRun { start: 0, len: 1, replicas }]));
+        map
+    };
+    // b owns at epoch 1; c refuses it with epoch 2: b gives the shard up, and then refuses
+    // a's write of epoch 1 (a owned before, by a map b never applied).
+    let map = two(vec![1, 0]);
+    let mut b: Ownership<W> = Ownership::new(1, 1, OwnershipConfig::default());
+    b.map_replaced(&map);
+    while b.poll().is_some() {}
+    assert!(b.owns(0));
+    b.receive(2, Msg::Refuse { shard: 0, epoch: 1, known_epoch: 2 });
+    assert!(!b.owns(0));
+    while b.poll().is_some() {}
+    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 9, payload: (0, 9) });
+    let sent = b.poll();
+    assert!(
+        matches!(sent, Some(Effect::Send { to: 0, msg: Msg::Refuse { known_epoch: 2, .. } })),
+        "{sent:?}"
+    );
+    b.receive(0, Msg::Confirm { shard: 0, epoch: 1, seq: 10 });
+    assert!(matches!(b.poll(), Some(Effect::Send { msg: Msg::Refuse { .. }, .. })));
+    // c follows a at epoch 1; the map then leaves c out (a still owns, epoch 2): a's writes
+    // of epoch 1 are still taken (a may not have applied it yet); once b owns (epoch 3),
+    // a's of epoch 1 or 2 are refused, and a newer owner's are taken.
+    let mut map = two(vec![0, 1, 2]);
+    let mut c: Ownership<W> = Ownership::new(2, 1, OwnershipConfig::default());
+    c.map_replaced(&map);
+    while c.poll().is_some() {}
+    let remove = |map: &ShardMap, member| ShardChange::Remove {
+        shard: 0,
+        epoch: map.shard(0).unwrap().epoch,
+        member,
+    };
+    map.apply(&MapCommand::Changes(vec![remove(&map, 2)]));
+    assert!(!map.shard(0).unwrap().isr.contains(2));
+    c.map_applied(&map, &[0]);
+    while c.poll().is_some() {}
+    c.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 3, payload: (0, 3) });
+    assert!(matches!(c.poll(), Some(Effect::PersistReplica { seq: 3, .. })));
+    map.apply(&MapCommand::Dead { name: "a".into(), incarnation: 1 });
+    let e = *map.shard(0).unwrap();
+    assert_eq!(e.owner, Some(1), "{e:?}");
+    c.map_applied(&map, &[0]);
+    while c.poll().is_some() {}
+    for epoch in [1, 2] {
+        c.receive(0, Msg::Replicate { shard: 0, epoch, seq: 5, payload: (0, 5) });
+        assert!(matches!(c.poll(), Some(Effect::Send { to: 0, msg: Msg::Refuse { .. } })));
+    }
+    c.receive(1, Msg::Replicate { shard: 0, epoch: e.epoch + 1, seq: 4, payload: (0, 4) });
+    assert!(matches!(c.poll(), Some(Effect::PersistReplica { seq: 4, .. })));
+}

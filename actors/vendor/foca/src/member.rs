@@ -10,6 +10,10 @@ use rand::{
     prelude::{IteratorRandom, SliceRandom},
 };
 
+// botclaw's patch: random draws per member wanted before
+// `choose_active_members` scans every member instead.
+const SAMPLE_DRAWS_PER_WANTED: usize = 8;
+
 /// State describes how a Foca instance perceives a member of the cluster.
 ///
 /// This is part of the Suspicion Mechanism described in section 4.2 of the
@@ -292,9 +296,29 @@ where
     ) where
         F: Fn(&T) -> bool,
     {
-        self.choose_members(wanted, output, rng, |member| {
-            member.is_active() && picker(member.id())
-        });
+        let picker = |member: &Member<T>| member.is_active() && picker(member.id());
+        // botclaw's patch: a few of many members, nearly all active (the
+        // probes' helpers, gossip, announce targets): random positions,
+        // each kept if it qualifies and was not drawn before, so a choice
+        // costs about `wanted` draws, not one per member. Uniform over
+        // the qualifying members as the scan below is; it takes over when
+        // the draws come up short (few qualify).
+        let mut rng = rng;
+        let n = self.inner.len();
+        if wanted > 0 && wanted.saturating_mul(4) <= n {
+            let mut chosen: Vec<usize> = Vec::with_capacity(wanted);
+            for _ in 0..wanted.saturating_mul(SAMPLE_DRAWS_PER_WANTED) {
+                let pos = rng.random_range(0..n);
+                if !chosen.contains(&pos) && picker(&self.inner[pos]) {
+                    chosen.push(pos);
+                    if chosen.len() == wanted {
+                        output.extend(chosen.into_iter().map(|pos| self.inner[pos].clone()));
+                        return;
+                    }
+                }
+            }
+        }
+        self.choose_members(wanted, output, rng, picker);
     }
 
     pub(crate) fn remove_if_down(&mut self, id: &T) -> Option<Member<T>> {
@@ -791,6 +815,51 @@ mod tests {
                 "next() should yield the same member if its the only active"
             );
         }
+    }
+
+    // botclaw's patch: drawn at random positions or by the scan, a choice
+    // is distinct active members that pass the picker, each as often as
+    // the others.
+    #[test]
+    fn chosen_members_are_distinct_qualifying_and_uniform() {
+        let ids: [&'static str; 40] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16", "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29",
+            "30", "31", "32", "33", "34", "35", "36", "37", "38", "39",
+        ];
+        // 30 alive, 10 down: draws at random positions
+        let mut list: Vec<Member<Id>> = ids.iter().map(|&n| Member::alive(Id(n))).collect();
+        for m in &mut list[30..] {
+            m.change_state(m.incarnation(), State::Down);
+        }
+        let members = Members::new(list);
+        let mut rng = SmallRng::seed_from_u64(0xF0CA);
+        let mut counts = [0u32; 40];
+        let mut out = Vec::new();
+        for _ in 0..30_000 {
+            out.clear();
+            members.choose_active_members(3, &mut out, &mut rng, |id| id.0 != "7");
+            assert_eq!(3, out.len());
+            for m in &out {
+                assert!(m.is_active() && m.id().0 != "7");
+                counts[m.id().0.parse::<usize>().unwrap()] += 1;
+            }
+            assert!(out[0].id() != out[1].id() && out[1].id() != out[2].id());
+            assert!(out[0].id() != out[2].id());
+        }
+        // 29 qualify: each chosen 30,000 * 3 / 29 = 3,103 times on average
+        for (i, &c) in counts.iter().enumerate() {
+            match i {
+                7 | 30.. => assert_eq!(0, c, "member {i}"),
+                _ => assert!((2_800..3_400).contains(&c), "member {i}: {c}"),
+            }
+        }
+        // Few qualify: the scan finds them all.
+        out.clear();
+        members.choose_active_members(3, &mut out, &mut rng, |id| id.0 == "3" || id.0 == "9");
+        let mut got: Vec<&str> = out.iter().map(|m| m.id().0).collect();
+        got.sort_unstable();
+        assert_eq!(vec!["3", "9"], got);
     }
 
     #[test]
