@@ -961,8 +961,9 @@ impl Authority {
                 }
             }
             Wire::Own { from, msg } => {
-                if let Some(o) = self.nodes[i].ownership.as_mut() {
-                    o.receive(from, msg);
+                let n = &mut self.nodes[i];
+                if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
+                    o.receive(from, msg, c.map());
                 }
             }
             Wire::Stream { shard, attempt, owner, copy } => {
@@ -1027,9 +1028,11 @@ impl Authority {
             self.attach_ownership(i);
             let n = &mut self.nodes[i];
             if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
+                // Also when no shard changed: the machine learns the map's version (and
+                // whether it counts this process in).
                 if all {
                     o.map_replaced(c.map());
-                } else if !changed.is_empty() {
+                } else if !rd.applied.is_empty() {
                     o.map_applied(c.map(), &changed);
                 }
             }
@@ -1155,8 +1158,8 @@ impl Authority {
                 }
                 Effect::PersistReplica { shard, epoch, seq, from, payload } => {
                     n.store.entry(shard).or_default().insert(payload);
-                    if let Some(o) = n.ownership.as_mut() {
-                        o.replica_persisted(shard, epoch, seq, from);
+                    if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
+                        o.replica_persisted(shard, epoch, seq, from, c.map());
                     }
                 }
                 _ => unreachable!("only store operations are queued"),

@@ -17,7 +17,9 @@
 //!   pending (the client retries with the same id; the retry window makes that safe);
 //! - a follower refuses writes of an epoch older than the one it knows unless they come
 //!   from the owner it knows (an owner keeps owning across epochs that only change the
-//!   in-sync set);
+//!   in-sync set); so does a node its map leaves out of the shard, or whose write a member
+//!   refused as owner (its acknowledgement would count for writes the newer in-sync
+//!   members lack);
 //! - a learner is first sent the shard's data (streamed once every earlier write is
 //!   durable at the owner), then every new write; once it holds both, the owner counts it
 //!   for every further acknowledgement and proposes its promotion, so a promoted member
@@ -252,12 +254,15 @@ pub struct Ownership<P> {
     attention: BTreeSet<ShardId>,
     /// Keyed access only, as `owned`.
     followed: FxHashMap<ShardId, Followed>,
-    /// Shards this node neither owns nor holds, with the newest epoch it learnt they are
-    /// at and their owner there, if known (from its map, or from a member that refused it
-    /// as owner): a write or read of an older epoch from another member comes from an
-    /// owner that is no longer one and is refused, or this node's acknowledgement would
-    /// count for writes the new in-sync members lack. At most one entry per shard.
-    superseded: FxHashMap<ShardId, Followed>,
+    /// Shards this node gave up because a member refused it as owner, with the epoch that
+    /// member knew, until this node's map reaches that epoch (or holds it in the shard):
+    /// writes and reads of an older epoch are refused, as the map's own entry makes them
+    /// refused for any shard the map leaves this node out of (see `refusal`). At most one
+    /// entry per shard, and only for shards this node owned.
+    deposed: FxHashMap<ShardId, u64>,
+    /// The version of the map applied last, and whether it counts this process in: the
+    /// map that calls which take a map must pass.
+    applied: (u64, bool),
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
     heard_at: Option<u64>,
@@ -276,7 +281,8 @@ impl<P: Clone> Ownership<P> {
             owned: FxHashMap::default(),
             attention: BTreeSet::new(),
             followed: FxHashMap::default(),
-            superseded: FxHashMap::default(),
+            deposed: FxHashMap::default(),
+            applied: (0, false),
             ticks: 0,
             heard_at: None,
             proposing: Vec::new(),
@@ -308,6 +314,7 @@ impl<P: Clone> Ownership<P> {
     pub fn map_applied(&mut self, map: &ShardMap, changed: &[ShardId]) {
         debug_assert!(changed.is_sorted(), "changed shards come ascending");
         let known = self.knows_me(map);
+        self.applied = (map.version, known);
         let mine = self.owned.len() + self.followed.len();
         let mine = mine + if known { map.shards_of_count(self.me) as usize } else { 0 };
         if mine < changed.len() {
@@ -323,6 +330,7 @@ impl<P: Clone> Ownership<P> {
     /// changed.
     pub fn map_replaced(&mut self, map: &ShardMap) {
         let known = self.knows_me(map);
+        self.applied = (map.version, known);
         let relevant = self.relevant(map, known);
         self.apply_shards(map, known, relevant);
     }
@@ -332,12 +340,13 @@ impl<P: Clone> Ownership<P> {
         map.member(self.me).is_some_and(|m| m.incarnation == self.incarnation && !m.state.is_gone())
     }
 
-    /// The shards a change can matter to, ascending: the ones this node owns or follows,
-    /// and the ones `map` names it in (none if the map does not count it in).
+    /// The shards a change can matter to, ascending: the ones this node owns, follows or
+    /// was deposed from, and the ones `map` names it in (none if the map does not count it
+    /// in).
     fn relevant(&self, map: &ShardMap, known: bool) -> Vec<ShardId> {
         let named = map.shards_of(self.me).filter(|_| known);
-        let mut all: Vec<ShardId> =
-            self.owned.keys().chain(self.followed.keys()).copied().chain(named).collect();
+        let held = self.owned.keys().chain(self.followed.keys()).chain(self.deposed.keys());
+        let mut all: Vec<ShardId> = held.copied().chain(named).collect();
         all.sort_unstable();
         all.dedup();
         all
@@ -352,13 +361,13 @@ impl<P: Clone> Ownership<P> {
     ) {
         for shard in shards {
             let Some(mut e) = map.shard(shard).copied() else { continue };
-            let (epoch, owner) = (e.epoch, e.owner);
+            let epoch = e.epoch;
             if !known {
                 e = crate::shardmap::ShardEntry::default();
             }
             if e.owner == Some(self.me) {
                 self.followed.remove(&shard);
-                self.superseded.remove(&shard);
+                self.deposed.remove(&shard);
                 self.own(shard, &e);
             } else {
                 self.give_up(
@@ -371,10 +380,13 @@ impl<P: Clone> Ownership<P> {
                     if e.epoch >= followed {
                         self.followed.insert(shard, Followed { epoch: e.epoch, owner: e.owner });
                     }
-                    self.superseded.remove(&shard);
+                    self.deposed.remove(&shard);
                 } else {
+                    // The map's entry fences older epochs from now on (see `refusal`).
                     self.followed.remove(&shard);
-                    self.supersede(shard, epoch, owner);
+                    if self.deposed.get(&shard).is_some_and(|&d| d <= epoch) {
+                        self.deposed.remove(&shard);
+                    }
                 }
             }
         }
@@ -394,6 +406,12 @@ impl<P: Clone> Ownership<P> {
         let mut all: Vec<_> = self.followed.iter().map(|(s, f)| (*s, f.epoch, f.owner)).collect();
         all.sort_unstable();
         all
+    }
+
+    /// How many shards this node keeps a refusal's epoch for (see `deposed`).
+    #[cfg(test)]
+    pub(crate) fn deposed_count(&self) -> usize {
+        self.deposed.len()
     }
 
     /// Takes or keeps ownership of `shard` at entry `e`.
@@ -536,39 +554,46 @@ impl<P: Clone> Ownership<P> {
     }
 
     /// A follower's store holds the owner's write: acknowledge it to `from`.
-    pub fn replica_persisted(&mut self, shard: ShardId, epoch: u64, seq: Seq, from: MemberIx) {
+    /// `map` is the map this machine applied last.
+    pub fn replica_persisted(
+        &mut self,
+        shard: ShardId,
+        epoch: u64,
+        seq: Seq,
+        from: MemberIx,
+        map: &ShardMap,
+    ) {
         // Ownership may have moved while the write was persisted: a node that owns the
         // shard now (it may have streamed its copy to a learner without this write
         // already) or follows a newer owner does not vouch for it to the old one.
-        let msg = match self.refusal(shard, epoch, from) {
+        let msg = match self.refusal(shard, epoch, from, map) {
             Some(known_epoch) => Msg::Refuse { shard, epoch, known_epoch },
             None => Msg::Ack { shard, epoch, seq },
         };
         self.out.push_back(Effect::Send { to: from, msg });
     }
 
-    /// The epoch this node knows, if it refuses `from`'s write of `epoch`: it owns the
-    /// shard itself, or follows a newer epoch whose owner is another.
-    fn refusal(&self, shard: ShardId, epoch: u64, from: MemberIx) -> Option<u64> {
-        let f = self.followed.get(&shard).copied();
-        let known = f.map_or(0, |f| f.epoch);
-        let from_owner = f.is_some_and(|f| f.owner == Some(from));
-        let s = self.superseded.get(&shard).copied();
-        let superseded = s.map_or(0, |s| s.epoch);
-        let from_superseding = s.is_some_and(|s| s.owner == Some(from));
-        let refuse = self.owned.contains_key(&shard)
-            || (epoch < known && !from_owner)
-            || (epoch < superseded && !from_superseding);
-        refuse.then(|| self.owned.get(&shard).map_or(known.max(superseded), |o| o.epoch))
-    }
-
-    /// `shard` is at `epoch` (owned by `owner`, if known) or newer, and this node neither
-    /// owns nor holds it there.
-    fn supersede(&mut self, shard: ShardId, epoch: u64, owner: Option<MemberIx>) {
-        let s = self.superseded.entry(shard).or_insert(Followed { epoch, owner });
-        if epoch > s.epoch {
-            *s = Followed { epoch, owner };
+    /// The epoch this node knows, if it refuses `from`'s write (or read) of `epoch`: it
+    /// owns the shard itself; or it follows a newer epoch whose owner is another; or its
+    /// map (`map`, the one applied last) is at a newer epoch of the shard, leaves this
+    /// node out of it and names another owner; or a member refused this node as owner at
+    /// a newer epoch. A write of an older epoch then comes from an owner that is no longer
+    /// one, and this node's acknowledgement would count for writes the newer in-sync
+    /// members lack.
+    fn refusal(&self, shard: ShardId, epoch: u64, from: MemberIx, map: &ShardMap) -> Option<u64> {
+        debug_assert_eq!(map.version, self.applied.0, "the map applied last");
+        if let Some(o) = self.owned.get(&shard) {
+            return Some(o.epoch);
         }
+        let older_than =
+            |f: Followed| (epoch < f.epoch && f.owner != Some(from)).then_some(f.epoch);
+        let followed = self.followed.get(&shard).copied();
+        let left_out = map.shard(shard).copied().filter(|e| {
+            !self.applied.1 || !(e.isr.contains(self.me) || e.learners.contains(self.me))
+        });
+        let left_out = left_out.map(|e| Followed { epoch: e.epoch, owner: e.owner });
+        let deposed = self.deposed.get(&shard).map(|&epoch| Followed { epoch, owner: None });
+        [followed, left_out, deposed].into_iter().flatten().filter_map(older_than).max()
     }
 
     /// This learner installed the streamed data of `shard`: tell the owner.
@@ -576,11 +601,11 @@ impl<P: Clone> Ownership<P> {
         self.out.push_back(Effect::Send { to: owner, msg: Msg::Streamed { shard, attempt } });
     }
 
-    /// A message from member `from`.
-    pub fn receive(&mut self, from: MemberIx, msg: Msg<P>) {
+    /// A message from member `from`; `map` is the map this machine applied last.
+    pub fn receive(&mut self, from: MemberIx, msg: Msg<P>, map: &ShardMap) {
         match msg {
             Msg::Replicate { shard, epoch, seq, payload } => {
-                if let Some(known_epoch) = self.refusal(shard, epoch, from) {
+                if let Some(known_epoch) = self.refusal(shard, epoch, from, map) {
                     self.out.push_back(Effect::Send {
                         to: from,
                         msg: Msg::Refuse { shard, epoch, known_epoch },
@@ -617,7 +642,8 @@ impl<P: Clone> Ownership<P> {
                 if self.owned.get(&shard).is_some_and(|o| known_epoch > o.epoch) {
                     self.give_up(shard, Failure::NotOwner);
                     // Nor accept writes of an epoch before it (an older owner's).
-                    self.supersede(shard, known_epoch, None);
+                    let d = self.deposed.entry(shard).or_insert(known_epoch);
+                    *d = known_epoch.max(*d);
                 }
             }
             Msg::Streamed { shard, attempt } => {
@@ -629,7 +655,7 @@ impl<P: Clone> Ownership<P> {
             }
             Msg::Confirm { shard, epoch, seq } => {
                 // The same test as a write's.
-                let msg = match self.refusal(shard, epoch, from) {
+                let msg = match self.refusal(shard, epoch, from, map) {
                     Some(known_epoch) => Msg::Refuse { shard, epoch, known_epoch },
                     None => Msg::Confirmed { shard, epoch, seq },
                 };

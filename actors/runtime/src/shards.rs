@@ -514,7 +514,7 @@ impl Driver {
             Input::ReplicaPersisted { shard, epoch, seq, from, payload, answer } => match answer {
                 Some(StoreAnswer::Done { .. }) => {
                     if let Some(m) = self.machine.as_mut() {
-                        m.replica_persisted(shard, epoch, seq, from);
+                        m.replica_persisted(shard, epoch, seq, from, &self.map);
                     }
                 }
                 Some(StoreAnswer::Behind { .. }) => {
@@ -591,7 +591,7 @@ impl Driver {
             match msg {
                 PeerMsg::Own(msg) => {
                     match self.machine.as_mut() {
-                        Some(m) => m.receive(from, msg),
+                        Some(m) => m.receive(from, msg, &self.map),
                         None => self.metrics.shard_dropped("not-a-member", 1),
                     }
                     self.execute().await;

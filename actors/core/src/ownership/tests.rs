@@ -237,7 +237,9 @@ impl World {
             }
             Effect::PersistReplica { shard, epoch, seq, from, payload } => {
                 self.nodes[i].store.entry(shard).or_default().insert(payload);
-                self.nodes[i].machine.as_mut().unwrap().replica_persisted(shard, epoch, seq, from);
+                let map = &self.maps[self.nodes[i].applied as usize];
+                let m = self.nodes[i].machine.as_mut().unwrap();
+                m.replica_persisted(shard, epoch, seq, from, map);
             }
             _ => unreachable!(),
         }
@@ -262,8 +264,9 @@ impl World {
         if self.nodes[f].isolated || self.nodes[t].isolated {
             return;
         }
+        let map = &self.maps[self.nodes[t].applied as usize];
         let Some(m) = self.nodes[t].machine.as_mut() else { return };
-        m.receive(from, msg);
+        m.receive(from, msg, map);
         self.drain(t);
     }
 
@@ -520,10 +523,10 @@ fn a_read_waits_for_the_writes_asked_before_it() {
     assert!(!out.iter().any(|e| matches!(e, Effect::ReadReady { .. })));
     let confirm = Msg::Confirm { shard: 0, epoch: 1, seq: r };
     assert!(out.contains(&Effect::Send { to: 1, msg: confirm }), "b is asked: {out:?}");
-    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r });
+    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r }, &one_shard(&["a", "b"]));
     assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::ReadReady { .. })));
     o.persisted(0, 1, w);
-    o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w });
+    o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w }, &one_shard(&["a", "b"]));
     let out = effects(&mut o);
     assert!(out.contains(&Effect::Release { shard: 0, seq: w }));
     // Ready although a later write is still pending: it does not wait for what came after.
@@ -560,7 +563,7 @@ fn a_deposed_owner_whose_map_lags_serves_no_read() {
             _ => None,
         })
         .expect("a asks b");
-    b.receive(0, confirm);
+    b.receive(0, confirm, &handed);
     let answer = effects(&mut b)
         .into_iter()
         .find_map(|e| match e {
@@ -569,7 +572,7 @@ fn a_deposed_owner_whose_map_lags_serves_no_read() {
         })
         .expect("b answers");
     assert!(matches!(answer, Msg::Refuse { .. }), "{answer:?}");
-    a.receive(1, answer);
+    a.receive(1, answer, &map);
     let out = effects(&mut a);
     assert!(out.contains(&Effect::Fail { shard: 0, seq: r, why: Failure::NotOwner }), "{out:?}");
     assert!(!a.owns(0), "a stops serving until its map catches up");
@@ -584,7 +587,7 @@ fn a_deposed_owner_whose_map_lags_serves_no_read() {
     }
     let again = Effect::Send { to: 1, msg: Msg::Confirm { shard: 0, epoch: 1, seq: r } };
     assert!(effects(&mut o).contains(&again));
-    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r });
+    o.receive(1, Msg::Confirmed { shard: 0, epoch: 1, seq: r }, &one_shard(&["a", "b"]));
     assert!(effects(&mut o).contains(&Effect::ReadReady { shard: 0, seq: r }));
 }
 
@@ -620,10 +623,10 @@ fn a_stalled_catch_up_starts_over_with_a_fresh_stream() {
     let second = stream_to_c(&mut o).expect("a fresh stream after the patience ran out");
     // A late report of the first attempt does not count; the second one does.
     // (Proposals go at the next tick, all of the machine's together.)
-    o.receive(2, Msg::Streamed { shard: 0, attempt: first });
+    o.receive(2, Msg::Streamed { shard: 0, attempt: first }, &map);
     o.tick();
     assert!(!effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))));
-    o.receive(2, Msg::Streamed { shard: 0, attempt: second });
+    o.receive(2, Msg::Streamed { shard: 0, attempt: second }, &map);
     o.tick();
     assert!(
         effects(&mut o).iter().any(|e| matches!(e, Effect::Propose(_))),
@@ -685,7 +688,7 @@ fn a_member_that_never_acknowledges_is_dropped_after_the_patience_and_writes_rel
     for k in 0..20 {
         let w = o.submit(0, (0, k)).unwrap();
         o.persisted(0, 1, w);
-        o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w });
+        o.receive(1, Msg::Ack { shard: 0, epoch: 1, seq: w }, &one_shard(&["a", "b"]));
         o.tick();
     }
     assert!(proposals(&effects(&mut o)).is_empty());
@@ -749,7 +752,7 @@ fn learners_caught_up_in_one_tick_are_promoted_by_one_proposal() {
         .collect();
     assert_eq!(streams.len(), SHARDS as usize);
     for (shard, attempt) in streams {
-        o.receive(2, Msg::Streamed { shard, attempt });
+        o.receive(2, Msg::Streamed { shard, attempt }, &map);
     }
     let proposed = |out: Vec<Effect<W>>| -> Vec<MapCommand> {
         out.into_iter()
@@ -943,7 +946,7 @@ fn a_promotion_waits_for_room_in_the_isr() {
             _ => None,
         })
         .expect("the learner is streamed to");
-    o.receive(5, Msg::Streamed { shard: 0, attempt });
+    o.receive(5, Msg::Streamed { shard: 0, attempt }, &map);
     let promotions = |out: Vec<Effect<W>>| -> Vec<ShardChange> {
         out.into_iter()
             .filter_map(|e| match e {
@@ -988,14 +991,14 @@ fn a_write_persisted_after_its_follower_became_owner_is_refused() {
     let mut b: Ownership<W> = Ownership::new(1, 1, OwnershipConfig::default());
     b.map_replaced(&map);
     while b.poll().is_some() {}
-    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 5, payload: (0, 5) });
+    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 5, payload: (0, 5) }, &map);
     assert!(matches!(b.poll(), Some(Effect::PersistReplica { seq: 5, .. })));
     // a leaves before b's store completes: b owns the shard.
     map.apply(&MapCommand::Leave { name: "a".into(), incarnation: 1 });
     assert_eq!(map.shard(0).unwrap().owner, Some(1));
     b.map_replaced(&map);
     while b.poll().is_some() {}
-    b.replica_persisted(0, 1, 5, 0);
+    b.replica_persisted(0, 1, 5, 0, &map);
     let sent = b.poll();
     assert!(
         matches!(sent, Some(Effect::Send { to: 0, msg: Msg::Refuse { shard: 0, epoch: 1, .. } })),
@@ -1010,7 +1013,7 @@ fn a_write_persisted_after_its_follower_became_owner_is_refused() {
     map.apply(&MapCommand::Assign(vec![AssignRun { start: 0, len: 1, replicas: vec![0, 1] }]));
     c.map_replaced(&map);
     while c.poll().is_some() {}
-    c.replica_persisted(0, 1, 5, 0);
+    c.replica_persisted(0, 1, 5, 0, &map);
     assert!(matches!(c.poll(), Some(Effect::Send { to: 0, msg: Msg::Ack { seq: 5, .. } })));
 }
 
@@ -1037,17 +1040,47 @@ fn an_owner_deposed_or_a_member_left_out_refuses_an_older_owner() {
     b.map_replaced(&map);
     while b.poll().is_some() {}
     assert!(b.owns(0));
-    b.receive(2, Msg::Refuse { shard: 0, epoch: 1, known_epoch: 2 });
+    b.receive(2, Msg::Refuse { shard: 0, epoch: 1, known_epoch: 2 }, &map);
     assert!(!b.owns(0));
     while b.poll().is_some() {}
-    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 9, payload: (0, 9) });
+    b.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 9, payload: (0, 9) }, &map);
     let sent = b.poll();
     assert!(
         matches!(sent, Some(Effect::Send { to: 0, msg: Msg::Refuse { known_epoch: 2, .. } })),
         "{sent:?}"
     );
-    b.receive(0, Msg::Confirm { shard: 0, epoch: 1, seq: 10 });
+    b.receive(0, Msg::Confirm { shard: 0, epoch: 1, seq: 10 }, &map);
     assert!(matches!(b.poll(), Some(Effect::Send { msg: Msg::Refuse { .. }, .. })));
+    // b's map catches up (a owns at epoch 2, then b is left out at 3): the record of the
+    // refusal goes, and the map's entry refuses a's older writes instead.
+    let mut map = map;
+    let set_owner = ShardChange::SetOwner { shard: 0, epoch: 1, member: 0 };
+    map.apply(&MapCommand::Changes(vec![set_owner]));
+    map.apply(&MapCommand::Changes(vec![ShardChange::Remove { shard: 0, epoch: 2, member: 1 }]));
+    assert_eq!(map.shard(0).map(|e| (e.epoch, e.owner)), Some((3, Some(0))));
+    b.map_applied(&map, &[0]);
+    assert_eq!(b.deposed_count(), 0, "the map reached the refused epoch");
+    while b.poll().is_some() {}
+    for from in [0, 2] {
+        b.receive(from, Msg::Replicate { shard: 0, epoch: 2, seq: 11, payload: (0, 11) }, &map);
+        let sent = b.poll();
+        let refused =
+            matches!(sent, Some(Effect::Send { msg: Msg::Refuse { known_epoch: 3, .. }, .. }));
+        assert_eq!(refused, from != 0, "only the map's owner may write an older epoch: {sent:?}");
+    }
+    // A member the map never named in the shard refuses a former owner's older epoch too.
+    let mut map = two(vec![0, 1]);
+    let mut c: Ownership<W> = Ownership::new(2, 1, OwnershipConfig::default());
+    c.map_replaced(&map);
+    let set_owner = ShardChange::SetOwner { shard: 0, epoch: 1, member: 1 };
+    map.apply(&MapCommand::Changes(vec![set_owner]));
+    c.map_applied(&map, &[0]);
+    while c.poll().is_some() {}
+    c.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 12, payload: (0, 12) }, &map);
+    assert!(matches!(
+        c.poll(),
+        Some(Effect::Send { to: 0, msg: Msg::Refuse { known_epoch: 2, .. } })
+    ));
     // c follows a at epoch 1; the map then leaves c out (a still owns, epoch 2): a's writes
     // of epoch 1 are still taken (a may not have applied it yet); once b owns (epoch 3),
     // a's of epoch 1 or 2 are refused, and a newer owner's are taken.
@@ -1064,7 +1097,7 @@ fn an_owner_deposed_or_a_member_left_out_refuses_an_older_owner() {
     assert!(!map.shard(0).unwrap().isr.contains(2));
     c.map_applied(&map, &[0]);
     while c.poll().is_some() {}
-    c.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 3, payload: (0, 3) });
+    c.receive(0, Msg::Replicate { shard: 0, epoch: 1, seq: 3, payload: (0, 3) }, &map);
     assert!(matches!(c.poll(), Some(Effect::PersistReplica { seq: 3, .. })));
     map.apply(&MapCommand::Dead { name: "a".into(), incarnation: 1 });
     let e = *map.shard(0).unwrap();
@@ -1072,9 +1105,9 @@ fn an_owner_deposed_or_a_member_left_out_refuses_an_older_owner() {
     c.map_applied(&map, &[0]);
     while c.poll().is_some() {}
     for epoch in [1, 2] {
-        c.receive(0, Msg::Replicate { shard: 0, epoch, seq: 5, payload: (0, 5) });
+        c.receive(0, Msg::Replicate { shard: 0, epoch, seq: 5, payload: (0, 5) }, &map);
         assert!(matches!(c.poll(), Some(Effect::Send { to: 0, msg: Msg::Refuse { .. } })));
     }
-    c.receive(1, Msg::Replicate { shard: 0, epoch: e.epoch + 1, seq: 4, payload: (0, 4) });
+    c.receive(1, Msg::Replicate { shard: 0, epoch: e.epoch + 1, seq: 4, payload: (0, 4) }, &map);
     assert!(matches!(c.poll(), Some(Effect::PersistReplica { seq: 4, .. })));
 }
