@@ -35,9 +35,11 @@ use botclaw_core::{MemberState as Gossip, NodeId};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
+use rustc_hash::FxHashMap;
 
 use crate::net::{NetModel, SimNet};
 use crate::timeline::Timeline;
+use crate::writes::Writes;
 
 const SECRET: &[u8] = b"simulated-cluster-secret";
 const STEP_MS: u64 = 5;
@@ -238,8 +240,8 @@ struct Node {
     /// What its controller wrote durably.
     disk: Restored,
     ownership: Option<Ownership<Write>>,
-    /// Durable writes per shard (kept across crashes).
-    store: BTreeMap<ShardId, BTreeSet<Write>>,
+    /// Durable writes per shard (kept across crashes). Keyed access only.
+    store: FxHashMap<ShardId, Writes>,
     /// Store operations in flight: (done at, effect).
     store_queue: VecDeque<(u64, Effect<Write>)>,
     /// Writes this node's machine numbered: seq -> write.
@@ -274,7 +276,7 @@ enum Wire {
         shard: ShardId,
         attempt: u64,
         owner: MemberIx,
-        copy: BTreeSet<Write>,
+        copy: Writes,
     },
     /// A proposal for the controller's leader.
     Propose(MapCommand),
@@ -293,8 +295,9 @@ pub struct Authority {
     /// Messages in flight: (receiving node, message), by arrival.
     in_flight: Timeline<(usize, Wire)>,
     next_write: u64,
-    /// Acknowledged writes per shard.
-    acked: BTreeMap<ShardId, BTreeSet<u64>>,
+    /// Acknowledged writes per shard. (Every hash map here is only looked up by key, never
+    /// iterated: nothing a run reports depends on hash order.)
+    acked: FxHashMap<ShardId, Writes>,
     acked_count: u64,
     /// Acknowledged since the last check (checked against the current in-sync members).
     acked_new: Vec<Write>,
@@ -303,7 +306,7 @@ pub struct Authority {
     /// grow).
     dirty: BTreeSet<(ShardId, MemberIx)>,
     /// Acknowledged writes per shard in the order they were acknowledged.
-    ack_order: BTreeMap<ShardId, Vec<u64>>,
+    ack_order: FxHashMap<ShardId, Vec<u64>>,
     /// Reads asked: (node, seq) -> (shard, how many of the shard's writes were acknowledged
     /// when the read was asked).
     reads: BTreeMap<(usize, u64), (ShardId, usize)>,
@@ -311,7 +314,7 @@ pub struct Authority {
     /// there already found in the node's store. Stores only grow, so a read checks only
     /// the writes acknowledged since (a hot shard's reads checked every write it ever had:
     /// at 100 nodes under Zipf popularity, 44% of the run).
-    reads_verified: BTreeMap<(usize, ShardId), usize>,
+    reads_verified: FxHashMap<(usize, ShardId), usize>,
     /// Per log index: (term, command) as first applied.
     history: BTreeMap<u64, (u64, Option<MapCommand>)>,
     /// The committed map replayed entry by entry from `history`, and its index.
@@ -377,13 +380,13 @@ impl Authority {
             nodes: Vec::new(),
             in_flight: Timeline::default(),
             next_write: 0,
-            acked: BTreeMap::new(),
+            acked: FxHashMap::default(),
             acked_count: 0,
             acked_new: Vec::new(),
             dirty: BTreeSet::new(),
-            ack_order: BTreeMap::new(),
+            ack_order: FxHashMap::default(),
             reads: BTreeMap::new(),
-            reads_verified: BTreeMap::new(),
+            reads_verified: FxHashMap::default(),
             history: BTreeMap::new(),
             replayed: ShardMap::new(cfg.shards),
             replayed_index: 1,
@@ -469,7 +472,7 @@ impl Authority {
             controller: None,
             disk,
             ownership: None,
-            store: BTreeMap::new(),
+            store: FxHashMap::default(),
             store_queue: VecDeque::new(),
             seqs: BTreeMap::new(),
             seq_at: BTreeMap::new(),
@@ -967,7 +970,7 @@ impl Authority {
                 }
             }
             Wire::Stream { shard, attempt, owner, copy } => {
-                self.nodes[i].store.entry(shard).or_default().extend(copy);
+                self.nodes[i].store.entry(shard).or_default().extend(&copy);
                 if let Some(o) = self.nodes[i].ownership.as_mut() {
                     o.stream_installed(shard, attempt, owner);
                 }
@@ -1098,8 +1101,7 @@ impl Authority {
                     let verified = self.reads_verified.get(&(i, shard)).map_or(0, |v| *v);
                     let from = verified.min(before);
                     let order = self.ack_order.get(&shard).map_or(&[][..], |v| &v[from..before]);
-                    let missed =
-                        order.iter().find(|n| !store.is_some_and(|s| s.contains(&(shard, **n))));
+                    let missed = order.iter().find(|n| !store.is_some_and(|s| s.contains(**n)));
                     if missed.is_none() && before > verified {
                         self.reads_verified.insert((i, shard), before);
                     }
@@ -1150,14 +1152,14 @@ impl Authority {
                 Effect::Persist { shard, epoch, seq, payload } => {
                     let every = self.cfg.drop_owner_writes_every;
                     if every == 0 || payload.1 % every != every - 1 {
-                        n.store.entry(shard).or_default().insert(payload);
+                        n.store.entry(shard).or_default().insert(payload.1);
                     }
                     if let Some(o) = n.ownership.as_mut() {
                         o.persisted(shard, epoch, seq);
                     }
                 }
                 Effect::PersistReplica { shard, epoch, seq, from, payload } => {
-                    n.store.entry(shard).or_default().insert(payload);
+                    n.store.entry(shard).or_default().insert(payload.1);
                     if let (Some(o), Some(c)) = (n.ownership.as_mut(), n.controller.as_ref()) {
                         o.replica_persisted(shard, epoch, seq, from, c.map());
                     }
@@ -1436,9 +1438,11 @@ impl Authority {
         let (nodes, by_member) = (&self.nodes, &self.by_member);
         let mut check = |shard: ShardId, members: &[MemberIx], n: u64| {
             for &m in members {
-                let holds = by_member.get(usize::from(m)).copied().flatten().is_some_and(|x| {
-                    nodes[x].store.get(&shard).is_some_and(|s| s.contains(&(shard, n)))
-                });
+                let holds = by_member
+                    .get(usize::from(m))
+                    .copied()
+                    .flatten()
+                    .is_some_and(|x| nodes[x].store.get(&shard).is_some_and(|s| s.contains(n)));
                 if holds {
                     continue;
                 }
@@ -1460,7 +1464,7 @@ impl Authority {
         for (shard, m) in dirty {
             // Only members still in the set: one that joined and left again is not bound.
             if self.replayed.shard(shard).is_some_and(|e| e.isr.contains(m)) {
-                for &n in self.acked.get(&shard).into_iter().flatten() {
+                for n in self.acked.get(&shard).into_iter().flat_map(Writes::iter) {
                     check(shard, &[m], n);
                 }
             }

@@ -18,6 +18,7 @@
 //!   conversation replicas with epochs, and the checkers;
 //! - [`report`]: the JSON summary, CSV time series and SVG plots of a run;
 //! - [`timeline`]: events in (time, submission) order, shared by the models;
+//! - [`writes`]: the writes a simulated store holds of a shard;
 //! - [`study`]: runs compared: a scenario with one setting changed (a sweep), statistics
 //!   across seeds, a sweep's CSV and plots.
 
@@ -29,6 +30,7 @@ pub mod scenario;
 pub mod study;
 pub mod timeline;
 pub mod world;
+pub mod writes;
 
 /// Runs `scenario` with `seed`; `progress` gets the fraction of simulated time done.
 pub fn run(scenario: scenario::Scenario, seed: u64, progress: impl FnMut(f64)) -> report::Report {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use rustc_hash::FxHashMap;
 
 use botclaw_config::GossipConfig;
 use botclaw_core::auth::Keyring;
@@ -71,7 +72,9 @@ const FROZEN_RETRY_MS: u64 = 10;
 pub struct SimNet {
     now_ms: u64,
     events: Timeline<Event>,
-    nodes: BTreeMap<SocketAddr, SimNode>,
+    /// Looked up by address per datagram and timer; iterated only in address order
+    /// (`running`, `assume_formed`), so hash order reaches nothing.
+    nodes: FxHashMap<SocketAddr, SimNode>,
     generations: u64,
     model: NetModel,
     rng: StdRng,
@@ -85,6 +88,8 @@ pub struct SimNet {
     cfg: GossipConfig,
     /// Gossip keys by secret, derived once (the KDF is slow on purpose).
     keyrings: BTreeMap<Vec<u8>, Keyring>,
+    /// A node's effects being executed (kept to reuse its allocation).
+    effects: Vec<Effect>,
     /// Whether datagrams are encrypted as a node's are ([`SimNet::sealed`]); by default
     /// they keep the frame, key id and replay guard but not the cipher
     /// ([`Keyring::clear_for_simulation`]): this network forges nothing.
@@ -109,7 +114,7 @@ impl SimNet {
         SimNet {
             now_ms: 0,
             events: Timeline::default(),
-            nodes: BTreeMap::new(),
+            nodes: FxHashMap::default(),
             generations: 0,
             model,
             rng: StdRng::seed_from_u64(seed),
@@ -120,6 +125,7 @@ impl SimNet {
             notices: Vec::new(),
             cfg,
             keyrings: BTreeMap::new(),
+            effects: Vec::new(),
             sealed: false,
             ids: IdInterner::default(),
             sent: 0,
@@ -238,10 +244,10 @@ impl SimNet {
     /// Every running node takes every other as up, as once a cluster's gossip has
     /// settled ([`Membership::assume_members`]): the start of an already formed cluster.
     pub fn assume_formed(&mut self) {
-        let ids: Vec<SharedId> = (self.nodes.values())
+        let addrs: Vec<SocketAddr> = self.running().into_iter().collect();
+        let ids: Vec<SharedId> = (addrs.iter().map(|a| &self.nodes[a]))
             .map(|n| self.ids.intern(SharedId::new(n.membership.identity().clone())))
             .collect();
-        let addrs: Vec<SocketAddr> = self.nodes.keys().copied().collect();
         for addr in addrs {
             let node = self.nodes.get_mut(&addr).expect("listed above");
             node.membership.set_clock(self.now_ms);
@@ -299,10 +305,12 @@ impl SimNet {
     }
 
     fn drain(&mut self, at: SocketAddr) {
-        loop {
-            let Some(node) = self.nodes.get_mut(&at) else { return };
-            let generation = node.generation;
-            let Some(effect) = node.membership.poll_effect() else { return };
+        // The node is looked up once: executing an effect feeds nothing back to it.
+        let Some(node) = self.nodes.get_mut(&at) else { return };
+        let generation = node.generation;
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.extend(std::iter::from_fn(|| node.membership.poll_effect()));
+        for effect in effects.drain(..) {
             match effect {
                 Effect::Send { to, packet } => {
                     self.sent += 1;
@@ -310,18 +318,15 @@ impl SimNet {
                         self.dropped += 1;
                         continue;
                     }
-                    let copies = if self.model.duplicate > 0.0
-                        && self.rng.random_bool(self.model.duplicate)
-                    {
+                    let duplicate =
+                        self.model.duplicate > 0.0 && self.rng.random_bool(self.model.duplicate);
+                    if duplicate {
                         self.duplicated += 1;
-                        2
-                    } else {
-                        1
-                    };
-                    for _ in 0..copies {
                         let t = self.now_ms + self.latency();
                         self.push(t, Event::Packet { from: at, to, data: packet.clone() });
                     }
+                    let t = self.now_ms + self.latency();
+                    self.push(t, Event::Packet { from: at, to, data: packet });
                 }
                 Effect::Schedule { after, timer } => {
                     let t = self.now_ms + after.as_millis() as u64;
@@ -335,6 +340,7 @@ impl SimNet {
                 }
             }
         }
+        self.effects = effects;
     }
 
     /// Processes every event due up to `until_ms`, then sets the clock to it.
