@@ -119,11 +119,6 @@ fn run_all(args: &SimArgs) -> Result<bool> {
             }
         }
     }
-    if matches!(args.model, Model::Ring)
-        && jobs.iter().any(|j| j.scenario.start == botclaw_sim::scenario::Start::Formed)
-    {
-        anyhow::bail!("start = \"formed\" is a map-model start: run it without --model ring");
-    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.jobs.unwrap_or(cores).clamp(1, jobs.len());
     let outcomes = run_jobs(args, sweep.as_ref().map(|(k, _)| k.as_str()), &jobs, workers)?;

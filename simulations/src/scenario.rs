@@ -57,8 +57,8 @@ pub enum Start {
     #[default]
     Together,
     /// The cluster has run a while: every node's failure detector holds every other as
-    /// up, and the controller's map has every node as a member with the shards where the
-    /// ring wants them (`formed_map`). For studying a large cluster's steady state and
+    /// up; by the map, the controller's map has every node as a member with the shards
+    /// where the ring wants them (`formed_map`); by the ring, every node has joined. For studying a large cluster's steady state and
     /// faults, not its formation (5000 nodes joining at once through one seed take
     /// minutes of wall time per simulated second).
     Formed,

@@ -40,7 +40,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::net::{NetModel, SimNet};
 use crate::report::{Report, Sample};
-use crate::scenario::{FaultKind, Scenario};
+use crate::scenario::{FaultKind, Scenario, Start};
 use crate::timeline::Timeline;
 
 const SECRET: &[u8] = b"simulated-cluster-secret";
@@ -266,6 +266,15 @@ impl World {
         };
         for _ in 0..world.sc.nodes {
             world.add_node();
+        }
+        if world.sc.start == Start::Formed {
+            // Every node holds every other as up from the start (no joins, no MemberUp
+            // notices): each has joined and its view is built from its full table.
+            world.net.assume_formed();
+            for node in &mut world.nodes {
+                node.joined = true;
+                node.view_dirty = true;
+            }
         }
         for i in 0..world.sc.faults.len() {
             let at = (world.sc.faults[i].at_s * 1e6) as u64;

@@ -274,6 +274,27 @@ fn a_formed_cluster_starts_with_every_member_known_and_nothing_to_move() {
     assert!(together.entries_by_kind.get("join").copied().unwrap_or(0) >= 30);
 }
 
+/// The ring model starts a formed cluster too: every node holds every other as up at the
+/// first sample (joining through one seed, they do not yet), and it serves and loses
+/// nothing.
+#[test]
+fn by_the_ring_a_formed_cluster_knows_every_member_at_once() {
+    let mut s = small("steady", 15);
+    s.nodes = 30;
+    s.sample_ms = 20;
+    s.faults.clear();
+    s.start = Start::Formed;
+    let formed = botclaw_sim::run(s.clone(), 1, |_| {});
+    assert!(formed.failures.is_empty(), "{:#?}", formed.failures);
+    let first = &formed.samples[0];
+    assert_eq!((first.members_up_min, first.members_up_max), (30, 30), "{first:?}");
+    assert!(formed.turns_acknowledged > 1_000 && formed.turns_lost == 0, "{}", formed.to_json());
+    s.start = Start::Together;
+    let together = botclaw_sim::run(s, 1, |_| {});
+    let first = &together.samples[0];
+    assert!(first.members_up_min < 30, "joining through one seed takes a while: {first:?}");
+}
+
 /// Both copies of some shards die: those shards are unavailable (never restarted from
 /// nothing) until the nodes return; by the ring the same faults lose turns.
 #[test]
