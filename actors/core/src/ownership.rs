@@ -260,8 +260,8 @@ pub struct Ownership<P> {
     /// refused for any shard the map leaves this node out of (see `refusal`). At most one
     /// entry per shard, and only for shards this node owned.
     deposed: FxHashMap<ShardId, u64>,
-    /// The version of the map applied last, and whether it counts this process in: the
-    /// map that calls which take a map must pass.
+    /// The version of the map applied last (the map `receive` and `replica_persisted`
+    /// are passed), and whether it counts this process in.
     applied: (u64, bool),
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
