@@ -14,22 +14,16 @@ pub struct Writes(Vec<u64>);
 impl Writes {
     /// Adds write `n`; false if it was there already.
     pub fn insert(&mut self, n: u64) -> bool {
-        match self.0.last() {
-            Some(&last) if last < n => {
-                self.0.push(n);
+        if self.0.last().is_none_or(|&last| last < n) {
+            self.0.push(n);
+            return true;
+        }
+        match self.0.binary_search(&n) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, n);
                 true
             }
-            None => {
-                self.0.push(n);
-                true
-            }
-            Some(_) => match self.0.binary_search(&n) {
-                Ok(_) => false,
-                Err(at) => {
-                    self.0.insert(at, n);
-                    true
-                }
-            },
         }
     }
 
@@ -37,32 +31,11 @@ impl Writes {
         self.0.binary_search(&n).is_ok()
     }
 
-    /// Adds every write of `other` (a streamed copy): one merge, not an insert each.
+    /// Adds every write of `other` (a streamed copy).
     pub fn extend(&mut self, other: &Writes) {
-        if other.0.is_empty() {
-            return;
-        }
-        if self.0.last().is_none_or(|&last| last < other.0[0]) {
-            self.0.extend_from_slice(&other.0);
-            return;
-        }
-        let mut merged = Vec::with_capacity(self.0.len() + other.0.len());
-        let (mut a, mut b) = (self.0.iter().peekable(), other.0.iter().peekable());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(&&x), Some(&&y)) if x < y => a.next(),
-                (Some(&&x), Some(&&y)) if y < x => b.next(),
-                (Some(_), Some(_)) => {
-                    b.next();
-                    a.next()
-                }
-                (Some(_), None) => a.next(),
-                (None, Some(_)) => b.next(),
-                (None, None) => break,
-            };
-            merged.extend(next);
-        }
-        self.0 = merged;
+        self.0.extend_from_slice(&other.0);
+        self.0.sort_unstable();
+        self.0.dedup();
     }
 
     /// Ascending.

@@ -261,8 +261,8 @@ pub struct Ownership<P> {
     /// entry per shard, and only for shards this node owned.
     deposed: FxHashMap<ShardId, u64>,
     /// The version of the map applied last (the map `receive` and `replica_persisted`
-    /// are passed), and whether it counts this process in.
-    applied: (u64, bool),
+    /// are passed).
+    applied: u64,
     ticks: u64,
     /// The tick this node last heard from the controller (see `read_lease_ticks`).
     heard_at: Option<u64>,
@@ -282,7 +282,7 @@ impl<P: Clone> Ownership<P> {
             attention: BTreeSet::new(),
             followed: FxHashMap::default(),
             deposed: FxHashMap::default(),
-            applied: (0, false),
+            applied: 0,
             ticks: 0,
             heard_at: None,
             proposing: Vec::new(),
@@ -314,7 +314,7 @@ impl<P: Clone> Ownership<P> {
     pub fn map_applied(&mut self, map: &ShardMap, changed: &[ShardId]) {
         debug_assert!(changed.is_sorted(), "changed shards come ascending");
         let known = self.knows_me(map);
-        self.applied = (map.version, known);
+        self.applied = map.version;
         let mine = self.owned.len() + self.followed.len();
         let mine = mine + if known { map.shards_of_count(self.me) as usize } else { 0 };
         if mine < changed.len() {
@@ -330,7 +330,7 @@ impl<P: Clone> Ownership<P> {
     /// changed.
     pub fn map_replaced(&mut self, map: &ShardMap) {
         let known = self.knows_me(map);
-        self.applied = (map.version, known);
+        self.applied = map.version;
         let relevant = self.relevant(map, known);
         self.apply_shards(map, known, relevant);
     }
@@ -581,7 +581,7 @@ impl<P: Clone> Ownership<P> {
     /// one, and this node's acknowledgement would count for writes the newer in-sync
     /// members lack.
     fn refusal(&self, shard: ShardId, epoch: u64, from: MemberIx, map: &ShardMap) -> Option<u64> {
-        debug_assert_eq!(map.version, self.applied.0, "the map applied last");
+        debug_assert_eq!(map.version, self.applied, "the map applied last");
         if let Some(o) = self.owned.get(&shard) {
             return Some(o.epoch);
         }
@@ -589,7 +589,7 @@ impl<P: Clone> Ownership<P> {
             |f: Followed| (epoch < f.epoch && f.owner != Some(from)).then_some(f.epoch);
         let followed = self.followed.get(&shard).copied();
         let left_out = map.shard(shard).copied().filter(|e| {
-            !self.applied.1 || !(e.isr.contains(self.me) || e.learners.contains(self.me))
+            !self.knows_me(map) || !(e.isr.contains(self.me) || e.learners.contains(self.me))
         });
         let left_out = left_out.map(|e| Followed { epoch: e.epoch, owner: e.owner });
         let deposed = self.deposed.get(&shard).map(|&epoch| Followed { epoch, owner: None });

@@ -3,7 +3,8 @@
  * file, You can obtain one at https://mozilla.org/MPL/2.0/. */
 extern crate alloc;
 use alloc::vec::Vec;
-use hashbrown::HashMap;
+use core::hash::BuildHasher;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use rand::{
     RngExt,
@@ -142,11 +143,14 @@ pub(crate) struct Members<T: crate::Identity> {
     pub(crate) inner: Vec<Member<T>>,
     cursor: usize,
     num_active: usize,
-    // Position in `inner` of each member, by address: finding a
-    // member is a lookup instead of a scan (a scan per update made
-    // a large cluster's gossip quadratic). Hashed, not ordered: only
-    // looked up, never iterated.
-    index: HashMap<T::Addr, usize>,
+    // Position in `inner` of each member, hashed by its address:
+    // finding a member is a lookup instead of a scan (a scan per
+    // update made a large cluster's gossip quadratic). Only the
+    // position is kept (4 bytes a member, not a copy of the address
+    // as well); a lookup compares the address of the member at a
+    // candidate position. Only looked up, never iterated.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
 }
 
 #[cfg(test)]
@@ -174,21 +178,52 @@ where
             cursor: 0,
             num_active,
             inner,
-            index: HashMap::default(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
         };
         members.reindex();
         members
     }
 
+    fn hash_at(&self, pos: usize) -> u64 {
+        self.hasher.hash_one(self.inner[pos].id.addr())
+    }
+
+    // Indexes the member at `pos` (the last one pushed, or any one
+    // after a clear).
+    fn index_at(&mut self, pos: usize) {
+        let hash = self.hash_at(pos);
+        let Self {
+            inner,
+            index,
+            hasher,
+            ..
+        } = self;
+        let rehash = |p: &u32| hasher.hash_one(inner[*p as usize].id.addr());
+        index.insert_unique(hash, pos as u32, rehash);
+    }
+
+    // Forgets the index entry that says `pos` for the member whose
+    // address hashes to `hash`.
+    fn unindex(&mut self, hash: u64, pos: usize) {
+        if let Ok(entry) = self.index.find_entry(hash, |p| *p as usize == pos) {
+            entry.remove();
+        }
+    }
+
     fn reindex(&mut self) {
         self.index.clear();
-        for (pos, member) in self.inner.iter().enumerate() {
-            self.index.insert(member.id.addr(), pos);
+        for pos in 0..self.inner.len() {
+            self.index_at(pos);
         }
     }
 
     fn position(&self, addr: &T::Addr) -> Option<usize> {
-        self.index.get(addr).copied()
+        let hash = self.hasher.hash_one(addr);
+        let found = self
+            .index
+            .find(hash, |p| self.inner[*p as usize].id.addr() == *addr);
+        found.map(|p| *p as usize)
     }
 
     // Swaps two positions of `inner`, keeping the index true
@@ -197,8 +232,13 @@ where
             return;
         }
         self.inner.swap(a, b);
-        self.index.insert(self.inner[a].id.addr(), a);
-        self.index.insert(self.inner[b].id.addr(), b);
+        // The member now at `a` was at `b`, and the other way round.
+        self.unindex(self.hash_at(a), b);
+        let hash_b = self.hash_at(b);
+        if let Some(p) = self.index.find_mut(hash_b, |p| *p as usize == a) {
+            *p = b as u32;
+        }
+        self.index_at(a);
     }
 
     // Next member that's considered active
@@ -329,9 +369,8 @@ where
         }
         let last = self.inner.len() - 1;
         self.swap(pos, last);
-        let removed = self.inner.pop()?;
-        self.index.remove(&removed.id.addr());
-        Some(removed)
+        self.unindex(self.hash_at(last), last);
+        self.inner.pop()
     }
 
     pub(crate) fn iter_active(&self) -> impl Iterator<Item = &Member<T>> {
@@ -429,9 +468,9 @@ where
         let is_active_now = update.is_active();
 
         // Insert at the end and swap with a random position.
-        self.index.insert(update.id().addr(), self.inner.len());
         self.inner.push(update);
         let inserted_at = self.inner.len() - 1;
+        self.index_at(inserted_at);
 
         let swap_idx = (0..self.inner.len())
             .choose(&mut rng)
@@ -986,7 +1025,7 @@ mod tests {
             }
             assert_eq!(members.index.len(), members.inner.len(), "step {step}");
             for (pos, m) in members.inner.iter().enumerate() {
-                assert_eq!(members.index.get(&m.id.addr()), Some(&pos), "step {step}");
+                assert_eq!(members.position(&m.id.addr()), Some(pos), "step {step}");
                 assert_eq!(members.is_active(&m.id), m.is_active(), "step {step}");
             }
             let active = members.inner.iter().filter(|m| m.is_active()).count();
